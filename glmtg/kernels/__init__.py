@@ -1,0 +1,1 @@
+"""Triton kernels, one op per module. Import the module you need; nothing is imported eagerly."""

@@ -1,0 +1,391 @@
+"""Split-KV decode attention for any GQA ratio.
+
+One program owns one KV head of one sequence over one slice of its context, and puts *all* query
+rows that read that KV head (GROUP heads x Sq new tokens) into a single tile, so every K/V byte is
+loaded once per step whatever the ratio (12, 24, 6, 5, 1...). Padding rows up to the tile height are
+masked. A second kernel merges the slices by log-sum-exp (flash-decoding).
+
+The launch grid depends only on shapes and on the context length the caller *declares*
+(``max_context``), never on the values in ``lengths``: each program derives its slice from the live
+length on the device, so one decode step can be captured in a CUDA graph and replayed as lengths grow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GROUP = 128
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_row_offsets(
+    PageTable, b, hkv, offs_n, mask_n,
+    stride_p, stride_h, stride_n, stride_pt_b,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):
+    """int64 element offset of the first element of each token row of one KV head."""
+    if PAGED:
+        # Tokens of one tile may straddle pages when PAGE_SIZE < BLOCK_N, so translate per token;
+        # the page-table reads are tiny and stay in L1/L2.
+        page = tl.load(PageTable + b * stride_pt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0)
+        return (page.to(tl.int64) * stride_p + hkv * stride_h
+                + (offs_n % PAGE_SIZE).to(tl.int64) * stride_n)
+    return b.to(tl.int64) * stride_p + hkv * stride_h + offs_n.to(tl.int64) * stride_n
+
+
+@triton.jit
+def _load_kv_tile(Base, row_offsets, offs_d, mask_n, KV_FORMAT: tl.constexpr):
+    """Load a [BLOCK_N, HEAD_DIM] tile in the dtype the dot product consumes.
+
+    Rows past the slice read as 0: V rows beyond the context may hold anything (even NaN), and
+    0 * NaN would poison the accumulator even where p == 0. Quantized formats plug in here as further
+    KV_FORMAT branches that dequantize in registers.
+    """
+    tl.static_assert(KV_FORMAT == 0, "only plain float caches are implemented")
+    return tl.load(Base + row_offsets[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+
+
+@triton.jit
+def _decode_attention_kernel(
+    Q, K, V, Out, Lse, PartialO, PartialLse, Lengths, PageTable,
+    stride_qb, stride_qs, stride_qh,
+    stride_ob, stride_os, stride_oh,
+    stride_kp, stride_kh, stride_kn,
+    stride_vp, stride_vh, stride_vn,
+    stride_pt_b,
+    scale_log2,
+    capacity,
+    NUM_SPLITS,
+    SQ: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, KV_FORMAT: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    m_tile = tl.program_id(2)
+    b = bh // NUM_KV_HEADS
+    hkv = bh % NUM_KV_HEADS
+
+    # Clamped so that a bad length can never address memory outside the cache.
+    length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    if not DIRECT_OUT:
+        if start >= end:
+            return  # the merge kernel knows this slice is empty and never reads it
+
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * SQ
+    tok = rows // GROUP  # rows are token-major: row = tok * GROUP + g
+    q_head = hkv * GROUP + rows % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = b.to(tl.int64) * stride_qb + tok.to(tl.int64) * stride_qs + q_head.to(tl.int64) * stride_qh
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    # Sq > 1 (speculative verification): new token t sits at position length - SQ + t.
+    last_key = length - SQ + tok
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        k_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n,
+                                 stride_kp, stride_kh, stride_kn, stride_pt_b, PAGE_SIZE, PAGED)
+        k = _load_kv_tile(K, k_rows, offs_d, mask_n, KV_FORMAT)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2
+        if SQ > 1:
+            valid = mask_n[None, :] & (offs_n[None, :] <= last_key[:, None])
+        else:
+            valid = mask_n[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may see no key yet (causal rows, empty slice): keep exp2 away from -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n,
+                                 stride_vp, stride_vh, stride_vn, stride_pt_b, PAGE_SIZE, PAGED)
+        v = _load_kv_tile(V, v_rows, offs_d, mask_n, KV_FORMAT)
+        if IEEE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse2 = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    if DIRECT_OUT:
+        o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + q_head.to(tl.int64) * stride_oh
+        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_valid[:, None])
+        if WRITE_LSE:
+            lse_off = (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head
+            tl.store(Lse + lse_off, lse2 / 1.4426950408889634, mask=row_valid)
+    else:
+        part = (bh.to(tl.int64) * NUM_SPLITS + split) * M_PAD + rows
+        tl.store(PartialO + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None])
+        tl.store(PartialLse + part, lse2, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Out, Lse, PartialO, PartialLse, Lengths,
+    stride_ob, stride_os, stride_oh,
+    capacity,
+    NUM_SPLITS,
+    SQ: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, M_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = bh // NUM_KV_HEADS
+    hkv = bh % NUM_KV_HEADS
+    # Recompute the slicing of the attention kernel to visit only the slices that ran.
+    length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    n_active = tl.cdiv(length, tl.maximum(chunk, 1))
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    base = bh.to(tl.int64) * NUM_SPLITS * M_PAD + row
+    m_run = float("-inf")
+    l_run = 0.0
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, n_active, SPLIT_BLOCK):
+        splits = s0 + offs_s
+        live = splits < n_active
+        part = base + splits.to(tl.int64) * M_PAD
+        lse = tl.load(PartialLse + part, mask=live, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_safe)
+        alpha = tl.math.exp2(m_run - m_safe)
+        o = tl.load(PartialO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l_run = l_run * alpha + tl.sum(w, 0)
+        m_run = m_new
+
+    tok = row // GROUP
+    q_head = hkv * GROUP + row % GROUP
+    out = acc / tl.where(l_run > 0.0, l_run, 1.0)
+    o_off = b.to(tl.int64) * stride_ob + tok * stride_os + q_head * stride_oh
+    tl.store(Out + o_off + offs_d, out.to(Out.dtype.element_ty))
+    if WRITE_LSE:
+        lse2 = tl.where(l_run > 0.0, m_run + tl.math.log2(tl.where(l_run > 0.0, l_run, 1.0)),
+                        float("-inf"))
+        tl.store(Lse + (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head, lse2 / 1.4426950408889634)
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Tile shape and split count of one launch (all derived from shapes, never from lengths)."""
+
+    block_m: int
+    m_tiles: int
+    block_n: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: keep the split machinery exercised with a few slices
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def plan_launch(
+    batch: int, num_kv_heads: int, rows: int, head_dim: int, max_context: int, device: torch.device,
+    *, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, ctas_per_sm: int = 2, min_tokens_per_split: int = 256,
+) -> DecodeLaunch:
+    """Choose tile sizes and the split count.
+
+    Enough slices that batch 1 with one KV head still gives every SM ``ctas_per_sm`` programs, but
+    never slices shorter than ``min_tokens_per_split`` of the declared context: each slice costs a
+    partial write and a merge read, which would dominate short contexts.
+    """
+    m_cap = 128 if head_dim <= 128 else 64
+    block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
+    m_tiles = triton.cdiv(rows, block_m)
+    if block_n is None:
+        block_n = {64: 128, 128: 64, 256: 32}[head_dim]
+    if num_splits is None:
+        work = batch * num_kv_heads * m_tiles
+        want = triton.cdiv(ctas_per_sm * _sm_count(device), work)
+        most = max(1, triton.cdiv(max_context, max(min_tokens_per_split, block_n)))
+        num_splits = max(1, min(want, most))
+    if num_warps is None:
+        num_warps = 4 if block_m <= 64 else 8
+    if num_stages is None:
+        num_stages = 3 if head_dim <= 128 else 2
+    return DecodeLaunch(block_m, m_tiles, block_n, num_splits, num_warps, num_stages)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    page_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    max_context: int | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    validate: bool = True,
+    launch: DecodeLaunch | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of Sq new tokens per sequence over their KV cache.
+
+    q: [B, Sq, Hq, D]. Contiguous cache: k_cache/v_cache [B, Hkv, Nmax, D]. Paged cache:
+    [num_pages, Hkv, page_size, D] with ``page_table`` int32 [B, max_pages]. ``lengths`` int32 [B]
+    on q's device counts the cached tokens of each sequence *including* the Sq new ones, which are
+    causal among themselves. Returns out [B, Sq, Hq, D] in q's dtype, and with ``return_lse`` the
+    natural-log log-sum-exp of the scaled scores, fp32 [B, Sq, Hq].
+
+    ``max_context`` (default: the cache capacity) sets the split count; it should be the longest
+    context the caller will run with these shapes. ``validate`` reads ``lengths`` and the page table
+    on the host to reject bad values; it is skipped during CUDA-graph capture (the kernel still
+    clamps lengths to the cache, so a bad value can never read outside it).
+    """
+    _check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be a 4-D tensor [B, Sq, Hq, D], got {_shape(q)}")
+    _check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4,
+           f"k_cache must be a 4-D tensor, got {_shape(k_cache)}")
+    _check(isinstance(v_cache, torch.Tensor) and v_cache.shape == k_cache.shape,
+           f"v_cache shape {_shape(v_cache)} must equal k_cache shape {tuple(k_cache.shape)}")
+    batch, sq, num_q_heads, head_dim = q.shape
+    _check(q.dtype in SUPPORTED_DTYPES, f"q dtype {q.dtype} is not one of {SUPPORTED_DTYPES}")
+    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+           f"k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q dtype {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
+        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    _check(head_dim in SUPPORTED_HEAD_DIMS, f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
+    _check(k_cache.shape[3] == head_dim, f"k_cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
+    _check(batch >= 1 and sq >= 1, f"q must have B >= 1 and Sq >= 1, got {tuple(q.shape)}")
+    num_kv_heads = k_cache.shape[1]
+    _check(num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
+           f"q heads ({num_q_heads}) must be a multiple of cache KV heads ({num_kv_heads})")
+    group = num_q_heads // num_kv_heads
+    _check(group <= MAX_GROUP, f"GQA group {group} exceeds the supported maximum {MAX_GROUP}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(t.stride(3) == 1, f"{name} must have a contiguous last dimension, strides {t.stride()}")
+    _check(lengths.dtype == torch.int32 and lengths.shape == (batch,),
+           f"lengths must be int32 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
+
+    if page_table is None:
+        _check(k_cache.shape[0] == batch, f"contiguous k_cache batch {k_cache.shape[0]} != q batch {batch}")
+        page_size = capacity = k_cache.shape[2]
+        page_table_arg, stride_pt = lengths, 0  # never read when PAGED is off
+    else:
+        _check(page_table.device == q.device, f"page_table is on {page_table.device} but q is on {q.device}")
+        _check(page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.shape[0] == batch,
+               f"page_table must be int32 [B={batch}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}")
+        _check(page_table.stride(1) == 1, "page_table must have a contiguous last dimension")
+        page_size = k_cache.shape[2]
+        _check(page_size >= 1, "page size (k_cache.shape[2]) must be >= 1")
+        capacity = page_table.shape[1] * page_size
+        page_table_arg, stride_pt = page_table, page_table.stride(0)
+    if max_context is None:
+        max_context = capacity
+    _check(isinstance(max_context, int) and max_context >= 1, f"max_context must be a positive int, got {max_context!r}")
+
+    if validate and not _capturing(q.device):
+        lens = lengths.cpu()
+        _check(bool((lens >= sq).all()), f"every length must be >= Sq={sq} (the new tokens are in the cache), got min {int(lens.min())}")
+        _check(bool((lens <= capacity).all()), f"lengths exceed the cache capacity {capacity}: max {int(lens.max())}")
+        if page_table is not None:
+            pages_needed = (lens + page_size - 1) // page_size
+            pt = page_table.cpu()
+            used = torch.arange(pt.shape[1])[None, :] < pages_needed[:, None]
+            bad = used & ((pt < 0) | (pt >= k_cache.shape[0]))
+            _check(not bool(bad.any()), f"page_table holds page indices outside [0, {k_cache.shape[0]}) for live tokens")
+
+    rows = group * sq
+    if launch is None:
+        launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        _check(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device and out.stride(3) == 1,
+               "out must match q in shape, dtype and device, with a contiguous last dimension")
+    lse = torch.empty((batch, sq, num_q_heads), dtype=torch.float32, device=q.device) if return_lse else out
+    m_pad = launch.m_tiles * launch.block_m
+    direct = launch.num_splits == 1
+    if direct:
+        partial_o = partial_lse = out  # unused
+    else:
+        partial_o = torch.empty((batch * num_kv_heads, launch.num_splits, m_pad, head_dim),
+                                dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch * num_kv_heads, launch.num_splits, m_pad),
+                                  dtype=torch.float32, device=q.device)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    grid = (launch.num_splits, batch * num_kv_heads, launch.m_tiles)
+    _decode_attention_kernel[grid](
+        q, k_cache, v_cache, out, lse, partial_o, partial_lse, lengths, page_table_arg,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_pt,
+        float(scale) * LOG2E,
+        capacity,
+        launch.num_splits,
+        SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
+        PAGE_SIZE=page_size, PAGED=page_table is not None, KV_FORMAT=0,
+        DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    if not direct:
+        _merge_splits_kernel[(batch * num_kv_heads, rows)](
+            out, lse, partial_o, partial_lse, lengths,
+            out.stride(0), out.stride(1), out.stride(2),
+            capacity,
+            launch.num_splits,
+            SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            BLOCK_N=launch.block_n, M_PAD=m_pad, SPLIT_BLOCK=16,
+            WRITE_LSE=return_lse,
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return (out, lse) if return_lse else out
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _shape(t: object) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
