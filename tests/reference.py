@@ -11,7 +11,7 @@ def gather_cache(cache: torch.Tensor, b: int, length: int, page_table: torch.Ten
         return cache[b, :, :length]
     page_size = cache.shape[2]
     pos = torch.arange(length, device=cache.device)
-    pages = page_table[b, pos // page_size].long()
+    pages = page_table.to(cache.device)[b, pos // page_size].long()
     return cache[pages, :, pos % page_size].transpose(0, 1)
 
 

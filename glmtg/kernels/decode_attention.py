@@ -67,7 +67,7 @@ def _decode_attention_kernel(
     SQ: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, KV_FORMAT: tl.constexpr,
-    DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -129,6 +129,9 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if USE_PDL:
+        # Streaming is done: let the merge kernel launch now; it waits for our stores itself.
+        tl.extra.cuda.gdc_launch_dependents()
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse2 = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -152,47 +155,54 @@ def _merge_splits_kernel(
     capacity,
     NUM_SPLITS,
     SQ: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, M_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, M_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # One program per (KV head, query row, slice of head_dim): many small programs, each loading all
+    # of its partials at once, so the merge costs one round trip rather than one per split.
     bh = tl.program_id(0)
     row = tl.program_id(1)
+    d_blk = tl.program_id(2)
     b = bh // NUM_KV_HEADS
     hkv = bh % NUM_KV_HEADS
-    # Recompute the slicing of the attention kernel to visit only the slices that ran.
     length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # launched early; the partials are only valid past this point
+    # Recompute the slicing of the attention kernel to visit only the slices that ran.
     chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     n_active = tl.cdiv(length, tl.maximum(chunk, 1))
 
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = d_blk * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, SPLIT_BLOCK)
     base = bh.to(tl.int64) * NUM_SPLITS * M_PAD + row
-    m_run = float("-inf")
-    l_run = 0.0
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    m_all = float("-inf")
+    for s0 in range(0, n_active, SPLIT_BLOCK):
+        splits = s0 + offs_s
+        lse = tl.load(PartialLse + base + splits.to(tl.int64) * M_PAD, mask=splits < n_active,
+                      other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(lse, 0))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    denom = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, n_active, SPLIT_BLOCK):
         splits = s0 + offs_s
         live = splits < n_active
         part = base + splits.to(tl.int64) * M_PAD
-        lse = tl.load(PartialLse + part, mask=live, other=float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.math.exp2(lse - m_safe)
-        alpha = tl.math.exp2(m_run - m_safe)
+        w = tl.math.exp2(tl.load(PartialLse + part, mask=live, other=float("-inf")) - m_safe)
         o = tl.load(PartialO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        l_run = l_run * alpha + tl.sum(w, 0)
-        m_run = m_new
+        acc += tl.sum(w[:, None] * o, 0)
+        denom += tl.sum(w, 0)
 
     tok = row // GROUP
     q_head = hkv * GROUP + row % GROUP
-    out = acc / tl.where(l_run > 0.0, l_run, 1.0)
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
     o_off = b.to(tl.int64) * stride_ob + tok * stride_os + q_head * stride_oh
     tl.store(Out + o_off + offs_d, out.to(Out.dtype.element_ty))
     if WRITE_LSE:
-        lse2 = tl.where(l_run > 0.0, m_run + tl.math.log2(tl.where(l_run > 0.0, l_run, 1.0)),
-                        float("-inf"))
-        tl.store(Lse + (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head, lse2 / 1.4426950408889634)
+        if d_blk == 0:
+            lse2 = tl.where(denom > 0.0, m_safe + tl.math.log2(tl.where(denom > 0.0, denom, 1.0)),
+                            float("-inf"))
+            tl.store(Lse + (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head, lse2 / 1.4426950408889634)
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,7 @@ class DecodeLaunch:
     num_splits: int
     num_warps: int
     num_stages: int
+    pdl: bool = False  # programmatic dependent launch of the merge kernel (Hopper+, CUDA only)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -222,29 +233,40 @@ def _sm_count(device: torch.device) -> int:
 def plan_launch(
     batch: int, num_kv_heads: int, rows: int, head_dim: int, max_context: int, device: torch.device,
     *, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, ctas_per_sm: int = 2, min_tokens_per_split: int = 256,
+    num_stages: int | None = None, ctas_per_sm: int | None = None, min_tokens_per_split: int = 256,
+    pdl: bool | None = None,
 ) -> DecodeLaunch:
-    """Choose tile sizes and the split count.
+    """Choose tile sizes and the split count from shapes and the declared context.
 
-    Enough slices that batch 1 with one KV head still gives every SM ``ctas_per_sm`` programs, but
-    never slices shorter than ``min_tokens_per_split`` of the declared context: each slice costs a
-    partial write and a merge read, which would dominate short contexts.
+    Enough slices that batch 1 with one KV head still gives every SM a program, but never slices
+    shorter than ``min_tokens_per_split`` of the declared context: each slice costs a partial write
+    and a merge read, which would dominate short contexts. Defaults come from the H100 sweep in
+    bench/results/decode_attention_tune.json: two programs per SM when there are at least 8 KV heads
+    to share out, one otherwise (fewer partials to merge); 128-token tiles once each slice is long.
     """
     m_cap = 128 if head_dim <= 128 else 64
     block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
     m_tiles = triton.cdiv(rows, block_m)
-    if block_n is None:
-        block_n = {64: 128, 128: 64, 256: 32}[head_dim]
+    sms = _sm_count(device)
+    work = batch * num_kv_heads * m_tiles
     if num_splits is None:
-        work = batch * num_kv_heads * m_tiles
-        want = triton.cdiv(ctas_per_sm * _sm_count(device), work)
-        most = max(1, triton.cdiv(max_context, max(min_tokens_per_split, block_n)))
-        num_splits = max(1, min(want, most))
+        if work >= sms:
+            num_splits = 1  # every SM already has a whole KV head to stream; slicing only adds merges
+        else:
+            per_sm = ctas_per_sm if ctas_per_sm is not None else (2 if work >= 8 else 1)
+            most = max(1, triton.cdiv(max_context, max(min_tokens_per_split, block_n or 64)))
+            num_splits = max(1, min(triton.cdiv(per_sm * sms, work), most))
+    long_slices = max_context // num_splits >= 3072
+    if block_n is None:
+        block_n = {64: 128, 128: 128 if long_slices else 64, 256: 32}[head_dim]
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
-        num_stages = 3 if head_dim <= 128 else 2
-    return DecodeLaunch(block_m, m_tiles, block_n, num_splits, num_warps, num_stages)
+        num_stages = 2 if (long_slices or head_dim > 128) else 3
+    if pdl is None:
+        pdl = (device.type == "cuda" and torch.cuda.is_available()
+               and torch.cuda.get_device_capability(device)[0] >= 9)
+    return DecodeLaunch(block_m, m_tiles, block_n, num_splits, num_warps, num_stages, pdl)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -367,18 +389,22 @@ def decode_attention(
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
         PAGE_SIZE=page_size, PAGED=page_table is not None, KV_FORMAT=0,
         DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
+        USE_PDL=launch.pdl and not direct,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
-        _merge_splits_kernel[(batch * num_kv_heads, rows)](
+        block_d = 32
+        extra = {"launch_pdl": True} if launch.pdl else {}
+        _merge_splits_kernel[(batch * num_kv_heads, rows, head_dim // block_d)](
             out, lse, partial_o, partial_lse, lengths,
             out.stride(0), out.stride(1), out.stride(2),
             capacity,
             launch.num_splits,
             SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_N=launch.block_n, M_PAD=m_pad, SPLIT_BLOCK=16,
-            WRITE_LSE=return_lse,
-            num_warps=4 if head_dim >= 128 else 2,
+            BLOCK_N=launch.block_n, M_PAD=m_pad,
+            SPLIT_BLOCK=min(256, triton.next_power_of_2(launch.num_splits)), BLOCK_D=block_d,
+            WRITE_LSE=return_lse, USE_PDL=launch.pdl,
+            num_warps=4, **extra,
         )
     return (out, lse) if return_lse else out
 
