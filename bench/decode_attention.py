@@ -16,6 +16,7 @@ also given as a fraction of the measured device-to-device copy bandwidth (read +
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -62,6 +63,40 @@ def make_ours(q, k, v, lengths, **launch_kw):
                          k.shape[2], q.device, **launch_kw)
     out = torch.empty_like(q)
     return lambda: decode_attention(q, k, v, lengths, out=out, validate=False, launch=launch), lambda: out[:, 0]
+
+
+ROW_BYTES = {"bf16": lambda d: 2 * d, "q8_0": lambda d: d + 2 * (d // 32), "q4_0": lambda d: d // 2 + 2 * (d // 32),
+             "fp8": lambda d: d + 4}  # bytes of one token row of one head, scales included
+QUANT_FORMATS = ("q8_0", "q4_0", "fp8")
+
+
+def make_quant_set(batch, hq, hkv, ctx, d, fmt):
+    """Random codes and scales in glmtg.kv_cache's planar layout (values only matter for timing)."""
+    from glmtg.kernels.kv_store import storage_shape
+
+    q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+    tensors = []
+    for _ in range(2):
+        data_shape, data_dtype, scale_shape, scale_dtype = storage_shape(fmt, batch, hkv, ctx, d)
+        if fmt == "fp8":
+            data = torch.randn(data_shape, device="cuda").to(data_dtype)
+        else:
+            data = torch.randint(-127 if fmt == "q8_0" else 0, 128 if fmt == "q8_0" else 256, data_shape,
+                                 device="cuda", dtype=torch.int16).to(data_dtype)
+        scale = (torch.rand(scale_shape, device="cuda") * 0.02 + 0.001).to(scale_dtype)
+        tensors += [data, scale]
+    lengths = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return q, tensors[0], tensors[2], lengths, tensors[1], tensors[3]
+
+
+def make_ours_quant(fmt):
+    def make(q, k, v, lengths, k_scale, v_scale):
+        launch = plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2], q.device)
+        out = torch.empty_like(q)
+        return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
+                                         v_format=fmt, out=out, validate=False, launch=launch),
+                lambda: out[:, 0])
+    return make
 
 
 def make_sdpa(backend):
@@ -232,7 +267,17 @@ def run_table(args) -> None:
             print(f"{hq:>3}/{hkv:<2} B={batch:<3} ctx={ctx:>6} {name:<18} {shown}", flush=True)
         del sets, q, k, v
         torch.cuda.empty_cache()
-    payload = {"environment": env, "method": __doc__, "rows": [asdict(r) for r in rows]}
+        for fmt in QUANT_FORMATS:
+            qbytes = 2 * batch * hkv * ctx * ROW_BYTES[fmt](d)
+            qsets = [make_quant_set(batch, hq, hkv, ctx, d, fmt) for _ in range(buffers_to_rotate(qbytes))]
+            row = measure(f"glmtg {fmt}", make_ours_quant(fmt), qsets, qbytes, copy_bw, None)
+            rows.append(row)
+            shown = f"{row.us:9.1f} us {row.tbps:5.2f} TB/s ({row.frac_copy:4.0%})" if row.us else row.note
+            print(f"{hq:>3}/{hkv:<2} B={batch:<3} ctx={ctx:>6} {'glmtg ' + fmt:<18} {shown}", flush=True)
+            del qsets
+            torch.cuda.empty_cache()
+    payload = {"environment": env, "method": __doc__, "rows": [asdict(r) for r in rows],
+               "accuracy": accuracy_table()}
     stem = args.out or "decode_attention"
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{stem}.json", payload)
@@ -252,7 +297,8 @@ def flashinfer_status() -> str:
 
 def markdown_table(payload: dict) -> str:
     env = payload["environment"]
-    rows = payload["rows"]
+    all_rows = payload["rows"]
+    rows = [r for r in all_rows if r["impl"] not in {f"glmtg {f}" for f in QUANT_FORMATS}]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     lines = [
         "# Decode attention, D = 128, bf16",
@@ -288,7 +334,84 @@ def markdown_table(payload: dict) -> str:
         lines += ["", "Not run:", ""]
         for (impl, note), where in notes.items():
             lines.append(f"- {impl}: {note} ({len(where)} cases, e.g. {', '.join(where[:3])})")
+    lines += formats_table(all_rows) + accuracy_markdown(payload.get("accuracy"))
     return "\n".join(lines) + "\n"
+
+
+def formats_table(rows: list[dict]) -> list[str]:
+    """glmtg over each cache format beside the best bf16 peer of the same case."""
+    keyed: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        keyed.setdefault((r["hq"], r["hkv"], r["batch"], r["ctx"]), {})[r["impl"]] = r
+    fmts = ["glmtg"] + [f"glmtg {f}" for f in QUANT_FORMATS]
+    if not any(f"glmtg {f}" in v for v in keyed.values() for f in QUANT_FORMATS):
+        return []
+    lines = ["", "## Quantized KV cache (read directly by the kernel)", "",
+             "µs (effective TB/s of the bytes actually read, scales included; fraction of copy bandwidth) "
+             "and speed-up over the best bf16 peer of the same case.", "",
+             "| q/kv heads | batch | ctx | best bf16 peer | " + " | ".join(f.replace("glmtg", "glmtg bf16") if f == "glmtg"
+                                                                      else f for f in fmts) + " |",
+             "|---|---|---|---|" + "---|" * len(fmts)]
+    for (hq, hkv, batch, ctx), by_impl in keyed.items():
+        peers_ = [(r["us"], i) for i, r in by_impl.items() if not i.startswith("glmtg") and r["us"] is not None]
+        best = min(peers_) if peers_ else None
+        cells = []
+        for f in fmts:
+            r = by_impl.get(f)
+            if r is None or r["us"] is None:
+                cells.append("—")
+                continue
+            gain = f", {best[0] / r['us']:.2f}×" if best else ""
+            cells.append(f"{r['us']:.1f} ({r['tbps']:.2f}, {r['frac_copy']:.0%}{gain})")
+        best_cell = f"{best[0]:.1f} ({best[1]})" if best else "—"
+        lines.append(f"| {hq}/{hkv} | {batch} | {ctx // 1024}k | {best_cell} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def accuracy_table(hq: int = 96, hkv: int = 8, ctx: int = 4096, d: int = 128, seed: int = 0) -> list[dict]:
+    """Relative error of the attention output per cache format, against float64 attention over the
+    unquantized values, on normal K/V and on K/V with a few outlier channels (x30), as real K has."""
+    from glmtg.kv_cache import KVCache
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    results = []
+    for kind in ("random", "outlier channels"):
+        k = torch.randn(1, ctx, hkv, d, device="cuda", generator=g)
+        v = torch.randn(1, ctx, hkv, d, device="cuda", generator=g)
+        if kind == "outlier channels":
+            chans = torch.randperm(d, device="cuda", generator=g)[:4]
+            k[..., chans] *= 30.0
+            v[..., chans[:2]] *= 30.0
+        q = torch.randn(1, 1, hq, d, device="cuda", generator=g)
+        lengths = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+        qd, kd, vd = q.double(), k.double().transpose(1, 2), v.double().transpose(1, 2)
+        s = torch.einsum("bqhgd,bhnd->bhgqn", qd.view(1, 1, hkv, hq // hkv, d), kd) / d ** 0.5
+        ref = torch.einsum("bhgqn,bhnd->bqhgd", torch.softmax(s, -1), vd).reshape(1, 1, hq, d)
+        for fmt in ("bf16", "fp8", "q8_0", "q4_0"):
+            cache = KVCache(num_layers=1, batch=1, capacity=ctx, num_kv_heads=hkv, head_dim=d, k_format=fmt,
+                            device="cuda")
+            cache.append(0, k, v, torch.zeros(1, dtype=torch.int32, device="cuda"))
+            kv, vv = cache.k(0), cache.v(0)
+            out = decode_attention(q.bfloat16(), kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale,
+                                   k_format=fmt, v_format=fmt)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            results.append({"data": kind, "format": fmt, "rel_error": err, "hq": hq, "hkv": hkv, "ctx": ctx})
+    return results
+
+
+def accuracy_markdown(acc: list[dict] | None) -> list[str]:
+    if not acc:
+        return []
+    fmts = list(dict.fromkeys(a["format"] for a in acc))
+    a0 = acc[0]
+    lines = ["", f"## Accuracy per cache format ({a0['hq']}/{a0['hkv']} heads, ctx {a0['ctx']}, bf16 queries)", "",
+             "Relative error ‖out − ref‖/‖ref‖ of the attention output; ref = float64 attention over the "
+             "unquantized K/V. 'outlier channels': 4 K channels and 2 V channels scaled ×30.", "",
+             "| K/V data | " + " | ".join(fmts) + " |", "|---|" + "---|" * len(fmts)]
+    for kind in dict.fromkeys(a["data"] for a in acc):
+        cells = [f"{next(a['rel_error'] for a in acc if a['data'] == kind and a['format'] == f):.2e}" for f in fmts]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -400,9 +523,16 @@ def main() -> int:
     parser.add_argument("--tune-out", default=str(RESULTS / "decode_attention_tune.json"))
     parser.add_argument("--quick", action="store_true", help="only 4k and 64k contexts")
     parser.add_argument("--out", default=None, help="results file stem in bench/results (default decode_attention)")
+    parser.add_argument("--from-json", default=None, help="rewrite the .md and .png of an existing results JSON")
     args = parser.parse_args()
     if args.smoke:
         return run_smoke()
+    if args.from_json:
+        path = Path(args.from_json)
+        payload = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown_table(payload))
+        plot(payload, path.with_suffix(".png"))
+        return 0
     if not torch.cuda.is_available():
         print("error: the full benchmark needs a CUDA device (use --smoke on a CPU)", file=sys.stderr)
         return 2

@@ -42,31 +42,47 @@ def _kv_row_offsets(
 
 
 @triton.jit
-def _load_kv_tile(Base, row_offsets, offs_d, mask_n, KV_FORMAT: tl.constexpr):
-    """Load a [BLOCK_N, HEAD_DIM] tile in the dtype the dot product consumes.
+def _load_kv_tile(Data, Scale, rows, scale_rows, offs_d, mask_n, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Load a [BLOCK_N, HEAD_DIM] tile and dequantize it in registers to the dtype of the dot.
 
-    Rows past the slice read as 0: V rows beyond the context may hold anything (even NaN), and
-    0 * NaN would poison the accumulator even where p == 0. Quantized formats plug in here as further
-    KV_FORMAT branches that dequantize in registers.
+    Rows past the slice read as 0 (codes and scales alike): V rows beyond the context may hold
+    anything (even NaN), and 0 * NaN would poison the accumulator even where p == 0.
     """
-    tl.static_assert(KV_FORMAT == 0, "only plain float caches are implemented")
-    return tl.load(Base + row_offsets[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    m = mask_n[:, None]
+    if FORMAT == 0:  # f16 / bf16 / f32, stored as the queries are
+        return tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
+    elif FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
+        codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0)
+        d = tl.load(Scale + scale_rows[:, None] + (offs_d // 32)[None, :], mask=m, other=0.0)
+        return (codes.to(tl.float32) * d.to(tl.float32)).to(DOT_DTYPE)
+    elif FORMAT == 2:  # q4_0: byte j of a 16-byte block holds values j (low nibble) and j + 16
+        j = offs_d % 32
+        packed = tl.load(Data + rows[:, None] + ((offs_d // 32) * 16 + j % 16)[None, :], mask=m, other=0)
+        codes = (packed.to(tl.int32) >> ((j // 16) * 4)[None, :]) & 0xF
+        d = tl.load(Scale + scale_rows[:, None] + (offs_d // 32)[None, :], mask=m, other=0.0)
+        return ((codes - 8).to(tl.float32) * d.to(tl.float32)).to(DOT_DTYPE)
+    else:  # fp8 e4m3: one fp32 scale per token row
+        codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
+        row_scale = tl.load(Scale + scale_rows, mask=mask_n, other=0.0)
+        return (codes.to(tl.float32) * row_scale[:, None]).to(DOT_DTYPE)
 
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, K, V, Out, Lse, PartialO, PartialLse, Lengths, PageTable,
+    Q, K, V, KScale, VScale, Out, Lse, PartialO, PartialLse, Lengths, PageTable,
     stride_qb, stride_qs, stride_qh,
     stride_ob, stride_os, stride_oh,
     stride_kp, stride_kh, stride_kn,
     stride_vp, stride_vh, stride_vn,
+    stride_ksp, stride_ksh, stride_ksn,
+    stride_vsp, stride_vsh, stride_vsn,
     stride_pt_b,
     scale_log2,
     capacity,
     NUM_SPLITS,
     SQ: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, KV_FORMAT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
     DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -102,7 +118,11 @@ def _decode_attention_kernel(
         mask_n = offs_n < end
         k_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n,
                                  stride_kp, stride_kh, stride_kn, stride_pt_b, PAGE_SIZE, PAGED)
-        k = _load_kv_tile(K, k_rows, offs_d, mask_n, KV_FORMAT)
+        k_scale_rows = k_rows
+        if K_FORMAT != 0:
+            k_scale_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n, stride_ksp, stride_ksh,
+                                           stride_ksn, stride_pt_b, PAGE_SIZE, PAGED)
+        k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, offs_d, mask_n, K_FORMAT, q.dtype)
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -121,7 +141,11 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n,
                                  stride_vp, stride_vh, stride_vn, stride_pt_b, PAGE_SIZE, PAGED)
-        v = _load_kv_tile(V, v_rows, offs_d, mask_n, KV_FORMAT)
+        v_scale_rows = v_rows
+        if V_FORMAT != 0:
+            v_scale_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n, stride_vsp, stride_vsh,
+                                           stride_vsn, stride_pt_b, PAGE_SIZE, PAGED)
+        v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, offs_d, mask_n, V_FORMAT, q.dtype)
         if IEEE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -233,16 +257,18 @@ def _sm_count(device: torch.device) -> int:
 def plan_launch(
     batch: int, num_kv_heads: int, rows: int, head_dim: int, max_context: int, device: torch.device,
     *, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, ctas_per_sm: int | None = None, min_tokens_per_split: int = 256,
+    num_stages: int | None = None, ctas_per_sm: int | None = None, min_tokens_per_split: int | None = None,
     pdl: bool | None = None,
 ) -> DecodeLaunch:
     """Choose tile sizes and the split count from shapes and the declared context.
 
-    Enough slices that batch 1 with one KV head still gives every SM a program, but never slices
-    shorter than ``min_tokens_per_split`` of the declared context: each slice costs a partial write
-    and a merge read, which would dominate short contexts. Defaults come from the H100 sweep in
-    bench/results/decode_attention_tune.json: two programs per SM when there are at least 8 KV heads
-    to share out, one otherwise (fewer partials to merge); 128-token tiles once each slice is long.
+    The programs of one launch should fill the GPU in a single wave: ``ctas_per_sm`` programs per
+    SM (two when there are at least 8 KV heads to share out, one otherwise, since fewer slices mean
+    fewer partials to merge), rounded *down* so that no second, mostly idle wave is started. Slices
+    never get shorter than ``min_tokens_per_split`` tokens of the declared context (128 while the
+    whole launch fits one program per SM, else 256): each slice costs a partial write and a merge
+    read, which would dominate short contexts. Measured on the H100 in
+    bench/results/decode_attention_tune.json.
     """
     m_cap = 128 if head_dim <= 128 else 64
     block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
@@ -250,12 +276,11 @@ def plan_launch(
     sms = _sm_count(device)
     work = batch * num_kv_heads * m_tiles
     if num_splits is None:
-        if work >= sms:
-            num_splits = 1  # every SM already has a whole KV head to stream; slicing only adds merges
-        else:
-            per_sm = ctas_per_sm if ctas_per_sm is not None else (2 if work >= 8 else 1)
-            most = max(1, triton.cdiv(max_context, max(min_tokens_per_split, block_n or 64)))
-            num_splits = max(1, min(triton.cdiv(per_sm * sms, work), most))
+        per_sm = ctas_per_sm if ctas_per_sm is not None else (2 if work >= 8 else 1)
+        num_splits = max(1, (per_sm * sms) // work)
+        if min_tokens_per_split is None:
+            min_tokens_per_split = 128 if num_splits * work <= sms else 256
+        num_splits = max(1, min(num_splits, triton.cdiv(max_context, min_tokens_per_split)))
     long_slices = max_context // num_splits >= 3072
     if block_n is None:
         block_n = {64: 128, 128: 128 if long_slices else 64, 256: 32}[head_dim]
@@ -274,6 +299,48 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# Cache formats the kernel reads: data dtype, stored values per token row (as a function of D),
+# and the scale tensor's dtype and trailing shape.
+_FORMATS = {
+    "q8_0": (1, torch.int8, lambda d: d, torch.float16, lambda d: (d // 32,)),
+    "q4_0": (2, torch.uint8, lambda d: d // 2, torch.float16, lambda d: (d // 32,)),
+    "fp8": (3, torch.float8_e4m3fn, lambda d: d, torch.float32, lambda d: ()),
+}
+KV_FORMATS = ("f16", "bf16", "q8_0", "q4_0", "fp8")
+
+
+def _check_store(name: str, data: torch.Tensor, scale: torch.Tensor | None, fmt: str | None,
+                 q: torch.Tensor) -> int:
+    """Validate one cache tensor (and its scales); return the kernel's format code."""
+    _check(isinstance(data, torch.Tensor) and data.dim() == 4,
+           f"{name} must be a 4-D tensor [B or pages, Hkv, tokens, D], got {_shape(data)}")
+    _check(data.device == q.device, f"{name} is on {data.device} but q is on {q.device}")
+    head_dim = q.shape[3]
+    if fmt is None or fmt in ("f16", "bf16"):
+        _check(fmt is None or data.dtype == {"f16": torch.float16, "bf16": torch.bfloat16}[fmt],
+               f"{name} dtype {data.dtype} does not hold format {fmt!r}")
+        _check(data.dtype == q.dtype, f"{name} dtype {data.dtype} must equal q dtype {q.dtype} "
+               "(or name a quantized format)")
+        _check(scale is None, f"{name} is a plain float cache and takes no scale tensor")
+        _check(data.shape[3] == head_dim, f"{name} head_dim {data.shape[3]} != q head_dim {head_dim}")
+        _check(data.stride(3) == 1, f"{name} must have a contiguous last dimension, strides {data.stride()}")
+        return 0
+    _check(fmt in _FORMATS, f"{name} format must be one of {KV_FORMATS}, got {fmt!r}")
+    code, dtype, row_len, scale_dtype, scale_tail = _FORMATS[fmt]
+    _check(q.dtype in (torch.float16, torch.bfloat16), f"a {fmt} cache needs fp16 or bf16 queries, got {q.dtype}")
+    _check(data.dtype == dtype, f"{name} ({fmt}) must be {dtype}, got {data.dtype}")
+    _check(data.shape[3] == row_len(head_dim),
+           f"{name} ({fmt}) rows must hold {row_len(head_dim)} values for head_dim {head_dim}, got {data.shape[3]}")
+    _check(data.stride(3) == 1, f"{name} must have a contiguous last dimension, strides {data.stride()}")
+    want = (*data.shape[:3], *scale_tail(head_dim))
+    _check(isinstance(scale, torch.Tensor) and scale.dtype == scale_dtype and tuple(scale.shape) == want,
+           f"{name} ({fmt}) needs a {scale_dtype} scale tensor of shape {want}, got "
+           f"{scale.dtype if isinstance(scale, torch.Tensor) else None} {_shape(scale)}")
+    _check(scale.device == q.device, f"{name} scale is on {scale.device} but q is on {q.device}")
+    _check(len(scale_tail(head_dim)) == 0 or scale.stride(3) == 1, f"{name} scale must have a contiguous last dimension")
+    return code
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -281,6 +348,10 @@ def decode_attention(
     lengths: torch.Tensor,
     *,
     page_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    k_format: str | None = None,
+    v_format: str | None = None,
     scale: float | None = None,
     max_context: int | None = None,
     return_lse: bool = False,
@@ -296,32 +367,33 @@ def decode_attention(
     causal among themselves. Returns out [B, Sq, Hq, D] in q's dtype, and with ``return_lse`` the
     natural-log log-sum-exp of the scaled scores, fp32 [B, Sq, Hq].
 
+    Quantized caches (glmtg.kv_cache's planar layout) are read directly and dequantized in
+    registers: ``k_format``/``v_format`` "q8_0" (int8 codes [.., D], fp16 ``*_scale`` [.., D/32]),
+    "q4_0" (uint8 [.., D/2] packed as llama.cpp's blocks, fp16 scale [.., D/32]) or "fp8"
+    (float8_e4m3fn [.., D], fp32 scale per row [..]). K and V formats may differ.
+
     ``max_context`` (default: the cache capacity) sets the split count; it should be the longest
     context the caller will run with these shapes. ``validate`` reads ``lengths`` and the page table
     on the host to reject bad values; it is skipped during CUDA-graph capture (the kernel still
     clamps lengths to the cache, so a bad value can never read outside it).
     """
     _check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be a 4-D tensor [B, Sq, Hq, D], got {_shape(q)}")
-    _check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4,
-           f"k_cache must be a 4-D tensor, got {_shape(k_cache)}")
-    _check(isinstance(v_cache, torch.Tensor) and v_cache.shape == k_cache.shape,
-           f"v_cache shape {_shape(v_cache)} must equal k_cache shape {tuple(k_cache.shape)}")
-    batch, sq, num_q_heads, head_dim = q.shape
     _check(q.dtype in SUPPORTED_DTYPES, f"q dtype {q.dtype} is not one of {SUPPORTED_DTYPES}")
-    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-           f"k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q dtype {q.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
-        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    batch, sq, num_q_heads, head_dim = q.shape
     _check(head_dim in SUPPORTED_HEAD_DIMS, f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
-    _check(k_cache.shape[3] == head_dim, f"k_cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
     _check(batch >= 1 and sq >= 1, f"q must have B >= 1 and Sq >= 1, got {tuple(q.shape)}")
+    _check(q.stride(3) == 1, f"q must have a contiguous last dimension, strides {q.stride()}")
+    k_code = _check_store("k_cache", k_cache, k_scale, k_format, q)
+    v_code = _check_store("v_cache", v_cache, v_scale, v_format, q)
+    _check(v_cache.shape[:3] == k_cache.shape[:3],
+           f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape {tuple(k_cache.shape)} in the first 3 dims")
+    _check(isinstance(lengths, torch.Tensor) and lengths.device == q.device,
+           f"lengths is on {getattr(lengths, 'device', None)} but q is on {q.device}")
     num_kv_heads = k_cache.shape[1]
     _check(num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
            f"q heads ({num_q_heads}) must be a multiple of cache KV heads ({num_kv_heads})")
     group = num_q_heads // num_kv_heads
     _check(group <= MAX_GROUP, f"GQA group {group} exceeds the supported maximum {MAX_GROUP}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(t.stride(3) == 1, f"{name} must have a contiguous last dimension, strides {t.stride()}")
     _check(lengths.dtype == torch.int32 and lengths.shape == (batch,),
            f"lengths must be int32 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
 
@@ -373,21 +445,24 @@ def decode_attention(
                                   dtype=torch.float32, device=q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    k_scale_arg = k_scale if k_code else k_cache
+    v_scale_arg = v_scale if v_code else v_cache
 
     grid = (launch.num_splits, batch * num_kv_heads, launch.m_tiles)
     _decode_attention_kernel[grid](
-        q, k_cache, v_cache, out, lse, partial_o, partial_lse, lengths, page_table_arg,
+        q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *_scale_strides(k_scale_arg, k_code), *_scale_strides(v_scale_arg, v_code),
         stride_pt,
         float(scale) * LOG2E,
         capacity,
         launch.num_splits,
         SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
-        PAGE_SIZE=page_size, PAGED=page_table is not None, KV_FORMAT=0,
+        PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
         DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
         USE_PDL=launch.pdl and not direct,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
@@ -407,6 +482,10 @@ def decode_attention(
             num_warps=4, **extra,
         )
     return (out, lse) if return_lse else out
+
+
+def _scale_strides(scale: torch.Tensor, code: int) -> tuple[int, int, int]:
+    return (scale.stride(0), scale.stride(1), scale.stride(2)) if code else (0, 0, 0)
 
 
 def _capturing(device: torch.device) -> bool:

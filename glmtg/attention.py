@@ -1,0 +1,113 @@
+"""Attention of new query tokens over one layer of the KV cache, behind one signature with three backends.
+
+- "glmtg": glmtg's split-KV Triton decode kernel for decode steps (S <= 16) on CUDA over a plain float cache;
+  anything else (prefill, CPU, quantized formats) falls back to the "sdpa" path.
+- "sdpa": torch scaled_dot_product_attention with enable_gqa and an offset causal mask.
+- "eager": repeat_kv + matmul + fp32 softmax + matmul, as transformers' eager path (the reference).
+
+The new tokens' K/V are already in the cache when ``attend`` runs, so every backend reads one tensor pair.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from glmtg.kernels import decode_attention as _decode
+
+if TYPE_CHECKING:
+    from glmtg.kv_cache import KVCache
+
+BACKENDS = ("glmtg", "sdpa", "eager")
+MAX_DECODE_TOKENS = 16  # query tokens per sequence the decode kernel takes in one tile (speculative verification)
+# Cache formats stored as plain floats: readable in place. Others are dequantized to float32 first.
+_FLOAT_FORMATS = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def attend(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    lengths_after: torch.Tensor,
+    backend: str,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, S, Hq, D] at positions lengths_after[b]-S .. lengths_after[b]-1, causal over the layer's cache.
+
+    ``lengths_after`` int32 [B] counts the cached tokens including the S new ones. Returns [B, S, Hq, D] in
+    q's dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, S, Hq, D], got shape {tuple(q.shape)}")
+    if backend == "glmtg" and _kernel_applies(q, cache, layer):
+        k_view, v_view = cache.k(layer), cache.v(layer)
+        out = _decode.decode_attention(
+            q.to(k_view.data.dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
+            page_table=cache.page_table, scale=scale,
+            # the cache advanced these lengths itself and the kernel clamps them on the device, so skip the
+            # host-side check (a sync per layer per step)
+            validate=False,
+        )
+        return out.to(q.dtype)
+    return _attend_per_sequence(q, cache, layer, lengths_after, scale, eager=backend == "eager")
+
+
+def _kernel_applies(q: torch.Tensor, cache: KVCache, layer: int) -> bool:
+    if not q.is_cuda or q.shape[1] > MAX_DECODE_TOKENS or q.shape[3] not in _decode.SUPPORTED_HEAD_DIMS:
+        return False
+    k_view, v_view = cache.k(layer), cache.v(layer)
+    return (k_view.format in _FLOAT_FORMATS and v_view.format in _FLOAT_FORMATS
+            and k_view.data.dtype == v_view.data.dtype)
+
+
+def read_kv(cache: KVCache, layer: int, b: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n cached K and V rows of sequence b, [Hkv, n, D] each, in ``dtype``."""
+    k_view, v_view = cache.k(layer), cache.v(layer)
+    if cache.page_table is None and k_view.format in _FLOAT_FORMATS and v_view.format in _FLOAT_FORMATS:
+        # contiguous [B, Hkv, Nmax, D] float storage: slice in place rather than copy through float32
+        return k_view.data[b, :, :n].to(dtype), v_view.data[b, :, :n].to(dtype)
+    k, v = cache.dequantized(layer, b, n)
+    return k.to(dtype), v.to(dtype)
+
+
+def causal_mask(s: int, n: int, device: torch.device) -> torch.Tensor:
+    """bool [S, n]: query i (at position n - S + i) sees key j iff j <= n - S + i."""
+    qpos = torch.arange(n - s, n, device=device)
+    return torch.arange(n, device=device)[None, :] <= qpos[:, None]
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[Hkv, n, D] -> [Hkv * groups, n, D], query head h reading KV head h // groups."""
+    if groups == 1:
+        return x
+    hkv, n, d = x.shape
+    return x[:, None].expand(hkv, groups, n, d).reshape(hkv * groups, n, d)
+
+
+def _attend_per_sequence(q: torch.Tensor, cache: KVCache, layer: int, lengths_after: torch.Tensor,
+                         scale: float, eager: bool) -> torch.Tensor:
+    # One call per sequence: each reads exactly its own prefix, so rows past a sequence's length (which may
+    # hold anything, NaN included) are never touched and no padding mask is needed.
+    s, hq = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    for b, n in enumerate(lengths_after.tolist()):
+        if n < s:
+            raise ValueError(f"lengths_after[{b}] = {n} is shorter than the {s} new tokens")
+        k, v = read_kv(cache, layer, b, n, q.dtype)  # [Hkv, n, D]
+        qb = q[b].transpose(0, 1)  # [S, Hq, D] -> [Hq, S, D]
+        mask = causal_mask(s, n, q.device)
+        if eager:
+            groups = hq // k.shape[0]
+            scores = torch.matmul(qb, repeat_kv(k, groups).transpose(1, 2)) * scale  # [Hq, S, n]
+            scores = scores.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            ob = torch.matmul(probs, repeat_kv(v, groups))  # [Hq, S, D]
+        else:
+            ob = F.scaled_dot_product_attention(qb[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                                enable_gqa=True)[0]
+        out[b] = ob.transpose(0, 1)  # [Hq, S, D] -> [S, Hq, D]
+    return out

@@ -1,0 +1,74 @@
+"""The ``glmtg`` command: one entry point, one module per subcommand.
+
+Subcommands: sweep-bench, perplexity, generate, plot. Every user error (bad flag value, missing or
+corrupt file, wrong model type, missing tokenizer, a context too small) ends the command with one
+``error: ...`` line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot")
+
+
+def _prepare_triton(argv: list[str]) -> None:
+    """Without CUDA (or with --device cpu) the Triton kernels run in the interpreter.
+
+    Triton decides per kernel when the module defining it is imported, so this runs before any
+    glmtg module that holds kernels is imported.
+    """
+    import torch
+
+    device = None
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            device = argv[i + 1]
+        elif arg.startswith("--device="):
+            device = arg.split("=", 1)[1]
+    if not torch.cuda.is_available() or (device or "").startswith("cpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text
+
+
+def build_parser():  # -> common.CliParser (imported lazily, see _prepare_triton)
+    from glmtg.cli import common, generate, perplexity, plot, sweep_bench
+
+    parser = common.CliParser(prog="glmtg", description="GLM-4.5/4.6/4.7/Air inference on glmtg's Triton kernels. "
+                                                       "Without -m, models have seeded random weights.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.CliParser)
+    for module in (sweep_bench, perplexity, generate, plot):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``glmtg ARGS``; returns the exit status (0 ok, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _prepare_triton(argv)
+    import torch
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag error (2, already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        print(f"error: give a command: {', '.join(SUBCOMMANDS)} (see glmtg --help)", file=sys.stderr)
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory: {_one_line(e)[:300]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

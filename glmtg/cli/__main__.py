@@ -1,0 +1,5 @@
+import sys
+
+from glmtg.cli import main
+
+sys.exit(main())

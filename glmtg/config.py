@@ -1,0 +1,221 @@
+"""ModelConfig: the shape of a GLM4-MoE model (HF model_type ``glm4_moe``), checked once on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+MODEL_TYPE = "glm4_moe"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields mirror the HF glm4_moe config.json keys of the same name."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense SwiGLU MLP of the first `first_k_dense_replace` layers
+    moe_intermediate_size: int  # each routed expert (and each shared expert)
+    num_hidden_layers: int  # excludes the MTP/nextn layers
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    partial_rotary_factor: float = 0.5
+    use_qk_norm: bool = False
+    attention_bias: bool = True
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("glm-4.5", "glm-4.6", "glm-4.7", "glm-4.5-air", "tiny")
+
+    def __post_init__(self) -> None:
+        # Normalise list -> tuple so the dataclass stays hashable whatever the caller passed.
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "n_routed_experts",
+                    "num_experts_per_tok", "max_position_embeddings", "n_group", "topk_group")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even, got {self.head_dim}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives an odd or empty rotary "
+                             f"dim {self.rotary_dim} for head_dim {self.head_dim}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts "
+                             f"({self.n_routed_experts})")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers "
+                             f"({self.num_hidden_layers})")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be a multiple of n_group "
+                             f"({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            # group scores are the sum of each group's top-2 experts
+            raise ValueError(f"n_group ({self.n_group}) leaves fewer than 2 experts per group")
+        if self.n_group > 1 and self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
+            raise ValueError(f"topk_group ({self.topk_group}) groups hold fewer experts than num_experts_per_tok "
+                             f"({self.num_experts_per_tok})")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        bad_eos = [t for t in self.eos_token_ids if not 0 <= t < self.vocab_size]
+        if bad_eos:
+            raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        # int() truncation, as transformers computes it
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_hf_json(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
+        """Read an HF config.json (a path to the file or its directory, or the parsed dict).
+
+        Accepts both published shapes: rope_theta / partial_rotary_factor at the top level (GLM repos) or
+        inside ``rope_parameters`` (transformers 5), and ``eos_token_id`` as an int, a list or null.
+        """
+        if isinstance(path_or_dict, dict):
+            raw = path_or_dict
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    raw = json.load(f)
+            except FileNotFoundError:
+                raise ValueError(f"config file not found: {path}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"config file {path} does not hold a JSON object")
+        model_type = raw.get("model_type")
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"model_type must be {MODEL_TYPE!r}, got {model_type!r}")
+
+        rope = raw.get("rope_parameters") or {}
+        scaling = raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type not in (None, "default"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (only default RoPE)")
+
+        def pick(key: str, default: Any = None) -> Any:
+            for source in (raw, rope):
+                if source.get(key) is not None:
+                    return source[key]
+            return default
+
+        eos = raw.get("eos_token_id")
+        eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        heads = raw.get("num_attention_heads")
+        head_dim = raw.get("head_dim") or (raw["hidden_size"] // heads if raw.get("hidden_size") and heads else None)
+        kwargs: dict[str, Any] = {
+            "head_dim": head_dim,
+            "rope_theta": float(pick("rope_theta", 1e6)),
+            "partial_rotary_factor": float(pick("partial_rotary_factor", 0.5)),
+            "num_nextn_predict_layers": raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0,
+            "eos_token_ids": eos_ids,
+        }
+        for f in dataclasses.fields(cls):
+            if f.name in kwargs or f.name not in raw:
+                continue
+            kwargs[f.name] = raw[f.name]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and kwargs.get(f.name) is None]
+        if required:
+            raise ValueError(f"config is missing required field(s): {', '.join(required)}")
+        for name in ("routed_scaling_factor", "rms_norm_eps"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json dict in the published GLM shape (rope at the top level), readable by transformers."""
+        out: dict[str, Any] = {"architectures": ["Glm4MoeForCausalLM"], "model_type": MODEL_TYPE}
+        for f in dataclasses.fields(self):
+            if f.name != "eos_token_ids":
+                out[f.name] = getattr(self, f.name)
+        out["eos_token_id"] = list(self.eos_token_ids) if self.eos_token_ids else None
+        out["hidden_act"] = "silu"
+        return out
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """Published shapes (DESIGN.md §2), plus "tiny" for CPU tests."""
+        key = name.lower()
+        if key not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**_PRESETS[key])
+
+
+_GLM_COMMON: dict[str, Any] = dict(
+    vocab_size=151552, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_shared_experts=1,
+    num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-5, rope_theta=1e6, partial_rotary_factor=0.5,
+    attention_bias=True, tie_word_embeddings=False, num_nextn_predict_layers=1, n_group=1, topk_group=1,
+    eos_token_ids=(151329, 151336, 151338),
+)
+_GLM_45: dict[str, Any] = dict(
+    _GLM_COMMON, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=92,
+    n_routed_experts=160, first_k_dense_replace=3, routed_scaling_factor=2.5, use_qk_norm=True,
+    max_position_embeddings=131072,
+)
+_PRESETS: dict[str, dict[str, Any]] = {
+    "glm-4.5": _GLM_45,
+    "glm-4.6": dict(_GLM_45, max_position_embeddings=202752),
+    "glm-4.7": dict(_GLM_45, max_position_embeddings=202752),
+    "glm-4.5-air": dict(
+        _GLM_COMMON, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=46,
+        n_routed_experts=128, first_k_dense_replace=1, routed_scaling_factor=1.0, use_qk_norm=False,
+        max_position_embeddings=131072,
+    ),
+    # CPU-sized: GQA 6 like a slice of the real 12, partial RoPE over 32 of 64 dims, one dense layer then MoE.
+    "tiny": dict(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=12, num_key_value_heads=2, head_dim=64, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rms_norm_eps=1e-5, rope_theta=10000.0, partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True,
+        max_position_embeddings=4096, tie_word_embeddings=False, num_nextn_predict_layers=0, n_group=1,
+        topk_group=1, eos_token_ids=(2,),
+    ),
+}

@@ -1,0 +1,412 @@
+"""The engine: owns the KV cache, runs chunked prefill and the (CUDA-graph) decode step, samples.
+
+One ``Engine`` holds a static KV cache of ``ctx_size`` tokens for ``batch`` sequences. ``prefill``
+runs a prompt through the model ``ubatch`` tokens at a time; ``decode_step`` runs one token per
+sequence, advances ``cache.lengths`` and samples the next token, all on the device. On CUDA that
+step is captured once in a CUDA graph over static buffers (token in/out, cache, sampler state) and
+replayed: the step reads its input token from the same buffer it writes its output to, so steps
+chain on the GPU without the host looking at a token.
+
+The engine keeps a host copy of each sequence's length (it made every change to it), so the
+context checks never read ``cache.lengths`` back from the device.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from glmtg.attention import BACKENDS
+from glmtg.config import ModelConfig
+from glmtg.kv_cache import KV_FORMATS, KVCache
+from glmtg.sampling import GREEDY, Sampler, SamplingParams
+
+# Prompts at least this long get a progress bar (shorter ones finish before a bar is worth drawing).
+PROGRESS_MIN_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes and formats of one engine; checked once here so bad CLI values fail before any work."""
+
+    ctx_size: int = 4096
+    ubatch: int = 512
+    batch: int = 1
+    k_format: str = "bf16"
+    v_format: str | None = None  # None: same as k_format
+    attn_backend: str = "glmtg"
+    use_cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ctx_size", "ubatch", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.v_format is None:
+            object.__setattr__(self, "v_format", self.k_format)
+        for name in ("k_format", "v_format"):
+            if getattr(self, name) not in KV_FORMATS:
+                raise ValueError(f"{name} must be one of {', '.join(KV_FORMATS)}, got {getattr(self, name)!r}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
+
+
+@dataclass
+class GenerationResult:
+    """What ``Engine.generate`` produced, with the timings the CLI reports."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    prompt_seconds: float  # prefill + first token
+    decode_seconds: float  # every later token (one decode step each)
+    stop_reason: str  # "eos" or "length"
+    seed: int = 0
+    decode_steps: int = field(default=0)
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def kv_cache_bytes(config: ModelConfig, ctx_size: int, batch: int, k_format: str, v_format: str) -> int:
+    """Bytes a contiguous cache of this size takes (measured on a 1-token cache, so scales count)."""
+    probe = KVCache(num_layers=1, batch=1, capacity=1, num_kv_heads=config.num_key_value_heads,
+                    head_dim=config.head_dim, k_format=k_format, v_format=v_format, device="meta")
+    return probe.bytes_per_token * config.num_hidden_layers * ctx_size * batch
+
+
+def check_kv_fits(need_bytes: int, free_bytes: int, settings: EngineConfig) -> None:
+    """Raise ValueError (GB needed vs free) when the KV cache cannot fit in the free device memory."""
+    if need_bytes > free_bytes:
+        s = settings
+        raise ValueError(f"the KV cache for -c {s.ctx_size} (batch {s.batch}, K {s.k_format}, V {s.v_format}) "
+                         f"needs {need_bytes / 1e9:.2f} GB but only {free_bytes / 1e9:.2f} GB of GPU memory is free; "
+                         f"lower -c or use a smaller cache type (-ctk/-ctv q8_0, q4_0)")
+
+
+def random_weights_banner(name: str) -> str:
+    """The line every command prints when the weights are random, so no output is mistaken for a model's."""
+    return (f"NOTE: RANDOM WEIGHTS ({name}): speed and memory figures are real, generated text and "
+            f"perplexity are meaningless; pass -m MODEL_DIR to load a real model")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Inference over one model: static KV cache, chunked prefill, graph-captured decode, sampling.
+
+    ``config`` is the model's ``ModelConfig``. ``use_cuda_graph`` defaults to "the device is CUDA";
+    if capture fails (e.g. an attention path that reads lengths on the host), the step warns once
+    and runs eagerly.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: ModelConfig,
+        *,
+        ctx_size: int = 4096,
+        ubatch: int = 512,
+        batch: int = 1,
+        k_format: str = "bf16",
+        v_format: str | None = None,
+        attn_backend: str = "glmtg",
+        device: torch.device | str | None = None,
+        use_cuda_graph: bool | None = None,
+        random_weights: bool = False,
+        name: str = "",
+    ) -> None:
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if use_cuda_graph is None:
+            use_cuda_graph = self.device.type == "cuda"
+        if use_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        self.settings = EngineConfig(ctx_size=ctx_size, ubatch=ubatch, batch=batch, k_format=k_format,
+                                     v_format=v_format, attn_backend=attn_backend, use_cuda_graph=use_cuda_graph)
+        self.model = model
+        self.config = config
+        self.random_weights = random_weights
+        self.name = name
+        if ctx_size > config.max_position_embeddings:
+            warnings.warn(f"-c {ctx_size} exceeds the model's max_position_embeddings "
+                          f"({config.max_position_embeddings}); positions beyond it are untrained", stacklevel=2)
+        s = self.settings
+        self._check_memory(kv_cache_bytes(config, s.ctx_size, s.batch, s.k_format, s.v_format))
+        self.cache = KVCache(num_layers=config.num_hidden_layers, batch=s.batch, capacity=s.ctx_size,
+                             num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                             k_format=s.k_format, v_format=s.v_format, device=self.device)
+        self.sampler = Sampler(s.batch, self.device)
+        self.sampler.set_params(GREEDY)
+        self._lengths = [0] * s.batch  # host mirror of cache.lengths
+        # The decode step's static token buffer: input of a step, then overwritten by its output.
+        self._token = torch.zeros(s.batch, dtype=torch.long, device=self.device)
+        self._graphs: dict[int | None, torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._graph_failed = False
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def ctx_size(self) -> int:
+        return self.settings.ctx_size
+
+    @property
+    def ubatch(self) -> int:
+        return self.settings.ubatch
+
+    @property
+    def batch(self) -> int:
+        return self.settings.batch
+
+    @property
+    def attn_backend(self) -> str:
+        return self.settings.attn_backend
+
+    @property
+    def lengths(self) -> list[int]:
+        """Cached tokens per sequence (host copy, no device read)."""
+        return list(self._lengths)
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        return self.settings.use_cuda_graph and not self._graph_failed
+
+    def banner(self) -> str | None:
+        return random_weights_banner(self.name or "random") if self.random_weights else None
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_memory(self, need: int) -> None:
+        if self.device.type == "cuda":
+            check_kv_fits(need, torch.cuda.mem_get_info(self.device)[0], self.settings)
+
+    def _check_room(self, new_tokens: int, what: str) -> None:
+        longest = max(self._lengths)
+        if longest + new_tokens > self.ctx_size:
+            raise ValueError(f"{what}: {longest} cached + {new_tokens} new tokens exceed the context size "
+                             f"-c {self.ctx_size}")
+
+    # ---------------------------------------------------------------- cache
+
+    def reset(self) -> None:
+        """Empty the cache (all sequences)."""
+        self.truncate(0)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens of every sequence and drop the rest (only lengths change)."""
+        if not isinstance(length, int) or not 0 <= length <= min(self._lengths):
+            raise ValueError(f"truncate length must be an int in [0, {min(self._lengths)}], got {length!r}")
+        self.cache.lengths.fill_(length)
+        self._lengths = [length] * self.batch
+
+    # ---------------------------------------------------------------- prefill
+
+    def _as_batch(self, token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+        ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None, :].expand(self.batch, -1)
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"token ids must be [S] or [B={self.batch}, S], got shape {tuple(ids.shape)}")
+        return ids.to(device=self.device, dtype=torch.long)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        on_logits: Callable[[int, torch.Tensor], None] | None = None,
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Append tokens to the cache, ``ubatch`` at a time; returns the last token's logits, fp32 [B, V].
+
+        ``token_ids``: [S] (same tokens for every sequence) or [B, S]. ``on_logits(start, logits)``,
+        when given, receives each chunk's full logits [B, s, V] (start = offset of the chunk in
+        ``token_ids``); without it only the last position goes through the lm_head. ``progress``:
+        None shows a bar for prompts of ``PROGRESS_MIN_TOKENS`` or more.
+        """
+        ids = self._as_batch(token_ids)
+        total = ids.shape[1]
+        if total == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(total, "prefill")
+        if progress is None:
+            progress = total >= PROGRESS_MIN_TOKENS and total > self.ubatch
+        logits = None
+        with tqdm(total=total, unit="tok", desc="prefill", disable=not progress, leave=False,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for start in range(0, total, self.ubatch):
+                chunk = ids[:, start:start + self.ubatch]
+                n = chunk.shape[1]
+                out = self.model(chunk, self.cache, attn_backend=self.attn_backend, last_only=on_logits is None)
+                self.cache.lengths += n
+                self._lengths = [length + n for length in self._lengths]
+                if on_logits is not None:
+                    on_logits(start, out)
+                logits = out
+                if progress:
+                    _synchronize(self.device)  # so the bar shows finished work, not queued launches
+                bar.update(n)
+        return logits[:, -1]
+
+    # ---------------------------------------------------------------- decode
+
+    def _step(self) -> None:
+        """One decode step on the static buffers: forward, advance lengths, sample into ``_token``."""
+        logits = self.model(self._token[:, None], self.cache, attn_backend=self.attn_backend)  # [B, 1, V]
+        self.cache.lengths += 1
+        self._token.copy_(self.sampler(logits[:, -1]))
+
+    def _capture(self, key: int | None) -> torch.cuda.CUDAGraph:
+        # Warm-up runs execute for real: they write K/V at the current position (overwritten by the
+        # first real step) and advance lengths and the sampler's step, so all three are restored.
+        saved = (self.cache.lengths.clone(), self.sampler.step.clone(), self._token.clone())
+
+        def restore() -> None:
+            self.cache.lengths.copy_(saved[0])
+            self.sampler.step.copy_(saved[1])
+            self._token.copy_(saved[2])
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lets lazy inits (cuBLAS handles, Triton autotune) happen outside capture
+                self._step()
+                restore()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._step()
+        restore()
+        return graph
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor | Sequence[int] | int | None = None) -> torch.Tensor:
+        """Run one token per sequence and sample the next; returns the static token buffer int64 [B].
+
+        ``token`` None feeds the previous step's output (the GPU chains steps on its own); otherwise
+        it is copied in first (a device tensor is copied without a sync). The returned tensor is
+        overwritten by the next step: clone it or read it before then.
+        """
+        self._check_room(1, "decode")
+        if token is not None:
+            if isinstance(token, int):
+                token = [token] * self.batch
+            t = token if isinstance(token, torch.Tensor) else torch.tensor(token, dtype=torch.long)
+            self._token.copy_(t.reshape(self.batch))
+        if self.uses_cuda_graph:
+            key = self.sampler.mode(self.config.vocab_size)
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._graphs[key] = self._capture(key)
+                except Exception as e:  # noqa: BLE001 - any capture failure: warn and run eagerly
+                    self._graph_failed = True
+                    torch.cuda.synchronize(self.device)
+                    warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
+                                  RuntimeWarning, stacklevel=2)
+            if graph is not None:
+                graph.replay()
+        if not self.uses_cuda_graph:
+            self._step()
+        self._lengths = [length + 1 for length in self._lengths]
+        return self._token
+
+    def synchronize(self) -> None:
+        _synchronize(self.device)
+
+    # ---------------------------------------------------------------- whole requests
+
+    @torch.no_grad()
+    def warmup(self, sampling: SamplingParams = GREEDY, prefill_tokens: int = 16, decode_steps: int = 2) -> None:
+        """Compile/capture outside any timing: a short prefill and a few decode steps, then an empty cache.
+
+        Pass the sampling params the timed run will use: the decode graph is captured per sampler mode.
+        """
+        n = max(1, min(prefill_tokens, self.ctx_size - decode_steps))
+        self.reset()
+        self.sampler.set_params(sampling)
+        gen = torch.Generator().manual_seed(0)
+        self.prefill(torch.randint(0, self.config.vocab_size, (n,), generator=gen), progress=False)
+        for _ in range(min(decode_steps, self.ctx_size - n)):
+            self.decode_step()
+        self.synchronize()
+        self.reset()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        n: int,
+        sampling: SamplingParams = GREEDY,
+        *,
+        stop_on_eos: bool = True,
+        eos_token_ids: Sequence[int] | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to ``n`` tokens after ``prompt_ids`` (one sequence, from an empty cache).
+
+        ``n < 0`` means until EOS or a full context. ``on_token`` is called with each token as soon
+        as it is known (streaming). The one host sync per token is that read: the step itself has none.
+        """
+        if self.batch != 1:
+            raise ValueError(f"generate runs one sequence; this engine has batch {self.batch}")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if n < 0:
+            n = self.ctx_size - len(prompt)
+        if len(prompt) + n > self.ctx_size:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + -n {n} exceed the context size -c {self.ctx_size}")
+        eos = set(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids) if stop_on_eos else set()
+
+        self.reset()
+        seed = self.sampler.set_params(sampling)[0]
+        t0 = time.perf_counter()
+        last_logits = self.prefill(prompt)
+        tokens: list[int] = []
+        stop = "length"
+        t1 = t0
+        steps = 0
+        if n > 0:
+            self._token.copy_(self.sampler(last_logits))
+            for i in range(n):
+                token = int(self._token[0])  # the host read streaming needs
+                if i == 0:
+                    t1 = time.perf_counter()
+                tokens.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token in eos:
+                    stop = "eos"
+                    break
+                if i + 1 < n:
+                    self.decode_step()
+                    steps += 1
+        self.synchronize()
+        t2 = time.perf_counter()
+        if n == 0:
+            t1 = t2
+        return GenerationResult(tokens=tokens, prompt_tokens=len(prompt), prompt_seconds=t1 - t0,
+                                decode_seconds=t2 - t1, stop_reason=stop, seed=seed, decode_steps=steps)

@@ -1,0 +1,6 @@
+"""Files -> config, weights, tokenizer."""
+
+from glmtg.loading.safetensors import load_model
+from glmtg.loading.tokenizer import Tokenizer
+
+__all__ = ["Tokenizer", "load_model"]

@@ -1,0 +1,161 @@
+"""The glmtg CLI run in-process on the tiny preset (random weights, CPU), with tiny sizes."""
+
+import json
+import re
+
+import pytest
+
+from glmtg.cli import main
+from glmtg.cli.generate import IncrementalDecoder
+from glmtg.cli.common import ByteTokenizer
+from glmtg.cli.sweep_bench import HEADER, SEPARATOR, sweep_depths
+
+FAST = ["--no-warmup"]
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def sweep_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "run.json"
+    rc = main(["sweep-bench", "-c", "24", "-ub", "8", "-n", "2", "--no-progress", "-o", str(path), *FAST])
+    assert rc == 0
+    return path
+
+
+def test_sweep_bench_table_and_json(capsys, tmp_path):
+    path = tmp_path / "r.json"
+    rc, out, err = run(capsys, "sweep-bench", "-c", "24", "-ub", "8", "-n", "2", "-o", str(path), *FAST)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "RANDOM WEIGHTS" in lines[0]
+    i = lines.index(HEADER)
+    assert HEADER == "|    PP |     TG |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |"
+    assert lines[i + 1] == SEPARATOR == "|-------|--------|--------|----------|----------|----------|----------|"
+    rows = [line for line in lines[i + 2:] if line.startswith("|")]
+    assert [int(r.split("|")[3]) for r in rows] == [0, 8, 16]
+    assert all(re.fullmatch(r"\|\s+8 \|\s+2 \|\s+\d+ \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+ \|", r) for r in rows)
+    doc = json.loads(path.read_text())
+    assert [r["n_kv"] for r in doc["rows"]] == [0, 8, 16]
+    assert {"pp", "tg", "t_pp", "speed_pp", "t_tg", "speed_tg", "tg_gbps"} <= set(doc["rows"][0])
+    env = doc["environment"]
+    for key in ("device", "torch", "triton", "date", "attn", "ctk", "ctv", "preset", "random_weights"):
+        assert key in env
+    assert env["preset"] == "tiny" and env["random_weights"] is True
+    assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_sweep_depths_follow_llama_sweep_bench():
+    assert sweep_depths(2048, 512, 128) == [0, 512, 1024, 1536]
+    assert sweep_depths(1000, 512, 128) == [0]  # a row only where the PP batch still fits
+    assert sweep_depths(100, 512, 128) == []
+
+
+def test_plot_overlays_runs(capsys, sweep_json, tmp_path):
+    out_png = tmp_path / "cmp.png"
+    rc, out, err = run(capsys, "plot", str(sweep_json), str(sweep_json), "-o", str(out_png))
+    assert rc == 0, err
+    assert out_png.stat().st_size > 1000
+
+
+def test_perplexity_and_kld_against_itself(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("glmtg computes perplexity like llama.cpp.")  # 41 bytes: 2 chunks of 16
+    base = tmp_path / "base.kld"
+    rc, out, err = run(capsys, "perplexity", "-f", str(text), "-c", "16", "-ub", "8",
+                       "--kl-divergence-base", str(base), *FAST)
+    assert rc == 0, err
+    assert "RANDOM WEIGHTS" in out and "one token per UTF-8 byte" in out
+    assert re.search(r"\[1\]\d+\.\d{4},\[2\]\d+\.\d{4},", out)
+    ppl = re.search(r"Final estimate: PPL = (\d+\.\d{4}) \+/- \d+\.\d{5}", out)
+    assert ppl and base.is_file()
+    # same settings (bf16 sums depend on -ub), tokens and n_ctx taken from the base file
+    rc, out, err = run(capsys, "perplexity", "--kl-divergence", "--kl-divergence-base", str(base), "-ub", "8", *FAST)
+    assert rc == 0, err
+    assert f"PPL = {ppl.group(1)}" in out
+    assert re.search(r"Mean    KLD:\s+0\.000000 ±", out)
+    assert re.search(r"99\.0%   KLD:\s+0\.000000", out) and re.search(r"Median  KLD:\s+0\.000000", out)
+    assert "Same top p: 100.000 ± 0.000 %" in out
+
+
+def test_generate_streams_and_reports_speed(capsys):
+    rc, out, err = run(capsys, "generate", "-p", "Hi", "-n", "4", "--temp", "0", "-c", "16", *FAST)
+    assert rc == 0, err
+    assert "RANDOM WEIGHTS" in err
+    assert re.search(r"prompt eval: 2 tokens in [\d.]+ s = [\d.]+ t/s", err)
+    assert re.search(r"generation:  3 tokens in [\d.]+ s = [\d.]+ t/s", err)
+
+
+def test_incremental_decoder_never_splits_a_character():
+    tok = ByteTokenizer(1000)
+    dec = IncrementalDecoder(tok.decode)
+    pieces = [dec.push(t) for t in tok.encode("aé€b")]  # 1 + 2 + 3 + 1 bytes
+    assert pieces == ["a", "", "é", "", "", "€", "b"]
+    assert dec.flush() == ""
+    dec.push(0xE2)  # an unfinished character comes out at the end as U+FFFD
+    assert dec.flush() == "\ufffd"
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["sweep-bench", "-c", "abc"],
+    ["sweep-bench", "-c", "0"],
+    ["sweep-bench", "-ctk", "q5_1"],
+    ["sweep-bench", "--attn", "flash"],
+    ["generate", "-p", "x", "--top-p", "2"],
+    ["generate", "-p", "x", "--temp", "-1"],
+    ["generate"],
+    ["sweep-bench", "-c", "4", "-ub", "8"],
+    ["perplexity", "-f", "/nonexistent/text.txt"],
+    ["perplexity"],
+    ["perplexity", "--kl-divergence"],
+    ["generate", "-m", "/nonexistent/model", "-p", "x"],
+    ["plot", "/nonexistent.json", "-o", "x.png"],
+    ["--device", "cuda:7", "sweep-bench"],
+    [],
+])
+def test_errors_are_one_line_and_exit_2(capsys, argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and _one_error_line(err), err
+
+
+def test_model_dir_errors(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    rc, _, err = run(capsys, "sweep-bench", "-m", str(tmp_path), "-c", "16", "-ub", "8")
+    assert rc == 2 and _one_error_line(err) and "model_type" in err
+    rc, _, err = run(capsys, "generate", "-m", str(tmp_path), "-p", "x")
+    assert rc == 2 and _one_error_line(err) and "tokenizer" in err
+    (tmp_path / "config.json").write_text("{not json")
+    rc, _, err = run(capsys, "sweep-bench", "-m", str(tmp_path), "-c", "16", "-ub", "8")
+    assert rc == 2 and _one_error_line(err)
+
+
+def test_corrupt_inputs(capsys, tmp_path):
+    bad = tmp_path / "bad.kld"
+    bad.write_bytes(b"not a safetensors file")
+    rc, _, err = run(capsys, "perplexity", "--kl-divergence", "--kl-divergence-base", str(bad))
+    assert rc == 2 and _one_error_line(err)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("[1, 2]")
+    rc, _, err = run(capsys, "plot", str(bad_json), "-o", str(tmp_path / "x.png"))
+    assert rc == 2 and _one_error_line(err)
+
+
+def test_request_beyond_the_context_fails_before_work(capsys):
+    rc, out, err = run(capsys, "generate", "-p", "hello", "-n", "100", "-c", "16", *FAST)
+    assert rc == 2 and _one_error_line(err) and "-c 16" in err
+    assert out == ""
+
+
+def test_help_shows_defaults(capsys):
+    rc, out, _ = run(capsys, "sweep-bench", "--help")
+    out = " ".join(out.split())
+    assert rc == 0 and "(default: 512)" in out and "(default: 4096)" in out

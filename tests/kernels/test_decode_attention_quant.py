@@ -1,0 +1,138 @@
+"""decode_attention over quantized caches (q8_0, q4_0, fp8, mixed K/V formats).
+
+The reference is float64 attention over the *dequantized* cache values (glmtg.kv_cache.dequantize,
+which equals gguf's dequantization), so only accumulation order and the kernel's rounding of the
+dequantized values to the query dtype differ:
+- fp16 queries (CPU): dequantized values rounded to fp16 (2^-11), P rounded to fp16 -> 2e-3 relative.
+- bf16 queries (GPU): the same with 2^-8 -> 1.5e-2 relative.
+Scales of every slot past a sequence's length are set to NaN, so a read past the context fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmtg.kernels.decode_attention import decode_attention, plan_launch
+from glmtg.kv_cache import KVCache, dequantize
+from tests.reference import decode_attention_ref
+
+FORMAT_PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("fp8", "fp8"), ("q8_0", "q4_0"), ("f16", "q8_0")]
+
+
+def filled_cache(batch, hkv, d, lengths, capacity, k_format, v_format, device, page_size=None, seed=0):
+    """A one-layer KVCache holding random K/V for each sequence's first ``lengths[b]`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(num_layers=1, batch=batch, capacity=capacity, num_kv_heads=hkv, head_dim=d,
+                    k_format=k_format, v_format=v_format, page_size=page_size, device=device)
+    k = torch.randn(batch, capacity, hkv, d, generator=g).to(device)
+    v = torch.randn(batch, capacity, hkv, d, generator=g).to(device)
+    cache.append(0, k, v, torch.zeros(batch, dtype=torch.int32, device=device))
+    cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+    poison_past_lengths(cache, lengths)
+    return cache
+
+
+def poison_past_lengths(cache, lengths):
+    for view in (cache.k(0), cache.v(0)):
+        target = view.scale if view.scale is not None else view.data
+        for b, n in enumerate(lengths):
+            if cache.page_table is None:
+                target[b, :, n:] = float("nan")
+            else:
+                pos = torch.arange(n, cache.capacity, device=target.device)
+                pages = cache.page_table[b].long()[pos // cache.page_size]
+                target[pages, :, pos % cache.page_size] = float("nan")
+
+
+def check(cache, q, dtype, tol, **kwargs):
+    kv, vv = cache.k(0), cache.v(0)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, kv.data, vv.data, cache.lengths, page_table=cache.page_table, k_scale=kv.scale,
+                     v_scale=vv.scale, k_format=kv.format, v_format=vv.format, out=out, **kwargs)
+    k_deq = dequantize(kv.data, kv.scale, kv.format).nan_to_num(0.0)
+    v_deq = dequantize(vv.data, vv.scale, vv.format).nan_to_num(0.0)
+    pt = None if cache.page_table is None else cache.page_table.cpu()
+    ref, _ = decode_attention_ref(q.cpu(), k_deq.cpu(), v_deq.cpu(), cache.lengths.cpu(), pt)
+    assert not torch.isnan(out).any(), "unwritten output or NaN read from past the context"
+    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+    return out
+
+
+@pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS)
+@pytest.mark.parametrize("group", [5, 12])
+def test_quantized_formats_cpu(k_format, v_format, group):
+    lengths = [70, 1, 33]
+    cache = filled_cache(3, 2, 64, lengths, 72, k_format, v_format, "cpu", seed=group)
+    q = torch.randn(3, 1, 2 * group, 64).half()
+    check(cache, q, torch.float16, 2e-3)
+
+
+@pytest.mark.parametrize("k_format, v_format", [("q8_0", "q8_0"), ("q4_0", "fp8")])
+def test_quantized_paged_multi_token_cpu(k_format, v_format):
+    lengths = [3, 90]
+    cache = filled_cache(2, 1, 64, lengths, 96, k_format, v_format, "cpu", page_size=16, seed=3)
+    q = torch.randn(2, 3, 12, 64).half()
+    launch = plan_launch(2, 1, 36, 64, 96, torch.device("cpu"), num_splits=4, block_n=16)
+    check(cache, q, torch.float16, 2e-3, launch=launch)
+
+
+def test_quantized_bad_arguments():
+    cache = filled_cache(1, 1, 64, [10], 16, "q8_0", "q8_0", "cpu")
+    kv, vv = cache.k(0), cache.v(0)
+    q = torch.randn(1, 1, 12, 64).half()
+    with pytest.raises(ValueError, match="scale tensor"):
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_format="q8_0", v_format="q8_0", v_scale=vv.scale)
+    with pytest.raises(ValueError, match="must be torch.uint8"):
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_format="q4_0", v_format="q8_0",
+                         k_scale=kv.scale, v_scale=vv.scale)
+    with pytest.raises(ValueError, match="format must be one of"):
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_format="q5_1", v_format="q8_0",
+                         k_scale=kv.scale, v_scale=vv.scale)
+    with pytest.raises(ValueError, match="fp16 or bf16 queries"):
+        decode_attention(q.float(), kv.data, vv.data, cache.lengths, k_format="q8_0", v_format="q8_0",
+                         k_scale=kv.scale, v_scale=vv.scale)
+
+
+# ---------------------------------------------------------------- GPU, real sizes, bf16
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS[:4] + [("bf16", "q4_0")])
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_gpu_quantized_formats(k_format, v_format, page_size):
+    lengths = [16383, 1, 5000, 777]
+    cache = filled_cache(4, 8, 128, lengths, 16400, k_format, v_format, "cuda", page_size=page_size, seed=1)
+    q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
+    check(cache, q, torch.bfloat16, 1.5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_format", ["q8_0", "q4_0", "fp8"])
+def test_gpu_quantized_graph_replay(k_format):
+    capacity = 9000
+    cache = filled_cache(2, 1, 128, [capacity, capacity], capacity, k_format, k_format, "cuda", seed=2)
+    q = torch.randn(2, 1, 12, 128, device="cuda").bfloat16()
+    kv, vv = cache.k(0), cache.v(0)
+    lengths = torch.ones(2, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+
+    def step():
+        decode_attention(q, kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=k_format,
+                         v_format=k_format, out=out, validate=False)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    k_deq = dequantize(kv.data, kv.scale, k_format).cpu()
+    v_deq = dequantize(vv.data, vv.scale, k_format).cpu()
+    for lens in ([1, 7], [4097, 300], [capacity, 8191]):
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = decode_attention_ref(q.cpu(), k_deq, v_deq, lengths.cpu())
+        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+        assert err < 1.5e-2, f"lengths {lens}: relative error {err:.2e}"
