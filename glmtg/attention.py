@@ -1,7 +1,7 @@
 """Attention of new query tokens over one layer of the KV cache, behind one signature with three backends.
 
-- "glmtg": glmtg's split-KV Triton decode kernel for decode steps (S <= 16) on CUDA over a plain float cache;
-  anything else (prefill, CPU, quantized formats) falls back to the "sdpa" path.
+- "glmtg": glmtg's split-KV Triton decode kernel for decode steps (S <= 16) on CUDA, reading the cache in its
+  stored format (f16/bf16, or q8_0/q4_0/fp8 dequantized in registers); prefill and CPU fall back to "sdpa".
 - "sdpa": torch scaled_dot_product_attention with enable_gqa and an offset causal mask.
 - "eager": repeat_kv + matmul + fp32 softmax + matmul, as transformers' eager path (the reference).
 
@@ -43,11 +43,13 @@ def attend(
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if q.dim() != 4:
         raise ValueError(f"q must be [B, S, Hq, D], got shape {tuple(q.shape)}")
-    if backend == "glmtg" and _kernel_applies(q, cache, layer):
+    query_dtype = _kernel_query_dtype(q, cache, layer) if backend == "glmtg" else None
+    if query_dtype is not None:
         k_view, v_view = cache.k(layer), cache.v(layer)
         out = _decode.decode_attention(
-            q.to(k_view.data.dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
-            page_table=cache.page_table, scale=scale,
+            q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
+            page_table=cache.page_table, k_scale=k_view.scale, v_scale=v_view.scale,
+            k_format=_kernel_format(k_view.format), v_format=_kernel_format(v_view.format), scale=scale,
             # the cache advanced these lengths itself and the kernel clamps them on the device, so skip the
             # host-side check (a sync per layer per step)
             validate=False,
@@ -56,12 +58,25 @@ def attend(
     return _attend_per_sequence(q, cache, layer, lengths_after, scale, eager=backend == "eager")
 
 
-def _kernel_applies(q: torch.Tensor, cache: KVCache, layer: int) -> bool:
+def _kernel_format(fmt: str) -> str | None:
+    return None if fmt == "f32" else fmt  # f32 (test caches): the kernel takes plain stores unnamed
+
+
+def _kernel_query_dtype(q: torch.Tensor, cache: KVCache, layer: int) -> torch.dtype | None:
+    """The dtype the decode kernel needs q in for this layer's cache, or None where it does not apply."""
     if not q.is_cuda or q.shape[1] > MAX_DECODE_TOKENS or q.shape[3] not in _decode.SUPPORTED_HEAD_DIMS:
-        return False
-    k_view, v_view = cache.k(layer), cache.v(layer)
-    return (k_view.format in _FLOAT_FORMATS and v_view.format in _FLOAT_FORMATS
-            and k_view.data.dtype == v_view.data.dtype)
+        return None
+    formats = (cache.k(layer).format, cache.v(layer).format)
+    if not all(f in _FLOAT_FORMATS or f in _decode.KV_FORMATS for f in formats):
+        return None
+    # A plain store is read in its own dtype, which q must share; quantized stores take f16/bf16 queries.
+    plain = {_FLOAT_FORMATS[f] for f in formats if f in _FLOAT_FORMATS}
+    if len(plain) > 1:
+        return None  # e.g. f16 K with bf16 V: no single query dtype fits both
+    if plain:
+        return plain.pop()
+    # fp32 models (tests) send f16 queries: 3 more mantissa bits than bf16, ample range for RoPE'd q
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def read_kv(cache: KVCache, layer: int, b: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

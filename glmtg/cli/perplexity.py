@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -213,7 +212,7 @@ def evaluate(
         chunk = torch.from_numpy(tokens[c * n_ctx:(c + 1) * n_ctx]).to(engine.device)
         row0 = c * per_chunk  # this chunk's first row in the base arrays
 
-        def score(start: int, logits: torch.Tensor) -> None:
+        def score(start: int, logits: torch.Tensor, chunk: torch.Tensor = chunk, row0: int = row0) -> None:
             lo, hi = max(start, first), min(start + logits.shape[1], n_ctx - 1)
             if lo >= hi:
                 return

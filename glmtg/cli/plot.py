@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         for i, label in enumerate(labels):
             if labels.count(label) > 1 or any(r[0].get("device") != runs[0][0].get("device") for r in runs):
                 labels[i] = f"{label} ({Path(args.inputs[i]).stem})"
-    plot_runs([(label, rows) for label, (_, rows) in zip(labels, runs)], out, args.title)
+    plot_runs([(label, rows) for label, (_, rows) in zip(labels, runs, strict=True)], out, args.title)
     print(f"wrote {out}")
     return 0
 

@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         env["tg"] = tg
         write_json(args.output, rows, env, tg)
         png = Path(args.output).with_suffix(".png")
-        title = f"glmtg sweep-bench: {loaded.name}{' (random weights)' if loaded.random_weights else ''}, {env['device']}"
+        weights = " (random weights)" if loaded.random_weights else ""
+        title = f"glmtg sweep-bench: {loaded.name}{weights}, {env['device']}"
         try:
             plot_runs([(run_label(env), [asdict(r) for r in rows])], png, title)
             print(f"wrote {args.output} and {png}")

@@ -42,29 +42,47 @@ def _kv_row_offsets(
 
 
 @triton.jit
-def _load_kv_tile(Data, Scale, rows, scale_rows, offs_d, mask_n, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _q4_0_order(offs):
+    """Head-dim index of position ``offs`` of a dequantized q4_0 tile.
+
+    Unpacking joins each byte's two nibbles side by side, so a 32-value block comes out as
+    (q[0], q[16], q[1], q[17], ...). Rather than shuffle the tile, the kernel reads q in this order
+    (for K) and writes output columns in this order (for V): a dot product does not care.
+    """
+    return (offs // 32) * 32 + (offs % 32) // 2 + (offs % 2) * 16
+
+
+@triton.jit
+def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
+                  HEAD_DIM: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Load a [BLOCK_N, HEAD_DIM] tile and dequantize it in registers to the dtype of the dot.
 
+    Every load is a plain contiguous row segment (codes) or a short row of block scales; scales are
+    broadcast in registers. fp8's per-row scale is not applied here: the caller folds it into the
+    [rows, BLOCK_N] scores (K) or probabilities (V), which is HEAD_DIM / BLOCK_M times less work.
     Rows past the slice read as 0 (codes and scales alike): V rows beyond the context may hold
     anything (even NaN), and 0 * NaN would poison the accumulator even where p == 0.
     """
     m = mask_n[:, None]
+    BLOCKS: tl.constexpr = HEAD_DIM // 32
     if FORMAT == 0:  # f16 / bf16 / f32, stored as the queries are
+        offs_d = tl.arange(0, HEAD_DIM)
         return tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
-    elif FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
-        codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0)
-        d = tl.load(Scale + scale_rows[:, None] + (offs_d // 32)[None, :], mask=m, other=0.0)
-        return (codes.to(tl.float32) * d.to(tl.float32)).to(DOT_DTYPE)
-    elif FORMAT == 2:  # q4_0: byte j of a 16-byte block holds values j (low nibble) and j + 16
-        j = offs_d % 32
-        packed = tl.load(Data + rows[:, None] + ((offs_d // 32) * 16 + j % 16)[None, :], mask=m, other=0)
-        codes = (packed.to(tl.int32) >> ((j // 16) * 4)[None, :]) & 0xF
-        d = tl.load(Scale + scale_rows[:, None] + (offs_d // 32)[None, :], mask=m, other=0.0)
-        return ((codes - 8).to(tl.float32) * d.to(tl.float32)).to(DOT_DTYPE)
-    else:  # fp8 e4m3: one fp32 scale per token row
-        codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
-        row_scale = tl.load(Scale + scale_rows, mask=mask_n, other=0.0)
-        return (codes.to(tl.float32) * row_scale[:, None]).to(DOT_DTYPE)
+    elif FORMAT == 3:  # fp8 e4m3 codes; the row scale is applied by the caller
+        offs_d = tl.arange(0, HEAD_DIM)
+        return tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(DOT_DTYPE)
+    else:
+        offs_b = tl.arange(0, BLOCKS)
+        d = tl.load(Scale + scale_rows[:, None] + offs_b[None, :], mask=m, other=0.0).to(tl.float32)
+        if FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
+            offs_d = tl.arange(0, HEAD_DIM)
+            codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0).to(tl.float32)
+        else:  # q4_0: 16 bytes per block, byte j = q[j] | q[j + 16] << 4, value (q - 8) * d
+            offs_h = tl.arange(0, HEAD_DIM // 2)
+            packed = tl.load(Data + rows[:, None] + offs_h[None, :], mask=m, other=0).to(tl.int32)
+            codes = tl.join((packed & 0xF) - 8, (packed >> 4) - 8).to(tl.float32)  # [N, D/2, 2]
+        codes = tl.reshape(codes, (rows.shape[0], BLOCKS, 32))
+        return tl.reshape(codes * d[:, :, None], (rows.shape[0], HEAD_DIM)).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -105,8 +123,11 @@ def _decode_attention_kernel(
     tok = rows // GROUP  # rows are token-major: row = tok * GROUP + g
     q_head = hkv * GROUP + rows % GROUP
     offs_d = tl.arange(0, HEAD_DIM)
+    # q4_0 tiles come out in nibble order (see _q4_0_order): q is read, and the output written, in it.
+    q_cols = _q4_0_order(offs_d) if K_FORMAT == 2 else offs_d
+    out_cols = _q4_0_order(offs_d) if V_FORMAT == 2 else offs_d
     q_rows = b.to(tl.int64) * stride_qb + tok.to(tl.int64) * stride_qs + q_head.to(tl.int64) * stride_qh
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    q = tl.load(Q + q_rows[:, None] + q_cols[None, :], mask=row_valid[:, None], other=0.0)
     # Sq > 1 (speculative verification): new token t sits at position length - SQ + t.
     last_key = length - SQ + tok
 
@@ -122,11 +143,13 @@ def _decode_attention_kernel(
         if K_FORMAT != 0:
             k_scale_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n, stride_ksp, stride_ksh,
                                            stride_ksn, stride_pt_b, PAGE_SIZE, PAGED)
-        k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, offs_d, mask_n, K_FORMAT, q.dtype)
+        k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype)
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if K_FORMAT == 3:
+            s = s * tl.load(KScale + k_scale_rows, mask=mask_n, other=0.0)[None, :]
         s = s * scale_log2
         if SQ > 1:
             valid = mask_n[None, :] & (offs_n[None, :] <= last_key[:, None])
@@ -145,11 +168,15 @@ def _decode_attention_kernel(
         if V_FORMAT != 0:
             v_scale_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n, stride_vsp, stride_vsh,
                                            stride_vsn, stride_pt_b, PAGE_SIZE, PAGED)
-        v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, offs_d, mask_n, V_FORMAT, q.dtype)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype)
+        if V_FORMAT == 3:
+            p_v = p * tl.load(VScale + v_scale_rows, mask=mask_n, other=0.0)[None, :]
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            p_v = p
+        if IEEE_DOT:
+            pv = tl.dot(p_v.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p_v.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -161,14 +188,14 @@ def _decode_attention_kernel(
     lse2 = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     if DIRECT_OUT:
         o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + q_head.to(tl.int64) * stride_oh
-        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+        tl.store(Out + o_rows[:, None] + out_cols[None, :], out.to(Out.dtype.element_ty),
                  mask=row_valid[:, None])
         if WRITE_LSE:
             lse_off = (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head
             tl.store(Lse + lse_off, lse2 / 1.4426950408889634, mask=row_valid)
     else:
         part = (bh.to(tl.int64) * NUM_SPLITS + split) * M_PAD + rows
-        tl.store(PartialO + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None])
+        tl.store(PartialO + part[:, None] * HEAD_DIM + out_cols[None, :], out, mask=row_valid[:, None])
         tl.store(PartialLse + part, lse2, mask=row_valid)
 
 

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from glmtg.cli import main
-from glmtg.cli.generate import IncrementalDecoder
 from glmtg.cli.common import ByteTokenizer
+from glmtg.cli.generate import IncrementalDecoder
 from glmtg.cli.sweep_bench import HEADER, SEPARATOR, sweep_depths
 
 FAST = ["--no-warmup"]
@@ -38,7 +38,8 @@ def test_sweep_bench_table_and_json(capsys, tmp_path):
     assert lines[i + 1] == SEPARATOR == "|-------|--------|--------|----------|----------|----------|----------|"
     rows = [line for line in lines[i + 2:] if line.startswith("|")]
     assert [int(r.split("|")[3]) for r in rows] == [0, 8, 16]
-    assert all(re.fullmatch(r"\|\s+8 \|\s+2 \|\s+\d+ \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+ \|", r) for r in rows)
+    row_format = r"\|\s+8 \|\s+2 \|\s+\d+ \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+ \|"
+    assert all(re.fullmatch(row_format, r) for r in rows)
     doc = json.loads(path.read_text())
     assert [r["n_kv"] for r in doc["rows"]] == [0, 8, 16]
     assert {"pp", "tg", "t_pp", "speed_pp", "t_tg", "speed_tg", "tg_gbps"} <= set(doc["rows"][0])
@@ -57,7 +58,7 @@ def test_sweep_depths_follow_llama_sweep_bench():
 
 def test_plot_overlays_runs(capsys, sweep_json, tmp_path):
     out_png = tmp_path / "cmp.png"
-    rc, out, err = run(capsys, "plot", str(sweep_json), str(sweep_json), "-o", str(out_png))
+    rc, _, err = run(capsys, "plot", str(sweep_json), str(sweep_json), "-o", str(out_png))
     assert rc == 0, err
     assert out_png.stat().st_size > 1000
 
@@ -83,7 +84,7 @@ def test_perplexity_and_kld_against_itself(capsys, tmp_path):
 
 
 def test_generate_streams_and_reports_speed(capsys):
-    rc, out, err = run(capsys, "generate", "-p", "Hi", "-n", "4", "--temp", "0", "-c", "16", *FAST)
+    rc, _, err = run(capsys, "generate", "-p", "Hi", "-n", "4", "--temp", "0", "-c", "16", *FAST)
     assert rc == 0, err
     assert "RANDOM WEIGHTS" in err
     assert re.search(r"prompt eval: 2 tokens in [\d.]+ s = [\d.]+ t/s", err)
@@ -123,7 +124,7 @@ def _one_error_line(err):
     [],
 ])
 def test_errors_are_one_line_and_exit_2(capsys, argv):
-    rc, out, err = run(capsys, *argv)
+    rc, _, err = run(capsys, *argv)
     assert rc == 2 and _one_error_line(err), err
 
 

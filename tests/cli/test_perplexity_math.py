@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from glmtg.cli.perplexity import (KldBase, evaluate, kld_and_top1, kld_summary, perplexity_estimate,
-                                  scored_per_chunk)
+from glmtg.cli.perplexity import (
+    KldBase,
+    evaluate,
+    kld_and_top1,
+    kld_summary,
+    perplexity_estimate,
+    scored_per_chunk,
+)
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine
 from glmtg.model import Glm4MoeForCausalLM
@@ -101,7 +107,7 @@ def test_evaluate_scores_the_second_half_of_each_chunk(tiny32):
         chunk = tokens[c * 8:(c + 1) * 8]
         e = _engine(model, cfg, n_ctx, 8)
         logits = []
-        e.prefill(chunk, on_logits=lambda s, lg: logits.append(lg))
+        e.prefill(chunk, on_logits=lambda s, lg, out=logits: out.append(lg))
         logp = torch.log_softmax(logits[0][0], -1)
         want += [-float(logp[j, chunk[j + 1]]) for j in range(4, 7)]
     np.testing.assert_allclose(result.nll, want, rtol=1e-4)

@@ -74,7 +74,7 @@ def test_same_seed_same_tokens_and_step_advances():
     b.set_params(params)
     seq_a = [a(logits) for _ in range(20)]
     seq_b = [b(logits) for _ in range(20)]
-    assert all(torch.equal(x, y) for x, y in zip(seq_a, seq_b))
+    assert all(torch.equal(x, y) for x, y in zip(seq_a, seq_b, strict=True))
     assert len({tuple(x.tolist()) for x in seq_a}) > 10  # the step counter changes the draw
     # all rows share the seed, so all rows draw the same token: the row index plays no part
     assert all(len(set(x.tolist())) == 1 for x in seq_a)

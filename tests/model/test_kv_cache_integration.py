@@ -9,6 +9,8 @@ Measured on logits of size ~1.6: f16 (11 significant bits) 5e-4, bf16 (8 bits) 3
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -40,15 +42,16 @@ def test_model_over_kv_cache(fmt, page_size, backend, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size", [None, 16])
-def test_glmtg_decode_kernel_matches_sdpa_on_cuda(page_size):
-    # bf16 model and cache on the GPU: the Triton decode kernel vs SDPA over the same cache contents. Both
-    # accumulate in fp32 over identical bf16 K/V; bf16 activations through 4 layers leave ~1e-2 on logits.
+@pytest.mark.parametrize("fmt,page_size", [("bf16", None), ("bf16", 16), ("q8_0", 16), ("q4_0", None)])
+def test_glmtg_decode_kernel_matches_sdpa_on_cuda(fmt, page_size):
+    # bf16 model on the GPU: the Triton decode kernel (reading bf16 or quantized rows in place) vs SDPA over
+    # the same stored rows (dequantized). Both accumulate in fp32 over identical K/V values; bf16 activations
+    # through 4 layers leave ~1e-2 on logits.
     config = tiny()
     model = Glm4MoeForCausalLM.random(config, seed=4, device="cuda")
     ids = torch.randint(0, config.vocab_size, (3, 40), device="cuda")
     caches = {b: KVCache(num_layers=config.num_hidden_layers, batch=3, capacity=64,
-                         num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, k_format="bf16",
+                         num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, k_format=fmt,
                          page_size=page_size, device="cuda") for b in ("glmtg", "sdpa")}
     for lo, hi in ((0, 32),) + tuple((i, i + 1) for i in range(32, 36)) + ((36, 40),):
         out = {b: model(ids[:, lo:hi], c, attn_backend=b) for b, c in caches.items()}
@@ -97,25 +100,27 @@ def test_decode_step_captures_in_cuda_graph():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's, from inside the Triton interpreter
 def test_glmtg_kernel_path_in_interpreter(monkeypatch):
     # On a CPU the "glmtg" backend falls back to SDPA; here the CUDA check is lifted so that the Triton decode
-    # kernel itself runs in the interpreter (f16 cache, paged and not) and must agree with SDPA over the same
-    # cache. Both read identical f16 K/V and accumulate in fp32; q is rounded to f16 for the kernel (2^-11
+    # kernel itself runs in the interpreter (f16 contiguous; q8_0 K with q4_0 V paged) and must agree with
+    # SDPA over the same cache. Both read identical stored K/V (the kernel dequantizes in registers, SDPA
+    # through KVCache.dequantized) and accumulate in fp32; q is rounded to f16 for the kernel (2^-11
     # relative), which moves logits of size ~1.6 by ~1e-3.
     from glmtg import attention
 
     calls = []
+    real = attention._kernel_query_dtype
 
-    def applies(q, cache, layer):
-        ok = q.shape[1] <= attention.MAX_DECODE_TOKENS and cache.k(layer).format in ("f16", "bf16")
-        calls.append(ok)
-        return ok
+    def on_cpu_too(q, cache, layer):  # the real rule, with q pretending to be on CUDA
+        dtype = real(SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype), cache, layer)
+        calls.append(dtype is not None)
+        return dtype
 
-    monkeypatch.setattr(attention, "_kernel_applies", applies)
+    monkeypatch.setattr(attention, "_kernel_query_dtype", on_cpu_too)
     config = tiny(num_hidden_layers=2, first_k_dense_replace=2)
     model = glmtg_from_hf(hf_reference(config, seed=2), config)
     ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
-    for page_size in (None, 8):
+    for k_format, v_format, page_size in (("f16", "f16", None), ("q8_0", "q4_0", 8)):
         caches = {b: KVCache(num_layers=2, batch=2, capacity=24, num_kv_heads=config.num_key_value_heads,
-                             head_dim=config.head_dim, k_format="f16", page_size=page_size)
+                             head_dim=config.head_dim, k_format=k_format, v_format=v_format, page_size=page_size)
                   for b in ("glmtg", "sdpa")}
         for lo, hi in ((0, 17), (17, 18), (18, 20)):  # prefill above 16 tokens takes SDPA; then the kernel
             out = {b: model(ids[:, lo:hi], c, attn_backend=b) for b, c in caches.items()}
