@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 if "--smoke" in sys.argv:
@@ -89,9 +89,10 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
     return q, tensors[0], tensors[2], lengths, tensors[1], tensors[3]
 
 
-def make_ours_quant(fmt):
+def make_ours_quant(fmt, blocked=False):
     def make(q, k, v, lengths, k_scale, v_scale):
-        launch = plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2], q.device)
+        launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
+                                     q.device), blocked=blocked)
         out = torch.empty_like(q)
         return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
                                          v_format=fmt, out=out, validate=False, launch=launch),
@@ -248,6 +249,8 @@ def run_table(args) -> None:
         cases = [c for c in cases if c[1] in (4096, 65536)]
     rows: list[Row] = []
     impls = {"glmtg": make_ours, **peers()}
+    if args.formats_only:  # a short check of the cache formats beside the strongest peer only
+        impls = {"glmtg": make_ours, "sdpa cudnn": impls["sdpa cudnn"]}
     for batch, ctx, hq, hkv in cases:
         d, dtype = 128, torch.bfloat16
         nbytes = kv_bytes(batch, hkv, ctx, d, 2)
@@ -270,10 +273,14 @@ def run_table(args) -> None:
         for fmt in QUANT_FORMATS:
             qbytes = 2 * batch * hkv * ctx * ROW_BYTES[fmt](d)
             qsets = [make_quant_set(batch, hq, hkv, ctx, d, fmt) for _ in range(buffers_to_rotate(qbytes))]
-            row = measure(f"glmtg {fmt}", make_ours_quant(fmt), qsets, qbytes, copy_bw, None)
-            rows.append(row)
-            shown = f"{row.us:9.1f} us {row.tbps:5.2f} TB/s ({row.frac_copy:4.0%})" if row.us else row.note
-            print(f"{hq:>3}/{hkv:<2} B={batch:<3} ctx={ctx:>6} {'glmtg ' + fmt:<18} {shown}", flush=True)
+            variants = [(f"glmtg {fmt}", False)]
+            if args.blocked and fmt != "fp8":
+                variants.append((f"glmtg {fmt} blocked", True))
+            for name, blocked in variants:
+                row = measure(name, make_ours_quant(fmt, blocked), qsets, qbytes, copy_bw, None)
+                rows.append(row)
+                shown = f"{row.us:9.1f} us {row.tbps:5.2f} TB/s ({row.frac_copy:4.0%})" if row.us else row.note
+                print(f"{hq:>3}/{hkv:<2} B={batch:<3} ctx={ctx:>6} {name:<20} {shown}", flush=True)
             del qsets
             torch.cuda.empty_cache()
     payload = {"environment": env, "method": __doc__, "rows": [asdict(r) for r in rows],
@@ -298,7 +305,7 @@ def flashinfer_status() -> str:
 def markdown_table(payload: dict) -> str:
     env = payload["environment"]
     all_rows = payload["rows"]
-    rows = [r for r in all_rows if r["impl"] not in {f"glmtg {f}" for f in QUANT_FORMATS}]
+    rows = [r for r in all_rows if not r["impl"].startswith("glmtg ")]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     lines = [
         "# Decode attention, D = 128, bf16",
@@ -522,6 +529,9 @@ def main() -> int:
     parser.add_argument("--tune", action="store_true", help="sweep tile shapes and split heuristics")
     parser.add_argument("--tune-out", default=str(RESULTS / "decode_attention_tune.json"))
     parser.add_argument("--quick", action="store_true", help="only 4k and 64k contexts")
+    parser.add_argument("--formats-only", action="store_true", help="glmtg formats beside SDPA cuDNN only")
+    parser.add_argument("--blocked", action="store_true",
+                        help="also time the blocked q8_0/q4_0 path (DecodeLaunch.blocked, off by default)")
     parser.add_argument("--out", default=None, help="results file stem in bench/results (default decode_attention)")
     parser.add_argument("--from-json", default=None, help="rewrite the .md and .png of an existing results JSON")
     args = parser.parse_args()

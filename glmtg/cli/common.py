@@ -123,7 +123,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
     g.add_argument("-ctv", "--cache-type-v", choices=KV_FORMATS, default=None,
                    help="KV cache type for V (default: same as -ctk)")
     g.add_argument("--attn", choices=BACKENDS, default="glmtg",
-                   help="attention backend (glmtg's decode kernel needs CUDA and an f16/bf16 cache; "
+                   help="attention backend (glmtg's decode kernel needs CUDA; "
                         "elsewhere it falls back to the torch path)")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (compile/capture) before timing")
