@@ -26,6 +26,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N: tl.constexpr):
+    """(live length, tokens per slice) of sequence b; the attention and merge kernels must agree.
+
+    The length is clamped so that a bad value can never address memory outside the cache.
+    """
+    length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
+    return length, tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _kv_row_offsets(
     PageTable, b, hkv, offs_n, mask_n,
     stride_p, stride_h, stride_n, stride_pt_b,
@@ -145,9 +155,7 @@ def _decode_attention_kernel(
     b = bh // NUM_KV_HEADS
     hkv = bh % NUM_KV_HEADS
 
-    # Clamped so that a bad length can never address memory outside the cache.
-    length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
-    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    length, chunk = _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     if not DIRECT_OUT:
@@ -286,11 +294,10 @@ def _merge_splits_kernel(
     d_blk = tl.program_id(2)
     b = bh // NUM_KV_HEADS
     hkv = bh % NUM_KV_HEADS
-    length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
+    # The attention kernel's slicing, to visit only the slices that ran.
+    length, chunk = _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # launched early; the partials are only valid past this point
-    # Recompute the slicing of the attention kernel to visit only the slices that ran.
-    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     n_active = tl.cdiv(length, tl.maximum(chunk, 1))
 
     offs_d = d_blk * BLOCK_D + tl.arange(0, BLOCK_D)
