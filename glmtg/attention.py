@@ -33,11 +33,15 @@ def attend(
     lengths_after: torch.Tensor,
     backend: str,
     scale: float,
+    static_shapes: bool | None = None,
 ) -> torch.Tensor:
     """q [B, S, Hq, D] at positions lengths_after[b]-S .. lengths_after[b]-1, causal over the layer's cache.
 
     ``lengths_after`` int32 [B] counts the cached tokens including the S new ones. Returns [B, S, Hq, D] in
-    q's dtype.
+    q's dtype. ``static_shapes`` (default: only while a CUDA graph is being captured) makes the torch
+    backends attend over the whole cache capacity with a length mask built on the device, so that they
+    need no host sync and can be captured; they then read the full capacity every step, as static-cache
+    torch engines do.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
@@ -55,6 +59,10 @@ def attend(
             validate=False,
         )
         return out.to(q.dtype)
+    if static_shapes is None:
+        static_shapes = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if static_shapes:
+        return _attend_static(q, cache, layer, lengths_after, scale, eager=backend == "eager")
     return _attend_per_sequence(q, cache, layer, lengths_after, scale, eager=backend == "eager")
 
 
@@ -126,3 +134,38 @@ def _attend_per_sequence(q: torch.Tensor, cache: KVCache, layer: int, lengths_af
                                                 enable_gqa=True)[0]
         out[b] = ob.transpose(0, 1)  # [Hq, S, D] -> [S, Hq, D]
     return out
+
+
+def _whole_cache(cache: KVCache, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of every sequence over the full capacity, [B, Hkv, capacity, D] each, in ``dtype``."""
+    from glmtg.kv_cache import dequantize
+
+    out = []
+    for view in (cache.k(layer), cache.v(layer)):
+        x = view.data.to(dtype) if view.format in _FLOAT_FORMATS else dequantize(view.data, view.scale, view.format).to(dtype)
+        if cache.page_table is not None:  # [pages, Hkv, ps, D] -> [B, Hkv, max_pages * ps, D]
+            x = x[cache.page_table.long()]  # [B, max_pages, Hkv, ps, D]
+            bsz, pages, hkv, ps, d = x.shape
+            x = x.permute(0, 2, 1, 3, 4).reshape(bsz, hkv, pages * ps, d)
+        out.append(x[:, :, : cache.capacity])
+    return out[0], out[1]
+
+
+def _attend_static(q: torch.Tensor, cache: KVCache, layer: int, lengths_after: torch.Tensor,
+                   scale: float, eager: bool) -> torch.Tensor:
+    s, hq = q.shape[1], q.shape[2]
+    k, v = _whole_cache(cache, layer, q.dtype)  # [B, Hkv, C, D]
+    # Query i of sequence b sits at lengths_after[b] - S + i and sees keys at positions <= its own.
+    qpos = lengths_after.to(torch.int64)[:, None] - s + torch.arange(s, device=q.device)[None, :]  # [B, S]
+    mask = torch.arange(k.shape[2], device=q.device)[None, None, :] <= qpos[:, :, None]  # [B, S, C]
+    qt = q.transpose(1, 2)  # [B, Hq, S, D]
+    if eager:
+        groups = hq // k.shape[1]
+        kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, Hq, C, D]
+        scores = torch.matmul(qt, kr.transpose(2, 3)) * scale  # [B, Hq, S, C]
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, vr)
+    else:
+        out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)  # [B, S, Hq, D]
