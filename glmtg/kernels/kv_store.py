@@ -208,6 +208,25 @@ def _kv_store_kernel(
         tl.store(Scale + scale_off, scale, mask=row_ok)
 
 
+def _store_float_rows_cpu(x: torch.Tensor, data: torch.Tensor, start: torch.Tensor,
+                          page_table: torch.Tensor | None, page_size: int, capacity: int) -> None:
+    """f16/bf16 rows on the CPU: a plain cast-and-scatter (the kernel's float branch does the same
+    round-to-nearest-even cast; running it in the Triton interpreter costs ~50 ms a call). Tokens whose
+    position or page is out of range are skipped, as the kernel skips them."""
+    batch, seq = x.shape[:2]
+    pos = start.long()[:, None] + torch.arange(seq)[None, :]  # [B, S]
+    ok = (pos >= 0) & (pos < capacity)
+    b_idx = torch.arange(batch)[:, None].expand(batch, seq)
+    if page_table is None:
+        rows, slots = b_idx, pos
+    else:
+        page_idx = (pos // page_size).clamp(0, page_table.shape[1] - 1)
+        rows = page_table.long().gather(1, page_idx)
+        ok &= (rows >= 0) & (rows < data.shape[0])
+        slots = pos % page_size
+    data[rows[ok], :, slots[ok]] = x[ok].to(data.dtype)  # [tokens, Hkv, D]
+
+
 def _check(cond: bool, message: Callable[[], str]) -> None:
     # The message is built only on failure: formatting shapes on every call would cost
     # microseconds per launch in eager mode.
@@ -313,6 +332,9 @@ def kv_store(
         x = x.contiguous()
 
     code = _FORMAT_CODE[fmt]
+    if code == _FLOAT and x.device.type == "cpu":
+        _store_float_rows_cpu(x, data, start, page_table, page_size, capacity)
+        return
     if code in (_Q8_0, _Q4_0):
         groups, group_size = head_dim // QK, QK
         block_c = QK if code == _Q8_0 else QK // 2
