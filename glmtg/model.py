@@ -271,20 +271,26 @@ class Glm4MoeForCausalLM(nn.Module):
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                device: torch.device | str = "cpu") -> Glm4MoeForCausalLM:
-        """Seeded random weights (drawn on the CPU in fp32, so the same seed gives the same model anywhere):
-        matrices std 0.02, norms 1, small nonzero biases so that the bias paths are exercised."""
+        """Seeded random weights: matrices std 0.02, norms 1, small nonzero biases so that the bias paths are
+        exercised. Drawn on the target device (a full-size preset has tens of GB of weights, minutes of CPU
+        time), so the same seed gives the same model on the same kind of device."""
         model = cls(config, dtype=dtype, device="meta")
-        gen = torch.Generator().manual_seed(seed)
+        device = torch.device(device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(shape: torch.Size) -> torch.Tensor:
+            return torch.randn(shape, generator=gen, device=device)
+
         for name, p in list(model.named_parameters()):
             if name.endswith("norm.weight"):
-                value = torch.ones(p.shape)
+                value = torch.ones(p.shape, device=device)
             elif name.endswith(".bias"):
-                value = torch.randn(p.shape, generator=gen) * 0.02
+                value = randn(p.shape) * 0.02
             elif name.endswith("e_score_correction_bias"):
-                value = torch.randn(p.shape, generator=gen) * 0.01
+                value = randn(p.shape) * 0.01
             else:
-                value = torch.randn(p.shape, generator=gen) * 0.02
-            model.set_parameter(name, value.to(device=device, dtype=p.dtype))
+                value = randn(p.shape) * 0.02
+            model.set_parameter(name, value.to(dtype=p.dtype))
         return model
 
     def set_parameter(self, name: str, value: torch.Tensor) -> None:
