@@ -41,6 +41,9 @@ class EngineConfig:
     k_format: str = "bf16"
     v_format: str | None = None  # None: same as k_format
     attn_backend: str = "glmtg"
+    # Prefill chunks may use another backend (None: attn_backend): "eager" prefill materialises
+    # [heads, ub, N_KV] fp32 scores, tens of GB at long context, which a decode comparison need not pay.
+    prefill_backend: str | None = None
     use_cuda_graph: bool = False
 
     def __post_init__(self) -> None:
@@ -53,8 +56,12 @@ class EngineConfig:
         for name in ("k_format", "v_format"):
             if getattr(self, name) not in KV_FORMATS:
                 raise ValueError(f"{name} must be one of {', '.join(KV_FORMATS)}, got {getattr(self, name)!r}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
+        if self.prefill_backend is None:
+            object.__setattr__(self, "prefill_backend", self.attn_backend)
+        for what, value in (("attention backend", self.attn_backend),
+                            ("prefill attention backend", self.prefill_backend)):
+            if value not in BACKENDS:
+                raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}, got {value!r}")
 
 
 @dataclass
@@ -124,6 +131,7 @@ class Engine:
         k_format: str = "bf16",
         v_format: str | None = None,
         attn_backend: str = "glmtg",
+        prefill_backend: str | None = None,
         device: torch.device | str | None = None,
         use_cuda_graph: bool | None = None,
         random_weights: bool = False,
@@ -139,7 +147,8 @@ class Engine:
         if use_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         self.settings = EngineConfig(ctx_size=ctx_size, ubatch=ubatch, batch=batch, k_format=k_format,
-                                     v_format=v_format, attn_backend=attn_backend, use_cuda_graph=use_cuda_graph)
+                                     v_format=v_format, attn_backend=attn_backend,
+                                     prefill_backend=prefill_backend, use_cuda_graph=use_cuda_graph)
         self.model = model
         self.config = config
         self.random_weights = random_weights
@@ -254,7 +263,8 @@ class Engine:
             for start in range(0, total, self.ubatch):
                 chunk = ids[:, start:start + self.ubatch]
                 n = chunk.shape[1]
-                out = self.model(chunk, self.cache, attn_backend=self.attn_backend, last_only=on_logits is None)
+                out = self.model(chunk, self.cache, attn_backend=self.settings.prefill_backend,
+                                 last_only=on_logits is None)
                 self.cache.lengths += n
                 self._lengths = [length + n for length in self._lengths]
                 if on_logits is not None:

@@ -125,6 +125,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
     g.add_argument("--attn", choices=BACKENDS, default="glmtg",
                    help="attention backend (glmtg's decode kernel needs CUDA; "
                         "elsewhere it falls back to the torch path)")
+    g.add_argument("--attn-prefill", choices=BACKENDS, default=None,
+                   help="attention backend of prefill chunks (default: --attn); e.g. compare --attn eager decode "
+                        "without eager prefill's [heads, ub, N_KV] score tensors")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (compile/capture) before timing")
 
@@ -257,6 +260,7 @@ def build_engine(args: argparse.Namespace, loaded: Loaded, *, ctx_size: int | No
         k_format=args.cache_type_k,
         v_format=args.cache_type_v,
         attn_backend=args.attn,
+        prefill_backend=args.attn_prefill,
         device=loaded.device,
         use_cuda_graph=False if args.no_cuda_graph else None,
         random_weights=loaded.random_weights,
@@ -304,6 +308,7 @@ def environment(args: argparse.Namespace, loaded: Loaded, engine: Engine) -> dic
         "random_weights": loaded.random_weights,
         "dtype": args.dtype,
         "attn": engine.attn_backend,
+        "attn_prefill": engine.settings.prefill_backend,
         "ctk": engine.settings.k_format,
         "ctv": engine.settings.v_format,
         "ctx_size": engine.ctx_size,

@@ -115,6 +115,10 @@ def test_settings_are_checked(model32):
         make(model32, k_format="q5_0")
     with pytest.raises(ValueError, match="attention backend"):
         make(model32, attn_backend="flash")
+    with pytest.raises(ValueError, match="prefill attention backend"):
+        make(model32, prefill_backend="flash")
+    assert make(model32, attn_backend="eager").settings.prefill_backend == "eager"
+    assert make(model32, attn_backend="eager", prefill_backend="sdpa").settings.prefill_backend == "sdpa"
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA graphs"):
             Engine(model32, CFG, ctx_size=32, use_cuda_graph=True)

@@ -1,0 +1,113 @@
+"""End-to-end TG/PP vs context depth with each attention backend, side by side, one model.
+
+On the GPU (GLM-4.5-Air shapes, bf16 random weights, as many layers as fit):
+    python bench/sweep_bench_compare.py --preset glm-4.5-air --n-layers 8 -c 65536 -ub 2048 -n 32 \
+        --out bench/results/sweep_air
+runs ``glmtg sweep-bench`` once per backend (``--attn glmtg``, ``sdpa``, ``eager``; prefill chunks
+use SDPA for all of them, so that eager's [heads, ub, N_KV] score tensors do not decide what fits),
+each in its own process, then writes OUT_<attn>.json, OUT.md (S_TG per backend at each depth, the
+ratios, and TG at N_KV = 0 as a fraction of the weight-read roofline) and OUT.png.
+Extra arguments after ``--`` go to every sweep-bench run (e.g. ``-- -ctk q8_0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BACKENDS = ("glmtg", "sdpa", "eager")
+
+
+def run_backends(args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
+    runs = {}
+    for attn in args.attn:
+        path = Path(f"{args.out}_{attn}.json")
+        cmd = [sys.executable, "-m", "glmtg.cli", "sweep-bench", "--preset", args.preset, "-c", str(args.ctx),
+               "-ub", str(args.ubatch), "--attn", attn, "--attn-prefill", args.attn_prefill, "-o", str(path)]
+        if args.n_layers:
+            cmd += ["--n-layers", str(args.n_layers)]
+        if args.n_predict:
+            cmd += ["-n", str(args.n_predict)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd + extra, check=True)
+        runs[attn] = json.loads(path.read_text())
+    return runs
+
+
+def markdown(runs: dict[str, dict], copy_bw: float | None) -> str:
+    first = next(iter(runs.values()))
+    env = first["environment"]
+    names = list(runs)
+    by_depth: dict[int, dict[str, dict]] = {}
+    for attn, run in runs.items():
+        for row in run["rows"]:
+            by_depth.setdefault(row["n_kv"], {})[attn] = row
+    lines = [
+        f"# sweep-bench: {env.get('model')} ({env.get('dtype')}), attention backends side by side",
+        "",
+        f"{env.get('device')} · torch {env.get('torch')} · triton {env.get('triton')} · cache {env.get('ctk')}/"
+        f"{env.get('ctv')} · -c {env.get('ctx_size')} -ub {env.get('ubatch')} · prefill attention "
+        f"{env.get('attn_prefill')} · random weights: {env.get('random_weights')} · {env.get('date', '')}",
+        "",
+        "| N_KV | " + " | ".join(f"S_TG {n} t/s" for n in names) + " | "
+        + " | ".join(f"glmtg / {n}" for n in names if n != "glmtg") + " | " + " | ".join(f"S_PP {n}" for n in names)
+        + " |",
+        "|---|" + "---|" * (2 * len(names) + sum(n != "glmtg" for n in names)),
+    ]
+    for n_kv in sorted(by_depth):
+        rows = by_depth[n_kv]
+        tg = [f"{rows[n]['speed_tg']:.2f}" if n in rows else "—" for n in names]
+        ratios = [f"{rows['glmtg']['speed_tg'] / rows[n]['speed_tg']:.2f}×" if "glmtg" in rows and n in rows else "—"
+                  for n in names if n != "glmtg"]
+        pp = [f"{rows[n]['speed_pp']:.1f}" if n in rows else "—" for n in names]
+        lines.append(f"| {n_kv} | " + " | ".join(tg + ratios + pp) + " |")
+    if copy_bw:
+        lines += ["", f"TG bandwidth at N_KV = 0 (active weights + KV bytes per token × t/s) over the measured copy "
+                      f"bandwidth {copy_bw / 1e12:.2f} TB/s:", ""]
+        for n in names:
+            row0 = by_depth.get(0, {}).get(n)
+            if row0 and row0.get("tg_gbps"):
+                lines.append(f"- {n}: {row0['tg_gbps']:.0f} GB/s = {row0['tg_gbps'] * 1e9 / copy_bw:.0%} of the roofline")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="glm-4.5-air")
+    parser.add_argument("--n-layers", type=int, default=None)
+    parser.add_argument("-c", "--ctx", type=int, default=65536)
+    parser.add_argument("-ub", "--ubatch", type=int, default=2048)
+    parser.add_argument("-n", "--n-predict", type=int, default=None, help="TG tokens per row (default ub/4)")
+    parser.add_argument("--attn", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--attn-prefill", default="sdpa", choices=BACKENDS)
+    parser.add_argument("--out", required=True, help="path stem of the outputs")
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    runs = run_backends(args, extra)
+    copy_bw = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            from common import copy_bandwidth
+
+            copy_bw = copy_bandwidth()
+    except ImportError:
+        pass
+    Path(f"{args.out}.md").write_text(markdown(runs, copy_bw))
+    from glmtg.cli.sweep_bench import plot_runs
+
+    plot_runs([(f"attn={a}", r["rows"]) for a, r in runs.items()], f"{args.out}.png",
+              title=f"{next(iter(runs.values()))['environment'].get('model')}: S_TG / S_PP vs N_KV")
+    print(Path(f"{args.out}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
