@@ -125,9 +125,11 @@ def _load_kv_blocks(Data, rows, mask_n, BLOCKS: tl.constexpr, FORMAT: tl.constex
 def _kv_factors(Scale, scale_rows, mask_n, BLOCKS: tl.constexpr, FORMAT: tl.constexpr):
     """Multipliers of the codes: [BLOCKS, BLOCK_N] block d for q8_0/q4_0, [1, BLOCK_N] row scale for fp8."""
     if FORMAT == 3:
-        return tl.load(Scale + scale_rows, mask=mask_n, other=0.0)[None, :]
-    offs_b = tl.arange(0, BLOCKS)[:, None]
-    return tl.load(Scale + scale_rows[None, :] + offs_b, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        factors = tl.load(Scale + scale_rows, mask=mask_n, other=0.0)[None, :]
+    else:
+        offs_b = tl.arange(0, BLOCKS)[:, None]
+        factors = tl.load(Scale + scale_rows[None, :] + offs_b, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    return factors
 
 
 @triton.jit

@@ -1,0 +1,107 @@
+"""Compile the decode-attention kernel for sm_90 on any machine (no GPU needed) and report what the
+compiler made of each variant: shared memory, software-pipelined async copies, 16-byte loads, MMAs.
+
+    python bench/inspect_kernel.py                 # the variants below
+    python bench/inspect_kernel.py --dump DIR      # also write each variant's TTGIR and PTX
+
+Arguments get the 16-byte divisibility hints Triton's launcher gives real launches (pointers, strides
+that are multiples of 16), so the report matches what runs on the H100. A failed compile is reported
+per variant (the interpreter accepts some code the GPU compiler rejects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from glmtg.kernels import decode_attention as da
+
+CODE_PTR = {0: "*bf16", 1: "*i8", 2: "*u8", 3: "*fp8e4nv"}
+SCALE_PTR = {0: "*bf16", 1: "*fp16", 2: "*fp16", 3: "*fp32"}
+FORMAT_NAMES = {0: "bf16", 1: "q8_0", 2: "q4_0", 3: "fp8"}
+
+VARIANTS = [
+    dict(), dict(block_n=128, num_stages=2), dict(direct=True), dict(paged=True, sq=3),
+    dict(k_format=1, v_format=1), dict(k_format=1, v_format=1, blocked=True),
+    dict(k_format=2, v_format=2), dict(k_format=2, v_format=2, blocked=True),
+    dict(k_format=3, v_format=3), dict(k_format=1, v_format=3, blocked=True),
+]
+
+
+def compile_variant(*, k_format: int = 0, v_format: int = 0, blocked: bool = False, direct: bool = False,
+                    paged: bool = False, sq: int = 1, group: int = 12, head_dim: int = 128, block_n: int = 64,
+                    num_warps: int = 4, num_stages: int = 3):
+    names = list(inspect.signature(da._decode_attention_kernel.fn).parameters)
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in ("Q", "Out"):
+            sig[name] = "*bf16"
+        elif name in ("K", "V"):
+            sig[name] = CODE_PTR[k_format if name == "K" else v_format]
+        elif name in ("KScale", "VScale"):
+            sig[name] = SCALE_PTR[k_format if name == "KScale" else v_format]
+        elif name in ("Lse", "PartialO", "PartialLse"):
+            sig[name] = "*fp32"
+        elif name in ("Lengths", "PageTable"):
+            sig[name] = "*i32"
+        elif name == "scale_log2":
+            sig[name] = "fp32"
+        elif name.startswith("stride") or name in ("capacity", "NUM_SPLITS"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "constexpr"
+        fmt = k_format if name.startswith("stride_ks") else v_format
+        # block-scale rows hold D/32 values (not a multiple of 16); fp8 row scales are [.., T]
+        odd_stride = name.startswith(("stride_ks", "stride_vs")) and fmt != 0
+        if sig[name].startswith("*") or (sig[name] == "i32" and name != "NUM_SPLITS" and not odd_stride):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    block_m = max(16, triton.next_power_of_2(group * sq))
+    const = dict(SQ=sq, GROUP=group, NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                 M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=k_format,
+                 V_FORMAT=v_format, DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
+                 BLOCKED=blocked)
+    return triton.compile(ASTSource(da._decode_attention_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def describe(variant: dict) -> str:
+    parts = [f"{FORMAT_NAMES[variant.get('k_format', 0)]}/{FORMAT_NAMES[variant.get('v_format', 0)]}"]
+    parts += [f"{k}={v}" for k, v in variant.items() if k not in ("k_format", "v_format")]
+    return " ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dump", type=Path, default=None, help="write TTGIR and PTX of each variant here")
+    args = parser.parse_args()
+    print("| variant | shared KB | async copies (TTGIR) | cp.async (PTX) | 16-B loads | other global loads | mma.sync | wgmma |")
+    print("|---|---|---|---|---|---|---|---|")
+    failed = 0
+    for i, variant in enumerate(VARIANTS):
+        try:
+            kernel = compile_variant(**variant)
+        except Exception as exc:  # report and go on: one broken variant should not hide the others
+            failed += 1
+            cause = exc.__cause__ or exc
+            print(f"| {describe(variant)} | compile failed: {type(cause).__name__}: {str(cause)[:160]} |")
+            continue
+        ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+        v4 = ptx.count("ld.global.v4")
+        print(f"| {describe(variant)} | {kernel.metadata.shared / 1024:.1f} | "
+              f"{ttgir.count('async_copy_global_to_local')} | {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')} | "
+              f"{v4} | {ptx.count('ld.global') - v4} | {ptx.count('mma.sync')} | {ptx.count('wgmma.mma_async')} |")
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"variant{i}.ttgir").write_text(ttgir)
+            (args.dump / f"variant{i}.ptx").write_text(ptx)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
