@@ -43,7 +43,9 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, blocked: bool = Fal
         if name in ("Q", "Out"):
             sig[name] = "*bf16"
         elif name in ("K", "V"):
-            sig[name] = CODE_PTR[k_format if name == "K" else v_format]
+            fmt = k_format if name == "K" else v_format
+            # the blocked path reads q4_0 codes through an int32 view (launcher: _int32_words)
+            sig[name] = "*i32" if (blocked and fmt == 2) else CODE_PTR[fmt]
         elif name in ("KScale", "VScale"):
             sig[name] = SCALE_PTR[k_format if name == "KScale" else v_format]
         elif name in ("Lse", "PartialO", "PartialLse"):

@@ -96,22 +96,32 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
 
 
 @triton.jit
+def _q4_0_word_order(j):
+    """Value index inside a q4_0 block of position j of a tile unpacked from int32 words."""
+    return (j // 8) * 4 + (j % 8) // 2 + (j % 2) * 16
+
+
+@triton.jit
 def _load_kv_blocks(Data, rows, mask_n, BLOCKS: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """A tile as [BLOCKS, BLOCK_N, 32]: the 32-value blocks of each row side by side, codes only.
 
     Block formats keep one scale per 32 values; splitting head_dim into its blocks lets the kernel
     run one small batched dot per block and apply the scales to the [rows, BLOCK_N] results
-    instead of to every loaded value. Codes are exact in fp16/bf16 (|q| <= 127). q4_0 blocks come
-    out in nibble order, (q[0], q[16], q[1], q[17], ...): rather than
-    shuffle the tile, the kernel reads q and writes the output columns in that order.
+    instead of to every loaded value. Codes are exact in fp16/bf16 (|q| <= 127).
+    q4_0 is read as int32 words (the launcher passes an int32 view: 4 words per block, 16-byte
+    loads); nibble k of word w is q[4w + k // 2 + 16 (k % 2)], so the block comes out in that "word
+    order" (see _q4_0_word_order): rather than shuffle the tile, the kernel reads q and writes the
+    output columns in that order.
     """
     blk = tl.arange(0, BLOCKS)[:, None, None]
     r = rows[None, :, None]
     m3 = mask_n[None, :, None]
-    if FORMAT == 2:  # q4_0: byte j of a 16-byte block holds q[j] (low nibble) and q[j + 16]
-        h = tl.arange(0, 16)[None, None, :]
-        packed = tl.load(Data + r + blk * 16 + h, mask=m3, other=0x88).to(tl.int32)
-        codes = tl.reshape(tl.join((packed & 0xF) - 8, (packed >> 4) - 8), (BLOCKS, rows.shape[0], 32))
+    if FORMAT == 2:  # q4_0 as int32 words: byte j of a block holds q[j] (low nibble) and q[j + 16]
+        w = tl.arange(0, 4)[None, None, :]
+        words = tl.load(Data + r + blk * 4 + w, mask=m3, other=0)  # [BLOCKS, N, 4]
+        shifts = (4 * tl.arange(0, 8))[None, None, None, :]
+        nibbles = ((words[:, :, :, None] >> shifts) & 0xF) - 8  # [BLOCKS, N, 4, 8]
+        codes = tl.reshape(nibbles, (BLOCKS, rows.shape[0], 32))
     elif FORMAT == 1:  # q8_0
         j = tl.arange(0, 32)[None, None, :]
         codes = tl.load(Data + r + blk * 32 + j, mask=m3, other=0)
@@ -179,9 +189,8 @@ def _decode_attention_kernel(
         BLOCKS: tl.constexpr = HEAD_DIM // 32
         blk = tl.arange(0, BLOCKS)[:, None, None]
         j = tl.arange(0, 32)[None, None, :]
-        j_nib = j // 2 + (j % 2) * 16  # nibble order inside a q4_0 block
-        q_cols3 = blk * 32 + (j_nib if K_FORMAT == 2 else j)
-        out_cols3 = blk * 32 + (j_nib if V_FORMAT == 2 else j)
+        q_cols3 = blk * 32 + (_q4_0_word_order(j) if K_FORMAT == 2 else j)
+        out_cols3 = blk * 32 + (_q4_0_word_order(j) if V_FORMAT == 2 else j)
         q3 = tl.load(Q + q_rows[None, :, None] + q_cols3, mask=row_valid[None, :, None], other=0.0)
         acc3 = tl.zeros([BLOCKS, BLOCK_M, 32], tl.float32)
     else:
@@ -556,6 +565,10 @@ def decode_attention(
         scale = 1.0 / math.sqrt(head_dim)
     k_scale_arg = k_scale if k_code else k_cache
     v_scale_arg = v_scale if v_code else v_cache
+    blocked = launch.blocked and (k_code in (1, 2) or v_code in (1, 2))
+    if blocked:  # the blocked path reads q4_0 codes as int32 words (16-byte loads)
+        k_cache = _int32_words(k_cache, "k_cache") if k_code == 2 else k_cache
+        v_cache = _int32_words(v_cache, "v_cache") if v_code == 2 else v_cache
 
     grid = (launch.num_splits, batch * num_kv_heads, launch.m_tiles)
     _decode_attention_kernel[grid](
@@ -573,7 +586,7 @@ def decode_attention(
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
         PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
         DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
-        USE_PDL=launch.pdl and not direct, BLOCKED=launch.blocked and (k_code in (1, 2) or v_code in (1, 2)),
+        USE_PDL=launch.pdl and not direct, BLOCKED=blocked,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
@@ -591,6 +604,13 @@ def decode_attention(
             num_warps=4, **extra,
         )
     return (out, lse) if return_lse else out
+
+
+def _int32_words(data: torch.Tensor, name: str) -> torch.Tensor:
+    try:
+        return data.view(torch.int32)
+    except RuntimeError as exc:
+        raise ValueError(f"{name} (q4_0) must be viewable as int32 words for the blocked path: {exc}") from None
 
 
 def _scale_strides(scale: torch.Tensor, code: int) -> tuple[int, int, int]:
