@@ -36,19 +36,19 @@ def _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _kv_row_offsets(
-    PageTable, b, hkv, offs_n, mask_n,
-    stride_p, stride_h, stride_n, stride_pt_b,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-):
-    """int64 element offset of the first element of each token row of one KV head."""
+def _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """(page, slot) of each token, int64: the storage row it lives in, shared by K, V and their scales.
+
+    Contiguous caches have one "page" per sequence. Tokens of one tile may straddle pages when
+    PAGE_SIZE < BLOCK_N, so paged caches translate per token; the page-table reads stay in L1/L2.
+    """
     if PAGED:
-        # Tokens of one tile may straddle pages when PAGE_SIZE < BLOCK_N, so translate per token;
-        # the page-table reads are tiny and stay in L1/L2.
-        page = tl.load(PageTable + b * stride_pt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0)
-        return (page.to(tl.int64) * stride_p + hkv * stride_h
-                + (offs_n % PAGE_SIZE).to(tl.int64) * stride_n)
-    return b.to(tl.int64) * stride_p + hkv * stride_h + offs_n.to(tl.int64) * stride_n
+        page = tl.load(PageTable + b * stride_pt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = (offs_n % PAGE_SIZE).to(tl.int64)
+    else:
+        slot = offs_n.to(tl.int64)
+        page = slot * 0 + b
+    return page, slot
 
 
 @triton.jit
@@ -202,12 +202,9 @@ def _decode_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        k_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n,
-                                 stride_kp, stride_kh, stride_kn, stride_pt_b, PAGE_SIZE, PAGED)
-        k_scale_rows = k_rows
-        if K_FORMAT != 0:
-            k_scale_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n, stride_ksp, stride_ksh,
-                                           stride_ksn, stride_pt_b, PAGE_SIZE, PAGED)
+        page, slot = _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE, PAGED)
+        k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
+        k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
         if BLOCKED:
             k3 = _load_kv_blocks(K, k_rows, mask_n, BLOCKS, K_FORMAT, q3.dtype)
             s3 = tl.dot(q3, tl.permute(k3, (0, 2, 1)))  # [BLOCKS, BLOCK_M, BLOCK_N]
@@ -235,12 +232,8 @@ def _decode_attention_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n,
-                                 stride_vp, stride_vh, stride_vn, stride_pt_b, PAGE_SIZE, PAGED)
-        v_scale_rows = v_rows
-        if V_FORMAT != 0:
-            v_scale_rows = _kv_row_offsets(PageTable, b, hkv, offs_n, mask_n, stride_vsp, stride_vsh,
-                                           stride_vsn, stride_pt_b, PAGE_SIZE, PAGED)
+        v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
+        v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
         if BLOCKED:
             v3 = _load_kv_blocks(V, v_rows, mask_n, BLOCKS, V_FORMAT, q3.dtype)
             p3 = p[None, :, :]
