@@ -89,10 +89,10 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
     return q, tensors[0], tensors[2], lengths, tensors[1], tensors[3]
 
 
-def make_ours_quant(fmt, blocked=False):
+def make_ours_quant(fmt, **variant):
     def make(q, k, v, lengths, k_scale, v_scale):
         launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
-                                     q.device), blocked=blocked)
+                                     q.device), **variant)
         out = torch.empty_like(q)
         return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
                                          v_format=fmt, out=out, validate=False, launch=launch),
@@ -247,6 +247,10 @@ def run_table(args) -> None:
     cases = [(1, ctx, hq, hkv) for hq, hkv in HEAD_CONFIGS for ctx in CONTEXTS] + BATCHED
     if args.quick:
         cases = [c for c in cases if c[1] in (4096, 65536)]
+    if args.cases:  # e.g. "96/8:65536,12/1:65536" (batch 1)
+        wanted = {(int(h.split("/")[0]), int(h.split("/")[1]), int(c)) for h, c in
+                  (item.split(":") for item in args.cases.split(","))}
+        cases = [c for c in cases if c[0] == 1 and (c[2], c[3], c[1]) in wanted]
     rows: list[Row] = []
     impls = {"glmtg": make_ours, **peers()}
     if args.formats_only:  # a short check of the cache formats beside the strongest peer only
@@ -273,11 +277,11 @@ def run_table(args) -> None:
         for fmt in QUANT_FORMATS:
             qbytes = 2 * batch * hkv * ctx * ROW_BYTES[fmt](d)
             qsets = [make_quant_set(batch, hq, hkv, ctx, d, fmt) for _ in range(buffers_to_rotate(qbytes))]
-            variants = [(f"glmtg {fmt}", False)]
-            if args.blocked and fmt != "fp8":
-                variants.append((f"glmtg {fmt} blocked", True))
-            for name, blocked in variants:
-                row = measure(name, make_ours_quant(fmt, blocked), qsets, qbytes, copy_bw, None)
+            variants = [(f"glmtg {fmt}", {})]
+            if args.variants:
+                variants.append((f"glmtg {fmt} bf16 dot", {"fp16_dot": False}))
+            for name, variant in variants:
+                row = measure(name, make_ours_quant(fmt, **variant), qsets, qbytes, copy_bw, None)
                 rows.append(row)
                 shown = f"{row.us:9.1f} us {row.tbps:5.2f} TB/s ({row.frac_copy:4.0%})" if row.us else row.note
                 print(f"{hq:>3}/{hkv:<2} B={batch:<3} ctx={ctx:>6} {name:<20} {shown}", flush=True)
@@ -530,8 +534,9 @@ def main() -> int:
     parser.add_argument("--tune-out", default=str(RESULTS / "decode_attention_tune.json"))
     parser.add_argument("--quick", action="store_true", help="only 4k and 64k contexts")
     parser.add_argument("--formats-only", action="store_true", help="glmtg formats beside SDPA cuDNN only")
-    parser.add_argument("--blocked", action="store_true",
-                        help="also time the blocked q8_0/q4_0 path (DecodeLaunch.blocked, off by default)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time quantized caches with bf16 dots (DecodeLaunch.fp16_dot=False)")
+    parser.add_argument("--cases", default=None, help='only these batch-1 cases, e.g. "96/8:65536,12/1:4096"')
     parser.add_argument("--out", default=None, help="results file stem in bench/results (default decode_attention)")
     parser.add_argument("--from-json", default=None, help="rewrite the .md and .png of an existing results JSON")
     args = parser.parse_args()

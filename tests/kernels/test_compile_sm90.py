@@ -22,7 +22,7 @@ def test_every_variant_compiles_for_sm90():
     done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, f"a variant failed to compile for sm_90:\n{done.stdout}\n{done.stderr[-3000:]}"
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert len(rows) >= 10, done.stdout
+    assert len(rows) >= 9, done.stdout
     for cells in rows:
         name, async_copies, mma, wgmma = cells[0].strip(), int(cells[2]), int(cells[6]), int(cells[7])
         assert mma + wgmma > 0, f"{name}: the dots must lower to tensor-core instructions"

@@ -226,11 +226,12 @@ def test_gpu_cuda_graph_replay_with_growing_lengths():
     # NaN only past the longest length used below, so every replay sees real values.
     lengths = torch.tensor([1, 1], dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    decode_attention(q, k, v, lengths, out=out, max_context=capacity)  # compile outside capture
+    launch = plan_launch(2, 8, 12, 128, capacity, q.device)
+    decode_attention(q, k, v, lengths, out=out, launch=launch)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(q, k, v, lengths, out=out, max_context=capacity)
+        decode_attention(q, k, v, lengths, out=out, launch=launch)
     for lens in ([1, 1], [17, 300], [4097, 1], [12345, 19999], [capacity, 640]):
         lengths.copy_(torch.tensor(lens, dtype=torch.int32))
         out.fill_(float("nan"))

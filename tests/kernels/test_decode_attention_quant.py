@@ -62,25 +62,22 @@ def check(cache, q, dtype, tol, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "blocked"])
 @pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS)
 @pytest.mark.parametrize("group", [5, 12])
-def test_quantized_formats_cpu(k_format, v_format, group, blocked):
+def test_quantized_formats_cpu(k_format, v_format, group):
     lengths = [70, 1, 33]
     cache = filled_cache(3, 2, 64, lengths, 72, k_format, v_format, "cpu", seed=group)
     q = torch.randn(3, 1, 2 * group, 64).half()
-    launch = replace(plan_launch(3, 2, group, 64, 72, torch.device("cpu")), blocked=blocked)
-    check(cache, q, torch.float16, 2e-3, launch=launch)
+    check(cache, q, torch.float16, 2e-3, launch=plan_launch(3, 2, group, 64, 72, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "blocked"])
 @pytest.mark.parametrize("k_format, v_format", [("q8_0", "q8_0"), ("q4_0", "fp8")])
-def test_quantized_paged_multi_token_cpu(k_format, v_format, blocked):
+def test_quantized_paged_multi_token_cpu(k_format, v_format):
     lengths = [3, 90]
     cache = filled_cache(2, 1, 64, lengths, 96, k_format, v_format, "cpu", page_size=16, seed=3)
     q = torch.randn(2, 3, 12, 64).half()
     launch = plan_launch(2, 1, 36, 64, 96, torch.device("cpu"), num_splits=4, block_n=16)
-    check(cache, q, torch.float16, 2e-3, launch=replace(launch, blocked=blocked))
+    check(cache, q, torch.float16, 2e-3, launch=launch)
 
 
 def test_quantized_bad_arguments():
@@ -105,12 +102,12 @@ def test_quantized_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS[:4] + [("bf16", "q4_0")])
 @pytest.mark.parametrize("page_size", [None, 64])
-@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "blocked"])
-def test_gpu_quantized_formats(k_format, v_format, page_size, blocked):
+@pytest.mark.parametrize("variant", [{}, {"fp16_dot": False}], ids=["fp16-dot", "bf16-dot"])
+def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
     lengths = [16383, 1, 5000, 777]
     cache = filled_cache(4, 8, 128, lengths, 16400, k_format, v_format, "cuda", page_size=page_size, seed=1)
     q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
-    launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device), blocked=blocked)
+    launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device), **variant)
     check(cache, q, torch.bfloat16, 1.5e-2, launch=launch)
 
 
