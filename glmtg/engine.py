@@ -150,6 +150,8 @@ class Engine:
                                      v_format=v_format, attn_backend=attn_backend,
                                      prefill_backend=prefill_backend, use_cuda_graph=use_cuda_graph)
         self.model = model
+        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
+            model.fuse_projections()  # one matrix-vector product for q/k/v and for each gate/up pair
         self.config = config
         self.random_weights = random_weights
         self.name = name

@@ -17,6 +17,7 @@ from torch import nn
 
 from glmtg.attention import BACKENDS, attend
 from glmtg.config import ModelConfig
+from glmtg.kernels.moe_decode import moe_decode
 
 if TYPE_CHECKING:
     from glmtg.kv_cache import KVCache
@@ -87,11 +88,21 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def fuse_projections(self) -> None:
+        """Store q/k/v weights as one [Hq*D + 2*Hkv*D, H] matrix (the parameters become views of it), so a
+        decode step reads them in one matrix-vector product instead of three launches."""
+        self._qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         bsz, s, _ = x.shape
-        q = self.q_proj(x).view(bsz, s, self.num_heads, self.head_dim)  # [B, S, Hq*D] -> [B, S, Hq, D]
-        k = self.k_proj(x).view(bsz, s, self.num_kv_heads, self.head_dim)  # -> [B, S, Hkv, D]
-        v = self.v_proj(x).view(bsz, s, self.num_kv_heads, self.head_dim)
+        if getattr(self, "_qkv", None) is not None:
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self._qkv).split((nq, nkv, nkv), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(bsz, s, self.num_heads, self.head_dim)  # [B, S, Hq*D] -> [B, S, Hq, D]
+        k = k.view(bsz, s, self.num_kv_heads, self.head_dim)  # -> [B, S, Hkv, D]
+        v = v.view(bsz, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_partial_rope(q, ctx.cos, ctx.sin), apply_partial_rope(k, ctx.cos, ctx.sin)
@@ -109,8 +120,33 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
 
+    def fuse_projections(self) -> None:
+        """One [2I, H] matrix for gate and up (the parameters become views of it): one launch, not two."""
+        self._gate_up = _fuse_linears(self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_gate_up", None) is not None:
+            gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears that read the same input; each linear's parameters
+    are replaced by views of the fused tensors, so no memory is duplicated and the names stay loadable."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse linears of which only some have a bias")
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    row = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[row:row + rows], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + rows], requires_grad=False)
+        row += rows
+    return weight, bias
 
 
 class Router(nn.Module):
@@ -146,6 +182,12 @@ class Router(nn.Module):
         return ids, weights * self.scaling
 
 
+def _moe_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the decode path runs the Triton kernel (glmtg/kernels/moe_decode.py): on CUDA only, so that
+    a CPU run never needs the Triton interpreter. Tests patch it to run the kernel in the interpreter."""
+    return x.is_cuda
+
+
 class Experts(nn.Module):
     """All routed experts of a layer stacked: gate/up [E, I, H], down [E, H, I]."""
 
@@ -160,6 +202,10 @@ class Experts(nn.Module):
         """x [T, H], ids/weights [T, k] -> Σ_k weights * expert_k(x), [T, H] in x's dtype."""
         t, k = ids.shape
         if t * k <= self.gate_proj.shape[0]:
+            if _moe_kernel_applies(x):
+                # Reads the chosen experts' weights in place and combines in fp32 inside the kernel;
+                # _gathered copies them out first (about 3x the weight bytes moved).
+                return moe_decode(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights)
             y = self._gathered(x, ids)
         else:
             y = self._grouped(x, ids)
@@ -167,8 +213,8 @@ class Experts(nn.Module):
         return (y.float() * weights[..., None]).sum(1).to(x.dtype)
 
     def _gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # Few (token, expert) pairs (decode): copy out just the chosen experts' weights and batch the matmuls.
-        # No host sync, so this path can be captured in a CUDA graph. Returns [T, k, H].
+        # Few (token, expert) pairs (decode) off CUDA, and the reference for the kernel: copy out just the
+        # chosen experts' weights and batch the matmuls. No host sync (graph-capturable). Returns [T, k, H].
         g = torch.einsum("th,tkih->tki", x, self.gate_proj[ids])  # [T, k, I]
         u = torch.einsum("th,tkih->tki", x, self.up_proj[ids])
         return torch.einsum("tki,tkhi->tkh", F.silu(g) * u, self.down_proj[ids])
@@ -292,6 +338,13 @@ class Glm4MoeForCausalLM(nn.Module):
                 value = randn(p.shape) * 0.02
             model.set_parameter(name, value.to(dtype=p.dtype))
         return model
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and every gate/up pair into single matrices (fewer, larger matrix-vector products per
+        decode step). Call after all weights are loaded: ``set_parameter`` afterwards would undo it."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.fuse_projections()
 
     def set_parameter(self, name: str, value: torch.Tensor) -> None:
         """Replace parameter ``name`` by ``value`` as is (no copy; loaders use it to fill a meta-device model)."""

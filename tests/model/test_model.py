@@ -178,3 +178,24 @@ def test_partial_rope_matches_transformers_formula():
     torch.testing.assert_close(out[:, :2].double(), want[:, :2], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[:, 2:3].double(), want[:, 2:3], rtol=0, atol=2e-3)
     torch.testing.assert_close(out[..., r:], x[..., r:], rtol=0, atol=0)  # pass-through dims untouched
+
+
+@pytest.mark.parametrize("name", ["qknorm-dense1-scale2.5-vocab1001", "qknorm-dense2-groups-nonorm"])
+def test_fused_projections_match_transformers(name):
+    # The engine fuses q/k/v and gate/up on CUDA; the fused model must still equal transformers, keep its
+    # parameter names and shapes, and hold no second copy of the weights (parameters are views).
+    config = CONFIGS[name]
+    hf = hf_reference(config, seed=2)
+    model = glmtg_from_hf(hf, config)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    model.fuse_projections()
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
+    attn = model.layers[0].attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+    ids = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    cache = new_cache(config, batch=2, capacity=8)
+    logits = model(ids[:, :6], cache, attn_backend="sdpa")
+    torch.testing.assert_close(logits, hf_logits(hf, ids[:, :6]), rtol=RTOL, atol=ATOL)
+    cache.lengths += 6
+    step = model(ids[:, 6:], cache, attn_backend="eager")
+    torch.testing.assert_close(step[:, 0], hf_logits(hf, ids)[:, -1], rtol=RTOL, atol=ATOL)
