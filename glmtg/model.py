@@ -87,17 +87,20 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
+        # (weight, bias) of q/k/v as one matrix once fuse_projections ran; set_parameter drops it again.
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def fuse_projections(self) -> None:
         """Store q/k/v weights as one [Hq*D + 2*Hkv*D, H] matrix (the parameters become views of it), so a
-        decode step reads them in one matrix-vector product instead of three launches."""
-        self._qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        decode step reads them in one matrix-vector product instead of three launches. Idempotent."""
+        if self.fused is None:
+            self.fused = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         bsz, s, _ = x.shape
-        if getattr(self, "_qkv", None) is not None:
+        if self.fused is not None:
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, *self._qkv).split((nq, nkv, nkv), dim=-1)
+            q, k, v = F.linear(x, *self.fused).split((nq, nkv, nkv), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(bsz, s, self.num_heads, self.head_dim)  # [B, S, Hq*D] -> [B, S, Hq, D]
@@ -119,14 +122,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # gate/up, as in Attention
 
     def fuse_projections(self) -> None:
-        """One [2I, H] matrix for gate and up (the parameters become views of it): one launch, not two."""
-        self._gate_up = _fuse_linears(self.gate_proj, self.up_proj)
+        """One [2I, H] matrix for gate and up (the parameters become views of it): one launch, not two.
+        Idempotent."""
+        if self.fused is None:
+            self.fused = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_gate_up", None) is not None:
-            gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)
+        if self.fused is not None:
+            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -341,7 +347,7 @@ class Glm4MoeForCausalLM(nn.Module):
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and every gate/up pair into single matrices (fewer, larger matrix-vector products per
-        decode step). Call after all weights are loaded: ``set_parameter`` afterwards would undo it."""
+        decode step). Idempotent; a later ``set_parameter`` on one of them unfuses that module."""
         for module in self.modules():
             if isinstance(module, (Attention, MLP)):
                 module.fuse_projections()
@@ -354,5 +360,8 @@ class Glm4MoeForCausalLM(nn.Module):
         if tuple(old.shape) != tuple(value.shape):
             raise ValueError(f"{name}: expected shape {tuple(old.shape)}, got {tuple(value.shape)}")
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        owner = self.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else self
+        if isinstance(owner, (Attention, MLP)):
+            owner.fused = None  # the fused matrix holds the old values: go back to the separate linears
         if self.config.tie_word_embeddings and name == "embed.weight":
             self.lm_head.weight = module._parameters[attr]

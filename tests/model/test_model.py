@@ -199,3 +199,21 @@ def test_fused_projections_match_transformers(name):
     cache.lengths += 6
     step = model(ids[:, 6:], cache, attn_backend="eager")
     torch.testing.assert_close(step[:, 0], hf_logits(hf, ids)[:, -1], rtol=RTOL, atol=ATOL)
+    fused_ptr = attn.fused[0].data_ptr()
+    model.fuse_projections()  # a second engine on the same model must not fuse (copy) again
+    assert attn.fused[0].data_ptr() == fused_ptr
+
+
+def test_set_parameter_after_fusing_uses_the_new_weight():
+    # A fused matrix holds copies of the old values: replacing a projection must not be silently ignored.
+    config = tiny()
+    fused = Glm4MoeForCausalLM.random(config, seed=4, dtype=torch.float32)
+    plain = Glm4MoeForCausalLM.random(config, seed=4, dtype=torch.float32)
+    fused.fuse_projections()
+    for model in (fused, plain):
+        for name in ("layers.0.attn.k_proj.weight", "layers.1.mlp.shared.up_proj.weight"):
+            shape = dict(model.named_parameters())[name].shape
+            model.set_parameter(name, torch.randn(shape, generator=torch.Generator().manual_seed(9)))
+    ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fused(ids, new_cache(config, 1, 8)), plain(ids, new_cache(config, 1, 8)),
+                               rtol=RTOL, atol=ATOL)
