@@ -13,11 +13,10 @@ them, writes a copy and reads the copy again. Here two kernels stream them once:
    intermediate dimension, accumulating weight · down_e tile · h in fp32, and writes y once, rounded
    once to x's dtype. No atomics, so the result is deterministic.
 
-Default blocks (sm_90 compile, bf16; bench/moe_decode.py sweeps others): the compiler does not
-software-pipeline these loads (they feed no tl.dot), so the bytes in flight come from many resident
-programs. gate/up 16 x 256 is 128 registers, 4 programs an SM, 16 KB of loads each per step, 704
-programs for Air at T=1; down 8 x 512 is 92 registers, 8 KB a step, 512 programs (16 x 256 would give
-256 programs, two an SM, too few bytes in flight). Chosen from the compile report, not yet timed.
+Default blocks: the compiler does not software-pipeline these loads (they feed no tl.dot), so the bytes
+in flight come from many resident programs. gate/up 8 x 512 and down 8 x 512 were the fastest of the
+configurations timed on the H100 (bench/results/moe_decode_blocks_sweep.json: Air, T=1 99.8 us,
+2.77 TB/s; T=4 356 us); bench/moe_decode.py --sweep reruns that comparison.
 
 Out-of-range expert ids are masked on the device: such a slot contributes exactly zero and no memory
 outside the weights is read. Nothing reads back to the host, so a decode step that calls this can be
