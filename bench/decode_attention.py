@@ -92,7 +92,7 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
 def make_ours_quant(fmt, **variant):
     def make(q, k, v, lengths, k_scale, v_scale):
         launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
-                                     q.device), **variant)
+                                     q.device, cache_format=fmt), **variant)
         out = torch.empty_like(q)
         return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
                                          v_format=fmt, out=out, validate=False, launch=launch),

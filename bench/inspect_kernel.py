@@ -28,12 +28,13 @@ FORMAT_NAMES = {0: "bf16", 1: "q8_0", 2: "q4_0", 3: "fp8"}
 
 VARIANTS = [
     dict(), dict(block_n=128, num_stages=2), dict(direct=True), dict(paged=True, sq=3),
-    dict(k_format=1, v_format=1), dict(k_format=2, v_format=2), dict(k_format=3, v_format=3),
+    dict(k_format=1, v_format=1), dict(k_format=2, v_format=2),
+    dict(k_format=1, v_format=1, asm_dequant=False), dict(k_format=2, v_format=2, asm_dequant=False), dict(k_format=3, v_format=3),
     dict(k_format=3, v_format=3, fp16_dot=False), dict(k_format=1, v_format=3),
 ]
 
 
-def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = True,
+def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = True, asm_dequant: bool = True,
                     direct: bool = False,
                     paged: bool = False, sq: int = 1, group: int = 12, head_dim: int = 128, block_n: int = 64,
                     num_warps: int = 4, num_stages: int = 3):
@@ -65,7 +66,8 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = Tr
     const = dict(SQ=sq, GROUP=group, NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                  M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=k_format,
                  V_FORMAT=v_format, DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
-                 FP16_DOT=fp16_dot and k_format != 0 and v_format != 0)
+                 FP16_DOT=fp16_dot and k_format != 0 and v_format != 0,
+                 ASM_DEQUANT=asm_dequant)
     return triton.compile(ASTSource(da._decode_attention_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 

@@ -63,8 +63,76 @@ def _q4_0_order(offs):
 
 
 @triton.jit
+def _q8_0_to_f16(codes, d):
+    """int8 codes times their fp16 block scale, as fp16, without int->float conversion instructions.
+
+    sm_90 converts int8 -> float at a quarter of the FP32 rate (16 per clock per SM), which made the
+    q8_0 loop compute-bound. Here each byte b becomes the fp16 bit pattern 0x6400 | (b + 128), i.e.
+    1024 + b + 128 exactly, by one byte permute per two values; subtracting 1152 leaves b exactly, and
+    one packed multiply applies the scale (rounded once, as fp16(b * d) would be).
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t, k, bias;
+        xor.b32 t, $4, 0x80808080;
+        mov.b32 k, 0x64646464;
+        mov.b32 bias, 0x64806480;
+        prmt.b32 $0, t, k, 0x4140;
+        prmt.b32 $1, t, k, 0x4342;
+        sub.rn.f16x2 $0, $0, bias;
+        sub.rn.f16x2 $1, $1, bias;
+        mul.rn.f16x2 $0, $0, $2;
+        mul.rn.f16x2 $1, $1, $3;
+        }
+        """,
+        constraints="=r,=r,r,r,r",
+        args=[d, codes],
+        dtype=tl.float16, is_pure=True, pack=4,
+    )
+
+
+@triton.jit
+def _q4_0_to_f16(packed, d):
+    """(low, high) nibbles of q4_0 bytes as fp16 (q - 8) * d, by the same bit trick as _q8_0_to_f16.
+
+    A nibble q placed under the fp16 pattern 0x6400 reads 1024 + q; subtracting 1032 leaves q - 8.
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 hi, k, bias;
+        mov.b32 k, 0x64646464;
+        mov.b32 bias, 0x64086408;
+        shr.b32 hi, $6, 4;
+        prmt.b32 $0, $6, k, 0x4140;
+        prmt.b32 $1, $6, k, 0x4342;
+        prmt.b32 $2, hi, k, 0x4140;
+        prmt.b32 $3, hi, k, 0x4342;
+        and.b32 $0, $0, 0xFF0FFF0F;
+        and.b32 $1, $1, 0xFF0FFF0F;
+        and.b32 $2, $2, 0xFF0FFF0F;
+        and.b32 $3, $3, 0xFF0FFF0F;
+        sub.rn.f16x2 $0, $0, bias;
+        sub.rn.f16x2 $1, $1, bias;
+        sub.rn.f16x2 $2, $2, bias;
+        sub.rn.f16x2 $3, $3, bias;
+        mul.rn.f16x2 $0, $0, $4;
+        mul.rn.f16x2 $1, $1, $5;
+        mul.rn.f16x2 $2, $2, $4;
+        mul.rn.f16x2 $3, $3, $5;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[d, packed],
+        dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
+    )
+
+
+@triton.jit
 def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
-                  HEAD_DIM: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  ASM_DEQUANT: tl.constexpr):
     """Load a [BLOCK_N, HEAD_DIM] tile and dequantize it in registers to the dtype of the dot.
 
     Every load is a plain contiguous row segment (codes) or a short row of block scales; scales are
@@ -72,6 +140,8 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
     [rows, BLOCK_N] scores (K) or probabilities (V), which is HEAD_DIM / BLOCK_M times less work.
     Rows past the slice read as 0 (codes and scales alike): V rows beyond the context may hold
     anything (even NaN), and 0 * NaN would poison the accumulator even where p == 0.
+    ASM_DEQUANT (GPU, fp16 dots): q8_0/q4_0 codes go to fp16 by bit tricks in inline PTX rather than
+    through int -> fp32 -> fp16 conversions; the interpreter (CPU tests) takes the plain path.
     """
     m = mask_n[:, None]
     BLOCKS: tl.constexpr = HEAD_DIM // 32
@@ -83,7 +153,21 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
         return tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(DOT_DTYPE)
     else:
         offs_b = tl.arange(0, BLOCKS)
-        d = tl.load(Scale + scale_rows[:, None] + offs_b[None, :], mask=m, other=0.0).to(tl.float32)
+        d = tl.load(Scale + scale_rows[:, None] + offs_b[None, :], mask=m, other=0.0)
+        n: tl.constexpr = rows.shape[0]
+        if ASM_DEQUANT:
+            if FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
+                offs_d = tl.arange(0, HEAD_DIM)
+                codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0)
+                d_full = tl.reshape(tl.broadcast_to(d[:, :, None], (n, BLOCKS, 32)), (n, HEAD_DIM))
+                return _q8_0_to_f16(codes, d_full)
+            else:  # q4_0: byte j of a block = q[j] | q[j + 16] << 4
+                offs_h = tl.arange(0, HEAD_DIM // 2)
+                packed = tl.load(Data + rows[:, None] + offs_h[None, :], mask=m, other=0)
+                d_half = tl.reshape(tl.broadcast_to(d[:, :, None], (n, BLOCKS, 16)), (n, HEAD_DIM // 2))
+                lo, hi = _q4_0_to_f16(packed, d_half)
+                return tl.reshape(tl.join(lo, hi), (n, HEAD_DIM))
+        d = d.to(tl.float32)
         if FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
             offs_d = tl.arange(0, HEAD_DIM)
             codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0).to(tl.float32)
@@ -91,8 +175,8 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
             offs_h = tl.arange(0, HEAD_DIM // 2)
             packed = tl.load(Data + rows[:, None] + offs_h[None, :], mask=m, other=0).to(tl.int32)
             codes = tl.join((packed & 0xF) - 8, (packed >> 4) - 8).to(tl.float32)  # [N, D/2, 2]
-        codes = tl.reshape(codes, (rows.shape[0], BLOCKS, 32))
-        return tl.reshape(codes * d[:, :, None], (rows.shape[0], HEAD_DIM)).to(DOT_DTYPE)
+        codes = tl.reshape(codes, (n, BLOCKS, 32))
+        return tl.reshape(codes * d[:, :, None], (n, HEAD_DIM)).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -112,7 +196,7 @@ def _decode_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
     DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
-    FP16_DOT: tl.constexpr,
+    FP16_DOT: tl.constexpr, ASM_DEQUANT: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -151,7 +235,8 @@ def _decode_attention_kernel(
         page, slot = _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE, PAGED)
         k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
         k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
-        k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype)
+        k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype,
+                          ASM_DEQUANT and FP16_DOT)
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -172,7 +257,8 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
         v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
-        v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype)
+        v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype,
+                          ASM_DEQUANT and FP16_DOT)
         if V_FORMAT == 3:  # fp8: the row scale multiplies the probabilities
             p = p * tl.load(VScale + v_scale_rows, mask=mask_n, other=0.0)[None, :]
         if IEEE_DOT:
@@ -273,6 +359,8 @@ class DecodeLaunch:
     # sm_90, fp8 -> bf16 does not: fp8 64k 86 -> 69 us on the H100). Queries are rounded to fp16, which
     # assumes |q| < 65504 (true of normed, rotated GLM queries); codes * scales gain mantissa bits.
     fp16_dot: bool = True
+    # q8_0/q4_0 codes -> fp16 by bit tricks in inline PTX (CUDA only, with fp16 dots); see _q8_0_to_f16.
+    asm_dequant: bool = True
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -291,7 +379,7 @@ def plan_launch(
     batch: int, num_kv_heads: int, rows: int, head_dim: int, max_context: int, device: torch.device,
     *, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, ctas_per_sm: int | None = None, min_tokens_per_split: int | None = None,
-    pdl: bool | None = None,
+    pdl: bool | None = None, cache_format: str | None = None,
 ) -> DecodeLaunch:
     """Choose tile sizes and the split count from shapes and the declared context.
 
@@ -302,28 +390,45 @@ def plan_launch(
     whole launch fits one program per SM, else 256): each slice costs a partial write and a merge
     read, which would dominate short contexts. Measured on the H100 in
     bench/results/decode_attention_tune.json.
+
+    ``cache_format`` names the quantized format of the cache ("q8_0"/"q4_0" if either K or V uses
+    one, else "fp8"), whose loops are bound by dequantization latency rather than by memory
+    (bench/results/quant_tune_2026-11-25.json): q8_0/q4_0 run one-warp programs, eight per SM, when
+    the context gives that many slices (no cross-warp reductions or barriers in the loop, and eight
+    independent warps hide each other's latency); otherwise, like fp8, four warps on 128-token tiles
+    with more programs per SM than bf16 uses.
     """
     m_cap = 128 if head_dim <= 128 else 64
     block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
     m_tiles = triton.cdiv(rows, block_m)
     sms = _sm_count(device)
     work = batch * num_kv_heads * m_tiles
+    if pdl is None:
+        pdl = (device.type == "cuda" and torch.cuda.is_available()
+               and torch.cuda.get_device_capability(device)[0] >= 9)
+    quantized = cache_format in ("q8_0", "q4_0", "fp8")
+    tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
+    if cache_format in ("q8_0", "q4_0") and head_dim <= 128 and block_m <= 16 and not tuned:
+        one_warp_splits = max(1, min(8 * sms // work, triton.cdiv(max_context, 256)))
+        if one_warp_splits * work >= 4 * sms:
+            return DecodeLaunch(block_m, m_tiles, 32, one_warp_splits, 1, 2, pdl)
     if num_splits is None:
-        per_sm = ctas_per_sm if ctas_per_sm is not None else (2 if work >= 8 else 1)
-        num_splits = max(1, (per_sm * sms) // work)
+        if ctas_per_sm is None:
+            ctas_per_sm = (2 if work >= 8 and cache_format == "fp8" else 4) if quantized else (2 if work >= 8 else 1)
+        num_splits = max(1, (ctas_per_sm * sms) // work)
         if min_tokens_per_split is None:
             min_tokens_per_split = 128 if num_splits * work <= sms else 256
         num_splits = max(1, min(num_splits, triton.cdiv(max_context, min_tokens_per_split)))
     long_slices = max_context // num_splits >= 3072
     if block_n is None:
-        block_n = {64: 128, 128: 128 if long_slices else 64, 256: 32}[head_dim]
+        if quantized and head_dim <= 128:
+            block_n = 128 if max_context // num_splits >= 256 else 64
+        else:
+            block_n = {64: 128, 128: 128 if long_slices else 64, 256: 32}[head_dim]
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
-        num_stages = 2 if (long_slices or head_dim > 128) else 3
-    if pdl is None:
-        pdl = (device.type == "cuda" and torch.cuda.is_available()
-               and torch.cuda.get_device_capability(device)[0] >= 9)
+        num_stages = 3 if quantized and head_dim <= 128 else (2 if (long_slices or head_dim > 128) else 3)
     return DecodeLaunch(block_m, m_tiles, block_n, num_splits, num_warps, num_stages, pdl)
 
 
@@ -460,7 +565,9 @@ def decode_attention(
 
     rows = group * sq
     if launch is None:
-        launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device)
+        heavier = (k_format if k_code in (1, 2) else v_format if v_code in (1, 2)
+                   else "fp8" if 3 in (k_code, v_code) else None)
+        launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device, cache_format=heavier)
     if out is None:
         out = torch.empty_like(q)
     else:
@@ -497,6 +604,7 @@ def decode_attention(
         PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
         DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
         USE_PDL=launch.pdl and not direct, FP16_DOT=launch.fp16_dot and k_code != 0 and v_code != 0,
+        ASM_DEQUANT=launch.asm_dequant and q.device.type == "cuda",  # the interpreter has no inline PTX
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:

@@ -177,6 +177,26 @@ def test_plan_splits_fill_machine_without_oversplitting():
     del cuda
 
 
+def test_plan_quantized_caches():
+    from glmtg.kernels import decode_attention as mod
+    idx = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    mod._SM_COUNT[idx] = 132
+    dev = torch.device("cuda", idx)
+    deep = plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8_0")
+    assert (deep.num_warps, deep.block_n) == (1, 32) and deep.num_splits * 8 >= 4 * 132, \
+        "deep q8_0 context: one-warp programs, at least four per SM"
+    for fmt in ("q8_0", "q4_0", "fp8"):
+        shallow = plan_launch(1, 8, 12, 128, 4096, dev, cache_format=fmt)
+        assert shallow.num_warps == 4 and shallow.num_splits * 256 <= 4096, \
+            f"{fmt}: too few slices for one-warp programs; slices stay >= 256 tokens"
+    one_head = plan_launch(1, 1, 12, 128, 65536, dev, cache_format="q4_0")
+    assert one_head.num_warps == 4 and one_head.num_splits == 256, "one KV head: 256-token slices, four warps"
+    fixed = plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8_0", num_warps=4)
+    assert fixed.num_warps == 4, "an explicit argument overrides the quantized plan"
+    wide = plan_launch(1, 8, 12, 256, 65536, dev, cache_format="q8_0")
+    assert wide.num_warps == 4, "one-warp programs only for head_dim <= 128 (registers)"
+
+
 # ---------------------------------------------------------------- GPU, real sizes, bf16
 
 @pytest.mark.gpu

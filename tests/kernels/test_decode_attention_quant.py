@@ -102,12 +102,15 @@ def test_quantized_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS[:4] + [("bf16", "q4_0")])
 @pytest.mark.parametrize("page_size", [None, 64])
-@pytest.mark.parametrize("variant", [{}, {"fp16_dot": False}], ids=["fp16-dot", "bf16-dot"])
+@pytest.mark.parametrize("variant", [{}, {"fp16_dot": False}, {"asm_dequant": False},
+                                     {"num_warps": 4, "block_n": 128, "num_stages": 3}],
+                         ids=["fp16-dot", "bf16-dot", "plain-dequant", "four-warps"])
 def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
     lengths = [16383, 1, 5000, 777]
     cache = filled_cache(4, 8, 128, lengths, 16400, k_format, v_format, "cuda", page_size=page_size, seed=1)
     q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
-    launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device), **variant)
+    heavier = next((f for f in (k_format, v_format) if f in ("q8_0", "q4_0")), "fp8" if "fp8" in (k_format, v_format) else None)
+    launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device, cache_format=heavier), **variant)
     check(cache, q, torch.bfloat16, 1.5e-2, launch=launch)
 
 

@@ -1,0 +1,99 @@
+"""Launch sweep for the quantized cache formats (q8_0, q4_0, fp8) of the decode-attention kernel.
+
+    python bench/quant_tune.py --out quant_tune.json [--cases 96/8:65536,12/1:65536] [--formats q8_0,fp8]
+
+For each case and format: the planner's default launch, the default with the plain (non-asm)
+dequantization, then a grid over tile length, pipeline stages, warps and programs per SM. Timing as in
+bench/decode_attention.py (CUDA graph, KV sets rotated past L2, median); effective bandwidth counts
+the bytes of codes and scales read. JSON only: the chosen defaults go into plan_launch and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
+from decode_attention import QUANT_FORMATS, ROW_BYTES, make_quant_set  # noqa: E402
+
+from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
+
+GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
+
+
+def make_bf16_set(hq, hkv, ctx, d):
+    q = torch.randn(1, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, ctx, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return q, k, v, torch.full((1,), ctx, dtype=torch.int32, device="cuda"), None, None
+
+
+def time_launch(sets, fmt, launch) -> float:
+    calls = []
+    for q, k, v, lengths, k_scale, v_scale in sets:
+        out = torch.empty_like(q)
+        calls.append(lambda q=q, k=k, v=v, lengths=lengths, ks=k_scale, vs=v_scale, out=out: decode_attention(
+            q, k, v, lengths, k_scale=ks, v_scale=vs, k_format=None if fmt == "bf16" else fmt,
+            v_format=None if fmt == "bf16" else fmt, out=out, validate=False,
+            launch=launch))
+    return time_graph(calls, replays=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="quant_tune.json")
+    parser.add_argument("--cases", default="96/8:65536,12/1:65536")
+    parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
+    parser.add_argument("--no-grid", action="store_true", help="default launches only")
+    for key, values in GRID.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", default=",".join(map(str, values)))
+    args = parser.parse_args()
+    env = environment()
+    copy_bw = copy_bandwidth()
+    env["copy_bandwidth_tbps"] = copy_bw / 1e12
+    results = []
+    for item in args.cases.split(","):
+        heads, ctx = item.split(":")
+        hq, hkv, ctx = int(heads.split("/")[0]), int(heads.split("/")[1]), int(ctx)
+        for fmt in args.formats.split(","):
+            d = 128
+            row_bytes = 2 * d if fmt == "bf16" else ROW_BYTES[fmt](d)
+            nbytes = 2 * hkv * ctx * row_bytes
+            sets = [make_bf16_set(hq, hkv, ctx, d) if fmt == "bf16" else make_quant_set(1, hq, hkv, ctx, d, fmt)
+                    for _ in range(buffers_to_rotate(nbytes))]
+            rows = hq // hkv
+            base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt)
+            trials = [("default", base)]
+            if fmt in ("q8_0", "q4_0"):
+                trials.append(("default, plain dequant", replace(base, asm_dequant=False)))
+            grid = {key: [int(x) for x in getattr(args, key).split(",")] for key in GRID}
+            if not args.no_grid:
+                for values in itertools.product(*grid.values()):
+                    kw = dict(zip(grid, values))
+                    trials.append((" ".join(f"{k}={v}" for k, v in kw.items()),
+                                   plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, **kw)))
+            for name, launch in trials:
+                try:
+                    seconds = time_launch(sets, fmt, launch)
+                    entry = dict(us=seconds * 1e6, tbps=nbytes / seconds / 1e12, frac_copy=nbytes / seconds / copy_bw)
+                except Exception as exc:  # e.g. shared memory exceeded for the largest tiles
+                    entry = dict(us=None, note=f"{type(exc).__name__}: {str(exc)[:120]}")
+                results.append(dict(hq=hq, hkv=hkv, ctx=ctx, format=fmt, trial=name, launch=asdict(launch), **entry))
+                shown = f"{entry['us']:8.1f} us {entry['tbps']:5.2f} TB/s" if entry.get("us") else entry["note"]
+                print(f"{hq}/{hkv} {ctx} {fmt:<5} {name:<48} {shown}", flush=True)
+            timed = [r for r in results if r["format"] == fmt and r["hq"] == hq and r["ctx"] == ctx and r.get("us")]
+            best = min(timed, key=lambda r: r["us"])
+            print(f"BEST {hq}/{hkv} {ctx} {fmt}: {best['trial']} {best['us']:.1f} us", flush=True)
+            del sets
+            torch.cuda.empty_cache()
+    write_json(Path(args.out), {"environment": env, "method": __doc__, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The decode kernel's tile dequantization (_load_kv_tile), value for value.
+
+Codes cover every byte value and scales span normal and subnormal fp16 magnitudes. The kernel's fp16
+tile must equal fp16(code * d) computed in float32 by torch exactly: the product of an 8-bit code and
+an fp16 scale is exact in float32, so both sides round the same real number once. The inline-PTX path
+(ASM_DEQUANT, GPU only) and the plain path must both meet this; the CPU interpreter runs the plain one.
+Rows past the mask must read as 0.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from glmtg.kernels.decode_attention import _load_kv_tile, _q4_0_order
+from glmtg.kv_cache import dequantize
+
+
+@triton.jit
+def _tile_kernel(Data, Scale, Out, n_valid, row_len, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 FORMAT: tl.constexpr, ASM_DEQUANT: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_valid
+    rows = offs_n.to(tl.int64) * row_len
+    scale_rows = offs_n.to(tl.int64) * (HEAD_DIM // 32)
+    tile = _load_kv_tile(Data, Scale, rows, scale_rows, mask_n, HEAD_DIM, FORMAT, tl.float16, ASM_DEQUANT)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = _q4_0_order(offs_d) if FORMAT == 2 else offs_d
+    tl.store(Out + offs_n[:, None] * HEAD_DIM + cols[None, :], tile)
+
+
+def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int = 128, n_valid: int = 61):
+    g = torch.Generator().manual_seed(7)
+    if fmt == "q8_0":
+        data = torch.arange(block_n * head_dim).remainder(256).sub(128).to(torch.int8).view(block_n, head_dim)
+    else:
+        data = torch.arange(block_n * head_dim // 2).mul(37).remainder(256).to(torch.uint8).view(block_n, head_dim // 2)
+    exponents = torch.randint(-24, 6, (block_n, head_dim // 32), generator=g).float()
+    scale = (torch.rand(block_n, head_dim // 32, generator=g) + 1.0).mul(2.0 ** exponents).half()
+    scale[0, 0] = 0.0
+    out = torch.full((block_n, head_dim), float("nan"), dtype=torch.float16)
+    data, scale, out = data.to(device), scale.to(device), out.to(device)
+    _tile_kernel[(1,)](data, scale, out, n_valid, data.shape[1], HEAD_DIM=head_dim, BLOCK_N=block_n,
+                       FORMAT={"q8_0": 1, "q4_0": 2}[fmt], ASM_DEQUANT=asm, num_warps=4)
+    want = dequantize(data.cpu(), scale.cpu(), fmt).half()
+    want[n_valid:] = 0.0
+    return out.cpu(), want
+
+
+def assert_same(out: torch.Tensor, want: torch.Tensor) -> None:
+    assert not torch.isnan(out).any(), "unwritten tile elements"
+    bad = (out.view(torch.int16) != want.view(torch.int16)) & ~((out == 0) & (want == 0))  # +0 == -0
+    assert not bad.any(), f"{int(bad.sum())} values differ, first at {bad.nonzero()[0].tolist()}: " \
+                          f"{out[bad][:4].tolist()} vs {want[bad][:4].tolist()}"
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_plain_dequant_exact_cpu(fmt):
+    out, want = run_tile(fmt, asm=False, device="cpu", block_n=16, head_dim=64, n_valid=13)
+    assert_same(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("asm", [True, False], ids=["asm", "plain"])
+@pytest.mark.parametrize("head_dim, block_n", [(128, 64), (64, 128), (256, 32)])
+def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out, want = run_tile(fmt, asm=asm, device="cuda", block_n=block_n, head_dim=head_dim, n_valid=block_n - 3)
+    assert_same(out, want)
