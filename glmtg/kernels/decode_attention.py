@@ -393,8 +393,8 @@ def plan_launch(
 
     ``cache_format`` names the quantized format of the cache ("q8_0"/"q4_0" if either K or V uses
     one, else "fp8"), whose loops are bound by dequantization latency rather than by memory
-    (bench/results/quant_tune_2026-11-25.json): q8_0/q4_0 run one-warp programs, eight per SM, when
-    the context gives that many slices (no cross-warp reductions or barriers in the loop, and eight
+    (bench/results/quant_tune_2026-11-25.json): q8_0/q4_0 run one-warp programs, 8-12 per SM, when
+    the context gives at least four per SM (no cross-warp reductions or barriers in the loop, and eight
     independent warps hide each other's latency); otherwise, like fp8, four warps on 128-token tiles
     with more programs per SM than bf16 uses.
     """
@@ -409,9 +409,11 @@ def plan_launch(
     quantized = cache_format in ("q8_0", "q4_0", "fp8")
     tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
     if cache_format in ("q8_0", "q4_0") and head_dim <= 128 and block_m <= 16 and not tuned:
-        one_warp_splits = max(1, min(8 * sms // work, triton.cdiv(max_context, 256)))
+        # (tokens per tile, programs per SM): the fastest of the one-warp sweep for each format
+        tile, per_sm = (16, 12) if cache_format == "q8_0" else (32, 8)
+        one_warp_splits = max(1, min(per_sm * sms // work, triton.cdiv(max_context, 256)))
         if one_warp_splits * work >= 4 * sms:
-            return DecodeLaunch(block_m, m_tiles, 32, one_warp_splits, 1, 2, pdl)
+            return DecodeLaunch(block_m, m_tiles, tile, one_warp_splits, 1, 2, pdl)
     if num_splits is None:
         if ctas_per_sm is None:
             ctas_per_sm = (2 if work >= 8 and cache_format == "fp8" else 4) if quantized else (2 if work >= 8 else 1)

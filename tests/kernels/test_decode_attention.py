@@ -183,7 +183,7 @@ def test_plan_quantized_caches():
     mod._SM_COUNT[idx] = 132
     dev = torch.device("cuda", idx)
     deep = plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8_0")
-    assert (deep.num_warps, deep.block_n) == (1, 32) and deep.num_splits * 8 >= 4 * 132, \
+    assert deep.num_warps == 1 and deep.num_splits * 8 >= 4 * 132, \
         "deep q8_0 context: one-warp programs, at least four per SM"
     for fmt in ("q8_0", "q4_0", "fp8"):
         shallow = plan_launch(1, 8, 12, 128, 4096, dev, cache_format=fmt)
