@@ -195,6 +195,11 @@ def test_plan_quantized_caches():
     assert fixed.num_warps == 4, "an explicit argument overrides the quantized plan"
     wide = plan_launch(1, 8, 12, 256, 65536, dev, cache_format="q8_0")
     assert wide.num_warps == 4, "one-warp programs only for head_dim <= 128 (registers)"
+    for fmt in ("q8_0", "q4_0", "fp8"):  # short slices: the bf16 plan, measured faster there
+        assert plan_launch(1, 1, 12, 128, 16384, dev, cache_format=fmt) == plan_launch(1, 1, 12, 128, 16384, dev)
+        assert plan_launch(1, 4, 12, 128, 4096, dev, cache_format=fmt) == plan_launch(1, 4, 12, 128, 4096, dev)
+    for fmt in ("q8_0", "q4_0"):
+        assert plan_launch(1, 8, 12, 128, 65536, dev, cache_format=fmt).block_n >= (32 if fmt == "q4_0" else 16)
 
 
 # ---------------------------------------------------------------- GPU, real sizes, bf16
