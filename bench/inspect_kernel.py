@@ -29,7 +29,9 @@ FORMAT_NAMES = {0: "bf16", 1: "q8_0", 2: "q4_0", 3: "fp8"}
 VARIANTS = [
     dict(), dict(block_n=128, num_stages=2), dict(direct=True), dict(paged=True, sq=3),
     dict(k_format=1, v_format=1), dict(k_format=2, v_format=2),
-    dict(k_format=1, v_format=1, asm_dequant=False), dict(k_format=2, v_format=2, asm_dequant=False), dict(k_format=3, v_format=3),
+    dict(k_format=1, v_format=1, asm_dequant=False), dict(k_format=2, v_format=2, asm_dequant=False),
+    dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=2),
+    dict(k_format=2, v_format=2, num_warps=1, block_n=32, num_stages=2), dict(k_format=3, v_format=3),
     dict(k_format=3, v_format=3, fp16_dot=False), dict(k_format=1, v_format=3),
 ]
 
