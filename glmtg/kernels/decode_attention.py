@@ -393,7 +393,7 @@ def plan_launch(
 
     ``cache_format`` names the quantized format of the cache ("q8_0"/"q4_0" if either K or V uses
     one, else "fp8"), whose loops are bound by dequantization latency rather than by memory
-    (bench/results/quant_tune_2026-11-25.json): q8_0/q4_0 run one-warp programs, 8-12 per SM, when
+    (bench/results/quant_tune_2026-11-25.json); at head_dim 128, q8_0/q4_0 run one-warp programs, 8-12 per SM, when
     the context gives at least four per SM (no cross-warp reductions or barriers in the loop, and eight
     independent warps hide each other's latency); otherwise, like fp8, four warps on 128-token tiles
     with more programs per SM than bf16 uses where the slices are long, and bf16's plan where not.
@@ -408,7 +408,8 @@ def plan_launch(
                and torch.cuda.get_device_capability(device)[0] >= 9)
     quantized = cache_format in ("q8_0", "q4_0", "fp8")
     tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
-    if cache_format in ("q8_0", "q4_0") and head_dim <= 128 and block_m <= 16 and not tuned:
+    # Measured and GPU-tested at head_dim 128 (GLM's); other head dims keep the bf16 plan.
+    if cache_format in ("q8_0", "q4_0") and head_dim == 128 and block_m <= 16 and not tuned:
         # (tokens per tile, programs per SM): the fastest of the one-warp sweep for each format
         tile, per_sm = (16, 12) if cache_format == "q8_0" else (32, 8)
         one_warp_splits = max(1, min(per_sm * sms // work, triton.cdiv(max_context, 256)))
@@ -417,7 +418,7 @@ def plan_launch(
     # Quantized caches take more programs per SM and 128-token tiles, but only where the slices the
     # bf16 plan would cut are long (>= 256 tokens): at short contexts the extra slices cost more in
     # partials and merging than they win (measured: 12/1 at 16k 12.4 -> 15.0 us with them).
-    deep_quantized = (quantized and head_dim <= 128 and num_splits is None and ctas_per_sm is None
+    deep_quantized = (quantized and head_dim == 128 and num_splits is None and ctas_per_sm is None
                       and max_context // _splits(work, 2 if work >= 8 else 1, sms, max_context, None) >= 256)
     if num_splits is None:
         if ctas_per_sm is None:

@@ -194,7 +194,8 @@ def test_plan_quantized_caches():
     fixed = plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8_0", num_warps=4)
     assert fixed.num_warps == 4, "an explicit argument overrides the quantized plan"
     wide = plan_launch(1, 8, 12, 256, 65536, dev, cache_format="q8_0")
-    assert wide.num_warps == 4, "one-warp programs only for head_dim <= 128 (registers)"
+    assert wide.num_warps == 4, "one-warp programs only for head_dim 128 (registers; measured there)"
+    assert plan_launch(1, 8, 12, 64, 65536, dev, cache_format="q8_0") == plan_launch(1, 8, 12, 64, 65536, dev)
     for fmt in ("q8_0", "q4_0", "fp8"):  # short slices: the bf16 plan, measured faster there
         assert plan_launch(1, 1, 12, 128, 16384, dev, cache_format=fmt) == plan_launch(1, 1, 12, 128, 16384, dev)
         assert plan_launch(1, 4, 12, 128, 4096, dev, cache_format=fmt) == plan_launch(1, 4, 12, 128, 4096, dev)
