@@ -391,12 +391,12 @@ def plan_launch(
     read, which would dominate short contexts. Measured on the H100 in
     bench/results/decode_attention_tune.json.
 
-    ``cache_format`` names the quantized format of the cache ("q8_0"/"q4_0" if either K or V uses
+    ``cache_format`` names the quantized format of the cache ("q4_0" or "q8_0" if either K or V uses
     one, else "fp8"), whose loops are bound by dequantization latency rather than by memory
-    (bench/results/quant_tune_2026-11-25.json); at head_dim 128, q8_0/q4_0 run one-warp programs, 8-12 per SM, when
-    the context gives at least four per SM (no cross-warp reductions or barriers in the loop, and eight
-    independent warps hide each other's latency); otherwise, like fp8, four warps on 128-token tiles
-    with more programs per SM than bf16 uses where the slices are long, and bf16's plan where not.
+    (bench/results/quant_tune_2026-11-25.json). At head_dim 128, q8_0/q4_0 run one-warp programs,
+    8-12 per SM, when the context gives at least four per SM (no cross-warp reductions or barriers in
+    the loop, and independent warps hide each other's latency); otherwise, like fp8, four warps on
+    128-token tiles with more programs per SM than bf16 uses where slices are long, bf16's plan where not.
     """
     m_cap = 128 if head_dim <= 128 else 64
     block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
