@@ -50,25 +50,23 @@ class CliParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- value types (argparse `type=`)
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, wording: str) -> int:
     value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {wording}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def int_at_least_minus_one(text: str) -> int:
-    value = _int(text)
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= -1, got {text!r}")
-    return value
+    return _int_at_least(text, -1, "an integer >= -1")
 
 
 def non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def non_negative_float(text: str) -> float:
