@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_attention import make_quant_set  # noqa: E402
+from decode_attention import make_quant_set, make_sets  # noqa: E402
 
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 
@@ -31,9 +31,7 @@ def main() -> int:
     hq, hkv = (int(x) for x in args.heads.split("/"))
     d = 128
     if args.format == "bf16":
-        q = torch.randn(1, 1, hq, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, hkv, args.ctx, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        lengths = torch.full((1,), args.ctx, dtype=torch.int32, device="cuda")
+        (q, k, v, lengths), = make_sets(1, hq, hkv, args.ctx, d, torch.bfloat16, 1)
         extra = {}
     else:
         q, k, v, lengths, k_scale, v_scale = make_quant_set(1, hq, hkv, args.ctx, d, args.format)

@@ -20,17 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
-from decode_attention import QUANT_FORMATS, ROW_BYTES, make_quant_set  # noqa: E402
+from decode_attention import QUANT_FORMATS, ROW_BYTES, make_quant_set, make_sets  # noqa: E402
 
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
-
-
-def make_bf16_set(hq, hkv, ctx, d):
-    q = torch.randn(1, 1, hq, d, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, hkv, ctx, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return q, k, v, torch.full((1,), ctx, dtype=torch.int32, device="cuda"), None, None
 
 
 def time_launch(sets, fmt, launch) -> float:
@@ -64,8 +58,9 @@ def main() -> int:
             d = 128
             row_bytes = 2 * d if fmt == "bf16" else ROW_BYTES[fmt](d)
             nbytes = 2 * hkv * ctx * row_bytes
-            sets = [make_bf16_set(hq, hkv, ctx, d) if fmt == "bf16" else make_quant_set(1, hq, hkv, ctx, d, fmt)
-                    for _ in range(buffers_to_rotate(nbytes))]
+            nsets = buffers_to_rotate(nbytes)
+            sets = ([(*s, None, None) for s in make_sets(1, hq, hkv, ctx, d, torch.bfloat16, nsets)] if fmt == "bf16"
+                    else [make_quant_set(1, hq, hkv, ctx, d, fmt) for _ in range(nsets)])
             rows = hq // hkv
             base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt)
             trials = [("default", base)]

@@ -437,6 +437,11 @@ def plan_launch(
     return DecodeLaunch(block_m, m_tiles, block_n, num_splits, num_warps, num_stages, pdl)
 
 
+def plan_format(k_format: str | None, v_format: str | None) -> str | None:
+    """The ``cache_format`` to plan a launch for: the costlier to dequantize of K's and V's formats."""
+    return next((f for f in ("q4_0", "q8_0", "fp8") if f in (k_format, v_format)), None)
+
+
 def _splits(work: int, ctas_per_sm: int, sms: int, max_context: int, min_tokens_per_split: int | None) -> int:
     num_splits = max(1, (ctas_per_sm * sms) // work)
     if min_tokens_per_split is None:
@@ -577,9 +582,8 @@ def decode_attention(
 
     rows = group * sq
     if launch is None:
-        heavier = ("q4_0" if 2 in (k_code, v_code) else "q8_0" if 1 in (k_code, v_code)
-                   else "fp8" if 3 in (k_code, v_code) else None)
-        launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device, cache_format=heavier)
+        launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device,
+                             cache_format=plan_format(k_format, v_format))
     if out is None:
         out = torch.empty_like(q)
     else:

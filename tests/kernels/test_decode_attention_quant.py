@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from glmtg.kernels.decode_attention import decode_attention, plan_launch
+from glmtg.kernels.decode_attention import decode_attention, plan_format, plan_launch
 from glmtg.kv_cache import KVCache, dequantize
 from tests.reference import decode_attention_ref
 
@@ -109,8 +109,8 @@ def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
     lengths = [16383, 1, 5000, 777]
     cache = filled_cache(4, 8, 128, lengths, 16400, k_format, v_format, "cuda", page_size=page_size, seed=1)
     q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
-    heavier = next((f for f in ("q4_0", "q8_0", "fp8") if f in (k_format, v_format)), None)
-    launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device, cache_format=heavier), **variant)
+    launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device, cache_format=plan_format(k_format, v_format)),
+                     **variant)
     check(cache, q, torch.bfloat16, 1.5e-2, launch=launch)
 
 
