@@ -69,7 +69,7 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = Tr
                  M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=k_format,
                  V_FORMAT=v_format, DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
                  FP16_DOT=fp16_dot and k_format != 0 and v_format != 0,
-                 ASM_DEQUANT=asm_dequant)
+                 ASM_DEQUANT=asm_dequant and fp16_dot and k_format != 0 and v_format != 0)
     return triton.compile(ASTSource(da._decode_attention_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 

@@ -236,7 +236,7 @@ def _decode_attention_kernel(
         k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
         k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
         k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype,
-                          ASM_DEQUANT and FP16_DOT)
+                          ASM_DEQUANT)
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -258,7 +258,7 @@ def _decode_attention_kernel(
         v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
         v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
         v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype,
-                          ASM_DEQUANT and FP16_DOT)
+                          ASM_DEQUANT)
         if V_FORMAT == 3:  # fp8: the row scale multiplies the probabilities
             p = p * tl.load(VScale + v_scale_rows, mask=mask_n, other=0.0)[None, :]
         if IEEE_DOT:
@@ -607,6 +607,7 @@ def decode_attention(
         scale = 1.0 / math.sqrt(head_dim)
     k_scale_arg = k_scale if k_code else k_cache
     v_scale_arg = v_scale if v_code else v_cache
+    fp16_dot = launch.fp16_dot and k_code != 0 and v_code != 0
     grid = (launch.num_splits, batch * num_kv_heads, launch.m_tiles)
     _decode_attention_kernel[grid](
         q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
@@ -623,8 +624,8 @@ def decode_attention(
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
         PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
         DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
-        USE_PDL=launch.pdl and not direct, FP16_DOT=launch.fp16_dot and k_code != 0 and v_code != 0,
-        ASM_DEQUANT=launch.asm_dequant and q.device.type == "cuda",  # the interpreter has no inline PTX
+        USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
+        ASM_DEQUANT=fp16_dot and launch.asm_dequant and q.device.type == "cuda",  # the interpreter has no PTX
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if not direct:
