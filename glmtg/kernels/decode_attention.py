@@ -398,6 +398,8 @@ def plan_launch(
     the loop, and independent warps hide each other's latency); otherwise, like fp8, four warps on
     128-token tiles with more programs per SM than bf16 uses where slices are long, bf16's plan where not.
     """
+    _check(cache_format is None or cache_format in KV_FORMATS,
+           f"cache_format must be None or one of {KV_FORMATS}, got {cache_format!r}")
     m_cap = 128 if head_dim <= 128 else 64
     block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
     m_tiles = triton.cdiv(rows, block_m)

@@ -202,6 +202,8 @@ def test_plan_quantized_caches():
     for fmt in ("q8_0", "q4_0"):
         assert plan_launch(1, 8, 12, 128, 65536, dev, cache_format=fmt).block_n >= (32 if fmt == "q4_0" else 16)
     from glmtg.kernels.decode_attention import plan_format
+    with pytest.raises(ValueError, match="cache_format"):
+        plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8")
     assert [plan_format(*pair) for pair in [("q8_0", "q4_0"), ("fp8", "q8_0"), ("bf16", "fp8"), (None, None)]] == \
         ["q4_0", "q8_0", "fp8", None], "mixed caches plan for the costlier format (q4_0 needs >= 32-token tiles)"
 
