@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 from glmtg.kernels import decode_attention as da
 
 CODE_PTR = {0: "*bf16", 1: "*i8", 2: "*u8", 3: "*fp8e4nv"}
-SCALE_PTR = {0: "*bf16", 1: "*fp16", 2: "*fp16", 3: "*fp32"}
+SCALE_PTR = {0: "*bf16", 1: "*i32", 2: "*i32", 3: "*fp32"}
 FORMAT_NAMES = {0: "bf16", 1: "q8_0", 2: "q4_0", 3: "fp8"}
 
 VARIANTS = [

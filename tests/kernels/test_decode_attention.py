@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from glmtg.kernels import decode_attention as da
 from glmtg.kernels.decode_attention import decode_attention, plan_launch
 from tests.reference import decode_attention_ref
 
@@ -85,6 +86,15 @@ def test_group_sizes_mixed_lengths(group, head_dim):
 def test_split_counts_agree(num_splits):
     case = make_case(2, 1, 12, 1, 64, [83, 130], 131, torch.float32, "cpu", seed=num_splits)
     launch = plan_launch(2, 1, 12, 64, 131, torch.device("cpu"), num_splits=num_splits, block_n=16)
+    run_and_check(case, torch.float32, launch=launch)
+
+
+@pytest.mark.parametrize("merge_block", [2, 256], ids=["merge-loop", "merge-one-pass"])
+def test_merge_paths_agree(monkeypatch, merge_block):
+    # More splits than the merge loads at once take its two-pass loop; GPUs reach it past 256 splits.
+    monkeypatch.setattr(da, "MERGE_SPLIT_BLOCK", merge_block)
+    case = make_case(2, 1, 12, 1, 64, [83, 130], 131, torch.float32, "cpu", seed=merge_block)
+    launch = plan_launch(2, 1, 12, 64, 131, torch.device("cpu"), num_splits=7, block_n=16)
     run_and_check(case, torch.float32, launch=launch)
 
 

@@ -95,6 +95,12 @@ def test_quantized_bad_arguments():
     with pytest.raises(ValueError, match="fp16 or bf16 queries"):
         decode_attention(q.float(), kv.data, vv.data, cache.lengths, k_format="q8_0", v_format="q8_0",
                          k_scale=kv.scale, v_scale=vv.scale)
+    # Block scales are read as int32 words (two per word): a row layout that splits a word is refused.
+    odd = torch.zeros(1, 1, 16, 3, dtype=torch.float16)[..., 1:]
+    odd.copy_(kv.scale)
+    with pytest.raises(ValueError, match="k_scale must be 4-byte aligned"):
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_format="q8_0", v_format="q8_0",
+                         k_scale=odd, v_scale=vv.scale)
 
 
 # ---------------------------------------------------------------- GPU, real sizes, bf16

@@ -24,7 +24,7 @@ def _tile_kernel(Data, Scale, Out, n_valid, row_len, HEAD_DIM: tl.constexpr, BLO
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_valid
     rows = offs_n.to(tl.int64) * row_len
-    scale_rows = offs_n.to(tl.int64) * (HEAD_DIM // 32)
+    scale_rows = offs_n.to(tl.int64) * (HEAD_DIM // 64)  # int32 words: two fp16 scales each
     tile = _load_kv_tile(Data, Scale, rows, scale_rows, mask_n, HEAD_DIM, FORMAT, tl.float16, ASM_DEQUANT)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = _q4_0_order(offs_d) if FORMAT == 2 else offs_d
@@ -42,7 +42,7 @@ def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int 
     scale[0, 0] = 0.0
     out = torch.full((block_n, head_dim), float("nan"), dtype=torch.float16)
     data, scale, out = data.to(device), scale.to(device), out.to(device)
-    _tile_kernel[(1,)](data, scale, out, n_valid, data.shape[1], HEAD_DIM=head_dim, BLOCK_N=block_n,
+    _tile_kernel[(1,)](data, scale.view(torch.int32), out, n_valid, data.shape[1], HEAD_DIM=head_dim, BLOCK_N=block_n,
                        FORMAT={"q8_0": 1, "q4_0": 2}[fmt], ASM_DEQUANT=asm, num_warps=4)
     want = dequantize(data.cpu(), scale.cpu(), fmt).half()
     want[n_valid:] = 0.0
