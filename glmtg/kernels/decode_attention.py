@@ -27,6 +27,15 @@ MERGE_SPLIT_BLOCK = 256  # partials the merge loads at once; more splits than th
 
 
 @triton.jit
+def _load(ptrs, mask, other, MASKED: tl.constexpr):
+    """tl.load, predicated only where the tile may run past the slice (its last tile)."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N: tl.constexpr):
     """(live length, tokens per slice) of sequence b; the attention and merge kernels must agree.
 
@@ -37,14 +46,15 @@ def _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
+def _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+                 MASKED: tl.constexpr):
     """(page, slot) of each token, int64: the storage row it lives in, shared by K, V and their scales.
 
     Contiguous caches have one "page" per sequence. Tokens of one tile may straddle pages when
     PAGE_SIZE < BLOCK_N, so paged caches translate per token; the page-table reads stay in L1/L2.
     """
     if PAGED:
-        page = tl.load(PageTable + b * stride_pt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        page = _load(PageTable + b * stride_pt_b + offs_n // PAGE_SIZE, mask_n, 0, MASKED).to(tl.int64)
         slot = (offs_n % PAGE_SIZE).to(tl.int64)
     else:
         slot = offs_n.to(tl.int64)
@@ -131,7 +141,7 @@ def _q4_0_to_f16(packed, d):
 
 
 @triton.jit
-def _block_scales(Scale, scale_rows, m, n: tl.constexpr, BLOCKS: tl.constexpr):
+def _block_scales(Scale, scale_rows, m, n: tl.constexpr, BLOCKS: tl.constexpr, MASKED: tl.constexpr):
     """The fp16 block scales [n, BLOCKS] of n token rows, read as int32 words (two scales each).
 
     Loads narrower than 32 bits are neither vectorized nor software-pipelined by Triton (cp.async moves
@@ -140,7 +150,7 @@ def _block_scales(Scale, scale_rows, m, n: tl.constexpr, BLOCKS: tl.constexpr):
     even block (little-endian).
     """
     offs_w = tl.arange(0, BLOCKS // 2)
-    words = tl.load(Scale + scale_rows[:, None] + offs_w[None, :], mask=m, other=0)
+    words = _load(Scale + scale_rows[:, None] + offs_w[None, :], m, 0, MASKED)
     lo = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return tl.reshape(tl.join(lo, hi), (n, BLOCKS))
@@ -149,7 +159,7 @@ def _block_scales(Scale, scale_rows, m, n: tl.constexpr, BLOCKS: tl.constexpr):
 @triton.jit
 def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
                   HEAD_DIM: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  ASM_DEQUANT: tl.constexpr):
+                  ASM_DEQUANT: tl.constexpr, MASKED: tl.constexpr = True):
     """Load a [BLOCK_N, HEAD_DIM] tile and dequantize it in registers to the dtype of the dot.
 
     Every load is a plain contiguous row segment (codes) or a short row of block scales; scales are
@@ -164,35 +174,81 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
     BLOCKS: tl.constexpr = HEAD_DIM // 32
     if FORMAT == 0:  # f16 / bf16 / f32, stored as the queries are
         offs_d = tl.arange(0, HEAD_DIM)
-        return tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0)
+        return _load(Data + rows[:, None] + offs_d[None, :], m, 0.0, MASKED)
     elif FORMAT == 3:  # fp8 e4m3 codes; the row scale is applied by the caller
         offs_d = tl.arange(0, HEAD_DIM)
-        return tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0.0).to(DOT_DTYPE)
+        return _load(Data + rows[:, None] + offs_d[None, :], m, 0.0, MASKED).to(DOT_DTYPE)
     else:
         n: tl.constexpr = rows.shape[0]
-        d = _block_scales(Scale, scale_rows, m, n, BLOCKS)
+        d = _block_scales(Scale, scale_rows, m, n, BLOCKS, MASKED)
         if ASM_DEQUANT:
             if FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
                 offs_d = tl.arange(0, HEAD_DIM)
-                codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0)
+                codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0, MASKED)
                 d_full = tl.reshape(tl.broadcast_to(d[:, :, None], (n, BLOCKS, 32)), (n, HEAD_DIM))
                 return _q8_0_to_f16(codes, d_full)
             else:  # q4_0: byte j of a block = q[j] | q[j + 16] << 4
                 offs_h = tl.arange(0, HEAD_DIM // 2)
-                packed = tl.load(Data + rows[:, None] + offs_h[None, :], mask=m, other=0)
+                packed = _load(Data + rows[:, None] + offs_h[None, :], m, 0, MASKED)
                 d_half = tl.reshape(tl.broadcast_to(d[:, :, None], (n, BLOCKS, 16)), (n, HEAD_DIM // 2))
                 lo, hi = _q4_0_to_f16(packed, d_half)
                 return tl.reshape(tl.join(lo, hi), (n, HEAD_DIM))
         d = d.to(tl.float32)
         if FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
             offs_d = tl.arange(0, HEAD_DIM)
-            codes = tl.load(Data + rows[:, None] + offs_d[None, :], mask=m, other=0).to(tl.float32)
+            codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0, MASKED).to(tl.float32)
         else:  # q4_0: 16 bytes per block, byte j = q[j] | q[j + 16] << 4, value (q - 8) * d
             offs_h = tl.arange(0, HEAD_DIM // 2)
-            packed = tl.load(Data + rows[:, None] + offs_h[None, :], mask=m, other=0).to(tl.int32)
+            packed = _load(Data + rows[:, None] + offs_h[None, :], m, 0, MASKED).to(tl.int32)
             codes = tl.join((packed & 0xF) - 8, (packed >> 4) - 8).to(tl.float32)  # [N, D/2, 2]
         codes = tl.reshape(codes, (n, BLOCKS, 32))
         return tl.reshape(codes * d[:, :, None], (n, HEAD_DIM)).to(DOT_DTYPE)
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+                 stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+                 stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+                 SQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                 PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr, IEEE_DOT: tl.constexpr,
+                 ASM_DEQUANT: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over tokens [n0, n0 + BLOCK_N); MASKED for a tile that may pass ``end``."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < end
+    page, slot = _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE, PAGED, MASKED)
+    k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
+    k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
+    k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype,
+                      ASM_DEQUANT, MASKED)
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if K_FORMAT == 3:  # fp8: the row scale multiplies the scores, not every loaded value
+        s = s * _load(KScale + k_scale_rows, mask_n, 0.0, MASKED)[None, :]
+    s = s * scale_log2
+    if SQ > 1:
+        s = tl.where(offs_n[None, :] <= last_key[:, None], s, float("-inf"))
+    if MASKED:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row may see no key yet (causal rows, empty slice): keep exp2 away from -inf - -inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
+    v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
+    v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype,
+                      ASM_DEQUANT, MASKED)
+    if V_FORMAT == 3:  # fp8: the row scale multiplies the probabilities
+        p = p * _load(VScale + v_scale_rows, mask_n, 0.0, MASKED)[None, :]
+    if IEEE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -245,44 +301,21 @@ def _decode_attention_kernel(
     q = tl.load(Q + q_rows[:, None] + q_cols[None, :], mask=row_valid[:, None], other=0.0)
     if FP16_DOT:
         q = q.to(tl.float16)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        page, slot = _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE, PAGED)
-        k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
-        k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
-        k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype,
-                          ASM_DEQUANT)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        if K_FORMAT == 3:  # fp8: the row scale multiplies the scores, not every loaded value
-            s = s * tl.load(KScale + k_scale_rows, mask=mask_n, other=0.0)[None, :]
-        s = s * scale_log2
-        if SQ > 1:
-            valid = mask_n[None, :] & (offs_n[None, :] <= last_key[:, None])
-        else:
-            valid = mask_n[None, :]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row may see no key yet (causal rows, empty slice): keep exp2 away from -inf - -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
-        v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
-        v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype,
-                          ASM_DEQUANT)
-        if V_FORMAT == 3:  # fp8: the row scale multiplies the probabilities
-            p = p * tl.load(VScale + v_scale_rows, mask=mask_n, other=0.0)[None, :]
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Whole tiles run without per-token predicates (fewer instructions in the loop); only the slice's
+    # last, partial tile is masked. Slices start on a tile boundary (see _slicing).
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+            stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+            stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+            SQ, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, False)
+    if full_end < end:
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, full_end, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+            stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+            stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+            SQ, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, True)
 
     if USE_PDL:
         # Streaming is done: let the merge kernel launch now; it waits for our stores itself.
