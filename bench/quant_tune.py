@@ -3,7 +3,9 @@
     python bench/quant_tune.py --out quant_tune.json [--cases 96/8:65536,12/1:65536] [--formats q8_0,fp8]
 
 For each case and format: the planner's default launch, the default with the plain (non-asm)
-dequantization, then a grid over tile length, pipeline stages, warps and programs per SM. Timing as in
+dequantization, then a grid over tile length, pipeline stages, warps and programs per SM (optionally
+with register caps). Each launch's output is checked against torch attention over the dequantized
+cache (a launch the compiler gets wrong is reported, not timed). Timing as in
 bench/decode_attention.py (CUDA graph, KV sets rotated past L2, median); effective bandwidth counts
 the bytes of codes and scales read. JSON only: the chosen defaults go into plan_launch and the table.
 """
@@ -23,8 +25,29 @@ from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, w
 from decode_attention import QUANT_FORMATS, ROW_BYTES, make_quant_set, make_sets  # noqa: E402
 
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
+from glmtg.kv_cache import dequantize  # noqa: E402
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
+
+
+def reference_output(first_set, fmt) -> torch.Tensor:
+    """Attention of the first set over its dequantized cache (fp32 torch), to catch miscompiled launches."""
+    q, k, v, lengths, k_scale, v_scale = first_set
+    if fmt != "bf16":
+        k, v = dequantize(k, k_scale, fmt), dequantize(v, v_scale, fmt)
+    qf, kf, vf = q[:, 0].float(), k.float(), v.float()  # [B, Hq, D], [B, Hkv, T, D]
+    group = qf.shape[1] // kf.shape[1]
+    qg = qf.view(qf.shape[0], kf.shape[1], group, -1)
+    probs = torch.softmax(qg @ kf.transpose(-1, -2) / qf.shape[-1] ** 0.5, dim=-1)
+    return (probs @ vf).view_as(qf)
+
+
+def relative_error(first_set, fmt, launch, want) -> float:
+    q, k, v, lengths, k_scale, v_scale = first_set
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=None if fmt == "bf16" else fmt,
+                     v_format=None if fmt == "bf16" else fmt, out=out, validate=False, launch=launch)
+    return ((out[:, 0].float() - want).norm() / want.norm()).item()
 
 
 def time_launch(sets, fmt, launch) -> float:
@@ -44,6 +67,7 @@ def main() -> int:
     parser.add_argument("--cases", default="96/8:65536,12/1:65536")
     parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
     parser.add_argument("--no-grid", action="store_true", help="default launches only")
+    parser.add_argument("--maxnreg", default="", help="register caps to try on every grid point, e.g. 128,168")
     for key, values in GRID.items():
         parser.add_argument(f"--{key.replace('_', '-')}", default=",".join(map(str, values)))
     args = parser.parse_args()
@@ -62,6 +86,7 @@ def main() -> int:
             sets = ([(*s, None, None) for s in make_sets(1, hq, hkv, ctx, d, torch.bfloat16, nsets)] if fmt == "bf16"
                     else [make_quant_set(1, hq, hkv, ctx, d, fmt) for _ in range(nsets)])
             rows = hq // hkv
+            want = reference_output(sets[0], fmt)
             base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt)
             trials = [("default", base)]
             if fmt in ("q8_0", "q4_0"):
@@ -70,12 +95,19 @@ def main() -> int:
             if not args.no_grid:
                 for values in itertools.product(*grid.values()):
                     kw = dict(zip(grid, values))
-                    trials.append((" ".join(f"{k}={v}" for k, v in kw.items()),
-                                   plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, **kw)))
+                    launch = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, **kw)
+                    name = " ".join(f"{k}={v}" for k, v in kw.items())
+                    trials.append((name, launch))
+                    for cap in filter(None, args.maxnreg.split(",")):
+                        trials.append((f"{name} maxnreg={cap}", replace(launch, maxnreg=int(cap))))
             for name, launch in trials:
                 try:
                     seconds = time_launch(sets, fmt, launch)
-                    entry = dict(us=seconds * 1e6, tbps=nbytes / seconds / 1e12, frac_copy=nbytes / seconds / copy_bw)
+                    err = relative_error(sets[0], fmt, launch, want)
+                    entry = dict(us=seconds * 1e6, tbps=nbytes / seconds / 1e12, frac_copy=nbytes / seconds / copy_bw,
+                                 rel_err=err)
+                    if not err < 2e-2:  # bf16 output and fp16 dots: ~4e-3; a miscompiled tile gives O(1)
+                        entry = dict(us=None, note=f"WRONG RESULT (relative error {err:.2e}), {entry['us']:.1f} us")
                 except Exception as exc:  # e.g. shared memory exceeded for the largest tiles
                     entry = dict(us=None, note=f"{type(exc).__name__}: {str(exc)[:120]}")
                 results.append(dict(hq=hq, hkv=hkv, ctx=ctx, format=fmt, trial=name, launch=asdict(launch), **entry))

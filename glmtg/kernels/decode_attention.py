@@ -63,14 +63,25 @@ def _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE: tl.conste
 
 
 @triton.jit
+def _word_byte_order(j):
+    """Byte index at position j when each 4-byte word's bytes come in the order 0, 2, 1, 3.
+
+    That is the order in which _q4_0_to_f16 emits a word's nibbles (one LOP3 per two values needs the
+    two bytes 16 bits apart); the plain path loads its bytes in the same order so both give one tile.
+    """
+    return (j // 4) * 4 + (j % 2) * 2 + (j // 2) % 2
+
+
+@triton.jit
 def _q4_0_order(offs):
     """Head-dim index of position ``offs`` of a dequantized q4_0 tile.
 
-    Unpacking joins each byte's two nibbles side by side, so a 32-value block comes out as
-    (q[0], q[16], q[1], q[17], ...). Rather than shuffle the tile, the kernel reads q in this order
-    (for K) and writes output columns in this order (for V): a dot product does not care.
+    Unpacking joins each byte's two nibbles side by side, in _word_byte_order, so a 32-value block
+    comes out as (q[0], q[16], q[2], q[18], q[1], q[17], q[3], q[19], ...). Rather than shuffle the
+    tile, the kernel reads q in this order (for K) and writes output columns in this order (for V): a
+    dot product does not care.
     """
-    return (offs // 32) * 32 + (offs % 32) // 2 + (offs % 2) * 16
+    return (offs // 32) * 32 + _word_byte_order((offs % 32) // 2) + (offs % 2) * 16
 
 
 @triton.jit
@@ -105,29 +116,29 @@ def _q8_0_to_f16(codes, d):
 
 @triton.jit
 def _q4_0_to_f16(packed, d):
-    """(low, high) nibbles of q4_0 bytes as fp16 (q - 8) * d, by the same bit trick as _q8_0_to_f16.
+    """(low, high) nibbles of q4_0 bytes as fp16 (q - 8) * d, bytes in _word_byte_order.
 
-    A nibble q placed under the fp16 pattern 0x6400 reads 1024 + q; subtracting 1032 leaves q - 8.
+    One LOP3 per two values, (word & 0x000F000F) | 0x6400_6400, reads 1024 + q in both halves
+    (bytes 0 and 2; the word shifted right by 8 gives bytes 1 and 3); subtracting 1032 leaves q - 8.
+    High nibbles the same with mask 0x00F000F0: 1024 + 16 q, and one fma by 1/16 and -72 gives q - 8.
+    All exact; the scale multiply rounds once, as fp16(q * d) would.
     """
     return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 hi, k, bias;
-        mov.b32 k, 0x64646464;
+        .reg .b32 odd, bias, sixteenth, hi_bias;
         mov.b32 bias, 0x64086408;
-        shr.b32 hi, $6, 4;
-        prmt.b32 $0, $6, k, 0x4140;
-        prmt.b32 $1, $6, k, 0x4342;
-        prmt.b32 $2, hi, k, 0x4140;
-        prmt.b32 $3, hi, k, 0x4342;
-        and.b32 $0, $0, 0xFF0FFF0F;
-        and.b32 $1, $1, 0xFF0FFF0F;
-        and.b32 $2, $2, 0xFF0FFF0F;
-        and.b32 $3, $3, 0xFF0FFF0F;
+        mov.b32 sixteenth, 0x2C002C00;
+        mov.b32 hi_bias, 0xD480D480;
+        shr.b32 odd, $6, 8;
+        lop3.b32 $0, $6, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $1, odd, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, $6, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 $3, odd, 0x00F000F0, 0x64006400, 0xEA;
         sub.rn.f16x2 $0, $0, bias;
         sub.rn.f16x2 $1, $1, bias;
-        sub.rn.f16x2 $2, $2, bias;
-        sub.rn.f16x2 $3, $3, bias;
+        fma.rn.f16x2 $2, $2, sixteenth, hi_bias;
+        fma.rn.f16x2 $3, $3, sixteenth, hi_bias;
         mul.rn.f16x2 $0, $0, $4;
         mul.rn.f16x2 $1, $1, $5;
         mul.rn.f16x2 $2, $2, $4;
@@ -149,11 +160,13 @@ def _block_scales(Scale, scale_rows, m, n: tl.constexpr, BLOCKS: tl.constexpr, M
     scale tensor viewed as int32, ``scale_rows`` counted in words; the low half of a word is the
     even block (little-endian).
     """
-    offs_w = tl.arange(0, BLOCKS // 2)
-    words = _load(Scale + scale_rows[:, None] + offs_w[None, :], m, 0, MASKED)
-    lo = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (n, BLOCKS))
+    # Each word is read once per block it holds (two 4-byte loads of one address hit the same sector)
+    # and split by shifts: the tl.join + tl.reshape form of this miscompiled with 16-token tiles on
+    # sm_90 (the same pattern as the q4_0 fault noted in decode_attention()).
+    offs_b = tl.arange(0, BLOCKS)
+    words = _load(Scale + scale_rows[:, None] + (offs_b // 2)[None, :], m, 0, MASKED)
+    halves = (words >> ((offs_b % 2) * 16)[None, :]) & 0xFFFF
+    return halves.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -198,7 +211,7 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
             offs_d = tl.arange(0, HEAD_DIM)
             codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0, MASKED).to(tl.float32)
         else:  # q4_0: 16 bytes per block, byte j = q[j] | q[j + 16] << 4, value (q - 8) * d
-            offs_h = tl.arange(0, HEAD_DIM // 2)
+            offs_h = _word_byte_order(tl.arange(0, HEAD_DIM // 2))  # the asm path's tile order
             packed = _load(Data + rows[:, None] + offs_h[None, :], m, 0, MASKED).to(tl.int32)
             codes = tl.join((packed & 0xF) - 8, (packed >> 4) - 8).to(tl.float32)  # [N, D/2, 2]
         codes = tl.reshape(codes, (n, BLOCKS, 32))
@@ -423,6 +436,8 @@ class DecodeLaunch:
     fp16_dot: bool = True
     # q8_0/q4_0 codes -> fp16 by bit tricks in inline PTX (CUDA only, with fp16 dots); see _q8_0_to_f16.
     asm_dequant: bool = True
+    # Register cap per thread (CUDA): lets more one-warp programs share an SM; None = the compiler's choice.
+    maxnreg: int | None = None
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -456,7 +471,7 @@ def plan_launch(
     ``cache_format`` names the quantized format of the cache ("q4_0" or "q8_0" if either K or V uses
     one, else "fp8"), whose loops are bound by dequantization latency rather than by memory
     (bench/results/quant_tune_2026-11-25.json). At head_dim 128, q8_0/q4_0 run one-warp programs,
-    8-12 per SM, when the context gives at least four per SM (no cross-warp reductions or barriers in
+    eight per SM, when the context gives at least four per SM (no cross-warp reductions or barriers in
     the loop, and independent warps hide each other's latency); otherwise, like fp8, four warps on
     128-token tiles with more programs per SM than bf16 uses where slices are long, bf16's plan where not.
     """
@@ -474,11 +489,12 @@ def plan_launch(
     tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
     # Measured and GPU-tested at head_dim 128 (GLM's); other head dims keep the bf16 plan.
     if cache_format in ("q8_0", "q4_0") and head_dim == 128 and block_m <= 16 and not tuned:
-        # (tokens per tile, programs per SM): the fastest of the one-warp sweep for each format
-        tile, per_sm = (16, 12) if cache_format == "q8_0" else (32, 8)
+        # Tokens per tile: the fastest of the one-warp sweeps for each format. Eight programs per SM:
+        # the one-warp programs take 230-245 registers a thread, so no more than eight fit.
+        tile, per_sm = (16, 8) if cache_format == "q8_0" else (32, 8)
         one_warp_splits = max(1, min(per_sm * sms // work, triton.cdiv(max_context, 256)))
         if one_warp_splits * work >= 4 * sms:
-            return DecodeLaunch(block_m, m_tiles, tile, one_warp_splits, 1, 2, pdl)
+            return DecodeLaunch(block_m, m_tiles, tile, one_warp_splits, 1, 3, pdl)
     # Quantized caches take more programs per SM and 128-token tiles, but only where the slices the
     # bf16 plan would cut are long (>= 256 tokens): at short contexts the extra slices cost more in
     # partials and merging than they win (measured: 12/1 at 16k 12.4 -> 15.0 us with them).
@@ -691,6 +707,7 @@ def decode_attention(
         USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
         ASM_DEQUANT=fp16_dot and launch.asm_dequant and q.device.type == "cuda",  # the interpreter has no PTX
         num_warps=launch.num_warps, num_stages=launch.num_stages,
+        **({"maxnreg": launch.maxnreg} if launch.maxnreg and q.device.type == "cuda" else {}),
     )
     if not direct:
         block_d = 32

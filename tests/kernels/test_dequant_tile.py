@@ -31,7 +31,8 @@ def _tile_kernel(Data, Scale, Out, n_valid, row_len, HEAD_DIM: tl.constexpr, BLO
     tl.store(Out + offs_n[:, None] * HEAD_DIM + cols[None, :], tile)
 
 
-def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int = 128, n_valid: int = 61):
+def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int = 128, n_valid: int = 61,
+             num_warps: int = 4):
     g = torch.Generator().manual_seed(7)
     if fmt == "q8_0":
         data = torch.arange(block_n * head_dim).remainder(256).sub(128).to(torch.int8).view(block_n, head_dim)
@@ -43,7 +44,7 @@ def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int 
     out = torch.full((block_n, head_dim), float("nan"), dtype=torch.float16)
     data, scale, out = data.to(device), scale.to(device), out.to(device)
     _tile_kernel[(1,)](data, scale.view(torch.int32), out, n_valid, data.shape[1], HEAD_DIM=head_dim, BLOCK_N=block_n,
-                       FORMAT={"q8_0": 1, "q4_0": 2}[fmt], ASM_DEQUANT=asm, num_warps=4)
+                       FORMAT={"q8_0": 1, "q4_0": 2}[fmt], ASM_DEQUANT=asm, num_warps=num_warps)
     want = dequantize(data.cpu(), scale.cpu(), fmt).half()
     want[n_valid:] = 0.0
     return out.cpu(), want
@@ -70,4 +71,15 @@ def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     out, want = run_tile(fmt, asm=asm, device="cuda", block_n=block_n, head_dim=head_dim, n_valid=block_n - 3)
+    assert_same(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asm", [True, False], ids=["asm", "plain"])
+@pytest.mark.parametrize("num_warps", [1, 4])
+def test_gpu_q8_0_sixteen_token_tiles(asm, num_warps):
+    # The one-warp q8_0 plan runs 16-token tiles; the q4_0 fault (decode_attention()) hit this height.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out, want = run_tile("q8_0", asm=asm, device="cuda", block_n=16, head_dim=128, n_valid=13, num_warps=num_warps)
     assert_same(out, want)
