@@ -4,6 +4,9 @@ compiler made of each variant: shared memory, software-pipelined async copies, 1
     python bench/inspect_kernel.py                 # the variants below
     python bench/inspect_kernel.py --dump DIR      # also write each variant's TTGIR and PTX
 
+The last columns count the SASS instructions of the streaming loop (the longest loop; whole tiles run
+unpredicated there) per iteration, one warp's view, by Triton's bundled nvdisasm.
+
 Arguments get the 16-byte divisibility hints Triton's launcher gives real launches (pointers, strides
 that are multiples of 16), so the report matches what runs on the H100. A failed compile is reported
 per variant (the interpreter accepts some code the GPU compiler rejects).
@@ -12,8 +15,13 @@ per variant (the interpreter accepts some code the GPU compiler rejects).
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
+import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -30,8 +38,9 @@ VARIANTS = [
     dict(), dict(block_n=128, num_stages=2), dict(direct=True), dict(paged=True, sq=3),
     dict(k_format=1, v_format=1), dict(k_format=2, v_format=2),
     dict(k_format=1, v_format=1, asm_dequant=False), dict(k_format=2, v_format=2, asm_dequant=False),
-    dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=2),
-    dict(k_format=2, v_format=2, num_warps=1, block_n=32, num_stages=2), dict(k_format=3, v_format=3),
+    dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=3),
+    dict(k_format=2, v_format=2, num_warps=1, block_n=32, num_stages=3),
+    dict(k_format=3, v_format=3, block_n=128), dict(k_format=3, v_format=3),
     dict(k_format=3, v_format=3, fp16_dot=False), dict(k_format=1, v_format=3),
 ]
 
@@ -74,6 +83,37 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = Tr
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def loop_sass(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the kernel's longest loop (the streaming loop), from Triton's bundled nvdisasm."""
+    import triton as _triton
+
+    nvdisasm = os.path.join(os.path.dirname(_triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return collections.Counter()  # reported as 0: this Triton build ships no disassembler
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    labels, ops, pending = {}, [], []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update({name: addr for name in pending})
+            pending = []
+            ops.append((addr, m.group(2), line))
+    loops = [(labels[t.group(1)], addr) for addr, op, line in ops if op.startswith("BRA")
+             for t in [re.search(r"(\.L_x_\d+)", line)] if t and labels.get(t.group(1), addr) < addr]
+    if not loops:
+        return collections.Counter()
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    return collections.Counter(op for addr, op, _ in ops if lo <= addr <= hi)
+
+
 def describe(variant: dict) -> str:
     parts = [f"{FORMAT_NAMES[variant.get('k_format', 0)]}/{FORMAT_NAMES[variant.get('v_format', 0)]}"]
     parts += [f"{k}={v}" for k, v in variant.items() if k not in ("k_format", "v_format")]
@@ -84,8 +124,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dump", type=Path, default=None, help="write TTGIR and PTX of each variant here")
     args = parser.parse_args()
-    print("| variant | shared KB | async copies (TTGIR) | cp.async (PTX) | 16-B loads | other global loads | mma.sync | wgmma |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | shared KB | async copies (TTGIR) | cp.async (PTX) | 16-B loads | other global loads | mma.sync "
+          "| wgmma | loop SASS instructions | of which LDS.U8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     failed = 0
     for i, variant in enumerate(VARIANTS):
         try:
@@ -96,10 +137,12 @@ def main() -> int:
             print(f"| {describe(variant)} | compile failed: {type(cause).__name__}: {str(cause)[:160]} |")
             continue
         ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+        loop = loop_sass(kernel.asm["cubin"])
         v4 = ptx.count("ld.global.v4")
         print(f"| {describe(variant)} | {kernel.metadata.shared / 1024:.1f} | "
               f"{ttgir.count('async_copy_global_to_local')} | {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')} | "
-              f"{v4} | {ptx.count('ld.global') - v4} | {ptx.count('mma.sync')} | {ptx.count('wgmma.mma_async')} |")
+              f"{v4} | {ptx.count('ld.global') - v4} | {ptx.count('mma.sync')} | {ptx.count('wgmma.mma_async')} | "
+              f"{sum(loop.values())} | {loop['LDS.U8']} |")
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"variant{i}.ttgir").write_text(ttgir)
