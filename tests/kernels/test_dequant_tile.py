@@ -1,7 +1,8 @@
 """The decode kernel's tile dequantization (_load_kv_tile), value for value.
 
 Codes cover every byte value and scales span normal and subnormal fp16 magnitudes. The kernel's fp16
-tile must equal fp16(code * d) computed in float32 by torch exactly: the product of an 8-bit code and
+tile must equal fp16(code * d) computed in float32 by torch exactly (fp8: the e4m3 value, whose row scale
+the attention kernel applies to scores and probabilities instead): the product of an 8-bit code and
 an fp16 scale is exact in float32, so both sides round the same real number once. The inline-PTX path
 (ASM_DEQUANT, GPU only) and the plain path must both meet this; the CPU interpreter runs the plain one.
 Rows past the mask must read as 0.
@@ -36,6 +37,10 @@ def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int 
     g = torch.Generator().manual_seed(7)
     if fmt == "q8_0":
         data = torch.arange(block_n * head_dim).remainder(256).sub(128).to(torch.int8).view(block_n, head_dim)
+    elif fmt == "fp8":  # every e4m3 byte but the two NaN codes (0x7F, 0xFF); the row scale is not applied
+        codes = torch.arange(block_n * head_dim).remainder(256).to(torch.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0
+        data = codes.view(torch.float8_e4m3fn).view(block_n, head_dim)
     else:
         data = torch.arange(block_n * head_dim // 2).mul(37).remainder(256).to(torch.uint8).view(block_n, head_dim // 2)
     exponents = torch.randint(-24, 6, (block_n, head_dim // 32), generator=g).float()
@@ -44,8 +49,8 @@ def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int 
     out = torch.full((block_n, head_dim), float("nan"), dtype=torch.float16)
     data, scale, out = data.to(device), scale.to(device), out.to(device)
     _tile_kernel[(1,)](data, scale.view(torch.int32), out, n_valid, data.shape[1], HEAD_DIM=head_dim, BLOCK_N=block_n,
-                       FORMAT={"q8_0": 1, "q4_0": 2}[fmt], ASM_DEQUANT=asm, num_warps=num_warps)
-    want = dequantize(data.cpu(), scale.cpu(), fmt).half()
+                       FORMAT={"q8_0": 1, "q4_0": 2, "fp8": 3}[fmt], ASM_DEQUANT=asm, num_warps=num_warps)
+    want = data.cpu().half() if fmt == "fp8" else dequantize(data.cpu(), scale.cpu(), fmt).half()
     want[n_valid:] = 0.0
     return out.cpu(), want
 
@@ -57,14 +62,14 @@ def assert_same(out: torch.Tensor, want: torch.Tensor) -> None:
                           f"{out[bad][:4].tolist()} vs {want[bad][:4].tolist()}"
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
 def test_plain_dequant_exact_cpu(fmt):
     out, want = run_tile(fmt, asm=False, device="cpu", block_n=16, head_dim=64, n_valid=13)
     assert_same(out, want)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
 @pytest.mark.parametrize("asm", [True, False], ids=["asm", "plain"])
 @pytest.mark.parametrize("head_dim, block_n", [(128, 64), (64, 128), (256, 32)])
 def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
