@@ -40,13 +40,15 @@ VARIANTS = [
     dict(k_format=1, v_format=1, asm_dequant=False), dict(k_format=2, v_format=2, asm_dequant=False),
     dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=3),
     dict(k_format=2, v_format=2, num_warps=1, block_n=32, num_stages=3),
-    dict(k_format=3, v_format=3, block_n=128), dict(k_format=3, v_format=3),
+    dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=3, dequant_in_rows=True),
+    dict(k_format=3, v_format=3, block_n=128), dict(k_format=3, v_format=3, block_n=128, dequant_in_rows=True),
+    dict(k_format=3, v_format=3),
     dict(k_format=3, v_format=3, fp16_dot=False), dict(k_format=1, v_format=3),
 ]
 
 
 def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = True, asm_dequant: bool = True,
-                    direct: bool = False,
+                    dequant_in_rows: bool = False, direct: bool = False,
                     paged: bool = False, sq: int = 1, group: int = 12, head_dim: int = 128, block_n: int = 64,
                     num_warps: int = 4, num_stages: int = 3):
     names = list(inspect.signature(da._decode_attention_kernel.fn).parameters)
@@ -78,7 +80,8 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = Tr
                  M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=k_format,
                  V_FORMAT=v_format, DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
                  FP16_DOT=fp16_dot and k_format != 0 and v_format != 0,
-                 ASM_DEQUANT=asm_dequant and fp16_dot and k_format != 0 and v_format != 0)
+                 ASM_DEQUANT=(2 if dequant_in_rows else 1) if asm_dequant and fp16_dot and k_format != 0 and v_format != 0
+                 else 0)
     return triton.compile(ASTSource(da._decode_attention_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 

@@ -68,6 +68,8 @@ def main() -> int:
     parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
     parser.add_argument("--no-grid", action="store_true", help="default launches only")
     parser.add_argument("--maxnreg", default="", help="register caps to try on every grid point, e.g. 128,168")
+    parser.add_argument("--in-rows", action="store_true",
+                        help="also try every launch with DecodeLaunch.dequant_in_rows (q8_0/fp8 converted where loaded)")
     for key, values in GRID.items():
         parser.add_argument(f"--{key.replace('_', '-')}", default=",".join(map(str, values)))
     args = parser.parse_args()
@@ -100,6 +102,9 @@ def main() -> int:
                     trials.append((name, launch))
                     for cap in filter(None, args.maxnreg.split(",")):
                         trials.append((f"{name} maxnreg={cap}", replace(launch, maxnreg=int(cap))))
+            if args.in_rows and fmt in ("q8_0", "fp8"):
+                trials += [(f"{name}, in rows", replace(launch, dequant_in_rows=True)) for name, launch in trials
+                           if launch.asm_dequant]
             for name, launch in trials:
                 try:
                     seconds = time_launch(sets, fmt, launch)

@@ -64,7 +64,7 @@ def _token_slots(PageTable, b, offs_n, mask_n, stride_pt_b, PAGE_SIZE: tl.conste
 
 @triton.jit
 def _fp8_to_f16(codes):
-    """e4m3 codes as fp16 (exact), two per cvt, converted where loaded (see _q8_0_to_f16)."""
+    """e4m3 codes as fp16 (exact), two per cvt, converted where loaded (IN_ROWS of _q8_0_to_f16)."""
     return tl.inline_asm_elementwise(
         asm="""
         {
@@ -103,7 +103,7 @@ def _q4_0_order(offs):
 
 
 @triton.jit
-def _q8_0_to_f16(codes, d):
+def _q8_0_to_f16(codes, d, IN_ROWS: tl.constexpr):
     """int8 codes times their fp16 block scale, as fp16, without int->float conversion instructions.
 
     sm_90 converts int8 -> float at a quarter of the FP32 rate (16 per clock per SM), which made the
@@ -111,11 +111,13 @@ def _q8_0_to_f16(codes, d):
     1024 + b + 128 exactly, by one byte permute per two values; subtracting 1152 leaves b exactly, and
     one packed multiply applies the scale (rounded once, as fp16(b * d) would be).
 
-    Declared impure so that Triton converts the tile where it is loaded, in rows, and hands the fp16
-    tile to the dot through shared memory (stmatrix/ldmatrix, transposed for V). A pure op it would
-    move past the layout change to the narrow codes, and V's transposed 8-bit operand was then
-    gathered from shared memory byte by byte (64 LDS.U8 + packing per 16-token tile): the one-warp
-    q8_0 loop drops from 779 to 562 instructions and from 244 to 212 registers.
+    IN_ROWS declares the op impure, so that Triton converts the tile where it is loaded, in rows, and
+    hands the fp16 tile to the dot through shared memory (stmatrix/ldmatrix, transposed for V). A pure
+    op it moves past the layout change to the narrow codes, and V's transposed 8-bit operand is then
+    gathered from shared memory byte by byte (64 LDS.U8 + packing per 16-token tile). In rows, the
+    one-warp q8_0 loop has 562 instructions instead of 779 (212 registers instead of 244) but ran
+    slower at depth on the H100 (96/8 64k 69.8 vs 63.4 us: a second shared-memory round trip in a
+    latency-bound loop), so it is an option (DecodeLaunch.dequant_in_rows), off by default.
     """
     return tl.inline_asm_elementwise(
         asm="""
@@ -134,7 +136,7 @@ def _q8_0_to_f16(codes, d):
         """,
         constraints="=r,=r,r,r,r",
         args=[d, codes],
-        dtype=tl.float16, is_pure=False, pack=4,
+        dtype=tl.float16, is_pure=not IN_ROWS, pack=4,
     )
 
 
@@ -205,7 +207,9 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
     Rows past the slice read as 0 (codes and scales alike): V rows beyond the context may hold
     anything (even NaN), and 0 * NaN would poison the accumulator even where p == 0.
     ASM_DEQUANT (GPU, fp16 dots): q8_0/q4_0 codes go to fp16 by bit tricks in inline PTX rather than
-    through int -> fp32 -> fp16 conversions; the interpreter (CPU tests) takes the plain path.
+    through int -> fp32 -> fp16 conversions; the interpreter (CPU tests) takes the plain path (0).
+    1: the compiler places the conversion; 2: q8_0 and fp8 tiles are converted where loaded, in rows
+    (see _q8_0_to_f16).
     """
     m = mask_n[:, None]
     BLOCKS: tl.constexpr = HEAD_DIM // 32
@@ -215,7 +219,7 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
     elif FORMAT == 3:  # fp8 e4m3 codes; the row scale is applied by the caller
         offs_d = tl.arange(0, HEAD_DIM)
         codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0.0, MASKED)
-        if ASM_DEQUANT:
+        if ASM_DEQUANT == 2:
             return _fp8_to_f16(codes)
         return codes.to(DOT_DTYPE)
     else:
@@ -226,7 +230,7 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
                 offs_d = tl.arange(0, HEAD_DIM)
                 codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0, MASKED)
                 d_full = tl.reshape(tl.broadcast_to(d[:, :, None], (n, BLOCKS, 32)), (n, HEAD_DIM))
-                return _q8_0_to_f16(codes, d_full)
+                return _q8_0_to_f16(codes, d_full, ASM_DEQUANT == 2)
             else:  # q4_0: byte j of a block = q[j] | q[j + 16] << 4
                 offs_h = tl.arange(0, HEAD_DIM // 2)
                 packed = _load(Data + rows[:, None] + offs_h[None, :], m, 0, MASKED)
@@ -463,6 +467,9 @@ class DecodeLaunch:
     fp16_dot: bool = True
     # q8_0/q4_0 codes -> fp16 by bit tricks in inline PTX (CUDA only, with fp16 dots); see _q8_0_to_f16.
     asm_dequant: bool = True
+    # q8_0/fp8 tiles converted where loaded, so V reaches the dot by ldmatrix.trans rather than byte
+    # gathers: fewer instructions, but slower at depth on the H100 when last measured (_q8_0_to_f16).
+    dequant_in_rows: bool = False
     # Register cap per thread (CUDA): lets more one-warp programs share an SM; None = the compiler's choice.
     maxnreg: int | None = None
 
@@ -732,7 +739,8 @@ def decode_attention(
         PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
         DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
         USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
-        ASM_DEQUANT=fp16_dot and launch.asm_dequant and q.device.type == "cuda",  # the interpreter has no PTX
+        # the interpreter has no PTX
+        ASM_DEQUANT=(2 if launch.dequant_in_rows else 1) if fp16_dot and launch.asm_dequant and q.device.type == "cuda" else 0,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg and q.device.type == "cuda" else {}),
     )

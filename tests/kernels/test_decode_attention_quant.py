@@ -109,8 +109,8 @@ def test_quantized_bad_arguments():
 @pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS[:4] + [("bf16", "q4_0")])
 @pytest.mark.parametrize("page_size", [None, 64])
 @pytest.mark.parametrize("variant", [{}, {"fp16_dot": False}, {"asm_dequant": False},
-                                     {"num_warps": 4, "block_n": 128, "num_stages": 3}],
-                         ids=["fp16-dot", "bf16-dot", "plain-dequant", "four-warps"])
+                                     {"num_warps": 4, "block_n": 128, "num_stages": 3}, {"dequant_in_rows": True}],
+                         ids=["fp16-dot", "bf16-dot", "plain-dequant", "four-warps", "in-rows"])
 def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
     lengths = [16383, 1, 5000, 777]
     cache = filled_cache(4, 8, 128, lengths, 16400, k_format, v_format, "cuda", page_size=page_size, seed=1)

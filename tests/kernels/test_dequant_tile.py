@@ -4,7 +4,8 @@ Codes cover every byte value and scales span normal and subnormal fp16 magnitude
 tile must equal fp16(code * d) computed in float32 by torch exactly (fp8: the e4m3 value, whose row scale
 the attention kernel applies to scores and probabilities instead): the product of an 8-bit code and
 an fp16 scale is exact in float32, so both sides round the same real number once. The inline-PTX path
-(ASM_DEQUANT, GPU only) and the plain path must both meet this; the CPU interpreter runs the plain one.
+(ASM_DEQUANT 1, or 2: converted where loaded; GPU only) and the plain path must all meet this; the CPU
+interpreter runs the plain one.
 Rows past the mask must read as 0.
 """
 
@@ -32,7 +33,7 @@ def _tile_kernel(Data, Scale, Out, n_valid, row_len, HEAD_DIM: tl.constexpr, BLO
     tl.store(Out + offs_n[:, None] * HEAD_DIM + cols[None, :], tile)
 
 
-def run_tile(fmt: str, asm: bool, device: str, block_n: int = 64, head_dim: int = 128, n_valid: int = 61,
+def run_tile(fmt: str, asm: int, device: str, block_n: int = 64, head_dim: int = 128, n_valid: int = 61,
              num_warps: int = 4):
     g = torch.Generator().manual_seed(7)
     if fmt == "q8_0":
@@ -64,13 +65,13 @@ def assert_same(out: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
 def test_plain_dequant_exact_cpu(fmt):
-    out, want = run_tile(fmt, asm=False, device="cpu", block_n=16, head_dim=64, n_valid=13)
+    out, want = run_tile(fmt, asm=0, device="cpu", block_n=16, head_dim=64, n_valid=13)
     assert_same(out, want)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
-@pytest.mark.parametrize("asm", [True, False], ids=["asm", "plain"])
+@pytest.mark.parametrize("asm", [1, 2, 0], ids=["asm", "asm-in-rows", "plain"])
 @pytest.mark.parametrize("head_dim, block_n", [(128, 64), (64, 128), (256, 32)])
 def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
     if not torch.cuda.is_available():
@@ -80,7 +81,7 @@ def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("asm", [True, False], ids=["asm", "plain"])
+@pytest.mark.parametrize("asm", [1, 2, 0], ids=["asm", "asm-in-rows", "plain"])
 @pytest.mark.parametrize("num_warps", [1, 4])
 def test_gpu_q8_0_sixteen_token_tiles(asm, num_warps):
     # The one-warp q8_0 plan runs 16-token tiles; the q4_0 fault (decode_attention()) hit this height.
