@@ -705,6 +705,8 @@ def decode_attention(
                "out must match q in shape, dtype and device, with a contiguous last dimension")
     # Measured on the H100: q4_0 tiles of 16 tokens come out wrong from the compiled kernel (the
     # interpreter is right); 32 and more are exact (tests/kernels/test_decode_attention_quant.py).
+    # Likely the tl.join + tl.reshape of the nibbles: the same pattern broke 16-token q8_0 tiles when
+    # it split their block scales (see _block_scales).
     _check(not (2 in (k_code, v_code) and q.device.type == "cuda" and launch.block_n < 32),
            f"a q4_0 cache needs block_n >= 32 on the GPU, got {launch.block_n}")
     lse = torch.empty((batch, sq, num_q_heads), dtype=torch.float32, device=q.device) if return_lse else out
