@@ -4,7 +4,7 @@
 
 For each case and format: the planner's default launch, the default with the plain (non-asm)
 dequantization, then a grid over tile length, pipeline stages, warps and programs per SM (optionally
-with register caps). Each launch's output is checked against torch attention over the dequantized
+with register caps, and with q8_0/fp8 tiles converted where loaded: --in-rows). Each launch's output is checked against torch attention over the dequantized
 cache (a launch the compiler gets wrong is reported, not timed). Timing as in
 bench/decode_attention.py (CUDA graph, KV sets rotated past L2, median); effective bandwidth counts
 the bytes of codes and scales read. JSON only: the chosen defaults go into plan_launch and the table.
@@ -119,8 +119,11 @@ def main() -> int:
                 shown = f"{entry['us']:8.1f} us {entry['tbps']:5.2f} TB/s" if entry.get("us") else entry["note"]
                 print(f"{hq}/{hkv} {ctx} {fmt:<5} {name:<48} {shown}", flush=True)
             timed = [r for r in results if r["format"] == fmt and r["hq"] == hq and r["ctx"] == ctx and r.get("us")]
-            best = min(timed, key=lambda r: r["us"])
-            print(f"BEST {hq}/{hkv} {ctx} {fmt}: {best['trial']} {best['us']:.1f} us", flush=True)
+            if timed:
+                best = min(timed, key=lambda r: r["us"])
+                print(f"BEST {hq}/{hkv} {ctx} {fmt}: {best['trial']} {best['us']:.1f} us", flush=True)
+            else:
+                print(f"BEST {hq}/{hkv} {ctx} {fmt}: none (every launch failed or was wrong)", flush=True)
             del sets
             torch.cuda.empty_cache()
     write_json(Path(args.out), {"environment": env, "method": __doc__, "results": results})
