@@ -178,7 +178,7 @@ def _q4_0_to_f16(packed, d):
 
 
 @triton.jit
-def _block_scales(Scale, scale_rows, m, n: tl.constexpr, BLOCKS: tl.constexpr, MASKED: tl.constexpr):
+def _block_scales(Scale, scale_rows, m, BLOCKS: tl.constexpr, MASKED: tl.constexpr):
     """The fp16 block scales [n, BLOCKS] of n token rows, read as int32 words (two scales each).
 
     Loads narrower than 32 bits are neither vectorized nor software-pipelined by Triton (cp.async moves
@@ -224,7 +224,7 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
         return codes.to(DOT_DTYPE)
     else:
         n: tl.constexpr = rows.shape[0]
-        d = _block_scales(Scale, scale_rows, m, n, BLOCKS, MASKED)
+        d = _block_scales(Scale, scale_rows, m, BLOCKS, MASKED)
         if ASM_DEQUANT:
             if FORMAT == 1:  # q8_0: int8 codes, fp16 d per 32 values
                 offs_d = tl.arange(0, HEAD_DIM)
@@ -366,7 +366,7 @@ def _decode_attention_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
-    lse2 = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    lse2 = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
     o_rows = b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + q_head.to(tl.int64) * stride_oh
     lse_off = (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head
     if DIRECT_OUT:
