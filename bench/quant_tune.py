@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
-from decode_attention import QUANT_FORMATS, ROW_BYTES, make_quant_set, make_sets  # noqa: E402
+from decode_attention import QUANT_FORMATS, ROW_BYTES, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 from glmtg.kv_cache import dequantize  # noqa: E402
@@ -35,11 +35,7 @@ def reference_output(first_set, fmt) -> torch.Tensor:
     q, k, v, lengths, k_scale, v_scale = first_set
     if fmt != "bf16":
         k, v = dequantize(k, k_scale, fmt), dequantize(v, v_scale, fmt)
-    qf, kf, vf = q[:, 0].float(), k.float(), v.float()  # [B, Hq, D], [B, Hkv, T, D]
-    group = qf.shape[1] // kf.shape[1]
-    qg = qf.view(qf.shape[0], kf.shape[1], group, -1)
-    probs = torch.softmax(qg @ kf.transpose(-1, -2) / qf.shape[-1] ** 0.5, dim=-1)
-    return (probs @ vf).view_as(qf)
+    return gqa_reference(q[:, 0].float(), k.float(), v.float())
 
 
 def relative_error(first_set, fmt, launch, want) -> float:
