@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
 from decode_attention import QUANT_FORMATS, ROW_BYTES, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
+from glmtg.kernels import decode_quant_cuda  # noqa: E402
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 from glmtg.kv_cache import dequantize  # noqa: E402
 
@@ -64,6 +65,10 @@ def main() -> int:
     parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
     parser.add_argument("--no-grid", action="store_true", help="default launches only")
     parser.add_argument("--maxnreg", default="", help="register caps to try on every grid point, e.g. 128,168")
+    parser.add_argument("--cuda-per-sm", default="",
+                        help="also time the CUDA loop (decode_quant_cuda) with these slices per SM, e.g. 4,8,12")
+    parser.add_argument("--cuda-min-tokens", default="64",
+                        help="shortest slice of those CUDA-loop launches, in tokens (comma list to sweep)")
     parser.add_argument("--in-rows", action="store_true",
                         help="also try every launch with DecodeLaunch.dequant_in_rows (q8_0/fp8 converted where loaded)")
     for key, values in GRID.items():
@@ -98,6 +103,18 @@ def main() -> int:
                     trials.append((name, launch))
                     for cap in filter(None, args.maxnreg.split(",")):
                         trials.append((f"{name} maxnreg={cap}", replace(launch, maxnreg=int(cap))))
+            device = sets[0][0].device
+            if decode_quant_cuda.available(device):
+                cuda_base = plan_launch(1, hkv, rows, d, ctx, device, cache_format=fmt, cuda_loop=True)
+                print(f"cuda loop: {decode_quant_cuda.resident_per_sm(device, fmt, fmt)} programs resident per SM",
+                      flush=True)
+                trials.append(("cuda default", cuda_base))
+                for per_sm, min_tokens in itertools.product(filter(None, args.cuda_per_sm.split(",")),
+                                                            args.cuda_min_tokens.split(",")):
+                    splits = max(1, min(int(per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
+                                        // hkv, -(-ctx // int(min_tokens))))
+                    trials.append((f"cuda per_sm={per_sm} min_tokens={min_tokens} splits={splits}",
+                                   replace(cuda_base, num_splits=splits)))
             if args.in_rows and fmt in ("q8_0", "fp8"):
                 trials += [(f"{name}, in rows", replace(launch, dequant_in_rows=True)) for name, launch in trials
                            if launch.asm_dequant]

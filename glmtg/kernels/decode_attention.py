@@ -19,11 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
+from glmtg.kernels import decode_quant_cuda
+
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 128
 LOG2E = 1.4426950408889634
 MERGE_SPLIT_BLOCK = 256  # partials the merge loads at once; more splits than this take two passes
+CUDA_WARPS_PER_SM = 8  # plan of the CUDA loop for quantized caches (see plan_launch)
+CUDA_MIN_TOKENS = 64
 
 
 @triton.jit
@@ -472,6 +476,8 @@ class DecodeLaunch:
     dequant_in_rows: bool = False
     # Register cap per thread (CUDA): lets more one-warp programs share an SM; None = the compiler's choice.
     maxnreg: int | None = None
+    # The CUDA loop for quantized K and V (decode_quant_cuda): one warp per slice, 16-token steps.
+    cuda_loop: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -490,7 +496,7 @@ def plan_launch(
     batch: int, num_kv_heads: int, rows: int, head_dim: int, max_context: int, device: torch.device,
     *, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, ctas_per_sm: int | None = None, min_tokens_per_split: int | None = None,
-    pdl: bool | None = None, cache_format: str | None = None,
+    pdl: bool | None = None, cache_format: str | None = None, cuda_loop: bool = False,
 ) -> DecodeLaunch:
     """Choose tile sizes and the split count from shapes and the declared context.
 
@@ -508,6 +514,15 @@ def plan_launch(
     eight per SM, when the context gives at least four per SM (no cross-warp reductions or barriers in
     the loop, and independent warps hide each other's latency); otherwise, like fp8, four warps on
     128-token tiles with more programs per SM than bf16 uses where slices are long, bf16's plan where not.
+
+    ``cuda_loop`` says that the CUDA kernel for quantized K and V can run these arguments
+    (decode_quant_cuda.supports). It is planned where it was measured faster than the Triton kernel
+    (bench/results/quant_tune_cuda_2026-11-25.json, H100): q4_0 caches at head_dim 128, up to 16
+    rows, at least 8 (sequence, KV head) pairs and contexts of 8k or more (96/8 at 64k: 54.5 vs
+    76.6 us). One warp per slice, ``CUDA_WARPS_PER_SM`` slices per SM (its ~230 registers a thread
+    allow eight), slices of at least ``CUDA_MIN_TOKENS`` tokens. For q8_0 and fp8 it was not faster
+    (96/8 at 128k: q8_0 118 vs 111 us), so they keep the Triton plans; ``DecodeLaunch(cuda_loop=True)``
+    still runs them (bench/quant_tune.py --cuda-per-sm).
     """
     _check(cache_format is None or cache_format in KV_FORMATS,
            f"cache_format must be None or one of {KV_FORMATS}, got {cache_format!r}")
@@ -521,6 +536,10 @@ def plan_launch(
                and torch.cuda.get_device_capability(device)[0] >= 9)
     quantized = cache_format in ("q8_0", "q4_0", "fp8")
     tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
+    if (cuda_loop and cache_format == "q4_0" and head_dim == 128 and block_m <= 16 and not tuned
+            and work >= 8 and max_context >= 8192):
+        splits = max(1, min(CUDA_WARPS_PER_SM * sms // work, triton.cdiv(max_context, CUDA_MIN_TOKENS)))
+        return DecodeLaunch(block_m, m_tiles, 16, splits, 1, 1, pdl, cuda_loop=True)
     # Measured and GPU-tested at head_dim 128 (GLM's); other head dims keep the bf16 plan.
     if cache_format in ("q8_0", "q4_0") and head_dim == 128 and block_m <= 16 and not tuned:
         # Tokens per tile: the fastest of the one-warp sweeps for each format. Eight programs per SM:
@@ -695,9 +714,15 @@ def decode_attention(
             _check(not bool(bad.any()), f"page_table holds page indices outside [0, {k_cache.shape[0]}) for live tokens")
 
     rows = group * sq
+    cuda_loop = (decode_quant_cuda.available(q.device)
+                 and decode_quant_cuda.supports(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format,
+                                                page_size if page_table is not None else None))
     if launch is None:
         launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device,
-                             cache_format=plan_format(k_format, v_format))
+                             cache_format=plan_format(k_format, v_format), cuda_loop=cuda_loop)
+    _check(not launch.cuda_loop or cuda_loop,
+           "launch.cuda_loop needs K and V in q8_0/q4_0/fp8, head_dim 128, <= 16 rows per KV head, "
+           "fp16/bf16 queries, 16-byte aligned rows and power-of-two pages on a Hopper GPU")
     if out is None:
         out = torch.empty_like(q)
     else:
@@ -707,11 +732,11 @@ def decode_attention(
     # interpreter is right); 32 and more are exact (tests/kernels/test_decode_attention_quant.py).
     # Likely the tl.join + tl.reshape of the nibbles: the same pattern broke 16-token q8_0 tiles when
     # it split their block scales (see _block_scales).
-    _check(not (2 in (k_code, v_code) and q.device.type == "cuda" and launch.block_n < 32),
+    _check(not (2 in (k_code, v_code) and q.device.type == "cuda" and launch.block_n < 32 and not launch.cuda_loop),
            f"a q4_0 cache needs block_n >= 32 on the GPU, got {launch.block_n}")
     lse = torch.empty((batch, sq, num_q_heads), dtype=torch.float32, device=q.device) if return_lse else out
     m_pad = launch.m_tiles * launch.block_m
-    direct = launch.num_splits == 1
+    direct = launch.num_splits == 1 and not launch.cuda_loop
     if direct:
         partial_o = partial_lse = out  # unused
     else:
@@ -725,27 +750,32 @@ def decode_attention(
     v_scale_arg = _scale_words("v_scale", v_scale, v_code) if v_code else v_cache
     fp16_dot = launch.fp16_dot and k_code != 0 and v_code != 0
     grid = (launch.num_splits, batch * num_kv_heads, launch.m_tiles)
-    _decode_attention_kernel[grid](
-        q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *_scale_strides(k_scale_arg, k_code), *_scale_strides(v_scale_arg, v_code),
-        stride_pt,
-        float(scale) * LOG2E,
-        capacity,
-        launch.num_splits,
-        SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
-        PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
-        DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
-        USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
-        # the interpreter has no PTX
-        ASM_DEQUANT=(2 if launch.dequant_in_rows else 1) if fp16_dot and launch.asm_dequant and q.device.type == "cuda" else 0,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
-        **({"maxnreg": launch.maxnreg} if launch.maxnreg and q.device.type == "cuda" else {}),
-    )
+    if launch.cuda_loop:
+        decode_quant_cuda.launch(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, lengths,
+                                 page_table, partial_o, partial_lse, scale_log2=float(scale) * LOG2E,
+                                 capacity=capacity, num_splits=launch.num_splits)
+    else:
+        _decode_attention_kernel[grid](
+            q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            *_scale_strides(k_scale_arg, k_code), *_scale_strides(v_scale_arg, v_code),
+            stride_pt,
+            float(scale) * LOG2E,
+            capacity,
+            launch.num_splits,
+            SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
+            PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=k_code, V_FORMAT=v_code,
+            DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
+            USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
+            # the interpreter has no PTX
+            ASM_DEQUANT=(2 if launch.dequant_in_rows else 1) if fp16_dot and launch.asm_dequant and q.device.type == "cuda" else 0,
+            num_warps=launch.num_warps, num_stages=launch.num_stages,
+            **({"maxnreg": launch.maxnreg} if launch.maxnreg and q.device.type == "cuda" else {}),
+        )
     if not direct:
         block_d = 32
         split_block = min(MERGE_SPLIT_BLOCK, triton.next_power_of_2(launch.num_splits))

@@ -1,0 +1,1 @@
+"""CUDA sources and their prebuilt fatbins (see build.py)."""

@@ -1,0 +1,174 @@
+"""Launcher of the CUDA decode-attention loop for quantized caches (cuda/decode_quant.cu).
+
+The kernel ships prebuilt (cuda/decode_quant.fatbin: sm_90 machine code plus compute_90 PTX, built
+by ``python -m glmtg.kernels.cuda.build`` with nvcc) and is loaded through the CUDA driver API with
+ctypes, so glmtg needs neither a compiler nor a torch extension at run time. It writes the same
+split partials as the Triton kernel, whose merge kernel then combines them (decode_attention()).
+
+Scope: K and V both in q8_0, q4_0 or fp8, head_dim 128, at most 16 query rows (GQA group x new
+tokens) per KV head, fp16/bf16 queries, contiguous or paged caches with power-of-two pages >= 16,
+16-byte aligned rows (cache and queries). decode_attention() takes the Triton kernel wherever one of these does not hold.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+CUDA_DIR = Path(__file__).parent / "cuda"
+SOURCE = CUDA_DIR / "decode_quant.cu"
+FATBIN = CUDA_DIR / "decode_quant.fatbin"
+STAMP = CUDA_DIR / "decode_quant.fatbin.sha256"  # sha256 of the source the fatbin was built from
+FORMAT_CODES = {"q8_0": 1, "q4_0": 2, "fp8": 3}
+HEAD_DIM = 128
+ROWS = 16
+TILE = 16  # tokens per step; slices are cut in multiples of it (the merge kernel must agree)
+
+
+class _Params(ctypes.Structure):
+    # Mirrors struct Params in decode_quant.cu (natural C alignment on both sides).
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in
+          ("q", "k", "v", "k_scale", "v_scale", "partial_o", "partial_lse", "lengths", "page_table")],
+        *[(name, ctypes.c_longlong) for name in
+          ("stride_qb", "stride_qs", "stride_qh", "stride_kp", "stride_kh", "stride_kn",
+           "stride_vp", "stride_vh", "stride_vn", "stride_ksp", "stride_ksh", "stride_ksn",
+           "stride_vsp", "stride_vsh", "stride_vsn", "stride_pt_b")],
+        ("scale_log2", ctypes.c_float),
+        *[(name, ctypes.c_int) for name in
+          ("capacity", "num_splits", "sq", "group", "num_kv_heads", "page_shift", "q_bf16")],
+    ]
+
+
+class _Driver:
+    """The few driver-API calls needed: load the fatbin once per device, launch on torch's stream."""
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        # The override is for launch sweeps over build variants (bench/quant_tune.py), not for use.
+        self.image = Path(os.environ.get("GLMTG_DECODE_QUANT_FATBIN", FATBIN)).read_bytes()
+        self.functions: dict[tuple[int, str], ctypes.c_void_p] = {}
+
+    def _call(self, name: str, *args: object) -> None:
+        result = getattr(self.lib, name)(*args)
+        if result != 0:
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorName(result, ctypes.byref(text))
+            raise RuntimeError(f"{name} failed: {text.value.decode() if text.value else result}")
+
+    def function(self, device: int, name: str) -> ctypes.c_void_p:
+        key = (device, name)
+        if key not in self.functions:
+            with torch.cuda.device(device):
+                torch.cuda.current_stream()  # makes the device's primary context current here
+                module = ctypes.c_void_p()
+                self._call("cuModuleLoadData", ctypes.byref(module), self.image)
+                fn = ctypes.c_void_p()
+                self._call("cuModuleGetFunction", ctypes.byref(fn), module, name.encode())
+                # All of the SM's on-chip memory as shared memory: the pipeline stages of many
+                # one-warp programs share it (the driver's default split left fewer resident).
+                self._call("cuFuncSetAttribute", fn, ctypes.c_int(_ATTR_CARVEOUT), ctypes.c_int(100))
+            self.functions[key] = fn
+        return self.functions[key]
+
+    def resident_per_sm(self, device: int, name: str) -> int:
+        """Programs of one warp that fit on one SM at once (registers and shared memory)."""
+        count = ctypes.c_int()
+        self._call("cuOccupancyMaxActiveBlocksPerMultiprocessor", ctypes.byref(count),
+                   self.function(device, name), ctypes.c_int(32), ctypes.c_size_t(0))
+        return count.value
+
+    def launch(self, device: int, name: str, grid: tuple[int, int, int], params: _Params) -> None:
+        fn = self.function(device, name)
+        stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        self._call("cuLaunchKernel", fn, *[ctypes.c_uint(x) for x in grid], ctypes.c_uint(32), ctypes.c_uint(1),
+                   ctypes.c_uint(1), ctypes.c_uint(0), stream, args, None)
+
+
+_ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+_DRIVER: _Driver | None = None
+_AVAILABLE: dict[int, bool] = {}
+
+
+def source_digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
+def available(device: torch.device) -> bool:
+    """True where the prebuilt kernel can run: a CUDA device of compute capability 9.x (Hopper)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _AVAILABLE:
+        ok = torch.cuda.get_device_capability(index)[0] == 9 and FATBIN.exists() and torch.version.hip is None
+        _AVAILABLE[index] = ok
+    return _AVAILABLE[index]
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+             v_scale: torch.Tensor | None, k_format: str | None, v_format: str | None,
+             page_size: int | None) -> bool:
+    """Whether these (already validated) arguments fit the kernel's scope (module docstring)."""
+    if k_format not in FORMAT_CODES or v_format not in FORMAT_CODES:
+        return False
+    if q.shape[3] != HEAD_DIM or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[1] * (q.shape[2] // k_cache.shape[1]) > ROWS:
+        return False
+    if page_size is not None and (page_size < TILE or page_size & (page_size - 1)):
+        return False
+    if q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:3]):  # 16-byte query row loads
+        return False
+    for data in (k_cache, v_cache):
+        if data.data_ptr() % 16 or any(s % 16 for s in data.stride()[:3]):
+            return False
+    for scale, fmt in ((k_scale, k_format), (v_scale, v_format)):
+        if scale.data_ptr() % scale.element_size() or (fmt != "fp8" and scale.stride(3) != 1):
+            return False
+    return True
+
+
+def _driver() -> _Driver:
+    global _DRIVER
+    if _DRIVER is None:
+        _DRIVER = _Driver()
+    return _DRIVER
+
+
+def kernel_name(k_format: str, v_format: str, paged: bool) -> str:
+    return f"glmtg_decode_quant_k{FORMAT_CODES[k_format]}_v{FORMAT_CODES[v_format]}_p{int(paged)}"
+
+
+def resident_per_sm(device: torch.device, k_format: str, v_format: str, paged: bool = False) -> int:
+    """How many of the kernel's one-warp programs one SM holds at once (for planning and reports)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _driver().resident_per_sm(index, kernel_name(k_format, v_format, paged))
+
+
+def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+           v_scale: torch.Tensor, k_format: str, v_format: str, lengths: torch.Tensor,
+           page_table: torch.Tensor | None, partial_o: torch.Tensor, partial_lse: torch.Tensor,
+           *, scale_log2: float, capacity: int, num_splits: int) -> None:
+    """Write the partials of every (slice, sequence, KV head); arguments as checked by decode_attention."""
+    batch, sq, num_q_heads, _ = q.shape
+    num_kv_heads = k_cache.shape[1]
+    page_size = k_cache.shape[2] if page_table is not None else None
+    ks = list(k_scale.stride()[:3]) if k_format != "fp8" else list(k_scale.stride())
+    vs = list(v_scale.stride()[:3]) if v_format != "fp8" else list(v_scale.stride())
+    params = _Params(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(), v_scale.data_ptr(),
+        partial_o.data_ptr(), partial_lse.data_ptr(), lengths.data_ptr(),
+        page_table.data_ptr() if page_table is not None else lengths.data_ptr(),
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *ks, *vs,
+        page_table.stride(0) if page_table is not None else 0,
+        scale_log2, capacity, num_splits, sq, num_q_heads // num_kv_heads, num_kv_heads,
+        page_size.bit_length() - 1 if page_size else 0, int(q.dtype == torch.bfloat16),
+    )
+    name = kernel_name(k_format, v_format, page_table is not None)
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    _driver().launch(index, name, (num_splits, batch * num_kv_heads, 1), params)

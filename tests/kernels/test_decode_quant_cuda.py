@@ -1,0 +1,134 @@
+"""The CUDA loop for quantized caches (glmtg/kernels/cuda/decode_quant.cu via decode_quant_cuda).
+
+GPU tests compare with float64 attention over the dequantized cache, like
+test_decode_attention_quant.py (bf16 queries and fp16 dots: 1.5e-2 relative, the same bound and
+reasons), with every slot past each sequence's length poisoned with NaN scales and the output
+poisoned with NaN before the call. They check that the CUDA loop was the launch planned, so a silent
+fall-back to the Triton kernel cannot pass for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from glmtg.kernels import decode_quant_cuda
+from glmtg.kernels.decode_attention import decode_attention, plan_launch
+from glmtg.kv_cache import dequantize
+from tests.kernels.test_decode_attention_quant import check, filled_cache
+from tests.reference import decode_attention_ref
+
+QUANT = ("q8_0", "q4_0", "fp8")
+
+
+def test_fatbin_matches_source():
+    """The committed fatbin was built from the committed source (rebuild: python -m glmtg.kernels.cuda.build)."""
+    assert decode_quant_cuda.FATBIN.stat().st_size > 0
+    assert decode_quant_cuda.STAMP.read_text().strip() == decode_quant_cuda.source_digest()
+
+
+def test_plan_takes_cuda_loop_only_where_it_was_measured_faster():
+    cpu = torch.device("cpu")
+    launch = plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True)
+    assert launch.cuda_loop and launch.block_n == 16 and launch.num_warps == 1 and launch.num_splits >= 1
+    assert not plan_launch(1, 8, 24, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # > 16 rows
+    assert not plan_launch(1, 8, 12, 64, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # head_dim
+    assert not plan_launch(1, 8, 12, 128, 4096, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # short
+    assert not plan_launch(1, 1, 12, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # 1 KV head
+    assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q8_0", cuda_loop=True).cuda_loop  # slower there
+    assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q4_0").cuda_loop
+
+
+def _cuda_launch(batch, hkv, rows, capacity, device, num_splits=None):
+    """A launch of the CUDA loop whatever the plan would pick (tests cover every format)."""
+    launch = plan_launch(batch, hkv, rows, 128, capacity, device, num_splits=1)
+    return replace(launch, block_m=16, m_tiles=1, block_n=16, num_warps=1, num_stages=1, cuda_loop=True,
+                   num_splits=num_splits or max(1, min(132, -(-capacity // 64))))
+
+
+def test_cuda_loop_refused_where_unsupported():
+    cache = filled_cache(1, 1, 64, [10], 16, "q8_0", "q8_0", "cpu")
+    kv, vv = cache.k(0), cache.v(0)
+    q = torch.randn(1, 1, 12, 64).half()
+    launch = _cuda_launch(1, 1, 12, 16, torch.device("cpu"))
+    with pytest.raises(ValueError, match="cuda_loop needs"):
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_scale=kv.scale, v_scale=vv.scale,
+                         k_format="q8_0", v_format="q8_0", launch=launch)
+
+
+def _planned(cache, q):
+    kv, vv = cache.k(0), cache.v(0)
+    return decode_quant_cuda.available(q.device) and decode_quant_cuda.supports(
+        q, kv.data, vv.data, kv.scale, vv.scale, kv.format, vv.format, cache.page_size if cache.page_table is not None else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_format", QUANT)
+@pytest.mark.parametrize("v_format", QUANT)
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_gpu_cuda_loop_formats(k_format, v_format, page_size):
+    lengths = [16383, 1, 5000, 777]
+    cache = filled_cache(4, 8, 128, lengths, 16400 if page_size is None else 16448, k_format, v_format, "cuda",
+                         page_size=page_size, seed=1)
+    q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
+    assert _planned(cache, q)
+    check(cache, q, torch.bfloat16, 1.5e-2, launch=_cuda_launch(4, 8, 12, cache.capacity, q.device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group, sq, page_size", [(1, 1, None), (16, 1, None), (5, 3, 16), (8, 2, 256), (7, 2, None)])
+@pytest.mark.parametrize("fmt", QUANT)
+def test_gpu_cuda_loop_groups_and_multi_token(group, sq, page_size, fmt):
+    lengths = [3, 4099, 1000]
+    capacity = 4352
+    cache = filled_cache(3, 2, 128, lengths, capacity, fmt, fmt, "cuda", page_size=page_size, seed=group + sq)
+    q = torch.randn(3, sq, 2 * group, 128, device="cuda").half()
+    assert _planned(cache, q)
+    for splits in (1, 7, 64):  # one slice, uneven slices, many empty slices
+        check(cache, q, torch.float16, 1.5e-2, launch=_cuda_launch(3, 2, group * sq, capacity, q.device, splits))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", QUANT)
+def test_gpu_cuda_loop_graph_replay(fmt):
+    capacity = 9000
+    cache = filled_cache(2, 1, 128, [capacity, capacity], capacity, fmt, fmt, "cuda", seed=2)
+    q = torch.randn(2, 1, 12, 128, device="cuda").bfloat16()
+    kv, vv = cache.k(0), cache.v(0)
+    lengths = torch.ones(2, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    launch = _cuda_launch(2, 1, 12, capacity, q.device)
+
+    def step():
+        decode_attention(q, kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=fmt,
+                         v_format=fmt, out=out, validate=False, launch=launch)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    k_deq = dequantize(kv.data, kv.scale, fmt).cpu()
+    v_deq = dequantize(vv.data, vv.scale, fmt).cpu()
+    for lens in ([1, 7], [4097, 300], [capacity, 8191]):
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = decode_attention_ref(q.cpu(), k_deq, v_deq, lengths.cpu())
+        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+        assert err < 1.5e-2, f"lengths {lens}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_format, v_format", [("q4_0", "q4_0"), ("q8_0", "q4_0")])
+def test_gpu_default_plan_takes_cuda_loop_for_q4_0(k_format, v_format):
+    """Deep q4_0 caches with 8 KV heads run the CUDA loop by default (plan_launch), and correctly."""
+    lengths = [16383, 9000]
+    cache = filled_cache(2, 8, 128, lengths, 16400, k_format, v_format, "cuda", seed=5)
+    q = torch.randn(2, 1, 96, 128, device="cuda").bfloat16()
+    assert _planned(cache, q)
+    assert plan_launch(2, 8, 12, 128, 16400, q.device, cache_format="q4_0", cuda_loop=True).cuda_loop
+    check(cache, q, torch.bfloat16, 1.5e-2)
