@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
 
+from glmtg.kernels import decode_quant_cuda  # noqa: E402
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,8 +92,10 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
 
 def make_ours_quant(fmt, **variant):
     def make(q, k, v, lengths, k_scale, v_scale):
+        cuda_loop = (decode_quant_cuda.available(q.device)
+                     and decode_quant_cuda.supports(q, k, v, k_scale, v_scale, fmt, fmt, None))
         launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
-                                     q.device, cache_format=fmt), **variant)
+                                     q.device, cache_format=fmt, cuda_loop=cuda_loop), **variant)
         out = torch.empty_like(q)
         return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
                                          v_format=fmt, out=out, validate=False, launch=launch),

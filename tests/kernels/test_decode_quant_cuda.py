@@ -132,3 +132,25 @@ def test_gpu_default_plan_takes_cuda_loop_for_q4_0(k_format, v_format):
     assert _planned(cache, q)
     assert plan_launch(2, 8, 12, 128, 16400, q.device, cache_format="q4_0", cuda_loop=True).cuda_loop
     check(cache, q, torch.bfloat16, 1.5e-2)
+
+
+def test_params_struct_matches_source():
+    """The ctypes mirror of struct Params lists the CUDA source's fields in the same order and types."""
+    import ctypes
+    import re
+
+    source = decode_quant_cuda.SOURCE.read_text()
+    body = re.search(r"struct Params \{(.*?)\};", source, re.S).group(1)
+    fields = []
+    for line in body.split(";"):
+        line = re.sub(r"//.*", "", line).strip()
+        if not line:
+            continue
+        kind, names = re.match(r"((?:const )?(?:long long|\w+)\*?)\s+(.*)", line).groups()
+        fields += [(name.strip(), kind) for name in names.split(",")]
+    ctype_of = {"float": ctypes.c_float, "int": ctypes.c_int, "long long": ctypes.c_longlong}
+    mirror = decode_quant_cuda._Params._fields_
+    assert [name for name, _ in mirror] == [name for name, _ in fields]
+    for (name, ctype), (_, kind) in zip(mirror, fields):
+        want = ctypes.c_void_p if kind.endswith("*") else ctype_of[kind]
+        assert ctype is want, f"{name}: {kind} mirrored as {ctype}"
