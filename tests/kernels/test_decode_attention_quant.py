@@ -137,24 +137,32 @@ def test_gpu_q4_0_short_tiles_rejected(k_format, v_format):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_format", ["q8_0", "q4_0", "fp8"])
 def test_gpu_quantized_graph_replay(k_format):
+    check_graph_replay(k_format)
+
+
+def check_graph_replay(fmt, launch_for=None):
+    """One decode step captured in a CUDA graph, replayed as the lengths change (grown and shrunk).
+
+    ``launch_for(capacity, device)`` gives the launch to capture (None: the planner's)."""
     capacity = 9000
-    cache = filled_cache(2, 1, 128, [capacity, capacity], capacity, k_format, k_format, "cuda", seed=2)
+    cache = filled_cache(2, 1, 128, [capacity, capacity], capacity, fmt, fmt, "cuda", seed=2)
     q = torch.randn(2, 1, 12, 128, device="cuda").bfloat16()
     kv, vv = cache.k(0), cache.v(0)
     lengths = torch.ones(2, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
+    launch = None if launch_for is None else launch_for(capacity, q.device)
 
     def step():
-        decode_attention(q, kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=k_format,
-                         v_format=k_format, out=out, validate=False)
+        decode_attention(q, kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=fmt,
+                         v_format=fmt, out=out, validate=False, launch=launch)
 
     step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    k_deq = dequantize(kv.data, kv.scale, k_format).cpu()
-    v_deq = dequantize(vv.data, vv.scale, k_format).cpu()
+    k_deq = dequantize(kv.data, kv.scale, fmt).cpu()
+    v_deq = dequantize(vv.data, vv.scale, fmt).cpu()
     for lens in ([1, 7], [4097, 300], [capacity, 8191]):
         lengths.copy_(torch.tensor(lens, dtype=torch.int32))
         out.fill_(float("nan"))

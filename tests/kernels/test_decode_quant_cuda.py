@@ -16,9 +16,7 @@ import torch
 
 from glmtg.kernels import decode_quant_cuda
 from glmtg.kernels.decode_attention import decode_attention, plan_launch
-from glmtg.kv_cache import dequantize
-from tests.kernels.test_decode_attention_quant import check, filled_cache
-from tests.reference import decode_attention_ref
+from tests.kernels.test_decode_attention_quant import check, check_graph_replay, filled_cache
 
 QUANT = ("q8_0", "q4_0", "fp8")
 
@@ -93,33 +91,7 @@ def test_gpu_cuda_loop_groups_and_multi_token(group, sq, page_size, fmt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", QUANT)
 def test_gpu_cuda_loop_graph_replay(fmt):
-    capacity = 9000
-    cache = filled_cache(2, 1, 128, [capacity, capacity], capacity, fmt, fmt, "cuda", seed=2)
-    q = torch.randn(2, 1, 12, 128, device="cuda").bfloat16()
-    kv, vv = cache.k(0), cache.v(0)
-    lengths = torch.ones(2, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    launch = _cuda_launch(2, 1, 12, capacity, q.device)
-
-    def step():
-        decode_attention(q, kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=fmt,
-                         v_format=fmt, out=out, validate=False, launch=launch)
-
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    k_deq = dequantize(kv.data, kv.scale, fmt).cpu()
-    v_deq = dequantize(vv.data, vv.scale, fmt).cpu()
-    for lens in ([1, 7], [4097, 300], [capacity, 8191]):
-        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref, _ = decode_attention_ref(q.cpu(), k_deq, v_deq, lengths.cpu())
-        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
-        assert err < 1.5e-2, f"lengths {lens}: relative error {err:.2e}"
+    check_graph_replay(fmt, lambda capacity, device: _cuda_launch(2, 1, 12, capacity, device))
 
 
 @pytest.mark.gpu
@@ -140,7 +112,7 @@ def test_params_struct_matches_source():
     import re
 
     source = decode_quant_cuda.SOURCE.read_text()
-    body = re.search(r"struct Params \{(.*?)\};", source, re.S).group(1)
+    body = re.search(r"struct Params \{(.*?)\};", source, re.DOTALL).group(1)
     fields = []
     for line in body.split(";"):
         line = re.sub(r"//.*", "", line).strip()
@@ -151,6 +123,6 @@ def test_params_struct_matches_source():
     ctype_of = {"float": ctypes.c_float, "int": ctypes.c_int, "long long": ctypes.c_longlong}
     mirror = decode_quant_cuda._Params._fields_
     assert [name for name, _ in mirror] == [name for name, _ in fields]
-    for (name, ctype), (_, kind) in zip(mirror, fields):
+    for (name, ctype), (_, kind) in zip(mirror, fields, strict=True):
         want = ctypes.c_void_p if kind.endswith("*") else ctype_of[kind]
         assert ctype is want, f"{name}: {kind} mirrored as {ctype}"
