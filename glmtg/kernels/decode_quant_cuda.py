@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,8 +70,8 @@ class _Driver:
                 self._call("cuModuleLoadData", ctypes.byref(module), self.image)
                 fn = ctypes.c_void_p()
                 self._call("cuModuleGetFunction", ctypes.byref(fn), module, name.encode())
-                # All of the SM's on-chip memory as shared memory: the pipeline stages of many
-                # one-warp programs share it (the driver's default split left fewer resident).
+                # The carveout every timing of this loop ran with (bench/NOTES.md, fourth pass): set
+                # for an earlier shared-memory version; the loop now uses none, and leaves L1 small.
                 self._call("cuFuncSetAttribute", fn, ctypes.c_int(_ATTR_CARVEOUT), ctypes.c_int(100))
             self.functions[key] = fn
         return self.functions[key]
@@ -100,12 +101,20 @@ def source_digest() -> str:
 
 
 def available(device: torch.device) -> bool:
-    """True where the prebuilt kernel can run: a CUDA device of compute capability 9.x (Hopper)."""
+    """True where the prebuilt kernel can run: a CUDA device of compute capability 9.x (Hopper) whose
+    driver loads the fatbin (built with CUDA 13.0); otherwise decode_attention() uses Triton."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _AVAILABLE:
         ok = torch.cuda.get_device_capability(index)[0] == 9 and FATBIN.exists() and torch.version.hip is None
+        if ok:
+            try:  # e.g. a driver older than the CUDA 13.0 toolkit that built the fatbin
+                _driver().function(index, kernel_name("q4_0", "q4_0", False))
+            except (OSError, RuntimeError) as exc:
+                warnings.warn(f"glmtg: the CUDA decode loop cannot load ({exc}); using the Triton kernel",
+                              RuntimeWarning, stacklevel=2)
+                ok = False
         _AVAILABLE[index] = ok
     return _AVAILABLE[index]
 
@@ -115,6 +124,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
              page_size: int | None) -> bool:
     """Whether these (already validated) arguments fit the kernel's scope (module docstring)."""
     if k_format not in FORMAT_CODES or v_format not in FORMAT_CODES:
+        return False
+    if q.shape[0] * k_cache.shape[1] > 65535:  # grid y
         return False
     if q.shape[3] != HEAD_DIM or q.dtype not in (torch.float16, torch.bfloat16):
         return False
