@@ -57,9 +57,11 @@ def test_cuda_loop_refused_where_unsupported():
 
 
 def _planned(cache, q):
+    """Whether decode_attention() may take the CUDA loop for this cache and these queries."""
     kv, vv = cache.k(0), cache.v(0)
+    page_size = cache.page_size if cache.page_table is not None else None
     return decode_quant_cuda.available(q.device) and decode_quant_cuda.supports(
-        q, kv.data, vv.data, kv.scale, vv.scale, kv.format, vv.format, cache.page_size if cache.page_table is not None else None)
+        q, kv.data, vv.data, kv.scale, vv.scale, kv.format, vv.format, page_size)
 
 
 @pytest.mark.gpu
