@@ -5,6 +5,9 @@ rows that read that KV head (GROUP heads x Sq new tokens) into a single tile, so
 loaded once per step whatever the ratio (12, 24, 6, 5, 1...). Padding rows up to the tile height are
 masked. A second kernel merges the slices by log-sum-exp (flash-decoding).
 
+Deep q4_0 caches on Hopper stream through a hand-written CUDA loop instead (decode_quant_cuda, see
+plan_launch), which writes the same partials for the same merge kernel.
+
 The launch grid depends only on shapes and on the context length the caller *declares*
 (``max_context``), never on the values in ``lengths``: each program derives its slice from the live
 length on the device, so one decode step can be captured in a CUDA graph and replayed as lengths grow.
