@@ -3,6 +3,7 @@ compiler made of each variant: shared memory, software-pipelined async copies, 1
 
     python bench/inspect_kernel.py                 # the variants below
     python bench/inspect_kernel.py --dump DIR      # also write each variant's TTGIR and PTX
+    python bench/inspect_kernel.py --cuda [FATBIN] # the CUDA loop's kernels (decode_quant_cuda)
 
 The last columns count the SASS instructions of the streaming loop (the longest loop; whole tiles run
 unpredicated there) per iteration, one warp's view, by Triton's bundled nvdisasm.
@@ -86,17 +87,26 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = Tr
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def loop_sass(cubin: bytes) -> collections.Counter:
-    """SASS opcodes of the kernel's longest loop (the streaming loop), from Triton's bundled nvdisasm."""
+def _bundled(tool: str) -> str | None:
     import triton as _triton
 
-    nvdisasm = os.path.join(os.path.dirname(_triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    if not os.path.exists(nvdisasm):
-        return collections.Counter()  # reported as 0: this Triton build ships no disassembler
+    path = os.path.join(os.path.dirname(_triton.__file__), "backends", "nvidia", "bin", tool)
+    return path if os.path.exists(path) else None
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin by Triton's bundled nvdisasm ('' where this Triton build ships none)."""
+    nvdisasm = _bundled("nvdisasm")
+    if nvdisasm is None:
+        return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def longest_loop(sass: str) -> collections.Counter:
+    """SASS opcodes of the longest loop (a backward branch's span) in one function's disassembly."""
     labels, ops, pending = {}, [], []
     for line in sass.splitlines():
         label = re.match(r"^\s*(\.L_x_\d+):", line)
@@ -117,6 +127,43 @@ def loop_sass(cubin: bytes) -> collections.Counter:
     return collections.Counter(op for addr, op, _ in ops if lo <= addr <= hi)
 
 
+def loop_sass(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the kernel's longest loop (the streaming loop)."""
+    return longest_loop(disassemble(cubin))
+
+
+def cuda_loop_report(fatbin: Path) -> int:
+    """Loop SASS of each contiguous-cache kernel of the CUDA loop's fatbin (decode_quant_cuda).
+
+    Its loop body holds two 16-token steps (register double buffering), each with the slice's
+    clamped last-tile load path beside the plain one, and the rarely taken rescale (64 FMUL): an
+    upper bound per two steps, not the instructions one step issues.
+    """
+    cuobjdump = _bundled("cuobjdump")
+    if cuobjdump is None:
+        print("error: this Triton build ships no cuobjdump", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([cuobjdump, "-xelf", "all", str(fatbin.resolve())], cwd=tmp, capture_output=True, check=True)
+        cubins = sorted(Path(tmp).glob("*.cubin"))
+        sass = "".join(disassemble(c.read_bytes()) for c in cubins)
+    print("| kernel (K/V formats) | loop SASS, two steps | HMMA | PRMT | LOP3 | HADD2+HFMA2+HMUL2 | IMAD+IADD3 | LDG |")
+    print("|---|---|---|---|---|---|---|---|")
+    names = {1: "q8_0", 2: "q4_0", 3: "fp8"}
+    for part in re.split(r"\n(?=\.text\.glmtg_decode_quant_)", sass)[1:]:
+        name = re.match(r"\.text\.(\w+):", part).group(1)
+        k, v, paged = re.search(r"_k(\d)_v(\d)_p(\d)", name).groups()
+        if paged == "1":
+            continue
+        ops = collections.Counter()
+        for op, count in longest_loop(part).items():
+            ops[op.split(".")[0]] += count
+        print(f"| {names[int(k)]}/{names[int(v)]} | {sum(ops.values())} | {ops['HMMA']} | {ops['PRMT']} | "
+              f"{ops['LOP3']} | {ops['HADD2'] + ops['HFMA2'] + ops['HMUL2']} | {ops['IMAD'] + ops['IADD3']} | "
+              f"{ops['LDG']} |")
+    return 0
+
+
 def describe(variant: dict) -> str:
     parts = [f"{FORMAT_NAMES[variant.get('k_format', 0)]}/{FORMAT_NAMES[variant.get('v_format', 0)]}"]
     parts += [f"{k}={v}" for k, v in variant.items() if k not in ("k_format", "v_format")]
@@ -126,7 +173,11 @@ def describe(variant: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dump", type=Path, default=None, help="write TTGIR and PTX of each variant here")
+    parser.add_argument("--cuda", nargs="?", type=Path, const=Path("glmtg/kernels/cuda/decode_quant.fatbin"),
+                        default=None, help="report the CUDA loop's fatbin instead (default: the shipped one)")
     args = parser.parse_args()
+    if args.cuda is not None:
+        return cuda_loop_report(args.cuda)
     print("| variant | shared KB | async copies (TTGIR) | cp.async (PTX) | 16-B loads | other global loads | mma.sync "
           "| wgmma | loop SASS instructions | of which LDS.U8 |")
     print("|---|---|---|---|---|---|---|---|---|---|")

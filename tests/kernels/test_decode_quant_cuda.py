@@ -128,3 +128,22 @@ def test_params_struct_matches_source():
     for (name, ctype), (_, kind) in zip(mirror, fields, strict=True):
         want = ctypes.c_void_p if kind.endswith("*") else ctype_of[kind]
         assert ctype is want, f"{name}: {kind} mirrored as {ctype}"
+
+
+def test_fatbin_holds_every_kernel(capsys):
+    """The shipped fatbin has a contiguous-cache kernel for each of the 9 K/V format pairs, each with 32 mma
+    per 16-token step (two steps per loop body): read by bench/inspect_kernel.py --cuda, no GPU needed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "inspect_kernel.py"
+    spec = importlib.util.spec_from_file_location("inspect_kernel", path)
+    inspect_kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inspect_kernel)
+    if inspect_kernel._bundled("cuobjdump") is None or inspect_kernel._bundled("nvdisasm") is None:
+        pytest.skip("this Triton build ships no cuobjdump/nvdisasm")
+    assert inspect_kernel.cuda_loop_report(decode_quant_cuda.FATBIN) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    formats = {(k, v) for k in decode_quant_cuda.FORMAT_CODES for v in decode_quant_cuda.FORMAT_CODES}
+    assert {tuple(r[0].strip().split("/")) for r in rows} == formats
+    assert all(int(r[2]) == 64 for r in rows), rows
