@@ -92,8 +92,7 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
 
 def make_ours_quant(fmt, **variant):
     def make(q, k, v, lengths, k_scale, v_scale):
-        cuda_loop = (decode_quant_cuda.available(q.device)
-                     and decode_quant_cuda.supports(q, k, v, k_scale, v_scale, fmt, fmt, None))
+        cuda_loop = decode_quant_cuda.usable(q, k, v, k_scale, v_scale, fmt, fmt, None)
         launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
                                      q.device, cache_format=fmt, cuda_loop=cuda_loop), **variant)
         out = torch.empty_like(q)

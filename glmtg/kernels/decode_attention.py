@@ -535,14 +535,12 @@ def plan_launch(
     sms = _sm_count(device)
     work = batch * num_kv_heads * m_tiles
     if pdl is None:
-        pdl = (device.type == "cuda" and torch.cuda.is_available()
-               and torch.cuda.get_device_capability(device)[0] >= 9)
+        pdl = _pdl_default(device)
     quantized = cache_format in ("q8_0", "q4_0", "fp8")
     tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
-    if (cuda_loop and cache_format == "q4_0" and head_dim == 128 and block_m <= 16 and not tuned
-            and work >= 8 and max_context >= 8192):
-        splits = max(1, min(CUDA_WARPS_PER_SM * sms // work, triton.cdiv(max_context, CUDA_MIN_TOKENS)))
-        return DecodeLaunch(block_m, m_tiles, 16, splits, 1, 1, pdl, cuda_loop=True)
+    if (cuda_loop and cache_format == "q4_0" and head_dim == decode_quant_cuda.HEAD_DIM
+            and rows <= decode_quant_cuda.ROWS and not tuned and work >= 8 and max_context >= 8192):
+        return cuda_loop_launch(batch, num_kv_heads, max_context, device, pdl=pdl)
     # Measured and GPU-tested at head_dim 128 (GLM's); other head dims keep the bf16 plan.
     if cache_format in ("q8_0", "q4_0") and head_dim == 128 and block_m <= 16 and not tuned:
         # Tokens per tile: the fastest of the one-warp sweeps for each format. Eight programs per SM:
@@ -571,6 +569,22 @@ def plan_launch(
     if num_stages is None:
         num_stages = 3 if deep_quantized else (2 if (long_slices or head_dim > 128) else 3)
     return DecodeLaunch(block_m, m_tiles, block_n, num_splits, num_warps, num_stages, pdl)
+
+
+def cuda_loop_launch(batch: int, num_kv_heads: int, max_context: int, device: torch.device, *,
+                     warps_per_sm: int = CUDA_WARPS_PER_SM, min_tokens_per_split: int = CUDA_MIN_TOKENS,
+                     pdl: bool | None = None) -> DecodeLaunch:
+    """A launch of the CUDA loop (decode_quant_cuda), whatever the format: ``warps_per_sm`` one-warp
+    slices per SM, each of at least ``min_tokens_per_split`` tokens. plan_launch picks it where it was
+    measured faster; benchmarks and tests call it directly for every format."""
+    work = batch * num_kv_heads
+    splits = max(1, min(warps_per_sm * _sm_count(device) // work, triton.cdiv(max_context, min_tokens_per_split)))
+    return DecodeLaunch(decode_quant_cuda.ROWS, 1, decode_quant_cuda.TILE, splits, 1, 1,
+                        _pdl_default(device) if pdl is None else pdl, cuda_loop=True)
+
+
+def _pdl_default(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def plan_format(k_format: str | None, v_format: str | None) -> str | None:
@@ -717,9 +731,9 @@ def decode_attention(
             _check(not bool(bad.any()), f"page_table holds page indices outside [0, {k_cache.shape[0]}) for live tokens")
 
     rows = group * sq
-    cuda_loop = (decode_quant_cuda.available(q.device)
-                 and decode_quant_cuda.supports(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format,
-                                                page_size if page_table is not None else None))
+    # Only asked where it can matter: the planner's choice, or a launch that names the CUDA loop.
+    cuda_loop = (launch is None or launch.cuda_loop) and decode_quant_cuda.usable(
+        q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, page_size if page_table is not None else None)
     if launch is None:
         launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device,
                              cache_format=plan_format(k_format, v_format), cuda_loop=cuda_loop)
@@ -752,13 +766,12 @@ def decode_attention(
     k_scale_arg = _scale_words("k_scale", k_scale, k_code) if k_code else k_cache
     v_scale_arg = _scale_words("v_scale", v_scale, v_code) if v_code else v_cache
     fp16_dot = launch.fp16_dot and k_code != 0 and v_code != 0
-    grid = (launch.num_splits, batch * num_kv_heads, launch.m_tiles)
     if launch.cuda_loop:
         decode_quant_cuda.launch(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, lengths,
                                  page_table, partial_o, partial_lse, scale_log2=float(scale) * LOG2E,
                                  capacity=capacity, num_splits=launch.num_splits)
     else:
-        _decode_attention_kernel[grid](
+        _decode_attention_kernel[(launch.num_splits, batch * num_kv_heads, launch.m_tiles)](
             q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),

@@ -1,13 +1,14 @@
 """Launcher of the CUDA decode-attention loop for quantized caches (cuda/decode_quant.cu).
 
-The kernel ships prebuilt (cuda/decode_quant.fatbin: sm_90 machine code plus compute_90 PTX, built
-by ``python -m glmtg.kernels.cuda.build`` with nvcc) and is loaded through the CUDA driver API with
+The kernel ships prebuilt (cuda/decode_quant.fatbin: sm_90 machine code, built by
+``python -m glmtg.kernels.cuda.build`` with nvcc) and is loaded through the CUDA driver API with
 ctypes, so glmtg needs neither a compiler nor a torch extension at run time. It writes the same
 split partials as the Triton kernel, whose merge kernel then combines them (decode_attention()).
 
 Scope: K and V both in q8_0, q4_0 or fp8, head_dim 128, at most 16 query rows (GQA group x new
 tokens) per KV head, fp16/bf16 queries, contiguous or paged caches with power-of-two pages >= 16,
-16-byte aligned rows (cache and queries). decode_attention() takes the Triton kernel wherever one of these does not hold.
+16-byte aligned rows (cache and queries). decode_attention() takes the Triton kernel wherever one of
+these does not hold (usable()).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ _DRIVER: _Driver | None = None
 _AVAILABLE: dict[int, bool] = {}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def source_digest() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
 
@@ -105,7 +110,7 @@ def available(device: torch.device) -> bool:
     driver loads the fatbin (built with CUDA 13.0); otherwise decode_attention() uses Triton."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if index not in _AVAILABLE:
         ok = torch.cuda.get_device_capability(index)[0] == 9 and FATBIN.exists() and torch.version.hip is None
         if ok:
@@ -144,6 +149,14 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
     return True
 
 
+def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+           v_scale: torch.Tensor | None, k_format: str | None, v_format: str | None,
+           page_size: int | None) -> bool:
+    """Whether the kernel can run these (already validated) arguments here: in scope and loadable."""
+    return (supports(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, page_size)
+            and available(q.device))
+
+
 def _driver() -> _Driver:
     global _DRIVER
     if _DRIVER is None:
@@ -157,8 +170,7 @@ def kernel_name(k_format: str, v_format: str, paged: bool) -> str:
 
 def resident_per_sm(device: torch.device, k_format: str, v_format: str, paged: bool = False) -> int:
     """How many of the kernel's one-warp programs one SM holds at once (for planning and reports)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _driver().resident_per_sm(index, kernel_name(k_format, v_format, paged))
+    return _driver().resident_per_sm(_index(device), kernel_name(k_format, v_format, paged))
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
@@ -169,17 +181,15 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scal
     batch, sq, num_q_heads, _ = q.shape
     num_kv_heads = k_cache.shape[1]
     page_size = k_cache.shape[2] if page_table is not None else None
-    ks = list(k_scale.stride()[:3]) if k_format != "fp8" else list(k_scale.stride())
-    vs = list(v_scale.stride()[:3]) if v_format != "fp8" else list(v_scale.stride())
     params = _Params(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(), v_scale.data_ptr(),
         partial_o.data_ptr(), partial_lse.data_ptr(), lengths.data_ptr(),
         page_table.data_ptr() if page_table is not None else lengths.data_ptr(),
-        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *ks, *vs,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *k_scale.stride()[:3], *v_scale.stride()[:3],  # the token-row strides (fp8 scales have no more)
         page_table.stride(0) if page_table is not None else 0,
         scale_log2, capacity, num_splits, sq, num_q_heads // num_kv_heads, num_kv_heads,
         page_size.bit_length() - 1 if page_size else 0, int(q.dtype == torch.bfloat16),
     )
     name = kernel_name(k_format, v_format, page_table is not None)
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    _driver().launch(index, name, (num_splits, batch * num_kv_heads, 1), params)
+    _driver().launch(_index(q.device), name, (num_splits, batch * num_kv_heads, 1), params)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from glmtg.kernels import decode_quant_cuda
-from glmtg.kernels.decode_attention import decode_attention, plan_launch
+from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch
 from tests.kernels.test_decode_attention_quant import check, check_graph_replay, filled_cache
 
 QUANT = ("q8_0", "q4_0", "fp8")
@@ -39,10 +39,9 @@ def test_plan_takes_cuda_loop_only_where_it_was_measured_faster():
     assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q4_0").cuda_loop
 
 
-def _cuda_launch(batch, hkv, rows, capacity, device, num_splits=None):
+def _cuda_launch(batch, hkv, capacity, device, num_splits=None):
     """A launch of the CUDA loop whatever the plan would pick (tests cover every format)."""
-    launch = plan_launch(batch, hkv, rows, 128, capacity, device, num_splits=1)
-    return replace(launch, block_m=16, m_tiles=1, block_n=16, num_warps=1, num_stages=1, cuda_loop=True,
+    return replace(cuda_loop_launch(batch, hkv, capacity, device),
                    num_splits=num_splits or max(1, min(132, -(-capacity // 64))))
 
 
@@ -50,7 +49,7 @@ def test_cuda_loop_refused_where_unsupported():
     cache = filled_cache(1, 1, 64, [10], 16, "q8_0", "q8_0", "cpu")
     kv, vv = cache.k(0), cache.v(0)
     q = torch.randn(1, 1, 12, 64).half()
-    launch = _cuda_launch(1, 1, 12, 16, torch.device("cpu"))
+    launch = _cuda_launch(1, 1, 16, torch.device("cpu"))
     with pytest.raises(ValueError, match="cuda_loop needs"):
         decode_attention(q, kv.data, vv.data, cache.lengths, k_scale=kv.scale, v_scale=vv.scale,
                          k_format="q8_0", v_format="q8_0", launch=launch)
@@ -60,8 +59,7 @@ def _planned(cache, q):
     """Whether decode_attention() may take the CUDA loop for this cache and these queries."""
     kv, vv = cache.k(0), cache.v(0)
     page_size = cache.page_size if cache.page_table is not None else None
-    return decode_quant_cuda.available(q.device) and decode_quant_cuda.supports(
-        q, kv.data, vv.data, kv.scale, vv.scale, kv.format, vv.format, page_size)
+    return decode_quant_cuda.usable(q, kv.data, vv.data, kv.scale, vv.scale, kv.format, vv.format, page_size)
 
 
 @pytest.mark.gpu
@@ -74,7 +72,7 @@ def test_gpu_cuda_loop_formats(k_format, v_format, page_size):
                          page_size=page_size, seed=1)
     q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
     assert _planned(cache, q)
-    check(cache, q, torch.bfloat16, 1.5e-2, launch=_cuda_launch(4, 8, 12, cache.capacity, q.device))
+    check(cache, q, torch.bfloat16, 1.5e-2, launch=_cuda_launch(4, 8, cache.capacity, q.device))
 
 
 @pytest.mark.gpu
@@ -87,13 +85,13 @@ def test_gpu_cuda_loop_groups_and_multi_token(group, sq, page_size, fmt):
     q = torch.randn(3, sq, 2 * group, 128, device="cuda").half()
     assert _planned(cache, q)
     for splits in (1, 7, 64):  # one slice, uneven slices, many empty slices
-        check(cache, q, torch.float16, 1.5e-2, launch=_cuda_launch(3, 2, group * sq, capacity, q.device, splits))
+        check(cache, q, torch.float16, 1.5e-2, launch=_cuda_launch(3, 2, capacity, q.device, splits))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", QUANT)
 def test_gpu_cuda_loop_graph_replay(fmt):
-    check_graph_replay(fmt, lambda capacity, device: _cuda_launch(2, 1, 12, capacity, device))
+    check_graph_replay(fmt, lambda capacity, device: _cuda_launch(2, 1, capacity, device))
 
 
 @pytest.mark.gpu
