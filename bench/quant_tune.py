@@ -25,7 +25,7 @@ from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, w
 from decode_attention import QUANT_FORMATS, ROW_BYTES, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
 from glmtg.kernels import decode_quant_cuda  # noqa: E402
-from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
+from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
 from glmtg.kv_cache import dequantize  # noqa: E402
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
@@ -104,17 +104,17 @@ def main() -> int:
                     for cap in filter(None, args.maxnreg.split(",")):
                         trials.append((f"{name} maxnreg={cap}", replace(launch, maxnreg=int(cap))))
             device = sets[0][0].device
-            if decode_quant_cuda.available(device):
-                cuda_base = plan_launch(1, hkv, rows, d, ctx, device, cache_format=fmt, cuda_loop=True)
+            if decode_quant_cuda.usable(*sets[0][:3], sets[0][4], sets[0][5], fmt, fmt, None):
                 print(f"cuda loop: {decode_quant_cuda.resident_per_sm(device, fmt, fmt)} programs resident per SM",
                       flush=True)
-                trials.append(("cuda default", cuda_base))
+                # The loop's default slicing, for every format (plan_launch takes it for q4_0 only).
+                trials.append(("cuda default", cuda_loop_launch(1, hkv, ctx, device)))
                 for per_sm, min_tokens in itertools.product(filter(None, args.cuda_per_sm.split(",")),
                                                             args.cuda_min_tokens.split(",")):
-                    splits = max(1, min(int(per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
-                                        // hkv, -(-ctx // int(min_tokens))))
-                    trials.append((f"cuda per_sm={per_sm} min_tokens={min_tokens} splits={splits}",
-                                   replace(cuda_base, num_splits=splits)))
+                    launch = cuda_loop_launch(1, hkv, ctx, device, warps_per_sm=int(per_sm),
+                                              min_tokens_per_split=int(min_tokens))
+                    trials.append((f"cuda per_sm={per_sm} min_tokens={min_tokens} splits={launch.num_splits}",
+                                   launch))
             if args.in_rows and fmt in ("q8_0", "fp8"):
                 trials += [(f"{name}, in rows", replace(launch, dequant_in_rows=True)) for name, launch in trials
                            if launch.asm_dequant]
