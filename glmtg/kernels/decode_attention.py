@@ -577,6 +577,9 @@ def cuda_loop_launch(batch: int, num_kv_heads: int, max_context: int, device: to
     """A launch of the CUDA loop (decode_quant_cuda), whatever the format: ``warps_per_sm`` one-warp
     slices per SM, each of at least ``min_tokens_per_split`` tokens. plan_launch picks it where it was
     measured faster; benchmarks and tests call it directly for every format."""
+    _check(min(batch, num_kv_heads, max_context, warps_per_sm, min_tokens_per_split) >= 1,
+           f"cuda_loop_launch needs positive sizes, got batch={batch}, num_kv_heads={num_kv_heads}, "
+           f"max_context={max_context}, warps_per_sm={warps_per_sm}, min_tokens_per_split={min_tokens_per_split}")
     work = batch * num_kv_heads
     splits = max(1, min(warps_per_sm * _sm_count(device) // work, triton.cdiv(max_context, min_tokens_per_split)))
     return DecodeLaunch(decode_quant_cuda.ROWS, 1, decode_quant_cuda.TILE, splits, 1, 1,

@@ -37,6 +37,8 @@ def test_plan_takes_cuda_loop_only_where_it_was_measured_faster():
     assert not plan_launch(1, 1, 12, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # 1 KV head
     assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q8_0", cuda_loop=True).cuda_loop  # slower there
     assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q4_0").cuda_loop
+    with pytest.raises(ValueError, match="num_kv_heads=0"):
+        cuda_loop_launch(1, 0, 65536, cpu)
 
 
 def _cuda_launch(batch, hkv, capacity, device, num_splits=None):
