@@ -520,12 +520,15 @@ def plan_launch(
 
     ``cuda_loop`` says that the CUDA kernel for quantized K and V can run these arguments
     (decode_quant_cuda.supports). It is planned where it was measured faster than the Triton kernel
-    (bench/results/quant_tune_cuda_2026-11-25.json, H100): q4_0 caches at head_dim 128, up to 16
-    rows, at least 8 (sequence, KV head) pairs and contexts of 8k or more (96/8 at 64k: 54.5 vs
-    76.6 us). One warp per slice, ``CUDA_WARPS_PER_SM`` slices per SM (its ~230 registers a thread
-    allow eight), slices of at least ``CUDA_MIN_TOKENS`` tokens. For q8_0 and fp8 it was not faster
-    (96/8 at 128k: q8_0 118 vs 111 us), so they keep the Triton plans; ``DecodeLaunch(cuda_loop=True)``
-    still runs them (bench/quant_tune.py --cuda-per-sm).
+    (H100; bench/results/cuda_variants_2026-11-25.json, cuda_plan_q4_0_2026-11-25.json): q4_0 caches
+    at head_dim 128, up to 16 rows, contexts of 8k or more and at least 128k tokens over all (sequence,
+    KV head) pairs. Loop vs Triton, us: 96/8 at 16k 23.5 vs 30.4, at 64k 53.0 vs 75.6; 48/4 at 64k
+    33.5 vs 48.6; 24/2 at 64k 24.9 vs 30.3; 12/1 at 128k 27.1 vs 32.2. Below 128k tokens Triton was as
+    fast or faster (48/4 at 16k 18.8 vs 17.3, 12/1 at 64k 22.0 vs 17.5, 24/2 at 16k a tie). One warp
+    per slice, ``CUDA_WARPS_PER_SM`` slices per SM (its ~230 registers a thread allow eight), slices of
+    at least ``CUDA_MIN_TOKENS`` tokens. q8_0 and fp8 keep Triton: its one-warp programs beat the loop
+    wherever both were timed (q8_0 96/8 at 16k 22.5 vs 26.3 us, 24/2 at 64k 22.6 vs 28.0; fp8 96/8 at
+    64k 61.3 vs 65.5). ``DecodeLaunch(cuda_loop=True)`` (cuda_loop_launch) runs any format.
     """
     _check(cache_format is None or cache_format in KV_FORMATS,
            f"cache_format must be None or one of {KV_FORMATS}, got {cache_format!r}")
@@ -539,7 +542,8 @@ def plan_launch(
     quantized = cache_format in ("q8_0", "q4_0", "fp8")
     tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
     if (cuda_loop and cache_format == "q4_0" and head_dim == decode_quant_cuda.HEAD_DIM
-            and rows <= decode_quant_cuda.ROWS and not tuned and work >= 8 and max_context >= 8192):
+            and rows <= decode_quant_cuda.ROWS and not tuned and max_context >= 8192
+            and work * max_context >= 131072):
         return cuda_loop_launch(batch, num_kv_heads, max_context, device, pdl=pdl)
     # Measured and GPU-tested at head_dim 128 (GLM's); other head dims keep the bf16 plan.
     if cache_format in ("q8_0", "q4_0") and head_dim == 128 and block_m <= 16 and not tuned:
@@ -547,7 +551,10 @@ def plan_launch(
         # the one-warp programs take 230-245 registers a thread, so no more than eight fit.
         tile, per_sm = (16, 8) if cache_format == "q8_0" else (32, 8)
         one_warp_splits = max(1, min(per_sm * sms // work, triton.cdiv(max_context, 256)))
-        if one_warp_splits * work >= 4 * sms:
+        # q8_0 one-warp programs beat the four-warp plan from one per SM (24/2 at 64k, 512 programs:
+        # 22.6 vs 35.2 us; 12/1 at 64k, 256: 18.3 vs 19.9; bench/results/quant_tune_q8_0_one_warp_*);
+        # q4_0's threshold stays where it was measured.
+        if one_warp_splits * work >= (sms if cache_format == "q8_0" else 4 * sms):
             return DecodeLaunch(block_m, m_tiles, tile, one_warp_splits, 1, 3, pdl)
     # Quantized caches take more programs per SM and 128-token tiles, but only where the slices the
     # bf16 plan would cut are long (>= 256 tokens): at short contexts the extra slices cost more in

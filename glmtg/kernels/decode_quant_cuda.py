@@ -29,6 +29,7 @@ FORMAT_CODES = {"q8_0": 1, "q4_0": 2, "fp8": 3}
 HEAD_DIM = 128
 ROWS = 16
 TILE = 16  # tokens per step; slices are cut in multiples of it (the merge kernel must agree)
+CARVEOUT = 100  # percent of on-chip memory preferred as shared memory
 
 
 class _Params(ctypes.Structure):
@@ -49,10 +50,13 @@ class _Params(ctypes.Structure):
 class _Driver:
     """The few driver-API calls needed: load the fatbin once per device, launch on torch's stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, image: bytes | None = None, carveout: int | None = None) -> None:
         self.lib = ctypes.CDLL("libcuda.so.1")
-        # The override is for launch sweeps over build variants (bench/quant_tune.py), not for use.
-        self.image = Path(os.environ.get("GLMTG_DECODE_QUANT_FATBIN", FATBIN)).read_bytes()
+        # The arguments and environment overrides are for sweeps over build variants (bench/), not for use.
+        self.image = image if image is not None else Path(os.environ.get("GLMTG_DECODE_QUANT_FATBIN", FATBIN)).read_bytes()
+        # The loop uses no shared memory; the carveout decides how much of the SM's on-chip memory
+        # stays L1 (bench/NOTES.md, fifth pass). -1 leaves the driver's choice.
+        self.carveout = carveout if carveout is not None else int(os.environ.get("GLMTG_DECODE_QUANT_CARVEOUT", CARVEOUT))
         self.functions: dict[tuple[int, str], ctypes.c_void_p] = {}
 
     def _call(self, name: str, *args: object) -> None:
@@ -71,9 +75,8 @@ class _Driver:
                 self._call("cuModuleLoadData", ctypes.byref(module), self.image)
                 fn = ctypes.c_void_p()
                 self._call("cuModuleGetFunction", ctypes.byref(fn), module, name.encode())
-                # The carveout every timing of this loop ran with (bench/NOTES.md, fourth pass): set
-                # for an earlier shared-memory version; the loop now uses none, and leaves L1 small.
-                self._call("cuFuncSetAttribute", fn, ctypes.c_int(_ATTR_CARVEOUT), ctypes.c_int(100))
+                if self.carveout >= 0:
+                    self._call("cuFuncSetAttribute", fn, ctypes.c_int(_ATTR_CARVEOUT), ctypes.c_int(self.carveout))
             self.functions[key] = fn
         return self.functions[key]
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from glmtg.kernels import decode_attention as decode_attention_module
 from glmtg.kernels import decode_quant_cuda
 from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch
 from tests.kernels.test_decode_attention_quant import check, check_graph_replay, filled_cache
@@ -27,16 +28,30 @@ def test_fatbin_matches_source():
     assert decode_quant_cuda.STAMP.read_text().strip() == decode_quant_cuda.source_digest()
 
 
-def test_plan_takes_cuda_loop_only_where_it_was_measured_faster():
+def test_plan_takes_cuda_loop_only_where_it_was_measured_faster(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(decode_attention_module, "_sm_count", lambda device: 132)  # the H100 the plan was timed on
+
+    def loop(batch, hkv, rows, head_dim, ctx, fmt, cuda_loop=True):
+        return plan_launch(batch, hkv, rows, head_dim, ctx, cpu, cache_format=fmt, cuda_loop=cuda_loop).cuda_loop
+
     launch = plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True)
-    assert launch.cuda_loop and launch.block_n == 16 and launch.num_warps == 1 and launch.num_splits >= 1
-    assert not plan_launch(1, 8, 24, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # > 16 rows
-    assert not plan_launch(1, 8, 12, 64, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # head_dim
-    assert not plan_launch(1, 8, 12, 128, 4096, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # short
-    assert not plan_launch(1, 1, 12, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True).cuda_loop  # 1 KV head
-    assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q8_0", cuda_loop=True).cuda_loop  # slower there
-    assert not plan_launch(1, 8, 12, 128, 65536, cpu, cache_format="q4_0").cuda_loop
+    assert launch.cuda_loop and launch.block_n == 16 and launch.num_warps == 1 and launch.num_splits == 132
+    # q4_0: from 8k tokens and 128k tokens over all (sequence, KV head) pairs.
+    assert loop(1, 8, 12, 128, 16384, "q4_0") and loop(1, 4, 12, 128, 32768, "q4_0")
+    assert loop(1, 2, 12, 128, 65536, "q4_0") and loop(1, 1, 12, 128, 131072, "q4_0") and loop(16, 1, 12, 128, 8192, "q4_0")
+    assert not loop(1, 4, 12, 128, 16384, "q4_0") and not loop(1, 1, 12, 128, 65536, "q4_0")
+    assert not loop(1, 8, 12, 128, 4096, "q4_0") and not loop(64, 8, 12, 128, 4096, "q4_0")  # short
+    assert not loop(1, 8, 24, 128, 65536, "q4_0")  # > 16 rows
+    assert not loop(1, 8, 12, 64, 65536, "q4_0")  # head_dim
+    assert not loop(1, 8, 12, 128, 65536, "q4_0", cuda_loop=False)  # not loadable or out of scope
+    # q8_0 and fp8 keep the Triton plans; q8_0's one-warp programs from one per SM.
+    for hkv, ctx in ((8, 16384), (8, 65536), (4, 32768), (1, 65536)):
+        assert not loop(1, hkv, 12, 128, ctx, "q8_0") and not loop(1, hkv, 12, 128, ctx, "fp8")
+    for hkv, ctx in ((8, 16384), (2, 65536), (1, 65536), (8, 8192)):
+        launch = plan_launch(1, hkv, 12, 128, ctx, cpu, cache_format="q8_0", cuda_loop=True)
+        assert launch.num_warps == 1 and launch.block_n == 16, (hkv, ctx)
+    assert plan_launch(1, 1, 12, 128, 16384, cpu, cache_format="q8_0").num_warps == 4  # 64 programs
     with pytest.raises(ValueError, match="num_kv_heads=0"):
         cuda_loop_launch(1, 0, 65536, cpu)
 
@@ -147,3 +162,33 @@ def test_fatbin_holds_every_kernel(capsys):
     formats = {(k, v) for k in decode_quant_cuda.FORMAT_CODES for v in decode_quant_cuda.FORMAT_CODES}
     assert {tuple(r[0].strip().split("/")) for r in rows} == formats
     assert all(int(r[2]) == 64 for r in rows), rows
+
+
+def test_variant_build_arguments(capsys, tmp_path):
+    """Variant builds (-D) must name their own output, so the shipped fatbin and its stamp stay what
+    they were measured as; a bad request fails with one line before nvcc is looked for."""
+    from glmtg.kernels.cuda import build
+
+    assert build.main(["-D", "GLMTG_PREFETCH_TILES=2"]) == 2
+    assert "give --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build.main(["--bogus"])
+
+
+def test_cuda_variants_parse():
+    """bench/cuda_variants.py: NAME[=FATBIN][@CARVEOUT]."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("cuda_variants", bench / "cuda_variants.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    assert module.parse_variant("shipped") == ("shipped", decode_quant_cuda.FATBIN, None)
+    assert module.parse_variant("pf=build/x.fatbin@-1") == ("pf", Path("build/x.fatbin"), -1)
+    assert module.parse_variant("l1@0") == ("l1", decode_quant_cuda.FATBIN, 0)
