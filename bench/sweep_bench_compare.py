@@ -8,6 +8,11 @@ use SDPA for all of them, so that eager's [heads, ub, N_KV] score tensors do not
 each in its own process, then writes OUT_<attn>.json, OUT.md (S_TG per backend at each depth, the
 ratios, and TG at N_KV = 0 as a fraction of the weight-read roofline) and OUT.png.
 Extra arguments after ``--`` go to every sweep-bench run (e.g. ``-- -ctk q8_0``).
+
+Runs made separately (e.g. one per cache type) are put side by side without running anything by
+    python bench/sweep_bench_compare.py --out bench/results/sweep_air_cache --reference "sdpa bf16" \
+        --combine "glmtg bf16=A_glmtg.json" "glmtg q4_0=B_glmtg.json" "sdpa bf16=A_sdpa.json"
+where every column's ratio is taken against the reference run.
 """
 
 from __future__ import annotations
@@ -39,10 +44,20 @@ def run_backends(args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
     return runs
 
 
-def markdown(runs: dict[str, dict], copy_bw: float | None) -> str:
+def cache_text(runs: dict[str, dict]) -> str:
+    caches = {n: f"{r['environment'].get('ctk')}/{r['environment'].get('ctv')}" for n, r in runs.items()}
+    if len(set(caches.values())) == 1:
+        return f"cache {next(iter(caches.values()))}"
+    return "caches " + ", ".join(f"{n}: {c}" for n, c in caches.items())
+
+
+def markdown(runs: dict[str, dict], copy_bw: float | None, reference: str | None = None) -> str:
+    """S_TG per run and depth; ratio columns are glmtg / each other backend, or each run / ``reference``."""
     first = next(iter(runs.values()))
     env = first["environment"]
     names = list(runs)
+    pairs = ([(n, reference) for n in names if n != reference] if reference
+             else [("glmtg", n) for n in names if n != "glmtg"])
     by_depth: dict[int, dict[str, dict]] = {}
     for attn, run in runs.items():
         for row in run["rows"]:
@@ -50,20 +65,20 @@ def markdown(runs: dict[str, dict], copy_bw: float | None) -> str:
     lines = [
         f"# sweep-bench: {env.get('model')} ({env.get('dtype')}), attention backends side by side",
         "",
-        f"{env.get('device')} · torch {env.get('torch')} · triton {env.get('triton')} · cache {env.get('ctk')}/"
-        f"{env.get('ctv')} · -c {env.get('ctx_size')} -ub {env.get('ubatch')} · prefill attention "
+        f"{env.get('device')} · torch {env.get('torch')} · triton {env.get('triton')} · {cache_text(runs)}"
+        f" · -c {env.get('ctx_size')} -ub {env.get('ubatch')} · prefill attention "
         f"{env.get('attn_prefill')} · random weights: {env.get('random_weights')} · {env.get('date', '')}",
         "",
         "| N_KV | " + " | ".join(f"S_TG {n} t/s" for n in names) + " | "
-        + " | ".join(f"glmtg / {n}" for n in names if n != "glmtg") + " | " + " | ".join(f"S_PP {n}" for n in names)
+        + " | ".join(f"{a} / {b}" for a, b in pairs) + " | " + " | ".join(f"S_PP {n}" for n in names)
         + " |",
-        "|---|" + "---|" * (2 * len(names) + sum(n != "glmtg" for n in names)),
+        "|---|" + "---|" * (2 * len(names) + len(pairs)),
     ]
     for n_kv in sorted(by_depth):
         rows = by_depth[n_kv]
         tg = [f"{rows[n]['speed_tg']:.2f}" if n in rows else "—" for n in names]
-        ratios = [f"{rows['glmtg']['speed_tg'] / rows[n]['speed_tg']:.2f}×" if "glmtg" in rows and n in rows else "—"
-                  for n in names if n != "glmtg"]
+        ratios = [f"{rows[a]['speed_tg'] / rows[b]['speed_tg']:.2f}×" if a in rows and b in rows else "—"
+                  for a, b in pairs]
         pp = [f"{rows[n]['speed_pp']:.1f}" if n in rows else "—" for n in names]
         lines.append(f"| {n_kv} | " + " | ".join(tg + ratios + pp) + " |")
     if copy_bw:
@@ -86,9 +101,14 @@ def main() -> int:
     parser.add_argument("--attn", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--attn-prefill", default="sdpa", choices=BACKENDS)
     parser.add_argument("--out", required=True, help="path stem of the outputs")
+    parser.add_argument("--combine", nargs="+", metavar="LABEL=RUN.json",
+                        help="put existing sweep-bench results side by side instead of running")
+    parser.add_argument("--reference", default=None, help="with --combine: the label the ratios are taken against")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.combine:
+        return combine(args)
     runs = run_backends(args, extra)
     copy_bw = None
     try:
@@ -106,6 +126,29 @@ def main() -> int:
     plot_runs([(f"attn={a}", r["rows"]) for a, r in runs.items()], f"{args.out}.png",
               title=f"{next(iter(runs.values()))['environment'].get('model')}: S_TG / S_PP vs N_KV")
     print(Path(f"{args.out}.md").read_text())
+    return 0
+
+
+def combine(args: argparse.Namespace) -> int:
+    runs = {}
+    for item in args.combine:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            print(f"error: --combine wants LABEL=RUN.json with an existing file, got {item!r}", file=sys.stderr)
+            return 2
+        runs[label] = json.loads(Path(path).read_text())
+    if args.reference is not None and args.reference not in runs:
+        print(f"error: --reference {args.reference!r} is not one of the labels {list(runs)}", file=sys.stderr)
+        return 2
+    text = markdown(runs, None, args.reference)
+    dates = ", ".join(f"{label}: {run['environment'].get('date', '?')}" for label, run in runs.items())
+    text += f"\nRuns combined (`--combine`): {dates}.\n"
+    Path(f"{args.out}.md").write_text(text)
+    from glmtg.cli.sweep_bench import plot_runs
+
+    plot_runs([(label, r["rows"]) for label, r in runs.items()], f"{args.out}.png",
+              title=f"{next(iter(runs.values()))['environment'].get('model')}: S_TG / S_PP vs N_KV")
+    print(text)
     return 0
 
 

@@ -63,6 +63,40 @@ def test_plot_overlays_runs(capsys, sweep_json, tmp_path):
     assert out_png.stat().st_size > 1000
 
 
+def test_compare_combines_runs_against_a_reference(capsys, sweep_json, tmp_path):
+    """bench/sweep_bench_compare.py --combine: existing runs side by side, ratios against --reference."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    spec = importlib.util.spec_from_file_location("sweep_bench_compare", bench / "sweep_bench_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    doc = json.loads(sweep_json.read_text())
+    slower = tmp_path / "slower.json"
+    doc["environment"]["ctk"] = "q8_0"
+    for row in doc["rows"]:
+        row["speed_tg"] /= 2
+    slower.write_text(json.dumps(doc))
+    out = tmp_path / "both"
+    argv = ["x", "--out", str(out), "--reference", "slow", "--combine", f"fast={sweep_json}", f"slow={slower}"]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        assert compare.main() == 0
+        sys.argv = ["x", "--out", str(out), "--reference", "nope", "--combine", f"fast={sweep_json}"]
+        assert compare.main() == 2
+    finally:
+        sys.argv = old_argv
+    assert "'nope' is not one of the labels" in capsys.readouterr().err
+    lines = out.with_suffix(".md").read_text().splitlines()
+    assert "caches fast: bf16/bf16, slow: q8_0/bf16" in lines[2]
+    assert "fast / slow" in lines[4]
+    rows = [line.split("|") for line in lines[6:] if line.startswith("| ")]
+    assert len(rows) == 3 and all(r[4].strip() == "2.00×" for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
 def test_perplexity_and_kld_against_itself(capsys, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("glmtg computes perplexity like llama.cpp.")  # 41 bytes: 2 chunks of 16
