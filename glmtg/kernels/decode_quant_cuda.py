@@ -56,7 +56,7 @@ class _Driver:
         self.image = image if image is not None else Path(os.environ.get("GLMTG_DECODE_QUANT_FATBIN", FATBIN)).read_bytes()
         # The loop uses no shared memory; the carveout decides how much of the SM's on-chip memory
         # stays L1 (bench/NOTES.md, fifth pass). -1 leaves the driver's choice.
-        self.carveout = carveout if carveout is not None else int(os.environ.get("GLMTG_DECODE_QUANT_CARVEOUT", CARVEOUT))
+        self.carveout = carveout if carveout is not None else _env_int("GLMTG_DECODE_QUANT_CARVEOUT", CARVEOUT)
         self.functions: dict[tuple[int, str], ctypes.c_void_p] = {}
 
     def _call(self, name: str, *args: object) -> None:
@@ -93,6 +93,16 @@ class _Driver:
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         self._call("cuLaunchKernel", fn, *[ctypes.c_uint(x) for x in grid], ctypes.c_uint(32), ctypes.c_uint(1),
                    ctypes.c_uint(1), ctypes.c_uint(0), stream, args, None)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {text!r}") from None
 
 
 _ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT

@@ -192,3 +192,13 @@ def test_cuda_variants_parse():
     assert module.parse_variant("shipped") == ("shipped", decode_quant_cuda.FATBIN, None)
     assert module.parse_variant("pf=build/x.fatbin@-1") == ("pf", Path("build/x.fatbin"), -1)
     assert module.parse_variant("l1@0") == ("l1", decode_quant_cuda.FATBIN, 0)
+
+
+def test_carveout_override_must_be_an_integer(monkeypatch):
+    monkeypatch.setenv("GLMTG_DECODE_QUANT_CARVEOUT", "-1")
+    assert decode_quant_cuda._env_int("GLMTG_DECODE_QUANT_CARVEOUT", 100) == -1
+    monkeypatch.setenv("GLMTG_DECODE_QUANT_CARVEOUT", "half")
+    with pytest.raises(ValueError, match="GLMTG_DECODE_QUANT_CARVEOUT must be an integer"):
+        decode_quant_cuda._env_int("GLMTG_DECODE_QUANT_CARVEOUT", 100)
+    monkeypatch.delenv("GLMTG_DECODE_QUANT_CARVEOUT")
+    assert decode_quant_cuda._env_int("GLMTG_DECODE_QUANT_CARVEOUT", 100) == 100
