@@ -58,6 +58,16 @@ def time_launch(sets, fmt, launch) -> float:
     return time_graph(calls, replays=30)
 
 
+def measure_launch(sets, fmt, launch, want, nbytes: int, copy_bw: float) -> dict:
+    """Time one launch over the rotated sets and check its output: a results entry (us None and a note
+    where the output is wrong)."""
+    seconds = time_launch(sets, fmt, launch)
+    err = relative_error(sets[0], fmt, launch, want)
+    if not err < 2e-2:  # bf16 output and fp16 dots: ~4e-3; a miscompiled tile gives O(1)
+        return dict(us=None, note=f"WRONG RESULT (relative error {err:.2e}), {seconds * 1e6:.1f} us")
+    return dict(us=seconds * 1e6, tbps=nbytes / seconds / 1e12, frac_copy=nbytes / seconds / copy_bw, rel_err=err)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="quant_tune.json")
@@ -120,12 +130,7 @@ def main() -> int:
                            if launch.asm_dequant]
             for name, launch in trials:
                 try:
-                    seconds = time_launch(sets, fmt, launch)
-                    err = relative_error(sets[0], fmt, launch, want)
-                    entry = dict(us=seconds * 1e6, tbps=nbytes / seconds / 1e12, frac_copy=nbytes / seconds / copy_bw,
-                                 rel_err=err)
-                    if not err < 2e-2:  # bf16 output and fp16 dots: ~4e-3; a miscompiled tile gives O(1)
-                        entry = dict(us=None, note=f"WRONG RESULT (relative error {err:.2e}), {entry['us']:.1f} us")
+                    entry = measure_launch(sets, fmt, launch, want, nbytes, copy_bw)
                 except Exception as exc:  # e.g. shared memory exceeded for the largest tiles
                     entry = dict(us=None, note=f"{type(exc).__name__}: {str(exc)[:120]}")
                 results.append(dict(hq=hq, hkv=hkv, ctx=ctx, format=fmt, trial=name, launch=asdict(launch), **entry))
