@@ -34,6 +34,8 @@ def parse_variant(text: str) -> tuple[str, Path, int | None]:
     path_text, _, carveout = (rest or str(decode_quant_cuda.FATBIN)).partition("@")
     if "@" in name:
         name, _, carveout = name.partition("@")
+    if not name or (carveout and not carveout.lstrip("-").isdigit()):
+        raise ValueError(f"--variants wants NAME[=FATBIN][@CARVEOUT] with an integer CARVEOUT, got {text!r}")
     return name, Path(path_text), int(carveout) if carveout else None
 
 
@@ -45,7 +47,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="cuda_variants.json")
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variants.split(",")]
+    try:
+        variants = [parse_variant(v) for v in args.variants.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name, path, _ in variants:
+        if not path.is_file():
+            parser.error(f"variant {name}: no fatbin at {path}")
     drivers = {name: decode_quant_cuda._Driver(path.read_bytes(), carveout) for name, path, carveout in variants}
     env = environment()
     copy_bw = copy_bandwidth()

@@ -192,6 +192,9 @@ def test_cuda_variants_parse():
     assert module.parse_variant("shipped") == ("shipped", decode_quant_cuda.FATBIN, None)
     assert module.parse_variant("pf=build/x.fatbin@-1") == ("pf", Path("build/x.fatbin"), -1)
     assert module.parse_variant("l1@0") == ("l1", decode_quant_cuda.FATBIN, 0)
+    for bad in ("x=a.fatbin@half", "=a.fatbin", "@0"):
+        with pytest.raises(ValueError, match="NAME\\[=FATBIN\\]\\[@CARVEOUT\\]"):
+            module.parse_variant(bad)
 
 
 def test_carveout_override_must_be_an_integer(monkeypatch):
