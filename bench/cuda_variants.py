@@ -69,7 +69,7 @@ def main() -> int:
             device = sets[0][0].device
             want = reference_output(sets[0], fmt)
             trials = [("triton", None, plan_launch(1, hkv, hq // hkv, 128, ctx, device, cache_format=fmt))]
-            trials += [(name, name, cuda_loop_launch(1, hkv, ctx, device)) for name, _, _ in variants]
+            trials += [(name, name, cuda_loop_launch(1, hkv, ctx, device, rows=hq // hkv)) for name, _, _ in variants]
             for round_ in range(args.rounds):
                 for name, driver, launch in trials:
                     if driver is not None:

@@ -3,6 +3,8 @@
     ncu --kernel-name regex:_decode_attention_kernel --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats --section SchedulerStats python bench/profile_decode.py \\
         --format q8_0 --heads 96/8 --ctx 65536 --block-n 32 --num-warps 1 --ctas-per-sm 8
+
+With ``--cuda-loop`` the launch is the CUDA loop's (kernel names glmtg_decode_quant_*).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_attention import make_quant_set, make_sets  # noqa: E402
 
-from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
+from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
 
 
 def main() -> int:
@@ -27,6 +29,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=4)
     for name in ("block-n", "num-warps", "num-stages", "ctas-per-sm"):
         parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--cuda-loop", action="store_true", help="the CUDA loop's launch (quantized formats)")
     args = parser.parse_args()
     hq, hkv = (int(x) for x in args.heads.split("/"))
     d = 128
@@ -39,6 +42,8 @@ def main() -> int:
     launch = plan_launch(1, hkv, hq // hkv, d, args.ctx, q.device, block_n=args.block_n, num_warps=args.num_warps,
                          num_stages=args.num_stages, ctas_per_sm=args.ctas_per_sm,
                          cache_format=None if args.format == "bf16" else args.format)
+    if args.cuda_loop:
+        launch = cuda_loop_launch(1, hkv, args.ctx, q.device, rows=hq // hkv)
     print(launch, flush=True)
     for _ in range(args.calls):
         decode_attention(q, k, v, lengths, validate=False, launch=launch, **extra)

@@ -79,6 +79,8 @@ def main() -> int:
                         help="also time the CUDA loop (decode_quant_cuda) with these slices per SM, e.g. 4,8,12")
     parser.add_argument("--cuda-min-tokens", default="64",
                         help="shortest slice of those CUDA-loop launches, in tokens (comma list to sweep)")
+    parser.add_argument("--block-m", type=int, default=None,
+                        help="query rows per tile for every Triton launch (e.g. 16: 48/2's 24 rows in two tiles)")
     parser.add_argument("--in-rows", action="store_true",
                         help="also try every launch with DecodeLaunch.dequant_in_rows (q8_0/fp8 converted where loaded)")
     for key, values in GRID.items():
@@ -100,7 +102,7 @@ def main() -> int:
                     else [make_quant_set(1, hq, hkv, ctx, d, fmt) for _ in range(nsets)])
             rows = hq // hkv
             want = reference_output(sets[0], fmt)
-            base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt)
+            base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, block_m=args.block_m)
             trials = [("default", base)]
             if fmt in ("q8_0", "q4_0"):
                 trials.append(("default, plain dequant", replace(base, asm_dequant=False)))
@@ -108,7 +110,8 @@ def main() -> int:
             if not args.no_grid:
                 for values in itertools.product(*grid.values()):
                     kw = dict(zip(grid, values))
-                    launch = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, **kw)
+                    launch = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt,
+                                         block_m=args.block_m, **kw)
                     name = " ".join(f"{k}={v}" for k, v in kw.items())
                     trials.append((name, launch))
                     for cap in filter(None, args.maxnreg.split(",")):
@@ -118,10 +121,10 @@ def main() -> int:
                 print(f"cuda loop: {decode_quant_cuda.resident_per_sm(device, fmt, fmt)} programs resident per SM",
                       flush=True)
                 # The loop's default slicing, for every format (plan_launch takes it for q4_0 only).
-                trials.append(("cuda default", cuda_loop_launch(1, hkv, ctx, device)))
+                trials.append(("cuda default", cuda_loop_launch(1, hkv, ctx, device, rows=rows)))
                 for per_sm, min_tokens in itertools.product(filter(None, args.cuda_per_sm.split(",")),
                                                             args.cuda_min_tokens.split(",")):
-                    launch = cuda_loop_launch(1, hkv, ctx, device, warps_per_sm=int(per_sm),
+                    launch = cuda_loop_launch(1, hkv, ctx, device, rows=rows, warps_per_sm=int(per_sm),
                                               min_tokens_per_split=int(min_tokens))
                     trials.append((f"cuda per_sm={per_sm} min_tokens={min_tokens} splits={launch.num_splits}",
                                    launch))

@@ -500,6 +500,7 @@ def plan_launch(
     *, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, ctas_per_sm: int | None = None, min_tokens_per_split: int | None = None,
     pdl: bool | None = None, cache_format: str | None = None, cuda_loop: bool = False,
+    block_m: int | None = None,
 ) -> DecodeLaunch:
     """Choose tile sizes and the split count from shapes and the declared context.
 
@@ -521,11 +522,12 @@ def plan_launch(
     ``cuda_loop`` says that the CUDA kernel for quantized K and V can run these arguments
     (decode_quant_cuda.supports). It is planned where it was measured faster than the Triton kernel
     (H100; bench/results/cuda_variants_2026-11-25.json, cuda_plan_q4_0_2026-11-25.json): q4_0 caches
-    at head_dim 128, up to 16 rows, contexts of 8k or more and at least 128k tokens over all (sequence,
-    KV head) pairs. Loop vs Triton, us: 96/8 at 16k 23.5 vs 30.4, at 64k 53.0 vs 75.6; 48/4 at 64k
-    33.5 vs 48.6; 24/2 at 64k 24.9 vs 30.3; 12/1 at 128k 27.1 vs 32.2. Below 128k tokens Triton was as
+    at head_dim 128, up to 32 rows, contexts of 8k or more and at least 128k tokens over all (sequence,
+    KV head, 16-row tile) triples. Loop vs Triton, us: 96/8 at 16k 23.5 vs 30.4, at 64k 53.0 vs 75.6; 48/4 at 64k
+    33.5 vs 48.6; 24/2 at 64k 24.9 vs 30.3; 12/1 at 128k 27.1 vs 32.2; 48/2 (two 16-row tiles) at 32k
+    25.0 vs 28.9, at 64k 32.6 vs 51.2. Below 128k tokens Triton was as
     fast or faster (48/4 at 16k 18.8 vs 17.3, 12/1 at 64k 22.0 vs 17.5, 24/2 at 16k a tie). One warp
-    per slice, ``CUDA_WARPS_PER_SM`` slices per SM (its ~230 registers a thread allow eight), slices of
+    per 16 rows and slice, ``CUDA_WARPS_PER_SM`` slices per SM (its ~230 registers a thread allow eight), slices of
     at least ``CUDA_MIN_TOKENS`` tokens. q8_0 and fp8 keep Triton: its one-warp programs beat the loop
     wherever both were timed (q8_0 96/8 at 16k 22.5 vs 26.3 us, 24/2 at 64k 22.6 vs 28.0; fp8 96/8 at
     64k 61.3 vs 65.5). ``DecodeLaunch(cuda_loop=True)`` (cuda_loop_launch) runs any format.
@@ -533,18 +535,27 @@ def plan_launch(
     _check(cache_format is None or cache_format in KV_FORMATS,
            f"cache_format must be None or one of {KV_FORMATS}, got {cache_format!r}")
     m_cap = 128 if head_dim <= 128 else 64
-    block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
+    _check(block_m is None or (block_m >= 16 and block_m & (block_m - 1) == 0 and block_m <= m_cap),
+           f"block_m must be a power of two in [16, {m_cap}], got {block_m!r}")
+    tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
+    if (block_m is None and cache_format == "q8_0" and head_dim == 128 and 16 < rows <= 32 and not tuned
+            and batch * num_kv_heads * max_context >= 65536):
+        # Groups of 17-32 rows (48/2: 24) in two 16-row tiles, so that one-warp programs run them: at 48/2
+        # 32k 19.3 vs 21.8 us, 64k 32.2 vs 39.4, 128k 50.7 vs 61.9; at 16k the 32-row tile stays faster.
+        block_m = 16
+    if block_m is None:
+        block_m = max(16, triton.next_power_of_2(min(rows, m_cap)))
     m_tiles = triton.cdiv(rows, block_m)
     sms = _sm_count(device)
     work = batch * num_kv_heads * m_tiles
     if pdl is None:
         pdl = _pdl_default(device)
     quantized = cache_format in ("q8_0", "q4_0", "fp8")
-    tuned = (num_splits, block_n, num_warps, num_stages, ctas_per_sm, min_tokens_per_split) != (None,) * 6
+    loop_work = batch * num_kv_heads * triton.cdiv(rows, decode_quant_cuda.ROWS)  # the loop's warps per slice
     if (cuda_loop and cache_format == "q4_0" and head_dim == decode_quant_cuda.HEAD_DIM
-            and rows <= decode_quant_cuda.ROWS and not tuned and max_context >= 8192
-            and work * max_context >= 131072):
-        return cuda_loop_launch(batch, num_kv_heads, max_context, device, pdl=pdl)
+            and rows <= 2 * decode_quant_cuda.ROWS and not tuned and max_context >= 8192
+            and loop_work * max_context >= 131072):
+        return cuda_loop_launch(batch, num_kv_heads, max_context, device, rows=rows, pdl=pdl)
     # Measured and GPU-tested at head_dim 128 (GLM's); other head dims keep the bf16 plan.
     if cache_format in ("q8_0", "q4_0") and head_dim == 128 and block_m <= 16 and not tuned:
         # Tokens per tile: the fastest of the one-warp sweeps for each format. Eight programs per SM:
@@ -579,17 +590,20 @@ def plan_launch(
 
 
 def cuda_loop_launch(batch: int, num_kv_heads: int, max_context: int, device: torch.device, *,
-                     warps_per_sm: int = CUDA_WARPS_PER_SM, min_tokens_per_split: int = CUDA_MIN_TOKENS,
-                     pdl: bool | None = None) -> DecodeLaunch:
+                     rows: int = decode_quant_cuda.ROWS, warps_per_sm: int = CUDA_WARPS_PER_SM,
+                     min_tokens_per_split: int = CUDA_MIN_TOKENS, pdl: bool | None = None) -> DecodeLaunch:
     """A launch of the CUDA loop (decode_quant_cuda), whatever the format: ``warps_per_sm`` one-warp
-    slices per SM, each of at least ``min_tokens_per_split`` tokens. plan_launch picks it where it was
+    slices per SM, each of at least ``min_tokens_per_split`` tokens; ``rows`` query rows per KV head
+    (GQA group x new tokens) take ceil(rows / 16) warps per slice. plan_launch picks it where it was
     measured faster; benchmarks and tests call it directly for every format."""
-    _check(min(batch, num_kv_heads, max_context, warps_per_sm, min_tokens_per_split) >= 1,
+    _check(min(batch, num_kv_heads, max_context, rows, warps_per_sm, min_tokens_per_split) >= 1,
            f"cuda_loop_launch needs positive sizes, got batch={batch}, num_kv_heads={num_kv_heads}, "
-           f"max_context={max_context}, warps_per_sm={warps_per_sm}, min_tokens_per_split={min_tokens_per_split}")
-    work = batch * num_kv_heads
+           f"max_context={max_context}, rows={rows}, warps_per_sm={warps_per_sm}, "
+           f"min_tokens_per_split={min_tokens_per_split}")
+    m_tiles = triton.cdiv(rows, decode_quant_cuda.ROWS)
+    work = batch * num_kv_heads * m_tiles
     splits = max(1, min(warps_per_sm * _sm_count(device) // work, triton.cdiv(max_context, min_tokens_per_split)))
-    return DecodeLaunch(decode_quant_cuda.ROWS, 1, decode_quant_cuda.TILE, splits, 1, 1,
+    return DecodeLaunch(decode_quant_cuda.ROWS, m_tiles, decode_quant_cuda.TILE, splits, 1, 1,
                         _pdl_default(device) if pdl is None else pdl, cuda_loop=True)
 
 
@@ -748,8 +762,12 @@ def decode_attention(
         launch = plan_launch(batch, num_kv_heads, rows, head_dim, max_context, q.device,
                              cache_format=plan_format(k_format, v_format), cuda_loop=cuda_loop)
     _check(not launch.cuda_loop or cuda_loop,
-           "launch.cuda_loop needs K and V in q8_0/q4_0/fp8, head_dim 128, <= 16 rows per KV head, "
-           "fp16/bf16 queries, 16-byte aligned rows and power-of-two pages on a Hopper GPU")
+           f"launch.cuda_loop needs K and V in q8_0/q4_0/fp8, head_dim 128, <= {decode_quant_cuda.MAX_ROWS} "
+           "rows per KV head, fp16/bf16 queries, 16-byte aligned rows and power-of-two pages on a Hopper GPU")
+    _check(launch.m_tiles * launch.block_m >= rows and (not launch.cuda_loop or launch.block_m == decode_quant_cuda.ROWS),
+           f"launch covers {launch.m_tiles} x {launch.block_m} query rows per KV head, but there are {rows} "
+           f"(GQA group {group} x Sq {sq})" + (f"; the CUDA loop takes {decode_quant_cuda.ROWS}-row tiles"
+                                              if launch.cuda_loop else ""))
     if out is None:
         out = torch.empty_like(q)
     else:

@@ -5,9 +5,10 @@ The kernel ships prebuilt (cuda/decode_quant.fatbin: sm_90 machine code, built b
 ctypes, so glmtg needs neither a compiler nor a torch extension at run time. It writes the same
 split partials as the Triton kernel, whose merge kernel then combines them (decode_attention()).
 
-Scope: K and V both in q8_0, q4_0 or fp8, head_dim 128, at most 16 query rows (GQA group x new
-tokens) per KV head, fp16/bf16 queries, contiguous or paged caches with power-of-two pages >= 16,
-16-byte aligned rows (cache and queries). decode_attention() takes the Triton kernel wherever one of
+Scope: K and V both in q8_0, q4_0 or fp8, head_dim 128, 16 query rows (GQA group x new tokens) per
+warp (more rows take more warps, each reading the slice again), fp16/bf16 queries, contiguous or paged
+caches with power-of-two pages >= 16, 16-byte aligned and packed rows (codes and scales one row length
+apart, as glmtg.kv_cache stores them). decode_attention() takes the Triton kernel wherever one of
 these does not hold (usable()).
 """
 
@@ -27,7 +28,8 @@ FATBIN = CUDA_DIR / "decode_quant.fatbin"
 STAMP = CUDA_DIR / "decode_quant.fatbin.sha256"  # sha256 of the source the fatbin was built from
 FORMAT_CODES = {"q8_0": 1, "q4_0": 2, "fp8": 3}
 HEAD_DIM = 128
-ROWS = 16
+ROWS = 16  # query rows per warp; a launch covers rows in ceil(rows / ROWS) row tiles (grid z)
+MAX_ROWS = 4 * ROWS  # measured up to 24 rows (48/2); more would re-read each slice more often than it saves
 TILE = 16  # tokens per step; slices are cut in multiples of it (the merge kernel must agree)
 CARVEOUT = 100  # percent of on-chip memory preferred as shared memory
 
@@ -147,17 +149,20 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
         return False
     if q.shape[3] != HEAD_DIM or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if q.shape[1] * (q.shape[2] // k_cache.shape[1]) > ROWS:
+    if q.shape[1] * (q.shape[2] // k_cache.shape[1]) > MAX_ROWS:
         return False
     if page_size is not None and (page_size < TILE or page_size & (page_size - 1)):
         return False
     if q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:3]):  # 16-byte query row loads
         return False
     for data in (k_cache, v_cache):
-        if data.data_ptr() % 16 or any(s % 16 for s in data.stride()[:3]):
+        # Packed rows: the kernel steps through a tile's rows at the row length, a compile-time constant.
+        if data.data_ptr() % 16 or any(s % 16 for s in data.stride()[:3]) or data.stride(2) != data.shape[3]:
             return False
     for scale, fmt in ((k_scale, k_format), (v_scale, v_format)):
-        if scale.data_ptr() % scale.element_size() or (fmt != "fp8" and scale.stride(3) != 1):
+        if scale.data_ptr() % scale.element_size() or scale.stride(2) != (1 if fmt == "fp8" else scale.shape[3]):
+            return False
+        if fmt != "fp8" and scale.stride(3) != 1:
             return False
     return True
 
@@ -205,4 +210,5 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scal
         page_size.bit_length() - 1 if page_size else 0, int(q.dtype == torch.bfloat16),
     )
     name = kernel_name(k_format, v_format, page_table is not None)
-    _driver().launch(_index(q.device), name, (num_splits, batch * num_kv_heads, 1), params)
+    m_tiles = partial_o.shape[2] // ROWS  # the partials' row pitch is m_tiles * ROWS
+    _driver().launch(_index(q.device), name, (num_splits, batch * num_kv_heads, m_tiles), params)

@@ -71,6 +71,16 @@ def test_quantized_formats_cpu(k_format, v_format, group):
     check(cache, q, torch.float16, 2e-3, launch=plan_launch(3, 2, group, 64, 72, torch.device("cpu")))
 
 
+@pytest.mark.parametrize("k_format, v_format", [("q8_0", "q4_0"), ("fp8", "q8_0")])
+def test_quantized_rows_in_two_tiles_cpu(k_format, v_format):
+    """A group of 24 (48/2) in two 16-row tiles: the second tile's 8 live rows, 8 masked."""
+    cache = filled_cache(2, 2, 64, [45, 3], 48, k_format, v_format, "cpu", seed=24)
+    q = torch.randn(2, 1, 48, 64).half()
+    launch = plan_launch(2, 2, 24, 64, 48, torch.device("cpu"), block_m=16, num_splits=3)
+    assert launch.m_tiles == 2 and launch.num_splits > 1
+    check(cache, q, torch.float16, 2e-3, launch=launch)
+
+
 @pytest.mark.parametrize("k_format, v_format", [("q8_0", "q8_0"), ("q4_0", "fp8")])
 def test_quantized_paged_multi_token_cpu(k_format, v_format):
     lengths = [3, 90]
@@ -118,6 +128,19 @@ def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
     launch = replace(plan_launch(4, 8, 12, 128, 16400, q.device, cache_format=plan_format(k_format, v_format)),
                      **variant)
     check(cache, q, torch.bfloat16, 1.5e-2, launch=launch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
+def test_gpu_default_plan_groups_of_24(fmt):
+    """48/2's 24 rows per KV head under the default plan (q8_0: two 16-row one-warp tiles; q4_0: the
+    CUDA loop with two row tiles where it can run; fp8: one 32-row tile), mixed lengths, NaN-poisoned."""
+    lengths = [16383, 7]
+    cache = filled_cache(2, 2, 128, lengths, 16400, fmt, fmt, "cuda", seed=24)
+    q = torch.randn(2, 1, 48, 128, device="cuda").bfloat16()
+    launch = plan_launch(2, 2, 24, 128, 16400, q.device, cache_format=fmt)
+    assert launch.m_tiles == (2 if fmt == "q8_0" else 1)
+    check(cache, q, torch.bfloat16, 1.5e-2)
 
 
 @pytest.mark.gpu

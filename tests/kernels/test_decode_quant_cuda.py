@@ -42,7 +42,10 @@ def test_plan_takes_cuda_loop_only_where_it_was_measured_faster(monkeypatch):
     assert loop(1, 2, 12, 128, 65536, "q4_0") and loop(1, 1, 12, 128, 131072, "q4_0") and loop(16, 1, 12, 128, 8192, "q4_0")
     assert not loop(1, 4, 12, 128, 16384, "q4_0") and not loop(1, 1, 12, 128, 65536, "q4_0")
     assert not loop(1, 8, 12, 128, 4096, "q4_0") and not loop(64, 8, 12, 128, 4096, "q4_0")  # short
-    assert not loop(1, 8, 24, 128, 65536, "q4_0")  # > 16 rows
+    # 17-32 rows (48/2) in two 16-row tiles, counted as such: 48/2 from 32k; never more than 32 rows.
+    assert loop(1, 2, 24, 128, 32768, "q4_0") and not loop(1, 2, 24, 128, 16384, "q4_0")
+    assert plan_launch(1, 2, 24, 128, 65536, cpu, cache_format="q4_0", cuda_loop=True).m_tiles == 2
+    assert not loop(1, 8, 36, 128, 65536, "q4_0")
     assert not loop(1, 8, 12, 64, 65536, "q4_0")  # head_dim
     assert not loop(1, 8, 12, 128, 65536, "q4_0", cuda_loop=False)  # not loadable or out of scope
     # q8_0 and fp8 keep the Triton plans; q8_0's one-warp programs from one per SM.
@@ -52,14 +55,36 @@ def test_plan_takes_cuda_loop_only_where_it_was_measured_faster(monkeypatch):
         launch = plan_launch(1, hkv, 12, 128, ctx, cpu, cache_format="q8_0", cuda_loop=True)
         assert launch.num_warps == 1 and launch.block_n == 16, (hkv, ctx)
     assert plan_launch(1, 1, 12, 128, 16384, cpu, cache_format="q8_0").num_warps == 4  # 64 programs
+    # q8_0 groups of 17-32 rows: two 16-row tiles of one-warp programs from 64k tokens over the KV heads.
+    launch = plan_launch(1, 2, 24, 128, 32768, cpu, cache_format="q8_0")
+    assert (launch.block_m, launch.m_tiles, launch.num_warps) == (16, 2, 1)
+    assert plan_launch(1, 2, 24, 128, 16384, cpu, cache_format="q8_0").block_m == 32
+    assert plan_launch(1, 2, 24, 128, 65536, cpu, cache_format="fp8").block_m == 32
     with pytest.raises(ValueError, match="num_kv_heads=0"):
         cuda_loop_launch(1, 0, 65536, cpu)
 
 
-def _cuda_launch(batch, hkv, capacity, device, num_splits=None):
+def _cuda_launch(batch, hkv, capacity, device, num_splits=None, rows=12):
     """A launch of the CUDA loop whatever the plan would pick (tests cover every format)."""
-    return replace(cuda_loop_launch(batch, hkv, capacity, device),
+    return replace(cuda_loop_launch(batch, hkv, capacity, device, rows=rows),
                    num_splits=num_splits or max(1, min(132, -(-capacity // 64))))
+
+
+def test_cuda_loop_launch_row_tiles_and_coverage_check():
+    cpu = torch.device("cpu")
+    assert cuda_loop_launch(1, 2, 65536, cpu, rows=16).m_tiles == 1
+    assert cuda_loop_launch(1, 2, 65536, cpu, rows=24).m_tiles == 2
+    assert cuda_loop_launch(1, 2, 65536, cpu, rows=36).m_tiles == 3
+    # A launch that covers fewer rows than the group has would leave outputs unwritten: refused.
+    cache = filled_cache(1, 2, 128, [40], 64, "q8_0", "q8_0", "cpu")
+    kv, vv = cache.k(0), cache.v(0)
+    q = torch.randn(1, 1, 48, 128).half()
+    with pytest.raises(ValueError, match="covers 1 x 16 query rows per KV head, but there are 24"):
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_scale=kv.scale, v_scale=vv.scale,
+                         k_format="q8_0", v_format="q8_0",
+                         launch=replace(plan_launch(1, 2, 24, 128, 64, cpu, cache_format="q8_0"), block_m=16))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        plan_launch(1, 2, 24, 128, 64, cpu, block_m=24)
 
 
 def test_cuda_loop_refused_where_unsupported():
@@ -70,6 +95,19 @@ def test_cuda_loop_refused_where_unsupported():
     with pytest.raises(ValueError, match="cuda_loop needs"):
         decode_attention(q, kv.data, vv.data, cache.lengths, k_scale=kv.scale, v_scale=vv.scale,
                          k_format="q8_0", v_format="q8_0", launch=launch)
+
+
+def test_cuda_loop_scope_needs_packed_rows():
+    """The kernel steps through rows at the row length: strided views of codes or scales are not its."""
+    cache = filled_cache(1, 2, 128, [40], 64, "q8_0", "q4_0", "cpu")
+    kv, vv = cache.k(0), cache.v(0)
+    q = torch.randn(1, 1, 24, 128).half()
+    assert decode_quant_cuda.supports(q, kv.data, vv.data, kv.scale, vv.scale, "q8_0", "q4_0", None)
+    every_other = kv.data[:, :, ::2]  # rows 256 bytes apart
+    assert not decode_quant_cuda.supports(q, every_other, vv.data[:, :, ::2], kv.scale[:, :, ::2], vv.scale[:, :, ::2],
+                                          "q8_0", "q4_0", None)
+    padded_scales = torch.zeros(*vv.scale.shape[:3], 8, dtype=vv.scale.dtype)[..., :4]  # scale rows 16 bytes apart
+    assert not decode_quant_cuda.supports(q, kv.data, vv.data, kv.scale, padded_scales, "q8_0", "q4_0", None)
 
 
 def _planned(cache, q):
@@ -93,16 +131,18 @@ def test_gpu_cuda_loop_formats(k_format, v_format, page_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group, sq, page_size", [(1, 1, None), (16, 1, None), (5, 3, 16), (8, 2, 256), (7, 2, None)])
+@pytest.mark.parametrize("group, sq, page_size", [(1, 1, None), (16, 1, None), (5, 3, 16), (8, 2, 256), (7, 2, None),
+                                                   (24, 1, None), (12, 3, 64), (17, 1, 16)])
 @pytest.mark.parametrize("fmt", QUANT)
 def test_gpu_cuda_loop_groups_and_multi_token(group, sq, page_size, fmt):
+    """Every row count, including more than one 16-row tile (24 = 48/2's group; 36 and 17 rows)."""
     lengths = [3, 4099, 1000]
     capacity = 4352
     cache = filled_cache(3, 2, 128, lengths, capacity, fmt, fmt, "cuda", page_size=page_size, seed=group + sq)
     q = torch.randn(3, sq, 2 * group, 128, device="cuda").half()
     assert _planned(cache, q)
     for splits in (1, 7, 64):  # one slice, uneven slices, many empty slices
-        check(cache, q, torch.float16, 1.5e-2, launch=_cuda_launch(3, 2, capacity, q.device, splits))
+        check(cache, q, torch.float16, 1.5e-2, launch=_cuda_launch(3, 2, capacity, q.device, splits, group * sq))
 
 
 @pytest.mark.gpu
@@ -113,13 +153,14 @@ def test_gpu_cuda_loop_graph_replay(fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_format, v_format", [("q4_0", "q4_0"), ("q8_0", "q4_0")])
-def test_gpu_default_plan_takes_cuda_loop_for_q4_0(k_format, v_format):
-    """Deep q4_0 caches with 8 KV heads run the CUDA loop by default (plan_launch), and correctly."""
+@pytest.mark.parametrize("hkv, group", [(8, 12), (2, 24)])
+def test_gpu_default_plan_takes_cuda_loop_for_q4_0(k_format, v_format, hkv, group):
+    """Deep q4_0 caches run the CUDA loop by default (plan_launch), and correctly; 24 rows in two tiles."""
     lengths = [16383, 9000]
-    cache = filled_cache(2, 8, 128, lengths, 16400, k_format, v_format, "cuda", seed=5)
-    q = torch.randn(2, 1, 96, 128, device="cuda").bfloat16()
+    cache = filled_cache(2, hkv, 128, lengths, 16400, k_format, v_format, "cuda", seed=5)
+    q = torch.randn(2, 1, hkv * group, 128, device="cuda").bfloat16()
     assert _planned(cache, q)
-    assert plan_launch(2, 8, 12, 128, 16400, q.device, cache_format="q4_0", cuda_loop=True).cuda_loop
+    assert plan_launch(2, hkv, group, 128, 16400, q.device, cache_format="q4_0", cuda_loop=True).cuda_loop
     check(cache, q, torch.bfloat16, 1.5e-2)
 
 

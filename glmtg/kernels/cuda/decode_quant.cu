@@ -1,5 +1,7 @@
 // Split-KV decode attention over a quantized KV cache (q8_0, q4_0, fp8 for K and V), head_dim 128,
-// up to 16 query rows (GQA group x new tokens) per KV head: one warp per (sequence, KV head, slice).
+// 16 query rows (GQA group x new tokens) per warp: one warp per (slice, sequence and KV head, row tile).
+// Groups of more than 16 rows (48/2: 24) take several row tiles, which read the same slice (the second
+// read mostly from L2).
 //
 // Why CUDA and not Triton: the mma B operand for P @ V pairs two *tokens* per register, while the
 // cache stores a token's head dims side by side. Triton transposes 8-bit V tiles through shared
@@ -26,7 +28,7 @@ namespace {
 
 constexpr int kHeadDim = 128;
 constexpr int kTile = 16;   // tokens per step: one m16n8k16 k-step of P @ V
-constexpr int kRows = 16;   // query rows per warp (the mma's M); partial buffers use this pitch
+constexpr int kRows = 16;   // query rows per warp (the mma's M); partial buffers: kRows x grid z
 
 enum Format { kQ8_0 = 1, kQ4_0 = 2, kFp8 = 3 };
 
@@ -130,103 +132,106 @@ struct Tile {
 
 template <int KF, int VF, bool PAGED>
 struct Attention {
+    // Rows are packed (the launcher checks): token rows of codes and of scales sit at these pitches,
+    // so all of a thread's rows in a tile are one pointer plus immediate offsets, and moving to the
+    // next tile is one multiply-add per tensor (runtime strides cost ~150 integer instructions a tile).
+    static constexpr int kKPitch = KF == kQ4_0 ? kHeadDim / 2 : kHeadDim;  // bytes per K row
+    static constexpr int kVPitch = VF == kQ4_0 ? kHeadDim / 2 : kHeadDim;
+    static constexpr int kKsPitch = KF == kFp8 ? 4 : 2 * kHeadDim / 32;   // bytes per K scale row
+    static constexpr int kVsPitch = VF == kFp8 ? 4 : 2 * kHeadDim / 32;
+
     const Params& p;
     int b, hkv, g, t, end;
-    const uint8_t* k_head;
-    const uint8_t* v_head;
-    const uint8_t* k_scale_head;  // bytes
-    const uint8_t* v_scale_head;
-    // Byte offsets of this thread's rows within a whole tile (from its first row): K rows g, g + 8
-    // and V rows 2t, 2t+1, 2t+8, 2t+9, each with the piece of the row (or scale row) it reads.
-    int k_off[2], ks_off[2], v_off[4], vs_off[4], kv_s_off[4];
+    // This thread's first row of each tensor in the tile at token 0 (contiguous caches) or page 0:
+    // K row g (g + 8 is 8 rows on), V row 2t (2t+1, 2t+8, 2t+9 likewise), each at the piece of the
+    // row (or scale row) the thread reads; kv_s is K's scale at V's rows (fp8 score columns).
+    const uint8_t* k_thr;
+    const uint8_t* v_thr;
+    const uint8_t* ks_thr;
+    const uint8_t* vs_thr;
+    const uint8_t* kv_s_thr;
 
     __device__ __forceinline__ Attention(const Params& params, int b_, int hkv_, int end_)
         : p(params), b(b_), hkv(hkv_), end(end_) {
         const int lane = threadIdx.x & 31;
         g = lane >> 2;
         t = lane & 3;
-        k_head = p.k + hkv * p.stride_kh;
-        v_head = p.v + hkv * p.stride_vh;
-        constexpr int kss = KF == kFp8 ? 4 : 2, vss = VF == kFp8 ? 4 : 2;
-        k_scale_head = static_cast<const uint8_t*>(p.k_scale) + hkv * p.stride_ksh * kss;
-        v_scale_head = static_cast<const uint8_t*>(p.v_scale) + hkv * p.stride_vsh * vss;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            k_off[nt] = row_offset(8 * nt + g);
-            ks_off[nt] = k_scale_offset(8 * nt + g);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int token = 2 * t + (i & 1) + 8 * (i >> 1);
-            v_off[i] = v_row_offset(token);
-            vs_off[i] = v_scale_offset(token);
-            kv_s_off[i] = k_scale_offset(token);
-        }
+        const long long page = PAGED ? 0 : b;
+        const uint8_t* ks = static_cast<const uint8_t*>(p.k_scale) + (hkv * p.stride_ksh + page * p.stride_ksp) * (KF == kFp8 ? 4 : 2);
+        k_thr = p.k + hkv * p.stride_kh + page * p.stride_kp + k_row_offset(g);
+        v_thr = p.v + hkv * p.stride_vh + page * p.stride_vp + v_row_offset(2 * t);
+        ks_thr = ks + k_scale_offset(g);
+        vs_thr = static_cast<const uint8_t*>(p.v_scale) + (hkv * p.stride_vsh + page * p.stride_vsp) * (VF == kFp8 ? 4 : 2)
+                 + v_scale_offset(2 * t);
+        kv_s_thr = ks + k_scale_offset(2 * t);
     }
 
-    __device__ __forceinline__ int row_offset(int token) const {
-        return token * (int)p.stride_kn + (KF == kQ4_0 ? 16 * t : 32 * t);
+    __device__ __forceinline__ int k_row_offset(int token) const {
+        return token * kKPitch + (KF == kQ4_0 ? 16 * t : 32 * t);
     }
     __device__ __forceinline__ int k_scale_offset(int token) const {
-        return KF == kFp8 ? 4 * token * (int)p.stride_ksn : 2 * (token * (int)p.stride_ksn + t);
+        return token * kKsPitch + (KF == kFp8 ? 0 : 2 * t);
     }
     __device__ __forceinline__ int v_row_offset(int token) const {
-        return token * (int)p.stride_vn + (VF == kQ4_0 ? 16 * (g >> 1) : 16 * g);
+        return token * kVPitch + (VF == kQ4_0 ? 16 * (g >> 1) : 16 * g);
     }
     __device__ __forceinline__ int v_scale_offset(int token) const {
-        return VF == kFp8 ? 4 * token * (int)p.stride_vsn : 2 * (token * (int)p.stride_vsn + (g >> 1));
+        return token * kVsPitch + (VF == kFp8 ? 0 : 2 * (g >> 1));
     }
 
-    // Storage page of the 16-token tile at n0 (page sizes are powers of two >= 16, so a tile never
-    // straddles pages) and the slot of its first token.
-    __device__ __forceinline__ void locate(int n0, long long& page, int& slot0) const {
+    // Byte offset of the tile at n0 from the bases, per tensor pitch: the page (page sizes are powers
+    // of two >= 16, so a tile never straddles pages) and the slot of its first token.
+    __device__ __forceinline__ void locate(int n0, long long& page, unsigned& slot0) const {
         if constexpr (PAGED) {
             page = __ldg(p.page_table + b * p.stride_pt_b + (n0 >> p.page_shift));
             slot0 = n0 & ((1 << p.page_shift) - 1);
         } else {
-            page = b;
+            page = 0;
             slot0 = n0;
         }
     }
 
-    // Loads go straight to registers (the next tile's while this one is computed). Each thread's
-    // rows sit at fixed offsets from the tile's first row, computed once; only the slice's last,
-    // partial tile clamps them (to its last token: always inside the cache, and masked, so what
-    // such a row holds never matters; a valid row is finite unless the cached token is not).
+    // Loads go straight to registers (the next tile's while this one is computed). Only the slice's
+    // last, partial tile clamps its rows (to its last token: always inside the cache, and masked, so
+    // what such a row holds never matters; a valid row is finite unless the cached token is not).
     template <bool TAIL>
     __device__ __forceinline__ void load(Tile<KF, VF>& tile, int n0) const {
         long long page;
-        int slot0;
+        unsigned slot0;
         locate(n0, page, slot0);
         const int last = end - 1 - n0;
-        const uint8_t* kp = k_head + page * p.stride_kp + slot0 * p.stride_kn;
-        const uint8_t* vp = v_head + page * p.stride_vp + slot0 * p.stride_vn;
-        const uint8_t* ksp = k_scale_head + (page * p.stride_ksp + slot0 * p.stride_ksn) * (KF == kFp8 ? 4 : 2);
-        const uint8_t* vsp = v_scale_head + (page * p.stride_vsp + slot0 * p.stride_vsn) * (VF == kFp8 ? 4 : 2);
+        // Each tensor: one multiply-add to the tile; the rows are immediate offsets from there.
+        const uint8_t* kp = k_thr + page * p.stride_kp + slot0 * kKPitch;
+        const uint8_t* vp = v_thr + page * p.stride_vp + slot0 * kVPitch;
+        const uint8_t* ksp = ks_thr + page * p.stride_ksp * (KF == kFp8 ? 4 : 2) + slot0 * kKsPitch;
+        const uint8_t* vsp = vs_thr + page * p.stride_vsp * (VF == kFp8 ? 4 : 2) + slot0 * kVsPitch;
+        const uint8_t* kvsp = kv_s_thr + page * p.stride_ksp * (KF == kFp8 ? 4 : 2) + slot0 * kKsPitch;
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
+            // TAIL: the clamped token's row, as an offset from this thread's first row.
             const int token = min(8 * nt + g, last);
-            const uint8_t* row = kp + (TAIL ? row_offset(token) : k_off[nt]);
+            const uint8_t* row = TAIL ? kp + (token - g) * kKPitch : kp + 8 * nt * kKPitch;
             tile.k[nt][0] = __ldg(reinterpret_cast<const uint4*>(row));
             if constexpr (KF != kQ4_0) {
                 tile.k[nt][1] = __ldg(reinterpret_cast<const uint4*>(row + 16));
             }
             if constexpr (KF != kFp8) {
-                tile.k_d[nt] = __ldg(reinterpret_cast<const __half*>(ksp + (TAIL ? k_scale_offset(token) : ks_off[nt])));
+                tile.k_d[nt] = __ldg(reinterpret_cast<const __half*>(
+                    TAIL ? ksp + (token - g) * kKsPitch : ksp + 8 * nt * kKsPitch));
             }
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int token = min(2 * t + (i & 1) + 8 * (i >> 1), last);  // 2t, 2t+1, 2t+8, 2t+9
-            tile.v[i] = __ldg(reinterpret_cast<const uint4*>(vp + (TAIL ? v_row_offset(token) : v_off[i])));
-            const uint8_t* vs = vsp + (TAIL ? v_scale_offset(token) : vs_off[i]);
+            const int step = (i & 1) + 8 * (i >> 1);  // tokens 2t, 2t+1, 2t+8, 2t+9
+            const int rel = TAIL ? min(2 * t + step, last) - 2 * t : step;
+            tile.v[i] = __ldg(reinterpret_cast<const uint4*>(vp + rel * kVPitch));
             if constexpr (VF == kFp8) {
-                tile.v_s[i] = __ldg(reinterpret_cast<const float*>(vs));
+                tile.v_s[i] = __ldg(reinterpret_cast<const float*>(vsp + rel * kVsPitch));
             } else {
-                tile.v_d[i] = __ldg(reinterpret_cast<const __half*>(vs));
+                tile.v_d[i] = __ldg(reinterpret_cast<const __half*>(vsp + rel * kVsPitch));
             }
             if constexpr (KF == kFp8) {  // the score columns this thread holds are V's tokens
-                tile.k_s[i] = __ldg(reinterpret_cast<const float*>(ksp + (TAIL ? k_scale_offset(token) : kv_s_off[i])));
+                tile.k_s[i] = __ldg(reinterpret_cast<const float*>(kvsp + rel * kKsPitch));
             }
         }
     }
@@ -356,13 +361,14 @@ __device__ __forceinline__ void decode_quant(const Params& p) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int rows = p.group * p.sq;
+    const int row0 = kRows * blockIdx.z;  // groups of more than 16 rows take several warps (grid z)
 
     // Queries as A operands in the permuted head-dim order of the K operand (see the top comment).
     uint32_t qa[8][4];
     int key_limit[2];  // keys < key_limit[r] are visible to row g + 8r (slice end and causality)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int row = g + 8 * r;
+        const int row = row0 + g + 8 * r;
         const int tok = row / p.group;
         const int head = hkv * p.group + row % p.group;
         key_limit[r] = min(end, length - p.sq + tok + 1);
@@ -503,10 +509,10 @@ __device__ __forceinline__ void decode_quant(const Params& p) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");  // the merge kernel waits for our stores itself
 #endif
-    const long long part = ((long long)bh * p.num_splits + split) * kRows;
+    const long long part = ((long long)bh * p.num_splits + split) * (kRows * gridDim.z);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int row = g + 8 * r;
+        const int row = row0 + g + 8 * r;
         const float l = quad_sum(l_i[r]);
         if (row >= rows) continue;
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
