@@ -12,12 +12,14 @@ median of the replays):
   launch (the read kernel lets it launch at once, it waits for the read to finish, as glmtg's merge
   kernel does): the floor of any split-KV design, whose partials need a merge after all slices.
 An attention kernel reads the same bytes and does more, so its effective TB/s cannot beat the best
-row here. Writes JSON (every trial) and a markdown table (best per case) next to it.
+row here. Writes JSON (every trial), a markdown table (best per case) and a bar chart next to it;
+``--from-json RUN.json`` rewrites the table and chart of an earlier run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -71,11 +73,56 @@ def _empty(Out, PDL: tl.constexpr = False):
         tl.store(Out, 0)
 
 
+def report(payload: dict, out: Path) -> None:
+    """Markdown table (best plain read per case, and the two-kernel floors) and a bar chart beside ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env, results = payload["environment"], payload["results"]
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    lines = [f"# Read floor: {env.get('device', '')}, copy bandwidth {env['copy_bandwidth_tbps']:.2f} TB/s, "
+             f"torch {env['torch']}, triton {env['triton']}, {env['date']}", "",
+             "| case | MB | best plain read | µs | TB/s | of copy | + empty second kernel, µs (TB/s) "
+             "| + the same with PDL, µs (TB/s) |", "|---|---|---|---|---|---|---|---|"]
+    bars = []
+    for label in cases:
+        rows = [r for r in results if r["case"] == label]
+        best = min((r for r in rows if "empty" not in r["trial"]), key=lambda r: r["us"])
+        # Runs before the PDL variant existed have no such row.
+        two, pdl = (next((r for r in rows if r["trial"].endswith(end)), None) for end in ("kernel", "(PDL)"))
+        cells = [f"{r['us']:.2f} ({r['tbps']:.2f})" if r else "—" for r in (two, pdl)]
+        lines.append(f"| {label} | {best['bytes'] / 1e6:.1f} | {best['trial']} | {best['us']:.2f} | {best['tbps']:.2f} "
+                     f"| {best['frac_copy']:.0%} | {cells[0]} | {cells[1]} |")
+        bars.append((label, best["tbps"], two["tbps"] if two else 0.0, pdl["tbps"] if pdl else 0.0))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.27
+    for i, name in enumerate(("best plain read", "+ empty second kernel", "+ empty second kernel, PDL")):
+        ax.bar([x + (i - 1) * width for x in range(len(bars))], [b[i + 1] for b in bars], width, label=name)
+    ax.axhline(env["copy_bandwidth_tbps"], color="gray", linestyle="--", linewidth=1, label="copy bandwidth")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars])
+    ax.set_ylabel("TB/s (bytes read / time)")
+    ax.set_title(f"Fastest read of a decode step's KV bytes, {env.get('device', '')}", fontsize=10)
+    ax.set_ylim(0, env["copy_bandwidth_tbps"] * 1.25)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="stream_floor.json")
     parser.add_argument("--cases", default=",".join(CASES), help="comma list of: " + ", ".join(CASES))
+    parser.add_argument("--from-json", type=Path, default=None, help="rewrite the .md and .png of an existing run")
     args = parser.parse_args()
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            parser.error(f"--from-json: no file {args.from_json}")
+        report(json.loads(args.from_json.read_text()), args.from_json)
+        return 0
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
@@ -124,17 +171,9 @@ def main() -> int:
         del sets
         torch.cuda.empty_cache()
     out = Path(args.out)
-    write_json(out, {"environment": env, "method": __doc__, "results": results})
-    lines = [f"# Read floor: {env.get('device', '')}, copy bandwidth {copy_bw / 1e12:.2f} TB/s, {env.get('date', '')}",
-             "", "| case | MB | best plain read | µs | TB/s | of copy | + empty second kernel, µs (TB/s) "
-             "| + the same with PDL, µs (TB/s) |", "|---|---|---|---|---|---|---|---|"]
-    for label in args.cases.split(","):
-        rows = [r for r in results if r["case"] == label]
-        best = min((r for r in rows if "empty" not in r["trial"]), key=lambda r: r["us"])
-        two, pdl = (next(r for r in rows if r["trial"].endswith(end)) for end in ("kernel", "(PDL)"))
-        lines.append(f"| {label} | {best['bytes'] / 1e6:.1f} | {best['trial']} | {best['us']:.2f} | {best['tbps']:.2f} "
-                     f"| {best['frac_copy']:.0%} | {two['us']:.2f} ({two['tbps']:.2f}) | {pdl['us']:.2f} ({pdl['tbps']:.2f}) |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    payload = {"environment": env, "method": __doc__, "results": results}
+    write_json(out, payload)
+    report(payload, out)
     return 0
 
 
