@@ -29,7 +29,7 @@ STAMP = CUDA_DIR / "decode_quant.fatbin.sha256"  # sha256 of the source the fatb
 FORMAT_CODES = {"q8_0": 1, "q4_0": 2, "fp8": 3}
 HEAD_DIM = 128
 ROWS = 16  # query rows per warp; a launch covers rows in ceil(rows / ROWS) row tiles (grid z)
-MAX_ROWS = 4 * ROWS  # measured up to 24 rows (48/2); more would re-read each slice more often than it saves
+MAX_ROWS = 4 * ROWS  # row tiles re-read the slice; GPU-tested up to 36 rows, planned up to 32 (48/2: 24)
 TILE = 16  # tokens per step; slices are cut in multiples of it (the merge kernel must agree)
 CARVEOUT = 100  # percent of on-chip memory preferred as shared memory
 
@@ -152,6 +152,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
     if q.shape[1] * (q.shape[2] // k_cache.shape[1]) > MAX_ROWS:
         return False
     if page_size is not None and (page_size < TILE or page_size & (page_size - 1)):
+        return False
+    if k_cache.shape[2] * max(k_cache.shape[3], v_cache.shape[3], 8) >= 2**31:  # tile offsets are 32-bit
         return False
     if q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:3]):  # 16-byte query row loads
         return False

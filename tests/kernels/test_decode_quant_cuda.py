@@ -108,6 +108,13 @@ def test_cuda_loop_scope_needs_packed_rows():
                                           "q8_0", "q4_0", None)
     padded_scales = torch.zeros(*vv.scale.shape[:3], 8, dtype=vv.scale.dtype)[..., :4]  # scale rows 16 bytes apart
     assert not decode_quant_cuda.supports(q, kv.data, vv.data, kv.scale, padded_scales, "q8_0", "q4_0", None)
+    # Byte offsets within a (sequence, KV head) are 32-bit: a cache of 2^31 bytes per head is not its.
+    huge = torch.empty(1, 2, 2**24, 128, dtype=torch.int8, device="meta")  # packed, nothing allocated
+    huge_scale = torch.empty(1, 2, 2**24, 4, dtype=torch.float16, device="meta")
+    assert not decode_quant_cuda.supports(q, huge, huge, huge_scale, huge_scale, "q8_0", "q8_0", None)
+    fits = torch.empty(1, 2, 2**23, 128, dtype=torch.int8, device="meta")
+    fits_scale = torch.empty(1, 2, 2**23, 4, dtype=torch.float16, device="meta")
+    assert decode_quant_cuda.supports(q, fits, fits, fits_scale, fits_scale, "q8_0", "q8_0", None)
 
 
 def _planned(cache, q):
