@@ -158,7 +158,7 @@ def main() -> int:
                        frac_copy=nbytes / seconds / copy_bw)
             results.append(row)
             print(f"{label:<14} {name:<48} {row['us']:7.2f} us {row['tbps']:5.2f} TB/s", flush=True)
-        best_s, best_name, best_read = min(timed[:-1])  # a Triton read (torch.sum cannot launch dependents)
+        _, best_name, best_read = min(timed[:-1])  # a Triton read (torch.sum cannot launch dependents)
         # The same read plus an empty kernel after it: what a split-KV call with its merge cannot beat.
         for pdl in (False, True):
             second = (lambda: _empty[(132,)](sink, PDL=True, launch_pdl=True)) if pdl else (lambda: _empty[(132,)](sink))

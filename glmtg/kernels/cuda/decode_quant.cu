@@ -139,6 +139,8 @@ struct Attention {
     static constexpr int kVPitch = VF == kQ4_0 ? kHeadDim / 2 : kHeadDim;
     static constexpr int kKsPitch = KF == kFp8 ? 4 : 2 * kHeadDim / 32;   // bytes per K scale row
     static constexpr int kVsPitch = VF == kFp8 ? 4 : 2 * kHeadDim / 32;
+    static constexpr int kKsBytes = KF == kFp8 ? 4 : 2;  // bytes per scale element (fp32 or fp16)
+    static constexpr int kVsBytes = VF == kFp8 ? 4 : 2;
 
     const Params& p;
     int b, hkv, g, t, end;
@@ -157,11 +159,11 @@ struct Attention {
         g = lane >> 2;
         t = lane & 3;
         const long long page = PAGED ? 0 : b;
-        const uint8_t* ks = static_cast<const uint8_t*>(p.k_scale) + (hkv * p.stride_ksh + page * p.stride_ksp) * (KF == kFp8 ? 4 : 2);
+        const uint8_t* ks = static_cast<const uint8_t*>(p.k_scale) + (hkv * p.stride_ksh + page * p.stride_ksp) * kKsBytes;
         k_thr = p.k + hkv * p.stride_kh + page * p.stride_kp + k_row_offset(g);
         v_thr = p.v + hkv * p.stride_vh + page * p.stride_vp + v_row_offset(2 * t);
         ks_thr = ks + k_scale_offset(g);
-        vs_thr = static_cast<const uint8_t*>(p.v_scale) + (hkv * p.stride_vsh + page * p.stride_vsp) * (VF == kFp8 ? 4 : 2)
+        vs_thr = static_cast<const uint8_t*>(p.v_scale) + (hkv * p.stride_vsh + page * p.stride_vsp) * kVsBytes
                  + v_scale_offset(2 * t);
         kv_s_thr = ks + k_scale_offset(2 * t);
     }
@@ -179,8 +181,9 @@ struct Attention {
         return token * kVsPitch + (VF == kFp8 ? 0 : 2 * (g >> 1));
     }
 
-    // Byte offset of the tile at n0 from the bases, per tensor pitch: the page (page sizes are powers
-    // of two >= 16, so a tile never straddles pages) and the slot of its first token.
+    // Storage page of the 16-token tile at n0 (page sizes are powers of two >= 16, so a tile never
+    // straddles pages; 0 for contiguous caches, whose sequence the thread pointers include) and the
+    // slot of its first token.
     __device__ __forceinline__ void locate(int n0, long long& page, unsigned& slot0) const {
         if constexpr (PAGED) {
             page = __ldg(p.page_table + b * p.stride_pt_b + (n0 >> p.page_shift));
@@ -203,9 +206,9 @@ struct Attention {
         // Each tensor: one multiply-add to the tile; the rows are immediate offsets from there.
         const uint8_t* kp = k_thr + page * p.stride_kp + slot0 * kKPitch;
         const uint8_t* vp = v_thr + page * p.stride_vp + slot0 * kVPitch;
-        const uint8_t* ksp = ks_thr + page * p.stride_ksp * (KF == kFp8 ? 4 : 2) + slot0 * kKsPitch;
-        const uint8_t* vsp = vs_thr + page * p.stride_vsp * (VF == kFp8 ? 4 : 2) + slot0 * kVsPitch;
-        const uint8_t* kvsp = kv_s_thr + page * p.stride_ksp * (KF == kFp8 ? 4 : 2) + slot0 * kKsPitch;
+        const uint8_t* ksp = ks_thr + page * p.stride_ksp * kKsBytes + slot0 * kKsPitch;
+        const uint8_t* vsp = vs_thr + page * p.stride_vsp * kVsBytes + slot0 * kVsPitch;
+        const uint8_t* kvsp = kv_s_thr + page * p.stride_ksp * kKsBytes + slot0 * kKsPitch;
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
             // TAIL: the clamped token's row, as an offset from this thread's first row.
