@@ -84,6 +84,55 @@ def test_stream_floor_report_from_json(tmp_path):
     assert run.with_suffix(".png").stat().st_size > 1000
 
 
+def _table_payload() -> dict:
+    """A small decode_attention run: two batch-1 cases, one peer that could not run, quantized rows."""
+    env = {"device": "test GPU", "copy_bandwidth_tbps": 3.0, "torch": "t", "triton": "tr",
+           "flashinfer": "unavailable", "date": "2026-01-01 00:00 UTC"}
+    rows = []
+    for (hq, hkv, ctx), times in {(96, 8, 4096): {"glmtg": 12.9, "sdpa cudnn": 14.4, "sdpa flash": None,
+                                                   "glmtg q8_0": 13.9, "glmtg q4_0": 12.9, "glmtg fp8": 11.6},
+                                  (12, 1, 65536): {"glmtg": 19.0, "sdpa cudnn": 21.0, "sdpa flash": 23.5,
+                                                   "glmtg q8_0": 18.5, "glmtg q4_0": 17.4, "glmtg fp8": 16.0}}.items():
+        for impl, us in times.items():
+            tbps = None if us is None else 1.0 + us / 100
+            rows.append(dict(hq=hq, hkv=hkv, batch=1, ctx=ctx, impl=impl, us=us, tbps=tbps,
+                             frac_copy=None if us is None else tbps / 3.0, max_abs_diff=None,
+                             note="RuntimeError: no kernel" if us is None else ""))
+    accuracy = [dict(data=kind, format=fmt, rel_error=err, hq=96, hkv=8, ctx=4096)
+                for kind, errs in (("random", (3.6e-3, 3.7e-2)), ("outlier channels", (9.8e-3, 7.0e-2)))
+                for fmt, err in zip(("bf16", "fp8"), errs)]
+    return {"environment": env, "method": "test", "rows": rows, "accuracy": accuracy}
+
+
+def test_decode_attention_report_from_json(tmp_path):
+    """--from-json rewrites the table (speed-up over the best peer that ran), the formats table, the
+    accuracy table and the chart."""
+    run = tmp_path / "table.json"
+    payload = _table_payload()
+    run.write_text(json.dumps(payload))
+    done = _run("decode_attention.py", "--from-json", str(run))
+    assert done.returncode == 0, done.stderr
+    text = run.with_suffix(".md").read_text()
+    table = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if cells and cells[0] in ("96/8", "12/1"):
+            table.setdefault(cells[0], []).append(cells)
+    for heads, ctx in (("96/8", 4096), ("12/1", 65536)):
+        mine = {r["impl"]: r["us"] for r in payload["rows"] if f"{r['hq']}/{r['hkv']}" == heads}
+        peers = [us for impl, us in mine.items() if not impl.startswith("glmtg") and us is not None]
+        main, formats = table[heads]  # the peers' table first, then the formats table
+        assert main[2] == f"{ctx // 1024}k"
+        assert main[-1] == f"{min(peers) / mine['glmtg']:.2f}×"
+        assert formats[3].startswith(f"{min(peers):.1f} (sdpa cudnn)")
+        for cell, impl in zip(formats[4:], ("glmtg", "glmtg q8_0", "glmtg q4_0", "glmtg fp8")):
+            assert cell.startswith(f"{mine[impl]:.1f} (") and cell.endswith(f"{min(peers) / mine[impl]:.2f}×)")
+    assert table["96/8"][0][5] == "—"  # sdpa flash did not run there, and says why below
+    assert "- sdpa flash: RuntimeError: no kernel (1 cases, e.g. 96/8 B1 4096)" in text
+    assert "| random | 3.60e-03 | 3.70e-02 |" in text and "| outlier channels | 9.80e-03 | 7.00e-02 |" in text
+    assert run.with_suffix(".png").stat().st_size > 1000
+
+
 def test_stream_floor_rejects_unknown_cases():
     done = _run("stream_floor.py", "--cases", "7/1 1k bf16")
     assert done.returncode == 2 and "unknown case" in done.stderr
