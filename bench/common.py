@@ -12,6 +12,18 @@ from typing import Callable
 import torch
 
 L2_DEFEAT_BYTES = 3 * 50 * 2**20  # rotate over at least three times the H100's 50 MB L2
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def result_path(topic: str, what: str, suffix: str = "") -> Path:
+    """Default output of a benchmark: results/<topic>/<UTC date>-<what><suffix> (bench/README.md).
+
+    ``suffix`` is ".json" etc., or "" for a path stem that the caller extends per output file.
+    """
+    if not topic or not what or "/" in topic + what:
+        raise ValueError(f"topic and what must be non-empty names without '/', got {topic!r}, {what!r}")
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return RESULTS / topic / f"{today}-{what}{suffix}"
 
 
 def buffers_to_rotate(bytes_per_set: int, cap: int = 64) -> int:

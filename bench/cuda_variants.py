@@ -2,7 +2,7 @@
 
     python -m glmtg.kernels.cuda.build --out build/v/pf4.fatbin -D GLMTG_PREFETCH_TILES=4
     python bench/cuda_variants.py --variants shipped,pf4=build/v/pf4.fatbin,pf4-l1=build/v/pf4.fatbin@0 \
-        --cases 96/8:65536,12/1:65536 --formats q4_0,q8_0 --out cuda_variants.json
+        --cases 96/8:65536,12/1:65536 --formats q4_0,q8_0   # -> bench/results/cuda_variants/<date>-variants.json
 
 A variant is NAME[=FATBIN][@CARVEOUT] (FATBIN defaults to the shipped one; CARVEOUT is the percent of
 on-chip memory preferred as shared memory, -1 for the driver's choice). Every case and format gets one
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import buffers_to_rotate, copy_bandwidth, environment, write_json  # noqa: E402
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, write_json  # noqa: E402
 from decode_attention import ROW_BYTES, make_quant_set  # noqa: E402
 from quant_tune import measure_launch, reference_output  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--cases", default="96/8:65536")
     parser.add_argument("--formats", default="q4_0,q8_0,fp8")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default="cuda_variants.json")
+    parser.add_argument("--out", default=str(result_path("cuda_variants", "variants", ".json")))
     args = parser.parse_args()
     try:
         variants = [parse_variant(v) for v in args.variants.split(",")]

@@ -1,8 +1,8 @@
 """Decode-attention benchmark: glmtg's kernel beside torch SDPA, eager repeat-kv and FlashInfer.
 
-On a CUDA device (the full table, JSON/MD/PNG into bench/results/):
+On a CUDA device (the full table, JSON/MD/PNG as bench/results/decode_attention/<date>-table.*):
     python bench/decode_attention.py
-Kernel tuning sweep over tile shapes and split heuristics (JSON only):
+Kernel tuning sweep over tile shapes and split heuristics (JSON only, <date>-tune.json):
     python bench/decode_attention.py --tune
 CPU-sized smoke run through the Triton interpreter, checked against a float64 reference:
     python bench/decode_attention.py --smoke
@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
 
 from glmtg.kernels import decode_quant_cuda  # noqa: E402
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HEAD_CONFIGS = [(96, 8), (48, 4), (24, 2), (12, 1), (48, 2)]
 CONTEXTS = [1024, 4096, 16384, 32768, 65536, 131072]
 BATCHED = [(b, ctx, hq, hkv) for hq, hkv in [(96, 8), (12, 1)] for b in (8, 32) for ctx in (4096, 32768)]
@@ -291,11 +290,10 @@ def run_table(args) -> None:
             torch.cuda.empty_cache()
     payload = {"environment": env, "method": __doc__, "rows": [asdict(r) for r in rows],
                "accuracy": accuracy_table()}
-    stem = args.out or "decode_attention"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{stem}.json", payload)
-    (RESULTS / f"{stem}.md").write_text(markdown_table(payload))
-    plot(payload, RESULTS / f"{stem}.png")
+    stem = args.out or str(result_path("decode_attention", "formats" if args.formats_only else "table"))
+    write_json(Path(f"{stem}.json"), payload)  # creates the folder
+    Path(f"{stem}.md").write_text(markdown_table(payload))
+    plot(payload, Path(f"{stem}.png"))
     print(markdown_table(payload))
 
 
@@ -543,13 +541,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU-sized run in the Triton interpreter")
     parser.add_argument("--tune", action="store_true", help="sweep tile shapes and split heuristics")
-    parser.add_argument("--tune-out", default=str(RESULTS / "decode_attention_tune.json"))
+    parser.add_argument("--tune-out", default=str(result_path("decode_attention", "tune", ".json")))
     parser.add_argument("--quick", action="store_true", help="only 4k and 64k contexts")
     parser.add_argument("--formats-only", action="store_true", help="glmtg formats beside SDPA cuDNN only")
     parser.add_argument("--variants", action="store_true",
                         help="also time quantized caches with bf16 dots (DecodeLaunch.fp16_dot=False)")
     parser.add_argument("--cases", default=None, help='only these batch-1 cases, e.g. "96/8:65536,12/1:4096"')
-    parser.add_argument("--out", default=None, help="results file stem in bench/results (default decode_attention)")
+    parser.add_argument("--out", default=None, help="path stem of the .json/.md/.png (default "
+                        "bench/results/decode_attention/<date>-table, or <date>-formats with --formats-only)")
     parser.add_argument("--from-json", default=None, help="rewrite the .md and .png of an existing results JSON")
     args = parser.parse_args()
     if args.smoke:

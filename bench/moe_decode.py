@@ -1,7 +1,7 @@
 """MoE decode micro-benchmark: the routed experts of GLM-4.5-Air for a few tokens, bf16, on CUDA.
 
-    python bench/moe_decode.py --out bench/results/moe_decode.json
-    python bench/moe_decode.py --sweep --tokens 1 4      # also a grid of kernel block sizes
+    python bench/moe_decode.py                           # -> bench/results/moe_decode/<date>-kernel.json
+    python bench/moe_decode.py --sweep --tokens 1 4      # also a grid of block sizes (<date>-blocks-sweep.json)
 
 Implementations: "gathered" is Experts._gathered + the fp32 combine (the torch path before the kernel: it
 copies the chosen experts' weights out, then reads the copy), "kernel" is glmtg.kernels.moe_decode at its
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, environment, time_graph, write_json  # noqa: E402
+from common import copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
 
 from glmtg.config import ModelConfig  # noqa: E402
 from glmtg.kernels import moe_decode as md  # noqa: E402
@@ -132,7 +132,8 @@ def run(tokens: int, top_k: int, experts: Experts, copy_bw: float, sweep: bool, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (default "
+                        "bench/results/moe_decode/<date>-kernel.json, <date>-blocks-sweep.json with --sweep)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1], help="tokens per call (T * 8 <= 128)")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of kernel block sizes")
     parser.add_argument("--replays", type=int, default=30)
@@ -159,9 +160,9 @@ def main() -> int:
                    shapes=dict(hidden=config.hidden_size, inter=config.moe_intermediate_size,
                                experts=config.n_routed_experts, top_k=config.num_experts_per_tok, dtype="bf16"),
                    routing_sets=ROUTING_SETS, rows=rows)
-    if args.out:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
+    out = args.out or result_path("moe_decode", "blocks-sweep" if args.sweep else "kernel", ".json")
+    write_json(out, payload)
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Where the fixed cost of a decode-attention call goes (H100 diagnostics, JSON + printed table).
 
-    python bench/probe_overhead.py --out probe.json
+    python bench/probe_overhead.py          # -> bench/results/probe_overhead/<date>-fixed-cost.json
 
 Measures, each in a CUDA graph over rotated buffers like bench/decode_attention.py:
 - the cost of one graph node (an empty Triton kernel on 132 / 264 programs);
@@ -12,7 +12,6 @@ Measures, each in a CUDA graph over rotated buffers like bench/decode_attention.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import buffers_to_rotate, copy_bandwidth, environment, time_graph  # noqa: E402
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
 
 from glmtg.kernels import decode_attention as da  # noqa: E402
 
@@ -49,7 +48,7 @@ class _NoMerge:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="probe.json")
+    parser.add_argument("--out", default=str(result_path("probe_overhead", "fixed-cost", ".json")))
     args = parser.parse_args()
     env = environment()
     copy_bw = copy_bandwidth()
@@ -115,7 +114,7 @@ def main() -> int:
                 print(f"{tag}: {type(exc).__name__}: {exc}"[:200], flush=True)
         del sets
         torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    write_json(Path(args.out), results)
     return 0
 
 

@@ -1,13 +1,14 @@
 """Launch sweep for the quantized cache formats (q8_0, q4_0, fp8) of the decode-attention kernel.
 
-    python bench/quant_tune.py --out quant_tune.json [--cases 96/8:65536,12/1:65536] [--formats q8_0,fp8]
+    python bench/quant_tune.py [--out PATH.json] [--cases 96/8:65536,12/1:65536] [--formats q8_0,fp8]
 
 For each case and format: the planner's default launch, the default with the plain (non-asm)
 dequantization, then a grid over tile length, pipeline stages, warps and programs per SM (optionally
 with register caps, and with q8_0/fp8 tiles converted where loaded: --in-rows). Each launch's output is checked against torch attention over the dequantized
 cache (a launch the compiler gets wrong is reported, not timed). Timing as in
 bench/decode_attention.py (CUDA graph, KV sets rotated past L2, median); effective bandwidth counts
-the bytes of codes and scales read. JSON only: the chosen defaults go into plan_launch and the table.
+the bytes of codes and scales read. JSON only (default bench/results/quant_tune/<date>-sweep.json): the
+chosen defaults go into plan_launch and the table.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
 from decode_attention import QUANT_FORMATS, ROW_BYTES, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
 from glmtg.kernels import decode_quant_cuda  # noqa: E402
@@ -70,7 +71,7 @@ def measure_launch(sets, fmt, launch, want, nbytes: int, copy_bw: float) -> dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="quant_tune.json")
+    parser.add_argument("--out", default=str(result_path("quant_tune", "sweep", ".json")))
     parser.add_argument("--cases", default="96/8:65536,12/1:65536")
     parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
     parser.add_argument("--no-grid", action="store_true", help="default launches only")

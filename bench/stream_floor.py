@@ -1,6 +1,6 @@
 """The fastest plain read of a decode step's KV bytes on this GPU: the floor under any attention kernel.
 
-    python bench/stream_floor.py --out stream_floor.json
+    python bench/stream_floor.py            # -> bench/results/stream_floor/<date>-floor.{json,md,png}
 
 For each byte count (the K+V bytes of a judged case), a grid of read-only kernels, each timed like
 bench/decode_attention.py (calls captured back to back in one CUDA graph, buffers rotated past L2,
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
 
 # (label, bytes): K + V of one decode step, batch 1, head_dim 128 (q8_0: 34 bytes per 32 values).
 CASES = {
@@ -114,7 +114,7 @@ def report(payload: dict, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="stream_floor.json")
+    parser.add_argument("--out", default=str(result_path("stream_floor", "floor", ".json")))
     parser.add_argument("--cases", default=",".join(CASES), help="comma list of: " + ", ".join(CASES))
     parser.add_argument("--from-json", type=Path, default=None, help="rewrite the .md and .png of an existing run")
     args = parser.parse_args()

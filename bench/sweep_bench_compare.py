@@ -1,17 +1,17 @@
 """End-to-end TG/PP vs context depth with each attention backend, side by side, one model.
 
 On the GPU (GLM-4.5-Air shapes, bf16 random weights, as many layers as fit):
-    python bench/sweep_bench_compare.py --preset glm-4.5-air --n-layers 8 -c 65536 -ub 2048 -n 32 \
-        --out bench/results/sweep_air
+    python bench/sweep_bench_compare.py --preset glm-4.5-air --n-layers 8 -c 65536 -ub 2048 -n 32
 runs ``glmtg sweep-bench`` once per backend (``--attn glmtg``, ``sdpa``, ``eager``; prefill chunks
 use SDPA for all of them, so that eager's [heads, ub, N_KV] score tensors do not decide what fits),
-each in its own process, then writes OUT_<attn>.json, OUT.md (S_TG per backend at each depth, the
-ratios, and TG at N_KV = 0 as a fraction of the weight-read roofline) and OUT.png.
+each in its own process, then writes OUT-<attn>.json, OUT.md (S_TG per backend at each depth, the
+ratios, and TG at N_KV = 0 as a fraction of the weight-read roofline) and OUT.png; OUT defaults to
+bench/results/sweep_bench/<date>-<preset> (<date>-<preset>-combined with --combine).
 Extra arguments after ``--`` go to every sweep-bench run (e.g. ``-- -ctk q8_0``).
 
 Runs made separately (e.g. one per cache type) are put side by side without running anything by
-    python bench/sweep_bench_compare.py --out bench/results/sweep_air_cache --reference "sdpa bf16" \
-        --combine "glmtg bf16=A_glmtg.json" "glmtg q4_0=B_glmtg.json" "sdpa bf16=A_sdpa.json"
+    python bench/sweep_bench_compare.py --out bench/results/sweep_bench/2026-11-25-air-cache \
+        --reference "sdpa bf16" --combine "glmtg bf16=A-glmtg.json" "glmtg q4_0=B-glmtg.json" "sdpa bf16=A-sdpa.json"
 where every column's ratio is taken against the reference run.
 """
 
@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import result_path  # noqa: E402
 
 BACKENDS = ("glmtg", "sdpa", "eager")
 
@@ -31,7 +32,7 @@ BACKENDS = ("glmtg", "sdpa", "eager")
 def run_backends(args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
     runs = {}
     for attn in args.attn:
-        path = Path(f"{args.out}_{attn}.json")
+        path = Path(f"{args.out}-{attn}.json")
         cmd = [sys.executable, "-m", "glmtg.cli", "sweep-bench", "--preset", args.preset, "-c", str(args.ctx),
                "-ub", str(args.ubatch), "--attn", attn, "--attn-prefill", args.attn_prefill, "-o", str(path)]
         if args.n_layers:
@@ -100,13 +101,17 @@ def main() -> int:
     parser.add_argument("-n", "--n-predict", type=int, default=None, help="TG tokens per row (default ub/4)")
     parser.add_argument("--attn", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--attn-prefill", default="sdpa", choices=BACKENDS)
-    parser.add_argument("--out", required=True, help="path stem of the outputs")
+    parser.add_argument("--out", default=None, help="path stem of the outputs (default "
+                        "bench/results/sweep_bench/<date>-<preset>[-combined])")
     parser.add_argument("--combine", nargs="+", metavar="LABEL=RUN.json",
                         help="put existing sweep-bench results side by side instead of running")
     parser.add_argument("--reference", default=None, help="with --combine: the label the ratios are taken against")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.out is None:
+        args.out = str(result_path("sweep_bench", args.preset + ("-combined" if args.combine else "")))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
         return combine(args)
     runs = run_backends(args, extra)
