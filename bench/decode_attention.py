@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
 
+from glmtg.formats import FORMATS  # noqa: E402
 from glmtg.kernels import decode_quant_cuda  # noqa: E402
 from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
 
@@ -66,19 +67,17 @@ def make_ours(q, k, v, lengths, **launch_kw):
     return lambda: decode_attention(q, k, v, lengths, out=out, validate=False, launch=launch), lambda: out[:, 0]
 
 
-ROW_BYTES = {"bf16": lambda d: 2 * d, "q8_0": lambda d: d + 2 * (d // 32), "q4_0": lambda d: d // 2 + 2 * (d // 32),
-             "fp8": lambda d: d + 4}  # bytes of one token row of one head, scales included
 QUANT_FORMATS = ("q8_0", "q4_0", "fp8")
+# bytes of one token row of one head, scales included
+ROW_BYTES = {name: FORMATS[name].row_bytes for name in ("bf16", *QUANT_FORMATS)}
 
 
 def make_quant_set(batch, hq, hkv, ctx, d, fmt):
     """Random codes and scales in glmtg.kv_cache's planar layout (values only matter for timing)."""
-    from glmtg.kernels.kv_store import storage_shape
-
     q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     tensors = []
     for _ in range(2):
-        data_shape, data_dtype, scale_shape, scale_dtype = storage_shape(fmt, batch, hkv, ctx, d)
+        data_shape, data_dtype, scale_shape, scale_dtype = FORMATS[fmt].storage_shape(batch, hkv, ctx, d)
         if fmt == "fp8":
             data = torch.randn(data_shape, device="cuda").to(data_dtype)
         else:

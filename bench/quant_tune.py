@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
-from decode_attention import QUANT_FORMATS, ROW_BYTES, gqa_reference, make_quant_set, make_sets  # noqa: E402
+from decode_attention import QUANT_FORMATS, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
+from glmtg.formats import FORMATS, KernelCode  # noqa: E402
 from glmtg.kernels import decode_quant_cuda  # noqa: E402
 from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
-from glmtg.kv_cache import dequantize  # noqa: E402
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
 
@@ -35,7 +35,7 @@ def reference_output(first_set, fmt) -> torch.Tensor:
     """Attention of the first set over its dequantized cache (fp32 torch), to catch miscompiled launches."""
     q, k, v, lengths, k_scale, v_scale = first_set
     if fmt != "bf16":
-        k, v = dequantize(k, k_scale, fmt), dequantize(v, v_scale, fmt)
+        k, v = FORMATS[fmt].dequantize(k, k_scale), FORMATS[fmt].dequantize(v, v_scale)
     return gqa_reference(q[:, 0].float(), k.float(), v.float())
 
 
@@ -95,7 +95,7 @@ def main() -> int:
         hq, hkv, ctx = int(heads.split("/")[0]), int(heads.split("/")[1]), int(ctx)
         for fmt in args.formats.split(","):
             d = 128
-            row_bytes = 2 * d if fmt == "bf16" else ROW_BYTES[fmt](d)
+            row_bytes = FORMATS[fmt].row_bytes(d)
             nbytes = 2 * hkv * ctx * row_bytes
             nsets = buffers_to_rotate(nbytes)
             sets = ([(*s, None, None) for s in make_sets(1, hq, hkv, ctx, d, torch.bfloat16, nsets)] if fmt == "bf16"
@@ -104,7 +104,7 @@ def main() -> int:
             want = reference_output(sets[0], fmt)
             base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, block_m=args.block_m)
             trials = [("default", base)]
-            if fmt in ("q8_0", "q4_0"):
+            if FORMATS[fmt].code in (KernelCode.Q8_0, KernelCode.Q4_0):  # the asm dequantization applies
                 trials.append(("default, plain dequant", replace(base, asm_dequant=False)))
             grid = {key: [int(x) for x in getattr(args, key).split(",")] for key in GRID}
             if not args.no_grid:
