@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, write_json  # noqa: E402
 
 from glmtg.formats import FORMATS  # noqa: E402
-from glmtg.kernels import decode_quant_cuda  # noqa: E402
-from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
+from glmtg.kernels.attention import cuda_loop, decode_attention, plan_launch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEAD_CONFIGS = [(96, 8), (48, 4), (24, 2), (12, 1), (48, 2)]
@@ -91,9 +90,9 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
 
 def make_ours_quant(fmt, **variant):
     def make(q, k, v, lengths, k_scale, v_scale):
-        cuda_loop = decode_quant_cuda.usable(q, k, v, k_scale, v_scale, fmt, fmt, None)
+        usable = cuda_loop.usable(q, k, v, k_scale, v_scale, fmt, fmt, None)
         launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
-                                     q.device, cache_format=fmt, cuda_loop=cuda_loop), **variant)
+                                     q.device, cache_format=fmt, cuda_loop=usable), **variant)
         out = torch.empty_like(q)
         return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
                                          v_format=fmt, out=out, validate=False, launch=launch),

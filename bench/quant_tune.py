@@ -3,8 +3,8 @@
     python bench/quant_tune.py --out quant_tune.json [--cases 96/8:65536,12/1:65536] [--formats q8_0,fp8]
 
 For each case and format: the planner's default launch, the default with the plain (non-asm)
-dequantization, then a grid over tile length, pipeline stages, warps and programs per SM (optionally
-with register caps, and with q8_0/fp8 tiles converted where loaded: --in-rows). Each launch's output is checked against torch attention over the dequantized
+dequantization, then a grid over tile length, pipeline stages, warps and programs per SM. Each launch's
+output is checked against torch attention over the dequantized
 cache (a launch the compiler gets wrong is reported, not timed). Timing as in
 bench/decode_attention.py (CUDA graph, KV sets rotated past L2, median); effective bandwidth counts
 the bytes of codes and scales read. JSON only: the chosen defaults go into plan_launch and the table.
@@ -25,8 +25,7 @@ from common import buffers_to_rotate, copy_bandwidth, environment, time_graph, w
 from decode_attention import QUANT_FORMATS, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
 from glmtg.formats import FORMATS, KernelCode  # noqa: E402
-from glmtg.kernels import decode_quant_cuda  # noqa: E402
-from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
+from glmtg.kernels.attention import cuda_loop, cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
 
@@ -74,15 +73,12 @@ def main() -> int:
     parser.add_argument("--cases", default="96/8:65536,12/1:65536")
     parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
     parser.add_argument("--no-grid", action="store_true", help="default launches only")
-    parser.add_argument("--maxnreg", default="", help="register caps to try on every grid point, e.g. 128,168")
     parser.add_argument("--cuda-per-sm", default="",
-                        help="also time the CUDA loop (decode_quant_cuda) with these slices per SM, e.g. 4,8,12")
+                        help="also time the CUDA loop (glmtg.kernels.attention.cuda_loop) with these slices per SM, e.g. 4,8,12")
     parser.add_argument("--cuda-min-tokens", default="64",
                         help="shortest slice of those CUDA-loop launches, in tokens (comma list to sweep)")
     parser.add_argument("--block-m", type=int, default=None,
                         help="query rows per tile for every Triton launch (e.g. 16: 48/2's 24 rows in two tiles)")
-    parser.add_argument("--in-rows", action="store_true",
-                        help="also try every launch with DecodeLaunch.dequant_in_rows (q8_0/fp8 converted where loaded)")
     for key, values in GRID.items():
         parser.add_argument(f"--{key.replace('_', '-')}", default=",".join(map(str, values)))
     args = parser.parse_args()
@@ -114,11 +110,9 @@ def main() -> int:
                                          block_m=args.block_m, **kw)
                     name = " ".join(f"{k}={v}" for k, v in kw.items())
                     trials.append((name, launch))
-                    for cap in filter(None, args.maxnreg.split(",")):
-                        trials.append((f"{name} maxnreg={cap}", replace(launch, maxnreg=int(cap))))
             device = sets[0][0].device
-            if decode_quant_cuda.usable(*sets[0][:3], sets[0][4], sets[0][5], fmt, fmt, None):
-                print(f"cuda loop: {decode_quant_cuda.resident_per_sm(device, fmt, fmt)} programs resident per SM",
+            if cuda_loop.usable(*sets[0][:3], sets[0][4], sets[0][5], fmt, fmt, None):
+                print(f"cuda loop: {cuda_loop.resident_per_sm(device, fmt, fmt)} programs resident per SM",
                       flush=True)
                 # The loop's default slicing, for every format (plan_launch takes it for q4_0 only).
                 trials.append(("cuda default", cuda_loop_launch(1, hkv, ctx, device, rows=rows)))
@@ -128,9 +122,6 @@ def main() -> int:
                                               min_tokens_per_split=int(min_tokens))
                     trials.append((f"cuda per_sm={per_sm} min_tokens={min_tokens} splits={launch.num_splits}",
                                    launch))
-            if args.in_rows and fmt in ("q8_0", "fp8"):
-                trials += [(f"{name}, in rows", replace(launch, dequant_in_rows=True)) for name, launch in trials
-                           if launch.asm_dequant]
             for name, launch in trials:
                 try:
                     entry = measure_launch(sets, fmt, launch, want, nbytes, copy_bw)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "inspect_kernel.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "inspect_kernel.py"
 
 
 def test_every_variant_compiles_for_sm90():
