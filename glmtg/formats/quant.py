@@ -59,12 +59,11 @@ def cast_to(dtype: torch.dtype) -> Callable[[torch.Tensor], tuple[torch.Tensor, 
 
 
 def quantize_bf16(x: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """x -> (bfloat16 values, None), rounded on the bits exactly as gguf (and the kernels) round."""
-    bits = _values(x).view(torch.int32).long() & 0xFFFFFFFF
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    quiet_nan = (bits >> 16) | 0x40
-    out = torch.where(torch.isnan(x), quiet_nan, rounded) & 0xFFFF
-    return torch.where(out >= 0x8000, out - 0x10000, out).to(torch.int16).view(torch.bfloat16), None
+    """x -> (bfloat16 values, None), rounded as gguf (and the kernels) round: to nearest even, and NaN
+    keeps its sign and top mantissa bits with the quiet bit set (torch's cast alone writes one NaN)."""
+    x = _values(x)
+    quiet_nan = ((x.view(torch.int32) >> 16) | 0x40).to(torch.int16).view(torch.bfloat16)
+    return torch.where(torch.isnan(x), quiet_nan, x.to(torch.bfloat16)), None
 
 
 def dequantize_float(data: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -138,3 +138,16 @@ def test_fp8_codes_are_the_nearest_e4m3_values():
 def test_quantize_rejects_partial_blocks():
     with pytest.raises(ValueError, match="multiple of 32"):
         FORMATS["q8_0"].quantize(torch.randn(2, 48))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("name", ["f16", "bf16"])
+def test_float_casts_at_the_edges_equal_gguf(name):
+    """Round-to-nearest-even at ties, overflow to inf, subnormals (float32 and of the target), signed
+    zeros and infinities: the same bits as gguf."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x00400000,
+                         0x80000000, 0x7F800000, 0xFF800000, 0x33800000, 0x33000001, 0x477FF000, 0x477FE000,
+                         0x387FC000, 0xB87FE000], dtype=torch.int64)
+    x = torch.cat([bits.to(torch.int32).view(torch.float32), torch.randn(48) * 1e4])  # int64 -> int32 wraps
+    theirs = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType(FORMATS[name].gguf_type))
+    assert np.array_equal(stored_as_gguf(name, x[None])[0].view(np.uint8), theirs.view(np.uint8))
