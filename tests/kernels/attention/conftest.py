@@ -43,6 +43,8 @@ def poison_past_lengths(cache, lengths):
 
 
 def _check(cache, q, dtype, tol, **kwargs):
+    """decode_attention of ``q`` over layer 0 of ``cache`` vs float64 attention over the dequantized
+    cache: relative error below ``tol``, no NaN (unwritten output, or a read past a length)."""
     kv, vv = cache.k(0), cache.v(0)
     out = torch.full_like(q, float("nan"))
     decode_attention(q, kv.data, vv.data, cache.lengths, page_table=cache.page_table, k_scale=kv.scale,
@@ -55,8 +57,6 @@ def _check(cache, q, dtype, tol, **kwargs):
     err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert err < tol, f"relative error {err:.2e} >= {tol}"
     return out
-
-
 
 
 def _check_graph_replay(fmt, launch_for=None):
