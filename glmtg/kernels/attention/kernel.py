@@ -350,4 +350,3 @@ def _decode_attention_kernel(
         tl.store(PartialO + part[:, None] * HEAD_DIM + out_cols[None, :], acc / l_safe[:, None],
                  mask=row_valid[:, None])
         tl.store(PartialLse + part, lse2, mask=row_valid)
-

@@ -54,7 +54,6 @@ def _check_store(name: str, data: torch.Tensor, scale: torch.Tensor | None, fmt:
     return code
 
 
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -182,8 +181,8 @@ def decode_attention(
     fp16_dot = launch.fp16_dot and k_code != KernelCode.FLOAT and v_code != KernelCode.FLOAT
     if launch.cuda_loop:
         loop.launch(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, lengths,
-                                 page_table, partial_o, partial_lse, scale_log2=float(scale) * LOG2E,
-                                 capacity=capacity, num_splits=launch.num_splits)
+                    page_table, partial_o, partial_lse, scale_log2=float(scale) * LOG2E,
+                    capacity=capacity, num_splits=launch.num_splits)
     else:
         _decode_attention_kernel[(launch.num_splits, batch * num_kv_heads, launch.m_tiles)](
             q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
@@ -221,7 +220,6 @@ def decode_attention(
             num_warps=4, **extra,
         )
     return (out, lse) if return_lse else out
-
 
 
 def _scale_words(name: str, scale: torch.Tensor, code: KernelCode) -> torch.Tensor:

@@ -78,4 +78,3 @@ def _merge_splits_kernel(
             lse2 = tl.where(denom > 0.0, m_safe + tl.math.log2(tl.where(denom > 0.0, denom, 1.0)),
                             float("-inf"))
             tl.store(Lse + (b * SQ + tok) * (NUM_KV_HEADS * GROUP) + q_head, lse2 / 1.4426950408889634)
-
