@@ -1,6 +1,6 @@
 """Build variants of the CUDA decode loop for quantized caches, timed side by side in one process.
 
-    python -m glmtg.kernels.cuda.build --out build/v/pf4.fatbin -D GLMTG_PREFETCH_TILES=4
+    python -m glmtg.kernels.attention.cuda.build --out build/v/pf4.fatbin -D GLMTG_PREFETCH_TILES=4
     python bench/cuda_variants.py --variants shipped,pf4=build/v/pf4.fatbin,pf4-l1=build/v/pf4.fatbin@0 \
         --cases 96/8:65536,12/1:65536 --formats q4_0,q8_0   # -> bench/results/cuda_variants/<date>-variants.json
 
@@ -25,13 +25,12 @@ from common import buffers_to_rotate, copy_bandwidth, environment, result_path, 
 from decode_attention import ROW_BYTES, make_quant_set  # noqa: E402
 from quant_tune import measure_launch, reference_output  # noqa: E402
 
-from glmtg.kernels import decode_quant_cuda  # noqa: E402
-from glmtg.kernels.decode_attention import cuda_loop_launch, plan_launch  # noqa: E402
+from glmtg.kernels.attention import cuda_loop, cuda_loop_launch, plan_launch  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, Path, int | None]:
     name, _, rest = text.partition("=")
-    path_text, _, carveout = (rest or str(decode_quant_cuda.FATBIN)).partition("@")
+    path_text, _, carveout = (rest or str(cuda_loop.FATBIN)).partition("@")
     if "@" in name:
         name, _, carveout = name.partition("@")
     if not name or (carveout and not carveout.lstrip("-").isdigit()):
@@ -54,7 +53,8 @@ def main() -> int:
     for name, path, _ in variants:
         if not path.is_file():
             parser.error(f"variant {name}: no fatbin at {path}")
-    drivers = {name: decode_quant_cuda._Driver(path.read_bytes(), carveout) for name, path, carveout in variants}
+    drivers = {name: cuda_loop.Driver(path.read_bytes(), cuda_loop.CARVEOUT if carveout is None else carveout)
+               for name, path, carveout in variants}
     env = environment()
     copy_bw = copy_bandwidth()
     env["copy_bandwidth_tbps"] = copy_bw / 1e12
@@ -73,7 +73,7 @@ def main() -> int:
             for round_ in range(args.rounds):
                 for name, driver, launch in trials:
                     if driver is not None:
-                        decode_quant_cuda._DRIVER = drivers[driver]
+                        cuda_loop.use_driver(drivers[driver])
                     try:
                         entry = measure_launch(sets, fmt, launch, want, nbytes, copy_bw)
                     except ValueError as exc:  # e.g. more than 16 rows per KV head: outside the loop's scope

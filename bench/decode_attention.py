@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
 
-from glmtg.kernels import decode_quant_cuda  # noqa: E402
-from glmtg.kernels.decode_attention import decode_attention, plan_launch  # noqa: E402
+from glmtg.formats import FORMATS  # noqa: E402
+from glmtg.kernels.attention import cuda_loop, decode_attention, plan_launch  # noqa: E402
 
 HEAD_CONFIGS = [(96, 8), (48, 4), (24, 2), (12, 1), (48, 2)]
 CONTEXTS = [1024, 4096, 16384, 32768, 65536, 131072]
@@ -65,19 +65,17 @@ def make_ours(q, k, v, lengths, **launch_kw):
     return lambda: decode_attention(q, k, v, lengths, out=out, validate=False, launch=launch), lambda: out[:, 0]
 
 
-ROW_BYTES = {"bf16": lambda d: 2 * d, "q8_0": lambda d: d + 2 * (d // 32), "q4_0": lambda d: d // 2 + 2 * (d // 32),
-             "fp8": lambda d: d + 4}  # bytes of one token row of one head, scales included
 QUANT_FORMATS = ("q8_0", "q4_0", "fp8")
+# bytes of one token row of one head, scales included
+ROW_BYTES = {name: FORMATS[name].row_bytes for name in ("bf16", *QUANT_FORMATS)}
 
 
 def make_quant_set(batch, hq, hkv, ctx, d, fmt):
     """Random codes and scales in glmtg.kv_cache's planar layout (values only matter for timing)."""
-    from glmtg.kernels.kv_store import storage_shape
-
     q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     tensors = []
     for _ in range(2):
-        data_shape, data_dtype, scale_shape, scale_dtype = storage_shape(fmt, batch, hkv, ctx, d)
+        data_shape, data_dtype, scale_shape, scale_dtype = FORMATS[fmt].storage_shape(batch, hkv, ctx, d)
         if fmt == "fp8":
             data = torch.randn(data_shape, device="cuda").to(data_dtype)
         else:
@@ -91,9 +89,9 @@ def make_quant_set(batch, hq, hkv, ctx, d, fmt):
 
 def make_ours_quant(fmt, **variant):
     def make(q, k, v, lengths, k_scale, v_scale):
-        cuda_loop = decode_quant_cuda.usable(q, k, v, k_scale, v_scale, fmt, fmt, None)
+        usable = cuda_loop.usable(q, k, v, k_scale, v_scale, fmt, fmt, None)
         launch = replace(plan_launch(q.shape[0], k.shape[1], q.shape[2] // k.shape[1], q.shape[3], k.shape[2],
-                                     q.device, cache_format=fmt, cuda_loop=cuda_loop), **variant)
+                                     q.device, cache_format=fmt, cuda_loop=usable), **variant)
         out = torch.empty_like(q)
         return (lambda: decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, k_format=fmt,
                                          v_format=fmt, out=out, validate=False, launch=launch),

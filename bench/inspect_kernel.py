@@ -3,7 +3,7 @@ compiler made of each variant: shared memory, software-pipelined async copies, 1
 
     python bench/inspect_kernel.py                 # the variants below
     python bench/inspect_kernel.py --dump DIR      # also write each variant's TTGIR and PTX
-    python bench/inspect_kernel.py --cuda [FATBIN] # the CUDA loop's kernels (decode_quant_cuda)
+    python bench/inspect_kernel.py --cuda [FATBIN] # the CUDA loop's kernels (glmtg.kernels.attention.cuda_loop)
 
 The last columns count the SASS instructions of the streaming loop (the longest loop; whole tiles run
 unpredicated there) per iteration, one warp's view, by Triton's bundled nvdisasm.
@@ -29,27 +29,30 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from glmtg.kernels import decode_attention as da
+from glmtg.formats import FORMATS, KernelCode
+from glmtg.kernels.attention import kernel as da
+from glmtg.kernels.attention.cuda_loop import FATBIN
 
-CODE_PTR = {0: "*bf16", 1: "*i8", 2: "*u8", 3: "*fp8e4nv"}
-SCALE_PTR = {0: "*bf16", 1: "*i32", 2: "*i32", 3: "*fp32"}
-FORMAT_NAMES = {0: "bf16", 1: "q8_0", 2: "q4_0", 3: "fp8"}
+FLOAT, Q8_0, Q4_0, FP8 = KernelCode.FLOAT, KernelCode.Q8_0, KernelCode.Q4_0, KernelCode.FP8
+CODE_PTR = {FLOAT: "*bf16", Q8_0: "*i8", Q4_0: "*u8", FP8: "*fp8e4nv"}
+SCALE_PTR = {FLOAT: "*bf16", Q8_0: "*i32", Q4_0: "*i32", FP8: "*fp32"}  # block scales are read as int32 words
+# The name of each code (the float code is compiled for bf16 here).
+FORMAT_NAMES = {FLOAT: "bf16", **{f.code: name for name, f in FORMATS.items() if f.code != FLOAT}}
 
 VARIANTS = [
     dict(), dict(block_n=128, num_stages=2), dict(direct=True), dict(paged=True, sq=3),
-    dict(k_format=1, v_format=1), dict(k_format=2, v_format=2),
-    dict(k_format=1, v_format=1, asm_dequant=False), dict(k_format=2, v_format=2, asm_dequant=False),
-    dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=3),
-    dict(k_format=2, v_format=2, num_warps=1, block_n=32, num_stages=3),
-    dict(k_format=1, v_format=1, num_warps=1, block_n=16, num_stages=3, dequant_in_rows=True),
-    dict(k_format=3, v_format=3, block_n=128), dict(k_format=3, v_format=3, block_n=128, dequant_in_rows=True),
-    dict(k_format=3, v_format=3),
-    dict(k_format=3, v_format=3, fp16_dot=False), dict(k_format=1, v_format=3),
+    dict(k_format=Q8_0, v_format=Q8_0), dict(k_format=Q4_0, v_format=Q4_0),
+    dict(k_format=Q8_0, v_format=Q8_0, asm_dequant=False), dict(k_format=Q4_0, v_format=Q4_0, asm_dequant=False),
+    dict(k_format=Q8_0, v_format=Q8_0, num_warps=1, block_n=16, num_stages=3),
+    dict(k_format=Q4_0, v_format=Q4_0, num_warps=1, block_n=32, num_stages=3),
+    dict(k_format=FP8, v_format=FP8, block_n=128),
+    dict(k_format=FP8, v_format=FP8),
+    dict(k_format=FP8, v_format=FP8, fp16_dot=False), dict(k_format=Q8_0, v_format=FP8),
 ]
 
 
-def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = True, asm_dequant: bool = True,
-                    dequant_in_rows: bool = False, direct: bool = False,
+def compile_variant(*, k_format: KernelCode = FLOAT, v_format: KernelCode = FLOAT, fp16_dot: bool = True,
+                    asm_dequant: bool = True, direct: bool = False,
                     paged: bool = False, sq: int = 1, group: int = 12, head_dim: int = 128, block_n: int = 64,
                     num_warps: int = 4, num_stages: int = 3):
     names = list(inspect.signature(da._decode_attention_kernel.fn).parameters)
@@ -73,16 +76,15 @@ def compile_variant(*, k_format: int = 0, v_format: int = 0, fp16_dot: bool = Tr
             sig[name] = "constexpr"
         fmt = k_format if name.startswith("stride_ks") else v_format
         # block-scale rows hold D/32 values (not a multiple of 16); fp8 row scales are [.., T]
-        odd_stride = name.startswith(("stride_ks", "stride_vs")) and fmt != 0
+        odd_stride = name.startswith(("stride_ks", "stride_vs")) and fmt != FLOAT
         if sig[name].startswith("*") or (sig[name] == "i32" and name != "NUM_SPLITS" and not odd_stride):
             attrs[(i,)] = [["tt.divisibility", 16]]
     block_m = max(16, triton.next_power_of_2(group * sq))
     const = dict(SQ=sq, GROUP=group, NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                 M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=k_format,
-                 V_FORMAT=v_format, DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
-                 FP16_DOT=fp16_dot and k_format != 0 and v_format != 0,
-                 ASM_DEQUANT=(2 if dequant_in_rows else 1) if asm_dequant and fp16_dot and k_format != 0 and v_format != 0
-                 else 0)
+                 M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=int(k_format),
+                 V_FORMAT=int(v_format), DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
+                 FP16_DOT=fp16_dot and FLOAT not in (k_format, v_format),
+                 ASM_DEQUANT=int(asm_dequant and fp16_dot and FLOAT not in (k_format, v_format)))
     return triton.compile(ASTSource(da._decode_attention_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -133,7 +135,7 @@ def loop_sass(cubin: bytes) -> collections.Counter:
 
 
 def cuda_loop_report(fatbin: Path) -> int:
-    """Loop SASS of each contiguous-cache kernel of the CUDA loop's fatbin (decode_quant_cuda).
+    """Loop SASS of each contiguous-cache kernel of the CUDA loop's fatbin (glmtg.kernels.attention.cuda_loop).
 
     Its loop body holds two 16-token steps (register double buffering), each with the slice's
     clamped last-tile load path beside the plain one, and the rarely taken rescale (64 FMUL): an
@@ -149,7 +151,6 @@ def cuda_loop_report(fatbin: Path) -> int:
         sass = "".join(disassemble(c.read_bytes()) for c in cubins)
     print("| kernel (K/V formats) | loop SASS, two steps | HMMA | PRMT | LOP3 | HADD2+HFMA2+HMUL2 | IMAD+IADD3 | LDG |")
     print("|---|---|---|---|---|---|---|---|")
-    names = {1: "q8_0", 2: "q4_0", 3: "fp8"}
     for part in re.split(r"\n(?=\.text\.glmtg_decode_quant_)", sass)[1:]:
         name = re.match(r"\.text\.(\w+):", part).group(1)
         k, v, paged = re.search(r"_k(\d)_v(\d)_p(\d)", name).groups()
@@ -158,14 +159,14 @@ def cuda_loop_report(fatbin: Path) -> int:
         ops = collections.Counter()
         for op, count in longest_loop(part).items():
             ops[op.split(".")[0]] += count
-        print(f"| {names[int(k)]}/{names[int(v)]} | {sum(ops.values())} | {ops['HMMA']} | {ops['PRMT']} | "
+        print(f"| {FORMAT_NAMES[KernelCode(int(k))]}/{FORMAT_NAMES[KernelCode(int(v))]} | {sum(ops.values())} | {ops['HMMA']} | {ops['PRMT']} | "
               f"{ops['LOP3']} | {ops['HADD2'] + ops['HFMA2'] + ops['HMUL2']} | {ops['IMAD'] + ops['IADD3']} | "
               f"{ops['LDG']} |")
     return 0
 
 
 def describe(variant: dict) -> str:
-    parts = [f"{FORMAT_NAMES[variant.get('k_format', 0)]}/{FORMAT_NAMES[variant.get('v_format', 0)]}"]
+    parts = [f"{FORMAT_NAMES[variant.get('k_format', FLOAT)]}/{FORMAT_NAMES[variant.get('v_format', FLOAT)]}"]
     parts += [f"{k}={v}" for k, v in variant.items() if k not in ("k_format", "v_format")]
     return " ".join(parts)
 
@@ -173,7 +174,7 @@ def describe(variant: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dump", type=Path, default=None, help="write TTGIR and PTX of each variant here")
-    parser.add_argument("--cuda", nargs="?", type=Path, const=Path("glmtg/kernels/cuda/decode_quant.fatbin"),
+    parser.add_argument("--cuda", nargs="?", type=Path, const=FATBIN,
                         default=None, help="report the CUDA loop's fatbin instead (default: the shipped one)")
     args = parser.parse_args()
     if args.cuda is not None:

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_attention import make_quant_set, make_sets  # noqa: E402
 
-from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
+from glmtg.kernels.attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
 
 
 def main() -> int:

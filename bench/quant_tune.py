@@ -3,8 +3,8 @@
     python bench/quant_tune.py [--out PATH.json] [--cases 96/8:65536,12/1:65536] [--formats q8_0,fp8]
 
 For each case and format: the planner's default launch, the default with the plain (non-asm)
-dequantization, then a grid over tile length, pipeline stages, warps and programs per SM (optionally
-with register caps, and with q8_0/fp8 tiles converted where loaded: --in-rows). Each launch's output is checked against torch attention over the dequantized
+dequantization, then a grid over tile length, pipeline stages, warps and programs per SM. Each launch's
+output is checked against torch attention over the dequantized
 cache (a launch the compiler gets wrong is reported, not timed). Timing as in
 bench/decode_attention.py (CUDA graph, KV sets rotated past L2, median); effective bandwidth counts
 the bytes of codes and scales read. JSON only (default bench/results/quant_tune/<date>-sweep.json): the
@@ -23,11 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
-from decode_attention import QUANT_FORMATS, ROW_BYTES, gqa_reference, make_quant_set, make_sets  # noqa: E402
+from decode_attention import QUANT_FORMATS, gqa_reference, make_quant_set, make_sets  # noqa: E402
 
-from glmtg.kernels import decode_quant_cuda  # noqa: E402
-from glmtg.kernels.decode_attention import cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
-from glmtg.kv_cache import dequantize  # noqa: E402
+from glmtg.formats import FORMATS, KernelCode  # noqa: E402
+from glmtg.kernels.attention import cuda_loop, cuda_loop_launch, decode_attention, plan_launch  # noqa: E402
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), ctas_per_sm=(1, 2, 4))
 
@@ -36,7 +35,7 @@ def reference_output(first_set, fmt) -> torch.Tensor:
     """Attention of the first set over its dequantized cache (fp32 torch), to catch miscompiled launches."""
     q, k, v, lengths, k_scale, v_scale = first_set
     if fmt != "bf16":
-        k, v = dequantize(k, k_scale, fmt), dequantize(v, v_scale, fmt)
+        k, v = FORMATS[fmt].dequantize(k, k_scale), FORMATS[fmt].dequantize(v, v_scale)
     return gqa_reference(q[:, 0].float(), k.float(), v.float())
 
 
@@ -75,15 +74,12 @@ def main() -> int:
     parser.add_argument("--cases", default="96/8:65536,12/1:65536")
     parser.add_argument("--formats", default=",".join(QUANT_FORMATS))
     parser.add_argument("--no-grid", action="store_true", help="default launches only")
-    parser.add_argument("--maxnreg", default="", help="register caps to try on every grid point, e.g. 128,168")
     parser.add_argument("--cuda-per-sm", default="",
-                        help="also time the CUDA loop (decode_quant_cuda) with these slices per SM, e.g. 4,8,12")
+                        help="also time the CUDA loop (glmtg.kernels.attention.cuda_loop) with these slices per SM, e.g. 4,8,12")
     parser.add_argument("--cuda-min-tokens", default="64",
                         help="shortest slice of those CUDA-loop launches, in tokens (comma list to sweep)")
     parser.add_argument("--block-m", type=int, default=None,
                         help="query rows per tile for every Triton launch (e.g. 16: 48/2's 24 rows in two tiles)")
-    parser.add_argument("--in-rows", action="store_true",
-                        help="also try every launch with DecodeLaunch.dequant_in_rows (q8_0/fp8 converted where loaded)")
     for key, values in GRID.items():
         parser.add_argument(f"--{key.replace('_', '-')}", default=",".join(map(str, values)))
     args = parser.parse_args()
@@ -96,7 +92,7 @@ def main() -> int:
         hq, hkv, ctx = int(heads.split("/")[0]), int(heads.split("/")[1]), int(ctx)
         for fmt in args.formats.split(","):
             d = 128
-            row_bytes = 2 * d if fmt == "bf16" else ROW_BYTES[fmt](d)
+            row_bytes = FORMATS[fmt].row_bytes(d)
             nbytes = 2 * hkv * ctx * row_bytes
             nsets = buffers_to_rotate(nbytes)
             sets = ([(*s, None, None) for s in make_sets(1, hq, hkv, ctx, d, torch.bfloat16, nsets)] if fmt == "bf16"
@@ -105,7 +101,7 @@ def main() -> int:
             want = reference_output(sets[0], fmt)
             base = plan_launch(1, hkv, rows, d, ctx, sets[0][0].device, cache_format=fmt, block_m=args.block_m)
             trials = [("default", base)]
-            if fmt in ("q8_0", "q4_0"):
+            if FORMATS[fmt].code in (KernelCode.Q8_0, KernelCode.Q4_0):  # the asm dequantization applies
                 trials.append(("default, plain dequant", replace(base, asm_dequant=False)))
             grid = {key: [int(x) for x in getattr(args, key).split(",")] for key in GRID}
             if not args.no_grid:
@@ -115,11 +111,9 @@ def main() -> int:
                                          block_m=args.block_m, **kw)
                     name = " ".join(f"{k}={v}" for k, v in kw.items())
                     trials.append((name, launch))
-                    for cap in filter(None, args.maxnreg.split(",")):
-                        trials.append((f"{name} maxnreg={cap}", replace(launch, maxnreg=int(cap))))
             device = sets[0][0].device
-            if decode_quant_cuda.usable(*sets[0][:3], sets[0][4], sets[0][5], fmt, fmt, None):
-                print(f"cuda loop: {decode_quant_cuda.resident_per_sm(device, fmt, fmt)} programs resident per SM",
+            if cuda_loop.usable(*sets[0][:3], sets[0][4], sets[0][5], fmt, fmt, None):
+                print(f"cuda loop: {cuda_loop.resident_per_sm(device, fmt, fmt)} programs resident per SM",
                       flush=True)
                 # The loop's default slicing, for every format (plan_launch takes it for q4_0 only).
                 trials.append(("cuda default", cuda_loop_launch(1, hkv, ctx, device, rows=rows)))
@@ -129,9 +123,6 @@ def main() -> int:
                                               min_tokens_per_split=int(min_tokens))
                     trials.append((f"cuda per_sm={per_sm} min_tokens={min_tokens} splits={launch.num_splits}",
                                    launch))
-            if args.in_rows and fmt in ("q8_0", "fp8"):
-                trials += [(f"{name}, in rows", replace(launch, dequant_in_rows=True)) for name, launch in trials
-                           if launch.asm_dequant]
             for name, launch in trials:
                 try:
                     entry = measure_launch(sets, fmt, launch, want, nbytes, copy_bw)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from glmtg.kernels import decode_attention as _decode
+from glmtg.kernels import attention as _decode
 
 if TYPE_CHECKING:
     from glmtg.kv_cache import KVCache

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from glmtg.kernels.kv_store import KV_FORMATS, QK, kv_store, storage_shape
+from glmtg.formats import FORMATS, KV_FORMATS
+from glmtg.kernels.kv_store import kv_store
 
 __all__ = ["KV_FORMATS", "KVCache", "KVLayerView", "dequantize"]
 
-_BLOCK_FORMATS = ("q8_0", "q4_0")
 _PAGE_SEED = 0  # fixed, so a paged cache is reproducible
 
 
@@ -54,27 +54,9 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torc
 
     For q8_0/q4_0 this is gguf's dequantization (float32 d times the float32 code), bit for bit.
     """
-    if fmt in ("f16", "bf16"):
-        return data.float()
-    if fmt == "fp8":
-        return data.float() * scale.float()[..., None]
-    if fmt == "q8_0":
-        q = data.float().unflatten(-1, (-1, QK))
-        return (q * scale.float()[..., None]).flatten(-2)
-    if fmt == "q4_0":
-        packed = data.unflatten(-1, (-1, QK // 2))
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float() - 8.0
-        return (scale.float()[..., None] * q).flatten(-2)
-    raise ValueError(f"format must be one of {KV_FORMATS}, got {fmt!r}")
-
-
-def _row_bytes(fmt: str, head_dim: int) -> int:
-    """Bytes of one (token, head) row, scale included."""
-    data_shape, data_dtype, scale_shape, scale_dtype = storage_shape(fmt, 1, 1, 1, head_dim)
-    n = data_shape[-1] * data_dtype.itemsize
-    if scale_shape is not None:
-        n += (scale_shape[-1] if fmt != "fp8" else 1) * scale_dtype.itemsize
-    return n
+    if fmt not in KV_FORMATS:
+        raise ValueError(f"format must be one of {KV_FORMATS}, got {fmt!r}")
+    return FORMATS[fmt].dequantize(data, scale)
 
 
 class KVCache:
@@ -110,8 +92,9 @@ class KVCache:
         for name, fmt in (("k_format", k_format), ("v_format", v_format)):
             if fmt not in KV_FORMATS:
                 raise ValueError(f"{name} must be one of {KV_FORMATS}, got {fmt!r}")
-            if fmt in _BLOCK_FORMATS and head_dim % QK != 0:
-                raise ValueError(f"head_dim {head_dim} must be a multiple of {QK} for {name}={fmt}")
+            if FORMATS[fmt].row_error(head_dim) is not None:
+                raise ValueError(f"head_dim {head_dim} must be a multiple of {FORMATS[fmt].block_size} "
+                                 f"for {name}={fmt}")
         if page_size is not None and (not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1):
             raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
 
@@ -143,8 +126,8 @@ class KVCache:
         self._v_data, self._v_scale = self._alloc(v_format, tokens)
 
     def _alloc(self, fmt: str, tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        data_shape, data_dtype, scale_shape, scale_dtype = storage_shape(
-            fmt, self.num_pages, self.num_kv_heads, tokens, self.head_dim)
+        data_shape, data_dtype, scale_shape, scale_dtype = FORMATS[fmt].storage_shape(
+            self.num_pages, self.num_kv_heads, tokens, self.head_dim)
         data = torch.zeros((self.num_layers, *data_shape), dtype=data_dtype, device=self.device)
         scale = None
         if scale_shape is not None:
@@ -225,7 +208,7 @@ class KVCache:
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token takes in all layers, K and V, scales included."""
-        per_head = _row_bytes(self.k_format, self.head_dim) + _row_bytes(self.v_format, self.head_dim)
+        per_head = FORMATS[self.k_format].row_bytes(self.head_dim) + FORMATS[self.v_format].row_bytes(self.head_dim)
         return self.num_layers * self.num_kv_heads * per_head
 
     def __repr__(self) -> str:

@@ -5,66 +5,45 @@ that share one scale (32 values for q8_0/q4_0, one whole head row for fp8, a who
 scale for f16/bf16). Groups of all KV heads of the token are flattened into the tile's rows, so a
 decode step with 8 KV heads of 128 values is one program per token and per tensor.
 
-Formats (storage is planar, one tensor of codes and one of scales; see glmtg/kv_cache.py):
-- f16 / bf16: a plain round-to-nearest-even cast.
-- q8_0: llama.cpp's block, bit for bit as the ``gguf`` package computes it: in float32,
-  d = amax / 127, id = 1/d (0 when d == 0), q = round-half-away(x * id); d is rounded to fp16 only
-  for storage (the codes are computed with the float32 d, as gguf and ggml do).
-- q4_0: m = the first value of largest |x| (signed), d = m / -8, q = min(15, trunc(x * id + 8.5));
-  codes packed qs[j] = q[j] | q[j + 16] << 4; d stored as fp16.
-- fp8: e4m3 with one float32 scale per (token, head) = amax / 448 (see KVCache for why per row).
+Formats and their arithmetic are glmtg.formats' (storage is planar, one tensor of codes and one of
+scales, see glmtg/kv_cache.py); the kernel computes the same bytes as ``BlockFormat.quantize``, NaN/Inf
+policy included (glmtg/formats/quant.py): a scale group holding any NaN or +-Inf is stored with scale NaN
+and zero codes; f16/bf16 store NaN/Inf element-wise as is.
 
 The start positions are read from an int32 device tensor, so no host sync is needed and the append
 can be captured in a CUDA graph. A token whose position is outside the cache (or whose page-table
 entry is outside the page pool) is not written at all: a bad position can never corrupt memory.
-
-NaN/Inf policy: a scale group (32-value block, or fp8 row) holding any NaN or +-Inf is stored with
-scale = NaN and codes = 0 (q4_0: code 8, i.e. zero), so the whole group dequantizes to NaN and
-nothing leaks into neighbouring groups, heads or tokens. (gguf produces the same NaN dequantization
-for such blocks, but its codes there are undefined.) f16/bf16 store NaN/Inf element-wise as is.
 
 Bit-exactness needs care on the GPU: ``/`` on float32 lowers to an approximate division, so the
 divisions use ``div_rn``; and the launch turns off fp fusion so ``x * id + 8.5`` is not contracted
 into an FMA (gguf rounds the product first). The Triton interpreter (CPU tests) truncates
 float32 -> bf16 casts and does not round fp8 casts to nearest-even, so both roundings are done
 explicitly in the kernel (bf16 on the bits, fp8 onto the e4m3 grid) and the casts that follow are
-exact: CPU and GPU run the same code and give the same bytes, with no torch fallback. Blocks so
-tiny that 1/d overflows float32 (amax below ~4e-37 for q8_0, ~2e-38 for q4_0; gguf's codes are
-undefined there) get clamped codes and an fp16 d of 0; every other finite block matches gguf.
+exact: the kernel gives the same bytes on the GPU and in the interpreter.
+
+On a CPU, ``kv_store`` runs the formats' torch quantization instead (the interpreter is 20-400x slower
+than a cast); ``kv_store_triton`` always runs the kernel, so the interpreter can check it against the
+torch path. Both give the same bytes, except the payload of NaNs in f16 stores.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-KV_FORMATS = ("f16", "bf16", "q8_0", "q4_0", "fp8")
-# Constexpr codes of the formats in the kernel.
-_FLOAT, _Q8_0, _Q4_0, _FP8 = 0, 1, 2, 3
-_FORMAT_CODE = {"f16": _FLOAT, "bf16": _FLOAT, "q8_0": _Q8_0, "q4_0": _Q4_0, "fp8": _FP8}
-QK = 32  # values per q8_0 / q4_0 block
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from glmtg.formats import FORMATS, KV_FORMATS, QK, BlockFormat, KernelCode
+from glmtg.kernels._checks import capturing, check, describe
+
+__all__ = ["kv_store", "kv_store_triton"]
+
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def storage_shape(fmt: str, pages: int, num_kv_heads: int, tokens: int, head_dim: int
-                  ) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...] | None, torch.dtype | None]:
-    """(data shape, data dtype, scale shape or None, scale dtype or None) of one K or V store."""
-    lead = (pages, num_kv_heads, tokens)
-    if fmt == "f16":
-        return (*lead, head_dim), torch.float16, None, None
-    if fmt == "bf16":
-        return (*lead, head_dim), torch.bfloat16, None, None
-    if fmt == "q8_0":
-        return (*lead, head_dim), torch.int8, (*lead, head_dim // QK), torch.float16
-    if fmt == "q4_0":
-        return (*lead, head_dim // 2), torch.uint8, (*lead, head_dim // QK), torch.float16
-    if fmt == "fp8":
-        return (*lead, head_dim), torch.float8_e4m3fn, lead, torch.float32
-    raise ValueError(f"format must be one of {KV_FORMATS}, got {fmt!r}")
+# The kernel's format codes, as constexprs its body can read.
+_FLOAT = tl.constexpr(int(KernelCode.FLOAT))
+_Q8_0 = tl.constexpr(int(KernelCode.Q8_0))
+_Q4_0 = tl.constexpr(int(KernelCode.Q4_0))
 
 
 @triton.jit
@@ -133,7 +112,7 @@ def _kv_store_kernel(
     out_row = page.to(tl.int64) * stride_dp + head.to(tl.int64) * stride_dh + slot.to(tl.int64) * stride_dt
     scale_off = page.to(tl.int64) * stride_sp + head.to(tl.int64) * stride_sh + slot.to(tl.int64) * stride_st
 
-    if FORMAT == 0:  # f16 / bf16: round-to-nearest-even cast
+    if FORMAT == _FLOAT:  # f16 / bf16: round-to-nearest-even cast
         mask = row_ok[:, None] & (cols[None, :] < GROUP_SIZE)
         x = tl.load(X + x_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if Data.dtype.element_ty == tl.bfloat16:
@@ -141,7 +120,7 @@ def _kv_store_kernel(
                      mask=mask)
         else:
             tl.store(Data + out_row[:, None] + cols[None, :], x.to(Data.dtype.element_ty), mask=mask)
-    elif FORMAT == 1:  # q8_0
+    elif FORMAT == _Q8_0:
         x = tl.load(X + x_row[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         finite = tl.abs(x) < float("inf")  # False for NaN too
         bad = tl.max(tl.where(finite, 0, 1), 1) > 0
@@ -163,7 +142,7 @@ def _kv_store_kernel(
         tl.store(Data + out_row[:, None] + group[:, None] * GROUP_SIZE + cols[None, :], q.to(tl.int8),
                  mask=row_ok[:, None])
         tl.store(Scale + scale_off + group, d.to(tl.float16), mask=row_ok)
-    elif FORMAT == 2:  # q4_0: the block's halves are loaded apart, as they share bytes
+    elif FORMAT == _Q4_0:  # the block's halves are loaded apart, as they share bytes
         lo = tl.load(X + x_row[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         hi = tl.load(X + x_row[:, None] + 16 + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         fin_lo = tl.abs(lo) < float("inf")
@@ -197,7 +176,7 @@ def _kv_store_kernel(
         finite = tl.abs(x) < float("inf")
         bad = tl.max(tl.where(finite, 0, 1), 1) > 0  # masked columns load 0, which is finite
         x = tl.where(finite, x, 0.0)
-        scale = tl.math.div_rn(tl.max(tl.abs(x), 1), 448.0)  # 448 = FP8_MAX, e4m3fn's largest
+        scale = tl.math.div_rn(tl.max(tl.abs(x), 1), 448.0)  # 448 = formats.FP8_MAX, e4m3fn's largest
         safe = tl.where(scale == 0.0, 1.0, scale)
         # x / scale can land a rounding step above 448, which e4m3fn would turn into NaN: clamp.
         y = tl.where(scale[:, None] == 0.0, 0.0, tl.math.div_rn(x, safe[:, None]))
@@ -208,38 +187,18 @@ def _kv_store_kernel(
         tl.store(Scale + scale_off, scale, mask=row_ok)
 
 
-def _store_float_rows_cpu(x: torch.Tensor, data: torch.Tensor, start: torch.Tensor,
-                          page_table: torch.Tensor | None, page_size: int, capacity: int) -> None:
-    """f16/bf16 rows on the CPU: a plain cast-and-scatter (the kernel's float branch does the same
-    round-to-nearest-even cast; running it in the Triton interpreter costs ~50 ms a call). Tokens whose
-    position or page is out of range are skipped, as the kernel skips them."""
-    batch, seq = x.shape[:2]
-    pos = start.long()[:, None] + torch.arange(seq)[None, :]  # [B, S]
-    ok = (pos >= 0) & (pos < capacity)
-    b_idx = torch.arange(batch)[:, None].expand(batch, seq)
-    if page_table is None:
-        rows, slots = b_idx, pos
-    else:
-        page_idx = (pos // page_size).clamp(0, page_table.shape[1] - 1)
-        rows = page_table.long().gather(1, page_idx)
-        ok &= (rows >= 0) & (rows < data.shape[0])
-        slots = pos % page_size
-    data[rows[ok], :, slots[ok]] = x[ok].to(data.dtype)  # [tokens, Hkv, D]
+@dataclass(frozen=True)
+class _Store:
+    """Checked arguments of one store, as both paths take them."""
 
-
-def _check(cond: bool, message: Callable[[], str]) -> None:
-    # The message is built only on failure: formatting shapes on every call would cost
-    # microseconds per launch in eager mode.
-    if not cond:
-        raise ValueError(message())
-
-
-def _describe(t: object) -> str:
-    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    x: torch.Tensor  # [B, S, Hkv, D], float32 or narrower, contiguous last dimension
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    start: torch.Tensor
+    fmt: BlockFormat
+    page_table: torch.Tensor | None
+    page_size: int
+    capacity: int
 
 
 def kv_store(
@@ -257,104 +216,158 @@ def kv_store(
     """Quantize ``x`` [B, S, Hkv, D] into a cache store in place.
 
     Token s of sequence b goes to position ``start[b] + s``. ``data``/``scale`` are one layer's K or
-    V store as laid out by :func:`storage_shape`: [B, Hkv, T, ...] (contiguous, T = capacity) or
+    V store as laid out by ``BlockFormat.storage_shape``: [B, Hkv, T, ...] (contiguous, T = capacity) or
     [num_pages, Hkv, page_size, ...] with ``page_table`` int32 [B, max_pages]. ``capacity`` (default:
     T, or max_pages * page_size) bounds the positions. ``validate`` reads ``start`` (and the page
     table) on the host to reject positions outside the cache; it is skipped while a CUDA graph is
-    being captured (the kernel then silently skips out-of-range tokens instead). ``name`` names
-    ``x`` in error messages.
+    being captured (out-of-range tokens are then silently skipped instead). ``name`` names ``x`` in
+    error messages. GPU: the Triton kernel; CPU: the same bytes from torch (module docstring).
     """
-    _check(fmt in KV_FORMATS, lambda: f"fmt must be one of {KV_FORMATS}, got {fmt!r}")
-    _check(isinstance(x, torch.Tensor) and x.dim() == 4,
-           lambda: f"{name} must be a 4-D tensor [B, S, Hkv, D], got {_describe(x)}")
-    _check(x.dtype in _INPUT_DTYPES, lambda: f"{name} dtype {x.dtype} is not a float dtype in {_INPUT_DTYPES}")
-    batch, seq, heads, head_dim = x.shape
-    _check(min(x.shape) >= 1, lambda: f"{name} has an empty dimension: {tuple(x.shape)}")
-    _check(isinstance(data, torch.Tensor) and data.dim() == 4,
-           lambda: f"data must be a 4-D cache store, got {_describe(data)}")
-    pages, _, tokens, _ = data.shape
-    want_data, data_dtype, want_scale, scale_dtype = storage_shape(fmt, pages, heads, tokens, head_dim)
-    if fmt in ("q8_0", "q4_0"):
-        _check(head_dim % QK == 0, lambda: f"head_dim {head_dim} of {name} must be a multiple of {QK} for {fmt}")
-    _check(tuple(data.shape) == want_data and data.dtype == data_dtype,
-           lambda: f"data must be {data_dtype} {want_data} for {fmt} and {name} {tuple(x.shape)}, "
-                   f"got {_describe(data)}")
-    _check(data.stride(3) == 1, lambda: f"data must have a contiguous last dimension, strides {data.stride()}")
-    if want_scale is None:
-        _check(scale is None, lambda: f"scale must be None for {fmt}")
-        scale_arg, scale_strides = data, (0, 0, 0)  # never read
+    store = _checked(x, data, scale, start, fmt, page_table, capacity, validate, name)
+    if store.x.device.type == "cpu":
+        _store_torch(store)
     else:
-        _check(isinstance(scale, torch.Tensor) and tuple(scale.shape) == want_scale and scale.dtype == scale_dtype,
-               lambda: f"scale must be {scale_dtype} {want_scale} for {fmt}, got {_describe(scale)}")
-        _check(scale.device == x.device, lambda: f"scale is on {scale.device} but {name} is on {x.device}")
-        _check(fmt == "fp8" or scale.stride(3) == 1, lambda: "scale must have a contiguous last dimension")
-        scale_arg, scale_strides = scale, (scale.stride(0), scale.stride(1), scale.stride(2))
-    _check(data.device == x.device, lambda: f"data is on {data.device} but {name} is on {x.device}")
-    _check(isinstance(start, torch.Tensor) and start.dtype == torch.int32 and tuple(start.shape) == (batch,),
-           lambda: f"start must be int32 of shape ({batch},), got {_describe(start)}")
-    _check(start.device == x.device, lambda: f"start is on {start.device} but {name} is on {x.device}")
+        _launch(store)
+
+
+def kv_store_triton(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scale: torch.Tensor | None,
+    start: torch.Tensor,
+    fmt: str,
+    *,
+    page_table: torch.Tensor | None = None,
+    capacity: int | None = None,
+    validate: bool = True,
+    name: str = "x",
+) -> None:
+    """:func:`kv_store` through the Triton kernel on any device (on a CPU, in the Triton interpreter)."""
+    _launch(_checked(x, data, scale, start, fmt, page_table, capacity, validate, name))
+
+
+def _checked(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, start: torch.Tensor, fmt: str,
+             page_table: torch.Tensor | None, capacity: int | None, validate: bool, name: str) -> _Store:
+    check(isinstance(fmt, str) and fmt in KV_FORMATS, lambda: f"fmt must be one of {KV_FORMATS}, got {fmt!r}")
+    form = FORMATS[fmt]
+    check(isinstance(x, torch.Tensor) and x.dim() == 4,
+          lambda: f"{name} must be a 4-D tensor [B, S, Hkv, D], got {describe(x)}")
+    check(x.dtype in _INPUT_DTYPES, lambda: f"{name} dtype {x.dtype} is not a float dtype in {_INPUT_DTYPES}")
+    batch, seq, heads, head_dim = x.shape
+    check(min(x.shape) >= 1, lambda: f"{name} has an empty dimension: {tuple(x.shape)}")
+    check(isinstance(data, torch.Tensor) and data.dim() == 4,
+          lambda: f"data must be a 4-D cache store, got {describe(data)}")
+    pages, _, tokens, _ = data.shape
+    row_error = form.row_error(head_dim)
+    check(row_error is None, lambda: f"{row_error} ({name})")
+    want_data, data_dtype, want_scale, scale_dtype = form.storage_shape(pages, heads, tokens, head_dim)
+    check(tuple(data.shape) == want_data and data.dtype == data_dtype,
+          lambda: f"data must be {data_dtype} {want_data} for {fmt} and {name} {tuple(x.shape)}, "
+                  f"got {describe(data)}")
+    check(data.stride(3) == 1, lambda: f"data must have a contiguous last dimension, strides {data.stride()}")
+    if want_scale is None:
+        check(scale is None, lambda: f"scale must be None for {fmt}")
+    else:
+        check(isinstance(scale, torch.Tensor) and tuple(scale.shape) == want_scale and scale.dtype == scale_dtype,
+              lambda: f"scale must be {scale_dtype} {want_scale} for {fmt}, got {describe(scale)}")
+        check(scale.device == x.device, lambda: f"scale is on {scale.device} but {name} is on {x.device}")
+        check(form.row_scaled or scale.stride(3) == 1, lambda: "scale must have a contiguous last dimension")
+    check(data.device == x.device, lambda: f"data is on {data.device} but {name} is on {x.device}")
+    check(isinstance(start, torch.Tensor) and start.dtype == torch.int32 and tuple(start.shape) == (batch,),
+          lambda: f"start must be int32 of shape ({batch},), got {describe(start)}")
+    check(start.device == x.device, lambda: f"start is on {start.device} but {name} is on {x.device}")
 
     if page_table is None:
-        _check(pages == batch, lambda: f"contiguous data batch {pages} != {name} batch {batch}")
+        check(pages == batch, lambda: f"contiguous data batch {pages} != {name} batch {batch}")
         page_size, limit = 1, tokens
-        page_table_arg, stride_pt = start, 0  # never read when PAGED is off
     else:
-        _check(isinstance(page_table, torch.Tensor) and page_table.dtype == torch.int32 and page_table.dim() == 2
-               and page_table.shape[0] == batch,
-               lambda: f"page_table must be int32 [B={batch}, max_pages], got {_describe(page_table)}")
-        _check(page_table.device == x.device,
-               lambda: f"page_table is on {page_table.device} but {name} is on {x.device}")
-        _check(page_table.stride(1) == 1, lambda: "page_table must have a contiguous last dimension")
+        check(isinstance(page_table, torch.Tensor) and page_table.dtype == torch.int32 and page_table.dim() == 2
+              and page_table.shape[0] == batch,
+              lambda: f"page_table must be int32 [B={batch}, max_pages], got {describe(page_table)}")
+        check(page_table.device == x.device,
+              lambda: f"page_table is on {page_table.device} but {name} is on {x.device}")
+        check(page_table.stride(1) == 1, lambda: "page_table must have a contiguous last dimension")
         page_size, limit = tokens, page_table.shape[1] * tokens
-        page_table_arg, stride_pt = page_table, page_table.stride(0)
     if capacity is None:
         capacity = limit
-    _check(isinstance(capacity, int) and 1 <= capacity <= limit,
-           lambda: f"capacity must be an int in [1, {limit}], got {capacity!r}")
+    check(isinstance(capacity, int) and 1 <= capacity <= limit,
+          lambda: f"capacity must be an int in [1, {limit}], got {capacity!r}")
 
-    if validate and not _capturing(x.device):
+    if validate and not capturing(x.device):
         st = start.cpu()
-        _check(bool((st >= 0).all()), lambda: f"start positions must be >= 0, got min {int(st.min())}")
-        _check(bool((st + seq <= capacity).all()),
-               lambda: f"start + S exceeds the cache capacity {capacity}: max start {int(st.max())} with S={seq}")
+        check(bool((st >= 0).all()), lambda: f"start positions must be >= 0, got min {int(st.min())}")
+        check(bool((st + seq <= capacity).all()),
+              lambda: f"start + S exceeds the cache capacity {capacity}: max start {int(st.max())} with S={seq}")
         if page_table is not None:
             first_page = st // page_size
             last_page = (st + seq - 1) // page_size
             j = torch.arange(page_table.shape[1])[None, :]
             used = (j >= first_page[:, None]) & (j <= last_page[:, None])
             pt = page_table.cpu()
-            _check(not bool((used & ((pt < 0) | (pt >= pages))).any()),
-                   lambda: f"page_table holds page indices outside [0, {pages}) for the positions written")
+            check(not bool((used & ((pt < 0) | (pt >= pages))).any()),
+                  lambda: f"page_table holds page indices outside [0, {pages}) for the positions written")
 
     if x.dtype == torch.float64:
         x = x.float()  # quantization is defined on float32 values, as in gguf
     if x.stride(3) != 1:
         x = x.contiguous()
+    return _Store(x, data, scale, start, form, page_table, page_size, capacity)
 
-    code = _FORMAT_CODE[fmt]
-    if code == _FLOAT and x.device.type == "cpu":
-        _store_float_rows_cpu(x, data, start, page_table, page_size, capacity)
-        return
-    if code in (_Q8_0, _Q4_0):
+
+def _store_torch(store: _Store) -> None:
+    """Quantize with the format's torch arithmetic and scatter the rows; tokens whose position or page
+    is out of range are skipped, as the kernel skips them."""
+    x, data, scale, page_table = store.x, store.data, store.scale, store.page_table
+    batch, seq = x.shape[:2]
+    device = x.device
+    pos = store.start.long()[:, None] + torch.arange(seq, device=device)[None, :]  # [B, S]
+    ok = (pos >= 0) & (pos < store.capacity)
+    if page_table is None:
+        rows, slots = torch.arange(batch, device=device)[:, None].expand(batch, seq), pos
+    else:
+        page_idx = (pos // store.page_size).clamp(0, page_table.shape[1] - 1)
+        rows = page_table.long().gather(1, page_idx)
+        ok &= (rows >= 0) & (rows < data.shape[0])
+        slots = pos % store.page_size
+    rows, slots = rows[ok], slots[ok]
+    codes, scales = store.fmt.quantize(x[ok])  # [tokens, Hkv, ...]
+    data[rows, :, slots] = codes
+    if scale is not None:
+        scale[rows, :, slots] = scales
+
+
+def _launch(store: _Store) -> None:
+    x, data, scale, page_table = store.x, store.data, store.scale, store.page_table
+    batch, seq, heads, head_dim = x.shape
+    code = store.fmt.code
+    if scale is None:
+        scale_arg, scale_strides = data, (0, 0, 0)  # never read
+    else:
+        scale_arg, scale_strides = scale, (scale.stride(0), scale.stride(1), scale.stride(2))
+    if page_table is None:
+        page_table_arg, stride_pt = store.start, 0  # never read when PAGED is off
+    else:
+        page_table_arg, stride_pt = page_table, page_table.stride(0)
+    if code in (KernelCode.Q8_0, KernelCode.Q4_0):
         groups, group_size = head_dim // QK, QK
-        block_c = QK if code == _Q8_0 else QK // 2
+        block_c = QK if code == KernelCode.Q8_0 else QK // 2
     else:
         groups, group_size = 1, head_dim
         block_c = triton.next_power_of_2(head_dim)
     num_rows = heads * groups
-    tile_cols = QK if code == _Q4_0 else block_c
+    tile_cols = QK if code == KernelCode.Q4_0 else block_c
     block_r = max(1, min(triton.next_power_of_2(num_rows), 4096 // tile_cols))
     grid = (batch * seq, triton.cdiv(num_rows, block_r))
     _kv_store_kernel[grid](
-        x, data, scale_arg, start, page_table_arg,
+        x, data, scale_arg, store.start, page_table_arg,
         x.stride(0), x.stride(1), x.stride(2),
         data.stride(0), data.stride(1), data.stride(2),
         *scale_strides,
         stride_pt,
-        seq, capacity, pages, num_rows,
+        seq, store.capacity, data.shape[0], num_rows,
         GROUPS_PER_HEAD=groups, GROUP_SIZE=group_size,
         BLOCK_R=block_r, BLOCK_C=block_c,
-        PAGE_SIZE=page_size, PAGED=page_table is not None, FORMAT=code,
+        PAGE_SIZE=store.page_size, PAGED=page_table is not None, FORMAT=int(code),
         num_warps=4,
         # gguf rounds x * id before adding 8.5 (q4_0); an FMA would round once and differ.
         enable_fp_fusion=False,

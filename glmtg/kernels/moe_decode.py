@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glmtg.kernels._checks import check, describe
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -89,20 +91,9 @@ def _down_kernel(Act, Down, Ids, Weights, Y, HIDDEN, INTER, NUM_EXPERTS, TOPK,
     tl.store(Y + t.to(tl.int64) * HIDDEN + offs_h, y.to(Y.dtype.element_ty), mask=mask_h)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _describe(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} {tuple(t.shape)} on {t.device}"
-    return type(t).__name__
-
-
 def _power_of_two(name: str, value: int) -> None:
-    _check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
-           f"{name} must be a power of two, got {value!r}")
+    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
+          f"{name} must be a power of two, got {value!r}")
 
 
 def moe_decode(
@@ -128,38 +119,38 @@ def moe_decode(
     rows and step over H by ``block_k``; down programs cover ``block_h`` output rows and step over I by
     ``block_k_down``.
     """
-    _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"x must be a 2-D tensor [T, H], got {_describe(x)}")
-    _check(x.dtype in SUPPORTED_DTYPES, f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
+    check(isinstance(x, torch.Tensor) and x.dim() == 2, f"x must be a 2-D tensor [T, H], got {describe(x)}")
+    check(x.dtype in SUPPORTED_DTYPES, f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
     t, hidden = x.shape
     for name, w in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
-        _check(isinstance(w, torch.Tensor) and w.dim() == 3, f"{name} must be a 3-D tensor, got {_describe(w)}")
-        _check(w.dtype == x.dtype, f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
-        _check(w.device == x.device, f"{name} is on {w.device} but x is on {x.device}")
+        check(isinstance(w, torch.Tensor) and w.dim() == 3, f"{name} must be a 3-D tensor, got {describe(w)}")
+        check(w.dtype == x.dtype, f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
+        check(w.device == x.device, f"{name} is on {w.device} but x is on {x.device}")
         # A copy of the weights is what this kernel exists to avoid, so no silent .contiguous() here.
-        _check(w.is_contiguous(), f"{name} must be contiguous, strides {w.stride()}")
+        check(w.is_contiguous(), f"{name} must be contiguous, strides {w.stride()}")
     num_experts, inter = gate_proj.shape[0], gate_proj.shape[1]
-    _check(gate_proj.shape[2] == hidden, f"gate_proj must be [E, I, H={hidden}], got {tuple(gate_proj.shape)}")
-    _check(up_proj.shape == gate_proj.shape, f"up_proj shape {tuple(up_proj.shape)} must equal gate_proj shape "
-           f"{tuple(gate_proj.shape)}")
-    _check(tuple(down_proj.shape) == (num_experts, hidden, inter),
-           f"down_proj must be [E={num_experts}, H={hidden}, I={inter}], got {tuple(down_proj.shape)}")
-    _check(num_experts >= 1 and inter >= 1 and hidden >= 1, f"empty expert weights {tuple(gate_proj.shape)}")
-    _check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t,
-           f"ids must be a 2-D tensor [T={t}, k], got {_describe(ids)}")
-    _check(ids.dtype == torch.int64, f"ids dtype must be torch.int64, got {ids.dtype}")
-    _check(ids.device == x.device, f"ids is on {ids.device} but x is on {x.device}")
+    check(gate_proj.shape[2] == hidden, f"gate_proj must be [E, I, H={hidden}], got {tuple(gate_proj.shape)}")
+    check(up_proj.shape == gate_proj.shape, f"up_proj shape {tuple(up_proj.shape)} must equal gate_proj shape "
+          f"{tuple(gate_proj.shape)}")
+    check(tuple(down_proj.shape) == (num_experts, hidden, inter),
+          f"down_proj must be [E={num_experts}, H={hidden}, I={inter}], got {tuple(down_proj.shape)}")
+    check(num_experts >= 1 and inter >= 1 and hidden >= 1, f"empty expert weights {tuple(gate_proj.shape)}")
+    check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t,
+          f"ids must be a 2-D tensor [T={t}, k], got {describe(ids)}")
+    check(ids.dtype == torch.int64, f"ids dtype must be torch.int64, got {ids.dtype}")
+    check(ids.device == x.device, f"ids is on {ids.device} but x is on {x.device}")
     top_k = ids.shape[1]
-    _check(top_k >= 1, "ids must have k >= 1 slots")
-    _check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape,
-           f"weights must have ids' shape {tuple(ids.shape)}, got {_describe(weights)}")
-    _check(weights.dtype == torch.float32, f"weights dtype must be torch.float32, got {weights.dtype}")
-    _check(weights.device == x.device, f"weights is on {weights.device} but x is on {x.device}")
+    check(top_k >= 1, "ids must have k >= 1 slots")
+    check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape,
+          f"weights must have ids' shape {tuple(ids.shape)}, got {describe(weights)}")
+    check(weights.dtype == torch.float32, f"weights dtype must be torch.float32, got {weights.dtype}")
+    check(weights.device == x.device, f"weights is on {weights.device} but x is on {x.device}")
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
-        _check(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
-               and out.device == x.device and out.is_contiguous(),
-               f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {_describe(out)}")
+        check(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
+              and out.device == x.device and out.is_contiguous(),
+              f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {describe(out)}")
     for name, value in (("block_i", block_i), ("block_k", block_k), ("block_h", block_h),
                         ("block_k_down", block_k_down), ("num_warps", num_warps)):
         _power_of_two(name, value)

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from glmtg.kernels.kv_store import KV_FORMATS, kv_store, storage_shape
+from glmtg.formats import FORMATS, KV_FORMATS
+from glmtg.kernels.kv_store import kv_store, kv_store_triton
 from tests.reference_quant import dequantize, quantize, to_gguf_blocks
 
 SENTINEL = 0x5A
 GGUF_TYPE = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (device, store): the CPU's torch path, the Triton kernel in the interpreter, and the GPU.
+PATHS = [pytest.param("cpu", kv_store, id="cpu-torch"), pytest.param("cpu", kv_store_triton, id="cpu-triton"),
+         pytest.param("cuda", kv_store, id="cuda", marks=pytest.mark.gpu)]
 
 
 def edge_blocks(n: int, g: torch.Generator, *, f32_only: bool = True) -> torch.Tensor:
@@ -75,7 +78,7 @@ def edge_input(shape: tuple[int, int, int, int], seed: int, *, f32_only: bool = 
 
 def make_store(fmt: str, pages: int, heads: int, tokens: int, head_dim: int, device: str):
     """Sentinel-filled data and scale tensors of one store."""
-    data_shape, data_dtype, scale_shape, scale_dtype = storage_shape(fmt, pages, heads, tokens, head_dim)
+    data_shape, data_dtype, scale_shape, scale_dtype = FORMATS[fmt].storage_shape(pages, heads, tokens, head_dim)
     data = torch.empty(data_shape, dtype=data_dtype, device=device)
     data.view(torch.uint8).fill_(SENTINEL)
     scale = None
@@ -125,17 +128,17 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # d = 1e7/127 -> fp16 inf, on purpose
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, store", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_block_formats_match_gguf(fmt, dtype, device):
+def test_block_formats_match_gguf(fmt, dtype, device, store):
     """Bit-exact vs gguf: every edge-case block, 3 blocks per head (D=96), 3 heads."""
     f32 = dtype == torch.float32
     x = edge_input((2, 3, 3, 96), seed=1, f32_only=f32).to(dtype)  # f16 would turn 1e7 into inf
     start = torch.tensor([1, 4], dtype=torch.int32)
     capacity = 8
     data, scale = make_store(fmt, 2, 3, capacity, 96, device)
-    kv_store(x.to(device), data, scale, start.to(device), fmt)
+    store(x.to(device), data, scale, start.to(device), fmt)
 
     exp_data, exp_scale = expected_store(x, fmt, start, capacity, 96)
     assert same_bytes(data, exp_data) and same_bytes(scale, exp_scale)
@@ -155,9 +158,9 @@ def test_block_formats_match_gguf(fmt, dtype, device):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees 1/d overflow, on purpose
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, store", PATHS)
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_blocks_too_tiny_for_gguf_are_defined(fmt, device):
+def test_blocks_too_tiny_for_gguf_are_defined(fmt, device, store):
     """amax ~1e-38 (float32 subnormals): 1/d overflows, gguf's codes are undefined (float -> int of
     inf/NaN). Ours are clamped and deterministic, equal to the reference; d is fp16 0, values 0."""
     g = torch.Generator().manual_seed(8)
@@ -165,31 +168,31 @@ def test_blocks_too_tiny_for_gguf_are_defined(fmt, device):
     x[0, 0, 0, :32] = 0.0
     x[0, 0, 0, 5] = 3e-39
     data, scale = make_store(fmt, 1, 2, 1, 64, device)
-    kv_store(x.to(device), data, scale, torch.zeros(1, dtype=torch.int32, device=device), fmt)
+    store(x.to(device), data, scale, torch.zeros(1, dtype=torch.int32, device=device), fmt)
     exp_data, exp_scale = expected_store(x, fmt, torch.zeros(1, dtype=torch.int32), 1, 64)
     assert same_bytes(data, exp_data) and same_bytes(scale, exp_scale)
     assert not dequantize(data.cpu(), scale.cpu(), fmt).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, store", PATHS)
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_many_random_blocks_match_gguf(fmt, device):
+def test_many_random_blocks_match_gguf(fmt, device, store):
     """Bit-exact vs gguf on 4096 blocks of normal data at block scales from 1e-6 to 1e4 (a 64-token
     prefill chunk, 8 KV heads of 256 values: 64 groups per program)."""
     g = torch.Generator().manual_seed(7)
     block_scale = 10.0 ** torch.empty(1, 64, 8, 8, 1).uniform_(-6, 4, generator=g)
     x = (torch.randn(1, 64, 8, 8, 32, generator=g) * block_scale).reshape(1, 64, 8, 256)
     data, scale = make_store(fmt, 1, 8, 64, 256, device)
-    kv_store(x.to(device), data, scale, torch.zeros(1, dtype=torch.int32, device=device), fmt)
+    store(x.to(device), data, scale, torch.zeros(1, dtype=torch.int32, device=device), fmt)
     ours = to_gguf_blocks(data[0].transpose(0, 1), scale[0].transpose(0, 1), fmt)
     assert np.array_equal(ours, gguf.quantize(x[0].numpy(), GGUF_TYPE[fmt]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, store", PATHS)
 @pytest.mark.parametrize("fmt", KV_FORMATS)
 @pytest.mark.parametrize("seq, starts", [(1, [0, 12, 5, 9, 3]), (5, [0, 8, 3, 1, 6])])
 @pytest.mark.parametrize("paged", [False, True])
-def test_all_formats_exact_with_poison(fmt, seq, starts, paged, device):
+def test_all_formats_exact_with_poison(fmt, seq, starts, paged, device, store):
     """Whole store equals the reference store: written rows bit-exact, all else still sentinel.
 
     Batch 5, capacity 13 and page size 4 (the last page is partial), shuffled pages plus 3 spare.
@@ -202,18 +205,18 @@ def test_all_formats_exact_with_poison(fmt, seq, starts, paged, device):
     if paged:
         pt, num_pages = shuffled_page_table(batch, capacity, page_size, spare=3, seed=3)
         data, scale = make_store(fmt, num_pages, heads, page_size, head_dim, device)
-        kv_store(x.to(device), data, scale, start.to(device), fmt, page_table=pt.to(device), capacity=capacity)
+        store(x.to(device), data, scale, start.to(device), fmt, page_table=pt.to(device), capacity=capacity)
         exp_data = to_pages(exp_data, pt, num_pages, page_size)
         exp_scale = None if exp_scale is None else to_pages(exp_scale, pt, num_pages, page_size)
     else:
         data, scale = make_store(fmt, batch, heads, capacity, head_dim, device)
-        kv_store(x.to(device), data, scale, start.to(device), fmt)
+        store(x.to(device), data, scale, start.to(device), fmt)
     assert same_bytes(data, exp_data)
     assert scale is None if exp_scale is None else same_bytes(scale, exp_scale)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fp8_error_bound(device):
+@pytest.mark.parametrize("device, store", PATHS)
+def test_fp8_error_bound(device, store):
     """fp8 e4m3 with a per-row scale: |x - deq| <= 2^-4 |x| + 2^-10 scale (half an ulp of a 3-bit
     mantissa in the normal range; half the 2^-9 subnormal step below it), times 1.0001 for the
     fp32 rounding of the scale and the division. All-zero rows give scale 0 and exact zeros."""
@@ -221,7 +224,7 @@ def test_fp8_error_bound(device):
     x = torch.randn(2, 3, 4, 128, generator=g) * 10.0 ** torch.empty(2, 3, 4, 1).uniform_(-3, 3, generator=g)
     x[1, 2, 3] = 0.0
     data, scale = make_store("fp8", 2, 4, 3, 128, device)
-    kv_store(x.to(device), data, scale, torch.zeros(2, dtype=torch.int32, device=device), "fp8")
+    store(x.to(device), data, scale, torch.zeros(2, dtype=torch.int32, device=device), "fp8")
     deq = dequantize(data.cpu(), scale.cpu(), "fp8").transpose(1, 2)  # [B, S, H, D]
     s = scale.cpu().transpose(1, 2)[..., None]
     bound = (2.0 ** -4 * x.abs() + 2.0 ** -10 * s) * 1.0001
@@ -232,9 +235,9 @@ def test_fp8_error_bound(device):
     assert bool((data.cpu().float().abs().amax(-1)[scale.cpu() > 0] == 448).all())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, store", PATHS)
 @pytest.mark.parametrize("fmt", KV_FORMATS)
-def test_nan_inf_confined_to_their_group(fmt, device):
+def test_nan_inf_confined_to_their_group(fmt, device, store):
     """A NaN/Inf makes its own scale group (32-value block; fp8: the row) NaN and nothing else:
     other blocks of the row, other heads and other tokens equal the clean quantization exactly.
     f16/bf16 keep NaN/Inf element-wise."""
@@ -245,7 +248,7 @@ def test_nan_inf_confined_to_their_group(fmt, device):
     bad[1, 0, 1, 2] = float("inf")   # block 0 of head 1
     bad[1, 1, 0, 63] = float("-inf")  # block 1 of head 0
     data, scale = make_store(fmt, 2, 2, 2, 64, device)
-    kv_store(bad.to(device), data, scale, torch.zeros(2, dtype=torch.int32, device=device), fmt)
+    store(bad.to(device), data, scale, torch.zeros(2, dtype=torch.int32, device=device), fmt)
     got = dequantize(data.cpu(), scale.cpu() if scale is not None else None, fmt).transpose(1, 2)
     clean = dequantize(*quantize(x, fmt), fmt)
     group = torch.zeros_like(x, dtype=torch.bool)  # where NaN is allowed
@@ -260,9 +263,10 @@ def test_nan_inf_confined_to_their_group(fmt, device):
     assert torch.equal(got[~group], clean[~group])
 
 
+@pytest.mark.parametrize("store", [kv_store, kv_store_triton], ids=["torch", "triton"])
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8", "bf16"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_out_of_range_positions_are_skipped(fmt, paged):
+def test_out_of_range_positions_are_skipped(fmt, paged, store):
     """Without host validation (as in a CUDA graph) a position outside the cache, or a page-table
     entry outside the pool, is not written at all; in-range tokens of the same call still are."""
     batch, heads, head_dim, capacity, page_size = 3, 1, 32, 6, 2
@@ -280,24 +284,64 @@ def test_out_of_range_positions_are_skipped(fmt, paged):
             exp_scale[broken_page].view(torch.uint8).fill_(SENTINEL)
         pt[2, 1] = num_pages + 5
         data, scale = make_store(fmt, num_pages, heads, page_size, head_dim, "cpu")
-        kv_store(x, data, scale, start, fmt, page_table=pt, validate=False)
+        store(x, data, scale, start, fmt, page_table=pt, validate=False)
     else:
         data, scale = make_store(fmt, batch, heads, capacity, head_dim, "cpu")
-        kv_store(x, data, scale, start, fmt, validate=False)
+        store(x, data, scale, start, fmt, validate=False)
     assert same_bytes(data, exp_data)
     assert scale is None or same_bytes(scale, exp_scale)
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("store", [kv_store, kv_store_triton], ids=["torch", "triton"])
+def test_non_contiguous_input(store):
     """Strided [B, S, H, D] views (from [B, H, S, D], and every other head) are read correctly."""
     base = torch.randn(2, 6, 3, 64)  # [B, 2H, S, D]
     x = base[:, ::2].transpose(1, 2)  # [B, S=3, H=3, D], strides neither contiguous nor dense
     start = torch.tensor([0, 2], dtype=torch.int32)
     for fmt in ("q4_0", "fp8"):
         data, scale = make_store(fmt, 2, 3, 5, 64, "cpu")
-        kv_store(x, data, scale, start, fmt)
+        store(x, data, scale, start, fmt)
         exp_data, exp_scale = expected_store(x.contiguous(), fmt, start, 5, 64)
         assert same_bytes(data, exp_data) and same_bytes(scale, exp_scale)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/NaN, on purpose
+@pytest.mark.parametrize("fmt", KV_FORMATS)
+@pytest.mark.parametrize("paged", [False, True])
+def test_torch_path_equals_kernel(fmt, paged):
+    """The CPU's torch path and the Triton kernel (interpreter) write the same bytes: odd sizes (3
+    sequences, 5 new tokens, 3 heads of 96 values, capacity 11, pages of 3), values over many scales,
+    all-zero blocks, and scale groups holding NaN, +-Inf, or both. f16 NaNs are compared as NaN (their
+    payload is not kept); every other byte must be equal."""
+    batch, seq, heads, head_dim, capacity, page_size = 3, 5, 3, 96, 11, 3
+    g = torch.Generator().manual_seed(11)
+    x = edge_input((batch, seq, heads, head_dim), seed=12)
+    x[0, 1, 2, :32] = 0.0
+    x[1, 0, 0, 7] = float("nan")
+    x[1, 3, 1, 40] = float("inf")
+    x[2, 4, 2, 95] = float("-inf")
+    x[2, 2, 0, 3], x[2, 2, 0, 70] = float("nan"), float("inf")
+    start = torch.randint(0, capacity - seq + 1, (batch,), generator=g, dtype=torch.int32)
+    got = {}
+    for store in (kv_store, kv_store_triton):
+        if paged:
+            pt, num_pages = shuffled_page_table(batch, capacity, page_size, spare=2, seed=13)
+            data, scale = make_store(fmt, num_pages, heads, page_size, head_dim, "cpu")
+            store(x, data, scale, start, fmt, page_table=pt, capacity=capacity)
+        else:
+            data, scale = make_store(fmt, batch, heads, capacity, head_dim, "cpu")
+            store(x, data, scale, start, fmt)
+        got[store] = data, scale
+    (d_torch, s_torch), (d_triton, s_triton) = got[kv_store], got[kv_store_triton]
+    if fmt == "f16":  # NaN payloads are not kept in f16 (each device writes its own NaN)
+        nan = d_torch.isnan()
+        assert torch.equal(nan, d_triton.isnan()) and int(nan.sum()) == 2  # the NaN inputs
+        d_torch, d_triton = d_torch[~nan], d_triton[~nan]
+    assert same_bytes(d_torch, d_triton)
+    assert s_torch is None if s_triton is None else same_bytes(s_torch, s_triton)
+    if s_torch is not None:
+        # Poisoned groups: five 32-value blocks, in four rows.
+        assert int(s_torch.isnan().sum()) == (4 if fmt == "fp8" else 5)
 
 
 def _bad_calls():

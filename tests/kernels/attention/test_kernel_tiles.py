@@ -4,8 +4,7 @@ Codes cover every byte value and scales span normal and subnormal fp16 magnitude
 tile must equal fp16(code * d) computed in float32 by torch exactly (fp8: the e4m3 value, whose row scale
 the attention kernel applies to scores and probabilities instead): the product of an 8-bit code and
 an fp16 scale is exact in float32, so both sides round the same real number once. The inline-PTX path
-(ASM_DEQUANT 1, or 2: converted where loaded; GPU only) and the plain path must all meet this; the CPU
-interpreter runs the plain one.
+(ASM_DEQUANT 1; GPU only) and the plain path must both meet this; the CPU interpreter runs the plain one.
 Rows past the mask must read as 0.
 """
 
@@ -16,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels.decode_attention import _load_kv_tile, _q4_0_order
-from glmtg.kv_cache import dequantize
+from glmtg.formats import FORMATS, KernelCode, dequantize
+from glmtg.kernels.attention.kernel import _load_kv_tile, _q4_0_order
+
+_Q4_0 = tl.constexpr(int(KernelCode.Q4_0))
 
 
 @triton.jit
@@ -29,7 +30,7 @@ def _tile_kernel(Data, Scale, Out, n_valid, row_len, HEAD_DIM: tl.constexpr, BLO
     scale_rows = offs_n.to(tl.int64) * (HEAD_DIM // 64)  # int32 words: two fp16 scales each
     tile = _load_kv_tile(Data, Scale, rows, scale_rows, mask_n, HEAD_DIM, FORMAT, tl.float16, ASM_DEQUANT)
     offs_d = tl.arange(0, HEAD_DIM)
-    cols = _q4_0_order(offs_d) if FORMAT == 2 else offs_d
+    cols = _q4_0_order(offs_d) if FORMAT == _Q4_0 else offs_d
     tl.store(Out + offs_n[:, None] * HEAD_DIM + cols[None, :], tile)
 
 
@@ -50,7 +51,7 @@ def run_tile(fmt: str, asm: int, device: str, block_n: int = 64, head_dim: int =
     out = torch.full((block_n, head_dim), float("nan"), dtype=torch.float16)
     data, scale, out = data.to(device), scale.to(device), out.to(device)
     _tile_kernel[(1,)](data, scale.view(torch.int32), out, n_valid, data.shape[1], HEAD_DIM=head_dim, BLOCK_N=block_n,
-                       FORMAT={"q8_0": 1, "q4_0": 2, "fp8": 3}[fmt], ASM_DEQUANT=asm, num_warps=num_warps)
+                       FORMAT=int(FORMATS[fmt].code), ASM_DEQUANT=asm, num_warps=num_warps)
     want = data.cpu().half() if fmt == "fp8" else dequantize(data.cpu(), scale.cpu(), fmt).half()
     want[n_valid:] = 0.0
     return out.cpu(), want
@@ -71,7 +72,7 @@ def test_plain_dequant_exact_cpu(fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
-@pytest.mark.parametrize("asm", [1, 2, 0], ids=["asm", "asm-in-rows", "plain"])
+@pytest.mark.parametrize("asm", [1, 0], ids=["asm", "plain"])
 @pytest.mark.parametrize("head_dim, block_n", [(128, 64), (64, 128), (256, 32)])
 def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
     if not torch.cuda.is_available():
@@ -81,10 +82,10 @@ def test_gpu_dequant_exact(fmt, asm, head_dim, block_n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("asm", [1, 2, 0], ids=["asm", "asm-in-rows", "plain"])
+@pytest.mark.parametrize("asm", [1, 0], ids=["asm", "plain"])
 @pytest.mark.parametrize("num_warps", [1, 4])
 def test_gpu_q8_0_sixteen_token_tiles(asm, num_warps):
-    # The one-warp q8_0 plan runs 16-token tiles; the q4_0 fault (decode_attention()) hit this height.
+    # The one-warp q8_0 plan runs 16-token tiles; the q4_0 fault (attention/launch.py) hit this height.
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     out, want = run_tile("q8_0", asm=asm, device="cuda", block_n=16, head_dim=128, n_valid=13, num_warps=num_warps)

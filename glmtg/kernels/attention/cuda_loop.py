@@ -1,9 +1,9 @@
 """Launcher of the CUDA decode-attention loop for quantized caches (cuda/decode_quant.cu).
 
 The kernel ships prebuilt (cuda/decode_quant.fatbin: sm_90 machine code, built by
-``python -m glmtg.kernels.cuda.build`` with nvcc) and is loaded through the CUDA driver API with
+``python -m glmtg.kernels.attention.cuda.build`` with nvcc) and is loaded through the CUDA driver API with
 ctypes, so glmtg needs neither a compiler nor a torch extension at run time. It writes the same
-split partials as the Triton kernel, whose merge kernel then combines them (decode_attention()).
+split partials as the Triton kernel, whose merge kernel then combines them (launch.decode_attention).
 
 Scope: K and V both in q8_0, q4_0 or fp8, head_dim 128, 16 query rows (GQA group x new tokens) per
 warp (more rows take more warps, each reading the slice again), fp16/bf16 queries, contiguous or paged
@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from glmtg.formats import FORMATS, KernelCode
+from glmtg.kernels._checks import device_index
+
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCE = CUDA_DIR / "decode_quant.cu"
 FATBIN = CUDA_DIR / "decode_quant.fatbin"
 STAMP = CUDA_DIR / "decode_quant.fatbin.sha256"  # sha256 of the source the fatbin was built from
-FORMAT_CODES = {"q8_0": 1, "q4_0": 2, "fp8": 3}
+# The loop's formats: its kernels are compiled per (K code, V code), as the .cu's enum Format names them.
+LOOP_CODES = (KernelCode.Q8_0, KernelCode.Q4_0, KernelCode.FP8)
 HEAD_DIM = 128
 ROWS = 16  # query rows per warp; a launch covers rows in ceil(rows / ROWS) row tiles (grid z)
 MAX_ROWS = 4 * ROWS  # row tiles re-read the slice; GPU-tested up to 36 rows, planned up to 32 (48/2: 24)
@@ -49,16 +52,19 @@ class _Params(ctypes.Structure):
     ]
 
 
-class _Driver:
-    """The few driver-API calls needed: load the fatbin once per device, launch on torch's stream."""
+class Driver:
+    """The few driver-API calls needed: load a fatbin once per device, launch on torch's stream.
 
-    def __init__(self, image: bytes | None = None, carveout: int | None = None) -> None:
+    ``image`` (default: the shipped fatbin) and ``carveout`` (percent of on-chip memory preferred as
+    shared memory; -1 leaves the driver's choice) let bench/cuda_variants.py time build variants
+    side by side through :func:`use_driver`.
+    """
+
+    def __init__(self, image: bytes | None = None, carveout: int = CARVEOUT) -> None:
         self.lib = ctypes.CDLL("libcuda.so.1")
-        # The arguments and environment overrides are for sweeps over build variants (bench/), not for use.
-        self.image = image if image is not None else Path(os.environ.get("GLMTG_DECODE_QUANT_FATBIN", FATBIN)).read_bytes()
-        # The loop uses no shared memory; the carveout decides how much of the SM's on-chip memory
-        # stays L1 (bench/NOTES.md, fifth pass). -1 leaves the driver's choice.
-        self.carveout = carveout if carveout is not None else _env_int("GLMTG_DECODE_QUANT_CARVEOUT", CARVEOUT)
+        self.image = image if image is not None else FATBIN.read_bytes()
+        # The loop uses no shared memory, so all of it may stay L1 (bench/DECISIONS.md).
+        self.carveout = carveout
         self.functions: dict[tuple[int, str], ctypes.c_void_p] = {}
 
     def _call(self, name: str, *args: object) -> None:
@@ -97,23 +103,9 @@ class _Driver:
                    ctypes.c_uint(1), ctypes.c_uint(0), stream, args, None)
 
 
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {text!r}") from None
-
-
 _ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-_DRIVER: _Driver | None = None
+_DRIVER: Driver | None = None
 _AVAILABLE: dict[int, bool] = {}
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def source_digest() -> str:
@@ -125,7 +117,7 @@ def available(device: torch.device) -> bool:
     driver loads the fatbin (built with CUDA 13.0); otherwise decode_attention() uses Triton."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    index = _index(device)
+    index = device_index(device)
     if index not in _AVAILABLE:
         ok = torch.cuda.get_device_capability(index)[0] == 9 and FATBIN.exists() and torch.version.hip is None
         if ok:
@@ -143,7 +135,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
              v_scale: torch.Tensor | None, k_format: str | None, v_format: str | None,
              page_size: int | None) -> bool:
     """Whether these (already validated) arguments fit the kernel's scope (module docstring)."""
-    if k_format not in FORMAT_CODES or v_format not in FORMAT_CODES:
+    if any(f not in FORMATS or FORMATS[f].code not in LOOP_CODES for f in (k_format, v_format)):
         return False
     if q.shape[0] * k_cache.shape[1] > 65535:  # grid y
         return False
@@ -162,9 +154,10 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sc
         if data.data_ptr() % 16 or any(s % 16 for s in data.stride()[:3]) or data.stride(2) != data.shape[3]:
             return False
     for scale, fmt in ((k_scale, k_format), (v_scale, v_format)):
-        if scale.data_ptr() % scale.element_size() or scale.stride(2) != (1 if fmt == "fp8" else scale.shape[3]):
+        row_scaled = FORMATS[fmt].row_scaled
+        if scale.data_ptr() % scale.element_size() or scale.stride(2) != (1 if row_scaled else scale.shape[3]):
             return False
-        if fmt != "fp8" and scale.stride(3) != 1:
+        if not row_scaled and scale.stride(3) != 1:
             return False
     return True
 
@@ -177,20 +170,29 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scal
             and available(q.device))
 
 
-def _driver() -> _Driver:
+def _driver() -> Driver:
     global _DRIVER
     if _DRIVER is None:
-        _DRIVER = _Driver()
+        _DRIVER = Driver()
     return _DRIVER
 
 
+def use_driver(driver: Driver | None) -> Driver | None:
+    """Launch through ``driver`` from now on (None: the shipped fatbin again); returns the previous one.
+    For benchmarks of build variants (bench/cuda_variants.py)."""
+    global _DRIVER
+    previous, _DRIVER = _DRIVER, driver
+    return previous
+
+
 def kernel_name(k_format: str, v_format: str, paged: bool) -> str:
-    return f"glmtg_decode_quant_k{FORMAT_CODES[k_format]}_v{FORMAT_CODES[v_format]}_p{int(paged)}"
+    """The fatbin's kernel for these formats: named by their kernel codes, as decode_quant.cu names them."""
+    return f"glmtg_decode_quant_k{int(FORMATS[k_format].code)}_v{int(FORMATS[v_format].code)}_p{int(paged)}"
 
 
 def resident_per_sm(device: torch.device, k_format: str, v_format: str, paged: bool = False) -> int:
     """How many of the kernel's one-warp programs one SM holds at once (for planning and reports)."""
-    return _driver().resident_per_sm(_index(device), kernel_name(k_format, v_format, paged))
+    return _driver().resident_per_sm(device_index(device), kernel_name(k_format, v_format, paged))
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
@@ -213,4 +215,4 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scal
     )
     name = kernel_name(k_format, v_format, page_table is not None)
     m_tiles = partial_o.shape[2] // ROWS  # the partials' row pitch is m_tiles * ROWS
-    _driver().launch(_index(q.device), name, (num_splits, batch * num_kv_heads, m_tiles), params)
+    _driver().launch(device_index(q.device), name, (num_splits, batch * num_kv_heads, m_tiles), params)

@@ -1,6 +1,6 @@
 """decode_attention over quantized caches (q8_0, q4_0, fp8, mixed K/V formats).
 
-The reference is float64 attention over the *dequantized* cache values (glmtg.kv_cache.dequantize,
+The reference is float64 attention over the *dequantized* cache values (glmtg.formats,
 which equals gguf's dequantization), so only accumulation order and the kernel's rounding of the
 dequantized values to the query dtype differ:
 - fp16 queries (CPU): dequantized values rounded to fp16 (2^-11), P rounded to fp16 -> 2e-3 relative.
@@ -15,56 +15,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from glmtg.kernels.decode_attention import decode_attention, plan_format, plan_launch
-from glmtg.kv_cache import KVCache, dequantize
-from tests.reference import decode_attention_ref
+from glmtg.kernels.attention import decode_attention, plan_format, plan_launch
 
 FORMAT_PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("fp8", "fp8"), ("q8_0", "q4_0"), ("f16", "q8_0")]
 
 
-def filled_cache(batch, hkv, d, lengths, capacity, k_format, v_format, device, page_size=None, seed=0):
-    """A one-layer KVCache holding random K/V for each sequence's first ``lengths[b]`` tokens."""
-    g = torch.Generator().manual_seed(seed)
-    cache = KVCache(num_layers=1, batch=batch, capacity=capacity, num_kv_heads=hkv, head_dim=d,
-                    k_format=k_format, v_format=v_format, page_size=page_size, device=device)
-    k = torch.randn(batch, capacity, hkv, d, generator=g).to(device)
-    v = torch.randn(batch, capacity, hkv, d, generator=g).to(device)
-    cache.append(0, k, v, torch.zeros(batch, dtype=torch.int32, device=device))
-    cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
-    poison_past_lengths(cache, lengths)
-    return cache
-
-
-def poison_past_lengths(cache, lengths):
-    for view in (cache.k(0), cache.v(0)):
-        target = view.scale if view.scale is not None else view.data
-        for b, n in enumerate(lengths):
-            if cache.page_table is None:
-                target[b, :, n:] = float("nan")
-            else:
-                pos = torch.arange(n, cache.capacity, device=target.device)
-                pages = cache.page_table[b].long()[pos // cache.page_size]
-                target[pages, :, pos % cache.page_size] = float("nan")
-
-
-def check(cache, q, dtype, tol, **kwargs):
-    kv, vv = cache.k(0), cache.v(0)
-    out = torch.full_like(q, float("nan"))
-    decode_attention(q, kv.data, vv.data, cache.lengths, page_table=cache.page_table, k_scale=kv.scale,
-                     v_scale=vv.scale, k_format=kv.format, v_format=vv.format, out=out, **kwargs)
-    k_deq = dequantize(kv.data, kv.scale, kv.format).nan_to_num(0.0)
-    v_deq = dequantize(vv.data, vv.scale, vv.format).nan_to_num(0.0)
-    pt = None if cache.page_table is None else cache.page_table.cpu()
-    ref, _ = decode_attention_ref(q.cpu(), k_deq.cpu(), v_deq.cpu(), cache.lengths.cpu(), pt)
-    assert not torch.isnan(out).any(), "unwritten output or NaN read from past the context"
-    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
-    assert err < tol, f"relative error {err:.2e} >= {tol}"
-    return out
-
-
 @pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS)
 @pytest.mark.parametrize("group", [5, 12])
-def test_quantized_formats_cpu(k_format, v_format, group):
+def test_quantized_formats_cpu(k_format, v_format, group, filled_cache, check):
     lengths = [70, 1, 33]
     cache = filled_cache(3, 2, 64, lengths, 72, k_format, v_format, "cpu", seed=group)
     q = torch.randn(3, 1, 2 * group, 64).half()
@@ -72,7 +30,7 @@ def test_quantized_formats_cpu(k_format, v_format, group):
 
 
 @pytest.mark.parametrize("k_format, v_format", [("q8_0", "q4_0"), ("fp8", "q8_0")])
-def test_quantized_rows_in_two_tiles_cpu(k_format, v_format):
+def test_quantized_rows_in_two_tiles_cpu(k_format, v_format, filled_cache, check):
     """A group of 24 (48/2) in two 16-row tiles: the second tile's 8 live rows, 8 masked."""
     cache = filled_cache(2, 2, 64, [45, 3], 48, k_format, v_format, "cpu", seed=24)
     q = torch.randn(2, 1, 48, 64).half()
@@ -82,7 +40,7 @@ def test_quantized_rows_in_two_tiles_cpu(k_format, v_format):
 
 
 @pytest.mark.parametrize("k_format, v_format", [("q8_0", "q8_0"), ("q4_0", "fp8")])
-def test_quantized_paged_multi_token_cpu(k_format, v_format):
+def test_quantized_paged_multi_token_cpu(k_format, v_format, filled_cache, check):
     lengths = [3, 90]
     cache = filled_cache(2, 1, 64, lengths, 96, k_format, v_format, "cpu", page_size=16, seed=3)
     q = torch.randn(2, 3, 12, 64).half()
@@ -90,7 +48,7 @@ def test_quantized_paged_multi_token_cpu(k_format, v_format):
     check(cache, q, torch.float16, 2e-3, launch=launch)
 
 
-def test_quantized_bad_arguments():
+def test_quantized_bad_arguments(filled_cache):
     cache = filled_cache(1, 1, 64, [10], 16, "q8_0", "q8_0", "cpu")
     kv, vv = cache.k(0), cache.v(0)
     q = torch.randn(1, 1, 12, 64).half()
@@ -119,9 +77,9 @@ def test_quantized_bad_arguments():
 @pytest.mark.parametrize("k_format, v_format", FORMAT_PAIRS[:4] + [("bf16", "q4_0")])
 @pytest.mark.parametrize("page_size", [None, 64])
 @pytest.mark.parametrize("variant", [{}, {"fp16_dot": False}, {"asm_dequant": False},
-                                     {"num_warps": 4, "block_n": 128, "num_stages": 3}, {"dequant_in_rows": True}],
-                         ids=["fp16-dot", "bf16-dot", "plain-dequant", "four-warps", "in-rows"])
-def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
+                                     {"num_warps": 4, "block_n": 128, "num_stages": 3}],
+                         ids=["fp16-dot", "bf16-dot", "plain-dequant", "four-warps"])
+def test_gpu_quantized_formats(k_format, v_format, page_size, variant, filled_cache, check):
     lengths = [16383, 1, 5000, 777]
     cache = filled_cache(4, 8, 128, lengths, 16400, k_format, v_format, "cuda", page_size=page_size, seed=1)
     q = torch.randn(4, 1, 96, 128, device="cuda").bfloat16()
@@ -132,7 +90,7 @@ def test_gpu_quantized_formats(k_format, v_format, page_size, variant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "fp8"])
-def test_gpu_default_plan_groups_of_24(fmt):
+def test_gpu_default_plan_groups_of_24(fmt, filled_cache, check):
     """48/2's 24 rows per KV head under the default plan (q8_0: two 16-row one-warp tiles; q4_0: the
     CUDA loop with two row tiles where it can run; fp8: one 32-row tile), mixed lengths, NaN-poisoned."""
     lengths = [16383, 7]
@@ -145,7 +103,7 @@ def test_gpu_default_plan_groups_of_24(fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_format, v_format", [("q4_0", "q4_0"), ("q8_0", "q4_0")])
-def test_gpu_q4_0_short_tiles_rejected(k_format, v_format):
+def test_gpu_q4_0_short_tiles_rejected(k_format, v_format, filled_cache):
     """16-token q4_0 tiles compile to wrong results on the H100 (measured 1.4-1.65 relative error for
     1, 2 and 4 warps, asm and plain dequantization alike; 32 and 64 exact): the launcher refuses them."""
     cache = filled_cache(1, 1, 128, [100], 128, k_format, v_format, "cuda", seed=4)
@@ -159,40 +117,7 @@ def test_gpu_q4_0_short_tiles_rejected(k_format, v_format):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_format", ["q8_0", "q4_0", "fp8"])
-def test_gpu_quantized_graph_replay(k_format):
+def test_gpu_quantized_graph_replay(k_format, check_graph_replay):
     # The Triton kernel's plan (the default would take the CUDA loop for q4_0, tested on its own).
     check_graph_replay(k_format, lambda capacity, device: plan_launch(2, 1, 12, 128, capacity, device,
                                                                       cache_format=k_format))
-
-
-def check_graph_replay(fmt, launch_for=None):
-    """One decode step captured in a CUDA graph, replayed as the lengths change (grown and shrunk).
-
-    ``launch_for(capacity, device)`` gives the launch to capture (None: the planner's)."""
-    capacity = 9000
-    cache = filled_cache(2, 1, 128, [capacity, capacity], capacity, fmt, fmt, "cuda", seed=2)
-    q = torch.randn(2, 1, 12, 128, device="cuda").bfloat16()
-    kv, vv = cache.k(0), cache.v(0)
-    lengths = torch.ones(2, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    launch = None if launch_for is None else launch_for(capacity, q.device)
-
-    def step():
-        decode_attention(q, kv.data, vv.data, lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=fmt,
-                         v_format=fmt, out=out, validate=False, launch=launch)
-
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    k_deq = dequantize(kv.data, kv.scale, fmt).cpu()
-    v_deq = dequantize(vv.data, vv.scale, fmt).cpu()
-    for lens in ([1, 7], [4097, 300], [capacity, 8191]):
-        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref, _ = decode_attention_ref(q.cpu(), k_deq, v_deq, lengths.cpu())
-        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
-        assert err < 1.5e-2, f"lengths {lens}: relative error {err:.2e}"

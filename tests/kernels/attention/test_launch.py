@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from glmtg.kernels import decode_attention as da
-from glmtg.kernels.decode_attention import decode_attention, plan_launch
+from glmtg.kernels.attention import decode_attention, plan_launch
+from glmtg.kernels.attention import launch as launcher
 from tests.reference import decode_attention_ref
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.5e-2, 1e-2)}
@@ -92,7 +92,7 @@ def test_split_counts_agree(num_splits):
 @pytest.mark.parametrize("merge_block", [2, 256], ids=["merge-loop", "merge-one-pass"])
 def test_merge_paths_agree(monkeypatch, merge_block):
     # More splits than the merge loads at once take its two-pass loop; GPUs reach it past 256 splits.
-    monkeypatch.setattr(da, "MERGE_SPLIT_BLOCK", merge_block)
+    monkeypatch.setattr(launcher, "MERGE_SPLIT_BLOCK", merge_block)
     case = make_case(2, 1, 12, 1, 64, [83, 130], 131, torch.float32, "cpu", seed=merge_block)
     launch = plan_launch(2, 1, 12, 64, 131, torch.device("cpu"), num_splits=7, block_n=16)
     run_and_check(case, torch.float32, launch=launch)
@@ -170,52 +170,6 @@ def test_meta_device_mismatch_rejected():
     case = _good()
     with pytest.raises(ValueError, match="lengths is on"):
         decode_attention(case["q"], case["k"], case["v"], case["lengths"].to("meta"))
-
-
-def test_plan_splits_fill_machine_without_oversplitting():
-    cuda = torch.device("cuda")
-    from glmtg.kernels import decode_attention as mod
-    mod._SM_COUNT[torch.cuda.current_device() if torch.cuda.is_available() else 0] = 132
-    idx = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    dev = torch.device("cuda", idx)
-    one_head = plan_launch(1, 1, 12, 128, 65536, dev)
-    assert one_head.num_splits * one_head.m_tiles >= 132, "batch 1, one KV head must still fill 132 SMs"
-    short = plan_launch(1, 8, 12, 128, 1024, dev)
-    assert short.num_splits * 256 <= 1024 + 256, "a short context must not be cut below 256 tokens a slice"
-    big_batch = plan_launch(64, 8, 12, 128, 32768, dev)
-    assert big_batch.num_splits == 1, "512 programs already fill the GPU"
-    del cuda
-
-
-def test_plan_quantized_caches():
-    from glmtg.kernels import decode_attention as mod
-    idx = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    mod._SM_COUNT[idx] = 132
-    dev = torch.device("cuda", idx)
-    deep = plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8_0")
-    assert deep.num_warps == 1 and deep.num_splits * 8 >= 4 * 132, \
-        "deep q8_0 context: one-warp programs, at least four per SM"
-    for fmt in ("q8_0", "q4_0", "fp8"):
-        shallow = plan_launch(1, 8, 12, 128, 4096, dev, cache_format=fmt)
-        assert shallow.num_warps == 4 and shallow.num_splits * 256 <= 4096, \
-            f"{fmt}: too few slices for one-warp programs; slices stay >= 256 tokens"
-    one_head = plan_launch(1, 1, 12, 128, 65536, dev, cache_format="q4_0")
-    assert one_head.num_warps == 4 and one_head.num_splits == 256, "one KV head: 256-token slices, four warps"
-    fixed = plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8_0", num_warps=4)
-    assert fixed.num_warps == 4, "an explicit argument overrides the quantized plan"
-    wide = plan_launch(1, 8, 12, 256, 65536, dev, cache_format="q8_0")
-    assert wide.num_warps == 4, "one-warp programs only for head_dim 128 (registers; measured there)"
-    assert plan_launch(1, 8, 12, 64, 65536, dev, cache_format="q8_0") == plan_launch(1, 8, 12, 64, 65536, dev)
-    for fmt in ("q8_0", "q4_0", "fp8"):  # short slices: the bf16 plan, measured faster there
-        assert plan_launch(1, 1, 12, 128, 16384, dev, cache_format=fmt) == plan_launch(1, 1, 12, 128, 16384, dev)
-        assert plan_launch(1, 4, 12, 128, 4096, dev, cache_format=fmt) == plan_launch(1, 4, 12, 128, 4096, dev)
-    for fmt in ("q8_0", "q4_0"):
-        assert plan_launch(1, 8, 12, 128, 65536, dev, cache_format=fmt).block_n >= (32 if fmt == "q4_0" else 16)
-    from glmtg.kernels.decode_attention import plan_format
-    with pytest.raises(ValueError, match="cache_format"):
-        plan_launch(1, 8, 12, 128, 65536, dev, cache_format="q8")
-    assert [plan_format(*pair) for pair in [("q8_0", "q4_0"), ("fp8", "q8_0"), ("bf16", "fp8"), (None, None)]] == \
-        ["q4_0", "q8_0", "fp8", None], "mixed caches plan for the costlier format (q4_0 needs >= 32-token tiles)"
 
 
 # ---------------------------------------------------------------- GPU, real sizes, bf16

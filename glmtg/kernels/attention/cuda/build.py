@@ -1,4 +1,5 @@
-"""Rebuild decode_quant.fatbin from decode_quant.cu with nvcc: ``python -m glmtg.kernels.cuda.build``.
+"""Rebuild decode_quant.fatbin from decode_quant.cu with nvcc:
+``python -m glmtg.kernels.attention.cuda.build``.
 
 sm_90 machine code only (Hopper; PTX for other GPUs would double the file and is untested). The fatbin is
 committed with the sha256 of the source it came from; a CPU test checks that the two agree.
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from glmtg.kernels.decode_quant_cuda import FATBIN, SOURCE, STAMP, source_digest
+from glmtg.kernels.attention.cuda_loop import FATBIN, SOURCE, STAMP, source_digest
 
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xfatbin", "-compress-all", "-Xptxas", "-v",
               "-gencode=arch=compute_90,code=sm_90"]
