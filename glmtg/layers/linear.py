@@ -68,7 +68,9 @@ class Linear(nn.Module):
                 yield "bias", name, (rows,)
 
     def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Store checkpoint tensor ``value`` (in the checkpoint's layout) as ``param``'s rows of ``shard``.
+        Called once per tensor at load time; how it is stored (plain, quantized, a slice) is the subclass's."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement load_shard")
 
 
 class DenseLinear(Linear):
@@ -89,5 +91,5 @@ class DenseLinear(Linear):
         allowed = ("weight", "bias") if self.has_bias else ("weight",)
         if param not in allowed:
             raise ValueError(f"param must be one of {allowed}, got {param!r}")
-        whole = shard is None or len(self.shards) == 1 and self.rows(shard) == self.rows(None)
+        whole = shard is None or (len(self.shards) == 1 and self.rows(shard) == self.rows(None))
         write_parameter(self, param, value, None if whole else self.rows(shard))
