@@ -3,7 +3,7 @@
     python bench/moe_decode.py                           # -> bench/results/moe_decode/<date>-kernel.json
     python bench/moe_decode.py --sweep --tokens 1 4      # also a grid of block sizes (<date>-blocks-sweep.json)
 
-Implementations: "gathered" is Experts._gathered + the fp32 combine (the torch path before the kernel: it
+Implementations: "gathered" is layers.moe.gathered_experts + the fp32 combine (the torch path before the kernel: it
 copies the chosen experts' weights out, then reads the copy), "kernel" is glmtg.kernels.moe_decode at its
 default blocks; with --sweep, "kernel <blocks>" rows for other block sizes, each also split into its
 gate/up and down kernels timed alone.
@@ -28,7 +28,7 @@ from common import copy_bandwidth, environment, result_path, time_graph, write_j
 
 from glmtg.config import ModelConfig  # noqa: E402
 from glmtg.kernels import moe_decode as md  # noqa: E402
-from glmtg.model import Experts  # noqa: E402
+from glmtg.layers.moe import Experts, gathered_experts  # noqa: E402
 
 ROUTING_SETS = 16  # calls per graph replay; 16 x 8 = 128: at T = 1 every expert is read once per replay
 SWEEP = [  # (block_i, block_k, block_h, block_k_down, num_warps)
@@ -92,7 +92,8 @@ def run(tokens: int, top_k: int, experts: Experts, copy_bw: float, sweep: bool, 
                                                        if "max_abs_diff" in extra else ""), flush=True)
 
     def gathered(i):
-        return (experts._gathered(xs[i], ids_sets[i]).float() * ws[i][..., None]).sum(1).to(xs[i].dtype)
+        y = gathered_experts(xs[i], experts.gate_proj, experts.up_proj, experts.down_proj, ids_sets[i])
+        return (y.float() * ws[i][..., None]).sum(1).to(xs[i].dtype)
 
     def old_call(i):
         return lambda: outs[i].copy_(gathered(i))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from glmtg.attention import BACKENDS
+from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
 from glmtg.kv_cache import KV_FORMATS, KVCache
 from glmtg.sampling import GREEDY, Sampler, SamplingParams

@@ -196,6 +196,23 @@ class KVCache:
 
         return dequantize(rows(view.data), None if view.scale is None else rows(view.scale), view.format)
 
+    def whole(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of every sequence over the full capacity, [B, Hkv, capacity, D] each, in ``dtype``.
+
+        Rows past a sequence's length hold whatever was stored there: the caller masks them. The
+        shapes never depend on lengths, so a torch attention over this can be captured in a CUDA graph.
+        """
+        layer = self._layer(layer)
+        out = []
+        for view in (self.k(layer), self.v(layer)):
+            x = view.data.to(dtype) if view.scale is None else dequantize(view.data, view.scale, view.format).to(dtype)
+            if self.page_table is not None:  # [pages, Hkv, ps, D] -> [B, Hkv, max_pages * ps, D]
+                x = x[self.page_table.long()]  # [B, max_pages, Hkv, ps, D]
+                bsz, pages, hkv, ps, d = x.shape
+                x = x.permute(0, 2, 1, 3, 4).reshape(bsz, hkv, pages * ps, d)
+            out.append(x[:, :, : self.capacity])
+        return out[0], out[1]
+
     def reset(self) -> None:
         self.lengths.zero_()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from glmtg.attention import BACKENDS
+from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine
 from glmtg.kv_cache import KV_FORMATS
@@ -199,7 +199,7 @@ def resolve_device(text: str) -> torch.device:
 
 
 def _weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    from glmtg.model import Glm4MoeForCausalLM
+    from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config, dtype=dtype)
@@ -228,7 +228,7 @@ def load(args: argparse.Namespace, *, need_tokenizer: bool) -> Loaded:
         model, config = load_model(path, dtype=dtype, device=device, progress=sys.stderr.isatty())
         return Loaded(model, config, tokenizer, str(path), False, device, dtype)
 
-    from glmtg.model import Glm4MoeForCausalLM
+    from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
     preset = args.preset or "tiny"
     config = ModelConfig.preset(preset)

@@ -1,8 +1,9 @@
 """Load a GLM4-MoE HF checkpoint directory (config.json + safetensors, single file or sharded).
 
 The model is built on the meta device (no memory), then each checkpoint tensor is memory-mapped, converted to
-the parameter's dtype on the target device and assigned, so peak memory is the model plus one tensor. Routed
-experts arrive one tensor per expert and are copied into their layer's stacked parameter.
+the parameter's dtype on the target device and written with ``Glm4MoeForCausalLM.load_tensor``, so peak memory
+is the model plus one tensor. Routed experts arrive one tensor per expert and are copied into their layer's
+stacked parameter; q/k/v and gate/up are copied into their shard of the fused projection.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from glmtg.config import ModelConfig
 from glmtg.loading.names import expected_hf_names, hf_layer_index, hf_to_glmtg
-from glmtg.model import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -73,9 +74,7 @@ def load_model(
     files = checkpoint_files(root)
 
     model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta")
-    params = dict(model.named_parameters())
-    expected = expected_hf_names(params.items())
-    stacked: dict[str, torch.Tensor] = {}  # glmtg expert parameter -> its buffer on the device, filled per expert
+    expected = expected_hf_names(model.tensor_slots())
     seen: set[str] = set()
     total = sum(len(names) for names in files.values())
     skipped = 0
@@ -97,9 +96,8 @@ def load_model(
                         known = hf_to_glmtg(hf_name) is not None
                         why = "does not fit this config" if known else "is not a GLM4-MoE tensor"
                         raise ValueError(f"tensor {hf_name} in {os.path.basename(file)} {why}")
-                    glmtg_name, expert = expected[hf_name]
-                    param = params[glmtg_name]
-                    want = tuple(param.shape[1:] if expert is not None else param.shape)
+                    slot, expert = expected[hf_name]
+                    want = slot.shape[1:] if expert is not None else slot.shape
                     try:
                         tensor = f.get_tensor(hf_name)
                     except Exception as e:
@@ -107,17 +105,10 @@ def load_model(
                     if tuple(tensor.shape) != want:
                         raise ValueError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {want}")
                     # each parameter keeps the dtype the model gave it (the router stays fp32)
-                    value = tensor.to(device=device, dtype=param.dtype)
-                    if expert is None:
-                        model.set_parameter(glmtg_name, value)
-                    else:
-                        if glmtg_name not in stacked:
-                            stacked[glmtg_name] = torch.empty(param.shape, dtype=param.dtype, device=device)
-                        stacked[glmtg_name][expert].copy_(value)
+                    value = tensor.to(device=device, dtype=slot.dtype)
+                    model.load_tensor(slot.name, value, shard=slot.shard, expert=expert)
                     seen.add(hf_name)
     missing = [name for name in expected if name not in seen]
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint in {root}, e.g. {missing[0]}")
-    for name, value in stacked.items():
-        model.set_parameter(name, value)
     return model.eval(), config

@@ -16,7 +16,7 @@ from glmtg.cli.perplexity import (
 )
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine
-from glmtg.model import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 
 def test_perplexity_estimate_is_llama_cpps_delta_method():

@@ -10,7 +10,7 @@ import torch
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine, EngineConfig, check_kv_fits, kv_cache_bytes
 from glmtg.kv_cache import KVCache
-from glmtg.model import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 from glmtg.sampling import GREEDY, SamplingParams
 
 CFG = ModelConfig.preset("tiny")

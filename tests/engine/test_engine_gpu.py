@@ -5,7 +5,7 @@ import torch
 
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine
-from glmtg.model import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 from glmtg.sampling import GREEDY, SamplingParams
 
 pytestmark = pytest.mark.gpu

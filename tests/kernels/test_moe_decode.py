@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmtg import model as model_mod
 from glmtg.config import ModelConfig
 from glmtg.kernels.moe_decode import moe_decode
-from glmtg.model import Experts
+from glmtg.layers import moe as moe_layer
+from glmtg.layers.moe import Experts, gathered_experts
 
 # numpy's, from inside the Triton interpreter (a loop bound passed as a runtime int goes through __index__)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -167,11 +167,11 @@ def test_bad_arguments_raise_value_error(change, message):
         moe_decode(x, gate, up, down, ids, weights, **args)
 
 
-def _experts(hidden, inter, experts, top_k, dtype, device, seed=0):
+def _experts(hidden, inter, experts, top_k, dtype, device, seed=0, backend="auto"):
     config = dataclasses.replace(ModelConfig.preset("tiny"), hidden_size=hidden, moe_intermediate_size=inter,
                                  n_routed_experts=experts, num_experts_per_tok=top_k)
     with torch.device(device):
-        module = Experts(config, dtype)
+        module = Experts(config, dtype, backend=backend)
     g = torch.Generator(device=device).manual_seed(seed)
     for p in module.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g, device=device) * p.shape[-1] ** -0.5)
@@ -180,7 +180,8 @@ def _experts(hidden, inter, experts, top_k, dtype, device, seed=0):
 
 def _torch_decode_path(experts, x, ids, weights):
     """Experts.forward's decode path before the kernel: gathered weights, fp32 combine."""
-    return (experts._gathered(x, ids).float() * weights[..., None]).sum(1).to(x.dtype)
+    y = gathered_experts(x, experts.gate_proj, experts.up_proj, experts.down_proj, ids)
+    return (y.float() * weights[..., None]).sum(1).to(x.dtype)
 
 
 def _count_kernel_calls(monkeypatch):
@@ -190,15 +191,14 @@ def _count_kernel_calls(monkeypatch):
         calls.append(args[0].shape)
         return moe_decode(*args, **kwargs)
 
-    monkeypatch.setattr(model_mod, "moe_decode", spy)
+    monkeypatch.setattr(moe_layer, "moe_decode", spy)
     return calls
 
 
 def test_model_decode_path_runs_kernel_in_interpreter(monkeypatch):
-    # On a CPU the model keeps the torch path; lift the CUDA check so Experts.forward runs the kernel here.
+    # On a CPU the "auto" backend keeps the torch path; "kernel" runs the kernel here, in the interpreter.
     calls = _count_kernel_calls(monkeypatch)
-    monkeypatch.setattr(model_mod, "_moe_kernel_applies", lambda x: True)
-    experts = _experts(HIDDEN, INTER, EXPERTS, TOP_K, torch.float32, "cpu", seed=8)
+    experts = _experts(HIDDEN, INTER, EXPERTS, TOP_K, torch.float32, "cpu", seed=8, backend="kernel")
     g = torch.Generator().manual_seed(9)
     x = torch.randn(3, HIDDEN, generator=g)
     ids = torch.tensor([[2, 7, 0], [7, 2, 5], [8, 1, 7]])

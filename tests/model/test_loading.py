@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from glmtg.loading import load_model
 from glmtg.loading.names import hf_to_glmtg
 
-from .helpers import hf_checkpoint_state, hf_logits, hf_reference, new_cache, tiny
+from tests.reference_model import hf_checkpoint_state, hf_logits, hf_reference, new_cache, tiny
 
 RTOL, ATOL = 1e-4, 2e-5
 CONFIG = tiny(vocab_size=1001, num_hidden_layers=3, num_nextn_predict_layers=1)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from glmtg.kv_cache import KVCache
-from glmtg.model import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
-from .helpers import glmtg_from_hf, hf_reference, new_cache, tiny
+from tests.reference_model import glmtg_from_hf, hf_reference, new_cache, tiny
 
 # KVCache.append is a Triton kernel: natively on a CUDA device, in the interpreter (conftest) on a CPU-only one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,13 +104,13 @@ def test_glmtg_kernel_path_in_interpreter(monkeypatch):
     # SDPA over the same cache. Both read identical stored K/V (the kernel dequantizes in registers, SDPA
     # through KVCache.dequantized) and accumulate in fp32; q is rounded to f16 for the kernel (2^-11
     # relative), which moves logits of size ~1.6 by ~1e-3.
-    from glmtg import attention
+    from glmtg.layers import attention
 
     calls = []
     real = attention._kernel_query_dtype
 
-    def on_cpu_too(q, cache, layer):  # the real rule, with q pretending to be on CUDA
-        dtype = real(SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype), cache, layer)
+    def on_cpu_too(q, k_view, v_view):  # the real rule, with q pretending to be on CUDA
+        dtype = real(SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype), k_view, v_view)
         calls.append(dtype is not None)
         return dtype
 

@@ -1,29 +1,87 @@
-"""Attention of new query tokens over one layer of the KV cache, behind one signature with three backends.
+"""Attention: the module of a decoder layer, and attention of new query tokens over one layer of the KV cache
+behind one signature with three backends.
 
 - "glmtg": glmtg's split-KV Triton decode kernel for decode steps (S <= 16) on CUDA, reading the cache in its
   stored format (f16/bf16, or q8_0/q4_0/fp8 dequantized in registers); prefill and CPU fall back to "sdpa".
 - "sdpa": torch scaled_dot_product_attention with enable_gqa and an offset causal mask.
 - "eager": repeat_kv + matmul + fp32 softmax + matmul, as transformers' eager path (the reference).
 
-The new tokens' K/V are already in the cache when ``attend`` runs, so every backend reads one tensor pair.
+The new tokens' K/V are already in the cache when ``attend`` runs, so every backend reads one tensor pair. A
+layer store without a scale holds plain floats and is read in place in its own dtype; one with a scale is
+dequantized by the cache (KVCache.dequantized, KVCache.whole).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from glmtg.config import ModelConfig
 from glmtg.kernels import attention as _decode
+from glmtg.formats import KV_FORMATS
+from glmtg.layers.linear import DenseLinear
+from glmtg.layers.norm import RMSNorm
+from glmtg.layers.rope import apply_partial_rope
 
 if TYPE_CHECKING:
-    from glmtg.kv_cache import KVCache
+    from glmtg.kv_cache import KVCache, KVLayerView
 
 BACKENDS = ("glmtg", "sdpa", "eager")
 MAX_DECODE_TOKENS = 16  # query tokens per sequence the decode kernel takes in one tile (speculative verification)
-# Cache formats stored as plain floats: readable in place. Others are dequantized to float32 first.
-_FLOAT_FORMATS = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every layer of one forward needs besides its input: built once per forward."""
+
+    cache: KVCache
+    lengths_after: torch.Tensor  # int32 [B]: cached tokens per sequence once this step's are appended
+    cos: torch.Tensor  # fp32 [B, S, rotary_dim], for the new tokens' positions
+    sin: torch.Tensor
+    backend: str
+
+
+class Attention(nn.Module):
+    """QKV (one fused projection, with bias), optional per-head q/k RMSNorm, partial RoPE, cache, o_proj."""
+
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        hidden, d = config.hidden_size, config.head_dim
+        nq, nkv = self.num_heads * d, self.num_kv_heads * d
+        self.qkv = DenseLinear(hidden, (("q", nq), ("k", nkv), ("v", nkv)), bias=config.attention_bias, dtype=dtype)
+        self.o_proj = DenseLinear(nq, hidden, bias=False, dtype=dtype)
+        if config.use_qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]; writes this layer's K/V of the S new tokens at ``ctx.cache.lengths``.
+
+        The positions were checked once for the whole forward (by the model or its caller), so the append
+        skips its per-layer host check.
+        """
+        bsz, s, _ = x.shape
+        q, k, v = self.qkv.split(self.qkv(x))  # [B, S, Hq*D], [B, S, Hkv*D] x 2
+        q = q.view(bsz, s, self.num_heads, self.head_dim)  # -> [B, S, Hq, D]
+        k = k.view(bsz, s, self.num_kv_heads, self.head_dim)  # -> [B, S, Hkv, D]
+        v = v.view(bsz, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_partial_rope(q, ctx.cos, ctx.sin), apply_partial_rope(k, ctx.cos, ctx.sin)
+        ctx.cache.append(self.layer, k, v, start=ctx.cache.lengths, validate=False)
+        out = attend(q, ctx.cache, self.layer, ctx.lengths_after, ctx.backend, self.scale)  # [B, S, Hq, D]
+        return self.o_proj(out.reshape(bsz, s, self.num_heads * self.head_dim))
 
 
 def attend(
@@ -47,13 +105,13 @@ def attend(
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if q.dim() != 4:
         raise ValueError(f"q must be [B, S, Hq, D], got shape {tuple(q.shape)}")
-    query_dtype = _kernel_query_dtype(q, cache, layer) if backend == "glmtg" else None
+    k_view, v_view = cache.k(layer), cache.v(layer)
+    query_dtype = _kernel_query_dtype(q, k_view, v_view) if backend == "glmtg" else None
     if query_dtype is not None:
-        k_view, v_view = cache.k(layer), cache.v(layer)
         out = _decode.decode_attention(
             q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
             page_table=cache.page_table, k_scale=k_view.scale, v_scale=v_view.scale,
-            k_format=_kernel_format(k_view.format), v_format=_kernel_format(v_view.format), scale=scale,
+            k_format=k_view.format, v_format=v_view.format, scale=scale,
             # the cache advanced these lengths itself and the kernel clamps them on the device, so skip the
             # host-side check (a sync per layer per step)
             validate=False,
@@ -66,31 +124,26 @@ def attend(
     return _attend_per_sequence(q, cache, layer, lengths_after, scale, eager=backend == "eager")
 
 
-def _kernel_format(fmt: str) -> str | None:
-    return None if fmt == "f32" else fmt  # f32 (test caches): the kernel takes plain stores unnamed
-
-
-def _kernel_query_dtype(q: torch.Tensor, cache: KVCache, layer: int) -> torch.dtype | None:
-    """The dtype the decode kernel needs q in for this layer's cache, or None where it does not apply."""
+def _kernel_query_dtype(q: torch.Tensor, k_view: KVLayerView, v_view: KVLayerView) -> torch.dtype | None:
+    """The dtype the decode kernel needs q in for this layer's stores, or None where it does not apply."""
     if not q.is_cuda or q.shape[1] > MAX_DECODE_TOKENS or q.shape[3] not in _decode.SUPPORTED_HEAD_DIMS:
         return None
-    formats = (cache.k(layer).format, cache.v(layer).format)
-    if not all(f in _FLOAT_FORMATS or f in _decode.KV_FORMATS for f in formats):
+    if k_view.format not in KV_FORMATS or v_view.format not in KV_FORMATS:
         return None
     # A plain store is read in its own dtype, which q must share; quantized stores take f16/bf16 queries.
-    plain = {_FLOAT_FORMATS[f] for f in formats if f in _FLOAT_FORMATS}
+    plain = {view.data.dtype for view in (k_view, v_view) if view.scale is None}
     if len(plain) > 1:
         return None  # e.g. f16 K with bf16 V: no single query dtype fits both
     if plain:
         return plain.pop()
-    # fp32 models (tests) send f16 queries: 3 more mantissa bits than bf16, ample range for RoPE'd q
+    # fp32 models send f16 queries: 3 more mantissa bits than bf16, ample range for RoPE'd q
     return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def read_kv(cache: KVCache, layer: int, b: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n cached K and V rows of sequence b, [Hkv, n, D] each, in ``dtype``."""
     k_view, v_view = cache.k(layer), cache.v(layer)
-    if cache.page_table is None and k_view.format in _FLOAT_FORMATS and v_view.format in _FLOAT_FORMATS:
+    if cache.page_table is None and k_view.scale is None and v_view.scale is None:
         # contiguous [B, Hkv, Nmax, D] float storage: slice in place rather than copy through float32
         return k_view.data[b, :, :n].to(dtype), v_view.data[b, :, :n].to(dtype)
     k, v = cache.dequantized(layer, b, n)
@@ -136,25 +189,10 @@ def _attend_per_sequence(q: torch.Tensor, cache: KVCache, layer: int, lengths_af
     return out
 
 
-def _whole_cache(cache: KVCache, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of every sequence over the full capacity, [B, Hkv, capacity, D] each, in ``dtype``."""
-    from glmtg.kv_cache import dequantize
-
-    out = []
-    for view in (cache.k(layer), cache.v(layer)):
-        x = view.data.to(dtype) if view.format in _FLOAT_FORMATS else dequantize(view.data, view.scale, view.format).to(dtype)
-        if cache.page_table is not None:  # [pages, Hkv, ps, D] -> [B, Hkv, max_pages * ps, D]
-            x = x[cache.page_table.long()]  # [B, max_pages, Hkv, ps, D]
-            bsz, pages, hkv, ps, d = x.shape
-            x = x.permute(0, 2, 1, 3, 4).reshape(bsz, hkv, pages * ps, d)
-        out.append(x[:, :, : cache.capacity])
-    return out[0], out[1]
-
-
 def _attend_static(q: torch.Tensor, cache: KVCache, layer: int, lengths_after: torch.Tensor,
                    scale: float, eager: bool) -> torch.Tensor:
     s, hq = q.shape[1], q.shape[2]
-    k, v = _whole_cache(cache, layer, q.dtype)  # [B, Hkv, C, D]
+    k, v = cache.whole(layer, q.dtype)  # [B, Hkv, C, D]
     # Query i of sequence b sits at lengths_after[b] - S + i and sees keys at positions <= its own.
     qpos = lengths_after.to(torch.int64)[:, None] - s + torch.arange(s, device=q.device)[None, :]  # [B, S]
     mask = torch.arange(k.shape[2], device=q.device)[None, None, :] <= qpos[:, :, None]  # [B, S, C]

@@ -1,6 +1,7 @@
-"""The graph-capturable (static-shape) torch attention equals the exact per-sequence path.
+"""attend(): the graph-capturable (static-shape) torch attention equals the exact per-sequence path, and bad
+backends are refused.
 
-Both compute the same softmax over the same live keys; the static path only adds masked keys, so
+Both paths compute the same softmax over the same live keys; the static path only adds masked keys, so
 the results agree to float32 rounding (1e-5 relative) for every backend, format and layout.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmtg.attention import attend
+from glmtg.layers.attention import attend
 from glmtg.kv_cache import KVCache
 
 
@@ -29,3 +30,10 @@ def test_static_shapes_equal_per_sequence(backend, fmt, page_size, s):
     static = attend(q, cache, 0, lengths, backend, d ** -0.5, static_shapes=True)
     err = ((static - exact).norm() / exact.norm()).item()
     assert err < 1e-5, f"static path differs from the exact path: {err:.2e}"
+
+
+def test_unknown_backend_raises():
+    cache = KVCache(num_layers=1, batch=1, capacity=4, num_kv_heads=2, head_dim=64)
+    q = torch.zeros(1, 1, 4, 64)
+    with pytest.raises(ValueError, match="backend"):
+        attend(q, cache, 0, torch.ones(1, dtype=torch.int32), "nope", 0.1)

@@ -1,4 +1,4 @@
-"""Shared helpers of the model tests: a float32 stand-in KV cache, and a transformers reference model."""
+"""References for the model tests: a float32 stand-in KV cache, tiny configs, and the transformers model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from glmtg.config import ModelConfig
-from glmtg.loading.names import hf_to_glmtg, unfuse_transformers_experts
-from glmtg.model import Glm4MoeForCausalLM
+from glmtg.loading.names import expected_hf_names, hf_to_glmtg, unfuse_transformers_experts
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 
 @dataclass(frozen=True)
@@ -20,16 +20,19 @@ class _View:
 
 
 class Float32Cache:
-    """glmtg.kv_cache.KVCache's interface over float32 storage (format "f32"), contiguous or paged.
+    """glmtg.kv_cache.KVCache's interface over float32 storage, contiguous or paged.
 
     The real cache stores f16/bf16/quantized rows; comparing the model with transformers to ~1e-5 needs the
-    K/V rows kept in float32, so the math tests use this stand-in. Paged mode hands out pages in reverse
-    order so that a page-table bug cannot hide behind an identity mapping.
+    K/V rows kept in float32, so the math tests use this stand-in. Its stores have no scale, which the model
+    reads as plain floats in place; its format name "f32" is no kernel format, so attention uses torch. Paged
+    mode hands out pages in reverse order so that a page-table bug cannot hide behind an identity mapping.
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
                  page_size: int | None = None, device: str | torch.device = "cpu") -> None:
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.capacity = capacity
+        self.appends: list[bool] = []  # the validate flag of every append, in order
         self.page_size = page_size
         if page_size is None:
             shape = (batch, num_kv_heads, capacity, head_dim)
@@ -54,7 +57,9 @@ class Float32Cache:
             return b, pos
         return int(self.page_table[b, pos // self.page_size]), pos % self.page_size
 
-    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor) -> None:
+    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
+               *, validate: bool = True) -> None:
+        self.appends.append(validate)
         bsz, s = k_new.shape[:2]
         for b in range(bsz):
             for i in range(s):
@@ -107,18 +112,18 @@ def hf_checkpoint_state(hf_model) -> dict[str, torch.Tensor]:
 
 
 def glmtg_from_hf(hf_model, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Glm4MoeForCausalLM:
-    """Copy the transformers model's weights into a glmtg model through the name table."""
-    model = Glm4MoeForCausalLM(config, dtype=dtype)
-    params = dict(model.named_parameters())
+    """Copy the transformers model's weights into a glmtg model through the name table and load_tensor."""
+    model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta")
+    dtypes = {slot.name: slot.dtype for slot in model.tensor_slots()}
     seen = set()
     for hf_name, t in hf_checkpoint_state(hf_model).items():
         target = hf_to_glmtg(hf_name)
         assert target is not None, hf_name
-        dst = params[target.glmtg]
-        (dst if target.expert is None else dst[target.expert]).copy_(t)
-        seen.add((target.glmtg, target.expert))
-    n_expected = sum(p.shape[0] if ".mlp.experts." in n else 1 for n, p in params.items())
-    assert len(seen) == n_expected
+        value = t.to(dtypes[target.glmtg], copy=True)  # the glmtg model must not share the HF model's memory
+        model.load_tensor(target.glmtg, value, shard=target.shard, expert=target.expert)
+        seen.add(hf_name)
+    assert seen == set(expected_hf_names(model.tensor_slots()))
+    assert not any(p.is_meta for p in model.parameters())
     return model
 
 

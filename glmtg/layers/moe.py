@@ -1,0 +1,273 @@
+"""Mixture of experts: sigmoid router, routed experts (stacked, placed on devices) and the MoE block.
+
+How the routed experts run is chosen from shapes, dtype and device, never from routing data, so a decode
+step at any batch size reads nothing back to the host and can be captured in a CUDA graph:
+
+- few (token, expert) pairs (T·k <= experts held, i.e. decode of small batches): the Triton kernel
+  (glmtg/kernels/moe_decode.py) reads the chosen experts' weights in place; the torch backend copies
+  them out first (``gathered_experts``).
+- many pairs: pairs sorted by expert on the device, one grouped matmul per projection
+  (``torch._grouped_mm`` with offsets computed on the device) where it runs without reading them on the
+  host (``grouped_mm_applies``); elsewhere every held expert runs on every token and each pair picks its
+  expert's output (``dense_experts``), which costs experts/k times the arithmetic but no sync.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmtg.config import ModelConfig
+from glmtg.kernels.moe_decode import moe_decode
+from glmtg.layers.mlp import MLP
+from glmtg.layers.params import write_parameter
+
+EXPERT_BACKENDS = ("auto", "kernel", "torch")
+# Elements of the largest per-chunk intermediate of dense_experts ([E, tokens, max(H, I)]): bounds its memory.
+_DENSE_CHUNK_ELEMENTS = 1 << 25
+
+
+class Router(nn.Module):
+    """Sigmoid scores; experts chosen by score + bias, weighted by the unbiased score (DeepSeek-V3 style)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Kept in fp32 whatever the model dtype (as transformers does): near-ties between experts decide the
+        # choice, and bf16 logits would flip it.
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (expert ids int64 [T, k], fp32 weights [T, k])."""
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            t, e = choice.shape
+            grouped = choice.view(t, self.n_group, e // self.n_group)  # [T, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]: sum of each group's best two
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape(t, e), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which routed experts one ``Experts`` module holds: [start, stop) of a layer's ``num_experts``.
+
+    Experts outside the range live on another device; their slots contribute zero here, so the outputs of
+    the modules holding all the ranges (one per device) sum to the layer's output. Today a model holds all
+    experts on one device (``ExpertPlacement.whole``).
+    """
+
+    num_experts: int
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if not (isinstance(self.start, int) and isinstance(self.stop, int)
+                and 0 <= self.start < self.stop <= self.num_experts):
+            raise ValueError(f"start/stop must satisfy 0 <= start < stop <= {self.num_experts}, "
+                             f"got {self.start!r}, {self.stop!r}")
+
+    @classmethod
+    def whole(cls, num_experts: int) -> ExpertPlacement:
+        return cls(num_experts, 0, num_experts)
+
+    @classmethod
+    def split(cls, num_experts: int, parts: int) -> list[ExpertPlacement]:
+        """``parts`` contiguous ranges of (nearly) equal size, one per device."""
+        if not isinstance(parts, int) or not 1 <= parts <= num_experts:
+            raise ValueError(f"parts must be an int in [1, {num_experts}], got {parts!r}")
+        bounds = [num_experts * i // parts for i in range(parts + 1)]
+        return [cls(num_experts, a, b) for a, b in zip(bounds, bounds[1:])]
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def holds_all(self) -> bool:
+        return self.count == self.num_experts
+
+
+class Experts(nn.Module):
+    """The routed experts a placement puts here, stacked: gate/up [E', I, H], down [E', H, I] (E' = held).
+
+    ``backend`` picks the few-pairs path: "kernel" (the Triton kernel), "torch" (gathered weights) or "auto"
+    (the kernel for CUDA inputs, torch elsewhere, so a CPU never needs the Triton interpreter).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, placement: ExpertPlacement | None = None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if placement is None:
+            placement = ExpertPlacement.whole(config.n_routed_experts)
+        if placement.num_experts != config.n_routed_experts:
+            raise ValueError(f"placement covers {placement.num_experts} experts, the config has "
+                             f"{config.n_routed_experts}")
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
+        self.placement = placement
+        self.backend = backend
+        e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
+        self.gate_proj = nn.Parameter(torch.empty(e, i, h, dtype=dtype))
+        self.up_proj = nn.Parameter(torch.empty(e, i, h, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i, dtype=dtype))
+
+    def load_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
+        """Write checkpoint expert ``expert`` (a layer-wide index) of ``param``, or the whole stack for None.
+        Returns False, storing nothing, for an expert that the placement puts elsewhere."""
+        if param not in ("gate_proj", "up_proj", "down_proj"):
+            raise ValueError(f"param must be gate_proj, up_proj or down_proj, got {param!r}")
+        if expert is None:
+            write_parameter(self, param, value)
+            return True
+        p = self.placement
+        if not isinstance(expert, int) or not 0 <= expert < p.num_experts:
+            raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
+        if not p.start <= expert < p.stop:
+            return False
+        write_parameter(self, param, value, expert - p.start)
+        return True
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
+        dtype; slots routed to experts held elsewhere add nothing."""
+        t, k = ids.shape
+        held = self.placement.count
+        if not self.placement.holds_all:
+            local = ids - self.placement.start
+            here = (local >= 0) & (local < held)
+            # The kernel masks ids outside [0, held) itself; the torch paths need valid indices.
+            ids = torch.where(here, local, -1 if self._kernel(x, t * k) else 0)
+            weights = torch.where(here, weights, 0.0)
+        if self._kernel(x, t * k):
+            # Reads the chosen experts' weights in place and combines in fp32 inside the kernel;
+            # gathered_experts copies them out first (about 3x the weight bytes moved).
+            return moe_decode(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights)
+        if t * k <= held:
+            y = gathered_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids)
+        else:
+            y = grouped_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids)
+        # Combine in fp32: the weights are fp32 and the sum of k terms should round once.
+        return (y.float() * weights[..., None]).sum(1).to(x.dtype)
+
+    def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
+        use = self.backend == "kernel" or (self.backend == "auto" and x.is_cuda)
+        return use and pairs <= self.placement.count
+
+
+class MoE(nn.Module):
+    """Routed experts plus the shared expert: y = Σ_k w_k expert_k(x) + shared(x)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, experts_backend: str = "auto") -> None:
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config, dtype, backend=experts_backend)
+        self.shared = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
+                       if config.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [B, S, H] -> [T, H]
+        ids, weights = self.router(flat)
+        out = self.experts(flat, ids, weights)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(shape)
+
+
+def gathered_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                     ids: torch.Tensor) -> torch.Tensor:
+    """x [T, H], ids [T, k] -> each slot's expert output [T, k, H]. Copies the chosen experts' weights out and
+    batches the products: right for few pairs, and the reference for the kernel."""
+    g = torch.einsum("th,tkih->tki", x, gate[ids])  # [T, k, I]
+    u = torch.einsum("th,tkih->tki", x, up[ids])
+    return torch.einsum("tki,tkhi->tkh", F.silu(g) * u, down[ids])
+
+
+def grouped_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+    """x [T, H], ids [T, k] -> each slot's expert output [T, k, H], for many pairs, with no host sync."""
+    if grouped_mm_applies(x, gate, down):
+        return grouped_mm_experts(x, gate, up, down, ids)
+    return dense_experts(x, gate, up, down, ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_capability(device: torch.device) -> bool:
+    # torch's fast grouped GEMM (no host read of the offsets) is built for sm90 and sm100 only; elsewhere
+    # torch._grouped_mm loops over groups after copying the offsets to the host.
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def grouped_mm_applies(x: torch.Tensor, gate: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether ``grouped_mm_experts`` runs here without reading the offsets on the host.
+
+    torch._grouped_mm: on CUDA the sync-free path takes bf16 on sm90/sm100 only (other dtypes fall back
+    to a loop over groups after ``offs.cpu()``); the CPU takes fp32/fp16/bf16 (its loop reads host memory:
+    no device to wait for); the meta device checks bf16 only. Every row of the operands must be a multiple
+    of 16 bytes.
+    """
+    dtype = x.dtype
+    if not (dtype == gate.dtype == down.dtype) or not gate.is_contiguous() or not down.is_contiguous():
+        return False
+    h, i = gate.shape[2], gate.shape[1]
+    if (h * dtype.itemsize) % 16 or (i * dtype.itemsize) % 16:
+        return False
+    if x.device.type == "cuda":
+        return dtype == torch.bfloat16 and _grouped_mm_capability(x.device)
+    if x.device.type == "cpu":
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return x.device.type == "meta" and dtype == torch.bfloat16
+
+
+def grouped_mm_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                       ids: torch.Tensor) -> torch.Tensor:
+    """Pairs sorted by expert on the device, then one grouped matmul per projection: each expert's weights
+    are read once and no weight is copied. Returns [T, k, H]."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)  # [P = T*k], pair p = token p // k, slot p % k
+    sorted_ids, order = flat.sort(stable=True)
+    experts = torch.arange(gate.shape[0], device=ids.device, dtype=sorted_ids.dtype)
+    # ends[e] = pairs routed to experts <= e: the groups' end offsets, computed without leaving the device
+    ends = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [E]
+    xs = x.index_select(0, order // k)  # [P, H] grouped by expert
+    g = torch._grouped_mm(xs, gate.transpose(1, 2), offs=ends)  # [P, I]
+    u = torch._grouped_mm(xs, up.transpose(1, 2), offs=ends)
+    ys = torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=ends)  # [P, H]
+    return torch.empty_like(ys).index_copy_(0, order, ys).view(t, k, -1)
+
+
+def dense_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  ids: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token (in chunks of tokens that bound the memory), then each pair takes its
+    expert's output: no host sync for any dtype, at experts/k times the arithmetic. Returns [T, k, H]."""
+    t, k = ids.shape
+    e, i, h = gate.shape
+    chunk = max(1, _DENSE_CHUNK_ELEMENTS // (e * max(h, i)))
+    out = []
+    for t0 in range(0, t, chunk):
+        xc = x[t0:t0 + chunk]  # [c, H]
+        xe = xc.expand(e, *xc.shape)  # [E, c, H]
+        act = F.silu(torch.bmm(xe, gate.transpose(1, 2))) * torch.bmm(xe, up.transpose(1, 2))  # [E, c, I]
+        ye = torch.bmm(act, down.transpose(1, 2))  # [E, c, H]
+        rows = torch.arange(xc.shape[0], device=x.device)[:, None]  # [c, 1]
+        out.append(ye[ids[t0:t0 + chunk], rows])  # [c, k, H]
+    return torch.cat(out)

@@ -1,0 +1,1 @@
+"""Models built from glmtg.layers: one readable file per architecture."""
