@@ -8,8 +8,10 @@ step at any batch size reads nothing back to the host and can be captured in a C
   them out first (``gathered_experts``).
 - many pairs: pairs sorted by expert on the device, one grouped matmul per projection
   (``torch._grouped_mm`` with offsets computed on the device) where it runs without reading them on the
-  host (``grouped_mm_applies``); elsewhere every held expert runs on every token and each pair picks its
-  expert's output (``dense_experts``), which costs experts/k times the arithmetic but no sync.
+  host (``grouped_mm_applies``); elsewhere, up to ``DENSE_MAX_TOKENS`` tokens (every decode step), every
+  held expert runs on every token and each pair picks its expert's output (``dense_experts``: experts/k
+  times the arithmetic, no sync), and longer inputs (prefill) loop over the experts that have pairs
+  (``looped_experts``, one host read of the counts).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from glmtg.layers.mlp import MLP
 from glmtg.layers.params import write_parameter
 
 EXPERT_BACKENDS = ("auto", "kernel", "torch")
+# Tokens up to which many pairs without a sync-free grouped matmul run dense_experts. A decode step has at
+# most batch x 16 tokens; at those sizes dense_experts reads each expert once, as any path must when the
+# batch picks most experts, and its extra arithmetic hides under that read. Longer inputs (prefill, never
+# captured) take looped_experts, whose host read of the counts costs one sync per layer, not E/k the work.
+DENSE_MAX_TOKENS = 512
 # Elements of the largest per-chunk intermediate of dense_experts ([E, tokens, max(H, I)]): bounds its memory.
 _DENSE_CHUNK_ELEMENTS = 1 << 25
 
@@ -207,7 +214,9 @@ def grouped_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     """x [T, H], ids [T, k] -> each slot's expert output [T, k, H], for many pairs, with no host sync."""
     if grouped_mm_applies(x, gate, down):
         return grouped_mm_experts(x, gate, up, down, ids)
-    return dense_experts(x, gate, up, down, ids)
+    if x.shape[0] <= DENSE_MAX_TOKENS:
+        return dense_experts(x, gate, up, down, ids)
+    return looped_experts(x, gate, up, down, ids)
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,3 +280,23 @@ def dense_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: t
         rows = torch.arange(xc.shape[0], device=x.device)[:, None]  # [c, 1]
         out.append(ye[ids[t0:t0 + chunk], rows])  # [c, k, H]
     return torch.cat(out)
+
+
+def looped_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """Pairs sorted by expert, one matmul per expert that has pairs: each expert's weights read once, at the
+    cost of reading the per-expert counts on the host (one sync). For long inputs only (prefill), where the
+    sync-free grouped matmul does not run. Returns [T, k, H]."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)  # [P = T*k], pair p = token p // k, slot p % k
+    order = torch.argsort(flat, stable=True)
+    xs = x[order // k]  # [P, H] grouped by expert
+    ys = torch.empty_like(xs)
+    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            seg = xs[start:start + c]
+            ys[start:start + c] = (F.silu(seg @ gate[e].T) * (seg @ up[e].T)) @ down[e].T
+            start += c
+    return torch.empty_like(ys).index_copy_(0, order, ys).view(t, k, -1)

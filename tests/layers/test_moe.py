@@ -23,6 +23,7 @@ from glmtg.layers.moe import (
     grouped_experts,
     grouped_mm_applies,
     grouped_mm_experts,
+    looped_experts,
 )
 from tests.reference_model import tiny
 
@@ -71,7 +72,8 @@ def combine(y, weights, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,inter", [(40, 24), (37, 19)], ids=["rows16B", "odd"])
-@pytest.mark.parametrize("path", [gathered_experts, grouped_mm_experts, dense_experts, grouped_experts])
+@pytest.mark.parametrize("path", [gathered_experts, grouped_mm_experts, dense_experts, looped_experts,
+                                  grouped_experts])
 def test_paths_equal_float64_loop(path, hidden, inter, dtype):
     if path is grouped_mm_experts and (hidden, inter) == (37, 19):
         pytest.skip("torch._grouped_mm needs rows of a multiple of 16 bytes (grouped_experts falls back)")
