@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from glmtg.cli import common
+from glmtg.eval.detokenize import IncrementalDecoder
 
-
-class IncrementalDecoder:
-    """Text of a growing token list, one piece per token, never splitting a multi-byte character.
-
-    Each push decodes a short window (from the last emitted boundary) and emits only what is new,
-    holding text back while it ends in U+FFFD (an incomplete UTF-8 sequence so far).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # tokens whose text has been emitted
-
-    def push(self, token: int) -> str:
-        self._ids.append(token)
-        done = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return text[len(done):]
-        return ""
-
-    def flush(self) -> str:
-        done = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return text[len(done):]
+# Prompts at least this long get a progress bar (shorter ones finish before a bar is worth drawing).
+PROGRESS_MIN_TOKENS = 4096
 
 
 def add_parser(subparsers: Any) -> None:
@@ -58,15 +33,10 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise ValueError("give the prompt with exactly one of -p PROMPT or -f FILE")
-    if args.file is not None:
-        path = Path(args.file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        prompt = path.read_text(encoding="utf-8", errors="replace")
-    else:
-        prompt = args.prompt
+    prompt = common.read_text_file(args.file, "prompt file") if args.file is not None else args.prompt
     sampling = common.sampling_params(args)
-    loaded = common.load(args, need_tokenizer=True)
+    source = common.model_source(args)
+    loaded = common.load(args, source, need_tokenizer=True, ctx_size=args.ctx_size)
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
         if args.chat else prompt
@@ -77,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if len(ids) + n > args.ctx_size:
         raise ValueError(f"prompt ({len(ids)} tokens) + -n {n} exceed the context size -c {args.ctx_size}")
     engine = common.build_engine(args, loaded)
-    common.print_banner(engine, file=sys.stderr)
+    common.print_banner(loaded, file=sys.stderr)
     if not args.no_warmup:
         engine.warmup(sampling, prefill_tokens=min(len(ids), engine.ubatch))
 
@@ -93,7 +63,14 @@ def run(args: argparse.Namespace) -> int:
             out.write(piece)
             out.flush()
 
-    result = engine.generate(ids, n, sampling, stop_on_eos=not args.ignore_eos, eos_token_ids=eos, on_token=stream)
+    show_progress = len(ids) >= PROGRESS_MIN_TOKENS and len(ids) > engine.ubatch
+    with tqdm(total=len(ids), unit="tok", desc="prefill", disable=not show_progress, leave=False,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        result = engine.generate(ids, n, sampling, stop_on_eos=not args.ignore_eos, eos_token_ids=eos,
+                                 on_token=stream, on_prefill_progress=progress if show_progress else None)
     out.write(decoder.flush() + "\n")
     out.flush()
     print(f"\nsampler seed: {result.seed}; stopped by {result.stop_reason}", file=sys.stderr)

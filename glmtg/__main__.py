@@ -1,0 +1,7 @@
+"""``python -m glmtg ARGS``: the same command as ``glmtg ARGS``."""
+
+import sys
+
+from glmtg.cli import main
+
+sys.exit(main())
