@@ -66,10 +66,18 @@ class CliParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- value types (argparse `type=`)
 
-def _int_at_least(text: str, minimum: int, wording: str) -> int:
+# Sizes beyond int32 are no real request (positions, token ids and kernel offsets are 32-bit) and would
+# make even the planning of a run (one sweep row per ub tokens) take forever; seeds may use 63 bits.
+MAX_SIZE = 2**31 - 1
+MAX_SEED = 2**63 - 1
+
+
+def _int_at_least(text: str, minimum: int, wording: str, maximum: int = MAX_SIZE) -> int:
     value = _int(text)
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be {wording}, got {text!r}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text!r}")
     return value
 
 
@@ -83,6 +91,14 @@ def int_at_least_minus_one(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+    return _int_at_least(text, -1, "an integer >= -1", MAX_SEED)
+
+
+def non_negative_seed(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0", MAX_SEED)
 
 
 def non_negative_float(text: str) -> float:
@@ -148,7 +164,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("-s", "--seed", type=int_at_least_minus_one, default=-1, help="sampling seed; -1 = random")
+    g.add_argument("-s", "--seed", type=seed_int, default=-1, help="sampling seed; -1 = random")
     g.add_argument("--temp", type=non_negative_float, default=0.8, help="temperature; 0 = greedy")
     g.add_argument("--top-k", type=non_negative_int, default=40, help="top-k; 0 = off")
     g.add_argument("--top-p", type=unit_float, default=0.95, help="top-p; 1.0 = off")
@@ -224,7 +240,10 @@ def model_source(args: argparse.Namespace) -> Source:
     if not path.is_dir():
         raise ValueError(f"-m wants a model directory (config.json, *.safetensors, tokenizer.json); "
                          f"{path} is a file")
-    return Source(ModelConfig.from_hf_json(path / "config.json"), str(path), path)
+    config_file = path / "config.json"
+    if config_file.is_dir():
+        raise ValueError(f"{config_file} is a directory, not a file")
+    return Source(ModelConfig.from_hf_json(config_file), str(path), path)
 
 
 def check_memory(args: argparse.Namespace, source: Source, device: torch.device, ctx_size: int) -> None:
@@ -234,21 +253,33 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
     v_format = args.cache_type_v or args.cache_type_k
     kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
     hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
-    check_fits(f"{source.name} in {args.dtype} (weights {weights / 1e9:.2f} GB + KV cache for -c {ctx_size} "
-               f"{kv / 1e9:.2f} GB)", weights + kv, device, hint)
+    check_fits(f"{source.name} in {args.dtype} (weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
+               weights + kv, device, hint)
 
 
-def load(args: argparse.Namespace, source: Source, *, need_tokenizer: bool, ctx_size: int) -> Loaded:
-    """Load -m, or build seeded random weights of --preset, once the memory they need is known to fit."""
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def load_tokenizer(source: Source) -> Any:
+    """-m's tokenizer (tokenizer.json, chat template), or the byte tokenizer of random weights."""
+    if source.path is None:
+        return ByteTokenizer(source.config.vocab_size, source.config.eos_token_ids)
+    from glmtg.loading import Tokenizer
+
+    if not (source.path / "tokenizer.json").is_file():
+        raise ValueError(f"missing tokenizer: no tokenizer.json in {source.path}")
+    return Tokenizer.from_dir(source.path)
+
+
+def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: Any = None) -> Loaded:
+    """Load -m, or build seeded random weights of --preset, once the memory they need is known to fit.
+
+    ``tokenizer``: from ``load_tokenizer`` when the command needs one (read first, so that a bad
+    tokenizer or prompt fails before the weights load).
+    """
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    tokenizer: Any = None
-    if source.path is not None and need_tokenizer:
-        from glmtg.loading import Tokenizer
-
-        if not (source.path / "tokenizer.json").is_file():
-            raise ValueError(f"missing tokenizer: no tokenizer.json in {source.path}")
-        tokenizer = Tokenizer.from_dir(source.path)
     check_memory(args, source, device, ctx_size)
     if source.path is not None:
         from glmtg.loading import load_model
@@ -256,7 +287,6 @@ def load(args: argparse.Namespace, source: Source, *, need_tokenizer: bool, ctx_
         model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty())
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device)
-    tokenizer = ByteTokenizer(source.config.vocab_size, source.config.eos_token_ids)
     return Loaded(model, source.config, tokenizer, source.name, True, device, dtype)
 
 
@@ -298,8 +328,10 @@ def read_text_file(path: str | Path, what: str) -> str:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file")
     return path.read_text(encoding="utf-8", errors="replace")
 
 

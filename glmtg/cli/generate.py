@@ -36,16 +36,21 @@ def run(args: argparse.Namespace) -> int:
     prompt = common.read_text_file(args.file, "prompt file") if args.file is not None else args.prompt
     sampling = common.sampling_params(args)
     source = common.model_source(args)
-    loaded = common.load(args, source, need_tokenizer=True, ctx_size=args.ctx_size)
-    tok = loaded.tokenizer
+    # the prompt is ready (template rendered, tokens counted) before any weight is loaded
+    tok = common.load_tokenizer(source)
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
         if args.chat else prompt
     ids = tok.encode(text)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
+    bad = [t for t in ids if not 0 <= t < source.config.vocab_size]
+    if bad:
+        raise ValueError(f"the tokenizer gives ids {bad[:3]} outside the model's vocabulary "
+                         f"[0, {source.config.vocab_size}): tokenizer.json does not belong to this model")
     n = args.n_predict if args.n_predict >= 0 else args.ctx_size - len(ids)
     if len(ids) + n > args.ctx_size:
         raise ValueError(f"prompt ({len(ids)} tokens) + -n {n} exceed the context size -c {args.ctx_size}")
+    loaded = common.load(args, source, ctx_size=args.ctx_size, tokenizer=tok)
     engine = common.build_engine(args, loaded)
     common.print_banner(loaded, file=sys.stderr)
     if not args.no_warmup:

@@ -87,16 +87,14 @@ def run(args: argparse.Namespace) -> int:
     if base is not None and args.ctx_size is not None and base.n_ctx != n_ctx:
         raise ValueError(f"the base file was made with -c {base.n_ctx}, this run uses -c {n_ctx}")
 
-    loaded = common.load(args, source, need_tokenizer=text is not None, ctx_size=n_ctx)
-    common.print_banner(loaded)
+    # tokens counted and compared with the base before any weight is loaded
+    tokenizer = common.load_tokenizer(source) if text is not None else None
     if text is not None:
-        tokens = loaded.tokenizer.encode(text)
+        tokens = tokenizer.encode(text)
         if base is not None and (len(tokens) < base.tokens.size
                                  or not np.array_equal(np.asarray(tokens[:base.tokens.size]), base.tokens)):
             raise ValueError("the text tokenizes differently from the base file's tokens "
                              "(different text or tokenizer); omit -f to use the base file's tokens")
-        if isinstance(loaded.tokenizer, ByteTokenizer):
-            print("perplexity: random weights have no tokenizer: one token per UTF-8 byte")
     else:
         tokens = base.tokens.tolist()
     if base is not None:
@@ -104,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
     if len(tokens) < 2 * n_ctx:
         raise ValueError(f"you need at least {2 * n_ctx} tokens to evaluate perplexity with -c {n_ctx} "
                          f"(the text has {len(tokens)})")
+    if max(tokens) >= vocab or min(tokens) < 0:
+        raise ValueError(f"the tokenizer gives ids outside the model's vocabulary [0, {vocab}): "
+                         f"tokenizer.json does not belong to this model")
+
+    loaded = common.load(args, source, ctx_size=n_ctx, tokenizer=tokenizer)
+    common.print_banner(loaded)
+    if isinstance(tokenizer, ByteTokenizer):
+        print("perplexity: random weights have no tokenizer: one token per UTF-8 byte")
     engine = common.build_engine(args, loaded, ctx_size=n_ctx)
     n_chunks_all = len(tokens) // n_ctx
     n_chunks = min(args.chunks or n_chunks_all, n_chunks_all)

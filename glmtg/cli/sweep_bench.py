@@ -40,21 +40,20 @@ def add_parser(subparsers: Any) -> None:
                    help="TG tokens per row (default: ub/4, as llama-sweep-bench)")
     p.add_argument("-o", "--output", metavar="FILE.json", default=None,
                    help="write rows + environment as JSON, and FILE.png (S_TG, S_PP vs N_KV) beside it")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of the random input tokens")
+    p.add_argument("--seed", type=common.non_negative_seed, default=0, help="seed of the random input tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     tg = args.n_predict if args.n_predict is not None else max(1, args.ubatch_size // 4)
-    depths = sweep_depths(args.ctx_size, args.ubatch_size, tg)
-    if not depths:
+    if max(args.ubatch_size, tg) > args.ctx_size:  # no row fits (sweep_depths would be empty)
         raise ValueError(f"-c {args.ctx_size} is smaller than one step (-ub {args.ubatch_size}, TG {tg})")
     if args.output is not None:  # both files, before the sweep: a long run must not end in a failed write
         common.check_output_file(args.output, "-o")
         common.check_output_file(Path(args.output).with_suffix(".png"), "the figure")
     source = common.model_source(args)
-    loaded = common.load(args, source, need_tokenizer=False, ctx_size=args.ctx_size)
+    loaded = common.load(args, source, ctx_size=args.ctx_size)
     engine = common.build_engine(args, loaded)
     common.print_banner(loaded)
     if not args.no_warmup:
@@ -66,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(HEADER)
     print(SEPARATOR, flush=True)
 
+    depths = sweep_depths(engine.ctx_size, engine.ubatch, tg)
     with tqdm(total=len(depths), desc="sweep", unit="row", leave=False, file=sys.stderr, disable=args.no_progress,
               dynamic_ncols=True) as bar:
         def show(row: SweepRow) -> None:

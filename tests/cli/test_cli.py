@@ -180,3 +180,38 @@ def test_help_shows_defaults(capsys):
     rc, out, _ = run(capsys, "sweep-bench", "--help")
     out = " ".join(out.split())
     assert rc == 0 and "(default: 512)" in out and "(default: 4096)" in out
+
+
+def test_nan_perplexity_is_an_error_not_a_result(capsys, tmp_path, monkeypatch):
+    """A model that computes NaN logits must not end with "PPL = nan" and exit 0."""
+    from glmtg.cli import common
+
+    random_model = common.random_model
+
+    def nan_model(config, **kw):
+        model = random_model(config, **kw)
+        model.norm.weight.data.fill_(float("nan"))  # every logit becomes NaN
+        return model
+
+    monkeypatch.setattr(common, "random_model", nan_model)
+    text = tmp_path / "t.txt"
+    text.write_text("glmtg computes perplexity like llama.cpp.")
+    base = tmp_path / "base.kld"
+    rc, out, err = run(capsys, "perplexity", "-f", str(text), "-c", "16", "--kl-divergence-base", str(base), *FAST)
+    assert rc == 2 and _one_error_line(err) and "non-finite log-probabilities" in err
+    assert "PPL = nan" in out and not base.exists()  # no base file recorded from a broken run
+
+
+def test_python_dash_m_glmtg_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "glmtg", "sweep-bench", "-c", "0"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: argument -c/--ctx-size")
+    done = subprocess.run([sys.executable, "-m", "glmtg", "--help"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and "sweep-bench" in done.stdout
