@@ -25,6 +25,7 @@ from glmtg.memory import check_fits
 from glmtg.sampling import SamplingParams
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+UNQUANTIZED_FORMATS = ("bf16", "f16")  # cache formats stored as plain floats (no quantize/dequantize)
 
 # Library errors name parameters; a user of the CLI knows its flags. Longest names first, so that
 # "prefill_backend" is not half-replaced by a shorter name.
@@ -299,7 +300,13 @@ def engine_config(args: argparse.Namespace, ctx_size: int) -> EngineConfig:
 
 def build_engine(args: argparse.Namespace, loaded: Loaded, *, ctx_size: int | None = None) -> Engine:
     settings = engine_config(args, ctx_size if ctx_size is not None else args.ctx_size)
-    return Engine(loaded.model, loaded.config, settings, device=loaded.device)
+    engine = Engine(loaded.model, loaded.config, settings, device=loaded.device)
+    slow = sorted({f for f in (settings.k_format, settings.v_format) if f not in UNQUANTIZED_FORMATS})
+    if loaded.device.type == "cpu" and slow:
+        # said up front: on a CPU the quantize/dequantize kernels run in the Triton interpreter
+        print(f"note: a {'/'.join(slow)} KV cache on a CPU runs glmtg's Triton kernels in the interpreter, "
+              f"20-400x slower than bf16; use a GPU, or -ctk/-ctv bf16 on a CPU", file=sys.stderr, flush=True)
+    return engine
 
 
 def print_banner(loaded: Loaded, file: Any = None) -> None:

@@ -215,3 +215,15 @@ def test_python_dash_m_glmtg_runs():
     done = subprocess.run([sys.executable, "-m", "glmtg", "--help"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0 and "sweep-bench" in done.stdout
+
+
+def test_quantized_cache_on_a_cpu_is_announced(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the note is for CPU runs")
+    rc, _, err = run(capsys, "generate", "-p", "Hi", "-n", "1", "--temp", "0", "-c", "8", "-ctk", "q8_0", *FAST)
+    assert rc == 0, err
+    assert "note: a q8_0 KV cache on a CPU runs glmtg's Triton kernels in the interpreter" in err
+    rc, _, err = run(capsys, "generate", "-p", "Hi", "-n", "1", "--temp", "0", "-c", "8", *FAST)
+    assert rc == 0 and "note:" not in err
