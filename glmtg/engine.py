@@ -17,10 +17,10 @@ progress goes to a callback the caller passes; a decode graph that cannot be cap
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +65,7 @@ class EngineConfig:
         for name in ("attn_backend", "prefill_backend"):
             if getattr(self, name) not in BACKENDS:
                 raise ValueError(f"{name} must be one of {', '.join(BACKENDS)}, got {getattr(self, name)!r}")
-        if self.use_cuda_graph not in (None, True, False):
+        if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
             raise ValueError(f"use_cuda_graph must be None, True or False, got {self.use_cuda_graph!r}")
 
 
