@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if args.labels is not None and len(args.labels) != len(args.inputs):
         raise ValueError(f"--labels got {len(args.labels)} labels for {len(args.inputs)} inputs")
     out = common.check_output_file(args.output, "-o")
+    if any(Path(p).resolve() == out.resolve() for p in args.inputs):
+        raise ValueError(f"-o {out} is one of the inputs; give the image another name")
     runs = [load_run(p) for p in args.inputs]
     labels = list(args.labels) if args.labels else [run_label(env) for env, _ in runs]
     if not args.labels:

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if max(args.ubatch_size, tg) > args.ctx_size:  # no row fits (sweep_depths would be empty)
         raise ValueError(f"-c {args.ctx_size} is smaller than one step (-ub {args.ubatch_size}, TG {tg})")
     if args.output is not None:  # both files, before the sweep: a long run must not end in a failed write
+        if Path(args.output).suffix.lower() == ".png":
+            raise ValueError(f"-o takes the JSON file's name (the PNG is written beside it), got {args.output}")
         common.check_output_file(args.output, "-o")
         common.check_output_file(Path(args.output).with_suffix(".png"), "the figure")
     source = common.model_source(args)

@@ -187,7 +187,8 @@ CASES = [
     ["plot", "{json_broken}", "-o", "{dir}/x.png"], ["plot", "{binary}", "-o", "{dir}/x.png"],
     ["plot", "{json_list}", "-o", "{dir}"], ["plot", "{json_list}", "-o", "{no_dir_out}"],
     ["plot", "{json_list}", "{json_list}", "-o", "{dir}/x.png", "--labels", "one"],
-    ["plot", "{m_config_dir}/config.json", "-o", "{dir}/x.png"], ["sweep-bench", "-m", "{m_config_dir}"],
+    ["plot", "{m_config_dir}/config.json", "-o", "{dir}/x.png"], ["plot", "{json_list}", "-o", "{json_list}"],
+    ["sweep-bench", "-c", "16", "-ub", "8", "-o", "{dir}/run.png"], ["sweep-bench", "-m", "{m_config_dir}"],
 ]
 
 
