@@ -33,7 +33,7 @@ def run_backends(args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
     runs = {}
     for attn in args.attn:
         path = Path(f"{args.out}-{attn}.json")
-        cmd = [sys.executable, "-m", "glmtg.cli", "sweep-bench", "--preset", args.preset, "-c", str(args.ctx),
+        cmd = [sys.executable, "-m", "glmtg", "sweep-bench", "--preset", args.preset, "-c", str(args.ctx),
                "-ub", str(args.ubatch), "--attn", attn, "--attn-prefill", args.attn_prefill, "-o", str(path)]
         if args.n_layers:
             cmd += ["--n-layers", str(args.n_layers)]
@@ -126,7 +126,7 @@ def main() -> int:
     except ImportError:
         pass
     Path(f"{args.out}.md").write_text(markdown(runs, copy_bw))
-    from glmtg.cli.sweep_bench import plot_runs
+    from glmtg.eval.plot import plot_runs
 
     plot_runs([(f"attn={a}", r["rows"]) for a, r in runs.items()], f"{args.out}.png",
               title=f"{next(iter(runs.values()))['environment'].get('model')}: S_TG / S_PP vs N_KV")
@@ -149,7 +149,7 @@ def combine(args: argparse.Namespace) -> int:
     dates = ", ".join(f"{label}: {run['environment'].get('date', '?')}" for label, run in runs.items())
     text += f"\nRuns combined (`--combine`): {dates}.\n"
     Path(f"{args.out}.md").write_text(text)
-    from glmtg.cli.sweep_bench import plot_runs
+    from glmtg.eval.plot import plot_runs
 
     plot_runs([(label, r["rows"]) for label, r in runs.items()], f"{args.out}.png",
               title=f"{next(iter(runs.values()))['environment'].get('model')}: S_TG / S_PP vs N_KV")

@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 MODEL_TYPE = "glm4_moe"
+# Sizes above this are no real model and would overflow index arithmetic (int32 in the kernels).
+MAX_SIZE = 2**31 - 1
+_BOOL_FIELDS = ("norm_topk_prob", "use_qk_norm", "attention_bias", "tie_word_embeddings")
+_FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "partial_rotary_factor")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _object(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested JSON object of config.json (null or absent: empty)."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object or null, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,19 +67,33 @@ class ModelConfig:
     PRESETS: ClassVar[tuple[str, ...]] = ("glm-4.5", "glm-4.6", "glm-4.7", "glm-4.5-air", "tiny")
 
     def __post_init__(self) -> None:
+        # Types first (a config.json can hold any JSON value), then ranges and relations.
+        # bool is an int subclass in Python: True is no layer count, so it is refused explicitly.
+        if isinstance(self.eos_token_ids, (str, bytes)) or not isinstance(self.eos_token_ids, (list, tuple)):
+            raise ValueError(f"eos_token_ids must be a list of ints, got {self.eos_token_ids!r}")
+        if not all(_is_int(t) for t in self.eos_token_ids):
+            raise ValueError(f"eos_token_ids must be ints, got {list(self.eos_token_ids)!r}")
         # Normalise list -> tuple so the dataclass stays hashable whatever the caller passed.
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim", "n_routed_experts",
                     "num_experts_per_tok", "max_position_embeddings", "n_group", "topk_group")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if not _is_int(value) or not 1 <= value <= MAX_SIZE:
+                raise ValueError(f"{name} must be an int in [1, {MAX_SIZE}], got {value!r}")
         for name in ("n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            if not _is_int(value) or not 0 <= value <= MAX_SIZE:
+                raise ValueError(f"{name} must be an int in [0, {MAX_SIZE}], got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -134,8 +171,8 @@ class ModelConfig:
         if model_type != MODEL_TYPE:
             raise ValueError(f"model_type must be {MODEL_TYPE!r}, got {model_type!r}")
 
-        rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or {}
+        rope = _object(raw, "rope_parameters")
+        scaling = _object(raw, "rope_scaling")
         rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         if rope_type not in (None, "default"):
             raise ValueError(f"rope_type {rope_type!r} is not supported (only default RoPE)")
@@ -147,27 +184,34 @@ class ModelConfig:
             return default
 
         eos = raw.get("eos_token_id")
-        eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-        heads = raw.get("num_attention_heads")
-        head_dim = raw.get("head_dim") or (raw["hidden_size"] // heads if raw.get("hidden_size") and heads else None)
+        if eos is None:
+            eos_ids: Any = ()
+        elif _is_int(eos):
+            eos_ids = (eos,)
+        elif isinstance(eos, list):
+            eos_ids = eos
+        else:
+            raise ValueError(f"eos_token_id must be an int, a list of ints or null, got {eos!r}")
+        heads, hidden = raw.get("num_attention_heads"), raw.get("hidden_size")
+        head_dim = raw.get("head_dim")
+        if head_dim is None and _is_int(heads) and _is_int(hidden) and heads > 0:
+            head_dim = hidden // heads  # HF's default when config.json leaves it out
+        nextn = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0))
         kwargs: dict[str, Any] = {
             "head_dim": head_dim,
-            "rope_theta": float(pick("rope_theta", 1e6)),
-            "partial_rotary_factor": float(pick("partial_rotary_factor", 0.5)),
-            "num_nextn_predict_layers": raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0,
+            "rope_theta": pick("rope_theta", 1e6),
+            "partial_rotary_factor": pick("partial_rotary_factor", 0.5),
+            "num_nextn_predict_layers": 0 if nextn is None else nextn,
             "eos_token_ids": eos_ids,
         }
         for f in dataclasses.fields(cls):
-            if f.name in kwargs or f.name not in raw:
-                continue
+            if f.name in kwargs or raw.get(f.name) is None:
+                continue  # null means "not set": the default applies, as in transformers
             kwargs[f.name] = raw[f.name]
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and kwargs.get(f.name) is None]
         if required:
             raise ValueError(f"config is missing required field(s): {', '.join(required)}")
-        for name in ("routed_scaling_factor", "rms_norm_eps"):
-            if name in kwargs:
-                kwargs[name] = float(kwargs[name])
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:

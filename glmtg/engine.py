@@ -9,31 +9,35 @@ chain on the GPU without the host looking at a token.
 
 The engine keeps a host copy of each sequence's length (it made every change to it), so the
 context checks never read ``cache.lengths`` back from the device.
+
+The engine is library code: it never prints. Errors name its parameters (``ctx_size``, ``k_format``);
+progress goes to a callback the caller passes; a decode graph that cannot be captured is a
+``RuntimeWarning`` naming the cause before the engine decodes eagerly.
 """
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
 from glmtg.kv_cache import KV_FORMATS, KVCache
+from glmtg.memory import check_fits
 from glmtg.sampling import GREEDY, Sampler, SamplingParams
 
-# Prompts at least this long get a progress bar (shorter ones finish before a bar is worth drawing).
-PROGRESS_MIN_TOKENS = 4096
+# (tokens done, tokens in all) after each prefill chunk has finished on the device
+ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Sizes and formats of one engine; checked once here so bad CLI values fail before any work."""
+    """Sizes and formats of one engine; checked once here so bad values fail before any work."""
 
     ctx_size: int = 4096
     ubatch: int = 512
@@ -44,7 +48,7 @@ class EngineConfig:
     # Prefill chunks may use another backend (None: attn_backend): "eager" prefill materialises
     # [heads, ub, N_KV] fp32 scores, tens of GB at long context, which a decode comparison need not pay.
     prefill_backend: str | None = None
-    use_cuda_graph: bool = False
+    use_cuda_graph: bool | None = None  # None: capture the decode step when the device is CUDA
 
     def __post_init__(self) -> None:
         for name in ("ctx_size", "ubatch", "batch"):
@@ -58,10 +62,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {', '.join(KV_FORMATS)}, got {getattr(self, name)!r}")
         if self.prefill_backend is None:
             object.__setattr__(self, "prefill_backend", self.attn_backend)
-        for what, value in (("attention backend", self.attn_backend),
-                            ("prefill attention backend", self.prefill_backend)):
-            if value not in BACKENDS:
-                raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}, got {value!r}")
+        for name in ("attn_backend", "prefill_backend"):
+            if getattr(self, name) not in BACKENDS:
+                raise ValueError(f"{name} must be one of {', '.join(BACKENDS)}, got {getattr(self, name)!r}")
+        if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
+            raise ValueError(f"use_cuda_graph must be None, True or False, got {self.use_cuda_graph!r}")
 
 
 @dataclass
@@ -92,19 +97,17 @@ def kv_cache_bytes(config: ModelConfig, ctx_size: int, batch: int, k_format: str
     return probe.bytes_per_token * config.num_hidden_layers * ctx_size * batch
 
 
-def check_kv_fits(need_bytes: int, free_bytes: int, settings: EngineConfig) -> None:
-    """Raise ValueError (GB needed vs free) when the KV cache cannot fit in the free device memory."""
-    if need_bytes > free_bytes:
-        s = settings
-        raise ValueError(f"the KV cache for -c {s.ctx_size} (batch {s.batch}, K {s.k_format}, V {s.v_format}) "
-                         f"needs {need_bytes / 1e9:.2f} GB but only {free_bytes / 1e9:.2f} GB of GPU memory is free; "
-                         f"lower -c or use a smaller cache type (-ctk/-ctv q8_0, q4_0)")
+def kv_cache_hint() -> str:
+    """What to change when a KV cache does not fit (parameter names; the CLI shows them as its flags)."""
+    return "lower ctx_size or use a smaller cache format (k_format/v_format q8_0, q4_0)"
 
 
-def random_weights_banner(name: str) -> str:
-    """The line every command prints when the weights are random, so no output is mistaken for a model's."""
-    return (f"NOTE: RANDOM WEIGHTS ({name}): speed and memory figures are real, generated text and "
-            f"perplexity are meaningless; pass -m MODEL_DIR to load a real model")
+def check_kv_fits(config: ModelConfig, settings: EngineConfig, device: torch.device | str) -> None:
+    """Raise ValueError (GB needed vs available) when the KV cache of ``settings`` cannot fit on ``device``."""
+    s = settings
+    need = kv_cache_bytes(config, s.ctx_size, s.batch, s.k_format, s.v_format)
+    check_fits(f"the KV cache for ctx_size {s.ctx_size} (batch {s.batch}, k_format {s.k_format}, "
+               f"v_format {s.v_format})", need, device, kv_cache_hint())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -115,51 +118,41 @@ def _synchronize(device: torch.device) -> None:
 class Engine:
     """Inference over one model: static KV cache, chunked prefill, graph-captured decode, sampling.
 
-    ``config`` is the model's ``ModelConfig``. ``use_cuda_graph`` defaults to "the device is CUDA";
-    if capture fails (e.g. an attention path that reads lengths on the host), the step warns once
-    and runs eagerly.
+    ``config`` is the model's ``ModelConfig``, ``settings`` the engine's sizes and formats. ``device``
+    defaults to the model's. A KV cache larger than the device's available memory is refused
+    (ValueError) before it is allocated.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         config: ModelConfig,
+        settings: EngineConfig | None = None,
         *,
-        ctx_size: int = 4096,
-        ubatch: int = 512,
-        batch: int = 1,
-        k_format: str = "bf16",
-        v_format: str | None = None,
-        attn_backend: str = "glmtg",
-        prefill_backend: str | None = None,
         device: torch.device | str | None = None,
-        use_cuda_graph: bool | None = None,
-        random_weights: bool = False,
-        name: str = "",
     ) -> None:
+        settings = EngineConfig() if settings is None else settings
+        if not isinstance(settings, EngineConfig):
+            raise ValueError(f"settings must be an EngineConfig, got {type(settings).__name__}")
         if device is None:
             device = next(model.parameters()).device
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if use_cuda_graph is None:
-            use_cuda_graph = self.device.type == "cuda"
-        if use_cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
-        self.settings = EngineConfig(ctx_size=ctx_size, ubatch=ubatch, batch=batch, k_format=k_format,
-                                     v_format=v_format, attn_backend=attn_backend,
-                                     prefill_backend=prefill_backend, use_cuda_graph=use_cuda_graph)
+        if settings.use_cuda_graph is None:
+            settings = dataclasses.replace(settings, use_cuda_graph=self.device.type == "cuda")
+        if settings.use_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"use_cuda_graph needs a CUDA device, not {self.device}")
+        self.settings = settings
         self.model = model
         if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
             model.fuse_projections()  # one matrix-vector product for q/k/v and for each gate/up pair
         self.config = config
-        self.random_weights = random_weights
-        self.name = name
-        if ctx_size > config.max_position_embeddings:
-            warnings.warn(f"-c {ctx_size} exceeds the model's max_position_embeddings "
-                          f"({config.max_position_embeddings}); positions beyond it are untrained", stacklevel=2)
         s = self.settings
-        self._check_memory(kv_cache_bytes(config, s.ctx_size, s.batch, s.k_format, s.v_format))
+        if s.ctx_size > config.max_position_embeddings:
+            warnings.warn(f"ctx_size {s.ctx_size} exceeds the model's max_position_embeddings "
+                          f"({config.max_position_embeddings}); positions beyond it are untrained", stacklevel=2)
+        check_kv_fits(config, s, self.device)
         self.cache = KVCache(num_layers=config.num_hidden_layers, batch=s.batch, capacity=s.ctx_size,
                              num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
                              k_format=s.k_format, v_format=s.v_format, device=self.device)
@@ -175,22 +168,6 @@ class Engine:
     # ---------------------------------------------------------------- properties
 
     @property
-    def ctx_size(self) -> int:
-        return self.settings.ctx_size
-
-    @property
-    def ubatch(self) -> int:
-        return self.settings.ubatch
-
-    @property
-    def batch(self) -> int:
-        return self.settings.batch
-
-    @property
-    def attn_backend(self) -> str:
-        return self.settings.attn_backend
-
-    @property
     def lengths(self) -> list[int]:
         """Cached tokens per sequence (host copy, no device read)."""
         return list(self._lengths)
@@ -199,20 +176,12 @@ class Engine:
     def uses_cuda_graph(self) -> bool:
         return self.settings.use_cuda_graph and not self._graph_failed
 
-    def banner(self) -> str | None:
-        return random_weights_banner(self.name or "random") if self.random_weights else None
-
     # ---------------------------------------------------------------- checks
-
-    def _check_memory(self, need: int) -> None:
-        if self.device.type == "cuda":
-            check_kv_fits(need, torch.cuda.mem_get_info(self.device)[0], self.settings)
 
     def _check_room(self, new_tokens: int, what: str) -> None:
         longest = max(self._lengths)
-        if longest + new_tokens > self.ctx_size:
-            raise ValueError(f"{what}: {longest} cached + {new_tokens} new tokens exceed the context size "
-                             f"-c {self.ctx_size}")
+        if longest + new_tokens > self.settings.ctx_size:
+            raise ValueError(f"{what}: {longest} cached + {new_tokens} new tokens exceed ctx_size {self.settings.ctx_size}")
 
     # ---------------------------------------------------------------- cache
 
@@ -225,16 +194,16 @@ class Engine:
         if not isinstance(length, int) or not 0 <= length <= min(self._lengths):
             raise ValueError(f"truncate length must be an int in [0, {min(self._lengths)}], got {length!r}")
         self.cache.lengths.fill_(length)
-        self._lengths = [length] * self.batch
+        self._lengths = [length] * self.settings.batch
 
     # ---------------------------------------------------------------- prefill
 
     def _as_batch(self, token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
         ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
         if ids.dim() == 1:
-            ids = ids[None, :].expand(self.batch, -1)
-        if ids.dim() != 2 or ids.shape[0] != self.batch:
-            raise ValueError(f"token ids must be [S] or [B={self.batch}, S], got shape {tuple(ids.shape)}")
+            ids = ids[None, :].expand(self.settings.batch, -1)
+        if ids.dim() != 2 or ids.shape[0] != self.settings.batch:
+            raise ValueError(f"token ids must be [S] or [B={self.settings.batch}, S], got shape {tuple(ids.shape)}")
         return ids.to(device=self.device, dtype=torch.long)
 
     @torch.no_grad()
@@ -243,45 +212,42 @@ class Engine:
         token_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
         *,
         on_logits: Callable[[int, torch.Tensor], None] | None = None,
-        progress: bool | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> torch.Tensor:
         """Append tokens to the cache, ``ubatch`` at a time; returns the last token's logits, fp32 [B, V].
 
         ``token_ids``: [S] (same tokens for every sequence) or [B, S]. ``on_logits(start, logits)``,
         when given, receives each chunk's full logits [B, s, V] (start = offset of the chunk in
-        ``token_ids``); without it only the last position goes through the lm_head. ``progress``:
-        None shows a bar for prompts of ``PROGRESS_MIN_TOKENS`` or more.
+        ``token_ids``); without it only the last position goes through the lm_head.
+        ``on_progress(done, total)``, when given, is called after each chunk once the device has
+        finished it (one synchronisation per chunk: pass it only where progress is shown).
         """
         ids = self._as_batch(token_ids)
         total = ids.shape[1]
         if total == 0:
             raise ValueError("prefill needs at least one token")
         self._check_room(total, "prefill")
-        if progress is None:
-            progress = total >= PROGRESS_MIN_TOKENS and total > self.ubatch
         logits = None
-        with tqdm(total=total, unit="tok", desc="prefill", disable=not progress, leave=False,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            for start in range(0, total, self.ubatch):
-                chunk = ids[:, start:start + self.ubatch]
-                n = chunk.shape[1]
-                out = self.model(chunk, self.cache, attn_backend=self.settings.prefill_backend,
-                                 last_only=on_logits is None)
-                self.cache.lengths += n
-                self._lengths = [length + n for length in self._lengths]
-                if on_logits is not None:
-                    on_logits(start, out)
-                logits = out
-                if progress:
-                    _synchronize(self.device)  # so the bar shows finished work, not queued launches
-                bar.update(n)
+        for start in range(0, total, self.settings.ubatch):
+            chunk = ids[:, start:start + self.settings.ubatch]
+            n = chunk.shape[1]
+            out = self.model(chunk, self.cache, attn_backend=self.settings.prefill_backend,
+                             last_only=on_logits is None)
+            self.cache.lengths += n
+            self._lengths = [length + n for length in self._lengths]
+            if on_logits is not None:
+                on_logits(start, out)
+            logits = out
+            if on_progress is not None:
+                _synchronize(self.device)  # so progress reports finished work, not queued launches
+                on_progress(start + n, total)
         return logits[:, -1]
 
     # ---------------------------------------------------------------- decode
 
     def _step(self) -> None:
         """One decode step on the static buffers: forward, advance lengths, sample into ``_token``."""
-        logits = self.model(self._token[:, None], self.cache, attn_backend=self.attn_backend)  # [B, 1, V]
+        logits = self.model(self._token[:, None], self.cache, attn_backend=self.settings.attn_backend)  # [B, 1, V]
         self.cache.lengths += 1
         self._token.copy_(self.sampler(logits[:, -1]))
 
@@ -297,17 +263,19 @@ class Engine:
 
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # lets lazy inits (cuBLAS handles, Triton autotune) happen outside capture
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # lets lazy inits (cuBLAS handles, Triton autotune) happen outside capture
+                    self._step()
+                    restore()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 self._step()
-                restore()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._step()
-        restore()
+        finally:  # also after a failed capture, so the eager step that follows starts from the same state
+            restore()
         return graph
 
     @torch.no_grad()
@@ -321,26 +289,36 @@ class Engine:
         self._check_room(1, "decode")
         if token is not None:
             if isinstance(token, int):
-                token = [token] * self.batch
+                token = [token] * self.settings.batch
             t = token if isinstance(token, torch.Tensor) else torch.tensor(token, dtype=torch.long)
-            self._token.copy_(t.reshape(self.batch))
-        if self.uses_cuda_graph:
-            key = self.sampler.mode(self.config.vocab_size)
-            graph = self._graphs.get(key)
-            if graph is None:
-                try:
-                    graph = self._graphs[key] = self._capture(key)
-                except Exception as e:  # noqa: BLE001 - any capture failure: warn and run eagerly
-                    self._graph_failed = True
-                    torch.cuda.synchronize(self.device)
-                    warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
-                                  RuntimeWarning, stacklevel=2)
-            if graph is not None:
-                graph.replay()
-        if not self.uses_cuda_graph:
+            self._token.copy_(t.reshape(self.settings.batch))
+        graph = self._graph() if self.uses_cuda_graph else None
+        if graph is not None:
+            graph.replay()
+        else:
             self._step()
         self._lengths = [length + 1 for length in self._lengths]
         return self._token
+
+    def _graph(self) -> torch.cuda.CUDAGraph | None:
+        """The decode graph of the sampler's current mode, captured on first use.
+
+        A capture that fails (e.g. a path that reads a device value on the host) turns graphs off for
+        this engine with a RuntimeWarning naming the cause: decoding goes on eagerly, never silently.
+        """
+        key = self.sampler.mode(self.config.vocab_size)
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                graph = self._graphs[key] = self._capture(key)
+            except Exception as e:  # noqa: BLE001 - any capture failure: warn, then decode eagerly
+                self._graph_failed = True
+                _synchronize(self.device)
+                warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}); decoding eagerly from now on",
+                              RuntimeWarning, stacklevel=3)
+                return None
+        return graph
 
     def synchronize(self) -> None:
         _synchronize(self.device)
@@ -353,12 +331,12 @@ class Engine:
 
         Pass the sampling params the timed run will use: the decode graph is captured per sampler mode.
         """
-        n = max(1, min(prefill_tokens, self.ctx_size - decode_steps))
+        n = max(1, min(prefill_tokens, self.settings.ctx_size - decode_steps))
         self.reset()
         self.sampler.set_params(sampling)
         gen = torch.Generator().manual_seed(0)
-        self.prefill(torch.randint(0, self.config.vocab_size, (n,), generator=gen), progress=False)
-        for _ in range(min(decode_steps, self.ctx_size - n)):
+        self.prefill(torch.randint(0, self.config.vocab_size, (n,), generator=gen))
+        for _ in range(min(decode_steps, self.settings.ctx_size - n)):
             self.decode_step()
         self.synchronize()
         self.reset()
@@ -373,14 +351,16 @@ class Engine:
         stop_on_eos: bool = True,
         eos_token_ids: Sequence[int] | None = None,
         on_token: Callable[[int], None] | None = None,
+        on_prefill_progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Generate up to ``n`` tokens after ``prompt_ids`` (one sequence, from an empty cache).
 
         ``n < 0`` means until EOS or a full context. ``on_token`` is called with each token as soon
         as it is known (streaming). The one host sync per token is that read: the step itself has none.
+        ``on_prefill_progress`` is passed to ``prefill`` for the prompt.
         """
-        if self.batch != 1:
-            raise ValueError(f"generate runs one sequence; this engine has batch {self.batch}")
+        if self.settings.batch != 1:
+            raise ValueError(f"generate runs one sequence; this engine has batch {self.settings.batch}")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -388,15 +368,15 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         if n < 0:
-            n = self.ctx_size - len(prompt)
-        if len(prompt) + n > self.ctx_size:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + -n {n} exceed the context size -c {self.ctx_size}")
+            n = self.settings.ctx_size - len(prompt)
+        if len(prompt) + n > self.settings.ctx_size:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + {n} new tokens exceed ctx_size {self.settings.ctx_size}")
         eos = set(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids) if stop_on_eos else set()
 
         self.reset()
         seed = self.sampler.set_params(sampling)[0]
         t0 = time.perf_counter()
-        last_logits = self.prefill(prompt)
+        last_logits = self.prefill(prompt, on_progress=on_prefill_progress)
         tokens: list[int] = []
         stop = "length"
         t1 = t0

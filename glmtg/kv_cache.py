@@ -3,7 +3,7 @@
 Every layer's K (and V) is stored as a 4-D code tensor plus, for the quantized formats, a scale
 tensor beside it ("planar", struct of arrays) rather than llama.cpp's interleaved blocks: a kernel
 then loads a row of codes and its scales with two aligned, coalesced loads, and the bytes of every
-q8_0/q4_0 block are still llama.cpp's (``tests/reference_quant.to_gguf_blocks`` interleaves them).
+q8_0/q4_0 block are still llama.cpp's (``tests/references/quant.to_gguf_blocks`` interleaves them).
 
 Per layer, P = batch and T = capacity for a contiguous cache, P = num_pages and T = page_size for a
 paged one:

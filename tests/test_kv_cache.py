@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from glmtg.kv_cache import KV_FORMATS, KVCache, KVLayerView, dequantize
-from tests.reference_quant import dequantize as ref_dequantize
-from tests.reference_quant import quantize as ref_quantize
+from tests.references.quant import dequantize as ref_dequantize
+from tests.references.quant import quantize as ref_quantize
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

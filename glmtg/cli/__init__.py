@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot")
 
@@ -32,8 +33,21 @@ def _prepare_triton(argv: list[str]) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    # library warnings (a context beyond the trained positions, a failed graph capture) as one line
+    from glmtg.cli.common import as_flags
+
+    print(f"warning: {as_flags(_one_line(message if isinstance(message, Warning) else Warning(message)))}",
+          file=sys.stderr if file is None else file)
+
+
+def _is_host_oom(error: RuntimeError) -> bool:
+    # torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text
 
 
 def build_parser():  # -> common.CliParser (imported lazily, see _prepare_triton)
@@ -61,14 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         print(f"error: give a command: {', '.join(SUBCOMMANDS)} (see glmtg --help)", file=sys.stderr)
         return 2
-    try:
-        return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError as e:
-        print(f"error: out of memory: {_one_line(e)[:300]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    from glmtg.cli.common import as_flags
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.run(args) or 0)
+        except (ValueError, OSError) as e:  # OSError: missing, unreadable or unwritable files
+            print(f"error: {as_flags(_one_line(e))}", file=sys.stderr)
+            return 2
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            print(f"error: out of memory: {_one_line(e)[:300]}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            if not _is_host_oom(e):
+                raise
+            print(f"error: out of host memory: {_one_line(e)[:300]}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,14 +15,36 @@ from typing import Any
 
 import torch
 
-from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
-from glmtg.engine import Engine
+from glmtg.engine import Engine, EngineConfig, kv_cache_bytes, kv_cache_hint
+from glmtg.files import existing_file
 from glmtg.kv_cache import KV_FORMATS
+from glmtg.layers.attention import BACKENDS
+from glmtg.loading.byte_tokenizer import ByteTokenizer
+from glmtg.loading.presets import (
+    RANDOM_WEIGHTS_SEED,
+    preset_config,
+    random_model,
+    weight_bytes,
+)
+from glmtg.memory import check_fits
 from glmtg.sampling import SamplingParams
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-RANDOM_WEIGHTS_SEED = 0  # fixed, so two runs of a preset (e.g. a KLD base and its comparison) share weights
+
+# Library errors name parameters; a user of the CLI knows its flags. Longest names first, so that
+# "prefill_backend" is not half-replaced by a shorter name.
+PARAMETER_FLAGS = {
+    "prefill_backend": "--attn-prefill", "attn_backend": "--attn", "save_top_k": "--kl-top-k",
+    "n_chunks": "--chunks", "n_layers": "--n-layers", "ctx_size": "-c", "n_ctx": "-c", "k_format": "-ctk",
+    "v_format": "-ctv", "ubatch": "-ub",
+}
+_PARAMETER_RE = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")\b")
+
+
+def as_flags(message: str) -> str:
+    """A library message with its parameter names replaced by the CLI flags that set them."""
+    return _PARAMETER_RE.sub(lambda m: PARAMETER_FLAGS[m.group(1)], message)
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -50,10 +72,18 @@ class CliParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- value types (argparse `type=`)
 
-def _int_at_least(text: str, minimum: int, wording: str) -> int:
+# Sizes beyond int32 are no real request (positions, token ids and kernel offsets are 32-bit) and would
+# make even the planning of a run (one sweep row per ub tokens) take forever; seeds may use 63 bits.
+MAX_SIZE = 2**31 - 1
+MAX_SEED = 2**63 - 1
+
+
+def _int_at_least(text: str, minimum: int, wording: str, maximum: int = MAX_SIZE) -> int:
     value = _int(text)
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be {wording}, got {text!r}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text!r}")
     return value
 
 
@@ -67,6 +97,14 @@ def int_at_least_minus_one(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+    return _int_at_least(text, -1, "an integer >= -1", MAX_SEED)
+
+
+def non_negative_seed(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0", MAX_SEED)
 
 
 def non_negative_float(text: str) -> float:
@@ -132,7 +170,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("-s", "--seed", type=int_at_least_minus_one, default=-1, help="sampling seed; -1 = random")
+    g.add_argument("-s", "--seed", type=seed_int, default=-1, help="sampling seed; -1 = random")
     g.add_argument("--temp", type=non_negative_float, default=0.8, help="temperature; 0 = greedy")
     g.add_argument("--top-k", type=non_negative_int, default=40, help="top-k; 0 = off")
     g.add_argument("--top-p", type=unit_float, default=0.95, help="top-p; 1.0 = off")
@@ -146,35 +184,13 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 # ---------------------------------------------------------------- loading
 
-class ByteTokenizer:
-    """The documented fallback for random weights (no tokenizer files): one token per UTF-8 byte.
-
-    encode: byte b -> id ``b % vocab_size``; decode: id -> byte ``id % 256`` (invalid UTF-8 shows
-    as U+FFFD). Deterministic, so perplexity/KLD runs on a preset are comparable with each other.
-    """
-
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...] = ()) -> None:
-        self.vocab_size = vocab_size
-        self.eos_token_ids = tuple(eos_token_ids)
-
-    def encode(self, text: str) -> list[int]:
-        return [b % self.vocab_size for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}" for m in messages)
-        return text + ("<|assistant|>\n" if add_generation_prompt else "")
-
-
 @dataclass
 class Loaded:
     """A model ready for an engine, and how it was obtained (for banners and JSON)."""
 
     model: torch.nn.Module
     config: ModelConfig
-    tokenizer: Any  # glmtg.loading.Tokenizer or ByteTokenizer
+    tokenizer: Any  # glmtg.loading.Tokenizer or ByteTokenizer (None when not asked for)
     name: str
     random_weights: bool
     device: torch.device
@@ -198,78 +214,124 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
-def _weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    from glmtg.models.glm4_moe import Glm4MoeForCausalLM
-
-    with torch.device("meta"):
-        model = Glm4MoeForCausalLM(config, dtype=dtype)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def random_weights_banner(name: str) -> str:
+    """The line every command prints when the weights are random, so no output is mistaken for a model's."""
+    return (f"NOTE: RANDOM WEIGHTS ({name}): speed and memory figures are real, generated text and "
+            f"perplexity are meaningless; pass -m MODEL_DIR to load a real model")
 
 
-def load(args: argparse.Namespace, *, need_tokenizer: bool) -> Loaded:
-    """Load -m, or build seeded random weights of --preset (tiny by default)."""
+@dataclass(frozen=True)
+class Source:
+    """Where the model comes from, with its config read and checked but nothing built yet."""
+
+    config: ModelConfig
+    name: str
+    path: Path | None  # the -m directory, None for random weights
+
+
+def model_source(args: argparse.Namespace) -> Source:
+    """Read -m's config.json, or the --preset config: cheap, so every check can run before any work."""
+    if args.model is None:
+        preset = args.preset or "tiny"
+        config = preset_config(preset, args.n_layers)
+        name = f"preset {preset}" + (f", {args.n_layers} layers" if args.n_layers is not None else "")
+        return Source(config, name, None)
+    path = Path(args.model)
+    if args.preset is not None:
+        raise ValueError("give either -m or --preset, not both")
+    if args.n_layers is not None:
+        raise ValueError("--n-layers applies to random weights only (no -m)")
+    if not path.exists():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise ValueError(f"-m wants a model directory (config.json, *.safetensors, tokenizer.json); "
+                         f"{path} is a file")
+    config_file = path / "config.json"
+    if config_file.is_dir():
+        raise ValueError(f"{config_file} is a directory, not a file")
+    return Source(ModelConfig.from_hf_json(config_file), str(path), path)
+
+
+def check_memory(args: argparse.Namespace, source: Source, device: torch.device, ctx_size: int) -> None:
+    """Weights + KV cache against the device's available memory, before anything is allocated."""
+    dtype = DTYPES[args.dtype]
+    weights = weight_bytes(source.config, dtype)
+    v_format = args.cache_type_v or args.cache_type_k
+    kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
+    hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
+    check_fits(f"{source.name} in {args.dtype} (weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
+               weights + kv, device, hint)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def load_tokenizer(source: Source) -> Any:
+    """-m's tokenizer (tokenizer.json, chat template), or the byte tokenizer of random weights."""
+    if source.path is None:
+        return ByteTokenizer(source.config.vocab_size, source.config.eos_token_ids)
+    from glmtg.loading import Tokenizer
+
+    if not (source.path / "tokenizer.json").is_file():
+        raise ValueError(f"missing tokenizer: no tokenizer.json in {source.path}")
+    return Tokenizer.from_dir(source.path)
+
+
+def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: Any = None) -> Loaded:
+    """Load -m, or build seeded random weights of --preset, once the memory they need is known to fit.
+
+    ``tokenizer``: from ``load_tokenizer`` when the command needs one (read first, so that a bad
+    tokenizer or prompt fails before the weights load).
+    """
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    if args.model is not None:
-        from glmtg.loading import Tokenizer, load_model
+    check_memory(args, source, device, ctx_size)
+    if source.path is not None:
+        from glmtg.loading import load_model
 
-        path = Path(args.model)
-        if not path.exists():
-            raise FileNotFoundError(f"model directory not found: {path}")
-        if args.preset is not None:
-            raise ValueError("give either -m or --preset, not both")
-        if args.n_layers is not None:
-            raise ValueError("--n-layers applies to random weights only (no -m)")
-        tokenizer = None
-        if need_tokenizer:
-            if not (path / "tokenizer.json").is_file():
-                raise ValueError(f"missing tokenizer: no tokenizer.json in {path}")
-            tokenizer = Tokenizer.from_dir(path)
-        model, config = load_model(path, dtype=dtype, device=device, progress=sys.stderr.isatty())
-        return Loaded(model, config, tokenizer, str(path), False, device, dtype)
+        model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty())
+        return Loaded(model, config, tokenizer, source.name, False, device, dtype)
+    model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device)
+    return Loaded(model, source.config, tokenizer, source.name, True, device, dtype)
 
-    from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
-    preset = args.preset or "tiny"
-    config = ModelConfig.preset(preset)
-    name = f"preset {preset}"
-    if args.n_layers is not None:
-        if args.n_layers > config.num_hidden_layers:
-            raise ValueError(f"--n-layers {args.n_layers} exceeds the {config.num_hidden_layers} layers of {preset}")
-        config = dataclasses.replace(config, num_hidden_layers=args.n_layers,
-                                     first_k_dense_replace=min(config.first_k_dense_replace, args.n_layers))
-        name += f", {args.n_layers} layers"
-    need = _weight_bytes(config, dtype)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need > 0.95 * free:
-            raise ValueError(f"random weights of {name} need {need / 1e9:.1f} GB but {free / 1e9:.1f} GB of GPU "
-                             f"memory is free; use --n-layers N to keep fewer layers")
-    model = Glm4MoeForCausalLM.random(config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device)
-    tokenizer = ByteTokenizer(config.vocab_size, config.eos_token_ids)
-    return Loaded(model, config, tokenizer, name, True, device, dtype)
+def engine_config(args: argparse.Namespace, ctx_size: int) -> EngineConfig:
+    """The engine settings the model-and-cache flags ask for."""
+    return EngineConfig(ctx_size=ctx_size, ubatch=args.ubatch_size, k_format=args.cache_type_k,
+                        v_format=args.cache_type_v, attn_backend=args.attn, prefill_backend=args.attn_prefill,
+                        use_cuda_graph=False if args.no_cuda_graph else None)
 
 
 def build_engine(args: argparse.Namespace, loaded: Loaded, *, ctx_size: int | None = None) -> Engine:
-    return Engine(
-        loaded.model, loaded.config,
-        ctx_size=ctx_size if ctx_size is not None else args.ctx_size,
-        ubatch=args.ubatch_size,
-        k_format=args.cache_type_k,
-        v_format=args.cache_type_v,
-        attn_backend=args.attn,
-        prefill_backend=args.attn_prefill,
-        device=loaded.device,
-        use_cuda_graph=False if args.no_cuda_graph else None,
-        random_weights=loaded.random_weights,
-        name=loaded.name,
-    )
+    settings = engine_config(args, ctx_size if ctx_size is not None else args.ctx_size)
+    return Engine(loaded.model, loaded.config, settings, device=loaded.device)
 
 
-def print_banner(engine: Engine, file: Any = None) -> None:
-    banner = engine.banner()
-    if banner:
-        print(banner, file=file or sys.stdout, flush=True)
+def print_banner(loaded: Loaded, file: Any = None) -> None:
+    if loaded.random_weights:
+        print(random_weights_banner(loaded.name), file=file or sys.stdout, flush=True)
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """An output path that can be written: not a directory, in an existing writable directory.
+
+    Checked before any work, so a long run never ends in a failed write.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file name")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"directory of {what} does not exist: {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {what} {path}: permission denied")
+    return path
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A UTF-8 text file the user named (bytes that are not UTF-8 become U+FFFD)."""
+    return existing_file(path, what).read_text(encoding="utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------- run metadata
@@ -305,12 +367,12 @@ def environment(args: argparse.Namespace, loaded: Loaded, engine: Engine) -> dic
         "preset": None if args.model else (args.preset or "tiny"),
         "random_weights": loaded.random_weights,
         "dtype": args.dtype,
-        "attn": engine.attn_backend,
+        "attn": engine.settings.attn_backend,
         "attn_prefill": engine.settings.prefill_backend,
         "ctk": engine.settings.k_format,
         "ctv": engine.settings.v_format,
-        "ctx_size": engine.ctx_size,
-        "ubatch": engine.ubatch,
+        "ctx_size": engine.settings.ctx_size,
+        "ubatch": engine.settings.ubatch,
         "cuda_graph": engine.uses_cuda_graph,
         "kv_bytes_per_token": engine.cache.bytes_per_token,
     }

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from glmtg.cli import common
+from glmtg.eval.detokenize import IncrementalDecoder
 
-
-class IncrementalDecoder:
-    """Text of a growing token list, one piece per token, never splitting a multi-byte character.
-
-    Each push decodes a short window (from the last emitted boundary) and emits only what is new,
-    holding text back while it ends in U+FFFD (an incomplete UTF-8 sequence so far).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # tokens whose text has been emitted
-
-    def push(self, token: int) -> str:
-        self._ids.append(token)
-        done = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return text[len(done):]
-        return ""
-
-    def flush(self) -> str:
-        done = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return text[len(done):]
+# Prompts at least this long get a progress bar (shorter ones finish before a bar is worth drawing).
+PROGRESS_MIN_TOKENS = 4096
 
 
 def add_parser(subparsers: Any) -> None:
@@ -58,28 +33,28 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise ValueError("give the prompt with exactly one of -p PROMPT or -f FILE")
-    if args.file is not None:
-        path = Path(args.file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        prompt = path.read_text(encoding="utf-8", errors="replace")
-    else:
-        prompt = args.prompt
+    prompt = common.read_text_file(args.file, "prompt file") if args.file is not None else args.prompt
     sampling = common.sampling_params(args)
-    loaded = common.load(args, need_tokenizer=True)
-    tok = loaded.tokenizer
+    source = common.model_source(args)
+    # the prompt is ready (template rendered, tokens counted) before any weight is loaded
+    tok = common.load_tokenizer(source)
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
         if args.chat else prompt
     ids = tok.encode(text)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
+    bad = [t for t in ids if not 0 <= t < source.config.vocab_size]
+    if bad:
+        raise ValueError(f"the tokenizer gives ids {bad[:3]} outside the model's vocabulary "
+                         f"[0, {source.config.vocab_size}): tokenizer.json does not belong to this model")
     n = args.n_predict if args.n_predict >= 0 else args.ctx_size - len(ids)
     if len(ids) + n > args.ctx_size:
         raise ValueError(f"prompt ({len(ids)} tokens) + -n {n} exceed the context size -c {args.ctx_size}")
+    loaded = common.load(args, source, ctx_size=args.ctx_size, tokenizer=tok)
     engine = common.build_engine(args, loaded)
-    common.print_banner(engine, file=sys.stderr)
+    common.print_banner(loaded, file=sys.stderr)
     if not args.no_warmup:
-        engine.warmup(sampling, prefill_tokens=min(len(ids), engine.ubatch))
+        engine.warmup(sampling, prefill_tokens=min(len(ids), engine.settings.ubatch))
 
     eos = tok.eos_token_ids or loaded.config.eos_token_ids
     decoder = IncrementalDecoder(tok.decode)
@@ -93,7 +68,14 @@ def run(args: argparse.Namespace) -> int:
             out.write(piece)
             out.flush()
 
-    result = engine.generate(ids, n, sampling, stop_on_eos=not args.ignore_eos, eos_token_ids=eos, on_token=stream)
+    show_progress = len(ids) >= PROGRESS_MIN_TOKENS and len(ids) > engine.settings.ubatch
+    with tqdm(total=len(ids), unit="tok", desc="prefill", disable=not show_progress, leave=False,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        result = engine.generate(ids, n, sampling, stop_on_eos=not args.ignore_eos, eos_token_ids=eos,
+                                 on_token=stream, on_prefill_progress=progress if show_progress else None)
     out.write(decoder.flush() + "\n")
     out.flush()
     print(f"\nsampler seed: {result.seed}; stopped by {result.stop_reason}", file=sys.stderr)
@@ -101,6 +83,6 @@ def run(args: argparse.Namespace) -> int:
           f"{result.prompt_tokens_per_second:.2f} t/s (includes the first token)", file=sys.stderr)
     print(f"generation:  {result.decode_steps} tokens in {result.decode_seconds:.3f} s = "
           f"{result.decode_tokens_per_second:.2f} t/s "
-          f"({'CUDA graph' if engine.uses_cuda_graph else 'eager'} decode, attn {engine.attn_backend})",
+          f"({'CUDA graph' if engine.uses_cuda_graph else 'eager'} decode, attn {engine.settings.attn_backend})",
           file=sys.stderr)
     return 0

@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from glmtg.cli.sweep_bench import plot_runs, run_label
+from glmtg.cli import common
+from glmtg.eval.plot import plot_runs
+from glmtg.eval.sweep import run_label
+from glmtg.files import existing_file
 
 
 def load_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(environment, rows) of a ``glmtg sweep-bench -o`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep-bench JSON not found: {path}")
+    path = existing_file(path, "sweep-bench JSON")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     rows = doc.get("rows") if isinstance(doc, dict) else None
     keys = ("n_kv", "speed_tg", "speed_pp")
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and all(k in r for k in keys)
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and all(number(r.get(k)) for k in keys)
                                                          for r in rows):
-        raise ValueError(f"{path} is not a glmtg sweep-bench result (no rows with {', '.join(keys)})")
-    return doc.get("environment") or {}, rows
+        raise ValueError(f"{path} is not a glmtg sweep-bench result (no rows with numbers {', '.join(keys)})")
+    env = doc.get("environment")
+    if not isinstance(env, dict):
+        env = {}
+    return env, rows
 
 
 def add_parser(subparsers: Any) -> None:
@@ -42,9 +50,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.labels is not None and len(args.labels) != len(args.inputs):
         raise ValueError(f"--labels got {len(args.labels)} labels for {len(args.inputs)} inputs")
-    out = Path(args.output)
-    if not out.resolve().parent.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {out.parent}")
+    out = common.check_output_file(args.output, "-o")
+    if any(Path(p).resolve() == out.resolve() for p in args.inputs):
+        raise ValueError(f"-o {out} is one of the inputs; give the image another name")
     runs = [load_run(p) for p in args.inputs]
     labels = list(args.labels) if args.labels else [run_label(env) for env, _ in runs]
     if not args.labels:

@@ -22,7 +22,7 @@ explicitly in the kernel (bf16 on the bits, fp8 onto the e4m3 grid) and the cast
 exact: the kernel gives the same bytes on the GPU and in the interpreter.
 
 On a CPU, ``kv_store`` runs the formats' torch quantization instead (the interpreter is 20-400x slower
-than a cast); ``kv_store_triton`` always runs the kernel, so the interpreter can check it against the
+than a cast); ``backend="triton"`` runs the kernel there too, so the interpreter can check it against the
 torch path. Both give the same bytes, except the payload of NaNs in f16 stores.
 """
 
@@ -37,7 +37,9 @@ import triton.language as tl
 from glmtg.formats import FORMATS, KV_FORMATS, QK, BlockFormat, KernelCode
 from glmtg.kernels._checks import capturing, check, describe
 
-__all__ = ["kv_store", "kv_store_triton"]
+__all__ = ["STORE_BACKENDS", "kv_store"]
+
+STORE_BACKENDS = ("auto", "triton")
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The kernel's format codes, as constexprs its body can read.
@@ -212,6 +214,7 @@ def kv_store(
     capacity: int | None = None,
     validate: bool = True,
     name: str = "x",
+    backend: str = "auto",
 ) -> None:
     """Quantize ``x`` [B, S, Hkv, D] into a cache store in place.
 
@@ -221,29 +224,16 @@ def kv_store(
     T, or max_pages * page_size) bounds the positions. ``validate`` reads ``start`` (and the page
     table) on the host to reject positions outside the cache; it is skipped while a CUDA graph is
     being captured (out-of-range tokens are then silently skipped instead). ``name`` names ``x`` in
-    error messages. GPU: the Triton kernel; CPU: the same bytes from torch (module docstring).
+    error messages. ``backend`` "auto" runs the Triton kernel on a GPU and the same bytes from torch on
+    a CPU (module docstring); "triton" runs the kernel anywhere (on a CPU, in the Triton interpreter).
     """
+    if backend not in STORE_BACKENDS:
+        raise ValueError(f"backend must be one of {STORE_BACKENDS}, got {backend!r}")
     store = _checked(x, data, scale, start, fmt, page_table, capacity, validate, name)
-    if store.x.device.type == "cpu":
+    if backend == "auto" and store.x.device.type == "cpu":
         _store_torch(store)
     else:
         _launch(store)
-
-
-def kv_store_triton(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    scale: torch.Tensor | None,
-    start: torch.Tensor,
-    fmt: str,
-    *,
-    page_table: torch.Tensor | None = None,
-    capacity: int | None = None,
-    validate: bool = True,
-    name: str = "x",
-) -> None:
-    """:func:`kv_store` through the Triton kernel on any device (on a CPU, in the Triton interpreter)."""
-    _launch(_checked(x, data, scale, start, fmt, page_table, capacity, validate, name))
 
 
 def _checked(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, start: torch.Tensor, fmt: str,

@@ -24,29 +24,24 @@ from glmtg.layers.params import TensorSlot
 # "blk.{i}."). `{e}` in an HF suffix marks a per-expert tensor stacked into the glmtg parameter at index e.
 LAYER_TABLE: tuple[tuple[str, str | None, str, str], ...] = (
     ("attn_norm.weight", None, "input_layernorm.weight", "attn_norm.weight"),
-    ("attn.qkv.weight", "q", "self_attn.q_proj.weight", "attn_q.weight"),
-    ("attn.qkv.bias", "q", "self_attn.q_proj.bias", "attn_q.bias"),
-    ("attn.qkv.weight", "k", "self_attn.k_proj.weight", "attn_k.weight"),
-    ("attn.qkv.bias", "k", "self_attn.k_proj.bias", "attn_k.bias"),
-    ("attn.qkv.weight", "v", "self_attn.v_proj.weight", "attn_v.weight"),
-    ("attn.qkv.bias", "v", "self_attn.v_proj.bias", "attn_v.bias"),
+    # q, k and v: weight and bias each, shards of the fused projection
+    *((f"attn.qkv.{kind}", p, f"self_attn.{p}_proj.{kind}", f"attn_{p}.{kind}")
+      for p in "qkv" for kind in ("weight", "bias")),
     ("attn.o_proj.weight", None, "self_attn.o_proj.weight", "attn_output.weight"),
     ("attn.q_norm.weight", None, "self_attn.q_norm.weight", "attn_q_norm.weight"),
     ("attn.k_norm.weight", None, "self_attn.k_norm.weight", "attn_k_norm.weight"),
     ("mlp_norm.weight", None, "post_attention_layernorm.weight", "post_attention_norm.weight"),
-    # dense layers (layer < first_k_dense_replace)
-    ("mlp.gate_up.weight", "gate", "mlp.gate_proj.weight", "ffn_gate.weight"),
-    ("mlp.gate_up.weight", "up", "mlp.up_proj.weight", "ffn_up.weight"),
+    # dense layers (layer < first_k_dense_replace) and the MoE layers' shared expert: SwiGLU, gate/up fused
+    *((f"{glmtg}.gate_up.weight", p, f"{hf}.{p}_proj.weight", f"ffn_{p}{gguf}.weight")
+      for glmtg, hf, gguf in (("mlp", "mlp", ""), ("mlp.shared", "mlp.shared_experts", "_shexp"))
+      for p in ("gate", "up")),
     ("mlp.down_proj.weight", None, "mlp.down_proj.weight", "ffn_down.weight"),
-    # MoE layers
+    ("mlp.shared.down_proj.weight", None, "mlp.shared_experts.down_proj.weight", "ffn_down_shexp.weight"),
+    # MoE layers: router and the routed experts, stacked
     ("mlp.router.weight", None, "mlp.gate.weight", "ffn_gate_inp.weight"),
     ("mlp.router.e_score_correction_bias", None, "mlp.gate.e_score_correction_bias", "exp_probs_b.bias"),
-    ("mlp.experts.gate_proj", None, "mlp.experts.{e}.gate_proj.weight", "ffn_gate_exps.weight"),
-    ("mlp.experts.up_proj", None, "mlp.experts.{e}.up_proj.weight", "ffn_up_exps.weight"),
-    ("mlp.experts.down_proj", None, "mlp.experts.{e}.down_proj.weight", "ffn_down_exps.weight"),
-    ("mlp.shared.gate_up.weight", "gate", "mlp.shared_experts.gate_proj.weight", "ffn_gate_shexp.weight"),
-    ("mlp.shared.gate_up.weight", "up", "mlp.shared_experts.up_proj.weight", "ffn_up_shexp.weight"),
-    ("mlp.shared.down_proj.weight", None, "mlp.shared_experts.down_proj.weight", "ffn_down_shexp.weight"),
+    *((f"mlp.experts.{p}_proj", None, f"mlp.experts.{{e}}.{p}_proj.weight", f"ffn_{p}_exps.weight")
+      for p in ("gate", "up", "down")),
 )
 GLOBAL_TABLE: tuple[tuple[str, str | None, str, str], ...] = (
     ("embed.weight", None, "model.embed_tokens.weight", "token_embd.weight"),

@@ -56,6 +56,21 @@ def _open(file: str):
         raise ValueError(f"cannot read safetensors file {file}: {e}") from None
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    """Refuse NaN/inf weights: a model with them computes NaN logits (PPL = nan) or garbage silently.
+
+    Checked after the conversion to the model's dtype, so values that overflow it (f32 -> f16) count too.
+    """
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise ValueError(f"tensor {name} holds {bad} non-finite value(s) (NaN or inf) in {_dtype_name(value.dtype)}: "
+                         f"the checkpoint is corrupt")
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
@@ -64,8 +79,8 @@ def load_model(
 ) -> tuple[Glm4MoeForCausalLM, ModelConfig]:
     """Load config and weights from an HF directory. MTP/nextn layers (index >= num_hidden_layers) are skipped.
 
-    Bad input (missing/corrupt files, missing or unexpected tensors, wrong shapes, wrong model_type) raises
-    ValueError with a one-line message.
+    Bad input (missing/corrupt files, missing or unexpected tensors, wrong shapes, non-float dtypes, NaN/inf
+    values, wrong model_type) raises ValueError with a one-line message naming the file or tensor.
     """
     root = Path(path)
     if not root.is_dir():
@@ -104,8 +119,12 @@ def load_model(
                         raise ValueError(f"cannot read {hf_name} from {os.path.basename(file)}: {e}") from None
                     if tuple(tensor.shape) != want:
                         raise ValueError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {want}")
+                    if not tensor.is_floating_point():
+                        raise ValueError(f"tensor {hf_name} has dtype {_dtype_name(tensor.dtype)}; weights must be "
+                                         f"floating point")
                     # each parameter keeps the dtype the model gave it (the router stays fp32)
                     value = tensor.to(device=device, dtype=slot.dtype)
+                    _check_finite(hf_name, value)
                     model.load_tensor(slot.name, value, shard=slot.shard, expert=expert)
                     seen.add(hf_name)
     missing = [name for name in expected if name not in seen]

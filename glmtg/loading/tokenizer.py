@@ -95,10 +95,14 @@ class Tokenizer:
         template_file = root / "chat_template.jinja"
         template = tok_config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
             template = named.get("default")
         if template_file.is_file():
-            template = template_file.read_text(encoding="utf-8")
+            try:
+                template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{template_file} is not UTF-8 text: {e}") from None
 
         special = {k: t for k in _SPECIAL_KEYS if (t := _token_text(tok_config.get(k))) is not None}
 
@@ -130,7 +134,13 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
         if self._template is None:
-            self._template = compile_chat_template(self.chat_template)
-        return self._template.render(messages=messages, tools=tools, documents=None,
-                                     add_generation_prompt=add_generation_prompt,
-                                     **{**self.special_tokens, **kwargs})
+            try:
+                self._template = compile_chat_template(self.chat_template)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"the chat template does not compile (line {e.lineno}: {e.message})") from None
+        try:
+            return self._template.render(messages=messages, tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **{**self.special_tokens, **kwargs})
+        except Exception as e:  # noqa: BLE001 - the template is the model's data: any failure in it is bad input
+            raise ValueError(f"the chat template failed to render ({type(e).__name__}: {e})") from None

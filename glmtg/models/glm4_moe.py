@@ -151,25 +151,6 @@ class Glm4MoeForCausalLM(nn.Module):
                 value = value[module.rows(slot.shard)]
             yield slot, value
 
-    @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str = "cpu") -> Glm4MoeForCausalLM:
-        """Seeded random weights: matrices std 0.02, norms 1, small nonzero biases so that the bias paths are
-        exercised. Drawn on the target device slot by slot, so the same seed gives the same model on the
-        same kind of device."""
-        model = cls(config, dtype=dtype, device="meta")
-        device = torch.device(device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for slot in list(model.tensor_slots()):
-            if slot.name.endswith("norm.weight"):
-                value = torch.ones(slot.shape, device=device)
-            elif slot.name.endswith("e_score_correction_bias"):
-                value = torch.randn(slot.shape, generator=gen, device=device) * 0.01
-            else:  # matrices and biases
-                value = torch.randn(slot.shape, generator=gen, device=device) * 0.02
-            model.load_tensor(slot.name, value.to(dtype=slot.dtype), shard=slot.shard)
-        return model
-
 
 def _check_room(cache: KVCache, s: int) -> None:
     """ValueError unless every sequence has room for ``s`` more tokens (one host read of cache.lengths)."""

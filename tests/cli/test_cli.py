@@ -1,14 +1,13 @@
 """The glmtg CLI run in-process on the tiny preset (random weights, CPU), with tiny sizes."""
 
 import json
+import os
 import re
 
 import pytest
 
 from glmtg.cli import main
-from glmtg.cli.common import ByteTokenizer
-from glmtg.cli.generate import IncrementalDecoder
-from glmtg.cli.sweep_bench import HEADER, SEPARATOR, sweep_depths
+from glmtg.cli.sweep_bench import HEADER, SEPARATOR
 
 FAST = ["--no-warmup"]
 
@@ -50,12 +49,6 @@ def test_sweep_bench_table_and_json(capsys, tmp_path):
     assert path.with_suffix(".png").stat().st_size > 1000
 
 
-def test_sweep_depths_follow_llama_sweep_bench():
-    assert sweep_depths(2048, 512, 128) == [0, 512, 1024, 1536]
-    assert sweep_depths(1000, 512, 128) == [0]  # a row only where the PP batch still fits
-    assert sweep_depths(100, 512, 128) == []
-
-
 def test_plot_overlays_runs(capsys, sweep_json, tmp_path):
     out_png = tmp_path / "cmp.png"
     rc, _, err = run(capsys, "plot", str(sweep_json), str(sweep_json), "-o", str(out_png))
@@ -63,16 +56,13 @@ def test_plot_overlays_runs(capsys, sweep_json, tmp_path):
     assert out_png.stat().st_size > 1000
 
 
-def test_compare_combines_runs_against_a_reference(capsys, sweep_json, tmp_path):
-    """bench/sweep_bench_compare.py --combine: existing runs side by side, ratios against --reference."""
-    import importlib.util
+def test_compare_combines_runs_against_a_reference(sweep_json, tmp_path):
+    """bench/sweep_bench_compare.py --combine, run as a program: existing runs side by side, ratios."""
+    import subprocess
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    spec = importlib.util.spec_from_file_location("sweep_bench_compare", bench / "sweep_bench_compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    script = Path(__file__).resolve().parents[2] / "bench" / "sweep_bench_compare.py"
     doc = json.loads(sweep_json.read_text())
     slower = tmp_path / "slower.json"
     doc["environment"]["ctk"] = "q8_0"
@@ -80,15 +70,18 @@ def test_compare_combines_runs_against_a_reference(capsys, sweep_json, tmp_path)
         row["speed_tg"] /= 2
     slower.write_text(json.dumps(doc))
     out = tmp_path / "both"
-    argv = ["x", "--out", str(out), "--reference", "slow", "--combine", f"fast={sweep_json}", f"slow={slower}"]
-    old_argv, sys.argv = sys.argv, argv
-    try:
-        assert compare.main() == 0
-        sys.argv = ["x", "--out", str(out), "--reference", "nope", "--combine", f"fast={sweep_json}"]
-        assert compare.main() == 2
-    finally:
-        sys.argv = old_argv
-    assert "'nope' is not one of the labels" in capsys.readouterr().err
+
+    root = str(script.parents[1])  # this checkout's glmtg, whatever is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+    def compare(*argv):
+        return subprocess.run([sys.executable, str(script), "--out", str(out), *argv], capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    ok = compare("--reference", "slow", "--combine", f"fast={sweep_json}", f"slow={slower}")
+    assert ok.returncode == 0, ok.stderr
+    bad = compare("--reference", "nope", "--combine", f"fast={sweep_json}")
+    assert bad.returncode == 2 and "'nope' is not one of the labels" in bad.stderr
     lines = out.with_suffix(".md").read_text().splitlines()
     assert "caches fast: bf16/bf16, slow: q8_0/bf16" in lines[2]
     assert "fast / slow" in lines[4]
@@ -125,16 +118,6 @@ def test_generate_streams_and_reports_speed(capsys):
     assert re.search(r"generation:  3 tokens in [\d.]+ s = [\d.]+ t/s", err)
 
 
-def test_incremental_decoder_never_splits_a_character():
-    tok = ByteTokenizer(1000)
-    dec = IncrementalDecoder(tok.decode)
-    pieces = [dec.push(t) for t in tok.encode("aé€b")]  # 1 + 2 + 3 + 1 bytes
-    assert pieces == ["a", "", "é", "", "", "€", "b"]
-    assert dec.flush() == ""
-    dec.push(0xE2)  # an unfinished character comes out at the end as U+FFFD
-    assert dec.flush() == "\ufffd"
-
-
 def _one_error_line(err):
     lines = err.strip().splitlines()
     return len(lines) == 1 and lines[0].startswith("error: ")
@@ -166,6 +149,9 @@ def test_model_dir_errors(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     rc, _, err = run(capsys, "sweep-bench", "-m", str(tmp_path), "-c", "16", "-ub", "8")
     assert rc == 2 and _one_error_line(err) and "model_type" in err
+    from glmtg.config import ModelConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf_dict()))
     rc, _, err = run(capsys, "generate", "-m", str(tmp_path), "-p", "x")
     assert rc == 2 and _one_error_line(err) and "tokenizer" in err
     (tmp_path / "config.json").write_text("{not json")
@@ -194,3 +180,38 @@ def test_help_shows_defaults(capsys):
     rc, out, _ = run(capsys, "sweep-bench", "--help")
     out = " ".join(out.split())
     assert rc == 0 and "(default: 512)" in out and "(default: 4096)" in out
+
+
+def test_nan_perplexity_is_an_error_not_a_result(capsys, tmp_path, monkeypatch):
+    """A model that computes NaN logits must not end with "PPL = nan" and exit 0."""
+    from glmtg.cli import common
+
+    random_model = common.random_model
+
+    def nan_model(config, **kw):
+        model = random_model(config, **kw)
+        model.norm.weight.data.fill_(float("nan"))  # every logit becomes NaN
+        return model
+
+    monkeypatch.setattr(common, "random_model", nan_model)
+    text = tmp_path / "t.txt"
+    text.write_text("glmtg computes perplexity like llama.cpp.")
+    base = tmp_path / "base.kld"
+    rc, out, err = run(capsys, "perplexity", "-f", str(text), "-c", "16", "--kl-divergence-base", str(base), *FAST)
+    assert rc == 2 and _one_error_line(err) and "non-finite log-probabilities" in err
+    assert "PPL = nan" in out and not base.exists()  # no base file recorded from a broken run
+
+
+def test_python_dash_m_glmtg_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "glmtg", "sweep-bench", "-c", "0"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: argument -c/--ctx-size")
+    done = subprocess.run([sys.executable, "-m", "glmtg", "--help"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and "sweep-bench" in done.stdout

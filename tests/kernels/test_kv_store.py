@@ -11,14 +11,19 @@ compared, so a write to a wrong place or a missing write cannot pass.
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from glmtg.formats import FORMATS, KV_FORMATS
-from glmtg.kernels.kv_store import kv_store, kv_store_triton
-from tests.reference_quant import dequantize, quantize, to_gguf_blocks
+from glmtg.kernels.kv_store import kv_store
+
+from tests.references.quant import dequantize, quantize, to_gguf_blocks
+
+kv_store_triton = functools.partial(kv_store, backend="triton")  # the kernel, in the interpreter on a CPU
 
 SENTINEL = 0x5A
 GGUF_TYPE = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}

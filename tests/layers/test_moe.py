@@ -25,7 +25,7 @@ from glmtg.layers.moe import (
     grouped_mm_experts,
     looped_experts,
 )
-from tests.reference_model import tiny
+from tests.references.model import tiny
 
 # numpy's, from inside the Triton interpreter (the kernel backend case)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

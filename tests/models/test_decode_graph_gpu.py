@@ -20,7 +20,7 @@ import torch
 from glmtg.config import ModelConfig
 from glmtg.kv_cache import KVCache
 from glmtg.layers.moe import grouped_mm_applies
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.loading.presets import random_model
 
 BATCH, PROMPT = 32, 5
 
@@ -33,7 +33,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_batch32_air_decode_step_captures_and_replays():
     config = dataclasses.replace(ModelConfig.preset("glm-4.5-air"), num_hidden_layers=2, first_k_dense_replace=1,
                                  vocab_size=2048)
-    model = Glm4MoeForCausalLM.random(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
     experts = model.layers[1].mlp.experts
     x = torch.empty(BATCH, config.hidden_size, dtype=torch.bfloat16, device="cuda")
     assert BATCH * config.num_experts_per_tok > config.n_routed_experts

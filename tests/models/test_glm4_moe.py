@@ -13,9 +13,15 @@ import pytest
 import torch
 
 from glmtg.layers.attention import BACKENDS
+from glmtg.loading.presets import random_model
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
-
-from tests.reference_model import glmtg_from_hf, hf_logits, hf_reference, new_cache, tiny
+from tests.references.model import (
+    glmtg_from_hf,
+    hf_logits,
+    hf_reference,
+    new_cache,
+    tiny,
+)
 
 RTOL, ATOL = 1e-4, 2e-5
 
@@ -70,7 +76,7 @@ def test_prefill_then_decode_matches_transformers(pair, backend, page_size):
 
 def test_backends_agree_and_last_only():
     config = tiny()
-    model = Glm4MoeForCausalLM.random(config, seed=3, dtype=torch.float32)
+    model = random_model(config, seed=3, dtype=torch.float32)
     ids = torch.randint(0, config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
     outs = {}
     for backend in BACKENDS:
@@ -84,7 +90,7 @@ def test_backends_agree_and_last_only():
 
 def test_unknown_backend_raises():
     config = tiny()
-    model = Glm4MoeForCausalLM.random(config, dtype=torch.float32)
+    model = random_model(config, dtype=torch.float32)
     cache = new_cache(config, 1, 4)
     with pytest.raises(ValueError, match="backend"):
         model(torch.zeros(1, 1, dtype=torch.long), cache, attn_backend="flash")
@@ -93,9 +99,9 @@ def test_unknown_backend_raises():
 
 def test_random_is_seeded_and_bf16_runs():
     config = tiny()
-    a = Glm4MoeForCausalLM.random(config, seed=5)
-    b = Glm4MoeForCausalLM.random(config, seed=5)
-    c = Glm4MoeForCausalLM.random(config, seed=6)
+    a = random_model(config, seed=5)
+    b = random_model(config, seed=5)
+    c = random_model(config, seed=6)
     assert a.dtype == torch.bfloat16
     assert a.layers[1].mlp.router.weight.dtype == torch.float32  # the router stays fp32
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
@@ -114,14 +120,14 @@ def test_random_is_seeded_and_bf16_runs():
 
 def test_tied_embeddings():
     config = tiny(tie_word_embeddings=True)
-    model = Glm4MoeForCausalLM.random(config, dtype=torch.float32)
+    model = random_model(config, dtype=torch.float32)
     assert model.lm_head.weight is model.embed.weight
     assert "lm_head.weight" not in dict(model.named_parameters())
 
 
 def test_positions_checked_once_per_forward_and_layers_append_without_a_host_check():
     config = tiny()
-    model = Glm4MoeForCausalLM.random(config, dtype=torch.float32)
+    model = random_model(config, dtype=torch.float32)
     cache = new_cache(config, batch=2, capacity=6)
     ids = torch.zeros(2, 2, dtype=torch.long)
     model(ids, cache)
@@ -141,7 +147,7 @@ def test_positions_checked_once_per_forward_and_layers_append_without_a_host_che
 def test_projections_are_fused_once_at_load():
     # q/k/v and gate/up are one parameter each, filled shard by shard: no separate copies to keep in step.
     config = tiny()
-    model = Glm4MoeForCausalLM.random(config, dtype=torch.float32)
+    model = random_model(config, dtype=torch.float32)
     names = dict(model.named_parameters())
     d, hq, hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     assert names["layers.0.attn.qkv.weight"].shape == ((hq + 2 * hkv) * d, config.hidden_size)

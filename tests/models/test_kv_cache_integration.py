@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from glmtg.kv_cache import KVCache
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
-
-from tests.reference_model import glmtg_from_hf, hf_reference, new_cache, tiny
+from glmtg.loading.presets import random_model
+from tests.references.model import glmtg_from_hf, hf_reference, new_cache, tiny
 
 # KVCache.append is a Triton kernel: natively on a CUDA device, in the interpreter (conftest) on a CPU-only one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,7 +47,7 @@ def test_glmtg_decode_kernel_matches_sdpa_on_cuda(fmt, page_size):
     # the same stored rows (dequantized). Both accumulate in fp32 over identical K/V values; bf16 activations
     # through 4 layers leave ~1e-2 on logits.
     config = tiny()
-    model = Glm4MoeForCausalLM.random(config, seed=4, device="cuda")
+    model = random_model(config, seed=4, device="cuda")
     ids = torch.randint(0, config.vocab_size, (3, 40), device="cuda")
     caches = {b: KVCache(num_layers=config.num_hidden_layers, batch=3, capacity=64,
                          num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, k_format=fmt,
@@ -65,7 +64,7 @@ def test_decode_step_captures_in_cuda_graph():
     # The "glmtg" decode path must have no host sync (the engine captures it): one captured step replayed
     # as lengths grow must give what eager steps give, to the last bit (same kernels, same inputs).
     config = tiny()
-    model = Glm4MoeForCausalLM.random(config, seed=5, device="cuda")
+    model = random_model(config, seed=5, device="cuda")
     ids = torch.randint(0, config.vocab_size, (2, 14), device="cuda")
 
     def new():

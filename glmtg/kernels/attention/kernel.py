@@ -33,13 +33,16 @@ def _load(ptrs, mask, other, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N: tl.constexpr):
-    """(live length, tokens per slice) of sequence b; the attention and merge kernels must agree.
+def _slicing(Lengths, bh, capacity, NUM_SPLITS, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(sequence b, KV head, live length, tokens per slice) of program row ``bh`` = b * NUM_KV_HEADS + head;
+    the attention and merge kernels must agree.
 
     The length is clamped so that a bad value can never address memory outside the cache.
     """
+    b = bh // NUM_KV_HEADS
+    hkv = bh % NUM_KV_HEADS
     length = tl.minimum(tl.maximum(tl.load(Lengths + b), 0), capacity)
-    return length, tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return b, hkv, length, tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -288,10 +291,7 @@ def _decode_attention_kernel(
     split = tl.program_id(0)
     bh = tl.program_id(1)
     m_tile = tl.program_id(2)
-    b = bh // NUM_KV_HEADS
-    hkv = bh % NUM_KV_HEADS
-
-    length, chunk = _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N)
+    b, hkv, length, chunk = _slicing(Lengths, bh, capacity, NUM_SPLITS, NUM_KV_HEADS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     if not DIRECT_OUT:

@@ -26,10 +26,8 @@ def _merge_splits_kernel(
     bh = tl.program_id(0)
     row = tl.program_id(1)
     d_blk = tl.program_id(2)
-    b = bh // NUM_KV_HEADS
-    hkv = bh % NUM_KV_HEADS
     # The attention kernel's slicing, to visit only the slices that ran.
-    length, chunk = _slicing(Lengths, b, capacity, NUM_SPLITS, BLOCK_N)
+    b, hkv, length, chunk = _slicing(Lengths, bh, capacity, NUM_SPLITS, NUM_KV_HEADS, BLOCK_N)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # launched early; the partials are only valid past this point
     n_active = tl.cdiv(length, tl.maximum(chunk, 1))

@@ -14,7 +14,7 @@ import torch
 from glmtg.formats import dequantize
 from glmtg.kernels.attention import decode_attention
 from glmtg.kv_cache import KVCache
-from tests.reference import decode_attention_ref
+from tests.references.attention import decode_attention_ref
 
 
 def _filled_cache(batch, hkv, d, lengths, capacity, k_format, v_format, device, page_size=None, seed=0):

@@ -17,7 +17,7 @@ import torch
 
 from glmtg.kernels.attention import decode_attention, plan_launch
 from glmtg.kernels.attention import launch as launcher
-from tests.reference import decode_attention_ref
+from tests.references.attention import decode_attention_ref
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.5e-2, 1e-2)}
 

@@ -21,7 +21,7 @@ from glmtg.kernels.attention import ARCH_PLANS, Target, decode_attention, plan_f
 from glmtg.kernels.attention import cuda_loop as loop
 from glmtg.kernels.attention.plan import SM90, cuda_loop_launch_for, plan_for
 from glmtg.kv_cache import KVCache
-from tests.reference import decode_attention_ref
+from tests.references.attention import decode_attention_ref
 
 H100 = Target(132, (9, 0))
 TARGETS = [H100, Target(66, (9, 0)), Target(108, (8, 0)), Target(8)]

@@ -4,13 +4,16 @@ Sizes are small on purpose: on a CPU the KV-append kernel runs in the Triton int
 (~50 ms per token), so each test feeds a few dozen tokens at most.
 """
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine, EngineConfig, check_kv_fits, kv_cache_bytes
 from glmtg.kv_cache import KVCache
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.loading.presets import random_model
 from glmtg.sampling import GREEDY, SamplingParams
 
 CFG = ModelConfig.preset("tiny")
@@ -20,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels need t
 @pytest.fixture(scope="module")
 def model32():
     # fp32 weights: the chunked and one-token paths then agree to ~1e-6, far from any argmax tie
-    return Glm4MoeForCausalLM.random(CFG, seed=0, dtype=torch.float32, device=DEVICE)
+    return random_model(CFG, seed=0, dtype=torch.float32, device=DEVICE)
 
 
 def make(model, **kw):
@@ -30,7 +33,7 @@ def make(model, **kw):
     # short chunks on CUDA, computes in the cache's bf16); test_engine_gpu.py covers the kernel + graphs
     kw.setdefault("attn_backend", "sdpa")
     kw.setdefault("use_cuda_graph", False)
-    return Engine(model, CFG, **kw)
+    return Engine(model, CFG, EngineConfig(**kw))
 
 
 def test_chunked_prefill_matches_one_chunk(model32):
@@ -68,10 +71,10 @@ def test_truncate_and_context_checks(model32):
     assert e.lengths == [4] and int(e.cache.lengths[0]) == 4
     with pytest.raises(ValueError, match="truncate"):
         e.truncate(5)
-    with pytest.raises(ValueError, match="exceed the context size"):
+    with pytest.raises(ValueError, match="exceed ctx_size 16"):
         e.prefill(list(range(13)))
     assert e.lengths == [4]  # nothing ran
-    with pytest.raises(ValueError, match="exceed the context size -c 16"):
+    with pytest.raises(ValueError, match="exceed ctx_size 16"):
         e.generate([1, 2, 3], 14)
     assert e.lengths == [4]
 
@@ -111,30 +114,83 @@ def test_batch_of_two_matches_one_by_one(model32):
 def test_settings_are_checked(model32):
     with pytest.raises(ValueError, match="ctx_size"):
         make(model32, ctx_size=0)
+    with pytest.raises(ValueError, match="ubatch"):
+        make(model32, ubatch=True)  # bool is no size
     with pytest.raises(ValueError, match="k_format"):
         make(model32, k_format="q5_0")
-    with pytest.raises(ValueError, match="attention backend"):
+    with pytest.raises(ValueError, match="attn_backend"):
         make(model32, attn_backend="flash")
-    with pytest.raises(ValueError, match="prefill attention backend"):
+    with pytest.raises(ValueError, match="prefill_backend"):
         make(model32, prefill_backend="flash")
+    with pytest.raises(ValueError, match="settings must be an EngineConfig"):
+        Engine(model32, CFG, {"ctx_size": 32})
     assert make(model32, attn_backend="eager").settings.prefill_backend == "eager"
     assert make(model32, attn_backend="eager", prefill_backend="sdpa").settings.prefill_backend == "sdpa"
     if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="CUDA graphs"):
-            Engine(model32, CFG, ctx_size=32, use_cuda_graph=True)
+        with pytest.raises(ValueError, match="use_cuda_graph needs a CUDA device"):
+            Engine(model32, CFG, EngineConfig(ctx_size=32, use_cuda_graph=True))
+        # None (the default) means "when the device is CUDA"
+        assert Engine(model32, CFG, EngineConfig(ctx_size=32)).settings.use_cuda_graph is False
 
 
-def test_kv_bytes_and_memory_check():
+def test_kv_bytes_and_memory_check(monkeypatch):
     need = kv_cache_bytes(CFG, 64, 1, "q8_0", "bf16")
     cache = KVCache(num_layers=CFG.num_hidden_layers, batch=1, capacity=64, num_kv_heads=CFG.num_key_value_heads,
                     head_dim=CFG.head_dim, k_format="q8_0", v_format="bf16")
     assert need == cache.nbytes
+    big = ModelConfig.preset("glm-4.5-air")
     settings = EngineConfig(ctx_size=131072, k_format="bf16")
-    check_kv_fits(10**9, 2 * 10**9, settings)
-    with pytest.raises(ValueError, match=r"needs 12\.30 GB but only 8\.00 GB"):
-        check_kv_fits(12_300_000_000, 8 * 10**9, settings)
+    # 46 layers x 2 (K, V) x 8 heads x 128 x 2 bytes x 131072 tokens = 24.70 GB
+    assert kv_cache_bytes(big, 131072, 1, "bf16", "bf16") == 46 * 2 * 8 * 128 * 2 * 131072
+    monkeypatch.setattr("glmtg.memory.available_bytes", lambda device: 30 * 10**9)
+    check_kv_fits(big, settings, "cpu")
+    monkeypatch.setattr("glmtg.memory.available_bytes", lambda device: 8 * 10**9)
+    with pytest.raises(ValueError, match=r"ctx_size 131072 .*needs 24\.70 GB but only 8\.00 GB .*lower ctx_size"):
+        check_kv_fits(big, settings, "cpu")
 
 
-def test_random_weights_banner(model32):
-    assert "RANDOM WEIGHTS (preset tiny)" in make(model32, random_weights=True, name="preset tiny").banner()
-    assert make(model32).banner() is None
+def test_kv_cache_beyond_host_memory_is_refused_before_allocation(model32):
+    # the CPU gets the same up-front check as a GPU: one ValueError, not an allocator failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ctx_size beyond max_position_embeddings
+        with pytest.raises(ValueError, match=r"KV cache for ctx_size 1000000000 .* GB of host \(CPU\) memory"):
+            Engine(model32, CFG, EngineConfig(ctx_size=10**9), device="cpu")
+
+
+def test_context_beyond_trained_positions_warns_naming_the_parameter(model32):
+    with pytest.warns(UserWarning, match="ctx_size 8192 exceeds the model's max_position_embeddings"):
+        make(model32, ctx_size=8192)
+
+
+def test_prefill_reports_progress_per_chunk(model32):
+    seen = []
+    make(model32, ubatch=4).prefill(list(range(10)), on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(4, 10), (8, 10), (10, 10)]
+    seen.clear()
+    make(model32, ubatch=4).generate([1, 2, 3, 4, 5], 2, on_prefill_progress=lambda d, t: seen.append(d))
+    assert seen == [4, 5]
+
+
+def test_failed_graph_capture_warns_with_the_cause_and_decodes_eagerly(model32, monkeypatch):
+    ids = [3, 1, 4, 1, 5, 9]
+    ref = make(model32)
+    ref.prefill(ids)
+    want = [int(ref.decode_step()[0]) for _ in range(3)]
+
+    e = make(model32)
+    # a CPU engine never captures; make this one try, with a capture that fails as a host sync would
+    monkeypatch.setattr(e, "settings", dataclasses.replace(e.settings, use_cuda_graph=True))
+
+    def fail(key):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(e, "_capture", fail)
+    e.prefill(ids)
+    with pytest.warns(RuntimeWarning, match=r"capture of the decode step failed \(RuntimeError: operation not "
+                                            r"permitted when stream is capturing\); decoding eagerly"):
+        got = [int(e.decode_step()[0])]
+    assert not e.uses_cuda_graph  # the path change is visible, not silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per step
+        got += [int(e.decode_step()[0]) for _ in range(2)]
+    assert got == want

@@ -79,7 +79,7 @@ def test_chat_template_renders_as_transformers(tmp_path, where):
     assert text == ("[gMASK]<sop><|system|>\nBe brief.\n<|user|>\nhello there, <world> & friends\n"
                     "<|assistant|>")
     assert '"adds <a> & <b>"' in tok.apply_chat_template(MESSAGES[:2], tools=tools)  # tojson: no HTML escaping
-    with pytest.raises(Exception, match="unknown role"):
+    with pytest.raises(ValueError, match="chat template failed to render .*unknown role"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])
 
 
@@ -112,4 +112,25 @@ def test_tokenizer_errors(tmp_path):
         tok.apply_chat_template(MESSAGES)
     (root / "tokenizer.json").write_text("{broken")
     with pytest.raises(ValueError, match="cannot read"):
+        Tokenizer.from_dir(root)
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for x in %}{{ x }}{% endfor %}", r"does not compile \(line 1: "),
+    ("{% if messages %}", "does not compile"),
+    ("{{ messages[0].content + 1 }}", r"failed to render \(TypeError"),
+    ("{{ raise_exception('no system prompt allowed') }}", "no system prompt allowed"),
+    ("{{ messages.__class__.__mro__ }}", "failed to render"),  # the sandbox refuses it
+])
+def test_broken_chat_template_is_one_value_error(tmp_path, template, match):
+    tok = Tokenizer.from_dir(build_dir(tmp_path / "t", None, template))
+    with pytest.raises(ValueError, match=match) as info:
+        tok.apply_chat_template(MESSAGES)
+    assert "\n" not in str(info.value) or "line" in str(info.value)
+
+
+def test_chat_template_file_that_is_not_text(tmp_path):
+    root = build_dir(tmp_path / "t", None, None)
+    (root / "chat_template.jinja").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="chat_template.jinja is not UTF-8"):
         Tokenizer.from_dir(root)

@@ -6,6 +6,7 @@ Weights are float32 in the files and loaded as float32, so the logits tolerance 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,13 +14,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from glmtg.config import ModelConfig
 from glmtg.loading import load_model
 from glmtg.loading.names import hf_to_glmtg
-
-from tests.reference_model import hf_checkpoint_state, hf_logits, hf_reference, new_cache, tiny
+from tests.references.model import (
+    hf_checkpoint_state,
+    hf_logits,
+    hf_reference,
+    new_cache,
+)
 
 RTOL, ATOL = 1e-4, 2e-5
-CONFIG = tiny(vocab_size=1001, num_hidden_layers=3, num_nextn_predict_layers=1)
+CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=1001, num_hidden_layers=3,
+                             num_nextn_predict_layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +66,15 @@ def write_checkpoint(root: Path, state: dict[str, torch.Tensor], config: dict, s
     return root
 
 
-def logits_of(model, ids):
-    return model(ids, new_cache(model.config, ids.shape[0], ids.shape[1]), attn_backend="sdpa")
+@pytest.fixture
+def logits_of():
+    def run(model, ids):
+        return model(ids, new_cache(model.config, ids.shape[0], ids.shape[1]), attn_backend="sdpa")
+    return run
 
 
 @pytest.mark.parametrize("shards,config_shape", [(1, "published"), (3, "transformers5")])
-def test_load_gives_transformers_logits(tmp_path, reference, shards, config_shape):
+def test_load_gives_transformers_logits(tmp_path, reference, logits_of, shards, config_shape):
     hf, state, ids, want = reference
     # GLM repos put rope_theta/partial_rotary_factor at the top level and eos as a list; transformers 5 writes
     # them into rope_parameters. Both must load to the same model.
@@ -143,3 +153,25 @@ def test_every_tensor_name_maps(reference):
     for name in state:
         layer_is_nextn = name.startswith(f"model.layers.{CONFIG.num_hidden_layers}.")
         assert (hf_to_glmtg(name) is not None) or layer_is_nextn, name
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.int8])
+def test_non_float_tensor_is_refused_by_name(tmp_path, reference, dtype):
+    _, state, _, _ = reference
+    bad = dict(state, **{"model.norm.weight": torch.ones(CONFIG.hidden_size, dtype=dtype)})
+    root = write_checkpoint(tmp_path / "ckpt", bad, CONFIG.to_hf_dict())
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"tensor model\.norm\.weight has dtype {name}; weights must be floating"):
+        load_model(root, dtype=torch.float32, progress=False)
+
+
+@pytest.mark.parametrize("value, dtype", [(float("nan"), torch.float32), (float("inf"), torch.float32),
+                                          (1e6, torch.float16)])  # 1e6 overflows float16 to inf
+def test_non_finite_weights_are_refused_by_name(tmp_path, reference, value, dtype):
+    _, state, _, _ = reference
+    name = "model.layers.1.self_attn.q_proj.weight"
+    w = state[name].clone()
+    w[3, 5] = value
+    root = write_checkpoint(tmp_path / "ckpt", dict(state, **{name: w}), CONFIG.to_hf_dict())
+    with pytest.raises(ValueError, match=rf"tensor {name} holds 1 non-finite value"):
+        load_model(root, dtype=dtype, progress=False)

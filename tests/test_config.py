@@ -91,3 +91,45 @@ def test_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.hidden_size = 3
     assert hash(c) == hash(dataclasses.replace(c, eos_token_ids=[2]))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("rope_theta", [10000], "rope_theta must be a finite number"),
+    ("rope_theta", "1e6", "rope_theta must be a finite number"),
+    ("rope_theta", float("nan"), "rope_theta must be a finite number"),
+    ("eos_token_id", 2.5, "eos_token_id must be an int, a list of ints or null"),
+    ("eos_token_id", "2", "eos_token_id must be an int"),
+    ("eos_token_id", [2, "3"], "eos_token_ids must be ints"),
+    ("eos_token_id", [True], "eos_token_ids must be ints"),
+    ("rope_scaling", "yarn", "rope_scaling must be a JSON object or null"),
+    ("rope_parameters", [1, 2], "rope_parameters must be a JSON object or null"),
+    ("num_attention_heads", "12", "num_attention_heads must be an int"),
+    ("num_attention_heads", 12.0, "num_attention_heads must be an int"),
+    ("num_hidden_layers", True, "num_hidden_layers must be an int"),  # bool is not an int
+    ("hidden_size", 10**40, "hidden_size must be an int in"),
+    ("vocab_size", -5, "vocab_size must be an int in"),
+    ("num_nextn_predict_layers", "1", "num_nextn_predict_layers must be an int"),
+    ("use_qk_norm", 1, "use_qk_norm must be true or false"),
+    ("attention_bias", "true", "attention_bias must be true or false"),
+    ("rms_norm_eps", {"x": 1}, "rms_norm_eps must be a finite number"),
+    ("routed_scaling_factor", False, "routed_scaling_factor must be a finite number"),
+    ("partial_rotary_factor", [0.5], "partial_rotary_factor must be a finite number"),
+])
+def test_fields_of_the_wrong_json_type_are_value_errors(key, value, match):
+    raw = json.loads(json.dumps(ModelConfig.preset("tiny").to_hf_dict()))
+    raw[key] = value
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_json(raw)
+
+
+def test_null_fields_take_their_defaults():
+    raw = ModelConfig.preset("tiny").to_hf_dict()
+    raw.update(rms_norm_eps=None, rope_scaling=None, rope_parameters=None, eos_token_id=None, use_qk_norm=None)
+    config = ModelConfig.from_hf_json(raw)
+    assert config.rms_norm_eps == 1e-5 and config.eos_token_ids == () and config.use_qk_norm is False
+
+
+def test_numbers_become_floats():
+    raw = dict(ModelConfig.preset("tiny").to_hf_dict(), rope_theta=10000, routed_scaling_factor=2)
+    config = ModelConfig.from_hf_json(raw)
+    assert type(config.rope_theta) is float and type(config.routed_scaling_factor) is float

@@ -1,0 +1,1 @@
+"""Shared references of the tests: float64 attention, bit-exact quantization (gguf), transformers model."""
