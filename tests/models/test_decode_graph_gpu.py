@@ -32,7 +32,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.gpu
 def test_batch32_air_decode_step_captures_and_replays():
     config = dataclasses.replace(ModelConfig.preset("glm-4.5-air"), num_hidden_layers=2, first_k_dense_replace=1,
-                                 vocab_size=2048)
+                                 vocab_size=2048, eos_token_ids=(2047,))
     model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
     experts = model.layers[1].mlp.experts
     x = torch.empty(BATCH, config.hidden_size, dtype=torch.bfloat16, device="cuda")
