@@ -69,13 +69,17 @@ def compare(before: dict, after: dict) -> list[dict[str, Any]]:
     return pairs
 
 
-def markdown(pairs: list[dict[str, Any]], before_env: dict, after_env: dict, tolerance: float) -> str:
+def _describe(env: dict, label: str | None) -> str:
+    name = label or env.get("glmtg_commit") or "?"
+    return f"{name}, {env.get('date', '?')}, {env.get('device', '?')}"
+
+
+def markdown(pairs: list[dict[str, Any]], before_env: dict, after_env: dict, tolerance: float,
+             labels: tuple[str | None, str | None] = (None, None)) -> str:
     worst = max(pairs, key=lambda p: abs(p["speed_ratio"] - 1))
     lines = [
-        f"before: {before_env.get('glmtg_commit', before_env.get('label', '?'))}, {before_env.get('date', '?')}, "
-        f"{before_env.get('device', '?')}",
-        f"after: {after_env.get('glmtg_commit', after_env.get('label', '?'))}, {after_env.get('date', '?')}, "
-        f"{after_env.get('device', '?')}",
+        f"before: {_describe(before_env, labels[0])}",
+        f"after: {_describe(after_env, labels[1])}",
         "",
         f"speed after / before (> 1: faster after). Worst: {worst['speed_ratio']:.3f} "
         f"({worst['case']}, {worst['impl']}); {sum(abs(p['speed_ratio'] - 1) > tolerance for p in pairs)} of "
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="path stem of the .md/.json/.png written")
     parser.add_argument("--tolerance", type=float, default=0.03, help="allowed |speed ratio - 1|")
     parser.add_argument("--title", default="after / before")
+    parser.add_argument("--labels", nargs=2, metavar=("BEFORE", "AFTER"), default=(None, None),
+                        help="names of the two runs (default: the commit each JSON records)")
     args = parser.parse_args(argv)
     try:
         before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
@@ -126,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as exc:
         parser.error(str(exc))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(pairs, before.get("environment", {}), after.get("environment", {}), args.tolerance)
+    text = markdown(pairs, before.get("environment", {}), after.get("environment", {}), args.tolerance,
+                    tuple(args.labels))
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"before": str(args.before), "after": str(args.after), "before_environment": before.get("environment"),
+        {"before": str(args.before), "after": str(args.after), "labels": list(args.labels), "before_environment": before.get("environment"),
          "after_environment": after.get("environment"), "tolerance": args.tolerance, "pairs": pairs}, indent=1))
     plot(pairs, args.out.with_suffix(".png"), args.title, args.tolerance)
     print(text)
