@@ -32,6 +32,7 @@ from triton.compiler import ASTSource
 from glmtg.formats import FORMATS, KernelCode
 from glmtg.kernels.attention import kernel as da
 from glmtg.kernels.attention.cuda_loop import FATBIN
+from glmtg.kernels.sass import longest_loop as sass_longest_loop  # noqa: E402
 
 FLOAT, Q8_0, Q4_0, FP8 = KernelCode.FLOAT, KernelCode.Q8_0, KernelCode.Q4_0, KernelCode.FP8
 CODE_PTR = {FLOAT: "*bf16", Q8_0: "*i8", Q4_0: "*u8", FP8: "*fp8e4nv"}
@@ -109,24 +110,7 @@ def disassemble(cubin: bytes) -> str:
 
 def longest_loop(sass: str) -> collections.Counter:
     """SASS opcodes of the longest loop (a backward branch's span) in one function's disassembly."""
-    labels, ops, pending = {}, [], []
-    for line in sass.splitlines():
-        label = re.match(r"^\s*(\.L_x_\d+):", line)
-        if label:
-            pending.append(label.group(1))
-            continue
-        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
-        if m:
-            addr = int(m.group(1), 16)
-            labels.update({name: addr for name in pending})
-            pending = []
-            ops.append((addr, m.group(2), line))
-    loops = [(labels[t.group(1)], addr) for addr, op, line in ops if op.startswith("BRA")
-             for t in [re.search(r"(\.L_x_\d+)", line)] if t and labels.get(t.group(1), addr) < addr]
-    if not loops:
-        return collections.Counter()
-    lo, hi = max(loops, key=lambda span: span[1] - span[0])
-    return collections.Counter(op for addr, op, _ in ops if lo <= addr <= hi)
+    return collections.Counter(sass_longest_loop(sass))
 
 
 def loop_sass(cubin: bytes) -> collections.Counter:

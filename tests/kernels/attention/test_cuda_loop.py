@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from glmtg.formats import FORMATS, KernelCode
-from glmtg.kernels.attention import cuda_loop, cuda_loop_launch, decode_attention, plan_launch
+from glmtg.kernels.attention import (
+    cuda_loop,
+    cuda_loop_launch,
+    decode_attention,
+    plan_launch,
+)
+from glmtg.kernels.sass import longest_loop
 
 QUANT = ("q8_0", "q4_0", "fp8")
 
@@ -174,30 +180,6 @@ def test_params_struct_matches_source():
         assert ctype is want, f"{name}: {kind} mirrored as {ctype}"
 
 
-def _longest_loop_ops(sass: str) -> list[str]:
-    """Opcodes of one function's longest loop (the span of its longest backward branch), from nvdisasm text."""
-    import re
-
-    labels, ops, pending = {}, [], []
-    for line in sass.splitlines():
-        label = re.match(r"^\s*(\.L_x_\d+):", line)
-        if label:
-            pending.append(label.group(1))
-            continue
-        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
-        if m:
-            address = int(m.group(1), 16)
-            labels.update({name: address for name in pending})
-            pending = []
-            ops.append((address, m.group(2), line))
-    spans = [(labels[t.group(1)], address) for address, op, line in ops if op.startswith("BRA")
-             for t in [re.search(r"(\.L_x_\d+)", line)] if t and labels.get(t.group(1), address) < address]
-    if not spans:
-        return []
-    lo, hi = max(spans, key=lambda span: span[1] - span[0])
-    return [op.split(".")[0] for address, op, _ in ops if lo <= address <= hi]
-
-
 def test_fatbin_holds_every_kernel(tmp_path):
     """The shipped fatbin has a contiguous-cache and a paged kernel for each of the 9 K/V format pairs; each
     contiguous kernel's loop holds 64 mma (two 16-token steps of 32). Read with Triton's bundled
@@ -222,7 +204,7 @@ def test_fatbin_holds_every_kernel(tmp_path):
     assert set(parts) == want
     for k in loop_formats:
         for v in loop_formats:
-            ops = _longest_loop_ops(parts[cuda_loop.kernel_name(k, v, False)])
+            ops = [op.split(".")[0] for op in longest_loop(parts[cuda_loop.kernel_name(k, v, False)])]
             assert ops.count("HMMA") == 64, (k, v, ops.count("HMMA"))
 
 
