@@ -232,7 +232,7 @@ class Engine:
             chunk = ids[:, start:start + self.settings.ubatch]
             n = chunk.shape[1]
             out = self.model(chunk, self.cache, attn_backend=self.settings.prefill_backend,
-                             last_only=on_logits is None)
+                             last_only=on_logits is None, validate=False)  # room checked on the host copy
             self.cache.lengths += n
             self._lengths = [length + n for length in self._lengths]
             if on_logits is not None:
@@ -247,7 +247,9 @@ class Engine:
 
     def _step(self) -> None:
         """One decode step on the static buffers: forward, advance lengths, sample into ``_token``."""
-        logits = self.model(self._token[:, None], self.cache, attn_backend=self.settings.attn_backend)  # [B, 1, V]
+        # The engine checked the room on its host copy of the lengths: the model need not read them back.
+        logits = self.model(self._token[:, None], self.cache, attn_backend=self.settings.attn_backend,
+                            validate=False)  # [B, 1, V]
         self.cache.lengths += 1
         self._token.copy_(self.sampler(logits[:, -1]))
 

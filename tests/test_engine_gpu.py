@@ -23,8 +23,7 @@ def model():
     SamplingParams(seed=5),  # llama.cpp defaults: top-k 40 candidates
 ], ids=["greedy", "full", "topk"])
 @pytest.mark.parametrize("k_format", ["bf16", "q8_0"])
-# q8_0 takes attention.py's torch path, which reads lengths on the host: capture fails and the engine
-# warns and decodes eagerly; the tokens must be right either way
+# a path that cannot be captured makes the engine warn and decode eagerly: the tokens must be right either way
 @pytest.mark.filterwarnings("ignore:CUDA graph capture")
 def test_graph_decode_matches_eager(model, params, k_format):
     prompt = torch.randint(0, CFG.vocab_size, (37,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -74,3 +73,20 @@ def test_capture_that_syncs_on_the_host_warns_and_matches_eager(model, monkeypat
         a = e.generate(prompt, 8, GREEDY, eos_token_ids=[])
     assert not e.uses_cuda_graph
     assert a.tokens == ref.generate(prompt, 8, GREEDY, eos_token_ids=[]).tokens
+
+
+def test_eager_decode_step_of_batch_32_reads_nothing_back(model):
+    # 32 tokens x top-2 > 8 experts: the many-pairs MoE path; bf16 on Hopper takes the grouped matmul.
+    # torch raises on any synchronizing call (a .item(), .tolist(), a device-to-host copy) in the steps.
+    e = Engine(model, CFG, EngineConfig(ctx_size=64, ubatch=16, batch=32, use_cuda_graph=False))
+    e.prefill(list(range(5)))
+    e.decode_step()  # kernels compile and lazy initialisations happen outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            e.decode_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert e.lengths == [9] * 32
