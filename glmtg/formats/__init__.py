@@ -1,13 +1,15 @@
-"""Block formats (KV caches today, GGUF weights next): one registry, see registry.py."""
+"""Block formats of KV caches (planar) and GGUF weights (interleaved blocks): one registry, see registry.py."""
 
 from __future__ import annotations
 
 import torch
 
 from glmtg.formats.quant import FP8_MAX, QK
-from glmtg.formats.registry import FORMATS, KV_FORMATS, BlockFormat, KernelCode, get
+from glmtg.formats.registry import (FORMATS, GGUF_FORMATS, KV_FORMATS, REGISTRY, BlockFormat, KernelCode, Layout,
+                                    get)
 
-__all__ = ["FORMATS", "FP8_MAX", "KV_FORMATS", "QK", "BlockFormat", "KernelCode", "dequantize", "get", "quantize"]
+__all__ = ["FORMATS", "FP8_MAX", "GGUF_FORMATS", "KV_FORMATS", "QK", "REGISTRY", "BlockFormat", "KernelCode",
+           "Layout", "dequantize", "dequantize_blocks", "get", "quantize"]
 
 
 def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -18,3 +20,9 @@ def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | No
 def dequantize(data: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
     """float32 values [..., D] of rows stored in format ``fmt``."""
     return get(fmt, what="fmt").dequantize(data, scale)
+
+
+def dequantize_blocks(raw: torch.Tensor, fmt: str | int) -> torch.Tensor:
+    """float32 values [..., n_values] of GGUF blocks ``raw`` (uint8 [..., nbytes]) of type ``fmt``, a name
+    or a gguf type id; bit-exact with ``gguf.quants.dequantize``."""
+    return get(fmt, what="fmt", allowed=GGUF_FORMATS).dequantize_blocks(raw)
