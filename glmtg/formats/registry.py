@@ -21,6 +21,7 @@ formats of KV caches and of GGUF weight tensors.
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,7 +60,8 @@ Dequantize = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 class BlockFormat:
     """One block format. Values are quantized along the last dimension of a tensor (a head row, a weight row).
 
-    Fields from ``code`` to ``dequantize`` describe the planar layout and are None for a format without one.
+    ``code``, ``data_dtype``, ``scale_dtype``, ``values_per_item``, ``quantize`` and ``dequantize`` describe the
+    planar layout (and ``scaled``, ``row_scaled``, ``storage_shape`` ... read them): None for a format without one.
     """
 
     name: str
@@ -172,11 +174,11 @@ _BY_GGUF_TYPE: dict[int, str] = {f.gguf_type: name for name, f in REGISTRY.items
 
 
 def get(key: object, *, what: str = "format", allowed: tuple[str, ...] = KV_FORMATS) -> BlockFormat:
-    """The record of format ``key``, a name or a gguf type id (an int, or gguf's GGMLQuantizationType);
+    """The record of format ``key``, a name or a gguf type id (an integer: int, numpy's, gguf's enum);
     ValueError naming ``what`` if it is not one of ``allowed`` (KV cache formats unless told: pass
     ``allowed=GGUF_FORMATS`` for the types of GGUF weight tensors)."""
     name = key
-    if isinstance(key, int) and not isinstance(key, bool):
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
         name = _BY_GGUF_TYPE.get(int(key))
     if not isinstance(name, str) or name not in allowed:
         raise ValueError(f"{what} must be one of {allowed}, got {key!r}")

@@ -69,7 +69,7 @@ def test_registry_holds_every_gguf_type_with_gguf_sizes():
         assert gtype.name.lower() == name
         assert gguf.GGML_QUANT_SIZES[gtype] == (fmt.block_size, fmt.type_size)
         assert get(fmt.gguf_type, allowed=GGUF_FORMATS) is fmt and get(gtype, allowed=GGUF_FORMATS) is fmt
-        assert get(name, allowed=GGUF_FORMATS) is fmt
+        assert get(name, allowed=GGUF_FORMATS) is fmt and get(np.int64(fmt.gguf_type), allowed=GGUF_FORMATS) is fmt
         assert Layout.BLOCKS in fmt.layouts
         assert (Layout.PLANAR in fmt.layouts) == (name in KV_FORMATS)
 
