@@ -32,8 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, result_path, write_json  # noqa: E402
 
+from glmtg.formats.ggml_types import GGML_TYPES  # noqa: E402
 from glmtg.loading.gguf import GGUFError, open_gguf  # noqa: E402
-from glmtg.loading.gguf_types import GGML_TYPES  # noqa: E402
 
 INTERESTING = [0, 1, 2**7, 2**8 - 1, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**63, 2**64 - 1]
 

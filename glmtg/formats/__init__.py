@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 
 from glmtg.formats.quant import FP8_MAX, QK
-from glmtg.formats.registry import (FORMATS, GGUF_FORMATS, KV_FORMATS, REGISTRY, BlockFormat, KernelCode, Layout,
-                                    get)
+from glmtg.formats.registry import (
+    FORMATS,
+    GGUF_FORMATS,
+    KV_FORMATS,
+    REGISTRY,
+    BlockFormat,
+    KernelCode,
+    Layout,
+    get,
+)
 
 __all__ = ["FORMATS", "FP8_MAX", "GGUF_FORMATS", "KV_FORMATS", "QK", "REGISTRY", "BlockFormat", "KernelCode",
            "Layout", "dequantize", "dequantize_blocks", "get", "quantize"]

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from glmtg.formats.ggml_types import GGML_TYPE_IDS, GGML_TYPES
+
 QK_K = 256  # values per k-quant / iq super-block
 # IQ4_NL's 16 non-linear levels (ggml's kvalues_iq4nl), shared by IQ4_XS.
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -207,24 +209,17 @@ def blockwise(block_size: int, type_size: int, per_block: _PerBlock) -> Dequanti
     return dequantize_blocks
 
 
-# name -> (gguf type id, block_size, type_size, per-block dequantization): the GGUF weight types
-# decoded here, in GGUF's own ids and sizes (ggml's GGML_QUANT_SIZES).
+# name -> (gguf type id, block_size, type_size, per-block dequantization): the GGUF weight types decoded
+# here; ids and sizes come from ggml's own table (ggml_types.GGML_TYPES).
+_DECODERS: dict[str, _PerBlock] = {
+    "f32": _f32, "f16": _f16, "bf16": _bf16, "q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0,
+    "q5_1": _q5_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k,
+    "iq4_nl": _iq4_nl, "iq4_xs": _iq4_xs,
+}
 BLOCK_TYPES: dict[str, tuple[int, int, int, _PerBlock]] = {
-    "f32": (0, 1, 4, _f32),
-    "f16": (1, 1, 2, _f16),
-    "bf16": (30, 1, 2, _bf16),
-    "q8_0": (8, 32, 34, _q8_0),
-    "q4_0": (2, 32, 18, _q4_0),
-    "q4_1": (3, 32, 20, _q4_1),
-    "q5_0": (6, 32, 22, _q5_0),
-    "q5_1": (7, 32, 24, _q5_1),
-    "q2_k": (10, QK_K, 84, _q2_k),
-    "q3_k": (11, QK_K, 110, _q3_k),
-    "q4_k": (12, QK_K, 144, _q4_k),
-    "q5_k": (13, QK_K, 176, _q5_k),
-    "q6_k": (14, QK_K, 210, _q6_k),
-    "iq4_nl": (20, 32, 18, _iq4_nl),
-    "iq4_xs": (23, QK_K, 136, _iq4_xs),
+    name: (GGML_TYPE_IDS[name.upper()], GGML_TYPES[GGML_TYPE_IDS[name.upper()]].block_size,
+           GGML_TYPES[GGML_TYPE_IDS[name.upper()]].type_size, per_block)
+    for name, per_block in _DECODERS.items()
 }
 
 

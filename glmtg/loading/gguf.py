@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from glmtg.loading.gguf_types import ARRAY, BOOL, GGML_TYPES, STRING, UINT32, VALUE_TYPES
+from glmtg.formats.ggml_types import GGML_TYPES
+from glmtg.loading.gguf_types import ARRAY, BOOL, STRING, UINT32, VALUE_TYPES
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

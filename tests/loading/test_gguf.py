@@ -19,8 +19,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from glmtg.formats.ggml_types import GGML_TYPE_IDS, GGML_TYPES
 from glmtg.loading.gguf import GGUFError, GGUFFile, open_gguf
-from glmtg.loading.gguf_types import GGML_TYPE_IDS, GGML_TYPES
 
 Q = gguf.GGMLQuantizationType
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
