@@ -145,8 +145,6 @@ class Engine:
             raise ValueError(f"use_cuda_graph needs a CUDA device, not {self.device}")
         self.settings = settings
         self.model = model
-        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
-            model.fuse_projections()  # one matrix-vector product for q/k/v and for each gate/up pair
         self.config = config
         s = self.settings
         if s.ctx_size > config.max_position_embeddings:
