@@ -30,6 +30,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _brief(value: Any) -> str:
+    """A one-line, bounded description of a bad metadata value (a per-layer array can hold 93 numbers)."""
+    text = " ".join(repr(value).split())
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
 def _gguf_value(metadata: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
     if key in metadata:
         return metadata[key]
@@ -42,7 +50,7 @@ def _gguf_uint(metadata: Mapping[str, Any], key: str, default: Any = _REQUIRED, 
     """An integer key (GGUF writes counts as uint32); numpy integers are accepted, bools and floats not."""
     value = _gguf_value(metadata, key, default)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"GGUF key {key!r} must be an integer, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"GGUF key {key!r} must be an integer, got {_brief(value)}")
     if not minimum <= int(value) <= MAX_SIZE:
         raise ValueError(f"GGUF key {key!r} must be in [{minimum}, {MAX_SIZE}], got {int(value)}")
     return int(value)
@@ -57,7 +65,7 @@ def _gguf_float(metadata: Mapping[str, Any], key: str) -> float:
     """
     value = _gguf_value(metadata, key)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"GGUF key {key!r} must be a number, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"GGUF key {key!r} must be a number, got {_brief(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"GGUF key {key!r} must be finite, got {value}")
@@ -280,10 +288,14 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, metadata: Mapping[str, Any], tensor_names: Collection[str]) -> ModelConfig:
-        """The config of a llama.cpp GGUF file: its metadata KVs and the names in its tensor table.
+        """The config of a llama.cpp GGUF file: its metadata KVs and the names in its tensor table (any
+        collection of names; ``GGUFFile.tensors`` will do). ``glmtg.loading.gguf_config`` takes a path.
 
-        Keys are those llama.cpp's converter (``Glm4MoeModel``) writes; optional ones take the default
-        llama.cpp's loader gives them. ``block_count`` counts the next-token-prediction (MTP) blocks too,
+        Keys are those llama.cpp's converter (``Glm4MoeModel``) writes. Optional, with the default llama.cpp's
+        loader gives them: nextn_predict_layers 0 (a ``--no-mtp`` conversion), leading_dense_block_count 0,
+        expert_weights_norm false, expert_gating_func sigmoid, expert_group_count and expert_group_used_count
+        1, attention.value_length = key_length, rope.scaling.type none, the eos/eot/eom ids. The rest are
+        required; a missing or mistyped key is a ValueError naming it. ``block_count`` counts the next-token-prediction (MTP) blocks too,
         so ``num_hidden_layers = block_count - nextn_predict_layers``. What no key says is read from the
         tensor table the way llama.cpp decides it: q/k norms exist when ``blk.0.attn_q_norm.weight`` does,
         attention biases when ``blk.0.attn_q.bias`` does, and the output head is the token embedding when
@@ -294,7 +306,7 @@ class ModelConfig:
         arch_key = "general.architecture"
         arch = _gguf_value(metadata, arch_key)
         if arch != GGUF_ARCH:
-            raise ValueError(f"GGUF key {arch_key!r} must be {GGUF_ARCH!r}, got {arch!r}")
+            raise ValueError(f"GGUF key {arch_key!r} must be {GGUF_ARCH!r}, got {_brief(arch)}")
 
         def key(name: str) -> str:
             return f"{GGUF_ARCH}.{name}"
@@ -319,7 +331,7 @@ class ModelConfig:
         scaling_key = key("rope.scaling.type")
         scaling = _gguf_value(metadata, scaling_key, "none")
         if scaling != "none":
-            raise ValueError(f"GGUF key {scaling_key!r} is {scaling!r}; only unscaled RoPE is supported")
+            raise ValueError(f"GGUF key {scaling_key!r} is {_brief(scaling)}; only unscaled RoPE is supported")
         gating = uint("expert_gating_func", GGUF_GATING_SIGMOID, minimum=0)
         if gating not in (0, GGUF_GATING_SIGMOID):
             raise ValueError(f"GGUF key {key('expert_gating_func')!r} must be {GGUF_GATING_SIGMOID} (sigmoid), "
@@ -327,7 +339,7 @@ class ModelConfig:
         norm_key = key("expert_weights_norm")
         norm = _gguf_value(metadata, norm_key, False)
         if not isinstance(norm, bool):
-            raise ValueError(f"GGUF key {norm_key!r} must be a bool, got {norm!r} ({type(norm).__name__})")
+            raise ValueError(f"GGUF key {norm_key!r} must be a bool, got {_brief(norm)}")
 
         tokens_key = "tokenizer.ggml.tokens"
         tokens = _gguf_value(metadata, tokens_key)
