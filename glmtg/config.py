@@ -5,13 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import struct
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 MODEL_TYPE = "glm4_moe"
 # Sizes above this are no real model and would overflow index arithmetic (int32 in the kernels).
 MAX_SIZE = 2**31 - 1
+_REQUIRED = object()  # sentinel: a GGUF key without a default
+GGUF_ARCH = "glm4moe"  # llama.cpp's name for the architecture (general.architecture)
+GGUF_GATING_SIGMOID = 2  # gguf.ExpertGatingFuncType.SIGMOID; 0 (none) means sigmoid to llama.cpp too
 _BOOL_FIELDS = ("norm_topk_prob", "use_qk_norm", "attention_bias", "tie_word_embeddings")
 _FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "partial_rotary_factor")
 
@@ -22,6 +28,72 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _brief(value: Any) -> str:
+    """A one-line, bounded description of a bad metadata value (a per-layer array can hold 93 numbers)."""
+    text = " ".join(repr(value).split())
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _gguf_value(metadata: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    if key in metadata:
+        return metadata[key]
+    if default is _REQUIRED:
+        raise ValueError(f"GGUF key {key!r} is missing")
+    return default
+
+
+def _gguf_uint(metadata: Mapping[str, Any], key: str, default: Any = _REQUIRED, minimum: int = 0) -> int:
+    """An integer key (GGUF writes counts as uint32); numpy integers are accepted, bools and floats not."""
+    value = _gguf_value(metadata, key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"GGUF key {key!r} must be an integer, got {_brief(value)}")
+    if not minimum <= int(value) <= MAX_SIZE:
+        raise ValueError(f"GGUF key {key!r} must be in [{minimum}, {MAX_SIZE}], got {int(value)}")
+    return int(value)
+
+
+def _gguf_float(metadata: Mapping[str, Any], key: str) -> float:
+    """A float key, given back as the shortest decimal that rounds to the same float32.
+
+    The converter writes config.json's decimals (1e-05, 2.5) as float32; reading 9.99999974738e-06 back
+    would make the config differ from the HF one for no reason, so the decimal is recovered. A value that
+    is no float32 (a float64 key) is returned as it is.
+    """
+    value = _gguf_value(metadata, key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"GGUF key {key!r} must be a number, got {_brief(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"GGUF key {key!r} must be finite, got {value}")
+    try:
+        as_f32 = struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return value
+    if as_f32 != value:
+        return value
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        decimal = float(f"{value:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", decimal))[0] == value:
+            return decimal
+    return value
+
+
+def _rotary_factor(dims: int, head_dim: int) -> float:
+    """The partial_rotary_factor whose ``int(head_dim * factor)`` (transformers' rotary dim) is ``dims``.
+
+    dims / head_dim alone can land one ulp low (30 / 44 * 44 = 29.999...), so it is nudged up until the
+    truncation gives ``dims`` back.
+    """
+    factor = dims / head_dim
+    for _ in range(4):
+        if int(head_dim * factor) >= dims:
+            break
+        factor = math.nextafter(factor, math.inf)
+    return factor
 
 
 def _object(raw: dict[str, Any], key: str) -> dict[str, Any]:
@@ -213,6 +285,112 @@ class ModelConfig:
         if required:
             raise ValueError(f"config is missing required field(s): {', '.join(required)}")
         return cls(**kwargs)
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any], tensor_names: Collection[str]) -> ModelConfig:
+        """The config of a llama.cpp GGUF file: its metadata KVs and the names in its tensor table (any
+        collection of names; ``GGUFFile.tensors`` will do). ``glmtg.loading.gguf_config`` takes a path.
+
+        Keys are those llama.cpp's converter (``Glm4MoeModel``) writes. Optional, with the default llama.cpp's
+        loader gives them: nextn_predict_layers 0 (a ``--no-mtp`` conversion), leading_dense_block_count 0,
+        expert_weights_norm false, expert_gating_func sigmoid, expert_group_count and expert_group_used_count
+        1, attention.value_length = key_length, rope.scaling.type none, the eos/eot/eom ids. The rest are
+        required; a missing or mistyped key is a ValueError naming it. ``block_count`` counts the next-token-prediction (MTP) blocks too,
+        so ``num_hidden_layers = block_count - nextn_predict_layers``. What no key says is read from the
+        tensor table the way llama.cpp decides it: q/k norms exist when ``blk.0.attn_q_norm.weight`` does,
+        attention biases when ``blk.0.attn_q.bias`` does, and the output head is the token embedding when
+        ``output.weight`` is absent. The vocabulary size is the length of ``tokenizer.ggml.tokens`` (the
+        converter pads it to config.json's vocab_size, the row count of the embedding). End-of-generation
+        ids are eos, eot and eom, in that order, as llama.cpp stops on all three.
+        """
+        arch_key = "general.architecture"
+        arch = _gguf_value(metadata, arch_key)
+        if arch != GGUF_ARCH:
+            raise ValueError(f"GGUF key {arch_key!r} must be {GGUF_ARCH!r}, got {_brief(arch)}")
+
+        def key(name: str) -> str:
+            return f"{GGUF_ARCH}.{name}"
+
+        def uint(name: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+            return _gguf_uint(metadata, key(name), default, minimum)
+
+        blocks = uint("block_count")
+        nextn = uint("nextn_predict_layers", 0, minimum=0)
+        if nextn >= blocks:
+            raise ValueError(f"GGUF key {key('nextn_predict_layers')!r} ({nextn}) leaves no layer of "
+                             f"{key('block_count')!r} ({blocks})")
+        head_dim = uint("attention.key_length")
+        value_length = uint("attention.value_length", head_dim)
+        if value_length != head_dim:
+            raise ValueError(f"GGUF key {key('attention.value_length')!r} ({value_length}) must equal "
+                             f"{key('attention.key_length')!r} ({head_dim})")
+        rope_dims = uint("rope.dimension_count")
+        if rope_dims > head_dim or rope_dims % 2:
+            raise ValueError(f"GGUF key {key('rope.dimension_count')!r} must be even and at most the head dim "
+                             f"{head_dim}, got {rope_dims}")
+        scaling_key = key("rope.scaling.type")
+        scaling = _gguf_value(metadata, scaling_key, "none")
+        if scaling != "none":
+            raise ValueError(f"GGUF key {scaling_key!r} is {_brief(scaling)}; only unscaled RoPE is supported")
+        gating = uint("expert_gating_func", GGUF_GATING_SIGMOID, minimum=0)
+        if gating not in (0, GGUF_GATING_SIGMOID):
+            raise ValueError(f"GGUF key {key('expert_gating_func')!r} must be {GGUF_GATING_SIGMOID} (sigmoid), "
+                             f"got {gating}")
+        norm_key = key("expert_weights_norm")
+        norm = _gguf_value(metadata, norm_key, False)
+        if not isinstance(norm, bool):
+            raise ValueError(f"GGUF key {norm_key!r} must be a bool, got {_brief(norm)}")
+
+        tokens_key = "tokenizer.ggml.tokens"
+        tokens = _gguf_value(metadata, tokens_key)
+        if (isinstance(tokens, (str, bytes)) or not isinstance(tokens, Collection)
+                or not all(isinstance(t, str) for t in tokens)):
+            raise ValueError(f"GGUF key {tokens_key!r} must be an array of strings, got {type(tokens).__name__}")
+        vocab = len(tokens)
+        if key("vocab_size") in metadata and uint("vocab_size") != vocab:
+            raise ValueError(f"GGUF key {key('vocab_size')!r} ({metadata[key('vocab_size')]}) differs from the "
+                             f"length of {tokens_key!r} ({vocab})")
+        eos_ids: list[int] = []
+        for name in ("eos", "eot", "eom"):
+            tid_key = f"tokenizer.ggml.{name}_token_id"
+            if tid_key in metadata:
+                tid = _gguf_uint(metadata, tid_key)
+                if tid >= vocab:
+                    raise ValueError(f"GGUF key {tid_key!r} ({tid}) is outside the vocabulary [0, {vocab})")
+                if tid not in eos_ids:
+                    eos_ids.append(tid)
+
+        config = cls(
+            vocab_size=vocab,
+            hidden_size=uint("embedding_length"),
+            intermediate_size=uint("feed_forward_length"),
+            moe_intermediate_size=uint("expert_feed_forward_length"),
+            num_hidden_layers=blocks - nextn,
+            num_attention_heads=uint("attention.head_count"),
+            num_key_value_heads=uint("attention.head_count_kv"),
+            head_dim=head_dim,
+            n_routed_experts=uint("expert_count"),
+            n_shared_experts=uint("expert_shared_count", minimum=0),
+            num_experts_per_tok=uint("expert_used_count"),
+            first_k_dense_replace=uint("leading_dense_block_count", 0, minimum=0),
+            routed_scaling_factor=_gguf_float(metadata, key("expert_weights_scale")),
+            norm_topk_prob=norm,
+            rms_norm_eps=_gguf_float(metadata, key("attention.layer_norm_rms_epsilon")),
+            rope_theta=_gguf_float(metadata, key("rope.freq_base")),
+            partial_rotary_factor=_rotary_factor(rope_dims, head_dim),
+            use_qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            max_position_embeddings=uint("context_length"),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            num_nextn_predict_layers=nextn,
+            n_group=uint("expert_group_count", 1),
+            topk_group=uint("expert_group_used_count", 1),
+            eos_token_ids=tuple(eos_ids),
+        )
+        if config.rotary_dim != rope_dims:  # dims / head_dim * head_dim must come back exactly
+            raise ValueError(f"GGUF key {key('rope.dimension_count')!r} ({rope_dims}) is not representable as "
+                             f"a fraction of head dim {head_dim}")
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict in the published GLM shape (rope at the top level), readable by transformers."""
