@@ -11,7 +11,8 @@ how its bytes are laid out, in one or both of two layouts (``Layout``):
   and q4_0); ``storage_shape`` and ``row_bytes`` describe the layout.
 - blocks: llama.cpp's interleaved blocks, scales and codes of each block together in ``type_size`` raw
   bytes, as GGUF files store weights. The record gives ``dequantize_blocks(raw uint8 [..., nbytes])`` ->
-  float32 [..., values], bit-exact with ``gguf.quants.dequantize`` (glmtg/formats/gguf_blocks.py).
+  float32 [..., values], bit-exact with ``gguf.quants.dequantize`` (glmtg/formats/gguf_blocks.py; the grid
+  types iq1_s ... iq3_s in gguf_iq.py).
 
 The planar fields of a blocks-only format (the GGUF weight types) are None. ``FORMATS`` is the registry's
 planar part (what KV caches and the attention kernels read), ``KV_FORMATS`` and ``GGUF_FORMATS`` name the
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from glmtg.formats import gguf_blocks, quant
+from glmtg.formats import gguf_blocks, gguf_iq, quant
 from glmtg.formats.gguf_blocks import DequantizeBlocks
 
 QK = quant.QK
@@ -144,11 +145,15 @@ def _registry(*formats: BlockFormat) -> dict[str, BlockFormat]:
     return table
 
 
+# Every GGUF weight type decoded: the scalar and k-quant types, then the grid (iq1/iq2/iq3) types.
+_BLOCK_TYPES = {**gguf_blocks.BLOCK_TYPES, **gguf_iq.IQ_TYPES}
+
+
 def _weights_only(name: str) -> BlockFormat:
     """A GGUF weight type: the blocks layout only (no planar fields, not a KV cache format)."""
-    gguf_type, block_size, type_size, _ = gguf_blocks.BLOCK_TYPES[name]
+    gguf_type, block_size, type_size, per_block = _BLOCK_TYPES[name]
     return BlockFormat(name, None, block_size, type_size, None, None, None, gguf_type, None, None,
-                       kv_cache=False, dequantize_blocks=gguf_blocks.dequantizer(name))
+                       kv_cache=False, dequantize_blocks=gguf_blocks.blockwise(block_size, type_size, per_block))
 
 
 REGISTRY: dict[str, BlockFormat] = _registry(
@@ -162,7 +167,7 @@ REGISTRY: dict[str, BlockFormat] = _registry(
                 quant.quantize_q4_0, quant.dequantize_q4_0, dequantize_blocks=gguf_blocks.dequantizer("q4_0")),
     BlockFormat("fp8", KernelCode.FP8, None, None, torch.float8_e4m3fn, torch.float32, 1, None,
                 quant.quantize_fp8, quant.dequantize_fp8),
-    *(_weights_only(name) for name in gguf_blocks.BLOCK_TYPES if name not in ("f16", "bf16", "q8_0", "q4_0")),
+    *(_weights_only(name) for name in _BLOCK_TYPES if name not in ("f16", "bf16", "q8_0", "q4_0")),
 )
 # The planar formats: those whose codes and scales can sit in two tensors (KV caches).
 FORMATS: dict[str, BlockFormat] = {name: f for name, f in REGISTRY.items() if Layout.PLANAR in f.layouts}

@@ -20,7 +20,10 @@ FLOAT_TYPES = ("f32", "f16", "bf16")
 FP16_FIELDS = {
     "q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "iq4_nl": (0,),
     "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "iq4_xs": (0,),
+    "iq2_xxs": (0,), "iq2_xs": (0,), "iq2_s": (0,), "iq3_xxs": (0,), "iq3_s": (0,), "iq1_s": (0,),
+    "iq1_m": (),  # its fp16 scale is spread over four nibbles: _valid_blocks places it
 }
+GRID_TYPES = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m")
 # Types the gguf package can quantize: their blocks also come from real values.
 GGUF_QUANTIZES = ("bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
@@ -56,12 +59,19 @@ def _valid_blocks(rng: np.random.Generator, name: str, lead: tuple[int, ...], n_
     raw = rng.integers(0, 256, (*lead, n_blocks, fmt.type_size), dtype=np.uint8)
     for off in FP16_FIELDS[name]:
         raw[..., off:off + 2] = _moderate_fp16(rng, (*lead, n_blocks, 1)).view(np.uint8)
+    if name == "iq1_m":  # the scale's 4 nibbles, low first, are the top nibbles of the 4 uint16 at bytes 48..55
+        d = _moderate_fp16(rng, (*lead, n_blocks, 1)).view(np.uint16)
+        words = raw[..., 48:56].copy().view(np.uint16)
+        words = (words & 0x0FFF) | (((d >> np.array([0, 4, 8, 12], dtype=np.uint16)) & 0xF) << 12)
+        raw[..., 48:56] = words.astype(np.uint16).view(np.uint8)
+        back = raw[..., 48:56].copy().view(np.uint16) >> 12 << np.array([0, 4, 8, 12], dtype=np.uint16)
+        assert np.array_equal(np.bitwise_or.reduce(back, axis=-1, keepdims=True), d)
     return raw.reshape(*lead, n_blocks * fmt.type_size)
 
 
 def test_registry_holds_every_gguf_type_with_gguf_sizes():
     expected = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
-                "q6_k", "iq4_nl", "iq4_xs"}
+                "q6_k", "iq4_nl", "iq4_xs", *GRID_TYPES}
     assert set(GGUF_FORMATS) == expected and len(GGUF_FORMATS) == len(expected)
     for name in GGUF_FORMATS:
         fmt = REGISTRY[name]
@@ -117,7 +127,7 @@ def test_dequantize_blocks_of_gguf_quantized_values(name):
     _assert_same_bits(dequantize_blocks(torch.from_numpy(raw), name), _reference(raw, name), nan_payloads=True)
 
 
-@pytest.mark.parametrize("name", ["f32", "q5_0", "q3_k"])
+@pytest.mark.parametrize("name", ["f32", "q5_0", "q3_k", "iq2_xxs", "iq1_m"])
 def test_unaligned_and_strided_input(name):
     """A slice at an odd byte offset of a wider buffer (as from a memory map) decodes like a fresh copy."""
     fmt = REGISTRY[name]
@@ -165,8 +175,8 @@ def test_bad_input_names_raw(name):
 
 
 def test_unknown_gguf_types_are_rejected_by_name():
-    with pytest.raises(ValueError, match=r"fmt must be one of .*got 16"):
-        dequantize_blocks(torch.zeros(66, dtype=torch.uint8), 16)  # IQ2_XXS: not decoded yet
+    with pytest.raises(ValueError, match=r"fmt must be one of .*got 34"):
+        dequantize_blocks(torch.zeros(54, dtype=torch.uint8), 34)  # TQ1_0: no GLM file uses it
     with pytest.raises(ValueError, match=r"fmt must be one of .*got 'fp8'"):
         dequantize_blocks(torch.zeros(4, dtype=torch.uint8), "fp8")
     with pytest.raises(ValueError, match="got True"):
