@@ -35,10 +35,13 @@ _PerBlock = Callable[[torch.Tensor], torch.Tensor]
 
 def _as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The bytes ``b`` [..., k * itemsize] reinterpreted as ``dtype`` [..., k] (little-endian, as GGUF)."""
-    b = b.contiguous()
-    if b.storage_offset() % dtype.itemsize:  # a view needs an aligned start: copy once
-        b = b.clone()
-    return b.view(dtype)
+    shape = b.shape
+    # Flat first: a one-row slice of blocks keeps the block-wide row stride even when "contiguous", which
+    # a dtype view refuses; a flat tensor needs only an aligned start (else copy once).
+    flat = b.reshape(-1).contiguous()
+    if flat.storage_offset() % dtype.itemsize:
+        flat = flat.clone()
+    return flat.view(dtype).view(*shape[:-1], shape[-1] // dtype.itemsize)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

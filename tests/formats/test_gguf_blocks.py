@@ -181,3 +181,15 @@ def test_unknown_gguf_types_are_rejected_by_name():
         dequantize_blocks(torch.zeros(4, dtype=torch.uint8), "fp8")
     with pytest.raises(ValueError, match="got True"):
         get(True, allowed=GGUF_FORMATS)
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_FORMATS))
+def test_one_block_sliced_from_a_wider_row(name):
+    """[1, type_size] cut from a wider buffer keeps the buffer's row stride (a one-row 'contiguous' view
+    that a dtype view refuses): every type decodes it like a fresh copy."""
+    fmt = REGISTRY[name]
+    raw = _valid_blocks(np.random.default_rng([11, *name.encode()]), name, (3,), 2)
+    one = torch.from_numpy(raw)[1:2, fmt.type_size:]
+    assert one.shape == (1, fmt.type_size) and one.stride(0) == 2 * fmt.type_size
+    _assert_same_bits(fmt.dequantize_blocks(one), _reference(raw[1:2, fmt.type_size:].copy(), name),
+                      nan_payloads=True)
