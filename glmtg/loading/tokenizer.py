@@ -1,4 +1,4 @@
-"""Tokenizer from an HF directory: tokenizer.json (tokenizers library) and a Jinja chat template.
+"""Tokenizer from an HF directory (tokenizer.json and a Jinja chat template) or from a GGUF file's metadata.
 
 The chat template is rendered the way transformers renders it (sandboxed Jinja with trim_blocks and
 lstrip_blocks, loopcontrols, a JSON-faithful ``tojson``, ``raise_exception`` and ``strftime_now``), so prompts
@@ -17,6 +17,14 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+
+from glmtg.loading.gguf_tokenizer import (
+    END_ID_KEYS,
+    KEY_TEMPLATE,
+    SPECIAL_ID_KEYS,
+    build_gguf_tokenizer,
+    special_token_ids,
+)
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
@@ -113,6 +121,21 @@ class Tokenizer:
         if "eos_token" in special and (tid := tok.token_to_id(special["eos_token"])) is not None:
             eos.append(tid)
         return cls(tok, template if isinstance(template, str) else None, special, tuple(dict.fromkeys(eos)))
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
+        """From the ``tokenizer.ggml.*`` keys and ``tokenizer.chat_template`` of a GGUF file's metadata (as
+        ``open_gguf(path).metadata`` gives it). EOS ids are the eos, eot and eom ids, the tokens llama.cpp
+        stops on; ValueError naming the key for anything missing or not understood."""
+        tok = build_gguf_tokenizer(metadata)
+        n = tok.get_vocab_size(with_added_tokens=True)
+        ids = special_token_ids(metadata, n)
+        special = {name: tok.id_to_token(i) for k, i in ids.items() if (name := SPECIAL_ID_KEYS[k]) is not None}
+        eos = tuple(dict.fromkeys(ids[k] for k in END_ID_KEYS if k in ids))
+        template = metadata.get(KEY_TEMPLATE)
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"GGUF key {KEY_TEMPLATE!r} must be a string, got {type(template).__name__}")
+        return cls(tok, template, special, eos)
 
     @property
     def vocab_size(self) -> int:
