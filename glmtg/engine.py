@@ -27,7 +27,8 @@ import torch
 
 from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
-from glmtg.kv_cache import KV_FORMATS, KVCache
+from glmtg.formats import KV_FORMATS
+from glmtg.kv_cache import KVCache
 from glmtg.memory import check_fits
 from glmtg.sampling import GREEDY, Sampler, SamplingParams
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from glmtg.formats import FORMATS, KV_FORMATS
+from glmtg.formats import FORMATS, KV_FORMATS, dequantize
 from glmtg.kernels.kv_store import kv_store
 
-__all__ = ["KV_FORMATS", "KVCache", "KVLayerView", "dequantize"]
+__all__ = ["KVCache", "KVLayerView"]
 
 _PAGE_SEED = 0  # fixed, so a paged cache is reproducible
 
@@ -47,16 +47,6 @@ class KVLayerView:
     data: torch.Tensor
     scale: torch.Tensor | None
     format: str
-
-
-def dequantize(data: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    """float32 values of stored rows: data [..., D or D//2] and scale [..., D//32] or [...] -> [..., D].
-
-    For q8_0/q4_0 this is gguf's dequantization (float32 d times the float32 code), bit for bit.
-    """
-    if fmt not in KV_FORMATS:
-        raise ValueError(f"format must be one of {KV_FORMATS}, got {fmt!r}")
-    return FORMATS[fmt].dequantize(data, scale)
 
 
 class KVCache:

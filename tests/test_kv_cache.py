@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmtg.kv_cache import KV_FORMATS, KVCache, KVLayerView, dequantize
+from glmtg.formats import KV_FORMATS, dequantize
+from glmtg.kv_cache import KVCache, KVLayerView
 from tests.references.quant import dequantize as ref_dequantize
 from tests.references.quant import quantize as ref_quantize
 

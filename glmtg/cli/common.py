@@ -18,7 +18,7 @@ import torch
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine, EngineConfig, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
-from glmtg.kv_cache import KV_FORMATS
+from glmtg.formats import KV_FORMATS
 from glmtg.layers.attention import BACKENDS
 from glmtg.loading.byte_tokenizer import ByteTokenizer
 from glmtg.loading.presets import (
