@@ -77,21 +77,16 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def test_moe_decode_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, f"a kernel failed to compile for sm_90:\n{done.stdout}\n{done.stderr[-3000:]}"
-    rows = {}
-    for line in done.stdout.splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) == 6 and cells[0] in KERNELS:
-            rows[cells[0], cells[1]] = [int(c) for c in cells[2:]]
-    assert len(rows) == len(KERNELS) * len(DTYPES), done.stdout
+def test_moe_decode_kernels_compile_for_sm90(compile_report):
+    stdout, table = compile_report(__file__, timeout=600)
+    rows = {(cells[0], cells[1]): [int(c) for c in cells[2:]] for cells in table
+            if len(cells) == 6 and cells[0] in KERNELS}
+    assert len(rows) == len(KERNELS) * len(DTYPES), stdout
     for (kernel_name, dtype), cells in rows.items():
         assert cells[1] == 0, f"{kernel_name} {dtype} spills {cells[1]} bytes"
     # bf16 at the default blocks: per thread, 4 16-byte loads per weight tile (gate and up: 8), not scalars
-    assert rows["gate_up", "bf16"][2] >= 8, done.stdout
-    assert rows["down", "bf16"][2] >= 4, done.stdout
+    assert rows["gate_up", "bf16"][2] >= 8, stdout
+    assert rows["down", "bf16"][2] >= 4, stdout
 
 
 if __name__ == "__main__":

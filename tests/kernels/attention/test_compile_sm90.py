@@ -13,7 +13,6 @@ more). ``python tests/kernels/attention/test_compile_sm90.py`` prints the report
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 HEADS = ((96, 8), (48, 2))
@@ -122,16 +121,10 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def test_planned_launches_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, f"a variant failed to compile for sm_90:\n{done.stdout}\n{done.stderr[-3000:]}"
-    rows = {}
-    for line in done.stdout.splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) == 4 and cells[1].isdigit():
-            rows[cells[0]] = [int(c) for c in cells[1:]]
-    assert len(rows) == len(HEADS) * len(FORMAT_PAIRS) + 4, done.stdout
+def test_planned_launches_compile_for_sm90(compile_report):
+    stdout, table = compile_report(__file__, timeout=900)
+    rows = {cells[0]: [int(c) for c in cells[1:]] for cells in table if len(cells) == 4 and cells[1].isdigit()}
+    assert len(rows) == len(HEADS) * len(FORMAT_PAIRS) + 4, stdout
     for name, (async_copies, mma, wgmma) in rows.items():
         if not name.startswith("merge"):
             assert mma + wgmma > 0, f"{name}: the dots must lower to tensor-core instructions"
