@@ -1,0 +1,91 @@
+"""Block decoders: raw GGUF block bytes -> fp32 values, inside a Triton kernel.
+
+Interface shared by every type (so the kernels that call them are written once):
+
+    decode_blocks(blk, mask, aux, FMT, BS) -> fp32 [R, G, BS]
+
+- ``blk``: uint8 pointers [R, G] to the first byte of R x G blocks (R rows, G blocks of each row);
+- ``mask``: bool [R, G], False for blocks that must not be read (their values come back 0);
+- ``aux``: pointer to the type's lookup table on the device (``lookup_table``), or any pointer for types
+  without one;
+- ``FMT``: the gguf type id of the format (``BlockFormat.gguf_type``), a constexpr;
+- ``BS``: the format's block size (values per block), a constexpr;
+- the result holds each block's values in their natural order (value j of block g of row r at [r, g, j]),
+  computed as ``gguf.quants.dequantize`` computes them (same fp32 operations in the same order) so that the
+  values are bit-exact with it.
+
+Every GGUF block size is even and every type size is even, and tensors start 16-byte aligned, so each
+block's leading fp16 scale sits at an even address: ``_f16_at`` loads it as one 2-byte word.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# gguf type ids (gguf.GGMLQuantizationType), the FMT values the dispatcher branches on.
+F32: tl.constexpr = tl.constexpr(0)
+F16: tl.constexpr = tl.constexpr(1)
+Q4_0: tl.constexpr = tl.constexpr(2)
+Q8_0: tl.constexpr = tl.constexpr(8)
+BF16: tl.constexpr = tl.constexpr(30)
+
+# The formats (glmtg.formats names) ``decode_blocks`` decodes; the launchers check against it.
+DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0")
+
+
+@triton.jit
+def _f16_at(ptr, mask):
+    """The fp16 at byte pointers ``ptr`` (2-byte aligned) as fp32; 0 where masked."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16)), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bytes(blk, mask, start: tl.constexpr, n: tl.constexpr):
+    """Bytes [start, start + n) of every block: uint8 [R, G, n]."""
+    j = tl.arange(0, n)
+    return tl.load(blk[:, :, None] + start + j[None, None, :], mask=mask[:, :, None], other=0)
+
+
+@triton.jit
+def _float_blocks(blk, mask, FMT: tl.constexpr):
+    # F32 / F16 / BF16: "blocks" of one value.
+    if FMT == 0:
+        v = tl.load(blk.to(tl.pointer_type(tl.float32)), mask=mask, other=0.0)
+    elif FMT == 1:
+        v = tl.load(blk.to(tl.pointer_type(tl.float16)), mask=mask, other=0.0).to(tl.float32)
+    else:
+        bits = tl.load(blk.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.uint32) << 16
+        v = bits.to(tl.float32, bitcast=True)
+    return v[:, :, None]
+
+
+@triton.jit
+def _q8_0(blk, mask):
+    # fp16 d, int8 q[32]: d * q
+    d = _f16_at(blk, mask)
+    q = _bytes(blk, mask, 2, 32).to(tl.int8, bitcast=True)
+    return d[:, :, None] * q.to(tl.float32)
+
+
+@triton.jit
+def _q4_0(blk, mask):
+    # fp16 d, uint8 qs[16]: value j < 16 is the low nibble of qs[j], value j + 16 the high one; (q - 8) * d
+    d = _f16_at(blk, mask)
+    j = tl.arange(0, 32)
+    byte = tl.load(blk[:, :, None] + 2 + (j % 16)[None, None, :], mask=mask[:, :, None], other=0)
+    q = (byte >> ((j // 16) * 4).to(tl.uint8)[None, None, :]) & 0xF
+    return d[:, :, None] * (q.to(tl.int32) - 8).to(tl.float32)
+
+
+@triton.jit
+def decode_blocks(blk, mask, aux, FMT: tl.constexpr, BS: tl.constexpr):
+    """Decode [R, G] blocks of type ``FMT`` into fp32 [R, G, BS] (see the module docstring)."""
+    if FMT == 8:
+        v = _q8_0(blk, mask)
+    elif FMT == 2:
+        v = _q4_0(blk, mask)
+    else:
+        tl.static_assert((FMT == 0) or (FMT == 1) or (FMT == 30), "no block decoder for this gguf type")
+        v = _float_blocks(blk, mask, FMT)
+    return v
