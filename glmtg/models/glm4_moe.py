@@ -202,7 +202,7 @@ def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[Tensor
             if fmt is None:
                 if attr in own:
                     yield TensorSlot(base + attr, shard, shape, module.bias.dtype)
-            elif module._group(shard)[0] in own:  # not a tied lm_head
+            elif module.storage(shard)[0] in own:  # not a tied lm_head
                 yield TensorSlot(base + attr, shard, shape, torch.uint8, fmt)
 
 
