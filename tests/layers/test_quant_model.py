@@ -144,3 +144,19 @@ def test_kernel_backend_decode_step():
             module.backend = "torch"
     want = model(ids, new_cache(config, 1, 4))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_decode_weight_bytes():
+    """Counted from the stored parameters: the q8_0/q4_0 model reads about a third of the fp32 model's bytes,
+    and exactly: all but unchosen experts and all but one embedding row."""
+    config = tiny(num_hidden_layers=2)
+    plain = Glm4MoeForCausalLM(config, dtype=torch.float32, device="meta")
+    quant = Glm4MoeForCausalLM(config, dtype=torch.float32, device="meta", weight_formats=mix)
+    for model in (plain, quant):
+        experts = model.layers[1].mlp.experts
+        stacked = sum(p.numel() * p.element_size() for p in experts.parameters())
+        embed = model.embed.weight
+        whole = sum(p.numel() * p.element_size() for p in model.parameters())
+        want = whole - stacked * (8 - 2) // 8 - embed.numel() * embed.element_size() * 999 // 1000
+        assert model.decode_weight_bytes() == want
+    assert quant.decode_weight_bytes() < 0.35 * plain.decode_weight_bytes()
