@@ -75,12 +75,12 @@ def _trunc_codes(t: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
     """Low nibbles of 32 codes [n, 32] -> 16 bytes: qs[j] = q[j] & 15 | (q[j + 16] & 15) << 4."""
-    return pack_bits(q & 0x0F, 1, 16, (0, 4))
+    return pack_bits(q & 0x0F, 1, 16, 4)
 
 
 def _high_bits(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of 32 codes [n, 32] -> 4 bytes, code i at bit i of a little-endian u32 (numpy's packbits)."""
-    return pack_bits((q >> 4) & 1, 4, 1, tuple(range(8)))
+    return pack_bits((q >> 4) & 1, 4, 1, 1)
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:

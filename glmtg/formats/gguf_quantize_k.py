@@ -18,9 +18,11 @@ The scheme, per super-block of 256 values in sub-blocks of 16 or 32:
   the stored step d * sc_j (exactly what the decoder forms) is >= s_j, and exceeds it by at most d;
 - codes are round-to-nearest of x / step, clamped to the code range.
 
-Symmetric types (q6_k: codes -32..31, q3_k: -4..3): s_j = amax_j / (qmax + 1/2). The grid
-{-(qmax+1) .. qmax} * step then covers [-amax, amax] to within half a step at each end, so
-|x - x̂| <= step_j / 2.
+Symmetric types (q6_k: codes -32..31, q3_k: -4..3, signed sub-scales): the step is signed so that the
+first value of largest magnitude goes to the negative end, which has one code more: |s_j| = max(amax_j /
+(qmax + 3/2), near_j / (qmax + 1/2)), near_j the largest magnitude of the opposite sign. The grid
+{-(qmax+1) .. qmax} * step then covers the sub-block to within half a step at each end, so
+|x - x̂| <= |step_j| / 2.
 
 Affine types (q2_k, q4_k, q5_k: x̂ = step * q - m, q in 0..qmax, m = dmin * mn >= 0): lo_j = min(min x, 0)
 (the offset can only subtract, as in llama.cpp), s_j = (max x - lo_j) / (qmax + 1), the offset target
@@ -39,6 +41,7 @@ Inf inputs give unspecified codes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -53,8 +56,8 @@ BlockQuantizer = Callable[[torch.Tensor], torch.Tensor]
 
 def div(x: torch.Tensor, c: float) -> torch.Tensor:
     """x / c correctly rounded on every device: CUDA divides by a Python scalar as a multiplication by its
-    rounded reciprocal (one bit off at times), so divide by a tensor instead."""
-    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+    rounded reciprocal (one bit off at times), so divide by a tensor (filled on the device: no host copy)."""
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
 
 
 def inverse(d: torch.Tensor) -> torch.Tensor:
@@ -77,13 +80,13 @@ def f16_up(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float16)
 
 
-def pack_bits(q: torch.Tensor, groups: int, width: int, shifts: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of gguf_blocks._unpack: small codes q [n, groups * len(shifts) * width] (already masked to
-    their bits) -> uint8 [n, groups * width], value g * S * width + s * width + j in byte g * width + j at
-    bit shifts[s]."""
-    n = q.shape[0]
-    sh = torch.tensor(shifts, dtype=torch.int32, device=q.device).view(1, 1, -1, 1)
-    parts = q.to(torch.int32).view(n, groups, len(shifts), width) << sh
+def pack_bits(q: torch.Tensor, groups: int, width: int, bits: int) -> torch.Tensor:
+    """The inverse of gguf_blocks._unpack with shifts (0, bits, 2 * bits, ...) filling each byte: codes
+    q [n, groups * (8 // bits) * width] (already masked to ``bits`` bits) -> uint8 [n, groups * width], value
+    g * S * width + s * width + j in byte g * width + j at bit s * bits (S = 8 // bits)."""
+    n, per = q.shape[0], 8 // bits
+    sh = torch.arange(0, 8, bits, dtype=torch.int32, device=q.device).view(1, 1, per, 1)
+    parts = q.to(torch.int32).view(n, groups, per, width) << sh
     return parts.sum(dim=2).to(torch.uint8).view(n, groups * width)  # disjoint bits: the sum is the OR
 
 
@@ -102,21 +105,38 @@ def _codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tenso
     return torch.round(v).clamp(float(lo), float(hi)).to(torch.int32)
 
 
+@functools.cache
+def _level_midpoints(device: torch.device) -> torch.Tensor:
+    """The 15 midpoints between adjacent IQ4 levels, on ``device`` (made once: no host copy per chunk)."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
+    return ((levels[1:] + levels[:-1]) * 0.5).to(device)
+
+
 def _nearest_level(v: torch.Tensor) -> torch.Tensor:
-    """Index of the IQ4 level nearest to each v (int32)."""
-    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=v.device)
-    mids = (levels[1:] + levels[:-1]) * 0.5
-    return torch.bucketize(v.contiguous(), mids).to(torch.int32)
+    """Index of the IQ4 level nearest to each v (int32; a tie between two levels takes the lower)."""
+    return torch.bucketize(v.contiguous(), _level_midpoints(v.device)).to(torch.int32)
 
 
 # --- symmetric k-quants --------------------------------------------------------------------------------------
 
+def _signed_ladder(s: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_ladder`` for signed steps s [n, J]: codes -levels..levels [n, J] carry the sign of s, and so do
+    the stored steps, |step| >= |s|."""
+    d16, mag, _ = _ladder(s.abs(), levels)
+    sc = torch.where(s < 0, -mag, mag)
+    return d16, sc, d16.float() * sc
+
+
 def _symmetric(x: torch.Tensor, qmax: int, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fp16 d [n, 1], sub-scale codes [n, J], codes [n, J * m] in -(qmax+1)..qmax) of sub-blocks x [n, J, m]."""
-    s = div(x.abs().amax(dim=-1), qmax + 0.5)
-    d16, sc, step = _ladder(s, levels)
+    """(fp16 d [n, 1], signed sub-scale codes [n, J], codes [n, J * m] in -(qmax+1)..qmax) of sub-blocks
+    x [n, J, m]. The step's sign sends the value of largest magnitude to the negative end, which has one code
+    more: it needs |step| >= far / (qmax + 3/2), the other side |step| >= near / (qmax + 1/2)."""
+    m = signed_max(x)
+    near = torch.where(m < 0, x.amax(dim=-1), (-x).amax(dim=-1)).clamp(min=0.0)  # opposite sign to m
+    mag = torch.maximum(div(m.abs(), qmax + 1.5), div(near, qmax + 0.5))
+    d16, sc, step = _signed_ladder(torch.where(m < 0, mag, -mag), levels)
     q = _codes(x, step.unsqueeze(-1), -(qmax + 1), qmax)
-    return d16, sc, q.flatten(1)
+    return d16, sc.to(torch.int32), q.flatten(1)
 
 
 def quantize_q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -124,9 +144,9 @@ def quantize_q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d16, sc, q = _symmetric(b.view(n, 16, 16), 31, 127)
     q = q + 32
-    ql = pack_bits(q & 0x0F, 2, 64, (0, 4))
-    qh = pack_bits(q >> 4, 2, 32, (0, 2, 4, 6))
-    scales = sc.to(torch.int32).to(torch.uint8)  # 0..127: the int8 bytes of non-negative scales
+    ql = pack_bits(q & 0x0F, 2, 64, 4)
+    qh = pack_bits(q >> 4, 2, 32, 2)
+    scales = (sc & 0xFF).to(torch.uint8)  # -127..127 as int8 bytes
     return torch.cat([ql, qh, scales, f16_bytes(d16)], dim=-1)
 
 
@@ -135,10 +155,10 @@ def quantize_q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d16, sc, q = _symmetric(b.view(n, 16, 16), 3, 31)
     q = q + 4  # 0..7; the decoder subtracts 4 where the hmask bit is clear
-    hmask = pack_bits(q >> 2, 1, 32, tuple(range(8)))
-    qs = pack_bits(q & 0x03, 2, 32, (0, 2, 4, 6))
-    sc6 = sc.to(torch.int32) + 32
-    scales = torch.cat([pack_bits(sc6 & 0x0F, 1, 8, (0, 4)), pack_bits(sc6 >> 4, 1, 4, (0, 2, 4, 6))], dim=-1)
+    hmask = pack_bits(q >> 2, 1, 32, 1)
+    qs = pack_bits(q & 0x03, 2, 32, 2)
+    sc6 = sc + 32  # -31..31 stored as 1..63
+    scales = torch.cat([pack_bits(sc6 & 0x0F, 1, 8, 4), pack_bits(sc6 >> 4, 1, 4, 2)], dim=-1)
     return torch.cat([hmask, qs, scales, f16_bytes(d16)], dim=-1)
 
 
@@ -172,15 +192,15 @@ def quantize_q4_k(b: torch.Tensor) -> torch.Tensor:
     """[n, 256] -> [n, 144]: fp16 d, fp16 dmin, 12 scale bytes, 4-bit codes."""
     n = b.shape[0]
     d16, dmin16, sc, mn, q = _affine(b.view(n, 8, 32), 15, 63)
-    return torch.cat([f16_bytes(d16), f16_bytes(dmin16), _k_scales(sc, mn), pack_bits(q, 4, 32, (0, 4))], dim=-1)
+    return torch.cat([f16_bytes(d16), f16_bytes(dmin16), _k_scales(sc, mn), pack_bits(q, 4, 32, 4)], dim=-1)
 
 
 def quantize_q5_k(b: torch.Tensor) -> torch.Tensor:
     """[n, 256] -> [n, 176]: fp16 d, fp16 dmin, 12 scale bytes, bit 4 of the codes, their low nibbles."""
     n = b.shape[0]
     d16, dmin16, sc, mn, q = _affine(b.view(n, 8, 32), 31, 63)
-    qh = pack_bits(q >> 4, 1, 32, tuple(range(8)))
-    qs = pack_bits(q & 0x0F, 4, 32, (0, 4))
+    qh = pack_bits(q >> 4, 1, 32, 1)
+    qs = pack_bits(q & 0x0F, 4, 32, 4)
     return torch.cat([f16_bytes(d16), f16_bytes(dmin16), _k_scales(sc, mn), qh, qs], dim=-1)
 
 
@@ -189,7 +209,7 @@ def quantize_q2_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d16, dmin16, sc, mn, q = _affine(b.view(n, 16, 16), 3, 15)
     scales = (sc | (mn << 4)).to(torch.uint8)
-    return torch.cat([scales, pack_bits(q, 2, 32, (0, 2, 4, 6)), f16_bytes(d16), f16_bytes(dmin16)], dim=-1)
+    return torch.cat([scales, pack_bits(q, 2, 32, 2), f16_bytes(d16), f16_bytes(dmin16)], dim=-1)
 
 
 # --- non-linear 4-bit ---------------------------------------------------------------------------------------
@@ -205,22 +225,21 @@ def quantize_iq4_nl(b: torch.Tensor) -> torch.Tensor:
     d16 = f16_up(div(signed_max(b), -127.0)).unsqueeze(-1)  # the largest |x| maps near level -127
     d = d16.float()
     v = torch.where(d != 0, b / torch.where(d != 0, d, 1.0), 0.0)
-    return torch.cat([f16_bytes(d16), pack_bits(_nearest_level(v), 1, 16, (0, 4))], dim=-1)
+    return torch.cat([f16_bytes(d16), pack_bits(_nearest_level(v), 1, 16, 4)], dim=-1)
 
 
 def quantize_iq4_xs(b: torch.Tensor) -> torch.Tensor:
     """[n, 256] -> [n, 136]: fp16 d, high 2 bits of the 6-bit scales, their low nibbles, 4-bit level indices."""
     n = b.shape[0]
     x = b.view(n, 8, 32)
-    s = div(signed_max(x), -127.0)  # signed sub-block steps [n, 8]
-    d16, mag, _ = _ladder(s.abs(), 31)  # sub-scales -31..31 (stored + 32), sign taken from s
-    sc = torch.where(s < 0, -mag, mag)
-    step = (d16.float() * sc).unsqueeze(-1)
+    # signed sub-block steps [n, 8]: the largest |x| maps near level -127; sub-scales -31..31 (stored + 32)
+    d16, sc, step = _signed_ladder(div(signed_max(x), -127.0), 31)
+    step = step.unsqueeze(-1)
     v = torch.where(step != 0, x / torch.where(step != 0, step, 1.0), 0.0)
     ls = sc.to(torch.int32) + 32
-    scales_h = pack_bits(ls >> 4, 2, 1, (0, 2, 4, 6))
-    scales_l = pack_bits(ls & 0x0F, 4, 1, (0, 4))
-    qs = pack_bits(_nearest_level(v).view(n, QK_K), 8, 16, (0, 4))
+    scales_h = pack_bits(ls >> 4, 2, 1, 2)
+    scales_l = pack_bits(ls & 0x0F, 4, 1, 4)
+    qs = pack_bits(_nearest_level(v).view(n, QK_K), 8, 16, 4)
     return torch.cat([f16_bytes(d16), scales_h, scales_l, qs], dim=-1)
 
 

@@ -126,8 +126,10 @@ _SCHEMES = {
 def _bound(x: np.ndarray, name: str) -> np.ndarray:
     """float64 bound on |x - x̂| per value of x [n, block_size] (the derivation is gguf_quantize_k.py's):
 
-    - symmetric: sub-block step s = amax / (qmax + 1/2), stored step <= s + d with d = fp16-up(max s / L);
-      codes -(qmax+1)..qmax cover [-amax, amax] to half a step: |x - x̂| <= step / 2.
+    - symmetric: sub-block step s = max(amax / (qmax + 3/2), near / (qmax + 1/2)), near the largest |x|
+      of the sign opposite to the first value of largest |x|; stored |step| <= s + d with d =
+      fp16-up(max s / L); codes -(qmax+1)..qmax, signed by the step, cover the sub-block to half a step:
+      |x - x̂| <= |step| / 2.
     - affine: s = (hi - lo) / (qmax + 1) (lo = min(min x, 0)), offset <= target + dmin with target =
       max(0, -lo - s/2), dmin = fp16-up(max target / L); s raised to (hi + offset) / (qmax + 1/2); stored
       step <= s + d: |x - x̂| <= step / 2.
@@ -138,7 +140,9 @@ def _bound(x: np.ndarray, name: str) -> np.ndarray:
     v = x.astype(np.float64).reshape(len(x), j, m)
     amax = np.abs(v).max(-1)
     if kind == "symmetric":
-        s = amax / (qmax + 0.5)
+        first = np.take_along_axis(v, np.abs(v).argmax(-1)[..., None], -1)[..., 0]
+        near = np.maximum(np.where(first < 0, v.max(-1), -v.min(-1)), 0.0)
+        s = np.maximum(amax / (qmax + 1.5), near / (qmax + 0.5))
         step = s + _up(s.max(-1, keepdims=True) / levels)
         half = step / 2
     elif kind == "affine":
