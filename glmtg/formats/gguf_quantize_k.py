@@ -111,8 +111,9 @@ def _ladder(s: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def _nonzero(step: torch.Tensor) -> torch.Tensor:
-    """step with zeros replaced by 1: a zero step belongs to an all-zero sub-block, whose x / 1 = 0 codes
-    to 0 (checked on the small scale tensor, not per value)."""
+    """step with zeros replaced by 1 (on the small tensor of steps, not per value): a step is zero only where
+    every value sits on the grid's first point (x - first = 0: an all-zero or constant sub-block), which
+    x / 1 = 0 then codes to 0."""
     return torch.where(step != 0, step, 1.0)
 
 
@@ -224,9 +225,9 @@ def _affine(x: torch.Tensor, qmax: int, levels: int, factors: tuple[float, ...]
     s = div(span, qmax + 1.0)
 
     def grid(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(first grid point <= 0, step, shrunk top) of the grid over [lo, hi] shrunk by f about its centre:
-        the first point half a step above the shrunk bottom (the decoder only subtracts: at most 0), the top
-        point half a step below the shrunk top."""
+        """(first grid point <= 0, step, top) of the grid over [lo, hi] scaled by f about its centre: the first
+        point half a step above the scaled bottom (at most 0: the decoder only subtracts), the last point
+        half a step below the scaled top (or the step raised until it is)."""
         cut = span * ((1.0 - f) * 0.5)
         top = hi - cut
         first = (lo + cut + s * f * 0.5).clamp(max=0.0)
