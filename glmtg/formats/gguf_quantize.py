@@ -36,7 +36,8 @@ from glmtg.formats.gguf_quantize_k import (
 )
 from glmtg.formats.registry import REGISTRY, get
 
-# Values per chunk: 8M float32 values is 32 MB per temporary; the quantizers hold about ten at once.
+# Values per chunk: 8M float32 values is 32 MB per temporary; the k-quant search holds about six at once
+# (an int64 one counts twice): some 200 MB, whatever the tensor's size.
 CHUNK_VALUES = 1 << 23
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -143,7 +144,8 @@ def quantize_blocks(values: torch.Tensor, fmt: str) -> torch.Tensor:
     """GGUF blocks of type ``fmt`` (a name of QUANTIZABLE) of ``values`` [..., K] (float32, bfloat16 or float16,
     any device), quantized along the last dimension: uint8 [..., row_bytes] on the same device, row_bytes =
     REGISTRY[fmt].blocks_bytes(K). ValueError naming ``fmt`` for a type it cannot quantize, or ``values`` if
-    K is not a multiple of the type's block size."""
+    K is not a multiple of the type's block size. Rows are read in chunks of about CHUNK_VALUES values (a
+    ``values`` whose rows cannot be viewed as one [rows, K] matrix is copied into one first)."""
     if not isinstance(values, torch.Tensor) or values.dtype not in _INPUT_DTYPES:
         raise ValueError(f"values must be a float32, bfloat16 or float16 tensor, "
                          f"got {getattr(values, 'dtype', type(values))}")
