@@ -33,7 +33,8 @@ Q8_0: tl.constexpr = tl.constexpr(8)
 BF16: tl.constexpr = tl.constexpr(30)
 
 # The formats (glmtg.formats names) ``decode_blocks`` decodes; the launchers check against it.
-DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0", "iq2_xxs", "iq3_xxs")
+DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0", "iq2_xxs", "iq3_xxs", "iq1_m", "iq2_xs", "iq3_s",
+                           "iq2_s", "iq1_s")
 
 
 @triton.jit
@@ -91,6 +92,16 @@ def decode_blocks(blk, mask, aux, FMT: tl.constexpr, BS: tl.constexpr):
         v = decode_iq.iq2_xxs(blk, mask, aux)
     elif FMT == 18:
         v = decode_iq.iq3_xxs(blk, mask, aux)
+    elif FMT == 29:
+        v = decode_iq.iq1_m(blk, mask, aux)
+    elif FMT == 17:
+        v = decode_iq.iq2_xs(blk, mask, aux)
+    elif FMT == 21:
+        v = decode_iq.iq3_s(blk, mask, aux)
+    elif FMT == 22:
+        v = decode_iq.iq2_s(blk, mask, aux)
+    elif FMT == 19:
+        v = decode_iq.iq1_s(blk, mask, aux)
     else:
         tl.static_assert((FMT == 0) or (FMT == 1) or (FMT == 30), "no block decoder for this gguf type")
         v = _float_blocks(blk, mask, FMT)

@@ -132,3 +132,85 @@ def iq3_xxs(blk, mask, aux):
     i = tl.arange(0, 32)
     signs = _ksigns((_repeat(w, 4) >> (7 * (i % 4)).to(tl.uint32)[None, None, :]) & 0x7F)
     return _signed(_repeat(db, 4), _levels4(aux, idx), signs)
+
+
+@triton.jit
+def _nibbles(blk, mask, start: tl.constexpr, N: tl.constexpr):
+    """The N 4-bit fields of bytes [start, start + N / 2) of every block, low nibble first: int32 [R, G, N]."""
+    j = tl.arange(0, N)
+    return ((_u8(blk, mask, start + j // 2) >> (4 * (j % 2)).to(tl.uint8)[None, None, :]) & 0xF).to(tl.int32)
+
+
+@triton.jit
+def iq2_xs(blk, mask, aux):
+    # fp16 d; per 8 values a uint16: 9-bit grid index, 7-bit ksigns index on top; 16 4-bit scales, one per
+    # 16 values.
+    d = _f16(blk, mask, 0)
+    i = tl.arange(0, 32)
+    q = _u16(blk, mask, 2 + 2 * i)
+    db = d[:, :, None] * (0.5 + _nibbles(blk, mask, 66, 16).to(tl.float32)) * 0.25
+    return _signed(_repeat(db, 2), _levels8(aux, q & 511, False), _ksigns(q >> 9))
+
+
+@triton.jit
+def iq2_s(blk, mask, aux):
+    # fp16 d; 32 low bytes of the 10-bit grid indices (one per 8 values); 32 sign bytes (bit k: value k of
+    # the group is negative); 8 bytes of the indices' top 2 bits (4 per byte); 16 4-bit scales.
+    d = _f16(blk, mask, 0)
+    i = tl.arange(0, 32)
+    high = (_u8(blk, mask, 66 + i // 4) >> (2 * (i % 4)).to(tl.uint8)[None, None, :]) & 3
+    idx = _u8(blk, mask, 2 + i).to(tl.int32) | (high.to(tl.int32) << 8)
+    db = d[:, :, None] * (0.5 + _nibbles(blk, mask, 74, 16).to(tl.float32)) * 0.25
+    return _signed(_repeat(db, 2), _levels8(aux, idx, False), _u8(blk, mask, 34 + i))
+
+
+@triton.jit
+def iq3_s(blk, mask, aux):
+    # fp16 d; 64 low bytes of the 9-bit grid indices (one per 4 values); 8 bytes of their top bits; 32 sign
+    # bytes (one per 8 values); 8 4-bit scales, one per 32 values: d * (1 + 2 scale).
+    d = _f16(blk, mask, 0)
+    i = tl.arange(0, 64)
+    high = (_u8(blk, mask, 66 + i // 8) >> (i % 8).to(tl.uint8)[None, None, :]) & 1
+    idx = _u8(blk, mask, 2 + i).to(tl.int32) | (high.to(tl.int32) << 8)
+    db = d[:, :, None] * (1 + 2 * _nibbles(blk, mask, 106, 8)).to(tl.float32)
+    return _signed(_repeat(db, 4), _levels4(aux, idx), _u8(blk, mask, 74 + tl.arange(0, 32)))
+
+
+@triton.jit
+def _iq1(dl, delta, levels):
+    """dl [R, G, 32] * (levels [R, G, 32, 8] + delta [R, G, 32]) -> [R, G, 256]."""
+    R: tl.constexpr = levels.shape[0]
+    G: tl.constexpr = levels.shape[1]
+    return tl.reshape(dl[:, :, :, None] * (levels + delta[:, :, :, None]), (R, G, 256))
+
+
+@triton.jit
+def iq1_s(blk, mask, aux):
+    # fp16 d; 32 low bytes of the 11-bit grid indices (one per 8 values); per 32 values a uint16: four
+    # 3-bit index tops, a 3-bit scale (d * (2 scale + 1)), the sign of the +-1/8 delta on top.
+    d = _f16(blk, mask, 0)
+    h = _u16(blk, mask, 34 + 2 * tl.arange(0, 8))
+    dl = d[:, :, None] * (2 * ((h >> 12) & 7) + 1).to(tl.float32)
+    delta = tl.where((h & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA)
+    i = tl.arange(0, 32)
+    high = (_repeat(h, 4) >> (3 * (i % 4)).to(tl.uint32)[None, None, :]) & 7
+    idx = _u8(blk, mask, 2 + i).to(tl.int32) | (high.to(tl.int32) << 8)
+    return _iq1(_repeat(dl, 4), _repeat(delta, 4), _levels8(aux, idx, True))
+
+
+@triton.jit
+def iq1_m(blk, mask, aux):
+    # 32 low bytes of the 11-bit grid indices (one per 8 values); per 8 values a nibble: 3 index top bits,
+    # the delta's sign above; four uint16: in their low 12 bits four 3-bit scales each (one per 16 values,
+    # d * (2 scale + 1)), in their top nibbles the fp16 d, low nibble first.
+    w = _u16(blk, mask, 48 + 2 * tl.arange(0, 4))  # [R, G, 4]
+    d_bits = tl.sum((w >> 12) << (4 * tl.arange(0, 4)).to(tl.uint32)[None, None, :], axis=2)  # disjoint: sum = or
+    d = d_bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    m = tl.arange(0, 16)
+    sub = (_repeat(w, 4) >> (3 * (m % 4)).to(tl.uint32)[None, None, :]) & 7
+    dl = d[:, :, None] * (2 * sub + 1).to(tl.float32)
+    i = tl.arange(0, 32)
+    h = _nibbles(blk, mask, 32, 32)
+    delta = tl.where((h & 8) == 0, IQ1_DELTA, -IQ1_DELTA)
+    idx = _u8(blk, mask, i).to(tl.int32) | ((h & 7) << 8)
+    return _iq1(_repeat(dl, 2), delta, _levels8(aux, idx, True))
