@@ -26,7 +26,7 @@ def _packed_grid(cls_name: str) -> Callable[[torch.device | str], torch.Tensor]:
         cls.init_grid()
         levels = torch.from_numpy(cls.grid.reshape(cls.grid_shape).astype("float32"))
         # every level is a small integer (1..62, or -1/0/1): a byte holds it exactly; the view packs a
-        # row's bytes in memory order, which is little-endian on every host torch runs on
+        # row's bytes in memory order: level k in byte k on a little-endian host (x86-64, aarch64)
         packed = torch.int64 if cls.grid_shape[1] == 8 else torch.int32
         return levels.to(torch.int8).contiguous().view(packed).reshape(-1).to(device)
 

@@ -1,11 +1,18 @@
 """The grid-type block decoders (glmtg/kernels/gguf/decode_iq.py) beyond test_dequant.py's random bytes:
 blocks with finite fp16 scales checked bit for bit against ``gguf.quants.dequantize`` itself (random bytes
 make many scales inf or NaN, where a wrong product can hide behind a NaN), odd row and block counts that
-leave blocks of a program masked, an output poisoned with NaN, and the lookup tables equal to the gguf
-package's grids.
+leave blocks of a program masked, an output poisoned with NaN, the lookup tables equal to the gguf
+package's grids, and (this file run as a script, ``python tests/kernels/gguf/test_decode_iq.py``) each
+decoder compiled for sm_90 inside a GEMV-like loop: no spills, and no per-group tensor moved between
+layouts (through shared memory), which the interpreter cannot show.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
 
 import gguf
 import gguf.quants
@@ -67,3 +74,93 @@ def test_lookup_table_is_gguf_grid(name: str) -> None:
     levels = ((table.to(torch.int64)[:, None] >> shifts) & 0xFF).to(torch.uint8).view(torch.int8)
     assert torch.equal(levels.float(), grid)
     assert lookup_table(name, "cpu") is table  # built once per type and device
+
+
+# --- compile for sm_90 (as a script, outside the interpreter: see tests/kernels/conftest.py) --------------
+
+# The decode tile of the check: 4 rows x 2 blocks (512 values a row a step, the GEMV's one-token step).
+# With fewer groups than threads (R * G * 32 < 32 * num_warps) the per-group tensors are replicated across
+# threads and conversions do appear: GEMV configurations should keep R * G * 32 >= 32 * num_warps.
+_R, _G = 4, 2
+
+
+def _gemv_like_kernel():
+    import triton
+    import triton.language as tl
+
+    from glmtg.kernels.gguf.decode import decode_blocks
+
+    @triton.jit
+    def kernel(X, W, Y, Aux, N, NB, ROW_BYTES, FMT: tl.constexpr, TS: tl.constexpr, R: tl.constexpr,
+               G: tl.constexpr):
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        acc = tl.zeros((R, G, 256), dtype=tl.float32)
+        for g0 in range(0, NB, G):
+            g = g0 + tl.arange(0, G)
+            mask = (rows < N)[:, None] & (g < NB)[None, :]
+            w = decode_blocks(W + rows.to(tl.int64)[:, None] * ROW_BYTES + (g * TS)[None, :], mask, Aux, FMT, 256)
+            xv = tl.load(X + (g * 256)[:, None] + tl.arange(0, 256)[None, :], mask=(g < NB)[:, None], other=0.0)
+            acc += w * xv.to(tl.float32)[None, :, :]
+        tl.store(Y + rows, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rows < N)
+
+    return kernel
+
+
+def _compile(name: str) -> dict[str, int]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    f = REGISTRY[name]
+    aux = "*i64" if lookup_table(name, "cpu").dtype == torch.int64 else "*i32"
+    sig = {"X": "*bf16", "W": "*u8", "Y": "*fp32", "Aux": aux, "N": "i32", "NB": "i32", "ROW_BYTES": "i32",
+           "FMT": "constexpr", "TS": "constexpr", "R": "constexpr", "G": "constexpr"}
+    const = {"FMT": f.gguf_type, "TS": f.type_size, "R": _R, "G": _G}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # the pointers, as real launches see them
+    compiled = triton.compile(ASTSource(_gemv_like_kernel(), sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"decode_iq_{name}_{os.getpid()}.ptx")
+    with open(path, "w") as fh:
+        fh.write(compiled.asm["ptx"])
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.remove(path)
+    # the decoder's own tensors are [R, G, 32] (joins: [R, G, 32, 2, ...]; [R, G, 64] for 4-wide rows) and
+    # must stay where they are computed; the x tile and the decoded [R, G, 256] tile are the consumer's
+    group_shape = re.compile(rf"tensor<{_R}x{_G}x(32|64)x")
+    moved = sum(1 for line in compiled.asm["ttgir"].splitlines()
+                if "ttg.convert_layout" in line and group_shape.search(line))
+    return {"regs": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spills": int(re.search(r"(\d+) bytes spill stores", log).group(1)), "moved": moved}
+
+
+def main() -> int:
+    failed = 0
+    print("| type | registers | spill bytes | per-group layout conversions |")
+    print("|---|---|---|---|")
+    for name in DONE:
+        try:
+            r = _compile(name)
+        except Exception as exc:  # report and go on: one failure should not hide the others
+            failed += 1
+            cause = exc.__cause__ or exc
+            print(f"| {name} | compile failed: {type(cause).__name__}: {str(cause)[:200]} |")
+            continue
+        print(f"| {name} | {r['regs']} | {r['spills']} | {r['moved']} |")
+    return 1 if failed else 0
+
+
+def test_decoders_compile_for_sm90_without_spills_or_conversions(compile_report) -> None:
+    stdout, table = compile_report(__file__, timeout=300)
+    rows = {cells[0]: [int(c) for c in cells[1:]] for cells in table if len(cells) == 4 and cells[0] in DONE}
+    assert set(rows) == set(DONE), stdout
+    for name, (_regs, spills, moved) in rows.items():
+        assert spills == 0, f"{name} spills {spills} bytes\n{stdout}"
+        assert moved == 0, f"{name} moves {moved} per-group tensors between layouts\n{stdout}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
