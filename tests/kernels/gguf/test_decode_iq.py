@@ -1,8 +1,8 @@
 """The grid-type block decoders (glmtg/kernels/gguf/decode_iq.py) beyond test_dequant.py's random bytes:
 blocks with finite fp16 scales checked bit for bit against ``gguf.quants.dequantize`` itself (random bytes
 make many scales inf or NaN, where a wrong product can hide behind a NaN), odd row and block counts that
-leave blocks of a program masked, an output poisoned with NaN, the lookup tables equal to the gguf
-package's grids, and (this file run as a script, ``python tests/kernels/gguf/test_decode_iq.py``) each
+leave blocks of a program masked, an output poisoned with NaN, masked blocks decoding to 0, the lookup
+tables equal to the gguf package's grids, and (this file run as a script, ``python tests/kernels/gguf/test_decode_iq.py``) each
 decoder compiled for sm_90 inside a GEMV-like loop: no spills, and no per-group tensor moved between
 layouts (through shared memory), which the interpreter cannot show.
 """
@@ -19,14 +19,18 @@ import gguf.quants
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from glmtg.formats import REGISTRY
-from glmtg.kernels.gguf.decode import DECODED
+from glmtg.kernels.gguf.decode import DECODED, decode_blocks
 from glmtg.kernels.gguf.dequant import dequantize_rows
 from glmtg.kernels.gguf.tables import lookup_table
 
 GRID_TYPES = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m")
 DONE = tuple(n for n in GRID_TYPES if n in DECODED)
+# the interpreter on a CPU-only machine, the GPU where there is one
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _finite_scale_rows(name: str, rows: int, blocks: int, seed: int) -> torch.Tensor:
@@ -55,10 +59,33 @@ def test_finite_scales_bit_exact_with_gguf(name: str, rows: int, blocks: int) ->
     qtype = gguf.GGMLQuantizationType(REGISTRY[name].gguf_type)
     want = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype).astype(np.float32))
     assert bool(want.isfinite().all())  # the point of this test: no scale hides an error behind NaN/Inf
-    out = torch.full(want.shape, float("nan"), dtype=torch.float32)
-    got = dequantize_rows(raw, name, out=out)
+    out = torch.full(want.shape, float("nan"), dtype=torch.float32, device=DEVICE)
+    got = dequantize_rows(raw.to(DEVICE), name, out=out).cpu()
     # bit for bit: the decoders form gguf's fp32 products in gguf's order
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@triton.jit
+def _decode_2x2_kernel(W, Out, Aux, Mask, FMT: tl.constexpr, TS: tl.constexpr):
+    # blocks [2, 2] (block b = 2 r + g at W + b * TS) decoded under Mask, all 4 x 256 values stored
+    b = tl.arange(0, 2)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    v = decode_blocks(W + b * TS, tl.load(Mask + b) != 0, Aux, FMT, 256)
+    tl.store(Out + b[:, :, None] * 256 + tl.arange(0, 256)[None, None, :], v)
+
+
+@pytest.mark.parametrize("name", DONE)
+def test_masked_blocks_decode_to_zero(name: str) -> None:
+    raw = _finite_scale_rows(name, 1, 4, seed=5)
+    qtype = gguf.GGMLQuantizationType(REGISTRY[name].gguf_type)
+    want = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype).astype(np.float32)).view(4, 256)
+    keep = torch.tensor([1, 0, 0, 1], dtype=torch.int32)
+    out = torch.full((4, 256), float("nan"), dtype=torch.float32, device=DEVICE)
+    f = REGISTRY[name]
+    _decode_2x2_kernel[(1,)](raw.to(DEVICE), out, lookup_table(name, DEVICE), keep.to(DEVICE), FMT=f.gguf_type,
+                             TS=f.type_size)
+    got = out.cpu()
+    assert bool((got[1:3] == 0).all())  # masked: 0 (either sign), whatever the bytes hold
+    assert torch.equal(got[[0, 3]].view(torch.int32), want[[0, 3]].view(torch.int32))
 
 
 @pytest.mark.parametrize("name", GRID_TYPES)
