@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from glmtg.kernels.gguf import decode_iq
+
 # gguf type ids (gguf.GGMLQuantizationType), the FMT values the dispatcher branches on.
 F32: tl.constexpr = tl.constexpr(0)
 F16: tl.constexpr = tl.constexpr(1)
@@ -31,7 +33,8 @@ Q8_0: tl.constexpr = tl.constexpr(8)
 BF16: tl.constexpr = tl.constexpr(30)
 
 # The formats (glmtg.formats names) ``decode_blocks`` decodes; the launchers check against it.
-DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0")
+DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0", "iq2_xxs", "iq3_xxs", "iq1_m", "iq2_xs", "iq3_s",
+                           "iq2_s", "iq1_s")
 
 
 @triton.jit
@@ -85,6 +88,20 @@ def decode_blocks(blk, mask, aux, FMT: tl.constexpr, BS: tl.constexpr):
         v = _q8_0(blk, mask)
     elif FMT == 2:
         v = _q4_0(blk, mask)
+    elif FMT == 16:
+        v = decode_iq.iq2_xxs(blk, mask, aux)
+    elif FMT == 18:
+        v = decode_iq.iq3_xxs(blk, mask, aux)
+    elif FMT == 29:
+        v = decode_iq.iq1_m(blk, mask, aux)
+    elif FMT == 17:
+        v = decode_iq.iq2_xs(blk, mask, aux)
+    elif FMT == 21:
+        v = decode_iq.iq3_s(blk, mask, aux)
+    elif FMT == 22:
+        v = decode_iq.iq2_s(blk, mask, aux)
+    elif FMT == 19:
+        v = decode_iq.iq1_s(blk, mask, aux)
     else:
         tl.static_assert((FMT == 0) or (FMT == 1) or (FMT == 30), "no block decoder for this gguf type")
         v = _float_blocks(blk, mask, FMT)
