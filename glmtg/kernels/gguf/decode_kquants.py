@@ -16,14 +16,16 @@ in natural value order. How they are written, and why:
   loads each thread's bytes with vector loads straight into the layout the values are used in. Loading
   each byte exactly once as a [.., 32] tensor and spreading its nibbles over a new axis instead costs a
   shared-memory round trip to re-lay the codes out and 1.5-3x the registers (measured in the sm_90 PTX);
-  here a byte feeding two values is read twice from L1, but fetched from memory once.
+  here a byte feeding two values is read twice from L1, but fetched from memory once. Codes are unpacked
+  in int32 and converted from int32 (``_code_float``); offsets (``- 32``, ...) go on in fp32, exactly.
 - scales: the per-sub-block scales are decoded once per block as [R, G, n_sub] and reach the values
   through a broadcast over a [R, G, n_sub, 256 / n_sub] view, never by loading scale bytes per value.
   Header fields at 4-byte aligned offsets of types whose size is a multiple of 4 (Q4_K 144, Q5_K 176,
   Q2_K 84 and IQ4_XS 136 bytes: every block then starts 4-byte aligned, tensors being 16-byte aligned) are
   loaded as 32-bit words; Q6_K (210) and Q3_K (110) blocks are only 2-byte aligned.
-- IQ4_XS's 16 non-linear levels are computed in the kernel (selects among 4 packed int32 constants, then
-  a byte extract) rather than read from ``aux``: no gather per value, no table to keep on the device.
+- IQ4_XS's 16 non-linear levels are computed in the kernel (selects among 4 int32 constants packing the
+  levels + 128, a byte extract, - 128) rather than read from ``aux``: no gather per value, no table on the
+  device, no dependence on ``tables.lookup_table``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from glmtg.formats.gguf_blocks import IQ4_LEVELS
 
 
 def _packed_levels(k: int) -> int:
-    """IQ4_LEVELS[4k .. 4k + 3] as one little-endian int32 (byte i = level 4k + i, two's complement)."""
-    word = sum((IQ4_LEVELS[4 * k + i] & 0xFF) << (8 * i) for i in range(4))
+    """IQ4_LEVELS[4k .. 4k + 3] + 128 (0 .. 255) as the bytes of one little-endian int32 (byte i: level 4k + i)."""
+    word = sum((IQ4_LEVELS[4 * k + i] + 128) << (8 * i) for i in range(4))
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
@@ -71,10 +73,18 @@ def _f16_at(ptr, mask):
 
 
 @triton.jit
+def _code_float(code, BIAS: tl.constexpr):
+    """int32 codes (small, >= 0) as fp32 ``code - BIAS``, exactly. Converted from int32 on purpose: sm_90
+    compiles a 32-bit source to I2FP, a 16-bit one (what uint8 arithmetic would leave) to the slower I2F;
+    the bias goes on in fp32, off the integer pipe that unpacking already loads."""
+    return code.to(tl.float32) - BIAS
+
+
+@triton.jit
 def _code_bits(blk, mask, offs, shift, BITS: tl.constexpr):
     """Per value j of every block: bits shift[j] .. shift[j] + BITS of byte offs[j], as int32 [R, G, 256]."""
     byte = tl.load(blk[:, :, None] + offs[None, None, :], mask=mask[:, :, None], other=0)
-    return ((byte >> shift.to(tl.uint8)[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+    return (byte.to(tl.int32) >> shift[None, None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit
@@ -146,7 +156,7 @@ def _k_affine(blk, mask, q):
     sc, mn = _k_scale_min(blk, mask)
     dl = _half_lo(w)[:, :, None] * sc.to(tl.float32)
     ml = _half_hi(w)[:, :, None] * mn.to(tl.float32)
-    return _per_sub_affine(dl, ml, q.to(tl.float32), 8)
+    return _per_sub_affine(dl, ml, _code_float(q, 0), 8)
 
 
 @triton.jit
@@ -166,20 +176,19 @@ def _q5_k(blk, mask):
 def _q6_k(blk, mask):
     # ql[128] (2 halves of 64 bytes: 64 low nibbles then 64 high), qh[64] (2 halves of 32 bytes, 4 two-bit
     # fields each), int8 scales[16], fp16 d: (d * scale) * ((ql | qh << 4) - 32) per 16-value sub-block
-    q = (_nibbles(blk, mask, 0, 64) | (_crumbs(blk, mask, 128) << 4)) - 32
+    q = _code_float(_nibbles(blk, mask, 0, 64) | (_crumbs(blk, mask, 128) << 4), 32)
     s = tl.arange(0, 16)
     scales = tl.load(blk[:, :, None] + 192 + s[None, None, :], mask=mask[:, :, None], other=0)
     dl = _f16_at(blk + 208, mask)[:, :, None] * scales.to(tl.int8, bitcast=True).to(tl.float32)
-    return _per_sub(dl, q.to(tl.float32), 16)
+    return _per_sub(dl, q, 16)
 
 
 @triton.jit
 def _iq4_level(q):
-    """IQ4_LEVELS[q] for int32 codes q in [0, 16): byte q % 4 of packed word q // 4, sign-extended."""
+    """IQ4_LEVELS[q] as fp32 for int32 codes q in [0, 16): byte q % 4 of packed word q // 4 (the level + 128)."""
     word = tl.where((q & 8) != 0, tl.where((q & 4) != 0, _IQ4_W3, _IQ4_W2),
                     tl.where((q & 4) != 0, _IQ4_W1, _IQ4_W0))
-    # int32 shifts: the byte to the top, then an arithmetic shift back down sign-extends it
-    return (word << (24 - 8 * (q & 3))) >> 24
+    return _code_float((word >> (8 * (q & 3))) & 0xFF, 128)
 
 
 @triton.jit
@@ -193,21 +202,21 @@ def _iq4_xs(blk, mask):
     high = (w[:, :, None] >> (16 + 2 * s)) & 0x03
     dl = _half_lo(w)[:, :, None] * ((low | (high << 4)).to(tl.int32) - 32).to(tl.float32)
     q = _iq4_level(_nibbles(blk, mask, 8, 16))
-    return _per_sub(dl, q.to(tl.float32), 8)
+    return _per_sub(dl, q, 8)
 
 
 @triton.jit
 def _q3_k(blk, mask):
     # hmask[32] (bit k of byte i: value 32k + i has no -4 offset), qs[64] (2-bit codes as Q2_K), 12 scale
     # bytes, fp16 d: (d * (scale - 32)) * (q - 4 * !hbit) per 16-value sub-block
-    q = _crumbs(blk, mask, 32) - ((_high_bits(blk, mask, 0) ^ 1) << 2)
+    q = _code_float(_crumbs(blk, mask, 32) | (_high_bits(blk, mask, 0) << 2), 4)  # ql - 4 + 4 * hbit
     # six-bit scale s: low nibble (s // 8) of byte s % 8, high 2 bits (s // 4) of byte 8 + s % 4
     s = tl.arange(0, 16)[None, None, :]
     lo = tl.load(blk[:, :, None] + 96 + s % 8, mask=mask[:, :, None], other=0)
     hi = tl.load(blk[:, :, None] + 104 + s % 4, mask=mask[:, :, None], other=0)
     sc = ((lo >> (4 * (s // 8)).to(tl.uint8)) & 0x0F) | (((hi >> (2 * (s // 4)).to(tl.uint8)) & 0x03) << 4)
     dl = _f16_at(blk + 108, mask)[:, :, None] * (sc.to(tl.int32) - 32).to(tl.float32)
-    return _per_sub(dl, q.to(tl.float32), 16)
+    return _per_sub(dl, q, 16)
 
 
 @triton.jit
@@ -219,4 +228,4 @@ def _q2_k(blk, mask):
     w = _u32_at(blk + 80, mask)  # fp16 d, fp16 dmin
     dl = _half_lo(w)[:, :, None] * (scales & 0x0F).to(tl.float32)
     ml = _half_hi(w)[:, :, None] * (scales >> 4).to(tl.float32)
-    return _per_sub_affine(dl, ml, _crumbs(blk, mask, 16).to(tl.float32), 16)
+    return _per_sub_affine(dl, ml, _code_float(_crumbs(blk, mask, 16), 0), 16)

@@ -13,10 +13,15 @@ random bytes do not cover:
 - a test kernel calling ``decode_blocks`` on [R, G] tiles with R, G > 1 over a grid whose edge tiles are
   partial: masked blocks point at bytes that decode to NaN, so they come back 0 only if the mask is
   applied; the output is poisoned with NaN first.
+- the GPU compiler: the interpreter accepts code it may reject, so ``dequantize_rows``' kernel is compiled
+  for sm_90 (PTX and ptxas, no GPU needed) for every type, in a subprocess (this file run as a script,
+  ``python tests/kernels/gguf/test_decode_kquants.py`` prints the report): it must compile without spills.
 Odd sizes throughout (3, 5, 7 rows or blocks). Interpreter on the CPU: tiny shapes.
 """
 
 from __future__ import annotations
+
+import sys
 
 import gguf
 import numpy as np
@@ -238,3 +243,70 @@ def test_decode_blocks_partial_tiles_masked_to_zero(name: str) -> None:
     pad = torch.ones(pr, pb, dtype=torch.bool)
     pad[:rows, :blocks] = False
     assert bool((got[pad] == 0).all()), "masked blocks must decode to 0 without being read"
+
+
+# --- compiles for sm_90 ----------------------------------------------------------------------------------
+
+def _compile_sm90(name: str) -> dict[str, int]:
+    """Compile dequantize_rows' kernel for ``name`` at the tile it launches for k-quants (4 rows x 4 blocks,
+    4 warps) with the launcher's 16-divisibility hints; registers and spills from ptxas."""
+    import inspect
+    import os
+    import re
+    import subprocess
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from glmtg.kernels.gguf.dequant import _dequant_rows_kernel
+
+    f = REGISTRY[name]
+    const = {"FMT": f.gguf_type, "BS": 256, "TS": f.type_size, "BLOCK_R": 4, "BLOCK_G": 4}
+    pointers = {"W": "*u8", "Out": "*fp32", "Aux": "*i32"}
+    sig, attrs = {}, {}
+    for i, p in enumerate(inspect.signature(_dequant_rows_kernel.fn).parameters):
+        sig[p] = "constexpr" if p in const else pointers.get(p, "i32")
+        if sig[p].startswith("*") or p == "ROW_BYTES":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(_dequant_rows_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"decode_kquants_{name}_{os.getpid()}.ptx")
+    with open(path, "w") as fh:
+        fh.write(ptx)
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.remove(path)
+    return {"regs": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spills": int(re.search(r"(\d+) bytes spill stores", log).group(1)), "loads": ptx.count("ld.global")}
+
+
+def main() -> int:
+    failed = 0
+    print("| type | registers | spill bytes | global loads |")
+    print("|---|---|---|---|")
+    for name in TYPES:
+        try:
+            r = _compile_sm90(name)
+        except Exception as exc:  # noqa: BLE001 - report and go on: one failure should not hide the others
+            failed += 1
+            cause = exc.__cause__ or exc
+            print(f"| {name} | compile failed: {type(cause).__name__}: {str(cause)[:200]} |")
+            continue
+        print(f"| {name} | {r['regs']} | {r['spills']} | {r['loads']} |")
+    return 1 if failed else 0
+
+
+def test_decoders_compile_for_sm90_without_spills(compile_report) -> None:
+    stdout, table = compile_report(__file__, timeout=300)
+    rows = {cells[0]: [int(c) for c in cells[1:]] for cells in table if len(cells) == 4 and cells[0] in TYPES}
+    assert sorted(rows) == sorted(TYPES), stdout
+    for name, (_, spills, _) in rows.items():
+        assert spills == 0, f"{name} spills {spills} bytes"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
