@@ -11,21 +11,23 @@ in natural value order. How they are written, and why:
   product exact that rounds to the same value, so FMA contraction is the only difference we allow and it
   changes no finite result (Inf/NaN scales give NaN or Inf either way). The interpreter (CPU) contracts
   nothing: bit-exact outright.
-- codes: every value's code byte is addressed per value (``blk + offset(j)``), with offsets that run in
-  contiguous stretches of 16-64 bytes, as ``decode._q4_0`` does. The compiler proves the contiguity and
-  loads each thread's bytes with vector loads straight into the layout the values are used in. Loading
-  each byte exactly once as a [.., 32] tensor and spreading its nibbles over a new axis instead costs a
-  shared-memory round trip to re-lay the codes out and 1.5-3x the registers (measured in the sm_90 PTX);
-  here a byte feeding two values is read twice from L1, but fetched from memory once. Codes are unpacked
+- codes: each code byte is loaded once, in memory order, as an [A, B] tile per block (vector loads; a
+  byte several values share, such as Q5_K's qh, once per thread that needs it). Its fields (low and high
+  nibble, or the four 2-bit fields) become separate tensors with fixed shifts, which ``tl.join`` pairs in
+  the same thread; a permute and a reshape then put the values in natural order by relabelling the
+  layout, without moving data. The machine code is what decides (sm_90 SASS of a GEMV step over 4 x 4
+  blocks, 32 values a thread): 384 instructions for Q4_K and 512 for Q6_K, against 456 and 1080 when each
+  value addresses its own byte (the bytes then come in through narrower loads and shuffles), and worse
+  still when the fields are spread over a broadcast axis (a shared-memory round trip). Codes are unpacked
   in int32 and converted from int32 (``_code_float``); offsets (``- 32``, ...) go on in fp32, exactly.
 - scales: the per-sub-block scales are decoded once per block as [R, G, n_sub] and reach the values
   through a broadcast over a [R, G, n_sub, 256 / n_sub] view, never by loading scale bytes per value.
   Header fields at 4-byte aligned offsets of types whose size is a multiple of 4 (Q4_K 144, Q5_K 176,
   Q2_K 84 and IQ4_XS 136 bytes: every block then starts 4-byte aligned, tensors being 16-byte aligned) are
   loaded as 32-bit words; Q6_K (210) and Q3_K (110) blocks are only 2-byte aligned.
-- IQ4_XS's 16 non-linear levels are computed in the kernel (selects among 4 int32 constants packing the
-  levels + 128, a byte extract, - 128) rather than read from ``aux``: no gather per value, no table on the
-  device, no dependence on ``tables.lookup_table``.
+- IQ4_XS's 16 non-linear levels are computed in the kernel (a quartic in the code, rounded: see
+  IQ4_POLY_*) rather than read from ``aux``: fp32 arithmetic instead of a gather per value or a chain of
+  integer selects, and no dependence on ``tables.lookup_table``.
 """
 
 from __future__ import annotations
@@ -33,19 +35,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from glmtg.formats.gguf_blocks import IQ4_LEVELS
-
-
-def _packed_levels(k: int) -> int:
-    """IQ4_LEVELS[4k .. 4k + 3] + 128 (0 .. 255) as the bytes of one little-endian int32 (byte i: level 4k + i)."""
-    word = sum((IQ4_LEVELS[4 * k + i] + 128) << (8 * i) for i in range(4))
-    return word - (1 << 32) if word >= 1 << 31 else word
-
-
-_IQ4_W0: tl.constexpr = tl.constexpr(_packed_levels(0))
-_IQ4_W1: tl.constexpr = tl.constexpr(_packed_levels(1))
-_IQ4_W2: tl.constexpr = tl.constexpr(_packed_levels(2))
-_IQ4_W3: tl.constexpr = tl.constexpr(_packed_levels(3))
+# IQ4_XS's 16 levels as a polynomial in the code q: the minimax quartic through (q, gguf_blocks.IQ4_LEVELS[q]),
+# its coefficients rounded to fp32, is within 0.433 of every level, evaluated in fp32 with or without FMA
+# contraction; rounding it to the nearest integer gives the levels exactly (the test checks every code).
+# 7 fp32 instructions a value, against about 11 integer ones for a lookup in packed constants.
+IQ4_POLY_4: tl.constexpr = tl.constexpr(0.0015860428102314472)
+IQ4_POLY_3: tl.constexpr = tl.constexpr(0.03108643926680088)
+IQ4_POLY_2: tl.constexpr = tl.constexpr(-1.37192702293396)
+IQ4_POLY_1: tl.constexpr = tl.constexpr(24.173830032348633)
+IQ4_POLY_0: tl.constexpr = tl.constexpr(-126.56700897216797)
 
 
 @triton.jit
@@ -81,36 +79,41 @@ def _code_float(code, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _code_bits(blk, mask, offs, shift, BITS: tl.constexpr):
-    """Per value j of every block: bits shift[j] .. shift[j] + BITS of byte offs[j], as int32 [R, G, 256]."""
-    byte = tl.load(blk[:, :, None] + offs[None, None, :], mask=mask[:, :, None], other=0)
-    return (byte.to(tl.int32) >> shift[None, None, :]) & ((1 << BITS) - 1)
+def _grid_bytes(blk, mask, start: tl.constexpr, A: tl.constexpr, B: tl.constexpr, STEP: tl.constexpr,
+                PERIOD: tl.constexpr):
+    """int32 [R, G, A, B]: element (a, b) is byte start + a * STEP + b % PERIOD of each block. STEP = PERIOD
+    = B: A x B bytes in memory order; otherwise rows or columns repeat bytes, for fields that several
+    values read (each thread then loads what its own values need)."""
+    a = tl.arange(0, A)
+    b = tl.arange(0, B)
+    offs = start + a[:, None] * STEP + (b % PERIOD)[None, :]
+    byte = tl.load(blk[:, :, None, None] + offs[None, None, :, :], mask=mask[:, :, None, None], other=0)
+    return byte.to(tl.int32)
 
 
 @triton.jit
-def _nibbles(blk, mask, start: tl.constexpr, HALF: tl.constexpr):
-    """4-bit codes packed as chunks of HALF bytes, each chunk's low nibbles (HALF values) then its high
-    nibbles (the next HALF): value j is nibble (j // HALF) % 2 of byte start + HALF * (j // (2 * HALF))
-    + j % HALF. int32 [R, G, 256]."""
-    j = tl.arange(0, 256)
-    offs = start + HALF * (j // (2 * HALF)) + j % HALF
-    return _code_bits(blk, mask, offs, 4 * ((j // HALF) % 2), 4)
+def _interleave(lo, hi):
+    """[R, G, A, B] twice -> [R, G, A * 2 * B]: for each a, row a of lo then row a of hi (values (a, h, b)).
+
+    tl.join pairs the two in the same thread, so the nibble (or field) each value takes is fixed per
+    register; the permute and reshape only relabel that layout (no data movement, per the sm_90 SASS)."""
+    R: tl.constexpr = lo.shape[0]
+    G: tl.constexpr = lo.shape[1]
+    A: tl.constexpr = lo.shape[2]
+    B: tl.constexpr = lo.shape[3]
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 2, 4, 3)), [R, G, A * 2 * B])
 
 
 @triton.jit
-def _crumbs(blk, mask, start: tl.constexpr):
-    """2-bit codes packed as 2 chunks of 32 bytes, each giving 4 x 32 values (bits 0-1 of its bytes, then
-    bits 2-3, ...): value j is bits 2 * ((j // 32) % 4) of byte start + 32 * (j // 128) + j % 32."""
-    j = tl.arange(0, 256)
-    offs = start + 32 * (j // 128) + j % 32
-    return _code_bits(blk, mask, offs, 2 * ((j // 32) % 4), 2)
-
-
-@triton.jit
-def _high_bits(blk, mask, start: tl.constexpr):
-    """One bit per value from 32 bytes: value j is bit j // 32 of byte start + j % 32. int32 [R, G, 256]."""
-    j = tl.arange(0, 256)
-    return _code_bits(blk, mask, start + j % 32, j // 32, 1)
+def _interleave4(c0, c1, c2, c3):
+    """[R, G, A, B] four times -> [R, G, A * 4 * B]: for each a, row a of c0, c1, c2, then c3."""
+    R: tl.constexpr = c0.shape[0]
+    G: tl.constexpr = c0.shape[1]
+    A: tl.constexpr = c0.shape[2]
+    B: tl.constexpr = c0.shape[3]
+    lo = tl.reshape(_interleave(c0, c1), [R, G, A, 2 * B])
+    hi = tl.reshape(_interleave(c2, c3), [R, G, A, 2 * B])
+    return _interleave(lo, hi)
 
 
 @triton.jit
@@ -162,13 +165,17 @@ def _k_affine(blk, mask, q):
 @triton.jit
 def _q4_k(blk, mask):
     # fp16 d, fp16 dmin, 12 scale bytes, qs[128]: 4 chunks of 32 bytes, each 32 low nibbles then 32 high
-    return _k_affine(blk, mask, _nibbles(blk, mask, 16, 32))
+    b = _grid_bytes(blk, mask, 16, 4, 32, 32, 32)
+    return _k_affine(blk, mask, _interleave(b & 0x0F, b >> 4))
 
 
 @triton.jit
 def _q5_k(blk, mask):
     # fp16 d, fp16 dmin, 12 scale bytes, qh[32] (bit k of byte i: bit 4 of value 32k + i), qs[128] as Q4_K
-    q = _nibbles(blk, mask, 48, 32) | (_high_bits(blk, mask, 16) << 4)
+    ql = _grid_bytes(blk, mask, 48, 4, 32, 32, 32)
+    qh = _grid_bytes(blk, mask, 16, 4, 32, 0, 32)  # chunk c's values take bits 2c (low nibbles), 2c + 1
+    c2 = 2 * tl.arange(0, 4)[None, None, :, None]
+    q = _interleave((ql & 0x0F) | (((qh >> c2) & 1) << 4), (ql >> 4) | (((qh >> (c2 + 1)) & 1) << 4))
     return _k_affine(blk, mask, q)
 
 
@@ -176,7 +183,14 @@ def _q5_k(blk, mask):
 def _q6_k(blk, mask):
     # ql[128] (2 halves of 64 bytes: 64 low nibbles then 64 high), qh[64] (2 halves of 32 bytes, 4 two-bit
     # fields each), int8 scales[16], fp16 d: (d * scale) * ((ql | qh << 4) - 32) per 16-value sub-block
-    q = _code_float(_nibbles(blk, mask, 0, 64) | (_crumbs(blk, mask, 128) << 4), 32)
+    # value 128a + 32t + i (t < 4, i < 32): qh byte 32a + i bits 2t; ql byte 64a + 32 * (t % 2) + i, its
+    # low nibble for t < 2, its high one for t >= 2
+    ql0 = _grid_bytes(blk, mask, 0, 2, 32, 64, 32)
+    ql1 = _grid_bytes(blk, mask, 32, 2, 32, 64, 32)
+    qh = _grid_bytes(blk, mask, 128, 2, 32, 32, 32)
+    q = _interleave4((ql0 & 0x0F) | ((qh & 3) << 4), (ql1 & 0x0F) | (((qh >> 2) & 3) << 4),
+                     (ql0 >> 4) | (((qh >> 4) & 3) << 4), (ql1 >> 4) | ((qh >> 6) << 4))
+    q = _code_float(q, 32)
     s = tl.arange(0, 16)
     scales = tl.load(blk[:, :, None] + 192 + s[None, None, :], mask=mask[:, :, None], other=0)
     dl = _f16_at(blk + 208, mask)[:, :, None] * scales.to(tl.int8, bitcast=True).to(tl.float32)
@@ -185,10 +199,11 @@ def _q6_k(blk, mask):
 
 @triton.jit
 def _iq4_level(q):
-    """IQ4_LEVELS[q] as fp32 for int32 codes q in [0, 16): byte q % 4 of packed word q // 4 (the level + 128)."""
-    word = tl.where((q & 8) != 0, tl.where((q & 4) != 0, _IQ4_W3, _IQ4_W2),
-                    tl.where((q & 4) != 0, _IQ4_W1, _IQ4_W0))
-    return _code_float((word >> (8 * (q & 3))) & 0xFF, 128)
+    """IQ4_LEVELS[q] as fp32 for int32 codes q in [0, 16): a quartic through the 16 levels, rounded to the
+    nearest integer (adding and subtracting 1.5 * 2^23 rounds any |p| < 2^22 exactly)."""
+    x = q.to(tl.float32)
+    p = (((IQ4_POLY_4 * x + IQ4_POLY_3) * x + IQ4_POLY_2) * x + IQ4_POLY_1) * x + IQ4_POLY_0
+    return (p + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -201,7 +216,8 @@ def _iq4_xs(blk, mask):
     low = (w_lo >> (4 * s)) & 0x0F
     high = (w[:, :, None] >> (16 + 2 * s)) & 0x03
     dl = _half_lo(w)[:, :, None] * ((low | (high << 4)).to(tl.int32) - 32).to(tl.float32)
-    q = _iq4_level(_nibbles(blk, mask, 8, 16))
+    b = _grid_bytes(blk, mask, 8, 8, 16, 16, 16)
+    q = _interleave(_iq4_level(b & 0x0F), _iq4_level(b >> 4))
     return _per_sub(dl, q, 8)
 
 
@@ -209,7 +225,12 @@ def _iq4_xs(blk, mask):
 def _q3_k(blk, mask):
     # hmask[32] (bit k of byte i: value 32k + i has no -4 offset), qs[64] (2-bit codes as Q2_K), 12 scale
     # bytes, fp16 d: (d * (scale - 32)) * (q - 4 * !hbit) per 16-value sub-block
-    q = _code_float(_crumbs(blk, mask, 32) | (_high_bits(blk, mask, 0) << 2), 4)  # ql - 4 + 4 * hbit
+    ql = _grid_bytes(blk, mask, 32, 2, 32, 32, 32)  # value 128a + 32t + i: bits 2t of byte 32a + i
+    hm = _grid_bytes(blk, mask, 0, 2, 32, 0, 32)  # and bit 4a + t of hmask byte i
+    a4 = 4 * tl.arange(0, 2)[None, None, :, None]
+    q = _interleave4(ql & 3 | ((hm >> a4) & 1) << 2, (ql >> 2) & 3 | ((hm >> (a4 + 1)) & 1) << 2,
+                     (ql >> 4) & 3 | ((hm >> (a4 + 2)) & 1) << 2, (ql >> 6) | ((hm >> (a4 + 3)) & 1) << 2)
+    q = _code_float(q, 4)  # ql + 4 * hbit - 4
     # six-bit scale s: low nibble (s // 8) of byte s % 8, high 2 bits (s // 4) of byte 8 + s % 4
     s = tl.arange(0, 16)[None, None, :]
     lo = tl.load(blk[:, :, None] + 96 + s % 8, mask=mask[:, :, None], other=0)
@@ -228,4 +249,6 @@ def _q2_k(blk, mask):
     w = _u32_at(blk + 80, mask)  # fp16 d, fp16 dmin
     dl = _half_lo(w)[:, :, None] * (scales & 0x0F).to(tl.float32)
     ml = _half_hi(w)[:, :, None] * (scales >> 4).to(tl.float32)
-    return _per_sub_affine(dl, ml, _code_float(_crumbs(blk, mask, 16), 0), 16)
+    b = _grid_bytes(blk, mask, 16, 2, 32, 32, 32)  # value 128a + 32t + i: bits 2t of byte 32a + i
+    q = _interleave4(b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6)
+    return _per_sub_affine(dl, ml, _code_float(q, 0), 16)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from glmtg.formats import REGISTRY
 from glmtg.formats.gguf_blocks import IQ4_LEVELS
+from glmtg.kernels.gguf import decode_kquants as dk
 from glmtg.kernels.gguf.decode import decode_blocks
 from glmtg.kernels.gguf.dequant import dequantize_rows
 from glmtg.kernels.gguf.tables import lookup_table
@@ -206,6 +207,32 @@ def test_decoders_match_float64_rounded_once(name: str, realistic: bool) -> None
     # and gguf's own decoder, the definition of right, agrees bit for bit
     ref = gguf.quants.dequantize(raw.numpy(), REGISTRY[name].gguf_type).reshape(got.shape)
     np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+def test_iq4_level_polynomial_rounds_to_every_level() -> None:
+    # The decoder computes IQ4_XS's levels as a rounded quartic; its error must stay well inside 0.5 in fp32
+    # whether or not the GPU contracts the Horner steps into FMAs (float64 steps rounded to fp32 stand in
+    # for fused ones: each product of two fp32 values is exact in float64).
+    coef = [np.float32(c.value) for c in (dk.IQ4_POLY_4, dk.IQ4_POLY_3, dk.IQ4_POLY_2, dk.IQ4_POLY_1, dk.IQ4_POLY_0)]
+    x = np.arange(16, dtype=np.float32)
+    unfused, fused = np.full(16, coef[0], np.float32), np.full(16, coef[0], np.float32)
+    for c in coef[1:]:
+        unfused = (unfused * x).astype(np.float32) + c
+        fused = (fused.astype(np.float64) * x + np.float64(c)).astype(np.float32)
+    levels = np.array(IQ4_LEVELS, dtype=np.float32)
+    for p in (unfused, fused):
+        assert np.abs(p - levels).max() < 0.44
+        np.testing.assert_array_equal((p + np.float32(12582912.0)) - np.float32(12582912.0), levels)
+
+
+def test_iq4_xs_every_code_in_both_nibbles() -> None:
+    # qs bytes 0..255 over two blocks: every code as a low and as a high nibble, next to every other
+    raw = finite_rows("iq4_xs", 1, 2, seed=5, realistic=True).view(2, -1)
+    raw[:, 8:] = torch.arange(256, dtype=torch.uint8).view(2, 128)
+    raw = raw.reshape(1, -1)
+    _, want = _want("iq4_xs", raw)
+    got = dequantize_rows(raw, "iq4_xs").numpy()
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
 # --- decode_blocks on partial [R, G] tiles ---------------------------------------------------------------
