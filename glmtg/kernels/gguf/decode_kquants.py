@@ -92,6 +92,17 @@ def _grid_bytes(blk, mask, start: tl.constexpr, A: tl.constexpr, B: tl.constexpr
 
 
 @triton.jit
+def _bits_to(x, FROM: tl.constexpr, WIDTH: tl.constexpr, TO: tl.constexpr):
+    """Bits FROM .. FROM + WIDTH of int32 ``x`` (>= 0) moved to bits TO .. TO + WIDTH, the rest 0: one shift
+    and one mask (which the compiler merges with the OR that follows)."""
+    if FROM >= TO:
+        y = x >> (FROM - TO)
+    else:
+        y = x << (TO - FROM)
+    return y & (((1 << WIDTH) - 1) << TO)
+
+
+@triton.jit
 def _interleave(lo, hi):
     """[R, G, A, B] twice -> [R, G, A * 2 * B]: for each a, row a of lo then row a of hi (values (a, h, b)).
 
@@ -170,13 +181,25 @@ def _q4_k(blk, mask):
 
 
 @triton.jit
+def _q5_k_chunk(blk, mask, qh, C: tl.constexpr):
+    """Q5_K's values 64C .. 64C + 63 as int32 [R, G, 1, 64], given its qh bytes (int32 [R, G, 1, 32])."""
+    R: tl.constexpr = blk.shape[0]
+    G: tl.constexpr = blk.shape[1]
+    ql = _grid_bytes(blk, mask, 48 + 32 * C, 1, 32, 32, 32)
+    q = _interleave((ql & 0x0F) | _bits_to(qh, 2 * C, 1, 4), (ql >> 4) | _bits_to(qh, 2 * C + 1, 1, 4))
+    return tl.reshape(q, [R, G, 1, 64])
+
+
+@triton.jit
 def _q5_k(blk, mask):
     # fp16 d, fp16 dmin, 12 scale bytes, qh[32] (bit k of byte i: bit 4 of value 32k + i), qs[128] as Q4_K
-    ql = _grid_bytes(blk, mask, 48, 4, 32, 32, 32)
-    qh = _grid_bytes(blk, mask, 16, 4, 32, 0, 32)  # chunk c's values take bits 2c (low nibbles), 2c + 1
-    c2 = 2 * tl.arange(0, 4)[None, None, :, None]
-    q = _interleave((ql & 0x0F) | (((qh >> c2) & 1) << 4), (ql >> 4) | (((qh >> (c2 + 1)) & 1) << 4))
-    return _k_affine(blk, mask, q)
+    # value 64c + 32h + i: nibble h of qs byte 32c + i, bit 4 from bit 2c + h of qh byte i
+    qh = _grid_bytes(blk, mask, 16, 1, 32, 32, 32)
+    q0 = _q5_k_chunk(blk, mask, qh, 0)
+    q1 = _q5_k_chunk(blk, mask, qh, 1)
+    q2 = _q5_k_chunk(blk, mask, qh, 2)
+    q3 = _q5_k_chunk(blk, mask, qh, 3)
+    return _k_affine(blk, mask, _interleave4(q0, q1, q2, q3))
 
 
 @triton.jit
@@ -188,8 +211,8 @@ def _q6_k(blk, mask):
     ql0 = _grid_bytes(blk, mask, 0, 2, 32, 64, 32)
     ql1 = _grid_bytes(blk, mask, 32, 2, 32, 64, 32)
     qh = _grid_bytes(blk, mask, 128, 2, 32, 32, 32)
-    q = _interleave4((ql0 & 0x0F) | ((qh & 3) << 4), (ql1 & 0x0F) | (((qh >> 2) & 3) << 4),
-                     (ql0 >> 4) | (((qh >> 4) & 3) << 4), (ql1 >> 4) | ((qh >> 6) << 4))
+    q = _interleave4((ql0 & 0x0F) | _bits_to(qh, 0, 2, 4), (ql1 & 0x0F) | _bits_to(qh, 2, 2, 4),
+                     (ql0 >> 4) | _bits_to(qh, 4, 2, 4), (ql1 >> 4) | _bits_to(qh, 6, 2, 4))
     q = _code_float(q, 32)
     s = tl.arange(0, 16)
     scales = tl.load(blk[:, :, None] + 192 + s[None, None, :], mask=mask[:, :, None], other=0)
@@ -225,11 +248,17 @@ def _iq4_xs(blk, mask):
 def _q3_k(blk, mask):
     # hmask[32] (bit k of byte i: value 32k + i has no -4 offset), qs[64] (2-bit codes as Q2_K), 12 scale
     # bytes, fp16 d: (d * (scale - 32)) * (q - 4 * !hbit) per 16-value sub-block
-    ql = _grid_bytes(blk, mask, 32, 2, 32, 32, 32)  # value 128a + 32t + i: bits 2t of byte 32a + i
-    hm = _grid_bytes(blk, mask, 0, 2, 32, 0, 32)  # and bit 4a + t of hmask byte i
-    a4 = 4 * tl.arange(0, 2)[None, None, :, None]
-    q = _interleave4(ql & 3 | ((hm >> a4) & 1) << 2, (ql >> 2) & 3 | ((hm >> (a4 + 1)) & 1) << 2,
-                     (ql >> 4) & 3 | ((hm >> (a4 + 2)) & 1) << 2, (ql >> 6) | ((hm >> (a4 + 3)) & 1) << 2)
+    # value 128a + 32t + i: bits 2t of qs byte 32a + i, bit 2 from bit 4a + t of hmask byte i
+    R: tl.constexpr = blk.shape[0]
+    G: tl.constexpr = blk.shape[1]
+    hm = _grid_bytes(blk, mask, 0, 1, 32, 32, 32)
+    ql = _grid_bytes(blk, mask, 32, 1, 32, 32, 32)
+    q0 = _interleave4((ql & 3) | _bits_to(hm, 0, 1, 2), _bits_to(ql, 2, 2, 0) | _bits_to(hm, 1, 1, 2),
+                      _bits_to(ql, 4, 2, 0) | _bits_to(hm, 2, 1, 2), (ql >> 6) | _bits_to(hm, 3, 1, 2))
+    ql = _grid_bytes(blk, mask, 64, 1, 32, 32, 32)
+    q1 = _interleave4((ql & 3) | _bits_to(hm, 4, 1, 2), _bits_to(ql, 2, 2, 0) | _bits_to(hm, 5, 1, 2),
+                      _bits_to(ql, 4, 2, 0) | _bits_to(hm, 6, 1, 2), (ql >> 6) | _bits_to(hm, 7, 1, 2))
+    q = _interleave(tl.reshape(q0, [R, G, 1, 128]), tl.reshape(q1, [R, G, 1, 128]))
     q = _code_float(q, 4)  # ql + 4 * hbit - 4
     # six-bit scale s: low nibble (s // 8) of byte s % 8, high 2 bits (s // 4) of byte 8 + s % 4
     s = tl.arange(0, 16)[None, None, :]

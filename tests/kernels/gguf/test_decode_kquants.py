@@ -252,9 +252,10 @@ def _tiles_kernel(W, Out, Aux, N, NB, ROW_BYTES, FMT: tl.constexpr, TS: tl.const
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_decode_blocks_partial_tiles_masked_to_zero(name: str) -> None:
+@pytest.mark.parametrize("block_r,block_g", [(2, 4), (1, 1)])
+def test_decode_blocks_partial_tiles_masked_to_zero(name: str, block_r: int, block_g: int) -> None:
     f = REGISTRY[name]
-    rows, blocks, block_r, block_g = 3, 5, 2, 4  # grid 2 x 2: the last row tile and block tile are partial
+    rows, blocks = 3, 5  # at 2 x 4: grid 2 x 2, the last row tile and block tile partial; 1 x 1: no mask
     grid = (triton.cdiv(rows, block_r), triton.cdiv(blocks, block_g))
     pr, pb = grid[0] * block_r, grid[1] * block_g
     raw = finite_rows(name, rows, blocks, seed=11, realistic=True)
