@@ -79,14 +79,12 @@ def _code_float(code, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _grid_bytes(blk, mask, start: tl.constexpr, A: tl.constexpr, B: tl.constexpr, STEP: tl.constexpr,
-                PERIOD: tl.constexpr):
-    """int32 [R, G, A, B]: element (a, b) is byte start + a * STEP + b % PERIOD of each block. STEP = PERIOD
-    = B: A x B bytes in memory order; otherwise rows or columns repeat bytes, for fields that several
-    values read (each thread then loads what its own values need)."""
+def _grid_bytes(blk, mask, start: tl.constexpr, A: tl.constexpr, B: tl.constexpr, STEP: tl.constexpr):
+    """int32 [R, G, A, B]: element (a, b) is byte start + a * STEP + b of each block (STEP = B: A x B bytes
+    in memory order; STEP > B: A runs of B bytes, STEP apart)."""
     a = tl.arange(0, A)
     b = tl.arange(0, B)
-    offs = start + a[:, None] * STEP + (b % PERIOD)[None, :]
+    offs = start + a[:, None] * STEP + b[None, :]
     byte = tl.load(blk[:, :, None, None] + offs[None, None, :, :], mask=mask[:, :, None, None], other=0)
     return byte.to(tl.int32)
 
@@ -176,7 +174,7 @@ def _k_affine(blk, mask, q):
 @triton.jit
 def _q4_k(blk, mask):
     # fp16 d, fp16 dmin, 12 scale bytes, qs[128]: 4 chunks of 32 bytes, each 32 low nibbles then 32 high
-    b = _grid_bytes(blk, mask, 16, 4, 32, 32, 32)
+    b = _grid_bytes(blk, mask, 16, 4, 32, 32)
     return _k_affine(blk, mask, _interleave(b & 0x0F, b >> 4))
 
 
@@ -185,7 +183,7 @@ def _q5_k_chunk(blk, mask, qh, C: tl.constexpr):
     """Q5_K's values 64C .. 64C + 63 as int32 [R, G, 1, 64], given its qh bytes (int32 [R, G, 1, 32])."""
     R: tl.constexpr = blk.shape[0]
     G: tl.constexpr = blk.shape[1]
-    ql = _grid_bytes(blk, mask, 48 + 32 * C, 1, 32, 32, 32)
+    ql = _grid_bytes(blk, mask, 48 + 32 * C, 1, 32, 32)
     q = _interleave((ql & 0x0F) | _bits_to(qh, 2 * C, 1, 4), (ql >> 4) | _bits_to(qh, 2 * C + 1, 1, 4))
     return tl.reshape(q, [R, G, 1, 64])
 
@@ -194,7 +192,7 @@ def _q5_k_chunk(blk, mask, qh, C: tl.constexpr):
 def _q5_k(blk, mask):
     # fp16 d, fp16 dmin, 12 scale bytes, qh[32] (bit k of byte i: bit 4 of value 32k + i), qs[128] as Q4_K
     # value 64c + 32h + i: nibble h of qs byte 32c + i, bit 4 from bit 2c + h of qh byte i
-    qh = _grid_bytes(blk, mask, 16, 1, 32, 32, 32)
+    qh = _grid_bytes(blk, mask, 16, 1, 32, 32)
     q0 = _q5_k_chunk(blk, mask, qh, 0)
     q1 = _q5_k_chunk(blk, mask, qh, 1)
     q2 = _q5_k_chunk(blk, mask, qh, 2)
@@ -208,9 +206,9 @@ def _q6_k(blk, mask):
     # fields each), int8 scales[16], fp16 d: (d * scale) * ((ql | qh << 4) - 32) per 16-value sub-block
     # value 128a + 32t + i (t < 4, i < 32): qh byte 32a + i bits 2t; ql byte 64a + 32 * (t % 2) + i, its
     # low nibble for t < 2, its high one for t >= 2
-    ql0 = _grid_bytes(blk, mask, 0, 2, 32, 64, 32)
-    ql1 = _grid_bytes(blk, mask, 32, 2, 32, 64, 32)
-    qh = _grid_bytes(blk, mask, 128, 2, 32, 32, 32)
+    ql0 = _grid_bytes(blk, mask, 0, 2, 32, 64)
+    ql1 = _grid_bytes(blk, mask, 32, 2, 32, 64)
+    qh = _grid_bytes(blk, mask, 128, 2, 32, 32)
     q = _interleave4((ql0 & 0x0F) | _bits_to(qh, 0, 2, 4), (ql1 & 0x0F) | _bits_to(qh, 2, 2, 4),
                      (ql0 >> 4) | _bits_to(qh, 4, 2, 4), (ql1 >> 4) | _bits_to(qh, 6, 2, 4))
     q = _code_float(q, 32)
@@ -239,7 +237,7 @@ def _iq4_xs(blk, mask):
     low = (w_lo >> (4 * s)) & 0x0F
     high = (w[:, :, None] >> (16 + 2 * s)) & 0x03
     dl = _half_lo(w)[:, :, None] * ((low | (high << 4)).to(tl.int32) - 32).to(tl.float32)
-    b = _grid_bytes(blk, mask, 8, 8, 16, 16, 16)
+    b = _grid_bytes(blk, mask, 8, 8, 16, 16)
     q = _interleave(_iq4_level(b & 0x0F), _iq4_level(b >> 4))
     return _per_sub(dl, q, 8)
 
@@ -251,21 +249,21 @@ def _q3_k(blk, mask):
     # value 128a + 32t + i: bits 2t of qs byte 32a + i, bit 2 from bit 4a + t of hmask byte i
     R: tl.constexpr = blk.shape[0]
     G: tl.constexpr = blk.shape[1]
-    hm = _grid_bytes(blk, mask, 0, 1, 32, 32, 32)
-    ql = _grid_bytes(blk, mask, 32, 1, 32, 32, 32)
+    hm = _grid_bytes(blk, mask, 0, 1, 32, 32)
+    ql = _grid_bytes(blk, mask, 32, 1, 32, 32)
     q0 = _interleave4((ql & 3) | _bits_to(hm, 0, 1, 2), _bits_to(ql, 2, 2, 0) | _bits_to(hm, 1, 1, 2),
                       _bits_to(ql, 4, 2, 0) | _bits_to(hm, 2, 1, 2), (ql >> 6) | _bits_to(hm, 3, 1, 2))
-    ql = _grid_bytes(blk, mask, 64, 1, 32, 32, 32)
+    ql = _grid_bytes(blk, mask, 64, 1, 32, 32)
     q1 = _interleave4((ql & 3) | _bits_to(hm, 4, 1, 2), _bits_to(ql, 2, 2, 0) | _bits_to(hm, 5, 1, 2),
                       _bits_to(ql, 4, 2, 0) | _bits_to(hm, 6, 1, 2), (ql >> 6) | _bits_to(hm, 7, 1, 2))
     q = _interleave(tl.reshape(q0, [R, G, 1, 128]), tl.reshape(q1, [R, G, 1, 128]))
     q = _code_float(q, 4)  # ql + 4 * hbit - 4
     # six-bit scale s: low nibble (s // 8) of byte s % 8, high 2 bits (s // 4) of byte 8 + s % 4
     s = tl.arange(0, 16)[None, None, :]
-    lo = tl.load(blk[:, :, None] + 96 + s % 8, mask=mask[:, :, None], other=0)
-    hi = tl.load(blk[:, :, None] + 104 + s % 4, mask=mask[:, :, None], other=0)
-    sc = ((lo >> (4 * (s // 8)).to(tl.uint8)) & 0x0F) | (((hi >> (2 * (s // 4)).to(tl.uint8)) & 0x03) << 4)
-    dl = _f16_at(blk + 108, mask)[:, :, None] * (sc.to(tl.int32) - 32).to(tl.float32)
+    lo = tl.load(blk[:, :, None] + 96 + s % 8, mask=mask[:, :, None], other=0).to(tl.int32)
+    hi = tl.load(blk[:, :, None] + 104 + s % 4, mask=mask[:, :, None], other=0).to(tl.int32)
+    sc = ((lo >> (4 * (s // 8))) & 0x0F) | (((hi >> (2 * (s // 4))) & 0x03) << 4)
+    dl = _f16_at(blk + 108, mask)[:, :, None] * (sc - 32).to(tl.float32)
     return _per_sub(dl, q, 16)
 
 
@@ -278,6 +276,6 @@ def _q2_k(blk, mask):
     w = _u32_at(blk + 80, mask)  # fp16 d, fp16 dmin
     dl = _half_lo(w)[:, :, None] * (scales & 0x0F).to(tl.float32)
     ml = _half_hi(w)[:, :, None] * (scales >> 4).to(tl.float32)
-    b = _grid_bytes(blk, mask, 16, 2, 32, 32, 32)  # value 128a + 32t + i: bits 2t of byte 32a + i
+    b = _grid_bytes(blk, mask, 16, 2, 32, 32)  # value 128a + 32t + i: bits 2t of byte 32a + i
     q = _interleave4(b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6)
     return _per_sub_affine(dl, ml, _code_float(q, 0), 16)
