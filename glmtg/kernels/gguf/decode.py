@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from glmtg.kernels.gguf import decode_iq
+from glmtg.kernels.gguf.decode_kquants import _iq4_xs, _q2_k, _q3_k, _q4_k, _q5_k, _q6_k
 
 # gguf type ids (gguf.GGMLQuantizationType), the FMT values the dispatcher branches on.
 F32: tl.constexpr = tl.constexpr(0)
@@ -33,8 +34,8 @@ Q8_0: tl.constexpr = tl.constexpr(8)
 BF16: tl.constexpr = tl.constexpr(30)
 
 # The formats (glmtg.formats names) ``decode_blocks`` decodes; the launchers check against it.
-DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0", "iq2_xxs", "iq3_xxs", "iq1_m", "iq2_xs", "iq3_s",
-                           "iq2_s", "iq1_s")
+DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0", "q4_k", "q6_k", "q5_k", "iq4_xs", "q3_k",
+                            "q2_k", "iq2_xxs", "iq3_xxs", "iq1_m", "iq2_xs", "iq3_s", "iq2_s", "iq1_s")
 
 
 @triton.jit
@@ -88,6 +89,18 @@ def decode_blocks(blk, mask, aux, FMT: tl.constexpr, BS: tl.constexpr):
         v = _q8_0(blk, mask)
     elif FMT == 2:
         v = _q4_0(blk, mask)
+    elif FMT == 12:
+        v = _q4_k(blk, mask)
+    elif FMT == 14:
+        v = _q6_k(blk, mask)
+    elif FMT == 13:
+        v = _q5_k(blk, mask)
+    elif FMT == 23:
+        v = _iq4_xs(blk, mask)
+    elif FMT == 11:
+        v = _q3_k(blk, mask)
+    elif FMT == 10:
+        v = _q2_k(blk, mask)
     elif FMT == 16:
         v = decode_iq.iq2_xxs(blk, mask, aux)
     elif FMT == 18:
