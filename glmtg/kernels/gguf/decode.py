@@ -27,11 +27,15 @@ import triton.language as tl
 F32: tl.constexpr = tl.constexpr(0)
 F16: tl.constexpr = tl.constexpr(1)
 Q4_0: tl.constexpr = tl.constexpr(2)
+Q4_1: tl.constexpr = tl.constexpr(3)
+Q5_0: tl.constexpr = tl.constexpr(6)
+Q5_1: tl.constexpr = tl.constexpr(7)
 Q8_0: tl.constexpr = tl.constexpr(8)
+IQ4_NL: tl.constexpr = tl.constexpr(20)
 BF16: tl.constexpr = tl.constexpr(30)
 
 # The formats (glmtg.formats names) ``decode_blocks`` decodes; the launchers check against it.
-DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q8_0")
+DECODED: tuple[str, ...] = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
 
 
 @triton.jit
@@ -90,12 +94,79 @@ def _q4_0(blk, mask):
 
 
 @triton.jit
+def _nibbles32(blk, mask, start: tl.constexpr):
+    """The 32 four-bit codes of bytes [start, start + 16) of every block, uint8 [R, G, 32]: value j < 16 is
+    the low nibble of byte j, value j + 16 its high nibble (the q4_0 / q4_1 / q5 / iq4_nl order)."""
+    j = tl.arange(0, 32)
+    byte = tl.load(blk[:, :, None] + start + (j % 16)[None, None, :], mask=mask[:, :, None], other=0)
+    return (byte >> ((j // 16) * 4).to(tl.uint8)[None, None, :]) & 0xF
+
+
+@triton.jit
+def _q5_high(qh):
+    """Bit 4 of the 32 q5 codes, int32 [R, G, 32]: bit j of ``qh`` (uint32 [R, G], each block's
+    little-endian qh word) moved to bit 4 of value j; OR it onto the block's ``_nibbles32``."""
+    j = tl.arange(0, 32).to(tl.uint32)
+    high = ((qh[:, :, None] >> j[None, None, :]) & 1) << 4
+    return high.to(tl.int32)
+
+
+@triton.jit
+def _q4_1(blk, mask):
+    # fp16 d, fp16 m, uint8 qs[16]: d * q + m. d * q is exact (11 + 4 significant bits), so a fused
+    # multiply-add gives gguf's two-rounding result bit for bit.
+    d = _f16_at(blk, mask)
+    m = _f16_at(blk + 2, mask)
+    q = _nibbles32(blk, mask, 4)
+    return d[:, :, None] * _uint_f32(q, 0.0) + m[:, :, None]
+
+
+@triton.jit
+def _q5_0(blk, mask):
+    # fp16 d, uint8 qh[4] (bit j: bit 4 of value j), uint8 qs[16] (low nibbles): d * (q - 16).
+    # qh sits at offset 2 of a 22-byte block, 2-byte aligned only: two 16-bit loads.
+    d = _f16_at(blk, mask)
+    lo = tl.load((blk + 2).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.uint32)
+    hi = tl.load((blk + 4).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.uint32)
+    q = _nibbles32(blk, mask, 6).to(tl.int32) | _q5_high(lo | (hi << 16))
+    return d[:, :, None] * _uint_f32(q, 16.0)
+
+
+@triton.jit
+def _q5_1(blk, mask):
+    # fp16 d, fp16 m, uint32 qh (24-byte blocks: 4-byte aligned), uint8 qs[16]: d * q + m (d * q exact:
+    # 11 + 5 significant bits, so a fused multiply-add changes nothing).
+    d = _f16_at(blk, mask)
+    m = _f16_at(blk + 2, mask)
+    qh = tl.load((blk + 4).to(tl.pointer_type(tl.uint32)), mask=mask, other=0)
+    q = _nibbles32(blk, mask, 8).to(tl.int32) | _q5_high(qh)
+    return d[:, :, None] * _uint_f32(q, 0.0) + m[:, :, None]
+
+
+@triton.jit
+def _iq4_nl(blk, mask, aux):
+    # fp16 d, uint8 qs[16] (nibbles index the 16 non-linear levels, ``aux`` = tables.lookup_table): d * level.
+    # A masked block reads code 0: a valid table entry, times d = 0.
+    d = _f16_at(blk, mask)
+    level = tl.load(aux + _nibbles32(blk, mask, 2).to(tl.int32))
+    return d[:, :, None] * level
+
+
+@triton.jit
 def decode_blocks(blk, mask, aux, FMT: tl.constexpr, BS: tl.constexpr):
     """Decode [R, G] blocks of type ``FMT`` into fp32 [R, G, BS] (see the module docstring)."""
     if FMT == 8:
         v = _q8_0(blk, mask)
     elif FMT == 2:
         v = _q4_0(blk, mask)
+    elif FMT == 3:
+        v = _q4_1(blk, mask)
+    elif FMT == 6:
+        v = _q5_0(blk, mask)
+    elif FMT == 7:
+        v = _q5_1(blk, mask)
+    elif FMT == 20:
+        v = _iq4_nl(blk, mask, aux)
     else:
         tl.static_assert((FMT == 0) or (FMT == 1) or (FMT == 30), "no block decoder for this gguf type")
         v = _float_blocks(blk, mask, FMT)

@@ -52,7 +52,13 @@ def _check(name: str, t: int, n: int, dtype: torch.dtype, seed: int, **knobs: in
 @pytest.mark.parametrize("name", DECODED)
 @pytest.mark.parametrize("t", [1, 3])
 def test_quant_matvec_matches_float64(name: str, t: int) -> None:
-    _check(name, t, n=37, dtype=torch.float32, seed=t * 10 + REGISTRY[name].gguf_type)
+    # 16 rows a program: 3 programs, the last ragged (few programs keep the interpreter fast).
+    _check(name, t, n=37, dtype=torch.float32, seed=t * 10 + REGISTRY[name].gguf_type, block_n=16)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_quant_matvec_default_launch(t: int) -> None:
+    _check("q8_0", t, n=37, dtype=torch.float32, seed=40 + t)
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])

@@ -5,7 +5,7 @@ with gguf) and the same x values; a slot whose id is outside [0, E) contributes 
 
 Tolerances. The kernel decodes each weight exactly and accumulates in fp32 (gate/up dots over H, down dots
 over I and the k slots), rounding once to the output dtype. fp32 accumulation over these few terms
-(H, I <= 96 here, k = 3) is off by at most ~n * 2^-24 of the magnitudes summed, bounded here by
+(H, I <= 512 here, k = 3) is off by at most ~n * 2^-24 of the magnitudes summed, bounded here by
 2e-6 * max|ref| (silu and the product h add a few fp32 roundings, same order). Checked per element:
     |y - ref| <= u * |ref| + 2e-6 * max|ref|,   u = 2^-11 (fp16 out), 2^-8 (bf16), 0 (fp32)
 A kernel 1e-4 off in relative terms fails it. Outputs are poisoned with NaN before each call.
@@ -29,8 +29,10 @@ NUM_EXPERTS = 5
 
 
 def _values(name: str, blocks: int) -> int:
+    """``blocks`` blocks of ``name`` (one fewer for 256-value super-blocks, to keep the interpreter fast;
+    float types: 32-value "blocks")."""
     bs = REGISTRY[name].block_size
-    return blocks * bs if bs > 1 else 32 * blocks
+    return (blocks - 1) * bs if bs >= 256 else blocks * max(bs, 32)
 
 
 def _problem(gu: str, dn: str, t: int, seed: int, dtype: torch.dtype, device: str = "cpu"):
@@ -79,9 +81,10 @@ PAIRS = [(gu, DECODED[(i + 1) % len(DECODED)]) for i, gu in enumerate(DECODED)]
 
 
 @pytest.mark.parametrize("gu,dn", PAIRS)
-@pytest.mark.parametrize("t", [1, 3])
-def test_quant_moe_decode_matches_float64(gu: str, dn: str, t: int) -> None:
-    _check(gu, dn, t, torch.float32, seed=t * 100 + REGISTRY[gu].gguf_type, block_i=16)
+def test_quant_moe_decode_matches_float64(gu: str, dn: str) -> None:
+    # Tokens are a grid dimension here (no per-T code path): 2 tokens cover one token's code too. Large
+    # row blocks: few programs keep the interpreter fast (the knob test below takes small ones).
+    _check(gu, dn, 2, torch.float32, seed=100 + REGISTRY[gu].gguf_type, block_i=32, block_h=32)
 
 
 def test_quant_moe_decode_half_input_and_knobs() -> None:
