@@ -30,7 +30,12 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.decode import decode_blocks
-from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, decoded_format, steps_for
+from glmtg.kernels.gguf.gemv import (
+    SUPPORTED_DTYPES,
+    check_weight,
+    decoded_format,
+    steps_for,
+)
 from glmtg.kernels.gguf.tables import lookup_table
 
 

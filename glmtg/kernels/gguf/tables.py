@@ -4,7 +4,7 @@ tensors passed to the kernels as ``aux``; types without one get a 1-element plac
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
