@@ -95,20 +95,20 @@ def _q4_0(blk, mask):
 
 @triton.jit
 def _nibbles32(blk, mask, start: tl.constexpr):
-    """The 32 four-bit codes of bytes [start, start + 16) of every block, uint8 [R, G, 32]: value j < 16 is
-    the low nibble of byte j, value j + 16 its high nibble (the q4_0 / q4_1 / q5 / iq4_nl order)."""
+    """The 32 four-bit codes of bytes [start, start + 16) of every block, int32 [R, G, 32]: value j < 16 is
+    the low nibble of byte j, value j + 16 its high nibble (the q4_0 / q4_1 / q5 / iq4_nl order).
+    Widened to int32 at the load: 8-bit arithmetic costs extra conversions and masks on the GPU."""
     j = tl.arange(0, 32)
     byte = tl.load(blk[:, :, None] + start + (j % 16)[None, None, :], mask=mask[:, :, None], other=0)
-    return (byte >> ((j // 16) * 4).to(tl.uint8)[None, None, :]) & 0xF
+    return (byte.to(tl.int32) >> ((j // 16) * 4)[None, None, :]) & 0xF
 
 
 @triton.jit
 def _q5_high(qh):
-    """Bit 4 of the 32 q5 codes, int32 [R, G, 32]: bit j of ``qh`` (uint32 [R, G], each block's
+    """Bit 4 of the 32 q5 codes, int32 [R, G, 32]: bit j of ``qh`` (int32 [R, G], each block's
     little-endian qh word) moved to bit 4 of value j; OR it onto the block's ``_nibbles32``."""
-    j = tl.arange(0, 32).to(tl.uint32)
-    high = ((qh[:, :, None] >> j[None, None, :]) & 1) << 4
-    return high.to(tl.int32)
+    j = tl.arange(0, 32)
+    return ((qh[:, :, None] >> j[None, None, :]) << 4) & 0x10
 
 
 @triton.jit
@@ -126,9 +126,9 @@ def _q5_0(blk, mask):
     # fp16 d, uint8 qh[4] (bit j: bit 4 of value j), uint8 qs[16] (low nibbles): d * (q - 16).
     # qh sits at offset 2 of a 22-byte block, 2-byte aligned only: two 16-bit loads.
     d = _f16_at(blk, mask)
-    lo = tl.load((blk + 2).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.uint32)
-    hi = tl.load((blk + 4).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.uint32)
-    q = _nibbles32(blk, mask, 6).to(tl.int32) | _q5_high(lo | (hi << 16))
+    lo = tl.load((blk + 2).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
+    hi = tl.load((blk + 4).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
+    q = _nibbles32(blk, mask, 6) | _q5_high(lo | (hi << 16))
     return d[:, :, None] * _uint_f32(q, 16.0)
 
 
@@ -138,8 +138,8 @@ def _q5_1(blk, mask):
     # 11 + 5 significant bits, so a fused multiply-add changes nothing).
     d = _f16_at(blk, mask)
     m = _f16_at(blk + 2, mask)
-    qh = tl.load((blk + 4).to(tl.pointer_type(tl.uint32)), mask=mask, other=0)
-    q = _nibbles32(blk, mask, 8).to(tl.int32) | _q5_high(qh)
+    qh = tl.load((blk + 4).to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+    q = _nibbles32(blk, mask, 8) | _q5_high(qh)
     return d[:, :, None] * _uint_f32(q, 0.0) + m[:, :, None]
 
 
@@ -148,7 +148,7 @@ def _iq4_nl(blk, mask, aux):
     # fp16 d, uint8 qs[16] (nibbles index the 16 non-linear levels, ``aux`` = tables.lookup_table): d * level.
     # A masked block reads code 0: a valid table entry, times d = 0.
     d = _f16_at(blk, mask)
-    level = tl.load(aux + _nibbles32(blk, mask, 2).to(tl.int32))
+    level = tl.load(aux + _nibbles32(blk, mask, 2))
     return d[:, :, None] * level
 
 

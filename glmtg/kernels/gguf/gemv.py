@@ -40,6 +40,18 @@ GEMV_MAX_TOKENS: int = 16
 
 
 @triton.jit
+def _gemv_step(acc, blk, mask, x_ptrs, x_mask, Aux, FMT: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc + this step's products: decode the [BLOCK_N, G] blocks at ``blk`` and multiply by x."""
+    w = decode_blocks(blk, mask, Aux, FMT, BS)  # fp32 [BLOCK_N, G, BS]
+    xv = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+    if BLOCK_T == 1:
+        acc += w * xv  # xv [BLOCK_N, G, BS] (the row term of its offsets is 0)
+    else:
+        acc += tl.sum(tl.sum(w[None, :, :, :] * xv[:, None, :, :], axis=3), axis=2)  # xv [BLOCK_T, G, BS]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(X, W, Y, Aux, T, N, NB, ROW_BYTES, STRIDE_XT, STRIDE_YT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
@@ -48,30 +60,34 @@ def _gemv_kernel(X, W, Y, Aux, T, N, NB, ROW_BYTES, STRIDE_XT, STRIDE_YT,
     gg = tl.arange(0, G)
     jj = tl.arange(0, BS)
     tt = tl.arange(0, BLOCK_T)
+    # Rows past N read row N - 1 (their results are not stored), so that the loads of the full steps need
+    # no mask: predicated loads and their fill values cost instructions per value.
+    rows_in = tl.minimum(rows, N - 1)
     # Block pointers of the first step, advanced by G blocks a step (one add per pointer). int64 row
     # offsets: an lm_head in f32 is past 2^31 bytes.
-    blk = W + rows.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]
-    # x offsets in the weight tile's [BLOCK_N, G, BS] shape (the row term is 0): x then loads in the tile's
-    # layout (repeats of the same address hit L1) instead of being moved there through shared memory.
-    # (More tokens: x [BLOCK_T, G, BS] is loaded once and broadcast over the rows; loaded per row it
-    # costs more registers than the conversion.)
+    blk = W + rows_in.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]
+    # One token: x offsets in the weight tile's [BLOCK_N, G, BS] shape (the row term is 0), so x loads in
+    # the tile's layout (repeats of an address hit L1) instead of being moved there through shared memory.
+    # More tokens: x [BLOCK_T, G, BS] is loaded once and broadcast over the rows (per row it would cost more
+    # registers than the move).
     if BLOCK_T == 1:
         acc = tl.zeros((BLOCK_N, G, BS), dtype=tl.float32)
-        x_offs = (rows * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
+        x_ptrs = X + (rows * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
+        t_ok = (rows * 0 == 0)[:, None, None]
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        x_offs = tt[:, None, None] * STRIDE_XT + (gg * BS)[None, :, None] + jj[None, None, :]
-    for g0 in range(0, NB, G):
-        g_ok = (g0 + gg) < NB
-        w = decode_blocks(blk, row_ok[:, None] & g_ok[None, :], Aux, FMT, BS)  # fp32 [BLOCK_N, G, BS]
-        if BLOCK_T == 1:
-            xv = tl.load(X + g0 * BS + x_offs, mask=g_ok[None, :, None], other=0.0).to(tl.float32)
-            acc += w * xv
-        else:
-            x_mask = (tt < T)[:, None, None] & g_ok[None, :, None]
-            xv = tl.load(X + g0 * BS + x_offs, mask=x_mask, other=0.0).to(tl.float32)  # [BLOCK_T, G, BS]
-            acc += tl.sum(tl.sum(w[None, :, :, :] * xv[:, None, :, :], axis=3), axis=2)
+        x_ptrs = X + tt[:, None, None] * STRIDE_XT + (gg * BS)[None, :, None] + jj[None, None, :]
+        t_ok = (tt < T)[:, None, None]
+    all_blocks = (rows_in * 0 == 0)[:, None] & (gg == gg)[None, :]
+    full = NB // G
+    for _ in range(0, full):
+        acc = _gemv_step(acc, blk, all_blocks, x_ptrs, t_ok, Aux, FMT, BS, BLOCK_T)
         blk += G * TS
+        x_ptrs += G * BS
+    if full * G < NB:  # the last, partial step
+        g_ok = (full * G + gg) < NB
+        acc = _gemv_step(acc, blk, all_blocks & g_ok[None, :], x_ptrs, t_ok & g_ok[None, :, None], Aux, FMT, BS,
+                         BLOCK_T)
     if BLOCK_T == 1:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)

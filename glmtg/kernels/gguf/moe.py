@@ -8,9 +8,10 @@ the bytes of the k chosen experts, so two kernels stream them once, decoding eac
 
 1. gate/up: one program per (token, slot) pair and block of BLOCK_I intermediate rows. It walks the hidden
    dimension G blocks at a time, accumulating decoded gate and up tiles times x elementwise in fp32 (one
-   reduction at the end), and writes h = silu(g) · u in fp32 to a tiny [T, k, I] buffer.
+   reduction at the end), and writes weight · silu(g) · u in fp32 to a tiny [T, k, I] buffer (the routing
+   weight applied once per row here, not once per weight value in the down loop).
 2. down: one program per token and block of BLOCK_H output rows. It loops over the k slots and the
-   intermediate dimension, accumulating the decoded down tile times weight · h in fp32, and writes y once,
+   intermediate dimension, accumulating the decoded down tile times that buffer in fp32, and writes y once,
    rounded once to x's dtype. No atomics, so the result is deterministic.
 
 gate and up share one format and down may have another (llama.cpp falls back to Q5_0 / Q8_0 / IQ4_NL for
@@ -40,7 +41,7 @@ from glmtg.kernels.gguf.tables import lookup_table
 
 
 @triton.jit
-def _gate_up_kernel(X, Gate, Up, Ids, Act, Aux, NB, INTER, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_XT,
+def _gate_up_kernel(X, Gate, Up, Ids, Weights, Act, Aux, NB, INTER, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_XT,
                     FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                     BLOCK_R: tl.constexpr, G: tl.constexpr):
     pair = tl.program_id(0)  # token * TOPK + slot
@@ -50,58 +51,72 @@ def _gate_up_kernel(X, Gate, Up, Ids, Act, Aux, NB, INTER, NUM_EXPERTS, TOPK, RO
     # int64: E * I * row_bytes passes 2^31 bytes on the full-size models.
     base = tl.where(valid, expert, 0).to(tl.int64) * INTER * ROW_BYTES
     offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_i = (offs_i < INTER) & valid
+    # Rows past INTER read row INTER - 1 (not stored), so that the full steps' loads need no mask (as
+    # gemv.py); an invalid slot runs no step at all, so it reads no weight byte.
+    rows = tl.minimum(offs_i, INTER - 1)
     gg = tl.arange(0, G)
     jj = tl.arange(0, BS)
-    rel = base + offs_i.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]  # [BLOCK_R, G]
+    rel = base + rows.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]  # [BLOCK_R, G]
     blk_g = Gate + rel
     blk_u = Up + rel
     # x in the weight tile's [BLOCK_R, G, BS] shape (as gemv.py): loaded in the tile's layout.
-    x_offs = t.to(tl.int64) * STRIDE_XT + (offs_i * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
+    x_ptrs = X + t.to(tl.int64) * STRIDE_XT + (rows * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
+    all_blocks = (rows * 0 == 0)[:, None] & (gg == gg)[None, :]
     acc_g = tl.zeros((BLOCK_R, G, BS), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_R, G, BS), dtype=tl.float32)
-    for g0 in range(0, NB, G):
-        g_ok = (g0 + gg) < NB
-        m = mask_i[:, None] & g_ok[None, :]
-        xv = tl.load(X + g0 * BS + x_offs, mask=g_ok[None, :, None], other=0.0).to(tl.float32)
-        acc_g += decode_blocks(blk_g, m, Aux, FMT, BS) * xv
-        acc_u += decode_blocks(blk_u, m, Aux, FMT, BS) * xv
+    full = NB // G
+    for _ in range(0, tl.where(valid, full, 0)):
+        xv = tl.load(x_ptrs).to(tl.float32)
+        acc_g += decode_blocks(blk_g, all_blocks, Aux, FMT, BS) * xv
+        acc_u += decode_blocks(blk_u, all_blocks, Aux, FMT, BS) * xv
         blk_g += G * TS
         blk_u += G * TS
+        x_ptrs += G * BS
+    if full * G < NB:  # the last, partial step
+        g_ok = (full * G + gg) < NB
+        m = all_blocks & g_ok[None, :] & valid
+        xv = tl.load(x_ptrs, mask=g_ok[None, :, None], other=0.0).to(tl.float32)
+        acc_g += decode_blocks(blk_g, m, Aux, FMT, BS) * xv
+        acc_u += decode_blocks(blk_u, m, Aux, FMT, BS) * xv
     g = tl.sum(tl.sum(acc_g, axis=2), axis=1)
     u = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-    h = g * tl.sigmoid(g) * u  # an invalid slot gives silu(0) * 0 = 0
+    # The routing weight is folded into h here, once per row: Σ_k w Σ_i D h_i = Σ_k Σ_i D (w h_i) (fp32).
+    w = tl.where(valid, tl.load(Weights + pair), 0.0)
+    h = g * tl.sigmoid(g) * u * w  # an invalid slot gives silu(0) * 0 * 0 = 0
     tl.store(Act + pair.to(tl.int64) * INTER + offs_i, h, mask=offs_i < INTER)
 
 
 @triton.jit
-def _down_kernel(Act, Down, Ids, Weights, Y, Aux, NB, HIDDEN, INTER, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_YT,
+def _down_kernel(Act, Down, Ids, Y, Aux, NB, HIDDEN, INTER, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_YT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                  BLOCK_R: tl.constexpr, G: tl.constexpr):
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_h = offs_h < HIDDEN
+    rows = tl.minimum(offs_h, HIDDEN - 1)  # as in _gate_up_kernel: full steps load without a mask
     gg = tl.arange(0, G)
     jj = tl.arange(0, BS)
-    rel = offs_h.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]  # [BLOCK_R, G] within an expert
-    a_offs = (offs_h * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
+    rel = rows.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]  # [BLOCK_R, G] within an expert
+    a_offs = (rows * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
+    all_blocks = (rows * 0 == 0)[:, None] & (gg == gg)[None, :]
     acc = tl.zeros((BLOCK_R, G, BS), dtype=tl.float32)
+    full = NB // G
     for slot in range(TOPK):
         pair = t * TOPK + slot
         expert = tl.load(Ids + pair)
         valid = (expert >= 0) & (expert < NUM_EXPERTS)
         blk = Down + tl.where(valid, expert, 0).to(tl.int64) * HIDDEN * ROW_BYTES + rel
-        w = tl.where(valid, tl.load(Weights + pair), 0.0)
-        act_row = Act + pair.to(tl.int64) * INTER
-        mask_row = mask_h & valid
-        for g0 in range(0, NB, G):
-            g_ok = (g0 + gg) < NB
-            # The routing weight is folded into h: Σ_k w Σ_i D h_i = Σ_k Σ_i D (w h_i), all in fp32.
-            a = tl.load(act_row + g0 * BS + a_offs, mask=g_ok[None, :, None], other=0.0) * w
-            acc += decode_blocks(blk, mask_row[:, None] & g_ok[None, :], Aux, FMT, BS) * a
+        a_ptrs = Act + pair.to(tl.int64) * INTER + a_offs
+        # An invalid slot runs no step: it reads no weight byte and adds nothing.
+        for _ in range(0, tl.where(valid, full, 0)):
+            acc += decode_blocks(blk, all_blocks, Aux, FMT, BS) * tl.load(a_ptrs)  # act holds w * h
             blk += G * TS
+            a_ptrs += G * BS
+        if full * G < NB:  # the last, partial step
+            g_ok = (full * G + gg) < NB
+            a = tl.load(a_ptrs, mask=g_ok[None, :, None], other=0.0)
+            acc += decode_blocks(blk, all_blocks & g_ok[None, :] & valid, Aux, FMT, BS) * a
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(Y + t.to(tl.int64) * STRIDE_YT + offs_h, y.to(Y.dtype.element_ty), mask=mask_h)
+    tl.store(Y + t.to(tl.int64) * STRIDE_YT + offs_h, y.to(Y.dtype.element_ty), mask=offs_h < HIDDEN)
 
 
 def _power_of_two(name: str, value: object) -> None:
@@ -179,13 +194,13 @@ def quant_moe_decode(
     ids, weights = ids.contiguous(), weights.contiguous()
     act = torch.empty((t, top_k, inter), dtype=torch.float32, device=x.device)
     _gate_up_kernel[(t * top_k, triton.cdiv(inter, block_i))](
-        x, gate, up, ids, act, lookup_table(fgu.name, x.device), nb_h, inter, num_experts, top_k,
+        x, gate, up, ids, weights, act, lookup_table(fgu.name, x.device), nb_h, inter, num_experts, top_k,
         gate.shape[2], x.stride(0),
         FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
         G=steps_for(fgu.block_size, values_per_step), num_warps=num_warps,
     )
     _down_kernel[(t, triton.cdiv(hidden, block_h))](
-        act, down, ids, weights, out, lookup_table(fd.name, x.device), nb_i, hidden, inter, num_experts, top_k,
+        act, down, ids, out, lookup_table(fd.name, x.device), nb_i, hidden, inter, num_experts, top_k,
         down.shape[2], out.stride(0),
         FMT=fd.gguf_type, BS=fd.block_size, TS=fd.type_size, BLOCK_R=block_h,
         G=steps_for(fd.block_size, values_per_step_down), num_warps=num_warps,

@@ -63,9 +63,9 @@ def test_quant_matvec_default_launch(t: int) -> None:
 
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 def test_quant_matvec_half_input_and_knobs(name: str) -> None:
-    # fp16 x and out; explicit knobs that split a row into several steps (one block per step) and cut the
-    # rows into a ragged last program.
-    _check(name, 1, n=21, dtype=torch.float16, seed=5, block_n=4, values_per_step=32)
+    # fp16 x and out; explicit knobs that split a row into several steps (a full step of two blocks and a
+    # partial one; three of one block) and cut the rows into a ragged last program.
+    _check(name, 1, n=21, dtype=torch.float16, seed=5, block_n=4, values_per_step=64)
     _check(name, 3, n=21, dtype=torch.float16, seed=6, block_n=2, values_per_step=32, num_warps=2)
 
 

@@ -88,8 +88,9 @@ def test_quant_moe_decode_matches_float64(gu: str, dn: str) -> None:
 
 
 def test_quant_moe_decode_half_input_and_knobs() -> None:
-    # fp16 x and out; one block per step and small row blocks: several steps, ragged last programs.
-    _check("q4_0", "q8_0", 2, torch.float16, seed=9, block_i=4, values_per_step=32, block_h=32,
+    # fp16 x and out; small steps and row blocks: gate/up takes one full step of 2 blocks and a partial one
+    # (H = 3 blocks), down two full steps of one block; ragged last programs.
+    _check("q4_0", "q8_0", 2, torch.float16, seed=9, block_i=4, values_per_step=64, block_h=32,
            values_per_step_down=32, num_warps=2)
 
 
