@@ -78,9 +78,9 @@ def _gemv_kernel(X, W, Y, Aux, T, N, NB, ROW_BYTES, STRIDE_XT, STRIDE_YT,
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         x_ptrs = X + tt[:, None, None] * STRIDE_XT + (gg * BS)[None, :, None] + jj[None, None, :]
         t_ok = (tt < T)[:, None, None]
-    all_blocks = (rows_in * 0 == 0)[:, None] & (gg == gg)[None, :]
+    all_blocks = tl.full((BLOCK_N, G), True, tl.int1)
     full = NB // G
-    for _ in range(0, full):
+    for _ in range(full):
         acc = _gemv_step(acc, blk, all_blocks, x_ptrs, t_ok, Aux, FMT, BS, BLOCK_T)
         blk += G * TS
         x_ptrs += G * BS

@@ -61,11 +61,11 @@ def _gate_up_kernel(X, Gate, Up, Ids, Weights, Act, Aux, NB, INTER, NUM_EXPERTS,
     blk_u = Up + rel
     # x in the weight tile's [BLOCK_R, G, BS] shape (as gemv.py): loaded in the tile's layout.
     x_ptrs = X + t.to(tl.int64) * STRIDE_XT + (rows * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
-    all_blocks = (rows * 0 == 0)[:, None] & (gg == gg)[None, :]
+    all_blocks = tl.full((BLOCK_R, G), True, tl.int1)
     acc_g = tl.zeros((BLOCK_R, G, BS), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_R, G, BS), dtype=tl.float32)
     full = NB // G
-    for _ in range(0, tl.where(valid, full, 0)):
+    for _ in range(tl.where(valid, full, 0)):
         xv = tl.load(x_ptrs).to(tl.float32)
         acc_g += decode_blocks(blk_g, all_blocks, Aux, FMT, BS) * xv
         acc_u += decode_blocks(blk_u, all_blocks, Aux, FMT, BS) * xv
@@ -97,7 +97,7 @@ def _down_kernel(Act, Down, Ids, Y, Aux, NB, HIDDEN, INTER, NUM_EXPERTS, TOPK, R
     jj = tl.arange(0, BS)
     rel = rows.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]  # [BLOCK_R, G] within an expert
     a_offs = (rows * 0)[:, None, None] + (gg * BS)[None, :, None] + jj[None, None, :]
-    all_blocks = (rows * 0 == 0)[:, None] & (gg == gg)[None, :]
+    all_blocks = tl.full((BLOCK_R, G), True, tl.int1)
     acc = tl.zeros((BLOCK_R, G, BS), dtype=tl.float32)
     full = NB // G
     for slot in range(TOPK):
@@ -107,7 +107,7 @@ def _down_kernel(Act, Down, Ids, Y, Aux, NB, HIDDEN, INTER, NUM_EXPERTS, TOPK, R
         blk = Down + tl.where(valid, expert, 0).to(tl.int64) * HIDDEN * ROW_BYTES + rel
         a_ptrs = Act + pair.to(tl.int64) * INTER + a_offs
         # An invalid slot runs no step: it reads no weight byte and adds nothing.
-        for _ in range(0, tl.where(valid, full, 0)):
+        for _ in range(tl.where(valid, full, 0)):
             acc += decode_blocks(blk, all_blocks, Aux, FMT, BS) * tl.load(a_ptrs)  # act holds w * h
             blk += G * TS
             a_ptrs += G * BS
