@@ -5,6 +5,7 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --types q4_k,q8_0 --tokens 1 4
     python bench/gguf_gemv.py --sweep                       # also a grid of launch configs (<date>-sweep.*)
     python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
+    python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -21,6 +22,12 @@ Time: the calls captured back to back in one CUDA graph and replayed (common.tim
 "TB/s" = weight bytes a call must read / time ("of copy": over the measured device copy rate, read + write).
 Each row also gives max|y - ref| / max|ref| against dequantize_rows + an fp32 matmul (same decoders: a
 check of the kernels' plumbing, not of the decoders).
+
+--sass (no GPU needed): compiles each kernel for sm_90 at its default blocks and counts the SASS
+instructions of its innermost loop per weight value. A streaming kernel cannot beat the SM's issue rate
+(4 warp instructions per clock = 128 lanes), so bytes per value / instructions per value x 128 x SMs x
+clock is an upper bound on its TB/s (--sms, --clock-ghz; H100 SXM: 132, 1.98). A decoder far above
+~6 instructions per 4-bit value cannot reach 85% of an H100's copy rate, whatever the launch.
 """
 
 from __future__ import annotations
@@ -227,6 +234,73 @@ def write_reports(payload: dict, stem: Path) -> None:
     print(f"wrote {stem}.json / .md / .png")
 
 
+def sass_report(types: list[str], sms: int, clock_ghz: float) -> int:
+    """Print, per type and kernel, the sm_90 SASS of the innermost loop: instructions per weight value and
+    the issue-rate bound on TB/s (see the module docstring)."""
+    import inspect
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from glmtg.kernels.gguf import gemv, moe
+    from glmtg.kernels.gguf.decode import DECODED
+
+    tool = Path(get_ptxas(90).path).parent / "cuobjdump"
+
+    def compile_loop(kernel, ptrs: dict, const: dict, num_warps: int) -> int:
+        sig, attrs = {}, {}
+        for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+            sig[name] = "constexpr" if name in const else ("*" + ptrs[name] if name in ptrs else "i32")
+            if sig[name] != "constexpr" and name not in ("T", "N", "NUM_EXPERTS", "TOPK"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as a real launch specializes them
+        c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=num_warps))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        ops = [(int(m.group(1), 16), m.group(2)) for m in
+               re.finditer(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+[^;]*);", sass)]
+        back = [(a - int(t.group(1), 16), a) for a, op in ops if op.startswith("BRA")
+                and (t := re.search(r"0x([0-9a-f]+)", op)) and int(t.group(1), 16) < a]
+        span, end = min(back)  # the innermost loop: the shortest backward branch
+        return sum(1 for a, _ in ops if end - span <= a <= end)
+
+    print(f"issue bound: 128 lanes/clock x {sms} SMs x {clock_ghz} GHz")
+    print("| kernel | type | config | instr / value | bytes / value | bound TB/s |")
+    print("|---|---|---|---|---|---|")
+    for name in types:
+        if name not in DECODED:
+            print(f"| - | {name} | no device decoder yet | | | |")
+            continue
+        f = REGISTRY[name]
+        g = gemv.steps_for(f.block_size, 512)
+        fmt = dict(FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, G=g)
+        cases = [("gemv", gemv._gemv_kernel, dict(X="bf16", W="u8", Y="bf16", Aux="fp32"), dict(BLOCK_T=1, BLOCK_N=bn),
+                  bn, 1, f"block_n {bn}") for bn in (4, 8)]
+        cases += [("moe gate/up", moe._gate_up_kernel, dict(X="bf16", Gate="u8", Up="u8", Ids="i64", Weights="fp32",
+                                                            Act="fp32", Aux="fp32"), dict(BLOCK_R=8), 8, 2, "block_i 8"),
+                  ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y="bf16", Aux="fp32"),
+                   dict(BLOCK_R=8), 8, 1, "block_h 8")]
+        for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
+            try:
+                body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
+            except Exception as exc:  # report and go on
+                print(f"| {kname} | {name} | compile failed: {type(exc).__name__}: {str(exc)[:120]} | | | |")
+                continue
+            per_value = body / (tiles * rows * g * f.block_size / 128)  # 128 threads at 4 warps
+            bpv = f.type_size / f.block_size
+            bound = bpv / per_value * 128 * sms * clock_ghz * 1e9 / 1e12
+            print(f"| {kname} | {name} | {cfg}, {g * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
+                  f"{bound:.2f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="GGUF types, comma-separated")
@@ -238,6 +312,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="output stem (default "
                         "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")
     parser.add_argument("--from-json", type=Path, default=None, help="redraw the .md and .png of a results JSON")
+    parser.add_argument("--sass", action="store_true", help="no GPU: count sm_90 instructions per weight value")
+    parser.add_argument("--sms", type=int, default=132, help="--sass: SMs of the target (H100 SXM: 132)")
+    parser.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM boost: 1.98)")
     args = parser.parse_args()
     if args.from_json is not None:
         write_reports(json.loads(args.from_json.read_text()), args.from_json.with_suffix(""))
@@ -250,6 +327,8 @@ def main() -> int:
         parser.error(f"--models must be of {sorted(MODELS)}, got {models}")
     if any(not 1 <= t <= 16 for t in args.tokens):
         parser.error("every --tokens value must be 1 ... 16")
+    if args.sass:
+        return sass_report(types, args.sms, args.clock_ghz)
     if not torch.cuda.is_available():
         print("error: bench/gguf_gemv.py times CUDA kernels and needs a CUDA device (their correctness tests "
               "run on a CPU: tests/kernels/gguf/)", file=sys.stderr)
