@@ -18,6 +18,11 @@ There is no tl.dot: the compiler does not software-pipeline these loads, so the 
 many resident programs. The defaults (``default_config``) pick BLOCK_N so that a launch has ~1000 programs
 where the rows allow it; they are reasoned, not measured: bench/gguf_gemv.py --sweep times the choices.
 
+Instructions per weight value bound these kernels as much as bytes do (a 4-bit value is half a byte, and
+an SM issues 128 lanes of instructions a clock): bench/gguf_gemv.py --sass counts them on a CPU. Hence the
+full steps load without masks (predicated loads and their fill values cost instructions), and an fp32 x
+saves a conversion per weight value against fp16/bf16.
+
 Works for every type in ``decode.DECODED`` unchanged: the format is a constexpr (FMT, BS, TS) and the
 type's lookup table (``tables.lookup_table``) is passed as ``aux``.
 """
