@@ -234,7 +234,7 @@ def write_reports(payload: dict, stem: Path) -> None:
     print(f"wrote {stem}.json / .md / .png")
 
 
-def sass_report(types: list[str], sms: int, clock_ghz: float) -> int:
+def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> int:
     """Print, per type and kernel, the sm_90 SASS of the innermost loop: instructions per weight value and
     the issue-rate bound on TB/s (see the module docstring)."""
     import inspect
@@ -271,7 +271,8 @@ def sass_report(types: list[str], sms: int, clock_ghz: float) -> int:
         span, end = min(back)  # the innermost loop: the shortest backward branch
         return sum(1 for a, _ in ops if end - span <= a <= end)
 
-    print(f"issue bound: 128 lanes/clock x {sms} SMs x {clock_ghz} GHz")
+    xdt = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[x_dtype]
+    print(f"issue bound: 128 lanes/clock x {sms} SMs x {clock_ghz} GHz; x in {xdt}")
     print("| kernel | type | config | instr / value | bytes / value | bound TB/s |")
     print("|---|---|---|---|---|---|")
     for name in types:
@@ -281,11 +282,11 @@ def sass_report(types: list[str], sms: int, clock_ghz: float) -> int:
         f = REGISTRY[name]
         g = gemv.steps_for(f.block_size, 512)
         fmt = dict(FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, G=g)
-        cases = [("gemv", gemv._gemv_kernel, dict(X="bf16", W="u8", Y="bf16", Aux="fp32"), dict(BLOCK_T=1, BLOCK_N=bn),
+        cases = [("gemv", gemv._gemv_kernel, dict(X=xdt, W="u8", Y=xdt, Aux="fp32"), dict(BLOCK_T=1, BLOCK_N=bn),
                   bn, 1, f"block_n {bn}") for bn in (4, 8)]
-        cases += [("moe gate/up", moe._gate_up_kernel, dict(X="bf16", Gate="u8", Up="u8", Ids="i64", Weights="fp32",
+        cases += [("moe gate/up", moe._gate_up_kernel, dict(X=xdt, Gate="u8", Up="u8", Ids="i64", Weights="fp32",
                                                             Act="fp32", Aux="fp32"), dict(BLOCK_R=8), 8, 2, "block_i 8"),
-                  ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y="bf16", Aux="fp32"),
+                  ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y=xdt, Aux="fp32"),
                    dict(BLOCK_R=8), 8, 1, "block_h 8")]
         for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
             try:
@@ -315,6 +316,7 @@ def main() -> int:
     parser.add_argument("--sass", action="store_true", help="no GPU: count sm_90 instructions per weight value")
     parser.add_argument("--sms", type=int, default=132, help="--sass: SMs of the target (H100 SXM: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM boost: 1.98)")
+    parser.add_argument("--x-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="--sass: dtype of x")
     args = parser.parse_args()
     if args.from_json is not None:
         write_reports(json.loads(args.from_json.read_text()), args.from_json.with_suffix(""))
@@ -328,7 +330,7 @@ def main() -> int:
     if any(not 1 <= t <= 16 for t in args.tokens):
         parser.error("every --tokens value must be 1 ... 16")
     if args.sass:
-        return sass_report(types, args.sms, args.clock_ghz)
+        return sass_report(types, args.sms, args.clock_ghz, args.x_dtype)
     if not torch.cuda.is_available():
         print("error: bench/gguf_gemv.py times CUDA kernels and needs a CUDA device (their correctness tests "
               "run on a CPU: tests/kernels/gguf/)", file=sys.stderr)
