@@ -22,6 +22,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton import knobs
+
+# Whether the kernels run compiled (True) or in Triton's interpreter, decided as triton.jit decides it (at
+# import). The interpreter cannot run inline PTX: there the decoders take the plain path, equal bit for bit.
+_PTX: tl.constexpr = tl.constexpr(not knobs.runtime.interpret)
 
 # gguf type ids (gguf.GGMLQuantizationType), the FMT values the dispatcher branches on.
 F32: tl.constexpr = tl.constexpr(0)
@@ -56,6 +61,24 @@ def _uint_f32(q, bias: tl.constexpr):
 
 
 @triton.jit
+def _byte_f32(b, SIGNED: tl.constexpr):
+    """uint8 bytes ``b`` -> fp32 2^23 + u, u the byte (or, if SIGNED, the int8 it holds + 128), exactly:
+    subtract 2^23 (+ 128) for the value (``_uint_f32``'s trick). Compiled, PTX does four bytes at a time:
+    one XOR of the packed word (SIGNED) and one PRMT per byte, which places it under the exponent byte
+    0x4B (selector 0x744i: byte i of the word, zeros, then byte 7 of 0x4B000000)."""
+    if _PTX:
+        flip: tl.constexpr = "xor.b32 w, $4, 0x80808080;" if SIGNED else "mov.b32 w, $4;"
+        v = tl.inline_asm_elementwise(
+            "{ .reg .b32 w; " + flip + " prmt.b32 $0, w, 0x4B000000, 0x7440; prmt.b32 $1, w, 0x4B000000, 0x7441; "
+            "prmt.b32 $2, w, 0x4B000000, 0x7442; prmt.b32 $3, w, 0x4B000000, 0x7443; }",
+            "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        u = (b ^ 0x80) if SIGNED else b
+        v = (u.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
 def _bytes(blk, mask, start: tl.constexpr, n: tl.constexpr):
     """Bytes [start, start + n) of every block: uint8 [R, G, n]."""
     j = tl.arange(0, n)
@@ -79,8 +102,7 @@ def _float_blocks(blk, mask, FMT: tl.constexpr):
 def _q8_0(blk, mask):
     # fp16 d, int8 q[32]: d * q
     d = _f16_at(blk, mask)
-    q = _bytes(blk, mask, 2, 32) ^ 0x80  # int8 q + 128, as unsigned
-    return d[:, :, None] * _uint_f32(q, 128.0)
+    return d[:, :, None] * (_byte_f32(_bytes(blk, mask, 2, 32), True) - (8388608.0 + 128.0))
 
 
 @triton.jit

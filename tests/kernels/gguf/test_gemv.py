@@ -8,7 +8,8 @@ in its own order; each fp32 product and sum is off by at most 2^-24 relative, so
 of K terms (K products, K - 1 sums) is bounded by (K + 1) * 2^-24 * Σ|w||x| (the worst case; typically
 sqrt(K) of that), so per element  |y - ref| <= (K + 1) * 2^-24 * (|W| @ |x|)  (a sum of magnitudes, so it
 holds where terms cancel). K is 96 or 768 here: a 1e-4 relative error in the kernel fails it.
-An fp16 output is rounded once more: + 2^-11 * |ref|. Outputs are poisoned with NaN before the call.
+An fp16 / bf16 output is rounded once more: + 2^-11 / 2^-8 * |ref|. Outputs are poisoned with NaN before
+the call.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 from glmtg.formats import GGUF_FORMATS, REGISTRY
 from glmtg.kernels.gguf.decode import DECODED
+from glmtg.kernels.gguf.dequant import dequantize_rows
 from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, quant_matvec
 from tests.references.gguf_weights import gguf_weight
 
 # numpy's, from inside the Triton interpreter (a loop bound passed as a runtime int goes through __index__)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-ROUNDOFF = {torch.float32: 0.0, torch.float16: 2.0 ** -11}
+ROUNDOFF = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 def _k_for(name: str) -> int:
@@ -33,7 +35,7 @@ def _k_for(name: str) -> int:
     return 3 * bs if bs > 1 else 96
 
 
-def _check(name: str, t: int, n: int, dtype: torch.dtype, seed: int, **knobs: int) -> None:
+def _check(name: str, t: int, n: int, dtype: torch.dtype, seed: int, device: str = "cpu", **knobs: int) -> None:
     k = _k_for(name)
     raw = gguf_weight(name, (n,), k, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -41,10 +43,10 @@ def _check(name: str, t: int, n: int, dtype: torch.dtype, seed: int, **knobs: in
     w64 = REGISTRY[name].dequantize_blocks(raw).double()
     ref = x.double() @ w64.T
     bound = x.double().abs() @ w64.abs().T
-    out = torch.full((t, n), float("nan"), dtype=dtype)
-    got = quant_matvec(x, raw, name, out=out, **knobs)
+    out = torch.full((t, n), float("nan"), dtype=dtype, device=device)
+    got = quant_matvec(x.to(device), raw.to(device), name, out=out, **knobs)
     assert got is out
-    err = (got.double() - ref).abs()
+    err = (got.cpu().double() - ref).abs()
     tol = (k + 1) * 2.0 ** -24 * bound + ROUNDOFF[dtype] * ref.abs()
     assert bool((err <= tol).all()), f"max err {err.max():.3g}, worst err/tol {(err / tol).max():.3g}"
 
@@ -67,6 +69,27 @@ def test_quant_matvec_half_input_and_knobs(name: str) -> None:
     # partial one; three of one block) and cut the rows into a ragged last program.
     _check(name, 1, n=21, dtype=torch.float16, seed=5, block_n=4, values_per_step=64)
     _check(name, 3, n=21, dtype=torch.float16, seed=6, block_n=2, values_per_step=32, num_warps=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", DECODED)
+@pytest.mark.parametrize("t", [1, 3])
+def test_quant_matvec_bf16_on_gpu(name: str, t: int) -> None:
+    # The compiled kernels (the CPU tests run the interpreter, where the decoders skip their inline PTX).
+    _check(name, t, n=37, dtype=torch.bfloat16, seed=60 + t, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", DECODED)
+def test_compiled_decoders_are_bit_exact(name: str) -> None:
+    # dequantize_rows runs the same decoders as quant_matvec; compiled, some take inline-PTX paths that the
+    # interpreter never runs. Random bytes: every code and scale bit pattern, NaNs counted equal.
+    f = REGISTRY[name]
+    raw = torch.randint(0, 256, (5, 7 * f.type_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    want = f.dequantize_blocks(raw)
+    got = dequantize_rows(raw.cuda(), name).cpu()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all())
 
 
 def test_quant_matvec_rejects_bad_input() -> None:
