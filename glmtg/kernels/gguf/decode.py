@@ -109,20 +109,40 @@ def _q8_0(blk, mask):
 def _q4_0(blk, mask):
     # fp16 d, uint8 qs[16]: value j < 16 is the low nibble of qs[j], value j + 16 the high one; (q - 8) * d
     d = _f16_at(blk, mask)
-    j = tl.arange(0, 32)
-    byte = tl.load(blk[:, :, None] + 2 + (j % 16)[None, None, :], mask=mask[:, :, None], other=0)
-    q = (byte >> ((j // 16) * 4).to(tl.uint8)[None, None, :]) & 0xF
-    return d[:, :, None] * _uint_f32(q, 8.0)
+    q = _nibbles32(blk, mask, 2, 0x4B000000)  # 2^23 + q as float bits (_uint_f32)
+    return d[:, :, None] * (q.to(tl.float32, bitcast=True) - (8388608.0 + 8.0))
+
+
+def _nibbles_ptx(top: str, selector: str) -> str:
+    """PTX of ``_nibbles32``: $4 four bytes, $5 their shifts (0 or 4) -> $0..$3 the nibbles over ``top``."""
+    body = ("{ .reg .b32 m, h, t; shr.b32 m, $5, 2; and.b32 m, m, 0x01010101; mul.lo.u32 m, m, 255; "
+            "shr.b32 h, $4, 4; lop3.b32 t, h, $4, m, 0xE4; and.b32 t, t, 0x0F0F0F0F; ")
+    return body + " ".join(f"prmt.b32 ${i}, t, {top}, {selector}{i};" for i in range(4)) + " }"
+
+
+_NIBBLES_MAGIC_PTX: tl.constexpr = tl.constexpr(_nibbles_ptx("0x4B000000", "0x744"))
 
 
 @triton.jit
-def _nibbles32(blk, mask, start: tl.constexpr):
-    """The 32 four-bit codes of bytes [start, start + 16) of every block, int32 [R, G, 32]: value j < 16 is
-    the low nibble of byte j, value j + 16 its high nibble (the q4_0 / q4_1 / q5 / iq4_nl order).
-    Widened to int32 at the load: 8-bit arithmetic costs extra conversions and masks on the GPU."""
+def _nibbles32(blk, mask, start: tl.constexpr, OR: tl.constexpr):
+    """The 32 four-bit codes of bytes [start, start + 16) of every block, each ORed with the constant OR
+    (0, or 0x4B000000 for ``_uint_f32``'s float trick), int32 [R, G, 32]: value j < 16 is the low nibble of
+    byte j, value j + 16 its high nibble (the q4_0 / q4_1 / q5 / iq4_nl order).
+
+    Compiled, with OR = 0x4B000000, PTX does four values at a time: their bytes and shifts (0 or 4) arrive
+    packed in one register each; a byte mask from the shifts picks the high or low nibble of every byte (one
+    LOP3), and one PRMT per value places the nibble byte under the exponent byte 0x4B (selector 0x744i)."""
     j = tl.arange(0, 32)
     byte = tl.load(blk[:, :, None] + start + (j % 16)[None, None, :], mask=mask[:, :, None], other=0)
-    return (byte.to(tl.int32) >> ((j // 16) * 4)[None, None, :]) & 0xF
+    shift = ((j // 16) * 4).to(tl.uint8)[None, None, :]
+    tl.static_assert((OR == 0) or (OR == 0x4B000000), "OR must be 0 or 0x4B000000")
+    # (Plain nibbles, OR = 0, feed table lookups: there the PTX path counted more instructions, not fewer.)
+    if _PTX and OR == 0x4B000000:
+        v = tl.inline_asm_elementwise(_NIBBLES_MAGIC_PTX, "=r,=r,=r,=r,r,r", [byte, shift], dtype=tl.int32,
+                                      is_pure=True, pack=4)
+    else:
+        v = ((byte.to(tl.int32) >> shift.to(tl.int32)) & 0xF) | OR
+    return v
 
 
 @triton.jit
@@ -139,8 +159,8 @@ def _q4_1(blk, mask):
     # multiply-add gives gguf's two-rounding result bit for bit.
     d = _f16_at(blk, mask)
     m = _f16_at(blk + 2, mask)
-    q = _nibbles32(blk, mask, 4)
-    return d[:, :, None] * _uint_f32(q, 0.0) + m[:, :, None]
+    q = _nibbles32(blk, mask, 4, 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return d[:, :, None] * q + m[:, :, None]
 
 
 @triton.jit
@@ -150,8 +170,8 @@ def _q5_0(blk, mask):
     d = _f16_at(blk, mask)
     lo = tl.load((blk + 2).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
     hi = tl.load((blk + 4).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
-    q = _nibbles32(blk, mask, 6) | _q5_high(lo | (hi << 16))
-    return d[:, :, None] * _uint_f32(q, 16.0)
+    q = _nibbles32(blk, mask, 6, 0x4B000000) | _q5_high(lo | (hi << 16))  # 2^23 + q as float bits
+    return d[:, :, None] * (q.to(tl.float32, bitcast=True) - (8388608.0 + 16.0))
 
 
 @triton.jit
@@ -161,8 +181,8 @@ def _q5_1(blk, mask):
     d = _f16_at(blk, mask)
     m = _f16_at(blk + 2, mask)
     qh = tl.load((blk + 4).to(tl.pointer_type(tl.int32)), mask=mask, other=0)
-    q = _nibbles32(blk, mask, 8) | _q5_high(qh)
-    return d[:, :, None] * _uint_f32(q, 0.0) + m[:, :, None]
+    q = _nibbles32(blk, mask, 8, 0x4B000000) | _q5_high(qh)  # 2^23 + q as float bits
+    return d[:, :, None] * (q.to(tl.float32, bitcast=True) - 8388608.0) + m[:, :, None]
 
 
 @triton.jit
@@ -170,7 +190,7 @@ def _iq4_nl(blk, mask, aux):
     # fp16 d, uint8 qs[16] (nibbles index the 16 non-linear levels, ``aux`` = tables.lookup_table): d * level.
     # A masked block reads code 0: a valid table entry, times d = 0.
     d = _f16_at(blk, mask)
-    level = tl.load(aux + _nibbles32(blk, mask, 2))
+    level = tl.load(aux + _nibbles32(blk, mask, 2, 0))
     return d[:, :, None] * level
 
 
