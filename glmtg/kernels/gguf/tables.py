@@ -11,9 +11,17 @@ them). No sign table: the decoders compute ggml's ksigns (a parity bit) instead.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from glmtg.formats.gguf_blocks import IQ4_LEVELS
+
+
+def _iq4_levels(device: torch.device | str) -> torch.Tensor:
+    # float32, not int8: the decoder multiplies by the level directly (the levels are small integers, so
+    # fp32 holds them exactly and d * level is the value gguf computes).
+    return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)
 
 
 def _packed_grid(cls_name: str) -> Callable[[torch.device | str], torch.Tensor]:
@@ -33,8 +41,9 @@ def _packed_grid(cls_name: str) -> Callable[[torch.device | str], torch.Tensor]:
     return build
 
 
-# Type name -> builder of its table.
+# Type name -> builder of its table. (IQ4_XS computes its 16 levels in the kernel: no table.)
 _TABLES: dict[str, Callable[[torch.device | str], torch.Tensor]] = {
+    "iq4_nl": _iq4_levels,
     "iq2_xxs": _packed_grid("IQ2_XXS"),
     "iq2_xs": _packed_grid("IQ2_XS"),
     "iq2_s": _packed_grid("IQ2_S"),

@@ -1,0 +1,374 @@
+"""GGUF decode kernels on CUDA: quant_matvec (dense GEMV) and quant_moe_decode (routed experts), weights read
+in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 decode shapes.
+
+    python bench/gguf_gemv.py                               # -> bench/results/gguf_gemv/<date>-kernels.{json,md,png}
+    python bench/gguf_gemv.py --types q4_k,q8_0 --tokens 1 4
+    python bench/gguf_gemv.py --sweep                       # also a grid of launch configs (<date>-sweep.*)
+    python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
+    python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
+
+Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
+intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
+H x I), top 8. A type whose block does not divide a row (K-quants at K = 10944 or I = 1408) is replaced by
+llama.cpp's fallback for that tensor (q4_k -> q5_0, q6_k -> q8_0, iq4_xs -> iq4_nl ...), as a quantized file
+holds it; the row names the type timed. Types with no device decoder yet are listed and skipped.
+
+Weights: random bytes with bit 6 of every byte cleared, which keeps every fp16 scale finite (exponent < 16)
+and leaves the codes varied; speed does not depend on the values. Each timed call reads another weight
+buffer (rotated so that at least 150 MB lie between two reads of one, bench/common.py), or for the MoE,
+another routing set (16 sets, at T = 1 cycling over every expert), so no read is served from the 50 MB L2.
+
+Time: the calls captured back to back in one CUDA graph and replayed (common.time_graph), median per call.
+"TB/s" = weight bytes a call must read / time ("of copy": over the measured device copy rate, read + write).
+Each row also gives max|y - ref| / max|ref| against dequantize_rows + an fp32 matmul (same decoders: a
+check of the kernels' plumbing, not of the decoders).
+
+--sass (no GPU needed): compiles each kernel for sm_90 at its default blocks and counts the SASS
+instructions of its innermost loop per weight value. A streaming kernel cannot beat the SM's issue rate
+(4 warp instructions per clock = 128 lanes), so bytes per value / instructions per value x 128 x SMs x
+clock is an upper bound on its TB/s (--sms, --clock-ghz; H100 SXM: 132, 1.98). A decoder far above
+~6 instructions per 4-bit value cannot reach 85% of an H100's copy rate, whatever the launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
+
+from glmtg.formats import REGISTRY  # noqa: E402
+
+DEFAULT_TYPES = ("q4_k", "q5_0", "q6_k", "iq4_xs", "q8_0")
+# llama.cpp's type for a tensor whose rows are no whole number of the target's 256-value blocks.
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0", "iq4_xs": "iq4_nl",
+            "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
+            "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl"}
+MODELS = {  # hidden, dense intermediate, experts, moe intermediate, top-k
+    "air": dict(name="GLM-4.5-Air", hidden=4096, inter=10944, experts=128, moe_inter=1408, top_k=8),
+    "glm45": dict(name="GLM-4.5", hidden=5120, inter=12288, experts=160, moe_inter=1536, top_k=8),
+}
+ROUTING_SETS = 16
+VOCAB = 151552
+GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
+    (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4), (16, 512, 8), (4, 256, 4), (8, 256, 4), (4, 1024, 4),
+    (8, 1024, 8), (2, 1024, 4),
+]
+MOE_SWEEP = [  # (block_i, values_per_step, block_h, values_per_step_down, num_warps)
+    (8, 512, 8, 512, 4), (4, 512, 4, 512, 4), (16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (16, 512, 8, 512, 8),
+    (4, 1024, 8, 512, 4), (2, 1024, 4, 1024, 4),
+]
+
+
+def fit(name: str, k: int) -> str:
+    """The type a GGUF file holds for rows of ``k`` values when ``name`` is asked (llama.cpp's fallback)."""
+    if k % REGISTRY[name].block_size == 0:
+        return name
+    name = FALLBACK.get(name, "f16")
+    return name if k % REGISTRY[name].block_size == 0 else "f16"
+
+
+def gemv_shapes(m: dict) -> list[tuple[str, int, int]]:
+    h = m["hidden"]
+    return [("q_proj", 12288, h), ("k_proj", 1024, h), ("v_proj", 1024, h), ("o_proj", h, 12288),
+            ("dense gate/up", m["inter"], h), ("dense down", h, m["inter"]), ("lm_head", VOCAB, h)]
+
+
+def random_blocks(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """uint8 bytes with bit 6 cleared: every fp16 field then has an exponent below 16 (finite, < 2)."""
+    return torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=gen) & 0xBF
+
+
+def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float, configs: list, replays: int,
+               gen: torch.Generator) -> list[dict]:
+    from glmtg.kernels.gguf.dequant import dequantize_rows
+    from glmtg.kernels.gguf.gemv import quant_matvec
+
+    f = REGISTRY[fmt]
+    nbytes = n * (k // f.block_size) * f.type_size
+    sets = buffers_to_rotate(nbytes)
+    ws = [random_blocks((n, nbytes // n), gen) for _ in range(sets)]
+    xs = [torch.randn(tokens, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(sets)]
+    outs = [torch.empty(tokens, n, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
+    ref = xs[0].float() @ dequantize_rows(ws[0], fmt).T
+    rows = []
+    for cfg in configs:
+        kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
+        calls = [lambda i=i, kw=kw: quant_matvec(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
+        name = "default" if cfg is None else "/".join(map(str, cfg))
+        try:
+            seconds = time_graph(calls, replays)
+        except Exception as exc:  # one bad launch config should not end the sweep
+            print(f"  {label} {fmt} T={tokens} {name}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            continue
+        calls[0]()
+        err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        rows.append(dict(kind="gemv", tensor=label, fmt=fmt, n=n, k=k, tokens=tokens, config=name,
+                         us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
+                         frac_copy=nbytes / seconds / copy_bw, rel_err=err))
+        print_row(rows[-1])
+    return rows
+
+
+def routing_sets(tokens: int, experts: int, top_k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """As bench/moe_decode.py: at T = 1 consecutive sets are disjoint and together cover all experts."""
+    perm = torch.randperm(experts, device="cuda", generator=gen)
+    sets = []
+    for s in range(ROUTING_SETS):
+        if tokens == 1 and ROUTING_SETS * top_k <= experts:
+            ids = perm[s * top_k:(s + 1) * top_k][None]
+        else:
+            ids = torch.stack([torch.randperm(experts, device="cuda", generator=gen)[:top_k] for _ in range(tokens)])
+        sets.append(ids)
+    return sets
+
+
+def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, replays: int,
+              gen: torch.Generator) -> list[dict]:
+    from glmtg.kernels.gguf.dequant import dequantize_rows
+    from glmtg.kernels.gguf.moe import quant_moe_decode
+
+    h, inter, e, top_k = m["hidden"], m["moe_inter"], m["experts"], m["top_k"]
+    gu, dn = fit(fmt, h), fit(fmt, inter)
+    fgu, fd = REGISTRY[gu], REGISTRY[dn]
+    rb_h, rb_i = h // fgu.block_size * fgu.type_size, inter // fd.block_size * fd.type_size
+    gate, up = random_blocks((e, inter, rb_h), gen), random_blocks((e, inter, rb_h), gen)
+    down = random_blocks((e, h, rb_i), gen)
+    id_sets = routing_sets(tokens, e, top_k, gen)
+    xs = [torch.randn(tokens, h, device="cuda", generator=gen).to(torch.bfloat16) for _ in id_sets]
+    wts = [torch.rand(tokens, top_k, device="cuda", generator=gen) for _ in id_sets]
+    outs = [torch.empty_like(x) for x in xs]
+    expert_bytes = 2 * inter * rb_h + h * rb_i
+    distinct = sum(int(ids.unique().numel()) for ids in id_sets) / len(id_sets)
+    nbytes = distinct * expert_bytes
+    ref = _moe_reference(xs[0], gate, up, down, id_sets[0], wts[0], gu, dn, dequantize_rows)
+    rows = []
+    names = ("block_i", "values_per_step", "block_h", "values_per_step_down", "num_warps")
+    for cfg in configs:
+        kw = {} if cfg is None else dict(zip(names, cfg, strict=True))
+        calls = [lambda i=i, kw=kw: quant_moe_decode(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i],
+                                                     **kw) for i in range(len(id_sets))]
+        name = "default" if cfg is None else "/".join(map(str, cfg))
+        try:
+            seconds = time_graph(calls, replays)
+        except Exception as exc:
+            print(f"  moe {m['name']} {gu}/{dn} T={tokens} {name}: failed: {type(exc).__name__}: {str(exc)[:160]}",
+                  flush=True)
+            continue
+        calls[0]()
+        err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        rows.append(dict(kind="moe", tensor=f"{m['name']} experts", fmt=f"{gu}/{dn}", n=e, k=inter, tokens=tokens,
+                         config=name, us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
+                         frac_copy=nbytes / seconds / copy_bw, rel_err=err))
+        print_row(rows[-1])
+    return rows
+
+
+def _moe_reference(x, gate, up, down, ids, wts, gu, dn, dequantize_rows) -> torch.Tensor:
+    """fp32 torch of the same formula over the dequantized experts a token chose."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            xt = x[t].float()
+            h = torch.nn.functional.silu(dequantize_rows(gate[e], gu) @ xt) * (dequantize_rows(up[e], gu) @ xt)
+            y[t] += wts[t, s] * (dequantize_rows(down[e], dn) @ h)
+    return y
+
+
+def print_row(r: dict) -> None:
+    print(f"  {r['kind']:<4} {r['tensor']:<20} {r['fmt']:<14} T={r['tokens']:<2} {r['config']:<16} "
+          f"{r['us']:9.1f} us {r['tbps']:6.2f} TB/s ({r['frac_copy']:4.0%} of copy)  rel.err {r['rel_err']:.1e}",
+          flush=True)
+
+
+def markdown(payload: dict) -> str:
+    env = payload["environment"]
+    lines = [f"# GGUF decode kernels: {env.get('device')}, copy {payload['copy_tbps']:.2f} TB/s", "",
+             (f"torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}. "
+              "TB/s = weight bytes read / time; 'of copy' = that over the device copy rate."), "",
+             "| kernel | tensor | type | N x K | T | config | MB | µs | TB/s | of copy | rel. err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['kind']} | {r['tensor']} | {r['fmt']} | {r['n']} x {r['k']} | {r['tokens']} | "
+                     f"{r['config']} | {r['mb']:.1f} | {r['us']:.1f} | {r['tbps']:.2f} | {r['frac_copy']:.0%} | "
+                     f"{r['rel_err']:.1e} |")
+    if payload.get("skipped"):
+        lines += ["", "Skipped (no device decoder yet): " + ", ".join(payload["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in payload["rows"] if r["config"] == "default"]
+    labels = [f"{r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1)))
+    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] == "gemv" else "C1"
+                                                                     for r in rows])
+    ax.axvline(0.85, color="grey", ls="--", lw=1, label="85% of copy")
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("effective bandwidth / copy bandwidth (default launch)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"GGUF GEMV (blue) and MoE (orange) — {payload['environment'].get('device')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_reports(payload: dict, stem: Path) -> None:
+    write_json(stem.with_suffix(".json"), payload)
+    stem.with_suffix(".md").write_text(markdown(payload))
+    try:
+        plot(payload, stem.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+    print(f"wrote {stem}.json / .md / .png")
+
+
+def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> int:
+    """Print, per type and kernel, the sm_90 SASS of the innermost loop: instructions per weight value and
+    the issue-rate bound on TB/s (see the module docstring)."""
+    import inspect
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from glmtg.kernels.gguf import gemv, moe
+    from glmtg.kernels.gguf.decode import DECODED
+
+    tool = Path(get_ptxas(90).path).parent / "cuobjdump"
+
+    def compile_loop(kernel, ptrs: dict, const: dict, num_warps: int) -> int:
+        sig, attrs = {}, {}
+        for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+            sig[name] = "constexpr" if name in const else ("*" + ptrs[name] if name in ptrs else "i32")
+            if sig[name] != "constexpr" and name not in ("T", "N", "NUM_EXPERTS", "TOPK"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as a real launch specializes them
+        c = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=num_warps))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        ops = [(int(m.group(1), 16), m.group(2)) for m in
+               re.finditer(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+[^;]*);", sass)]
+        back = [(a - int(t.group(1), 16), a) for a, op in ops if op.startswith("BRA")
+                and (t := re.search(r"0x([0-9a-f]+)", op)) and int(t.group(1), 16) < a]
+        span, end = min(back)  # the innermost loop: the shortest backward branch
+        return sum(1 for a, _ in ops if end - span <= a <= end)
+
+    xdt = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[x_dtype]
+    print(f"issue bound: 128 lanes/clock x {sms} SMs x {clock_ghz} GHz; x in {xdt}")
+    print("| kernel | type | config | instr / value | bytes / value | bound TB/s |")
+    print("|---|---|---|---|---|---|")
+    for name in types:
+        if name not in DECODED:
+            print(f"| - | {name} | no device decoder yet | | | |")
+            continue
+        f = REGISTRY[name]
+        g = gemv.steps_for(f.block_size, 512)
+        fmt = dict(FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, G=g)
+        cases = [("gemv", gemv._gemv_kernel, dict(X=xdt, W="u8", Y=xdt, Aux="fp32"), dict(BLOCK_T=1, BLOCK_N=bn),
+                  bn, 1, f"block_n {bn}") for bn in (4, 8)]
+        cases += [("moe gate/up", moe._gate_up_kernel, dict(X=xdt, Gate="u8", Up="u8", Ids="i64", Weights="fp32",
+                                                            Act="fp32", Aux="fp32"), dict(BLOCK_R=8), 8, 2, "block_i 8"),
+                  ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y=xdt, Aux="fp32"),
+                   dict(BLOCK_R=8), 8, 1, "block_h 8")]
+        for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
+            try:
+                body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
+            except Exception as exc:  # report and go on
+                print(f"| {kname} | {name} | compile failed: {type(exc).__name__}: {str(exc)[:120]} | | | |")
+                continue
+            per_value = body / (tiles * rows * g * f.block_size / 128)  # 128 threads at 4 warps
+            bpv = f.type_size / f.block_size
+            bound = bpv / per_value * 128 * sms * clock_ghz * 1e9 / 1e12
+            print(f"| {kname} | {name} | {cfg}, {g * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
+                  f"{bound:.2f} |", flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="GGUF types, comma-separated")
+    parser.add_argument("--models", default="air,glm45", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1], help="tokens per call (<= 16)")
+    parser.add_argument("--kernels", default="gemv,moe", help="gemv, moe or both")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configs")
+    parser.add_argument("--replays", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default "
+                        "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")
+    parser.add_argument("--from-json", type=Path, default=None, help="redraw the .md and .png of a results JSON")
+    parser.add_argument("--sass", action="store_true", help="no GPU: count sm_90 instructions per weight value")
+    parser.add_argument("--sms", type=int, default=132, help="--sass: SMs of the target (H100 SXM: 132)")
+    parser.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM boost: 1.98)")
+    parser.add_argument("--x-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="--sass: dtype of x")
+    args = parser.parse_args()
+    if args.from_json is not None:
+        write_reports(json.loads(args.from_json.read_text()), args.from_json.with_suffix(""))
+        return 0
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if any(t not in REGISTRY or REGISTRY[t].dequantize_blocks is None for t in types):
+        parser.error(f"--types must be GGUF types of glmtg.formats, got {types}")
+    if any(m not in MODELS for m in models):
+        parser.error(f"--models must be of {sorted(MODELS)}, got {models}")
+    if any(not 1 <= t <= 16 for t in args.tokens):
+        parser.error("every --tokens value must be 1 ... 16")
+    if args.sass:
+        return sass_report(types, args.sms, args.clock_ghz, args.x_dtype)
+    if not torch.cuda.is_available():
+        print("error: bench/gguf_gemv.py times CUDA kernels and needs a CUDA device (their correctness tests "
+              "run on a CPU: tests/kernels/gguf/)", file=sys.stderr)
+        return 2
+    from glmtg.kernels.gguf.decode import DECODED
+
+    copy_bw = copy_bandwidth()
+    print(f"device copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, skipped, done = [], set(), set()
+    kernels = set(args.kernels.split(","))
+    for key in models:
+        m = MODELS[key]
+        for t in args.tokens:
+            for fmt in types:
+                if "gemv" in kernels:
+                    for label, n, k in gemv_shapes(m):
+                        used = fit(fmt, k)
+                        if used not in DECODED:
+                            skipped.add(used)
+                            continue
+                        if (key, t, label, used) in done:  # a fallback type also asked for itself
+                            continue
+                        done.add((key, t, label, used))
+                        configs = [None] + (GEMV_SWEEP if args.sweep else [])
+                        rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen)
+                if "moe" in kernels:
+                    if fit(fmt, m["hidden"]) not in DECODED or fit(fmt, m["moe_inter"]) not in DECODED:
+                        skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))
+                        continue
+                    configs = [None] + (MOE_SWEEP if args.sweep else [])
+                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen)
+                torch.cuda.empty_cache()
+    payload = dict(environment=environment(), copy_tbps=copy_bw / 1e12, rows=rows, skipped=sorted(skipped),
+                   models={k: MODELS[k] for k in models}, routing_sets=ROUTING_SETS)
+    write_reports(payload, args.out or result_path("gguf_gemv", "sweep" if args.sweep else "kernels"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
