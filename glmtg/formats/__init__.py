@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from glmtg.formats.gguf_quantize import QUANTIZABLE, quantize_blocks
 from glmtg.formats.quant import FP8_MAX, QK
 from glmtg.formats.registry import (
     FORMATS,
@@ -16,8 +17,8 @@ from glmtg.formats.registry import (
     get,
 )
 
-__all__ = ["FORMATS", "FP8_MAX", "GGUF_FORMATS", "KV_FORMATS", "QK", "REGISTRY", "BlockFormat", "KernelCode",
-           "Layout", "dequantize", "dequantize_blocks", "get", "quantize"]
+__all__ = ["FORMATS", "FP8_MAX", "GGUF_FORMATS", "KV_FORMATS", "QK", "QUANTIZABLE", "REGISTRY", "BlockFormat",
+           "KernelCode", "Layout", "dequantize", "dequantize_blocks", "get", "quantize", "quantize_blocks"]
 
 
 def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmtg.formats import REGISTRY
+
 
 def write_parameter(module: nn.Module, attr: str, value: torch.Tensor, index: int | slice | None = None) -> None:
     """Put ``value`` into ``module``'s parameter ``attr``.
@@ -41,9 +43,24 @@ def write_parameter(module: nn.Module, attr: str, value: torch.Tensor, index: in
 class TensorSlot:
     """One tensor a checkpoint provides for a model: parameter ``name``, the ``shard`` of a fused parameter it
     fills (None: the whole parameter), its ``shape`` and the ``dtype`` the model keeps it in. A stacked expert
-    parameter is one slot; checkpoints split it further by expert (dim 0)."""
+    parameter is one slot; checkpoints split it further by expert (dim 0).
+
+    ``format`` None: a plain float parameter of ``shape``. Otherwise the GGUF block format (a glmtg.formats
+    name) the model keeps the slot in: ``shape`` stays the logical one (values: [rows, in_features], or
+    [E, rows, in] for experts), ``dtype`` is torch.uint8 and the tensor it takes is the raw blocks,
+    ``raw_shape`` = [..., rows, row_bytes].
+    """
 
     name: str
     shard: str | None
     shape: tuple[int, ...]
     dtype: torch.dtype
+    format: str | None = None
+
+    @property
+    def raw_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor ``load_tensor`` takes for this slot: ``shape`` for a float slot, the last
+        dimension counted in bytes of blocks for a quantized one."""
+        if self.format is None:
+            return self.shape
+        return (*self.shape[:-1], REGISTRY[self.format].blocks_bytes(self.shape[-1]))

@@ -8,11 +8,15 @@ Weights: the model is built (usually on the meta device) and every checkpoint te
 ``load_tensor`` into its parameter: whole, as one shard of a fused projection (q/k/v, gate/up) or as one
 expert of a stacked expert parameter. ``tensor_slots`` lists what a checkpoint must provide; the HF/GGUF
 names of each slot are in glmtg/loading/names.py.
+
+Quantized weights (``weight_formats``): the projections, the routed experts, the embedding and the lm_head
+that it gives a GGUF block format are kept as the file's raw blocks (QuantLinear, QuantExperts,
+QuantEmbedding); their slots carry the format and take raw uint8 rows. Norms, the router and biases stay float.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,13 +26,19 @@ from glmtg.config import ModelConfig
 from glmtg.layers.attention import BACKENDS, Attention, StepContext
 from glmtg.layers.linear import DenseLinear, Linear
 from glmtg.layers.mlp import MLP
-from glmtg.layers.moe import Experts, MoE
+from glmtg.layers.moe import Experts, MoE, Router
 from glmtg.layers.norm import RMSNorm
 from glmtg.layers.params import TensorSlot, write_parameter
+from glmtg.layers.quant_experts import PARAMS as EXPERT_PARAMS
+from glmtg.layers.quant_experts import QuantExperts
+from glmtg.layers.quant_linear import QuantEmbedding, QuantLinear, check_format
 from glmtg.layers.rope import rope_cos_sin
 
 if TYPE_CHECKING:
     from glmtg.kv_cache import KVCache
+
+# (glmtg parameter name, shard or None) -> GGUF block format (a glmtg.formats name) or None for a float parameter
+WeightFormats = Callable[[str, "str | None"], "str | None"]
 
 
 class DecoderLayer(nn.Module):
@@ -47,29 +57,43 @@ class DecoderLayer(nn.Module):
 
 class Glm4MoeForCausalLM(nn.Module):
     """Token ids -> logits over a KV cache. ``experts_backend`` ("auto", "kernel", "torch") picks how the MoE
-    layers run few (token, expert) pairs (glmtg.layers.moe.Experts)."""
+    layers run few (token, expert) pairs (glmtg.layers.moe.Experts) and, for quantized weights, whether the
+    Triton GEMV/dequantize kernels run (glmtg.layers.quant_linear).
+
+    ``weight_formats(name, shard)`` gives the GGUF block format of each weight matrix (None: float in
+    ``dtype``): embed.weight, lm_head.weight, and per layer attn.qkv.weight (shards q/k/v), attn.o_proj.weight,
+    mlp.gate_up.weight (gate/up), mlp.down_proj.weight, the shared expert's mlp.shared.*, and
+    mlp.experts.{gate,up,down}_proj. None (the default) builds the all-float model.
+    """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", experts_backend: str = "auto") -> None:
+                 device: torch.device | str = "cpu", experts_backend: str = "auto",
+                 weight_formats: WeightFormats | None = None) -> None:
         super().__init__()
         self.config = config
-        with torch.device(device):
+        # With formats, the float layout is built on the meta device first (no memory) and the quantized
+        # modules replace its matrices before anything is allocated: never a float copy of the weights.
+        build_on = device if weight_formats is None else "meta"
+        with torch.device(build_on):
             self.embed = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
             self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, experts_backend)
                                         for i in range(config.num_hidden_layers))
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = DenseLinear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        if weight_formats is not None:
+            _quantize_modules(self, weight_formats, dtype, torch.device(device), experts_backend)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The activations' (and float parameters') dtype; the final norm is float in every layout."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, attn_backend: str = "sdpa",
                 last_only: bool = False, validate: bool = True) -> torch.Tensor:
@@ -108,6 +132,9 @@ class Glm4MoeForCausalLM(nn.Module):
             own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if id(p) not in seen]
             seen.update(id(p) for _, p in own)
             base = f"{prefix}." if prefix else ""
+            if isinstance(module, (QuantLinear, QuantEmbedding, QuantExperts)):
+                yield from _quant_slots(module, base, {attr for attr, _ in own})
+                continue
             if isinstance(module, Linear):
                 dtypes = dict(own)
                 for attr, shard, shape in module.slots():
@@ -130,7 +157,7 @@ class Glm4MoeForCausalLM(nn.Module):
             raise ValueError(f"no parameter {name!r}") from None
         if isinstance(module, Linear):
             module.load_shard(attr, shard, value)
-        elif isinstance(module, Experts):
+        elif isinstance(module, (Experts, QuantExperts)):
             if shard is not None:
                 raise ValueError(f"{name} has no shards, got shard {shard!r}")
             module.load_expert(attr, expert, value)
@@ -142,14 +169,108 @@ class Glm4MoeForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def slot_tensors(self) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
-        """(slot, the values it holds now): views of the parameters, no copy."""
+        """(slot, the values it holds now): views of the parameters, no copy; the raw blocks (uint8
+        [..., row_bytes]) of a quantized slot."""
         params = dict(self.named_parameters())
         for slot in self.tensor_slots():
-            module = self.get_submodule(slot.name.rpartition(".")[0])
+            module_name, _, attr = slot.name.rpartition(".")
+            module = self.get_submodule(module_name)
+            if isinstance(module, QuantLinear) and attr == "weight":
+                yield slot, module.raw_shard(slot.shard)
+                continue
             value = params[slot.name]
             if isinstance(module, Linear):
                 value = value[module.rows(slot.shard)]
             yield slot, value
+
+
+def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[TensorSlot]:
+    """The slots of a quantized module: logical shapes, uint8 with the format for blocks, float biases."""
+    if isinstance(module, QuantEmbedding):
+        if "weight" in own:
+            yield TensorSlot(base + "weight", None, (module.num_embeddings, module.embedding_dim), torch.uint8,
+                             module.format)
+    elif isinstance(module, QuantExperts):
+        for attr in EXPERT_PARAMS:
+            if attr in own:
+                p = getattr(module, attr)
+                yield TensorSlot(base + attr, None, (*p.shape[:-1], module.widths[attr]), torch.uint8,
+                                 module.formats[attr])
+    else:
+        for attr, shard, shape in module.slots():
+            fmt = module.slot_format(attr, shard)
+            if fmt is None:
+                if attr in own:
+                    yield TensorSlot(base + attr, shard, shape, module.bias.dtype)
+            elif module._group(shard)[0] in own:  # not a tied lm_head
+                yield TensorSlot(base + attr, shard, shape, torch.uint8, fmt)
+
+
+def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, dtype: torch.dtype,
+                      device: torch.device, backend: str) -> None:
+    """Replace each matrix ``weight_formats`` gives a format with its quantized module on ``device`` (the
+    model was built on meta), then put every parameter still on meta on ``device`` (norms as ones, the
+    router as zeros, float matrices uninitialised: as the all-float model is built)."""
+    def formats_of(name: str, shards: tuple[str | None, ...], width: int) -> dict[str | None, str] | None:
+        got = {}
+        for shard in shards:
+            fmt = weight_formats(name, shard)
+            what = f"weight_formats({name!r}" + (f", {shard!r})" if shard is not None else ")")
+            got[shard] = None if fmt is None else check_format(fmt, width, what)
+        if all(f is None for f in got.values()):
+            return None
+        if any(f is None for f in got.values()):
+            raise ValueError(f"weight_formats must give all or none of {name}'s shards {list(shards)} a "
+                             f"format, got {got}")
+        return got
+
+    tied = model.config.tie_word_embeddings
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        new: nn.Module | None = None
+        with torch.device(device):
+            if isinstance(module, Linear) and not (tied and name == "lm_head"):
+                shards = tuple(s for s, _ in module.shards)
+                fmts = formats_of(f"{name}.weight", shards, module.in_features)
+                if fmts is not None:
+                    out = module.out_features if shards == (None,) else module.shards
+                    new = QuantLinear(module.in_features, out, bias=module.has_bias, formats=fmts, dtype=dtype,
+                                      backend=backend)
+            elif isinstance(module, nn.Embedding):
+                fmt = formats_of(f"{name}.weight", (None,), module.embedding_dim)
+                if fmt is not None:
+                    new = QuantEmbedding(module.num_embeddings, module.embedding_dim, format=fmt[None],
+                                         dtype=dtype, backend=backend)
+            elif isinstance(module, Experts):
+                widths = {"gate_proj": module.gate_proj.shape[2], "up_proj": module.up_proj.shape[2],
+                          "down_proj": module.down_proj.shape[2]}
+                fmts = {p: formats_of(f"{name}.{p}", (None,), widths[p]) for p in EXPERT_PARAMS}
+                if any(f is not None for f in fmts.values()):
+                    if any(f is None for f in fmts.values()):
+                        raise ValueError(f"weight_formats must give all or none of {name}'s {EXPERT_PARAMS} "
+                                         f"a format")
+                    new = QuantExperts(model.config, dtype, {p: f[None] for p, f in fmts.items()},
+                                       placement=module.placement, backend=module.backend)
+        if new is not None:
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if tied and isinstance(model.embed, QuantEmbedding):
+        # A tied head reads the embedding's blocks: same format, same parameter (tied after this call).
+        with torch.device("meta"):
+            model.lm_head = QuantLinear(model.config.hidden_size, model.config.vocab_size, bias=False,
+                                        formats=model.embed.format, dtype=dtype, backend=backend)
+    if device.type == "meta":
+        return
+    for module in model.modules():
+        if tied and module is model.lm_head:
+            continue  # takes the embedding's parameter once this returns
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            with torch.no_grad():
+                if isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+                elif isinstance(module, Router):
+                    module.weight.zero_()
+                    module.e_score_correction_bias.zero_()
 
 
 def _check_room(cache: KVCache, s: int) -> None:

@@ -1,0 +1,122 @@
+"""Routed experts with their weights kept as GGUF blocks (raw uint8, as the file stores them).
+
+Same interface as ``glmtg.layers.moe.Experts`` (load_expert, forward(x, ids, weights), placement, backend):
+
+- few (token, expert) pairs on the kernel backend (decode): ``glmtg.kernels.gguf.moe.quant_moe_decode``
+  reads the chosen experts' blocks in place (gate and up with SiLU-multiply, down weighted and summed).
+- otherwise (prefill, CPU, the torch backend): pairs sorted by expert and one loop over the experts that
+  have pairs, each dequantizing its three matrices (a transient of one expert) for its products. It reads
+  the per-expert counts on the host (one sync), so it is not for captured decode steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmtg.config import ModelConfig
+from glmtg.formats import REGISTRY
+from glmtg.layers.moe import ExpertPlacement
+from glmtg.layers.params import write_parameter
+from glmtg.layers.quant_linear import check_backend, check_format, dequantize, uses_kernels
+
+PARAMS = ("gate_proj", "up_proj", "down_proj")
+
+
+class QuantExperts(nn.Module):
+    """The routed experts a placement puts here, stacked, in GGUF blocks: gate/up uint8 [E', I, row bytes of
+    H], down uint8 [E', H, row bytes of I]. ``formats`` gives each parameter's format; ``dtype`` is the
+    activations' (the output's) dtype."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, formats: Mapping[str, str],
+                 placement: ExpertPlacement | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        if placement is None:
+            placement = ExpertPlacement.whole(config.n_routed_experts)
+        if placement.num_experts != config.n_routed_experts:
+            raise ValueError(f"placement covers {placement.num_experts} experts, the config has "
+                             f"{config.n_routed_experts}")
+        if not isinstance(formats, Mapping) or set(formats) != set(PARAMS):
+            raise ValueError(f"formats must map each of {PARAMS} to a format, got {formats!r}")
+        self.placement = placement
+        self.backend = check_backend(backend)
+        self.dtype = dtype
+        e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
+        self.widths = {"gate_proj": h, "up_proj": h, "down_proj": i}  # values per row of each parameter
+        self.formats: dict[str, str] = {}
+        for param, (rows, width) in zip(PARAMS, ((i, h), (i, h), (h, i))):
+            fmt = check_format(formats[param], width, f"formats[{param!r}]")
+            self.formats[param] = fmt
+            row_bytes = REGISTRY[fmt].blocks_bytes(width)
+            setattr(self, param, nn.Parameter(torch.empty(e, rows, row_bytes, dtype=torch.uint8),
+                                              requires_grad=False))
+
+    def load_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
+        """Write raw blocks of checkpoint expert ``expert`` (a layer-wide index, uint8 [rows, row_bytes]) of
+        ``param``, or the whole stack for None. Returns False, storing nothing, for an expert that the
+        placement puts elsewhere."""
+        if param not in PARAMS:
+            raise ValueError(f"param must be gate_proj, up_proj or down_proj, got {param!r}")
+        if expert is None:
+            write_parameter(self, param, value)
+            return True
+        p = self.placement
+        if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert < p.num_experts:
+            raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
+        if not p.start <= expert < p.stop:
+            return False
+        write_parameter(self, param, value, expert - p.start)
+        return True
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
+        dtype; slots routed to experts held elsewhere add nothing."""
+        t, k = ids.shape
+        held = self.placement.count
+        kernel = self._kernel(x, t * k)
+        if not self.placement.holds_all:
+            local = ids - self.placement.start
+            here = (local >= 0) & (local < held)
+            # The kernel masks ids outside [0, held) itself; the loop skips them (id -1).
+            ids = torch.where(here, local, -1)
+            weights = torch.where(here, weights, 0.0)
+        if kernel:
+            from glmtg.kernels.gguf.moe import quant_moe_decode
+
+            return quant_moe_decode(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights,
+                                    self.formats["gate_proj"], self.formats["down_proj"])
+        return self._looped(x, ids, weights, uses_kernels(self.backend, x))
+
+    def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
+        # The fused kernel decodes gate and up rows with one format. A file that gives them different formats
+        # (llama.cpp's mixes never do, a hand-made one might) takes the torch loop instead: correct, but it
+        # reads the counts on the host, so such a model's decode steps cannot be captured in a CUDA graph.
+        same = self.formats["gate_proj"] == self.formats["up_proj"]
+        return same and uses_kernels(self.backend, x) and pairs <= self.placement.count
+
+    def _looped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, kernel: bool) -> torch.Tensor:
+        """Pairs sorted by expert; each expert with pairs dequantizes its matrices (to x's dtype, through the
+        Triton decoder where ``kernel``) and runs its pairs. Combined in fp32 (the weights are fp32 and the
+        k terms of a token should round once)."""
+        t, k = ids.shape
+        flat = ids.reshape(-1)  # [P = T*k], pair p = token p // k, slot p % k
+        keep = flat >= 0
+        flat = torch.where(keep, flat, self.placement.count)  # pairs held elsewhere sort last, counted apart
+        order = torch.argsort(flat, stable=True)
+        xs = x[order // k]  # [P, H] grouped by expert
+        ys = torch.zeros(xs.shape, dtype=torch.float32, device=x.device)
+        counts = torch.bincount(flat, minlength=self.placement.count + 1).tolist()
+        start = 0
+        for e, c in enumerate(counts[:-1]):
+            if c:
+                gate, up, down = (dequantize(getattr(self, p)[e], self.formats[p], x.dtype, kernel=kernel)
+                                  for p in PARAMS)
+                seg = xs[start:start + c]
+                ys[start:start + c] = ((F.silu(seg @ gate.T) * (seg @ up.T)) @ down.T).float()
+                start += c
+        y = torch.empty_like(ys).index_copy_(0, order, ys).view(t, k, -1)  # pairs elsewhere stay 0
+        y = y * torch.where(keep.view(t, k), weights, 0.0)[..., None]
+        return y.sum(1).to(x.dtype)

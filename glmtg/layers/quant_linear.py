@@ -1,0 +1,195 @@
+"""Projections and the token embedding with weights kept as GGUF blocks: raw uint8 rows, never a float copy.
+
+A GGUF file stores each weight matrix in one block format (glmtg/formats/registry.py), row by row. These
+modules hold those bytes as they are and read them two ways:
+
+- few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
+  the weight bytes, which is what decode speed is made of.
+- many tokens (prefill) or the torch backend: the rows are dequantized to the activations' dtype (a
+  transient of one projection, freed after its product) and multiplied with ``F.linear``.
+
+Shards of one fused projection may come in different formats (a Q4_K_M file has attn_q/attn_k in Q4_K and
+attn_v in Q6_K). Consecutive shards sharing a format are stored as one buffer, so q and k still run as one
+product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmtg.formats import GGUF_FORMATS, REGISTRY
+from glmtg.layers.linear import Linear, Shards
+from glmtg.layers.params import write_parameter
+
+BACKENDS = ("auto", "kernel", "torch")
+
+
+def check_format(fmt: object, in_features: int, what: str) -> str:
+    """``fmt`` if it is a GGUF block format whose blocks tile rows of ``in_features`` values; ValueError
+    naming ``what`` otherwise."""
+    if not isinstance(fmt, str) or fmt not in GGUF_FORMATS:
+        raise ValueError(f"{what} must be one of {GGUF_FORMATS}, got {fmt!r}")
+    if in_features % REGISTRY[fmt].block_size:
+        raise ValueError(f"{what} {fmt} has blocks of {REGISTRY[fmt].block_size} values, which do not tile "
+                         f"rows of {in_features}")
+    return fmt
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def uses_kernels(backend: str, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels run: always for "kernel", for CUDA inputs under "auto" (a CPU would need
+    the Triton interpreter), never for "torch"."""
+    return backend == "kernel" or (backend == "auto" and x.is_cuda)
+
+
+def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype, *, kernel: bool) -> torch.Tensor:
+    """Rows of blocks uint8 [..., row_bytes] -> values [..., row_values] in ``dtype``: the Triton decoder
+    (``dequantize_rows``) with ``kernel``, else the torch decoder of the registry."""
+    if not kernel:
+        return REGISTRY[fmt].dequantize_blocks(raw).to(dtype)
+    from glmtg.kernels.gguf.dequant import dequantize_rows
+
+    if raw.data_ptr() % 16 or not raw.is_contiguous():
+        # dequantize_rows wants 16-byte aligned rows; an expert's slice of a stack whose rows are not a
+        # multiple of 16 bytes is not. A fresh allocation is.
+        raw = raw.clone(memory_format=torch.contiguous_format)
+    return dequantize_rows(raw, fmt, dtype=dtype)
+
+
+class QuantLinear(Linear):
+    """y = x Wᵀ (+ b) with W in GGUF blocks: one format for all shards (``formats`` a str) or one per shard
+    (a mapping shard name -> format; the key None for an unsharded linear). The bias stays float (``dtype``).
+
+    Runs of consecutive shards in one format are stored as one uint8 parameter [rows, row_bytes]: ``weight``
+    when the whole linear is one run, else ``weight_0``, ``weight_1``, ... in row order.
+    """
+
+    def __init__(self, in_features: int, out: int | Shards, *, bias: bool, formats: str | Mapping[str | None, str],
+                 dtype: torch.dtype, backend: str = "auto") -> None:
+        super().__init__(in_features, out, bias)
+        self.backend = check_backend(backend)
+        names = [name for name, _ in self.shards]
+        if isinstance(formats, str):
+            per_shard = {name: formats for name in names}
+        elif isinstance(formats, Mapping):
+            if set(formats) != set(names):
+                raise ValueError(f"formats must give a format for each shard {names}, got keys {list(formats)}")
+            per_shard = dict(formats)
+        else:
+            raise ValueError(f"formats must be a format name or a mapping shard -> format, got {formats!r}")
+        for name in names:
+            check_format(per_shard[name], in_features, f"formats[{name!r}]")
+        self.formats: dict[str | None, str] = per_shard
+        # (parameter, format, first row, end row) of each run of consecutive shards in one format
+        runs: list[list] = []
+        for name, rows in self.shards:
+            span = self.rows(name)
+            if runs and runs[-1][1] == per_shard[name]:
+                runs[-1][3] = span.stop
+            else:
+                runs.append([None, per_shard[name], span.start, span.stop])
+        for i, run in enumerate(runs):
+            run[0] = "weight" if len(runs) == 1 else f"weight_{i}"
+            row_bytes = REGISTRY[run[1]].blocks_bytes(in_features)
+            setattr(self, run[0], nn.Parameter(torch.empty(run[3] - run[2], row_bytes, dtype=torch.uint8),
+                                               requires_grad=False))
+        self.groups: tuple[tuple[str, str, int, int], ...] = tuple(tuple(run) for run in runs)
+        self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype)) if bias else None
+
+    def _group(self, shard: str | None) -> tuple[str, str, slice | None]:
+        """(parameter, format, its rows holding ``shard`` or None for all of them)."""
+        span = self.rows(shard)
+        for attr, fmt, start, stop in self.groups:
+            if start <= span.start and span.stop <= stop:
+                whole = span.start == start and span.stop == stop
+                return attr, fmt, None if whole else slice(span.start - start, span.stop - start)
+        raise ValueError(f"shard {shard!r} spans shards of different formats: load it shard by shard")
+
+    def slot_format(self, param: str, shard: str | None) -> str | None:
+        """The block format checkpoint tensor (``param``, ``shard``) is kept in; None for the float bias."""
+        return self._group(shard)[1] if param == "weight" else None
+
+    def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
+        """"weight": raw blocks uint8 [rows of shard, row_bytes], stored as given (no copy) when the shard is
+        a whole run, else copied into its rows. "bias": float [rows of shard], as DenseLinear."""
+        allowed = ("weight", "bias") if self.has_bias else ("weight",)
+        if param not in allowed:
+            raise ValueError(f"param must be one of {allowed}, got {param!r}")
+        if param == "bias":
+            whole = shard is None or (len(self.shards) == 1 and self.rows(shard) == self.rows(None))
+            write_parameter(self, "bias", value, None if whole else self.rows(shard))
+            return
+        attr, _, rows = self._group(shard)
+        write_parameter(self, attr, value, rows)
+
+    def raw_shard(self, shard: str | None) -> torch.Tensor:
+        """The raw blocks of ``shard`` (all rows for None, when they share one format): a view, no copy."""
+        attr, _, rows = self._group(shard)
+        weight = getattr(self, attr)
+        return weight if rows is None else weight[rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., {self.in_features}], got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        kernel = uses_kernels(self.backend, x2)
+        gemv = kernel and _gemv_applies(x2.shape[0])
+        ys = [_product(x2, getattr(self, attr), fmt, kernel=kernel, gemv=gemv) for attr, fmt, _, _ in self.groups]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+def _gemv_applies(tokens: int) -> bool:
+    from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS
+
+    return tokens <= GEMV_MAX_TOKENS
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, kernel: bool, gemv: bool) -> torch.Tensor:
+    """x [T, K] @ dequantized(weight [N, row_bytes])ᵀ -> [T, N] in x's dtype."""
+    if gemv:
+        from glmtg.kernels.gguf.gemv import quant_matvec
+
+        return quant_matvec(x.contiguous(), weight, fmt)
+    # A float copy of this one projection only, freed once the product is done.
+    return F.linear(x, dequantize(weight, fmt, x.dtype, kernel=kernel))
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding with its table in GGUF blocks (``weight`` uint8 [num_embeddings, row_bytes]): the rows
+    of the ids are gathered raw and only those are dequantized, to ``dtype``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, format: str, dtype: torch.dtype,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        for what, n in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"{what} must be a positive int, got {n!r}")
+        self.format = check_format(format, embedding_dim, "format")
+        self.backend = check_backend(backend)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.dtype = dtype
+        row_bytes = REGISTRY[format].blocks_bytes(embedding_dim)
+        self.weight = nn.Parameter(torch.empty(num_embeddings, row_bytes, dtype=torch.uint8), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (integer, any shape) -> [*ids.shape, embedding_dim] in ``dtype``."""
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ids must be int32 or int64, got {ids.dtype}")
+        rows = self.weight.index_select(0, ids.reshape(-1))  # [N, row_bytes], a fresh (aligned) tensor
+        values = dequantize(rows, self.format, self.dtype, kernel=uses_kernels(self.backend, rows))
+        return values.view(*ids.shape, self.embedding_dim)
