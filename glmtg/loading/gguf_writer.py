@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from glmtg.config import ModelConfig
+from glmtg.formats import QUANTIZABLE, quantize_blocks
 from glmtg.formats.ggml_types import GGML_TYPE_IDS, GGML_TYPES
 from glmtg.loading.names import (
     NEXTN_SUFFIXES,
@@ -216,11 +217,11 @@ def _host_bytes(p: _Planned) -> np.ndarray:
         return t.view(torch.uint8).numpy()
     if data.dtype == torch.uint8:
         return data.cpu().contiguous().numpy()
-    qtype = gguf.GGMLQuantizationType[p.type_name]
-    try:
-        return gguf.quants.quantize(data.to("cpu", torch.float32).numpy(), qtype)
-    except NotImplementedError:
-        raise ValueError(f"tensor {p.name}: the gguf package cannot quantize to {p.type_name}; pass raw blocks") from None
+    fmt = p.type_name.lower()
+    if fmt not in QUANTIZABLE:
+        raise ValueError(f"tensor {p.name}: glmtg cannot quantize to {p.type_name}; pass raw blocks")
+    # quantized where the values are (the GPU for a big model), then copied to the host
+    return quantize_blocks(data, fmt).cpu().contiguous().numpy()
 
 
 def write_gguf(path: str | os.PathLike, config: ModelConfig,
@@ -230,7 +231,7 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
     """Write ``config`` and ``tensors`` as a GGUF file llama.cpp loads.
 
     ``tensors``: (GGUF name, format, logical torch-order shape, data), data either float values of that shape
-    (stored in the format: converted for f32/f16/bf16, quantized with ``gguf.quants`` otherwise) or raw uint8
+    (stored in the format: converted for f32/f16/bf16, else quantized by ``glmtg.formats.quantize_blocks``) or raw uint8
     blocks ``[..., rows, row_bytes]`` of a quantized format. The entries are listed first (references, no copy)
     so that names and shapes are checked against ``config`` before anything is written; blocks past the
     config's layers are MTP (nextn) blocks. ``tokenizer``: a glmtg ``Tokenizer``, a ``GGUFVocab`` or None for
