@@ -19,10 +19,12 @@ from glmtg.config import ModelConfig
 from glmtg.engine import Engine, EngineConfig, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS
+from glmtg.formats.mix import FILE_TYPES
 from glmtg.layers.attention import BACKENDS
 from glmtg.loading.byte_tokenizer import ByteTokenizer
 from glmtg.loading.presets import (
     RANDOM_WEIGHTS_SEED,
+    check_file_type,
     preset_config,
     random_model,
     weight_bytes,
@@ -37,7 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 PARAMETER_FLAGS = {
     "prefill_backend": "--attn-prefill", "attn_backend": "--attn", "save_top_k": "--kl-top-k",
     "n_chunks": "--chunks", "n_layers": "--n-layers", "ctx_size": "-c", "n_ctx": "-c", "k_format": "-ctk",
-    "v_format": "-ctv", "ubatch": "-ub",
+    "v_format": "-ctv", "ubatch": "-ub", "file_type": "--type",
 }
 _PARAMETER_RE = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")\b")
 
@@ -152,6 +154,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
                    help="keep only the first N layers (random weights: a big preset's shapes on one GPU)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto picks cuda when present")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weight and activation dtype")
+    g.add_argument("--type", choices=FILE_TYPES, default=None, metavar="T",
+                   help="random weights in llama.cpp file type T (its per-tensor quant mix, e.g. Q4_K_M), kept "
+                        "in GGUF blocks; default: plain --dtype weights. One of: " + ", ".join(FILE_TYPES))
     g.add_argument("-c", "--ctx-size", type=positive_int, default=ctx_default, metavar="N", help=ctx_help)
     g.add_argument("-ub", "--ubatch-size", type=positive_int, default=ub_default, metavar="N",
                    help="tokens per prefill step (physical batch)")
@@ -234,13 +239,17 @@ def model_source(args: argparse.Namespace) -> Source:
     if args.model is None:
         preset = args.preset or "tiny"
         config = preset_config(preset, args.n_layers)
-        name = f"preset {preset}" + (f", {args.n_layers} layers" if args.n_layers is not None else "")
+        check_file_type(config, args.type)
+        name = (f"preset {preset}" + (f", {args.n_layers} layers" if args.n_layers is not None else "")
+                + (f", {args.type}" if args.type is not None else ""))
         return Source(config, name, None)
     path = Path(args.model)
     if args.preset is not None:
         raise ValueError("give either -m or --preset, not both")
     if args.n_layers is not None:
         raise ValueError("--n-layers applies to random weights only (no -m)")
+    if args.type is not None:
+        raise ValueError("--type applies to random weights only (no -m)")
     if not path.exists():
         raise FileNotFoundError(f"model directory not found: {path}")
     if not path.is_dir():
@@ -255,11 +264,11 @@ def model_source(args: argparse.Namespace) -> Source:
 def check_memory(args: argparse.Namespace, source: Source, device: torch.device, ctx_size: int) -> None:
     """Weights + KV cache against the device's available memory, before anything is allocated."""
     dtype = DTYPES[args.dtype]
-    weights = weight_bytes(source.config, dtype)
+    weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
     v_format = args.cache_type_v or args.cache_type_k
     kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
     hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
-    check_fits(f"{source.name} in {args.dtype} (weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
+    check_fits(f"{source.name} in {args.type or args.dtype} (weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
                weights + kv, device, hint)
 
 
@@ -292,7 +301,7 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
 
         model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty())
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
-    model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device)
+    model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device, file_type=args.type)
     return Loaded(model, source.config, tokenizer, source.name, True, device, dtype)
 
 
@@ -367,6 +376,7 @@ def environment(args: argparse.Namespace, loaded: Loaded, engine: Engine) -> dic
         "preset": None if args.model else (args.preset or "tiny"),
         "random_weights": loaded.random_weights,
         "dtype": args.dtype,
+        "type": args.type,
         "attn": engine.settings.attn_backend,
         "attn_prefill": engine.settings.prefill_backend,
         "ctk": engine.settings.k_format,
