@@ -102,9 +102,8 @@ def _plan(entry: tuple[str, str, Sequence[int], torch.Tensor]) -> _Planned:
     if data.is_floating_point():
         if tuple(data.shape) != shape:
             raise ValueError(f"tensor {name}: float data has shape {tuple(data.shape)}, expected {shape}")
-    elif data.dtype != torch.uint8 or type_name in FLOAT_TYPES:
-        raise ValueError(f"tensor {name}: data must be floating point, or raw uint8 blocks of a quantized type; "
-                         f"got {data.dtype} for {type_name}")
+    elif data.dtype != torch.uint8:
+        raise ValueError(f"tensor {name}: data must be floating point or raw uint8 bytes, got {data.dtype}")
     elif tuple(data.shape) != raw_shape:
         raise ValueError(f"tensor {name}: raw {type_name} data has shape {tuple(data.shape)}, expected {raw_shape}")
     return _Planned(name, type_name, shape, data, int(np.prod(raw_shape)))
@@ -212,11 +211,11 @@ def _add_vocab(w: gguf.GGUFWriter, vocab: GGUFVocab, config: ModelConfig) -> Non
 def _host_bytes(p: _Planned) -> np.ndarray:
     """The tensor's bytes as stored in the file, on the host (one tensor at a time)."""
     data = p.data.detach()
+    if data.dtype == torch.uint8:  # raw bytes as stored (blocks, or a float type's bytes)
+        return data.cpu().contiguous().numpy()
     if p.type_name in FLOAT_TYPES:
         t = data.to(device="cpu", dtype=FLOAT_TYPES[p.type_name]).contiguous()
         return t.view(torch.uint8).numpy()
-    if data.dtype == torch.uint8:
-        return data.cpu().contiguous().numpy()
     fmt = p.type_name.lower()
     if fmt not in QUANTIZABLE:
         raise ValueError(f"tensor {p.name}: glmtg cannot quantize to {p.type_name}; pass raw blocks")
@@ -231,8 +230,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
     """Write ``config`` and ``tensors`` as a GGUF file llama.cpp loads.
 
     ``tensors``: (GGUF name, format, logical torch-order shape, data), data either float values of that shape
-    (stored in the format: converted for f32/f16/bf16, else quantized by ``glmtg.formats.quantize_blocks``) or raw uint8
-    blocks ``[..., rows, row_bytes]`` of a quantized format. The entries are listed first (references, no copy)
+    (stored in the format: converted for f32/f16/bf16, else quantized by ``glmtg.formats.quantize_blocks``) or the raw
+    uint8 bytes as stored, ``[..., rows, row_bytes]``. The entries are listed first (references, no copy)
     so that names and shapes are checked against ``config`` before anything is written; blocks past the
     config's layers are MTP (nextn) blocks. ``tokenizer``: a glmtg ``Tokenizer``, a ``GGUFVocab`` or None for
     a synthetic vocabulary. ``file_type``: llama.cpp's name for the mix (``"Q4_K_M"``), written as
