@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -226,7 +228,7 @@ def _host_bytes(p: _Planned) -> np.ndarray:
 def write_gguf(path: str | os.PathLike, config: ModelConfig,
                tensors: Iterable[tuple[str, str, Sequence[int], torch.Tensor]], *,
                tokenizer: object = None, file_type: str | None = None, name: str | None = None,
-               progress: bool = False) -> None:
+               progress: bool = False, split_max_bytes: int = 0) -> list[Path]:
     """Write ``config`` and ``tensors`` as a GGUF file llama.cpp loads.
 
     ``tensors``: (GGUF name, format, logical torch-order shape, data), data either float values of that shape
@@ -235,8 +237,12 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
     so that names and shapes are checked against ``config`` before anything is written; blocks past the
     config's layers are MTP (nextn) blocks. ``tokenizer``: a glmtg ``Tokenizer``, a ``GGUFVocab`` or None for
     a synthetic vocabulary. ``file_type``: llama.cpp's name for the mix (``"Q4_K_M"``), written as
-    ``general.file_type``; None derives it from the tensors. Bad input is a ValueError naming the tensor.
+    ``general.file_type``; None derives it from the tensors. ``split_max_bytes`` > 0 splits the file into parts
+    of at most that many tensor bytes, named as llama.cpp's gguf-split names them (``NAME-00001-of-0000N.gguf``
+    from ``NAME.gguf``). Returns the paths written. Bad input is a ValueError naming the tensor.
     """
+    if not isinstance(split_max_bytes, int) or isinstance(split_max_bytes, bool) or split_max_bytes < 0:
+        raise ValueError(f"split_max_bytes must be an int >= 0, got {split_max_bytes!r}")
     planned = [_plan(entry) for entry in tensors]
     n_nextn = _check_tensors(config, planned)
     ftype = _file_type(file_type, planned)
@@ -247,9 +253,12 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
     else:
         vocab = vocab_from_tokenizer(tokenizer, config)
 
-    path = os.fspath(path)
-    tmp = f"{path}.part"
-    w = gguf.GGUFWriter(tmp, ARCH)
+    # Written in a temporary folder beside the output, then moved: a failed write leaves no truncated file.
+    out = Path(path)
+    tmp_dir = out.with_name(f".{out.name}.part")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    w = gguf.GGUFWriter(tmp_dir / out.name, ARCH, split_max_size=split_max_bytes)
     try:
         w.add_name(name or "glmtg GLM4-MoE")
         w.add_file_type(ftype)
@@ -259,18 +268,21 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
         for p in planned:
             raw_shape = (*p.shape[:-1], row_bytes(p.type_name, p.shape[-1]))
             w.add_tensor_info(p.name, raw_shape, np.dtype(np.uint8), p.nbytes, gguf.GGMLQuantizationType[p.type_name])
+        files = w.format_shard_names(tmp_dir / out.name)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for p in tqdm(planned, desc="writing tensors", unit="tensor", disable=not progress):
             w.write_tensor_data(_host_bytes(p))
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
+        written = []
+        for f in files:
+            os.replace(f, out.with_name(f.name))
+            written.append(out.with_name(f.name))
+        return written
+    finally:
         w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def model_tensors(model: Glm4MoeForCausalLM, fmt_of: Callable[[str, tuple[int, ...]], str | None] | None = None

@@ -107,6 +107,19 @@ def test_float_file_loads_in_dtype(tmp_path):
             assert torch.equal(value2, value.to(torch.bfloat16))
 
 
+def test_split_file_loads(written, tmp_path):
+    """A set written in parts (gguf-split's names) loads from its first part like the single file."""
+    config, model, single = written
+    paths = write_gguf(tmp_path / "tiny.gguf", config, model_tensors(model), split_max_bytes=60_000)
+    assert len(paths) > 2 and paths[0].name == f"tiny-00001-of-{len(paths):05d}.gguf"
+    with open_gguf(paths[0]) as f:
+        assert len(f.paths) == len(paths)
+    loaded, back = load(paths[0])
+    assert back == config
+    for (slot, value), (_, value2) in zip(model.slot_tensors(), loaded.slot_tensors(), strict=True):
+        assert torch.equal(value, value2), slot.name
+
+
 def nextn_tensors(config, seed: int = 5):
     """One MTP block after the config's layers, in the same formats: a MoE layer and the nextn.* tensors."""
     n = config.num_hidden_layers
