@@ -10,11 +10,20 @@ import argparse
 import sys
 from typing import Any
 
+import torch
+
 from glmtg.cli import common
 from glmtg.config import ModelConfig
 from glmtg.formats.mix import FILE_TYPES, tensor_type
 from glmtg.loading.gguf_writer import model_tensors, write_gguf
-from glmtg.loading.presets import RANDOM_WEIGHTS_SEED, check_file_type, preset_config, random_model
+from glmtg.loading.presets import (
+    RANDOM_WEIGHTS_SEED,
+    check_file_type,
+    preset_config,
+    random_model,
+    weight_bytes,
+)
+from glmtg.memory import check_fits
 
 
 def add_parser(subparsers: Any) -> None:
@@ -39,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     config = preset_config(args.preset, args.n_layers)
     check_file_type(config, args.type)
     device = common.resolve_device(args.device)
+    # the whole model is built on the device before it is written (plus one slot's float values at a time)
+    check_fits(f"preset {args.preset} in {args.type}", weight_bytes(config, torch.bfloat16, args.type), device,
+               "use --n-layers N to keep fewer layers")
     model = random_model(config, seed=args.seed, device=device, file_type=args.type)
     # Slots the model keeps in float (norms, biases, router) are written in the type llama-quantize leaves them.
     tensors = model_tensors(model, lambda name, shape: tensor_type(args.type, name, shape, config))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,9 +23,15 @@ from tqdm import tqdm
 
 from glmtg.config import ModelConfig
 from glmtg.formats import dequantize_blocks
+from glmtg.layers.params import TensorSlot
 from glmtg.loading.gguf import GGUFFile, GGUFTensorInfo, open_gguf
 from glmtg.loading.gguf_config import gguf_config
-from glmtg.loading.names import expected_gguf_names, gguf_block_index, gguf_to_glmtg, is_gguf_layer_name
+from glmtg.loading.names import (
+    expected_gguf_names,
+    gguf_block_index,
+    gguf_to_glmtg,
+    is_gguf_layer_name,
+)
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 # ggml's float types: these load as float parameters in the model's dtype
@@ -46,7 +53,7 @@ def _main_tensors(f: GGUFFile, config: ModelConfig) -> dict[str, GGUFTensorInfo]
     return out
 
 
-def weight_formats_of(f: GGUFFile, config: ModelConfig):
+def weight_formats_of(f: GGUFFile, config: ModelConfig) -> Callable[[str, str | None], str | None]:
     """``Glm4MoeForCausalLM``'s ``weight_formats`` for this file: the block format of each weight matrix's
     tensor, None for one stored as F32/F16/BF16 (or absent: the model reports what is missing later)."""
     formats = {}
@@ -71,7 +78,7 @@ def _raw(f: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
     return t.view(*info.shape[:-1], -1) if info.nbytes else t.view(*info.shape[:-1], 0)
 
 
-def _value(f: GGUFFile, info: GGUFTensorInfo, slot, device: torch.device) -> torch.Tensor:
+def _value(f: GGUFFile, info: GGUFTensorInfo, slot: TensorSlot, device: torch.device) -> torch.Tensor:
     """The tensor as its slot takes it, on ``device``: raw blocks for a quantized slot, else float values in
     the slot's dtype (a quantized tensor in a float slot, such as a quantized router, is dequantized)."""
     raw = _raw(f, info)
@@ -88,7 +95,7 @@ def _value(f: GGUFFile, info: GGUFTensorInfo, slot, device: torch.device) -> tor
     return value
 
 
-def _check(info: GGUFTensorInfo, slot) -> None:
+def _check(info: GGUFTensorInfo, slot: TensorSlot) -> None:
     if tuple(info.shape) != tuple(slot.shape):
         raise ValueError(f"tensor {info.name} has shape {list(info.shape)} (torch order), expected "
                          f"{list(slot.shape)}")
@@ -125,8 +132,6 @@ def load_gguf_model(
             for info in order:
                 slot = expected.get(info.name)
                 if slot is None:
-                    if info.name == "output.weight" and config.tie_word_embeddings:
-                        continue
                     known = is_gguf_layer_name(info.name) or gguf_to_glmtg(info.name) is not None
                     why = "does not fit this config" if known else "is not a glm4moe tensor"
                     raise ValueError(f"{first}: tensor {info.name} {why}")

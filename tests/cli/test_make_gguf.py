@@ -92,7 +92,7 @@ def test_k_mix_falls_back_on_narrow_rows(tmp_path, capsys):
 def test_bad_input_is_one_error_line(argv, message, capsys, tmp_path):
     if "-o" not in argv:
         argv = [*argv, "-o", str(tmp_path / "x.gguf")]
-    rc, out, err = run(capsys, "make-gguf", *argv)
+    rc, _, err = run(capsys, "make-gguf", *argv)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err

@@ -80,7 +80,7 @@ def test_loads_the_model_written(written):
 
 
 def test_weight_bytes_from_the_table(written):
-    config, model, path = written
+    _, _, path = written
     loaded, _ = load(path)
     held = sum(p.numel() * p.element_size() for p in loaded.parameters())
     assert gguf_weight_bytes(path, torch.float32) == held
@@ -109,7 +109,7 @@ def test_float_file_loads_in_dtype(tmp_path):
 
 def test_split_file_loads(written, tmp_path):
     """A set written in parts (gguf-split's names) loads from its first part like the single file."""
-    config, model, single = written
+    config, model, _ = written
     paths = write_gguf(tmp_path / "tiny.gguf", config, model_tensors(model), split_max_bytes=60_000)
     assert len(paths) > 2 and paths[0].name == f"tiny-00001-of-{len(paths):05d}.gguf"
     with open_gguf(paths[0]) as f:
