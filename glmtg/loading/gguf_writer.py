@@ -66,7 +66,7 @@ class _Planned:
     name: str
     type_name: str  # ggml type name, upper case
     shape: tuple[int, ...]  # logical torch-order shape (values)
-    data: torch.Tensor
+    data: torch.Tensor | Callable[[], torch.Tensor]  # a callable makes the tensor when it is written
     nbytes: int
 
 
@@ -98,6 +98,16 @@ def _plan(entry: tuple[str, str, Sequence[int], torch.Tensor]) -> _Planned:
     if shape[-1] % block:
         raise ValueError(f"tensor {name}: rows of {shape[-1]} values are not a multiple of {type_name}'s block "
                          f"size {block}")
+    if isinstance(data, torch.Tensor):
+        _check_data(name, type_name, shape, data)
+    elif not callable(data):
+        raise ValueError(f"tensor {name}: data must be a torch.Tensor or a function making one, got "
+                         f"{type(data).__name__}")
+    raw_shape = (*shape[:-1], row_bytes(type_name, shape[-1]))
+    return _Planned(name, type_name, shape, data, int(np.prod(raw_shape)))
+
+
+def _check_data(name: str, type_name: str, shape: tuple[int, ...], data: object) -> None:
     if not isinstance(data, torch.Tensor):
         raise ValueError(f"tensor {name}: data must be a torch.Tensor, got {type(data).__name__}")
     raw_shape = (*shape[:-1], row_bytes(type_name, shape[-1]))
@@ -108,7 +118,6 @@ def _plan(entry: tuple[str, str, Sequence[int], torch.Tensor]) -> _Planned:
         raise ValueError(f"tensor {name}: data must be floating point or raw uint8 bytes, got {data.dtype}")
     elif tuple(data.shape) != raw_shape:
         raise ValueError(f"tensor {name}: raw {type_name} data has shape {tuple(data.shape)}, expected {raw_shape}")
-    return _Planned(name, type_name, shape, data, int(np.prod(raw_shape)))
 
 
 def _check_tensors(config: ModelConfig, planned: list[_Planned]) -> int:
@@ -212,7 +221,11 @@ def _add_vocab(w: gguf.GGUFWriter, vocab: GGUFVocab, config: ModelConfig) -> Non
 
 def _host_bytes(p: _Planned) -> np.ndarray:
     """The tensor's bytes as stored in the file, on the host (one tensor at a time)."""
-    data = p.data.detach()
+    data = p.data
+    if not isinstance(data, torch.Tensor):
+        data = data()
+        _check_data(p.name, p.type_name, p.shape, data)
+    data = data.detach()
     if data.dtype == torch.uint8:  # raw bytes as stored (blocks, or a float type's bytes)
         return data.cpu().contiguous().numpy()
     if p.type_name in FLOAT_TYPES:
@@ -301,3 +314,33 @@ def model_tensors(model: Glm4MoeForCausalLM, fmt_of: Callable[[str, tuple[int, .
                 raise ValueError(f"tensor {name}: no GGUF type for dtype {value.dtype}")
             fmt = names[value.dtype]
         yield name, fmt, slot.shape, value
+
+
+def random_mtp_tensors(config: ModelConfig, fmt_of: Callable[[str, tuple[int, ...]], str], *, seed: int,
+                       device: torch.device | str = "cpu"
+                       ) -> list[tuple[str, str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """``write_gguf``'s tensors for ``config.num_nextn_predict_layers`` MTP blocks of seeded random weights (as
+    ``random_model`` draws them: matrices std 0.02, norms 1, a small selection bias), so that a random preset's
+    file has the blocks a converted GLM file has. Each tensor is drawn on ``device`` when it is written (one at
+    a time: an MTP block is a whole MoE layer), in the format ``fmt_of(gguf_name, shape)``; the optional nextn
+    tensors that GLM checkpoints lack (embed_tokens, shared_head_head) are left out."""
+    n, extra = config.num_hidden_layers, config.num_nextn_predict_layers
+    full = dataclasses.replace(config, num_hidden_layers=n + extra)
+    slots = expected_gguf_names(Glm4MoeForCausalLM(full, dtype=torch.float32, device="meta").tensor_slots())
+    shapes = {name: tuple(slot.shape) for name, slot in slots.items() if (gguf_block_index(name) or 0) >= n}
+    h, v = config.hidden_size, config.vocab_size
+    for b in range(n, n + extra):
+        for suffix in ("nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight",
+                       "nextn.shared_head_norm.weight"):
+            shapes[f"blk.{b}.{suffix}"] = _NEXTN_SHAPES[suffix][0](h, v)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(name: str, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            if name.endswith("norm.weight"):
+                return torch.ones(shape, device=device)
+            scale = 0.01 if name.endswith("exp_probs_b.bias") else 0.02
+            return torch.randn(shape, generator=gen, device=device) * scale
+        return make
+
+    return [(name, fmt_of(name, shape), shape, draw(name, shape)) for name, shape in shapes.items()]

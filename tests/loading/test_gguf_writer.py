@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from glmtg.config import ModelConfig
+from glmtg.formats import dequantize_blocks
 from glmtg.loading.gguf import open_gguf
 from glmtg.loading.gguf_config import gguf_config
-from glmtg.loading.gguf_writer import model_tensors, write_gguf
+from glmtg.loading.gguf_writer import model_tensors, random_mtp_tensors, write_gguf
 from glmtg.loading.presets import random_model
 from glmtg.loading.synthetic_vocab import (
     GLM_SPECIALS,
@@ -172,6 +173,34 @@ def test_nextn_block(tmp_path):
         assert gguf_config(f).num_hidden_layers == 4
         assert f.tensors["blk.4.nextn.eh_proj.weight"].ne == (128, 64)  # llama.cpp's {2 * n_embd, n_embd}
         assert "blk.4.ffn_gate_exps.weight" in f.tensors
+
+
+def test_random_mtp_block(tmp_path):
+    """A random preset's MTP block, drawn as it is written: a whole MoE layer plus eh_proj/enorm/hnorm/
+    shared_head_norm, in the formats asked for; the file holds block_count = layers + 1."""
+    config = tiny(num_nextn_predict_layers=1)
+    made = []
+    mtp = random_mtp_tensors(config, mix, seed=7)
+    for i, (name, fmt, shape, make) in enumerate(mtp):
+        mtp[i] = (name, fmt, shape, lambda make=make, name=name: made.append(name) or make())
+    assert not made  # nothing drawn before the writer needs it
+    path = tmp_path / "m.gguf"
+    write_gguf(path, config, [*model_tensors(tiny_model(config), mix), *mtp])
+    assert made == [e[0] for e in mtp]
+    with open_gguf(path) as f:
+        md = f.metadata
+        assert md["glm4moe.block_count"] == 5 and md["glm4moe.nextn_predict_layers"] == 1
+        assert gguf_config(f) == config
+        mtp_names = {n for n in f.tensors if n.startswith("blk.4.")}
+        assert {"blk.4.nextn.eh_proj.weight", "blk.4.nextn.shared_head_norm.weight", "blk.4.ffn_down_exps.weight",
+                "blk.4.exp_probs_b.bias"} <= mtp_names and len(mtp_names) == len(mtp)
+        assert f.tensors["blk.4.ffn_up_exps.weight"].type_name == "Q8_0"
+        norm = np.frombuffer(f.tensor_bytes("blk.4.nextn.enorm.weight").tobytes(), np.float32)
+        assert np.array_equal(norm, np.ones(64, np.float32))
+        assert f.tensors["blk.4.nextn.eh_proj.weight"].type_name == "Q8_0"
+        raw = torch.from_numpy(f.tensor_bytes("blk.4.nextn.eh_proj.weight").copy()).view(64, -1)
+        eh = dequantize_blocks(raw, "q8_0")
+        assert eh.shape == (64, 128) and 0.015 < float(eh.std()) < 0.025  # std 0.02 draws (8192 of them)
 
 
 def _fails(tmp_path, config, entries, match, **kw):
