@@ -282,7 +282,8 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
     v_format = args.cache_type_v or args.cache_type_k
     kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
     hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
-    check_fits(f"{source.name} in {args.type or args.dtype} (weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
+    check_fits(f"{source.name} in {args.type or args.dtype} "
+               f"(weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
                weights + kv, device, hint)
 
 

@@ -2,8 +2,9 @@
 
 Same interface as ``glmtg.layers.moe.Experts`` (load_expert, forward(x, ids, weights), placement, backend):
 
-- few (token, expert) pairs on the kernel backend (decode): ``glmtg.kernels.gguf.moe.quant_moe_decode``
-  reads the chosen experts' blocks in place (gate and up with SiLU-multiply, down weighted and summed).
+- few (token, expert) pairs on the kernel backend (decode), or any number while a CUDA graph is being
+  captured: ``glmtg.kernels.gguf.moe.quant_moe_decode`` reads the chosen experts' blocks in place (gate and
+  up with SiLU-multiply, down weighted and summed).
 - otherwise (prefill, CPU, the torch backend): pairs sorted by expert and one loop over the experts that
   have pairs, each dequantizing its three matrices (a transient of one expert) for its products. It reads
   the per-expert counts on the host (one sync), so it is not for captured decode steps.
@@ -21,7 +22,7 @@ from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.params import write_parameter
-from glmtg.layers.quant_linear import check_backend, check_format, dequantize, uses_kernels
+from glmtg.layers.quant_linear import check_backend, check_format, dequantize, has_device_decoder, uses_kernels
 
 PARAMS = ("gate_proj", "up_proj", "down_proj")
 
@@ -92,10 +93,17 @@ class QuantExperts(nn.Module):
 
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
         # The fused kernel decodes gate and up rows with one format. A file that gives them different formats
-        # (llama.cpp's mixes never do, a hand-made one might) takes the torch loop instead: correct, but it
-        # reads the counts on the host, so such a model's decode steps cannot be captured in a CUDA graph.
-        same = self.formats["gate_proj"] == self.formats["up_proj"]
-        return same and uses_kernels(self.backend, x) and pairs <= self.placement.count
+        # (llama.cpp's mixes never do, a hand-made one might), or formats without a Triton decoder yet, takes
+        # the torch loop instead: correct, but it reads the counts on the host, so such a model's decode steps
+        # cannot be captured in a CUDA graph.
+        if not uses_kernels(self.backend, x) or self.formats["gate_proj"] != self.formats["up_proj"]:
+            return False
+        if not all(has_device_decoder(f) for f in self.formats.values()):
+            return False
+        # Many pairs (a big decode batch) still take the kernel while a CUDA graph is being captured: it
+        # reads an expert once per pair, but the loop's host read of the counts cannot be captured.
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return pairs <= self.placement.count or capturing
 
     def _looped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, kernel: bool) -> torch.Tensor:
         """Pairs sorted by expert; each expert with pairs dequantizes its matrices (to x's dtype, through the

@@ -51,10 +51,18 @@ def uses_kernels(backend: str, x: torch.Tensor) -> bool:
     return backend == "kernel" or (backend == "auto" and x.is_cuda)
 
 
+def has_device_decoder(fmt: str) -> bool:
+    """Whether the Triton block decoders (glmtg/kernels/gguf/decode.py) read ``fmt``: the GEMV, the fused MoE
+    and ``dequantize_rows`` take those formats only; others go through the registry's torch decoder."""
+    from glmtg.kernels.gguf.decode import DECODED
+
+    return fmt in DECODED
+
+
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype, *, kernel: bool) -> torch.Tensor:
     """Rows of blocks uint8 [..., row_bytes] -> values [..., row_values] in ``dtype``: the Triton decoder
-    (``dequantize_rows``) with ``kernel``, else the torch decoder of the registry."""
-    if not kernel:
+    (``dequantize_rows``) with ``kernel`` where it reads ``fmt``, else the torch decoder of the registry."""
+    if not (kernel and has_device_decoder(fmt)):
         return REGISTRY[fmt].dequantize_blocks(raw).to(dtype)
     from glmtg.kernels.gguf.dequant import dequantize_rows
 
@@ -105,7 +113,7 @@ class QuantLinear(Linear):
         self.groups: tuple[tuple[str, str, int, int], ...] = tuple(tuple(run) for run in runs)
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype)) if bias else None
 
-    def _group(self, shard: str | None) -> tuple[str, str, slice | None]:
+    def storage(self, shard: str | None) -> tuple[str, str, slice | None]:
         """(parameter, format, its rows holding ``shard`` or None for all of them)."""
         span = self.rows(shard)
         for attr, fmt, start, stop in self.groups:
@@ -116,7 +124,7 @@ class QuantLinear(Linear):
 
     def slot_format(self, param: str, shard: str | None) -> str | None:
         """The block format checkpoint tensor (``param``, ``shard``) is kept in; None for the float bias."""
-        return self._group(shard)[1] if param == "weight" else None
+        return self.storage(shard)[1] if param == "weight" else None
 
     def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
         """"weight": raw blocks uint8 [rows of shard, row_bytes], stored as given (no copy) when the shard is
@@ -128,12 +136,12 @@ class QuantLinear(Linear):
             whole = shard is None or (len(self.shards) == 1 and self.rows(shard) == self.rows(None))
             write_parameter(self, "bias", value, None if whole else self.rows(shard))
             return
-        attr, _, rows = self._group(shard)
+        attr, _, rows = self.storage(shard)
         write_parameter(self, attr, value, rows)
 
     def raw_shard(self, shard: str | None) -> torch.Tensor:
         """The raw blocks of ``shard`` (all rows for None, when they share one format): a view, no copy."""
-        attr, _, rows = self._group(shard)
+        attr, _, rows = self.storage(shard)
         weight = getattr(self, attr)
         return weight if rows is None else weight[rows]
 
@@ -160,7 +168,7 @@ def _gemv_applies(tokens: int) -> bool:
 
 def _product(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, kernel: bool, gemv: bool) -> torch.Tensor:
     """x [T, K] @ dequantized(weight [N, row_bytes])ᵀ -> [T, N] in x's dtype."""
-    if gemv:
+    if gemv and has_device_decoder(fmt):
         from glmtg.kernels.gguf.gemv import quant_matvec
 
         return quant_matvec(x.contiguous(), weight, fmt)

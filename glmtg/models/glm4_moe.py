@@ -122,6 +122,22 @@ class Glm4MoeForCausalLM(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()  # [B, S or 1, vocab]
 
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode token reads, as the parameters are stored (quantized blocks included):
+        everything but the routed experts it does not choose (k of each layer's experts) and all but one row
+        of the embedding. For rooflines; a tied lm_head is counted once, as the full head it is."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        k = self.config.num_experts_per_tok
+        for module in self.modules():
+            if isinstance(module, (Experts, QuantExperts)):
+                stacked = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+                total -= stacked - stacked // module.placement.count * min(k, module.placement.count)
+        table = self.embed.weight
+        if not self.config.tie_word_embeddings:
+            total -= table.numel() * table.element_size() - table[0].numel() * table.element_size()
+        return total
+
     # ------------------------------------------------------------------ weights
 
     def tensor_slots(self) -> Iterator[TensorSlot]:
@@ -202,7 +218,7 @@ def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[Tensor
             if fmt is None:
                 if attr in own:
                     yield TensorSlot(base + attr, shard, shape, module.bias.dtype)
-            elif module._group(shard)[0] in own:  # not a tied lm_head
+            elif module.storage(shard)[0] in own:  # not a tied lm_head
                 yield TensorSlot(base + attr, shard, shape, torch.uint8, fmt)
 
 

@@ -8,7 +8,6 @@ tensor_type_fallback) for these shapes: Air has 46 + 1 next-token blocks (n_laye
 from __future__ import annotations
 
 import pytest
-import torch
 
 from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY

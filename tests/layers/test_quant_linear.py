@@ -130,6 +130,7 @@ def test_bad_input(blocks):
         QuantEmbedding(4, 64, format="q8_0", dtype=torch.float32)(torch.zeros(2))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's, from inside the Triton interpreter
 @pytest.mark.skipif(not HAS_GEMV, reason="glmtg.kernels.gguf.gemv is not on this branch yet")
 @pytest.mark.parametrize("tokens", ("gemv", "prefill"))
 @pytest.mark.parametrize("fmt", ("q8_0", "q4_0"))
