@@ -1,6 +1,6 @@
 """The ``glmtg`` command: one entry point, one module per subcommand.
 
-Subcommands: sweep-bench, perplexity, generate, plot. Every user error (bad flag value, missing or
+Subcommands: sweep-bench, perplexity, generate, plot, make-gguf. Every user error (bad flag value, missing or
 corrupt file, wrong model type, missing tokenizer, a context too small) ends the command with one
 ``error: ...`` line on stderr and exit status 2, never a traceback.
 """
@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot")
+SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot", "make-gguf")
 
 
 def _prepare_triton(argv: list[str]) -> None:
@@ -51,12 +51,12 @@ def _is_host_oom(error: RuntimeError) -> bool:
 
 
 def build_parser():  # -> common.CliParser (imported lazily, see _prepare_triton)
-    from glmtg.cli import common, generate, perplexity, plot, sweep_bench
+    from glmtg.cli import common, generate, make_gguf, perplexity, plot, sweep_bench
 
     parser = common.CliParser(prog="glmtg", description="GLM-4.5/4.6/4.7/Air inference on glmtg's Triton kernels. "
                                                        "Without -m, models have seeded random weights.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.CliParser)
-    for module in (sweep_bench, perplexity, generate, plot):
+    for module in (sweep_bench, perplexity, generate, plot, make_gguf):
         module.add_parser(sub)
     return parser
 

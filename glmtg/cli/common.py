@@ -145,9 +145,9 @@ def _float(text: str) -> float:
 def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None, ub_default: int = 512,
                     ctx_help: str = "context size: the KV cache holds this many tokens") -> None:
     g = parser.add_argument_group("model and cache")
-    g.add_argument("-m", "--model", metavar="DIR", default=None,
-                   help="HF model directory (config.json, *.safetensors, tokenizer.json); "
-                        "without it, random weights of --preset")
+    g.add_argument("-m", "--model", metavar="PATH", default=None,
+                   help="HF model directory (config.json, *.safetensors, tokenizer.json) or llama.cpp GGUF file "
+                        "(FILE.gguf; split: its first part); without it, random weights of --preset")
     g.add_argument("--preset", choices=ModelConfig.PRESETS, default=None,
                    help="model shape for random weights when no -m is given (default: tiny)")
     g.add_argument("--n-layers", type=positive_int, default=None, metavar="N",
@@ -252,19 +252,33 @@ def model_source(args: argparse.Namespace) -> Source:
         raise ValueError("--type applies to random weights only (no -m)")
     if not path.exists():
         raise FileNotFoundError(f"model directory not found: {path}")
+    if _is_gguf(path):
+        from glmtg.loading.gguf_config import gguf_config
+
+        return Source(gguf_config(path), str(path), path)
     if not path.is_dir():
-        raise ValueError(f"-m wants a model directory (config.json, *.safetensors, tokenizer.json); "
-                         f"{path} is a file")
+        raise ValueError(f"-m wants a model directory (config.json, *.safetensors, tokenizer.json) or a .gguf "
+                         f"file; {path} is another file")
     config_file = path / "config.json"
     if config_file.is_dir():
         raise ValueError(f"{config_file} is a directory, not a file")
     return Source(ModelConfig.from_hf_json(config_file), str(path), path)
 
 
+def _is_gguf(path: Path | None) -> bool:
+    """-m names a GGUF file (the rest of -m's paths are HF directories)."""
+    return path is not None and path.is_file() and path.suffix == ".gguf"
+
+
 def check_memory(args: argparse.Namespace, source: Source, device: torch.device, ctx_size: int) -> None:
     """Weights + KV cache against the device's available memory, before anything is allocated."""
     dtype = DTYPES[args.dtype]
-    weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
+    if _is_gguf(source.path):
+        from glmtg.loading.gguf_model import gguf_weight_bytes
+
+        weights = gguf_weight_bytes(source.path, dtype)  # quantized tensors as stored
+    else:
+        weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
     v_format = args.cache_type_v or args.cache_type_k
     kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
     hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
@@ -283,6 +297,11 @@ def load_tokenizer(source: Source) -> Any:
         return ByteTokenizer(source.config.vocab_size, source.config.eos_token_ids)
     from glmtg.loading import Tokenizer
 
+    if _is_gguf(source.path):
+        from glmtg.loading.gguf import open_gguf
+
+        with open_gguf(source.path) as f:
+            return Tokenizer.from_gguf(f.metadata)  # tokenizer.ggml.* and tokenizer.chat_template
     if not (source.path / "tokenizer.json").is_file():
         raise ValueError(f"missing tokenizer: no tokenizer.json in {source.path}")
     return Tokenizer.from_dir(source.path)
@@ -297,6 +316,11 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     check_memory(args, source, device, ctx_size)
+    if _is_gguf(source.path):
+        from glmtg.loading.gguf_model import load_gguf_model
+
+        model, config = load_gguf_model(source.path, device=device, dtype=dtype, progress=sys.stderr.isatty())
+        return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     if source.path is not None:
         from glmtg.loading import load_model
 

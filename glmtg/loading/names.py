@@ -6,8 +6,11 @@ glmtg name stands for E HF tensors (``model.layers.N.mlp.experts.E.gate_proj.wei
 ``mlp.gate_up``, ``mlp.shared.gate_up``); each of their checkpoint tensors fills one named shard of it
 (``Glm4MoeForCausalLM.load_tensor``). Everything else maps one to one.
 
-GGUF names follow llama.cpp's glm4moe tensor names (DESIGN.md §2); Q/K row order in llama.cpp-converted files
-is not verified yet, so a GGUF loader must check it before trusting this table for attn_q/attn_k.
+GGUF names follow llama.cpp's glm4moe tensor names (DESIGN.md §2). attn_q/attn_k rows are in the HF checkpoint's
+order: llama.cpp's converter (conversion/glm.py, ``Glm4MoeModel.modify_tensors``) does not permute Q/K for glm4moe
+because the model already uses NeoX RoPE ordering (verified from the converter source), so a GGUF tensor and its
+HF tensor fill the same slot unchanged. Next-token-prediction (MTP) blocks, appended after the main layers, carry
+the layer table's names plus the ``nextn.*`` ones in ``NEXTN_SUFFIXES``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ GLOBAL_TABLE: tuple[tuple[str, str | None, str, str], ...] = (
     ("lm_head.weight", None, "lm_head.weight", "output.weight"),
 )
 
+# Tensors only the MTP/nextn blocks have (llama.cpp's LLM_TENSOR_NEXTN_*), under "blk.{i}.".
+NEXTN_SUFFIXES: tuple[str, ...] = tuple(f"nextn.{n}.weight" for n in (
+    "eh_proj", "enorm", "hnorm", "embed_tokens", "shared_head_head", "shared_head_norm"))
+
+_GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _GLMTG_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -57,6 +65,7 @@ _HF_LAYER = {hf: (g, shard) for g, shard, hf, _ in LAYER_TABLE if "{e}" not in h
 _HF_GLOBAL = {hf: (g, shard) for g, shard, hf, _ in GLOBAL_TABLE}
 _G_LAYER = {(g, shard): (hf, gguf) for g, shard, hf, gguf in LAYER_TABLE}
 _G_GLOBAL = {(g, shard): (hf, gguf) for g, shard, hf, gguf in GLOBAL_TABLE}
+_GGUF_LAYER_SUFFIXES = frozenset(gguf for *_, gguf in LAYER_TABLE)
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,27 @@ def gguf_to_glmtg(gguf_name: str) -> tuple[str, str | None] | None:
         if gguf == m.group(2):
             return f"layers.{m.group(1)}.{g}", shard
     return None
+
+
+def gguf_block_index(gguf_name: str) -> int | None:
+    """The block index of a GGUF name (``blk.N.``), None for global tensors."""
+    m = _GGUF_BLOCK_RE.match(gguf_name)
+    return int(m.group(1)) if m else None
+
+
+def is_gguf_layer_name(gguf_name: str, *, nextn: bool = False) -> bool:
+    """Whether ``gguf_name`` is ``blk.N.<suffix>`` with a suffix of the layer table (or, with ``nextn``, of an
+    MTP block, which also has the ``nextn.*`` tensors)."""
+    m = _GGUF_BLOCK_RE.match(gguf_name)
+    if not m:
+        return False
+    return m.group(2) in _GGUF_LAYER_SUFFIXES or (nextn and m.group(2) in NEXTN_SUFFIXES)
+
+
+def expected_gguf_names(slots: Iterable[TensorSlot]) -> dict[str, TensorSlot]:
+    """GGUF name -> slot for every tensor a GGUF file must provide for these slots
+    (``Glm4MoeForCausalLM.tensor_slots()``); a stacked expert slot is one GGUF tensor."""
+    return {glmtg_to_gguf(slot.name, slot.shard): slot for slot in slots}
 
 
 def _is_stacked(name: str) -> bool:
