@@ -18,7 +18,9 @@ one model is on the device at a time.
 
 Random weights give near-uniform next-token distributions, so the PPL is about the vocabulary size and
 the KLDs are far smaller than on a trained model: they rank the mixes (what the quantization error
-does to the logits), they do not predict a real model's numbers. Speeds and bytes are real.
+does to the logits), they do not predict a real model's numbers. Speeds and bytes are real. The K and IQ4
+blocks come from glmtg's own quantizer (glmtg/formats/gguf_quantize_k.py: RMSE 0.94-1.07x llama.cpp's
+without an importance matrix), so their KLDs are those of that quantizer, not of llama-quantize's files.
 
 bits/weight: the model's parameter bytes (quantized blocks, and the float norms, biases and fp32 router
 as stored) x 8 over the base model's parameter count, as llama.cpp counts a file's BPW. "GB/s @0": the
@@ -251,7 +253,8 @@ def table(payload: dict[str, Any]) -> str:
              f"{env.get('date', '?')}. Text: {Path(s['text']).name}, {s['text_tokens']} tokens, chunks of "
              f"{s['n_ctx']} ({base['tokens_scored']} tokens scored), KLD over the base's top {s['top_k']} + tail. "
              f"TG: {s['tg']} tokens, batch 1, attn {s['attn']}, CUDA graph {'on' if base['cuda_graph'] else 'off'}. "
-             "Random weights: PPL ~ vocabulary and small KLDs; they rank the mixes (bench/quant_kld.py).", "",
+             "Random weights: PPL ~ vocabulary and small KLDs; they rank the mixes. K/IQ blocks: glmtg's quantizer, "
+             "not llama-quantize's (bench/quant_kld.py).", "",
              f"| type | bits/weight | weight GB | PPL | ΔPPL % | mean KLD | KLD p99 | top-1 % | TG t/s @0 | "
              f"TG t/s @{d} | GB/s @0 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
