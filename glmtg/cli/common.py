@@ -21,11 +21,11 @@ from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS
 from glmtg.formats.mix import FILE_TYPES
 from glmtg.layers.attention import BACKENDS
-from glmtg.loading.byte_tokenizer import ByteTokenizer
 from glmtg.loading.presets import (
     RANDOM_WEIGHTS_SEED,
     check_file_type,
     preset_config,
+    preset_tokenizer,
     random_model,
     weight_bytes,
 )
@@ -294,7 +294,7 @@ def _size(n: int) -> str:
 def load_tokenizer(source: Source) -> Any:
     """-m's tokenizer (tokenizer.json, chat template), or the byte tokenizer of random weights."""
     if source.path is None:
-        return ByteTokenizer(source.config.vocab_size, source.config.eos_token_ids)
+        return preset_tokenizer(source.config)
     from glmtg.loading import Tokenizer
 
     if _is_gguf(source.path):

@@ -3,7 +3,8 @@
 At each cache depth N_KV = 0, ub, 2ub, ...: generate TG tokens (timed, then removed from the cache),
 then process PP = ub random tokens (timed, kept, so N_KV grows by ub per row), until the context is
 full. Input tokens are random ids, as llama-sweep-bench uses. TG is also reported as bandwidth: the
-bytes one decode step must read (active weights + the KV cache at that depth) times tokens per second.
+bytes one decode step must read (active weights + the KV cache at that depth) times tokens per second;
+the weights as the model stores them (``decode_weight_bytes``, quantized blocks included) where it says.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def active_weight_bytes(config: ModelConfig, bytes_per_weight: float) -> int:
     return int(weights * bytes_per_weight + router)
 
 
+def decode_weight_bytes(model: torch.nn.Module, config: ModelConfig) -> int:
+    """Weight bytes one decode token reads: the model's own count (``model.decode_weight_bytes()``, which
+    knows its quantized blocks) where it has one, else the shape estimate at its first parameter's size.
+
+    The fallback is only right for a model held in one dtype: a quantized model's first parameter may be
+    a uint8 block buffer (1 byte per element, not per weight).
+    """
+    count = getattr(model, "decode_weight_bytes", None)
+    if callable(count):
+        return int(count())
+    return active_weight_bytes(config, next(model.parameters()).element_size())
+
+
 def run_sweep(
     engine: Engine,
     *,
@@ -78,7 +92,7 @@ def run_sweep(
     if not depths:
         raise ValueError(f"ctx_size {ctx} is smaller than one step (ubatch {ub}, tg {tg}): nothing to measure")
     vocab = engine.config.vocab_size
-    weight_bytes = active_weight_bytes(engine.config, next(engine.model.parameters()).element_size())
+    weight_bytes = decode_weight_bytes(engine.model, engine.config)
     kv_per_token = engine.cache.bytes_per_token
     gen = torch.Generator().manual_seed(seed)
     engine.reset()

@@ -18,6 +18,7 @@ from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
 from glmtg.formats.gguf_quantize import QUANTIZABLE, quantize_blocks
 from glmtg.formats.mix import FILE_TYPES, weight_formats_for
+from glmtg.loading.byte_tokenizer import ByteTokenizer
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 RANDOM_WEIGHTS_SEED = 0  # what the CLI uses, so every command on a preset sees the same model
@@ -37,6 +38,12 @@ def preset_config(name: str, n_layers: int | None = None) -> ModelConfig:
         raise ValueError(f"n_layers {n_layers} exceeds the {config.num_hidden_layers} layers of {name}")
     return dataclasses.replace(config, num_hidden_layers=n_layers,
                                first_k_dense_replace=min(config.first_k_dense_replace, n_layers))
+
+
+def preset_tokenizer(config: ModelConfig) -> ByteTokenizer:
+    """The tokenizer of random weights: a preset has no tokenizer files, so one token per UTF-8 byte
+    (deterministic: every run on a preset tokenizes a text the same way, as KLD comparisons need)."""
+    return ByteTokenizer(config.vocab_size, config.eos_token_ids)
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, file_type: str | None = None) -> int:

@@ -7,7 +7,14 @@ import torch
 
 from glmtg.config import ModelConfig
 from glmtg.engine import Engine, EngineConfig
-from glmtg.eval.sweep import active_weight_bytes, run_label, run_sweep, sweep_depths, write_json
+from glmtg.eval.sweep import (
+    active_weight_bytes,
+    decode_weight_bytes,
+    run_label,
+    run_sweep,
+    sweep_depths,
+    write_json,
+)
 from glmtg.loading.presets import random_model
 
 CFG = ModelConfig.preset("tiny")
@@ -48,3 +55,24 @@ def test_active_weight_bytes_counts_chosen_experts_only():
     weights = h + 1000 * h + 4 * attention + 1 * dense + 3 * (2 + 1) * expert
     router = 3 * h * 8 * 4
     assert active_weight_bytes(CFG, 2) == weights * 2 + router
+
+
+def test_run_sweep_bandwidth_counts_quantized_weights_as_stored():
+    # A Q8_0 model's first parameter is a uint8 block buffer: counting 1 byte per weight (the old estimate)
+    # misses the block scales and the fp32 norms; the model's own count is what one token reads.
+    model = random_model(CFG, seed=0, dtype=torch.float32, file_type="Q8_0")
+    assert next(model.parameters()).dtype == torch.uint8
+    expected = model.decode_weight_bytes()
+    assert decode_weight_bytes(model, CFG) == expected > active_weight_bytes(CFG, 1)
+    engine = Engine(model, CFG, EngineConfig(ctx_size=16, ubatch=8, attn_backend="sdpa"))
+    rows = run_sweep(engine, tg=2, seed=1)
+    kv = engine.cache.bytes_per_token
+    for r in rows:  # tg_gbps = speed x (weights + KV at the mean depth n_kv + (tg + 1) / 2); rel 1e-9: fp rounding
+        weights = r.tg_gbps * 1e9 / r.speed_tg - kv * (r.n_kv + 1.5)
+        assert weights == pytest.approx(expected, rel=1e-9)
+
+
+def test_decode_weight_bytes_falls_back_to_the_shape_estimate():
+    # a model without its own count: the shape estimate at the first parameter's element size (fp16: 2)
+    stand_in = torch.nn.Linear(3, 5, dtype=torch.float16)
+    assert decode_weight_bytes(stand_in, CFG) == active_weight_bytes(CFG, 2)

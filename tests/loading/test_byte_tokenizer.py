@@ -2,7 +2,9 @@
 
 import pytest
 
+from glmtg.config import ModelConfig
 from glmtg.loading.byte_tokenizer import ByteTokenizer
+from glmtg.loading.presets import preset_tokenizer
 
 
 def test_one_token_per_utf8_byte_and_back():
@@ -30,3 +32,10 @@ def test_chat_layout():
 def test_vocabulary_must_be_a_positive_int(vocab):
     with pytest.raises(ValueError, match="vocab_size"):
         ByteTokenizer(vocab)
+
+
+def test_preset_tokenizer_is_the_byte_tokenizer_of_the_presets_vocabulary():
+    config = ModelConfig.preset("tiny")  # vocabulary 1000: bytes map to themselves
+    tok = preset_tokenizer(config)
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == config.vocab_size
+    assert tok.eos_token_ids == config.eos_token_ids and tok.encode("Zé") == [0x5A, 0xC3, 0xA9]
