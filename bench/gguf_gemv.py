@@ -234,7 +234,17 @@ def write_reports(payload: dict, stem: Path) -> None:
     print(f"wrote {stem}.json / .md / .png")
 
 
-def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> int:
+def _mmvq_sass_cases(name: str, xdt: str) -> list[tuple]:
+    """--sass --mmvq: the int8-dot kernels (glmtg/kernels/gguf/mmvq.py) of ``name``, as sass_report's cases."""
+    from glmtg.kernels.gguf import mmvq
+
+    if name not in mmvq.MMVQ_FORMATS:
+        return []
+    words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt)
+    return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=bn), bn, 1, f"block_n {bn}") for bn in (4, 8)]
+
+
+def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
     """Print, per type and kernel, the sm_90 SASS of the innermost loop: instructions per weight value and
     the issue-rate bound on TB/s (see the module docstring)."""
     import inspect
@@ -288,6 +298,8 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> i
                                                             Act="fp32", Aux="fp32"), dict(BLOCK_R=8), 8, 2, "block_i 8"),
                   ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y=xdt, Aux="fp32"),
                    dict(BLOCK_R=8), 8, 1, "block_h 8")]
+        if with_mmvq:
+            cases += _mmvq_sass_cases(name, xdt)
         for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
             try:
                 body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
@@ -316,6 +328,7 @@ def main() -> int:
     parser.add_argument("--sass", action="store_true", help="no GPU: count sm_90 instructions per weight value")
     parser.add_argument("--sms", type=int, default=132, help="--sass: SMs of the target (H100 SXM: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM boost: 1.98)")
+    parser.add_argument("--mmvq", action="store_true", help="also the int8-dot kernels (gguf/mmvq.py)")
     parser.add_argument("--x-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="--sass: dtype of x")
     args = parser.parse_args()
     if args.from_json is not None:
@@ -330,7 +343,7 @@ def main() -> int:
     if any(not 1 <= t <= 16 for t in args.tokens):
         parser.error("every --tokens value must be 1 ... 16")
     if args.sass:
-        return sass_report(types, args.sms, args.clock_ghz, args.x_dtype)
+        return sass_report(types, args.sms, args.clock_ghz, args.x_dtype, args.mmvq)
     if not torch.cuda.is_available():
         print("error: bench/gguf_gemv.py times CUDA kernels and needs a CUDA device (their correctness tests "
               "run on a CPU: tests/kernels/gguf/)", file=sys.stderr)
