@@ -27,7 +27,7 @@ from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, SUPPORTED_DTYPES, check_wei
 from glmtg.kernels.gguf.words import block_dot
 
 # The formats the int8-dot path reads.
-MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0")
+MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "iq4_xs", "iq4_nl", "q5_k", "q4_1", "q5_1")
 GROUP: int = 32  # activation values per int8 scale
 
 

@@ -25,39 +25,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from glmtg.kernels.gguf import words_k
 from glmtg.kernels.gguf.decode import _PTX, _f16_at
-
-
-@triton.jit
-def _dp4a(a, b, c):
-    """c + Σ_i a_i·b_i over the four signed bytes of int32 words ``a`` and ``b`` (broadcast together).
-
-    Compiled: one dp4a.s32.s32 (four multiply-adds in one instruction). The interpreter cannot run PTX:
-    the same sum from sign-extended bytes (shift left, arithmetic shift right)."""
-    if _PTX:
-        r = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        r = c
-        for i in tl.static_range(4):
-            r += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
-    return r
-
-
-@triton.jit
-def _u16_words(ptr, mask):
-    """int32 words from 16-bit loads: word i = the 4 bytes at ``ptr`` + 4i (``ptr`` [R, G, n], 2-byte
-    aligned only), 0 where masked."""
-    lo = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
-    hi = tl.load((ptr + 2).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
-    return lo | (hi << 16)
-
-
-@triton.jit
-def _xwords(xp, xm, start: tl.constexpr, n: tl.constexpr):
-    """Activation words start .. start + n of every block: int32 [BT, RR, G, n]."""
-    i = tl.arange(0, n)
-    return tl.load(xp[:, :, :, None] + start + i[None, None, None, :], mask=xm[:, :, :, None], other=0)
+from glmtg.kernels.gguf.words_common import _dp4a, _u16_words, _xwords, iq4_levels
 
 
 @triton.jit
@@ -86,11 +56,108 @@ def _q4_0(blk, bm, xp, dxp, sp, xm):
 
 
 @triton.jit
+def _q4_1(blk, bm, xp, dxp, sp, xm):
+    # fp16 d, fp16 m, qs[16] (as q4_0), 20-byte blocks (4-byte aligned): Σ (d q + m)·dx·xq
+    # = d · dx · Σ q·xq + m · dx · Σxq
+    i = tl.arange(0, 4)
+    w = tl.load((blk[:, :, None] + 4 + 4 * i[None, None, :]).to(tl.pointer_type(tl.int32)), mask=bm[:, :, None],
+                other=0)
+    lo = (w & 0x0F0F0F0F)[None, :, :, :]
+    hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :, :]
+    dot = tl.sum(_dp4a(hi, _xwords(xp, xm, 4, 4), _dp4a(lo, _xwords(xp, xm, 0, 4), 0)), axis=3)
+    d = _f16_at(blk, bm)[None, :, :]
+    m = _f16_at(blk + 2, bm)[None, :, :]
+    dx = tl.load(dxp, mask=xm, other=0.0)
+    sx = tl.load(sp, mask=xm, other=0)
+    return dx * (d * dot.to(tl.float32) + m * sx.to(tl.float32))
+
+
+@triton.jit
+def _spread4(qh, SHIFT):
+    """Bits SHIFT .. SHIFT + 3 of int32 ``qh`` moved to bit 4 of bytes 0 .. 3 (the q5 high bit of four
+    values): one multiply places the 4 bits 7 apart at bits 4, 11, 18, 25 (no carries: the shifted copies
+    do not overlap), a mask keeps bit 4 of each byte."""
+    return (((qh >> SHIFT) & 0xF) * 0x2040810) & 0x10101010
+
+
+@triton.jit
+def _q5_words(w, qh):
+    """q5 code words: low nibbles of ``w`` [R, G, 4] ORed with their bit 4 from ``qh`` [R, G] (bit j: value
+    j), and the high nibbles with bits 16 + j: (lo, hi) int32 [R, G, 4], values 4i .. 4i + 3 and 16 + 4i ..."""
+    i = tl.arange(0, 4)[None, None, :]
+    lo = (w & 0x0F0F0F0F) | _spread4(qh[:, :, None], 4 * i)
+    hi = ((w >> 4) & 0x0F0F0F0F) | _spread4(qh[:, :, None], 16 + 4 * i)
+    return lo, hi
+
+
+@triton.jit
+def _q5_0(blk, bm, xp, dxp, sp, xm):
+    # fp16 d, qh[4] (bit j: bit 4 of value j), qs[16] as q4_0; 22-byte blocks: 16-bit loads only.
+    # d · dx · (Σ q·xq - 16 Σxq)
+    i = tl.arange(0, 4)
+    w = _u16_words(blk[:, :, None] + 6 + 4 * i[None, None, :], bm[:, :, None])
+    qh = _u16_words(blk + 2, bm)
+    lo, hi = _q5_words(w, qh)
+    dot = tl.sum(_dp4a(hi[None, :, :, :], _xwords(xp, xm, 4, 4), _dp4a(lo[None, :, :, :], _xwords(xp, xm, 0, 4), 0)),
+                 axis=3)
+    d = _f16_at(blk, bm)
+    dx = tl.load(dxp, mask=xm, other=0.0)
+    sx = tl.load(sp, mask=xm, other=0)
+    return d[None, :, :] * dx * (dot - 16 * sx).to(tl.float32)
+
+
+@triton.jit
+def _q5_1(blk, bm, xp, dxp, sp, xm):
+    # fp16 d, fp16 m, uint32 qh, qs[16]; 24-byte blocks (4-byte aligned): d · dx · Σ q·xq + m · dx · Σxq
+    i = tl.arange(0, 4)
+    w = tl.load((blk[:, :, None] + 8 + 4 * i[None, None, :]).to(tl.pointer_type(tl.int32)), mask=bm[:, :, None],
+                other=0)
+    qh = tl.load((blk + 4).to(tl.pointer_type(tl.int32)), mask=bm, other=0)
+    lo, hi = _q5_words(w, qh)
+    dot = tl.sum(_dp4a(hi[None, :, :, :], _xwords(xp, xm, 4, 4), _dp4a(lo[None, :, :, :], _xwords(xp, xm, 0, 4), 0)),
+                 axis=3)
+    d = _f16_at(blk, bm)[None, :, :]
+    m = _f16_at(blk + 2, bm)[None, :, :]
+    dx = tl.load(dxp, mask=xm, other=0.0)
+    sx = tl.load(sp, mask=xm, other=0)
+    return dx * (d * dot.to(tl.float32) + m * sx.to(tl.float32))
+
+
+@triton.jit
+def _iq4_nl(blk, bm, xp, dxp, sp, xm):
+    # fp16 d, qs[16] (nibbles as q4_0, indices of the 16 int8 levels): d · dx · Σ level·xq
+    i = tl.arange(0, 4)
+    w = _u16_words(blk[:, :, None] + 2 + 4 * i[None, None, :], bm[:, :, None])
+    lo, hi = iq4_levels(w)
+    dot = tl.sum(_dp4a(hi[None, :, :, :], _xwords(xp, xm, 4, 4), _dp4a(lo[None, :, :, :], _xwords(xp, xm, 0, 4), 0)),
+                 axis=3)
+    d = _f16_at(blk, bm)
+    dx = tl.load(dxp, mask=xm, other=0.0)
+    return d[None, :, :] * dx * dot.to(tl.float32)
+
+
+@triton.jit
 def block_dot(blk, bm, xp, dxp, sp, xm, FMT: tl.constexpr):
     """fp32 [BT, R, G]: each block's Σ w·dx·xq (see the module docstring)."""
     if FMT == 8:
         v = _q8_0(blk, bm, xp, dxp, sp, xm)
-    else:
-        tl.static_assert(FMT == 2, "no int8-dot path for this gguf type")
+    elif FMT == 2:
         v = _q4_0(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 3:
+        v = _q4_1(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 6:
+        v = _q5_0(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 7:
+        v = _q5_1(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 20:
+        v = _iq4_nl(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 12:
+        v = words_k.q4_k(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 13:
+        v = words_k.q5_k(blk, bm, xp, dxp, sp, xm)
+    elif FMT == 14:
+        v = words_k.q6_k(blk, bm, xp, dxp, sp, xm)
+    else:
+        tl.static_assert(FMT == 23, "no int8-dot path for this gguf type")
+        v = words_k.iq4_xs(blk, bm, xp, dxp, sp, xm)
     return v
