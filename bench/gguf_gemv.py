@@ -6,6 +6,7 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --sweep                       # also a grid of launch configs (<date>-sweep.*)
     python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
     python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
+    python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -85,7 +86,7 @@ def random_blocks(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float, configs: list, replays: int,
-               gen: torch.Generator) -> list[dict]:
+               gen: torch.Generator, with_mmvq: bool = False) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.gemv import quant_matvec
 
@@ -97,9 +98,13 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
     outs = [torch.empty(tokens, n, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
     ref = xs[0].float() @ dequantize_rows(ws[0], fmt).T
     rows = []
-    for cfg in configs:
+    kernels = [("gemv", quant_matvec)]
+    if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs
+        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
+        kernels += [("mmvq", mmvq)] if fmt in MMVQ_FORMATS else []
+    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in configs):
         kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
-        calls = [lambda i=i, kw=kw: quant_matvec(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
+        calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
         name = "default" if cfg is None else "/".join(map(str, cfg))
         try:
             seconds = time_graph(calls, replays)
@@ -108,7 +113,7 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
             continue
         calls[0]()
         err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        rows.append(dict(kind="gemv", tensor=label, fmt=fmt, n=n, k=k, tokens=tokens, config=name,
+        rows.append(dict(kind=kind, tensor=label, fmt=fmt, n=n, k=k, tokens=tokens, config=name,
                          us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
                          frac_copy=nbytes / seconds / copy_bw, rel_err=err))
         print_row(rows[-1])
@@ -129,7 +134,7 @@ def routing_sets(tokens: int, experts: int, top_k: int, gen: torch.Generator) ->
 
 
 def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, replays: int,
-              gen: torch.Generator) -> list[dict]:
+              gen: torch.Generator, with_mmvq: bool = False) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.moe import quant_moe_decode
 
@@ -149,10 +154,15 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
     ref = _moe_reference(xs[0], gate, up, down, id_sets[0], wts[0], gu, dn, dequantize_rows)
     rows = []
     names = ("block_i", "values_per_step", "block_h", "values_per_step_down", "num_warps")
-    for cfg in configs:
+    kernels = [("moe", quant_moe_decode)]
+    if with_mmvq:  # --mmvq: the int8-dot kernels side by side, same configs
+        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
+        from glmtg.kernels.gguf.mmvq_moe import mmvq_moe
+        kernels += [("mmvq-moe", mmvq_moe)] if gu in MMVQ_FORMATS and dn in MMVQ_FORMATS else []
+    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in configs):
         kw = {} if cfg is None else dict(zip(names, cfg, strict=True))
-        calls = [lambda i=i, kw=kw: quant_moe_decode(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i],
-                                                     **kw) for i in range(len(id_sets))]
+        calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i], **kw)
+                 for i in range(len(id_sets))]
         name = "default" if cfg is None else "/".join(map(str, cfg))
         try:
             seconds = time_graph(calls, replays)
@@ -162,7 +172,7 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
             continue
         calls[0]()
         err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        rows.append(dict(kind="moe", tensor=f"{m['name']} experts", fmt=f"{gu}/{dn}", n=e, k=inter, tokens=tokens,
+        rows.append(dict(kind=kind, tensor=f"{m['name']} experts", fmt=f"{gu}/{dn}", n=e, k=inter, tokens=tokens,
                          config=name, us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
                          frac_copy=nbytes / seconds / copy_bw, rel_err=err))
         print_row(rows[-1])
@@ -212,7 +222,7 @@ def plot(payload: dict, path: Path) -> None:
     rows = [r for r in payload["rows"] if r["config"] == "default"]
     labels = [f"{r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1)))
-    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] == "gemv" else "C1"
+    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] in ("gemv", "mmvq") else "C1"
                                                                      for r in rows])
     ax.axvline(0.85, color="grey", ls="--", lw=1, label="85% of copy")
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
@@ -328,7 +338,8 @@ def main() -> int:
     parser.add_argument("--sass", action="store_true", help="no GPU: count sm_90 instructions per weight value")
     parser.add_argument("--sms", type=int, default=132, help="--sass: SMs of the target (H100 SXM: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM boost: 1.98)")
-    parser.add_argument("--mmvq", action="store_true", help="also the int8-dot kernels (gguf/mmvq.py)")
+    parser.add_argument("--mmvq", action="store_true", help="also the int8-dot kernels (gguf/mmvq.py, mmvq_moe.py): timed "
+                        "next to the float ones; with --sass, counted")
     parser.add_argument("--x-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="--sass: dtype of x")
     args = parser.parse_args()
     if args.from_json is not None:
@@ -369,13 +380,14 @@ def main() -> int:
                             continue
                         done.add((key, t, label, used))
                         configs = [None] + (GEMV_SWEEP if args.sweep else [])
-                        rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen)
+                        rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen,
+                                           args.mmvq)
                 if "moe" in kernels:
                     if fit(fmt, m["hidden"]) not in DECODED or fit(fmt, m["moe_inter"]) not in DECODED:
                         skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))
                         continue
                     configs = [None] + (MOE_SWEEP if args.sweep else [])
-                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen)
+                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen, args.mmvq)
                 torch.cuda.empty_cache()
     payload = dict(environment=environment(), copy_tbps=copy_bw / 1e12, rows=rows, skipped=sorted(skipped),
                    models={k: MODELS[k] for k in models}, routing_sets=ROUTING_SETS)

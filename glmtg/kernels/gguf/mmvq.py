@@ -23,7 +23,12 @@ import triton.language as tl
 
 from glmtg.formats import GGUF_FORMATS, BlockFormat, get
 from glmtg.kernels._checks import check, describe
-from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, SUPPORTED_DTYPES, check_weight, steps_for
+from glmtg.kernels.gguf.gemv import (
+    GEMV_MAX_TOKENS,
+    SUPPORTED_DTYPES,
+    check_weight,
+    steps_for,
+)
 from glmtg.kernels.gguf.words import block_dot
 
 # The formats the int8-dot path reads.

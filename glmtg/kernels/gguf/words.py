@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from glmtg.kernels.gguf import words_k
-from glmtg.kernels.gguf.decode import _PTX, _f16_at
+from glmtg.kernels.gguf.decode import _f16_at
 from glmtg.kernels.gguf.words_common import _dp4a, _u16_words, _xwords, iq4_levels
 
 
