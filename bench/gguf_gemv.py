@@ -244,14 +244,19 @@ def write_reports(payload: dict, stem: Path) -> None:
     print(f"wrote {stem}.json / .md / .png")
 
 
-def _mmvq_sass_cases(name: str, xdt: str) -> list[tuple]:
-    """--sass --mmvq: the int8-dot kernels (glmtg/kernels/gguf/mmvq.py) of ``name``, as sass_report's cases."""
+def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
+    """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
+    at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
     from glmtg.kernels.gguf import mmvq
 
     if name not in mmvq.MMVQ_FORMATS:
         return []
+    f = REGISTRY[name]
+    steps = min(4096 // f.block_size, 128)  # default_config's blocks at 4 warps (sass_report counts 128 threads)
+    block_n = 128 // steps
     words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt)
-    return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=bn), bn, 1, f"block_n {bn}") for bn in (4, 8)]
+    return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps), block_n, steps / g,
+             f"block_n {block_n}, G {steps}")]
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
@@ -309,7 +314,7 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
                   ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y=xdt, Aux="fp32"),
                    dict(BLOCK_R=8), 8, 1, "block_h 8")]
         if with_mmvq:
-            cases += _mmvq_sass_cases(name, xdt)
+            cases += _mmvq_sass_cases(name, xdt, g)
         for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
             try:
                 body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
@@ -319,7 +324,7 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
             per_value = body / (tiles * rows * g * f.block_size / 128)  # 128 threads at 4 warps
             bpv = f.type_size / f.block_size
             bound = bpv / per_value * 128 * sms * clock_ghz * 1e9 / 1e12
-            print(f"| {kname} | {name} | {cfg}, {g * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
+            print(f"| {kname} | {name} | {cfg}, {round(tiles * g) * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
                   f"{bound:.2f} |", flush=True)
     return 0
 

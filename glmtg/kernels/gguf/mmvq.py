@@ -82,34 +82,35 @@ def _mmvq_kernel(XW, DX, XS, W, Y, T, N, NB, NG, ROW_BYTES, STRIDE_YT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
     GPB: tl.constexpr = BS // 32  # activation groups per weight block
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    gg = tl.arange(0, G)
+    B: tl.constexpr = BLOCK_N * G
+    # One flat axis over the step's BLOCK_N x G blocks (words.py: one layout for every tensor of a step).
+    idx = tl.arange(0, B)
+    r = idx // G
+    g = idx % G
     tt = tl.arange(0, BLOCK_T)
-    rows_in = tl.minimum(rows, N - 1)
-    blk = W + rows_in.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]  # [BLOCK_N, G]
-    # Activation group index of each block's first group, [BT, RR, G]. One token: in the weight tile's
-    # shape (row term 0), so the activation loads are in its layout (repeats hit L1), as gemv.py does.
+    rows_in = tl.minimum(tl.program_id(0) * BLOCK_N + r, N - 1)
+    blk = W + rows_in.to(tl.int64) * ROW_BYTES + g * TS  # [B]
+    # Activation group of each block's first group, [BT, B]. One token: the row term is 0.
     if BLOCK_T == 1:
-        tok = (rows * 0)[None, :, None]
+        tok = (idx * 0)[None, :]
     else:
-        tok = tl.minimum(tt, T - 1)[:, None, None]
-    grp = tok * NG + (gg * GPB)[None, None, :]
+        tok = tl.minimum(tt, T - 1)[:, None]
+    grp = tok * NG + (g * GPB)[None, :]
     x_all = grp >= 0  # all True; the full steps' masks fold away
-    all_blocks = tl.full((BLOCK_N, G), True, tl.int1)
-    acc = tl.zeros((BLOCK_T, BLOCK_N, G), dtype=tl.float32)
+    all_blocks = idx >= 0
+    acc = tl.zeros((BLOCK_T, B), dtype=tl.float32)
     full = NB // G
     for _ in range(full):
         acc += block_dot(blk, all_blocks, XW + grp * 8, DX + grp, XS + grp, x_all, FMT)
         blk += G * TS
         grp += G * GPB
     if full * G < NB:  # the last, partial step
-        g_ok = (full * G + gg) < NB
-        acc += block_dot(blk, all_blocks & g_ok[None, :], XW + grp * 8, DX + grp, XS + grp,
-                         x_all & g_ok[None, None, :], FMT)
-    y = tl.sum(acc, axis=2)  # [BLOCK_T, BLOCK_N]
+        g_ok = (full * G + g) < NB
+        acc += block_dot(blk, g_ok, XW + grp * 8, DX + grp, XS + grp, x_all & g_ok[None, :], FMT)
+    y = tl.sum(tl.reshape(acc, [BLOCK_T, BLOCK_N, G]), axis=2)  # [BLOCK_T, BLOCK_N]
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     y_ptrs = Y + tt[:, None] * STRIDE_YT + rows[None, :]
-    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=(tt < T)[:, None] & row_ok[None, :])
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=(tt < T)[:, None] & (rows < N)[None, :])
 
 
 def mmvq_format(fmt: str | int, what: str = "fmt") -> BlockFormat:
@@ -119,15 +120,18 @@ def mmvq_format(fmt: str | int, what: str = "fmt") -> BlockFormat:
     return f
 
 
-def default_config(n: int, t: int) -> tuple[int, int]:
-    """(block_n, values per step): ~8K weight-values x tokens a step, and ~1000 programs where the rows
-    allow (as gemv.default_config; reasoned, not yet measured)."""
-    block_t = triton.next_power_of_2(t)
-    values = 512 if block_t == 1 else 256
-    block_n = min(8, max(1, 4096 // (block_t * values)))
-    while block_n > 1 and triton.cdiv(n, block_n) < 1024:
-        block_n //= 2
-    return block_n, values
+def default_config(n: int, nb: int) -> tuple[int, int, int]:
+    """(block_n, blocks per step G, num_warps) for ``n`` rows of ``nb`` blocks: one block per thread and
+    step (32 x num_warps blocks a step: a row's blocks, or several rows when a row has fewer), and fewer
+    warps while the launch would have under ~1000 programs (small projections then still fill every SM).
+    Reasoned, not measured: bench/gguf_gemv.py --mmvq --sweep times the choices."""
+    warps = 4
+    while True:
+        g = min(triton.next_power_of_2(nb), 32 * warps)
+        block_n = max(1, 32 * warps // g)
+        if warps == 1 or triton.cdiv(n, block_n) >= 1024:
+            return block_n, g, warps
+        warps //= 2
 
 
 def _power_of_two(name: str, value: object) -> None:
@@ -136,7 +140,8 @@ def _power_of_two(name: str, value: object) -> None:
 
 
 def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
-         block_n: int | None = None, values_per_step: int | None = None, num_warps: int = 4) -> torch.Tensor:
+         block_n: int | None = None, values_per_step: int | None = None,
+         num_warps: int | None = None) -> torch.Tensor:
     """x [T, K] (fp16, bf16 or fp32) @ dequant(weight).T -> [T, N] in x's dtype, by int8 dot products.
 
     Same contract as ``gemv.quant_matvec`` (weight uint8 [N, row_bytes] of ``fmt`` blocks, contiguous,
@@ -156,9 +161,10 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
         check(isinstance(out, torch.Tensor) and tuple(out.shape) == (t, n) and out.dtype == x.dtype
               and out.device == x.device and out.is_contiguous(),
               lambda: f"out must be a contiguous {x.dtype} tensor {(t, n)} on {x.device}, got {describe(out)}")
-    auto_n, auto_values = default_config(n, t)
+    auto_n, auto_g, auto_warps = default_config(n, nb)
     block_n = auto_n if block_n is None else block_n
-    values_per_step = auto_values if values_per_step is None else values_per_step
+    values_per_step = auto_g * f.block_size if values_per_step is None else values_per_step
+    num_warps = auto_warps if num_warps is None else num_warps
     _power_of_two("block_n", block_n)
     _power_of_two("values_per_step", values_per_step)
     _power_of_two("num_warps", num_warps)

@@ -33,23 +33,25 @@ from glmtg.kernels.gguf.words import block_dot
 def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, NB, NG, INTER, NUM_EXPERTS, TOPK, ROW_BYTES,
                     FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
     GPB: tl.constexpr = BS // 32
+    B: tl.constexpr = BLOCK_R * G
     pair = tl.program_id(0)  # token * TOPK + slot
     t = pair // TOPK
     expert = tl.load(Ids + pair)
     valid = (expert >= 0) & (expert < NUM_EXPERTS)
     base = tl.where(valid, expert, 0).to(tl.int64) * INTER * ROW_BYTES  # int64: E·I·row_bytes > 2^31
-    offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = tl.minimum(offs_i, INTER - 1)  # rows past INTER read row INTER - 1 (not stored): unmasked steps
-    gg = tl.arange(0, G)
-    rel = base + rows.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]
+    # one flat axis over BLOCK_R rows x G blocks (as mmvq._mmvq_kernel)
+    idx = tl.arange(0, B)
+    g = idx % G
+    # rows past INTER read row INTER - 1 (not stored): the full steps' loads need no mask
+    rows = tl.minimum(tl.program_id(1) * BLOCK_R + idx // G, INTER - 1)
+    rel = base + rows.to(tl.int64) * ROW_BYTES + g * TS
     blk_g = Gate + rel
     blk_u = Up + rel
-    # activation groups in the weight tile's [1, BLOCK_R, G] shape (row term 0), as mmvq's one-token case
-    grp = t.to(tl.int64) * NG + (rows * 0)[None, :, None] + (gg * GPB)[None, None, :]
+    grp = (t.to(tl.int64) * NG + g * GPB)[None, :]  # [1, B]
     x_all = grp >= 0
-    all_blocks = tl.full((BLOCK_R, G), True, tl.int1)
-    acc_g = tl.zeros((1, BLOCK_R, G), dtype=tl.float32)
-    acc_u = tl.zeros((1, BLOCK_R, G), dtype=tl.float32)
+    all_blocks = idx >= 0
+    acc_g = tl.zeros((1, B), dtype=tl.float32)
+    acc_u = tl.zeros((1, B), dtype=tl.float32)
     full = NB // G
     for _ in range(tl.where(valid, full, 0)):  # an invalid slot runs no step: reads no weight byte
         acc_g += block_dot(blk_g, all_blocks, XW + grp * 8, DX + grp, XS + grp, x_all, FMT)
@@ -58,15 +60,16 @@ def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, NB, NG, INTER, NUM_
         blk_u += G * TS
         grp += G * GPB
     if full * G < NB:  # the last, partial step
-        g_ok = (full * G + gg) < NB
-        m = all_blocks & g_ok[None, :] & valid
-        xm = x_all & g_ok[None, None, :]
+        g_ok = (full * G + g) < NB
+        m = g_ok & valid
+        xm = x_all & g_ok[None, :]
         acc_g += block_dot(blk_g, m, XW + grp * 8, DX + grp, XS + grp, xm, FMT)
         acc_u += block_dot(blk_u, m, XW + grp * 8, DX + grp, XS + grp, xm, FMT)
-    g = tl.sum(tl.sum(acc_g, axis=2), axis=0)
-    u = tl.sum(tl.sum(acc_u, axis=2), axis=0)
+    gv = tl.sum(tl.reshape(acc_g, [BLOCK_R, G]), axis=1)
+    uv = tl.sum(tl.reshape(acc_u, [BLOCK_R, G]), axis=1)
     w = tl.where(valid, tl.load(Weights + pair), 0.0)
-    h = g * tl.sigmoid(g) * u * w  # an invalid slot: silu(0) · 0 · 0 = 0
+    h = gv * tl.sigmoid(gv) * uv * w  # an invalid slot: silu(0) · 0 · 0 = 0
+    offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     tl.store(Act + pair.to(tl.int64) * INTER + offs_i, h, mask=offs_i < INTER)
 
 
@@ -74,15 +77,16 @@ def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, NB, NG, INTER, NUM_
 def _down_kernel(AW, ADX, AS, Down, Ids, Y, NB, NG, HIDDEN, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_YT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
     GPB: tl.constexpr = BS // 32
+    B: tl.constexpr = BLOCK_R * G
     t = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = tl.minimum(offs_h, HIDDEN - 1)
-    gg = tl.arange(0, G)
-    rel = rows.to(tl.int64)[:, None] * ROW_BYTES + (gg * TS)[None, :]
-    grp0 = (rows * 0)[None, :, None] + (gg * GPB)[None, None, :]
+    idx = tl.arange(0, B)
+    g = idx % G
+    rows = tl.minimum(tl.program_id(1) * BLOCK_R + idx // G, HIDDEN - 1)
+    rel = rows.to(tl.int64) * ROW_BYTES + g * TS
+    grp0 = (g * GPB)[None, :]
     x_all = grp0 >= 0
-    all_blocks = tl.full((BLOCK_R, G), True, tl.int1)
-    acc = tl.zeros((1, BLOCK_R, G), dtype=tl.float32)
+    all_blocks = idx >= 0
+    acc = tl.zeros((1, B), dtype=tl.float32)
     full = NB // G
     for slot in range(TOPK):
         pair = t * TOPK + slot
@@ -95,11 +99,18 @@ def _down_kernel(AW, ADX, AS, Down, Ids, Y, NB, NG, HIDDEN, NUM_EXPERTS, TOPK, R
             blk += G * TS
             grp += G * GPB
         if full * G < NB:
-            g_ok = (full * G + gg) < NB
-            acc += block_dot(blk, all_blocks & g_ok[None, :] & valid, AW + grp * 8, ADX + grp, AS + grp,
-                             x_all & g_ok[None, None, :], FMT)
-    y = tl.sum(tl.sum(acc, axis=2), axis=0)
+            g_ok = (full * G + g) < NB
+            acc += block_dot(blk, g_ok & valid, AW + grp * 8, ADX + grp, AS + grp, x_all & g_ok[None, :], FMT)
+    y = tl.sum(tl.reshape(acc, [BLOCK_R, G]), axis=1)
+    offs_h = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     tl.store(Y + t.to(tl.int64) * STRIDE_YT + offs_h, y.to(Y.dtype.element_ty), mask=offs_h < HIDDEN)
+
+
+def step_config(nb: int, num_warps: int) -> tuple[int, int]:
+    """(rows per program, blocks per step G) for rows of ``nb`` blocks: 32 x num_warps blocks a step, one
+    per thread (a row's blocks, or several rows when a row has fewer)."""
+    g = min(triton.next_power_of_2(nb), 32 * num_warps)
+    return max(1, 32 * num_warps // g), g
 
 
 def _power_of_two(name: str, value: object) -> None:
@@ -118,10 +129,10 @@ def mmvq_moe(
     down_fmt: str | int,
     *,
     out: torch.Tensor | None = None,
-    block_i: int = 8,
-    values_per_step: int = 512,
-    block_h: int = 8,
-    values_per_step_down: int = 512,
+    block_i: int | None = None,
+    values_per_step: int | None = None,
+    block_h: int | None = None,
+    values_per_step_down: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Σ_k weights[t, k] · down_e(silu(gate_e x[t]) · up_e x[t]) with e = ids[t, k], as [T, H] in x's dtype.
@@ -129,7 +140,8 @@ def mmvq_moe(
     Same contract and knobs as ``moe.quant_moe_decode`` (x [T, H] fp16 / bf16 / fp32; gate, up uint8
     [E, I, rbH] of ``gate_up_fmt`` blocks; down uint8 [E, H, rbI] of ``down_fmt`` blocks; ids int64 [T, k];
     weights fp32 [T, k]; an id outside [0, E) contributes zero and reads no weight), computed by int8 dot
-    products: x and the intermediate silu(g)·u·weight are rounded to int8 per 32 values."""
+    products: x and the intermediate silu(g)·u·weight are rounded to int8 per 32 values. A knob left None
+    takes ``step_config``'s value (one block per thread and step)."""
     fgu = mmvq_format(gate_up_fmt, "gate_up_fmt")
     fd = mmvq_format(down_fmt, "down_fmt")
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, H], got {describe(x)}")
@@ -162,6 +174,12 @@ def mmvq_moe(
         check(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
               and out.device == x.device and out.is_contiguous(),
               lambda: f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {describe(out)}")
+    auto_i, auto_gi = step_config(nb_h, num_warps)
+    auto_h, auto_gh = step_config(nb_i, num_warps)
+    block_i = auto_i if block_i is None else block_i
+    block_h = auto_h if block_h is None else block_h
+    values_per_step = auto_gi * fgu.block_size if values_per_step is None else values_per_step
+    values_per_step_down = auto_gh * fd.block_size if values_per_step_down is None else values_per_step_down
     for name, value in (("block_i", block_i), ("values_per_step", values_per_step), ("block_h", block_h),
                         ("values_per_step_down", values_per_step_down), ("num_warps", num_warps)):
         _power_of_two(name, value)

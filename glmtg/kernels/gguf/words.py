@@ -4,13 +4,15 @@ word-wide bit operations and multiplied with four activation codes at a time by 
 
 Interface shared by every type (``block_dot`` dispatches on FMT):
 
-    block_dot(blk, bm, xp, dxp, sp, xm, FMT) -> fp32 [BT, R, G]
+    block_dot(blk, bm, xp, dxp, sp, xm, FMT) -> fp32 [BT, B]
 
-- ``blk``: uint8 pointers [R, G] to R x G weight blocks, ``bm`` bool [R, G] (False: not read, adds 0);
-- ``xp``: int32 pointers [BT, RR, G] (RR = R or 1) to the first activation word (4 int8 codes) of each
-  block's values for token t; ``dxp`` fp32 / ``sp`` int32 pointers [BT, RR, G] to that block's first
+- ``blk``: uint8 pointers [B] to B weight blocks (a flat axis: every tensor of a step then has one
+  layout, and a thread works on whole blocks, so no data moves between threads), ``bm`` bool [B]
+  (False: not read, adds 0);
+- ``xp``: int32 pointers [BT, B] to the first activation word (4 int8 codes, 8-byte aligned) of each
+  block's values for token t; ``dxp`` fp32 / ``sp`` int32 pointers [BT, B] to that block's first
   32-value group's scale dx and code sum Σxq (groups of one block follow each other); ``xm`` bool
-  [BT, RR, G] masks the activation loads;
+  [BT, B] masks the activation loads;
 - result: each block's contribution Σ_j w_j · dx · xq_j to y[t, r] (fp32), w the dequantized weights.
 
 A block's (sub-block's) scales are applied once to an exact int32 Σ q·xq; the integer offsets of the
@@ -27,53 +29,86 @@ import triton.language as tl
 
 from glmtg.kernels.gguf import words_k
 from glmtg.kernels.gguf.decode import _f16_at
-from glmtg.kernels.gguf.words_common import _dp4a, _u16_words, _xwords, iq4_levels
+from glmtg.kernels.gguf.words_common import _dp4a, _u16_words, _x2, iq4_levels
+
+
+@triton.jit
+def _dot8(a0, a1, a2, a3, a4, a5, a6, a7, xp, xm):
+    """Σ over the block's 8 activation words of dp4a(a_i, x word i): int32 [BT, B] (a_i [1, B])."""
+    x0, x1 = _x2(xp, xm, 0)
+    x2, x3 = _x2(xp, xm, 1)
+    x4, x5 = _x2(xp, xm, 2)
+    x6, x7 = _x2(xp, xm, 3)
+    dot = _dp4a(a0, x0, 0)
+    dot = _dp4a(a1, x1, dot)
+    dot = _dp4a(a2, x2, dot)
+    dot = _dp4a(a3, x3, dot)
+    dot = _dp4a(a4, x4, dot)
+    dot = _dp4a(a5, x5, dot)
+    dot = _dp4a(a6, x6, dot)
+    return _dp4a(a7, x7, dot)
+
+
+@triton.jit
+def _words16(blk, bm, off: tl.constexpr, ALIGN4: tl.constexpr):
+    """The 4 code words (16 bytes) at byte ``off`` of every block, [1, B]: 32-bit loads if the area is
+    4-byte aligned (ALIGN4), else two 16-bit loads a word."""
+    if ALIGN4:
+        p = (blk + off).to(tl.pointer_type(tl.int32))
+        w0 = tl.load(p, mask=bm, other=0)
+        w1 = tl.load(p + 1, mask=bm, other=0)
+        w2 = tl.load(p + 2, mask=bm, other=0)
+        w3 = tl.load(p + 3, mask=bm, other=0)
+    else:
+        w0 = _u16_words(blk + off, bm)
+        w1 = _u16_words(blk + off + 4, bm)
+        w2 = _u16_words(blk + off + 8, bm)
+        w3 = _u16_words(blk + off + 12, bm)
+    return w0[None, :], w1[None, :], w2[None, :], w3[None, :]
+
+
+@triton.jit
+def _nibble_dot(w0, w1, w2, w3, xp, xm):
+    """Σ q·xq of a block of 32 four-bit codes (value j < 16 the low nibble of byte j, j + 16 its high
+    nibble), the 16 bytes as words w0..w3: low nibbles pair with activation words 0-3, high with 4-7."""
+    m = 0x0F0F0F0F
+    return _dot8(w0 & m, w1 & m, w2 & m, w3 & m, (w0 >> 4) & m, (w1 >> 4) & m, (w2 >> 4) & m, (w3 >> 4) & m,
+                 xp, xm)
 
 
 @triton.jit
 def _q8_0(blk, bm, xp, dxp, sp, xm):
-    # fp16 d, int8 q[32]: d · dx · Σ q·xq
-    i = tl.arange(0, 8)
-    w = _u16_words(blk[:, :, None] + 2 + 4 * i[None, None, :], bm[:, :, None])
-    dot = tl.sum(_dp4a(w[None, :, :, :], _xwords(xp, xm, 0, 8), 0), axis=3)
-    d = _f16_at(blk, bm)
-    dx = tl.load(dxp, mask=xm, other=0.0)
-    return d[None, :, :] * dx * dot.to(tl.float32)
+    # fp16 d, int8 q[32] (34-byte blocks: 16-bit loads): d · dx · Σ q·xq
+    a0, a1, a2, a3 = _words16(blk, bm, 2, False)
+    a4, a5, a6, a7 = _words16(blk, bm, 18, False)
+    dot = _dot8(a0, a1, a2, a3, a4, a5, a6, a7, xp, xm)
+    d = _f16_at(blk, bm)[None, :]
+    return d * tl.load(dxp, mask=xm, other=0.0) * dot.to(tl.float32)
 
 
 @triton.jit
 def _q4_0(blk, bm, xp, dxp, sp, xm):
-    # fp16 d, qs[16]: value j < 16 the low nibble of byte j, j + 16 the high one; d · dx · (Σ q·xq - 8 Σxq)
-    i = tl.arange(0, 4)
-    w = _u16_words(blk[:, :, None] + 2 + 4 * i[None, None, :], bm[:, :, None])
-    lo = (w & 0x0F0F0F0F)[None, :, :, :]
-    hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :, :]
-    dot = tl.sum(_dp4a(hi, _xwords(xp, xm, 4, 4), _dp4a(lo, _xwords(xp, xm, 0, 4), 0)), axis=3)
-    d = _f16_at(blk, bm)
-    dx = tl.load(dxp, mask=xm, other=0.0)
+    # fp16 d, qs[16] (18-byte blocks): d · dx · (Σ q·xq - 8 Σxq)
+    w0, w1, w2, w3 = _words16(blk, bm, 2, False)
+    dot = _nibble_dot(w0, w1, w2, w3, xp, xm)
+    d = _f16_at(blk, bm)[None, :]
     sx = tl.load(sp, mask=xm, other=0)
-    return d[None, :, :] * dx * (dot - 8 * sx).to(tl.float32)
+    return d * tl.load(dxp, mask=xm, other=0.0) * (dot - 8 * sx).to(tl.float32)
 
 
 @triton.jit
 def _q4_1(blk, bm, xp, dxp, sp, xm):
-    # fp16 d, fp16 m, qs[16] (as q4_0), 20-byte blocks (4-byte aligned): Σ (d q + m)·dx·xq
-    # = d · dx · Σ q·xq + m · dx · Σxq
-    i = tl.arange(0, 4)
-    w = tl.load((blk[:, :, None] + 4 + 4 * i[None, None, :]).to(tl.pointer_type(tl.int32)), mask=bm[:, :, None],
-                other=0)
-    lo = (w & 0x0F0F0F0F)[None, :, :, :]
-    hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :, :]
-    dot = tl.sum(_dp4a(hi, _xwords(xp, xm, 4, 4), _dp4a(lo, _xwords(xp, xm, 0, 4), 0)), axis=3)
-    d = _f16_at(blk, bm)[None, :, :]
-    m = _f16_at(blk + 2, bm)[None, :, :]
-    dx = tl.load(dxp, mask=xm, other=0.0)
+    # fp16 d, fp16 m, qs[16] (20-byte blocks, 4-byte aligned): Σ (d q + m)·dx·xq = dx (d Σ q·xq + m Σxq)
+    w0, w1, w2, w3 = _words16(blk, bm, 4, True)
+    dot = _nibble_dot(w0, w1, w2, w3, xp, xm)
+    d = _f16_at(blk, bm)[None, :]
+    m = _f16_at(blk + 2, bm)[None, :]
     sx = tl.load(sp, mask=xm, other=0)
-    return dx * (d * dot.to(tl.float32) + m * sx.to(tl.float32))
+    return tl.load(dxp, mask=xm, other=0.0) * (d * dot.to(tl.float32) + m * sx.to(tl.float32))
 
 
 @triton.jit
-def _spread4(qh, SHIFT):
+def _spread4(qh, SHIFT: tl.constexpr):
     """Bits SHIFT .. SHIFT + 3 of int32 ``qh`` moved to bit 4 of bytes 0 .. 3 (the q5 high bit of four
     values): one multiply places the 4 bits 7 apart at bits 4, 11, 18, 25 (no carries: the shifted copies
     do not overlap), a mask keeps bit 4 of each byte."""
@@ -81,64 +116,73 @@ def _spread4(qh, SHIFT):
 
 
 @triton.jit
-def _q5_words(w, qh):
-    """q5 code words: low nibbles of ``w`` [R, G, 4] ORed with their bit 4 from ``qh`` [R, G] (bit j: value
-    j), and the high nibbles with bits 16 + j: (lo, hi) int32 [R, G, 4], values 4i .. 4i + 3 and 16 + 4i ..."""
-    i = tl.arange(0, 4)[None, None, :]
-    lo = (w & 0x0F0F0F0F) | _spread4(qh[:, :, None], 4 * i)
-    hi = ((w >> 4) & 0x0F0F0F0F) | _spread4(qh[:, :, None], 16 + 4 * i)
-    return lo, hi
+def _q5_dot(w0, w1, w2, w3, qh, xp, xm):
+    """Σ q·xq of a q5 block: the nibbles of w0..w3 as ``_nibble_dot``, bit 4 of value j from bit j of qh."""
+    m = 0x0F0F0F0F
+    return _dot8((w0 & m) | _spread4(qh, 0), (w1 & m) | _spread4(qh, 4), (w2 & m) | _spread4(qh, 8),
+                 (w3 & m) | _spread4(qh, 12), ((w0 >> 4) & m) | _spread4(qh, 16), ((w1 >> 4) & m) | _spread4(qh, 20),
+                 ((w2 >> 4) & m) | _spread4(qh, 24), ((w3 >> 4) & m) | _spread4(qh, 28), xp, xm)
 
 
 @triton.jit
 def _q5_0(blk, bm, xp, dxp, sp, xm):
-    # fp16 d, qh[4] (bit j: bit 4 of value j), qs[16] as q4_0; 22-byte blocks: 16-bit loads only.
-    # d · dx · (Σ q·xq - 16 Σxq)
-    i = tl.arange(0, 4)
-    w = _u16_words(blk[:, :, None] + 6 + 4 * i[None, None, :], bm[:, :, None])
-    qh = _u16_words(blk + 2, bm)
-    lo, hi = _q5_words(w, qh)
-    dot = tl.sum(_dp4a(hi[None, :, :, :], _xwords(xp, xm, 4, 4), _dp4a(lo[None, :, :, :], _xwords(xp, xm, 0, 4), 0)),
-                 axis=3)
-    d = _f16_at(blk, bm)
-    dx = tl.load(dxp, mask=xm, other=0.0)
+    # fp16 d, qh[4] (bit j: bit 4 of value j), qs[16] (22-byte blocks: 16-bit loads): d · dx · (Σ q·xq - 16 Σxq)
+    w0, w1, w2, w3 = _words16(blk, bm, 6, False)
+    qh = _u16_words(blk + 2, bm)[None, :]
+    dot = _q5_dot(w0, w1, w2, w3, qh, xp, xm)
+    d = _f16_at(blk, bm)[None, :]
     sx = tl.load(sp, mask=xm, other=0)
-    return d[None, :, :] * dx * (dot - 16 * sx).to(tl.float32)
+    return d * tl.load(dxp, mask=xm, other=0.0) * (dot - 16 * sx).to(tl.float32)
 
 
 @triton.jit
 def _q5_1(blk, bm, xp, dxp, sp, xm):
-    # fp16 d, fp16 m, uint32 qh, qs[16]; 24-byte blocks (4-byte aligned): d · dx · Σ q·xq + m · dx · Σxq
-    i = tl.arange(0, 4)
-    w = tl.load((blk[:, :, None] + 8 + 4 * i[None, None, :]).to(tl.pointer_type(tl.int32)), mask=bm[:, :, None],
-                other=0)
-    qh = tl.load((blk + 4).to(tl.pointer_type(tl.int32)), mask=bm, other=0)
-    lo, hi = _q5_words(w, qh)
-    dot = tl.sum(_dp4a(hi[None, :, :, :], _xwords(xp, xm, 4, 4), _dp4a(lo[None, :, :, :], _xwords(xp, xm, 0, 4), 0)),
-                 axis=3)
-    d = _f16_at(blk, bm)[None, :, :]
-    m = _f16_at(blk + 2, bm)[None, :, :]
-    dx = tl.load(dxp, mask=xm, other=0.0)
+    # fp16 d, fp16 m, uint32 qh, qs[16] (24-byte blocks, 4-byte aligned): dx (d Σ q·xq + m Σxq)
+    w0, w1, w2, w3 = _words16(blk, bm, 8, True)
+    qh = tl.load((blk + 4).to(tl.pointer_type(tl.int32)), mask=bm, other=0)[None, :]
+    dot = _q5_dot(w0, w1, w2, w3, qh, xp, xm)
+    d = _f16_at(blk, bm)[None, :]
+    m = _f16_at(blk + 2, bm)[None, :]
     sx = tl.load(sp, mask=xm, other=0)
-    return dx * (d * dot.to(tl.float32) + m * sx.to(tl.float32))
+    return tl.load(dxp, mask=xm, other=0.0) * (d * dot.to(tl.float32) + m * sx.to(tl.float32))
 
 
 @triton.jit
 def _iq4_nl(blk, bm, xp, dxp, sp, xm):
-    # fp16 d, qs[16] (nibbles as q4_0, indices of the 16 int8 levels): d · dx · Σ level·xq
-    i = tl.arange(0, 4)
-    w = _u16_words(blk[:, :, None] + 2 + 4 * i[None, None, :], bm[:, :, None])
-    lo, hi = iq4_levels(w)
-    dot = tl.sum(_dp4a(hi[None, :, :, :], _xwords(xp, xm, 4, 4), _dp4a(lo[None, :, :, :], _xwords(xp, xm, 0, 4), 0)),
-                 axis=3)
-    d = _f16_at(blk, bm)
-    dx = tl.load(dxp, mask=xm, other=0.0)
-    return d[None, :, :] * dx * dot.to(tl.float32)
+    # fp16 d, qs[16] (nibbles as q4_0 index the 16 int8 levels): d · dx · Σ level·xq
+    w0, w1, w2, w3 = _words16(blk, bm, 2, False)
+    l0, h0 = iq4_levels(w0)
+    l1, h1 = iq4_levels(w1)
+    l2, h2 = iq4_levels(w2)
+    l3, h3 = iq4_levels(w3)
+    dot = _dot8(l0, l1, l2, l3, h0, h1, h2, h3, xp, xm)
+    d = _f16_at(blk, bm)[None, :]
+    return d * tl.load(dxp, mask=xm, other=0.0) * dot.to(tl.float32)
+
+
+@triton.jit
+def _k_type(blk, bm, xp, dxp, sp, xm, FMT: tl.constexpr):
+    """The 256-value types (words_k, written for [R, G] block tiles) on the flat block axis: as R = B, G = 1."""
+    b2 = blk[:, None]
+    m2 = bm[:, None]
+    x3 = xp[:, :, None]
+    d3 = dxp[:, :, None]
+    s3 = sp[:, :, None]
+    xm3 = xm[:, :, None]
+    if FMT == 12:
+        v = words_k.q4_k(b2, m2, x3, d3, s3, xm3)
+    elif FMT == 13:
+        v = words_k.q5_k(b2, m2, x3, d3, s3, xm3)
+    elif FMT == 14:
+        v = words_k.q6_k(b2, m2, x3, d3, s3, xm3)
+    else:
+        v = words_k.iq4_xs(b2, m2, x3, d3, s3, xm3)
+    return tl.sum(v, axis=2)
 
 
 @triton.jit
 def block_dot(blk, bm, xp, dxp, sp, xm, FMT: tl.constexpr):
-    """fp32 [BT, R, G]: each block's Σ w·dx·xq (see the module docstring)."""
+    """fp32 [BT, B]: each block's Σ w·dx·xq (see the module docstring)."""
     if FMT == 8:
         v = _q8_0(blk, bm, xp, dxp, sp, xm)
     elif FMT == 2:
@@ -151,13 +195,7 @@ def block_dot(blk, bm, xp, dxp, sp, xm, FMT: tl.constexpr):
         v = _q5_1(blk, bm, xp, dxp, sp, xm)
     elif FMT == 20:
         v = _iq4_nl(blk, bm, xp, dxp, sp, xm)
-    elif FMT == 12:
-        v = words_k.q4_k(blk, bm, xp, dxp, sp, xm)
-    elif FMT == 13:
-        v = words_k.q5_k(blk, bm, xp, dxp, sp, xm)
-    elif FMT == 14:
-        v = words_k.q6_k(blk, bm, xp, dxp, sp, xm)
     else:
-        tl.static_assert(FMT == 23, "no int8-dot path for this gguf type")
-        v = words_k.iq4_xs(blk, bm, xp, dxp, sp, xm)
+        tl.static_assert((FMT == 12) or (FMT == 13) or (FMT == 14) or (FMT == 23), "no int8-dot path for this type")
+        v = _k_type(blk, bm, xp, dxp, sp, xm, FMT)
     return v

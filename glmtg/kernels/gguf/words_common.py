@@ -69,6 +69,13 @@ def _xwords(xp, xm, start: tl.constexpr, n: tl.constexpr):
 
 
 @triton.jit
+def _x2(xp, xm, j: tl.constexpr):
+    """Activation words 2j and 2j + 1 of every block, by one 64-bit load (the words are 8-byte aligned)."""
+    v = tl.load((xp + 2 * j).to(tl.pointer_type(tl.int64)), mask=xm, other=0)
+    return v.to(tl.int32), (v >> 32).to(tl.int32)
+
+
+@triton.jit
 def iq4_levels(w):
     """IQ4 code words -> level words: ``w`` int32 holds 8 four-bit codes (byte k: code of its low nibble,
     code of its high nibble); returns (lo, hi), int32 words of the int8 levels of the four low-nibble codes

@@ -85,8 +85,8 @@ def test_mmvq_matches_float64(name: str, t: int) -> None:
 def test_mmvq_full_steps_and_knobs(name: str) -> None:
     # Steps of 2 blocks over 5: two full (unmasked) steps and a partial one; fp16 in and out.
     bs = REGISTRY[name].block_size
-    _check(name, 1, n=21, dtype=torch.float16, seed=5, blocks=5, block_n=4, values_per_step=2 * bs)
-    _check(name, 3, n=21, dtype=torch.float16, seed=6, blocks=5, block_n=2, values_per_step=2 * bs, num_warps=2)
+    _check(name, 1, n=9, dtype=torch.float16, seed=5, blocks=5, block_n=4, values_per_step=2 * bs)
+    _check(name, 3, n=9, dtype=torch.float16, seed=6, blocks=5, block_n=4, values_per_step=2 * bs, num_warps=2)
 
 
 def test_mmvq_default_launch() -> None:
