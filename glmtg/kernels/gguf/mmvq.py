@@ -10,9 +10,18 @@ sub-block scales are applied once to the exact int32 sums.
 Numerics: the result differs from an fp32 dot by x's rounding to int8 (|error| <= Σ_groups dx/2 · Σ|w|),
 as llama.cpp's MMVQ does; given the quantized x, it is exact up to fp32 accumulation.
 
-Layout of a launch as gemv.py's: one program covers BLOCK_N rows and all tokens and walks the row G blocks
-at a time; full steps load without masks (rows past N read row N - 1, tokens past T token T - 1, neither
-stored), only the last partial step is masked.
+Launch: one program covers BLOCK_N rows and all tokens and walks the rows G blocks at a time, the
+BLOCK_N x G blocks of a step on one flat axis, one block per thread by default (default_config): every
+tensor of a step then has the same layout, so nothing moves between threads inside the loop, and a
+block's words are reduced in registers by chained dp4a. Full steps load without masks (rows past N read row
+N - 1, tokens past T token T - 1, neither stored); only the last partial step is masked. sm_90 SASS of the
+loop (bench/gguf_gemv.py --sass --mmvq, one token): 1.7-1.9 instructions per weight value for q4_0, q4_1,
+q8_0 and q4_k; 2.4-2.8 for q5_0, q5_1, q5_k, q6_k; 3.2-3.4 for iq4_xs / iq4_nl (PRMT level lookups), against
+7-13 for the float path. Each token adds its activation loads and dp4a: the cost per weight value grows
+with T (~T/4 dp4a per 4-bit value), so the float path or a dequantize + matmul may win for larger T.
+Not yet measured on a GPU: with a block per thread, one warp load instruction touches 32 blocks (and x
+words 32 bytes apart), several L1 lines each; whether that or the issue rate binds is for
+bench/gguf_gemv.py --mmvq (--sweep varies block_n, values_per_step, num_warps).
 """
 
 from __future__ import annotations
