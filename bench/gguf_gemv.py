@@ -247,7 +247,7 @@ def write_reports(payload: dict, stem: Path) -> None:
 def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
     at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
-    from glmtg.kernels.gguf import mmvq
+    from glmtg.kernels.gguf import mmvq, mmvq_moe
 
     if name not in mmvq.MMVQ_FORMATS:
         return []
@@ -255,8 +255,13 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     steps = min(4096 // f.block_size, 128)  # default_config's blocks at 4 warps (sass_report counts 128 threads)
     block_n = 128 // steps
     words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt)
+    gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32")
+    down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt)
+    moe = dict(BLOCK_R=block_n, G=steps)
     return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps), block_n, steps / g,
-             f"block_n {block_n}, G {steps}")]
+             f"block_n {block_n}, G {steps}"),
+            ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, moe, block_n, 2 * steps / g, f"block_i {block_n}"),
+            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")]
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
