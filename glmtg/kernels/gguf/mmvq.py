@@ -148,14 +148,26 @@ def _power_of_two(name: str, value: object) -> None:
           lambda: f"{name} must be a power of two, got {value!r}")
 
 
+def _checked_quantized(q: object, t: int, k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``q`` if it is a quantize_activation result for x [t, k] on ``device``, else ValueError."""
+    want = ((torch.int8, (t, k)), (torch.float32, (t, k // GROUP)), (torch.int32, (t, k // GROUP)))
+    check(isinstance(q, tuple) and len(q) == 3 and all(
+        isinstance(v, torch.Tensor) and v.dtype == dt and tuple(v.shape) == sh and v.device == device
+        and v.is_contiguous() for v, (dt, sh) in zip(q, want)),
+        lambda: f"quantized must be quantize_activation(x)'s (codes, dx, sums) for x {(t, k)} on {device}")
+    return q
+
+
 def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
-         block_n: int | None = None, values_per_step: int | None = None,
-         num_warps: int | None = None) -> torch.Tensor:
+         block_n: int | None = None, values_per_step: int | None = None, num_warps: int | None = None,
+         quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, K] (fp16, bf16 or fp32) @ dequant(weight).T -> [T, N] in x's dtype, by int8 dot products.
 
     Same contract as ``gemv.quant_matvec`` (weight uint8 [N, row_bytes] of ``fmt`` blocks, contiguous,
     16-byte aligned; T <= GEMV_MAX_TOKENS; launch knobs ``block_n``, ``values_per_step``, ``num_warps``),
-    except that x is first rounded to int8 per 32 values (``quantize_activation``)."""
+    except that x is first rounded to int8 per 32 values (``quantize_activation``). ``quantized``: that
+    rounding done already (quantize_activation(x)'s result), e.g. once for several weights read with the
+    same x (q/k/v, gate/up); then one kernel launch per call instead of two."""
     f = mmvq_format(fmt)
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")
     check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
@@ -179,7 +191,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     _power_of_two("num_warps", num_warps)
     if t == 0 or n == 0:
         return out
-    codes, dx, sums = quantize_activation(x)
+    codes, dx, sums = quantize_activation(x) if quantized is None else _checked_quantized(quantized, t, k, x.device)
     _mmvq_kernel[(triton.cdiv(n, block_n),)](
         codes.view(torch.int32), dx, sums, weight, out, t, n, nb, k // GROUP, weight.shape[1], out.stride(0),
         FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_T=triton.next_power_of_2(t),

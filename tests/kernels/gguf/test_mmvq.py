@@ -93,6 +93,20 @@ def test_mmvq_default_launch() -> None:
     _check("q4_0", 2, n=19, dtype=torch.float32, seed=7)
 
 
+def test_mmvq_takes_a_quantized_activation() -> None:
+    # x quantized once, passed in: the same result bit for bit as quantizing inside.
+    raw = gguf_weight("q4_k", (7,), 512, seed=8)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(9))
+    want = mmvq(x, raw, "q4_k")
+    got = mmvq(x, raw, "q4_k", quantized=quantize_activation(x))
+    assert torch.equal(got, want)
+    codes, dx, sums = quantize_activation(x)
+    with pytest.raises(ValueError, match="quantized"):
+        mmvq(x, raw, "q4_k", quantized=(codes, dx))
+    with pytest.raises(ValueError, match="quantized"):
+        mmvq(x, raw, "q4_k", quantized=(codes, dx.double(), sums))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MMVQ_FORMATS)
 @pytest.mark.parametrize("t", [1, 3, 16])
