@@ -16,8 +16,8 @@ tensor of a step then has the same layout, so nothing moves between threads insi
 block's words are reduced in registers by chained dp4a. Full steps load without masks (rows past N read row
 N - 1, tokens past T token T - 1, neither stored); only the last partial step is masked. sm_90 SASS of the
 loop (bench/gguf_gemv.py --sass --mmvq, one token): 1.7-1.9 instructions per weight value for q4_0, q4_1,
-q8_0 and q4_k; 2.4-2.8 for q5_0, q5_1, q5_k, q6_k; 3.2-3.4 for iq4_xs / iq4_nl (PRMT level lookups), against
-7-13 for the float path. Each token adds its activation loads and dp4a: the cost per weight value grows
+q8_0 and q4_k; 2.2-2.8 for q5_0, q5_1, q5_k, q6_k, q2_k, q3_k; 3.2-3.4 for iq4_xs / iq4_nl (PRMT level
+lookups), against 7-13 for the float path. Each token adds its activation loads and dp4a: the cost per weight value grows
 with T (~T/4 dp4a per 4-bit value), so the float path or a dequantize + matmul may win for larger T.
 Not yet measured on a GPU: with a block per thread, one warp load instruction touches 32 blocks (and x
 words 32 bytes apart), several L1 lines each; whether that or the issue rate binds is for
@@ -41,7 +41,8 @@ from glmtg.kernels.gguf.gemv import (
 from glmtg.kernels.gguf.words import block_dot
 
 # The formats the int8-dot path reads.
-MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "iq4_xs", "iq4_nl", "q5_k", "q4_1", "q5_1")
+MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "iq4_xs", "iq4_nl", "q5_k", "q4_1", "q5_1",
+                                   "q2_k", "q3_k")
 GROUP: int = 32  # activation values per int8 scale
 
 

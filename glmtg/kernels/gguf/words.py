@@ -175,6 +175,10 @@ def _k_type(blk, bm, xp, dxp, sp, xm, FMT: tl.constexpr):
         v = words_k.q5_k(b2, m2, x3, d3, s3, xm3)
     elif FMT == 14:
         v = words_k.q6_k(b2, m2, x3, d3, s3, xm3)
+    elif FMT == 10:
+        v = words_k.q2_k(b2, m2, x3, d3, s3, xm3)
+    elif FMT == 11:
+        v = words_k.q3_k(b2, m2, x3, d3, s3, xm3)
     else:
         v = words_k.iq4_xs(b2, m2, x3, d3, s3, xm3)
     return tl.sum(v, axis=2)
@@ -196,6 +200,7 @@ def block_dot(blk, bm, xp, dxp, sp, xm, FMT: tl.constexpr):
     elif FMT == 20:
         v = _iq4_nl(blk, bm, xp, dxp, sp, xm)
     else:
-        tl.static_assert((FMT == 12) or (FMT == 13) or (FMT == 14) or (FMT == 23), "no int8-dot path for this type")
+        tl.static_assert((FMT == 10) or (FMT == 11) or (FMT == 12) or (FMT == 13) or (FMT == 14) or (FMT == 23),
+                         "no int8-dot path for this type")
         v = _k_type(blk, bm, xp, dxp, sp, xm, FMT)
     return v

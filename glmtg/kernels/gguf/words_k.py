@@ -1,11 +1,12 @@
-"""Integer dot products of the 256-value k-quant blocks (Q4_K, Q5_K, Q6_K) and IQ4_XS with int8
+"""Integer dot products of the 256-value k-quant blocks (Q2_K .. Q6_K) and IQ4_XS with int8
 activation codes (``words.block_dot`` dispatches here; its docstring states the interface).
 
 Each block's code words are loaded once in memory order (32-bit loads where the block size is a multiple
 of 4: Q4_K 144, Q5_K 176, IQ4_XS 136 bytes; Q6_K's 210-byte blocks from 16-bit loads) and turned into
 int8x4 words with word-wide masks and shifts; the per-32 (Q6_K: per-16) sub-block sums Σ q·xq are exact
 int32 and get their scale once. Q4_K / Q5_K mins go through the activation group sums:
-Σ (d sc q - dmin m)·dx·xq = d sc dx Σ q·xq - dmin m dx Σxq.
+Σ (d sc q - dmin m)·dx·xq = d sc dx Σ q·xq - dmin m dx Σxq; Q2_K's mins are per 16 values, their Σxq
+a dp4a with 0x01010101. Q6_K's and Q3_K's offset codes (q - 32, q - 4) are made signed bytes instead.
 """
 
 from __future__ import annotations
@@ -153,3 +154,79 @@ def iq4_xs(blk, bm, xp, dxp, sp, xm):
     ls = (((w_lo >> (4 * sv)) & 0x0F) | (((w0[:, :, None] >> (16 + 2 * sv)) & 0x03) << 4)) - 32
     dx = tl.load(dxp[:, :, :, None] + s[None, None, None, :], mask=xm[:, :, :, None], other=0.0)
     return _half_lo(w0)[None, :, :] * tl.sum(ls.to(tl.float32)[None] * dx * dot.to(tl.float32), axis=3)
+
+
+@triton.jit
+def _k2_tile(blk, bm, xp, xm, off: tl.constexpr, ALIGN4: tl.constexpr):
+    """Q2_K / Q3_K: the 2-bit code words of the 64 qs bytes at ``off`` as [R, G, a, half, k] (bytes
+    32a + 16 half + 4k), and the activation pointers [BT, RR, G, a, half, k] of their t = 0 values
+    (value 128a + 32t + 16 half + 4k ..: group 4a + t, word 4 half + k)."""
+    a = tl.arange(0, 2)
+    h = tl.arange(0, 2)
+    k = tl.arange(0, 4)
+    run = (16 * h[:, None] + 4 * k[None, :])[None, None, None, :, :]
+    ptr = blk[:, :, None, None, None] + off + 32 * a[None, None, :, None, None] + run
+    m5 = bm[:, :, None, None, None]
+    if ALIGN4:
+        qs = _i32_at(ptr, m5)
+    else:
+        qs = _u16_words(ptr, m5)
+    xp6 = xp[:, :, :, None, None, None] + (32 * a[:, None, None] + 4 * h[None, :, None] + k[None, None, :])[None, None,
+                                                                                                             None]
+    return qs, xp6, xm[:, :, :, None, None, None]
+
+
+@triton.jit
+def q2_k(blk, bm, xp, dxp, sp, xm):
+    # scales[16] (low nibble scale, high nibble min), qs[64], fp16 d, fp16 dmin (84-byte blocks, 4-byte
+    # aligned): (d sc) q - dmin m per 16 values, value 128a + 32t + i from bits 2t of qs byte 32a + i. The
+    # min term needs Σxq per 16 values: dp4a of the activation words with 0x01010101.
+    qs, xp6, xm6 = _k2_tile(blk, bm, xp, xm, 16, True)
+    a = tl.arange(0, 2)
+    h = tl.arange(0, 2)
+    sc_ptr = blk[:, :, None, None] + (8 * a[:, None] + h[None, :])[None, None]  # sub-block 8a + h (t = 0)
+    gx = (4 * a)[None, None, None, :, None]
+    acc_d = tl.zeros(xp6.shape[:3], tl.float32)
+    acc_m = tl.zeros(xp6.shape[:3], tl.float32)
+    for t in tl.static_range(4):
+        xw = tl.load(xp6 + 8 * t, mask=xm6, other=0)
+        dot = tl.sum(_dp4a(((qs >> (2 * t)) & 0x03030303)[None], xw, 0), axis=5).to(tl.float32)
+        sx = tl.sum(_dp4a(xw * 0 + 0x01010101, xw, 0), axis=5).to(tl.float32)  # an int32 tensor: the
+        # interpreter shifts a Python int without wrapping
+        sb = tl.load(sc_ptr + 2 * t, mask=bm[:, :, None, None], other=0).to(tl.int32)
+        dx = tl.load(dxp[:, :, :, None, None] + gx + t, mask=xm[:, :, :, None, None], other=0.0)
+        acc_d += tl.sum(tl.sum((sb & 0xF).to(tl.float32)[None] * dx * dot, axis=4), axis=3)
+        acc_m += tl.sum(tl.sum((sb >> 4).to(tl.float32)[None] * dx * sx, axis=4), axis=3)
+    w = _i32_at(blk + 80, bm)
+    return _half_lo(w)[None, :, :] * acc_d - _half_hi(w)[None, :, :] * acc_m
+
+
+@triton.jit
+def q3_k(blk, bm, xp, dxp, sp, xm):
+    # hmask[32], qs[64] (2-bit codes as Q2_K), 12 scale bytes, fp16 d (110-byte blocks, 2-byte aligned):
+    # (d (scale - 32)) (q - 4 (1 - hbit)) per 16 values; value 128a + 32t + i: bit 4a + t of hmask byte i.
+    # The code c = low | hbit << 2 in [0, 8) becomes the int8 c - 4 per byte: (c + 124) ^ 0x80.
+    qs, xp6, xm6 = _k2_tile(blk, bm, xp, xm, 32, False)
+    a = tl.arange(0, 2)
+    h = tl.arange(0, 2)
+    k = tl.arange(0, 4)
+    hm = _u16_words(blk[:, :, None, None, None] + (16 * h[:, None] + 4 * k[None, :])[None, None, None, :, :],
+                    bm[:, :, None, None, None])  # [R, G, 1, 2, 4]
+    a5 = a[None, None, :, None, None]
+    gx = (4 * a)[None, None, None, :, None]
+    m4 = bm[:, :, None, None]
+    acc = tl.zeros(xp6.shape[:3], tl.float32)
+    for t in tl.static_range(4):
+        code = ((qs >> (2 * t)) & 0x03030303) | (((hm >> (4 * a5 + t)) & 0x01010101) << 2)
+        xw = tl.load(xp6 + 8 * t, mask=xm6, other=0)
+        dot = tl.sum(_dp4a(((code + 0x7C7C7C7C) ^ -0x7F7F7F80)[None], xw, 0), axis=5).to(tl.float32)
+        # six-bit scale of sub-block s = 8a + 2t + h: low nibble (a) of byte 2t + h, high 2 bits
+        # (2a + (2t + h) // 4) of byte 8 + (2t + h) % 4
+        j = 2 * t + h[None, None, None, :]  # [1, 1, 1, 2]
+        lo = tl.load(blk[:, :, None, None] + 96 + j, mask=m4, other=0).to(tl.int32)
+        hi = tl.load(blk[:, :, None, None] + 104 + j % 4, mask=m4, other=0).to(tl.int32)
+        aa = a[None, None, :, None]
+        sc = ((lo >> (4 * aa)) & 0x0F) | (((hi >> (2 * (2 * aa + j // 4))) & 0x03) << 4)
+        dx = tl.load(dxp[:, :, :, None, None] + gx + t, mask=xm[:, :, :, None, None], other=0.0)
+        acc += tl.sum(tl.sum((sc - 32).to(tl.float32)[None] * dx * dot, axis=4), axis=3)
+    return _f16_at(blk + 108, bm)[None, :, :] * acc
