@@ -1,5 +1,5 @@
 """Word-level helpers of the int8-dot (MMVQ) kernels: dp4a, code words from 16-bit loads, activation
-words, and IQ4's level lookup four codes at a time. Each inline-PTX helper has a plain Triton path, taken
+word pairs, and IQ4's level lookup four codes at a time. Each inline-PTX helper has a plain Triton path, taken
 in the interpreter (which cannot run PTX), computing the same integers."""
 
 from __future__ import annotations
@@ -59,13 +59,6 @@ def _u16_words(ptr, mask):
     lo = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
     hi = tl.load((ptr + 2).to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
     return lo | (hi << 16)
-
-
-@triton.jit
-def _xwords(xp, xm, start: tl.constexpr, n: tl.constexpr):
-    """Activation words start .. start + n of every block: int32 [BT, RR, G, n]."""
-    i = tl.arange(0, n)
-    return tl.load(xp[:, :, :, None] + start + i[None, None, None, :], mask=xm[:, :, :, None], other=0)
 
 
 @triton.jit

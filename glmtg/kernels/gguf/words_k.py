@@ -1,5 +1,7 @@
 """Integer dot products of the 256-value k-quant blocks (Q2_K .. Q6_K) and IQ4_XS with int8
-activation codes (``words.block_dot`` dispatches here; its docstring states the interface).
+activation codes (``words.block_dot`` dispatches here, its docstring states the interface). Written for
+tiles of blocks: ``blk`` / ``bm`` [R, G], activation pointers and mask [BT, RR, G], result [BT, R, G];
+block_dot passes its flat block axis as R = B, G = 1.
 
 Each block's code words are loaded once in memory order (32-bit loads where the block size is a multiple
 of 4: Q4_K 144, Q5_K 176, IQ4_XS 136 bytes; Q6_K's 210-byte blocks from 16-bit loads) and turned into
