@@ -60,6 +60,12 @@ GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
     (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4), (16, 512, 8), (4, 256, 4), (8, 256, 4), (4, 1024, 4),
     (8, 1024, 8), (2, 1024, 4),
 ]
+# --mmvq --sweep: the int8-dot kernels work on one block per thread, so their grid is in blocks per step
+# (block_n x values_per_step / block size) against threads (32 x num_warps).
+MMVQ_SWEEP = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (1, 2048, 2), (2, 1024, 2), (1, 1024, 1), (1, 8192, 8),
+              (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8)]
+MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
+                  (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4)]
 MOE_SWEEP = [  # (block_i, values_per_step, block_h, values_per_step_down, num_warps)
     (8, 512, 8, 512, 4), (4, 512, 4, 512, 4), (16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (16, 512, 8, 512, 8),
     (4, 1024, 8, 512, 4), (2, 1024, 4, 1024, 4),
@@ -102,7 +108,8 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
     if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
         kernels += [("mmvq", mmvq)] if fmt in MMVQ_FORMATS else []
-    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in configs):
+    sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if len(configs) > 1 else [])}
+    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
         calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
         name = "default" if cfg is None else "/".join(map(str, cfg))
@@ -159,7 +166,8 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
         from glmtg.kernels.gguf.mmvq_moe import mmvq_moe
         kernels += [("mmvq-moe", mmvq_moe)] if gu in MMVQ_FORMATS and dn in MMVQ_FORMATS else []
-    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in configs):
+    sweep = {"moe": configs, "mmvq-moe": [None] + (MMVQ_MOE_SWEEP if len(configs) > 1 else [])}
+    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(names, cfg, strict=True))
         calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i], **kw)
                  for i in range(len(id_sets))]
