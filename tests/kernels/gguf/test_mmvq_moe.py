@@ -49,12 +49,13 @@ def _problem(gu: str, dn: str, hidden: int, inter: int, t: int, seed: int, dtype
 
 
 def _reference(x, gate, up, down, ids, weights, gu: str, dn: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, tol) in float64 (see the module docstring)."""
+    """(y, tol) in float64 (see the module docstring); x on the kernels' device (its quantization is the
+    kernel's), the rest on the CPU."""
     fg, fd = REGISTRY[gu], REGISTRY[dn]
     g64, u64 = fg.dequantize_blocks(gate).double(), fg.dequantize_blocks(up).double()
     d64 = fd.dequantize_blocks(down).double()
     codes, dx, _ = quantize_activation(x)
-    xq = codes.double() * dx.double().repeat_interleave(32, dim=1)
+    xq = codes.cpu().double() * dx.cpu().double().repeat_interleave(32, dim=1)
     t_count, k = ids.shape
     y = torch.zeros(x.shape, dtype=torch.float64)
     tol = torch.zeros(x.shape, dtype=torch.float64)
@@ -81,7 +82,7 @@ def _reference(x, gate, up, down, ids, weights, gu: str, dn: str) -> tuple[torch
 def _check(gu: str, dn: str, hidden: int, inter: int, t: int, seed: int, dtype: torch.dtype = torch.float32,
            device: str = "cpu", **knobs: int) -> torch.Tensor:
     x, gate, up, down, ids, weights = _problem(gu, dn, hidden, inter, t, seed, dtype)
-    ref, tol = _reference(x.to(device).cpu() if device == "cpu" else x, gate, up, down, ids, weights, gu, dn)
+    ref, tol = _reference(x.to(device), gate, up, down, ids, weights, gu, dn)
     out = torch.full((t, hidden), float("nan"), dtype=dtype, device=device)
     got = mmvq_moe(*(v.to(device) for v in (x, gate, up, down, ids, weights)), gu, dn, out=out, **knobs)
     assert got is out
