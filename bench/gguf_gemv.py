@@ -6,6 +6,7 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --sweep                       # also a grid of launch configs (<date>-sweep.*)
     python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
     python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
+    python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -59,6 +60,12 @@ GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
     (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4), (16, 512, 8), (4, 256, 4), (8, 256, 4), (4, 1024, 4),
     (8, 1024, 8), (2, 1024, 4),
 ]
+# --mmvq --sweep: the int8-dot kernels work on one block per thread, so their grid is in blocks per step
+# (block_n x values_per_step / block size) against threads (32 x num_warps).
+MMVQ_SWEEP = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (1, 2048, 2), (2, 1024, 2), (1, 1024, 1), (1, 8192, 8),
+              (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8)]
+MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
+                  (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4)]
 MOE_SWEEP = [  # (block_i, values_per_step, block_h, values_per_step_down, num_warps)
     (8, 512, 8, 512, 4), (4, 512, 4, 512, 4), (16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (16, 512, 8, 512, 8),
     (4, 1024, 8, 512, 4), (2, 1024, 4, 1024, 4),
@@ -85,7 +92,7 @@ def random_blocks(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float, configs: list, replays: int,
-               gen: torch.Generator) -> list[dict]:
+               gen: torch.Generator, with_mmvq: bool = False) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.gemv import quant_matvec
 
@@ -97,9 +104,14 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
     outs = [torch.empty(tokens, n, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
     ref = xs[0].float() @ dequantize_rows(ws[0], fmt).T
     rows = []
-    for cfg in configs:
+    kernels = [("gemv", quant_matvec)]
+    if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs
+        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
+        kernels += [("mmvq", mmvq)] if fmt in MMVQ_FORMATS else []
+    sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if len(configs) > 1 else [])}
+    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
-        calls = [lambda i=i, kw=kw: quant_matvec(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
+        calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
         name = "default" if cfg is None else "/".join(map(str, cfg))
         try:
             seconds = time_graph(calls, replays)
@@ -108,7 +120,7 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
             continue
         calls[0]()
         err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        rows.append(dict(kind="gemv", tensor=label, fmt=fmt, n=n, k=k, tokens=tokens, config=name,
+        rows.append(dict(kind=kind, tensor=label, fmt=fmt, n=n, k=k, tokens=tokens, config=name,
                          us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
                          frac_copy=nbytes / seconds / copy_bw, rel_err=err))
         print_row(rows[-1])
@@ -129,7 +141,7 @@ def routing_sets(tokens: int, experts: int, top_k: int, gen: torch.Generator) ->
 
 
 def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, replays: int,
-              gen: torch.Generator) -> list[dict]:
+              gen: torch.Generator, with_mmvq: bool = False) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.moe import quant_moe_decode
 
@@ -149,10 +161,16 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
     ref = _moe_reference(xs[0], gate, up, down, id_sets[0], wts[0], gu, dn, dequantize_rows)
     rows = []
     names = ("block_i", "values_per_step", "block_h", "values_per_step_down", "num_warps")
-    for cfg in configs:
+    kernels = [("moe", quant_moe_decode)]
+    if with_mmvq:  # --mmvq: the int8-dot kernels side by side, same configs
+        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
+        from glmtg.kernels.gguf.mmvq_moe import mmvq_moe
+        kernels += [("mmvq-moe", mmvq_moe)] if gu in MMVQ_FORMATS and dn in MMVQ_FORMATS else []
+    sweep = {"moe": configs, "mmvq-moe": [None] + (MMVQ_MOE_SWEEP if len(configs) > 1 else [])}
+    for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(names, cfg, strict=True))
-        calls = [lambda i=i, kw=kw: quant_moe_decode(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i],
-                                                     **kw) for i in range(len(id_sets))]
+        calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i], **kw)
+                 for i in range(len(id_sets))]
         name = "default" if cfg is None else "/".join(map(str, cfg))
         try:
             seconds = time_graph(calls, replays)
@@ -162,7 +180,7 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
             continue
         calls[0]()
         err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        rows.append(dict(kind="moe", tensor=f"{m['name']} experts", fmt=f"{gu}/{dn}", n=e, k=inter, tokens=tokens,
+        rows.append(dict(kind=kind, tensor=f"{m['name']} experts", fmt=f"{gu}/{dn}", n=e, k=inter, tokens=tokens,
                          config=name, us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
                          frac_copy=nbytes / seconds / copy_bw, rel_err=err))
         print_row(rows[-1])
@@ -212,7 +230,7 @@ def plot(payload: dict, path: Path) -> None:
     rows = [r for r in payload["rows"] if r["config"] == "default"]
     labels = [f"{r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1)))
-    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] == "gemv" else "C1"
+    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] in ("gemv", "mmvq") else "C1"
                                                                      for r in rows])
     ax.axvline(0.85, color="grey", ls="--", lw=1, label="85% of copy")
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
@@ -234,7 +252,27 @@ def write_reports(payload: dict, stem: Path) -> None:
     print(f"wrote {stem}.json / .md / .png")
 
 
-def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> int:
+def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
+    """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
+    at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
+    from glmtg.kernels.gguf import mmvq, mmvq_moe
+
+    if name not in mmvq.MMVQ_FORMATS:
+        return []
+    f = REGISTRY[name]
+    steps = min(4096 // f.block_size, 128)  # default_config's blocks at 4 warps (sass_report counts 128 threads)
+    block_n = 128 // steps
+    words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt)
+    gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32")
+    down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt)
+    moe = dict(BLOCK_R=block_n, G=steps)
+    return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps), block_n, steps / g,
+             f"block_n {block_n}, G {steps}"),
+            ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, moe, block_n, 2 * steps / g, f"block_i {block_n}"),
+            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")]
+
+
+def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
     """Print, per type and kernel, the sm_90 SASS of the innermost loop: instructions per weight value and
     the issue-rate bound on TB/s (see the module docstring)."""
     import inspect
@@ -288,6 +326,8 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> i
                                                             Act="fp32", Aux="fp32"), dict(BLOCK_R=8), 8, 2, "block_i 8"),
                   ("moe down", moe._down_kernel, dict(Act="fp32", Down="u8", Ids="i64", Y=xdt, Aux="fp32"),
                    dict(BLOCK_R=8), 8, 1, "block_h 8")]
+        if with_mmvq:
+            cases += _mmvq_sass_cases(name, xdt, g)
         for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
             try:
                 body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
@@ -297,7 +337,7 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str) -> i
             per_value = body / (tiles * rows * g * f.block_size / 128)  # 128 threads at 4 warps
             bpv = f.type_size / f.block_size
             bound = bpv / per_value * 128 * sms * clock_ghz * 1e9 / 1e12
-            print(f"| {kname} | {name} | {cfg}, {g * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
+            print(f"| {kname} | {name} | {cfg}, {round(tiles * g) * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
                   f"{bound:.2f} |", flush=True)
     return 0
 
@@ -316,6 +356,8 @@ def main() -> int:
     parser.add_argument("--sass", action="store_true", help="no GPU: count sm_90 instructions per weight value")
     parser.add_argument("--sms", type=int, default=132, help="--sass: SMs of the target (H100 SXM: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM boost: 1.98)")
+    parser.add_argument("--mmvq", action="store_true", help="also the int8-dot kernels (gguf/mmvq.py, mmvq_moe.py): timed "
+                        "next to the float ones; with --sass, counted")
     parser.add_argument("--x-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="--sass: dtype of x")
     args = parser.parse_args()
     if args.from_json is not None:
@@ -330,7 +372,7 @@ def main() -> int:
     if any(not 1 <= t <= 16 for t in args.tokens):
         parser.error("every --tokens value must be 1 ... 16")
     if args.sass:
-        return sass_report(types, args.sms, args.clock_ghz, args.x_dtype)
+        return sass_report(types, args.sms, args.clock_ghz, args.x_dtype, args.mmvq)
     if not torch.cuda.is_available():
         print("error: bench/gguf_gemv.py times CUDA kernels and needs a CUDA device (their correctness tests "
               "run on a CPU: tests/kernels/gguf/)", file=sys.stderr)
@@ -356,13 +398,14 @@ def main() -> int:
                             continue
                         done.add((key, t, label, used))
                         configs = [None] + (GEMV_SWEEP if args.sweep else [])
-                        rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen)
+                        rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen,
+                                           args.mmvq)
                 if "moe" in kernels:
                     if fit(fmt, m["hidden"]) not in DECODED or fit(fmt, m["moe_inter"]) not in DECODED:
                         skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))
                         continue
                     configs = [None] + (MOE_SWEEP if args.sweep else [])
-                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen)
+                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen, args.mmvq)
                 torch.cuda.empty_cache()
     payload = dict(environment=environment(), copy_tbps=copy_bw / 1e12, rows=rows, skipped=sorted(skipped),
                    models={k: MODELS[k] for k in models}, routing_sets=ROUTING_SETS)

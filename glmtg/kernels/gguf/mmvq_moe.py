@@ -1,0 +1,205 @@
+"""Routed-expert SwiGLU for a few tokens by int8 dot products (the MMVQ path), expert weights in GGUF blocks.
+
+y[t] = Σ_k weights[t, k] · down_e (silu(gate_e x[t]) · up_e x[t]),  e = ids[t, k].
+
+The structure of moe.py (read it first), with the weight blocks consumed by words.block_dot instead of
+being decoded to fp32:
+
+1. x is quantized to int8 per 32 values (mmvq.quantize_activation);
+2. gate/up: one program per (token, slot) pair and BLOCK_I intermediate rows; writes weight · silu(g) · u
+   in fp32 to a [T, k, I] buffer (the routing weight folded in once per row);
+3. that buffer is quantized to int8 per 32 values (the same small kernel);
+4. down: one program per token and BLOCK_H output rows, looping over the k slots; y written once, no
+   atomics (deterministic).
+
+An expert id outside [0, E) is masked on the device: its slot runs no step, reads no weight byte and
+contributes exactly zero (its buffer row is 0, so its codes and scales are 0). Nothing is read back to the
+host: CUDA-graph capturable. Numerics: as mmvq, x and the intermediate are each rounded to int8 per 32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glmtg.kernels._checks import check, describe
+from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, steps_for
+from glmtg.kernels.gguf.mmvq import GROUP, mmvq_format, quantize_activation
+from glmtg.kernels.gguf.words import block_dot
+
+
+@triton.jit
+def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, NB, NG, INTER, NUM_EXPERTS, TOPK, ROW_BYTES,
+                    FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
+    GPB: tl.constexpr = BS // 32
+    B: tl.constexpr = BLOCK_R * G
+    pair = tl.program_id(0)  # token * TOPK + slot
+    t = pair // TOPK
+    expert = tl.load(Ids + pair)
+    valid = (expert >= 0) & (expert < NUM_EXPERTS)
+    base = tl.where(valid, expert, 0).to(tl.int64) * INTER * ROW_BYTES  # int64: E·I·row_bytes > 2^31
+    # one flat axis over BLOCK_R rows x G blocks (as mmvq._mmvq_kernel)
+    idx = tl.arange(0, B)
+    g = idx % G
+    # rows past INTER read row INTER - 1 (not stored): the full steps' loads need no mask
+    rows = tl.minimum(tl.program_id(1) * BLOCK_R + idx // G, INTER - 1)
+    rel = base + rows.to(tl.int64) * ROW_BYTES + g * TS
+    blk_g = Gate + rel
+    blk_u = Up + rel
+    grp = (t.to(tl.int64) * NG + g * GPB)[None, :]  # [1, B]
+    x_all = grp >= 0
+    all_blocks = idx >= 0
+    acc_g = tl.zeros((1, B), dtype=tl.float32)
+    acc_u = tl.zeros((1, B), dtype=tl.float32)
+    full = NB // G
+    for _ in range(tl.where(valid, full, 0)):  # an invalid slot runs no step: reads no weight byte
+        acc_g += block_dot(blk_g, all_blocks, XW + grp * 8, DX + grp, XS + grp, x_all, FMT)
+        acc_u += block_dot(blk_u, all_blocks, XW + grp * 8, DX + grp, XS + grp, x_all, FMT)
+        blk_g += G * TS
+        blk_u += G * TS
+        grp += G * GPB
+    if full * G < NB:  # the last, partial step
+        g_ok = (full * G + g) < NB
+        m = g_ok & valid
+        xm = x_all & g_ok[None, :]
+        acc_g += block_dot(blk_g, m, XW + grp * 8, DX + grp, XS + grp, xm, FMT)
+        acc_u += block_dot(blk_u, m, XW + grp * 8, DX + grp, XS + grp, xm, FMT)
+    gv = tl.sum(tl.reshape(acc_g, [BLOCK_R, G]), axis=1)
+    uv = tl.sum(tl.reshape(acc_u, [BLOCK_R, G]), axis=1)
+    w = tl.where(valid, tl.load(Weights + pair), 0.0)
+    h = gv * tl.sigmoid(gv) * uv * w  # an invalid slot: silu(0) · 0 · 0 = 0
+    offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(Act + pair.to(tl.int64) * INTER + offs_i, h, mask=offs_i < INTER)
+
+
+@triton.jit
+def _down_kernel(AW, ADX, AS, Down, Ids, Y, NB, NG, HIDDEN, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_YT,
+                 FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
+    GPB: tl.constexpr = BS // 32
+    B: tl.constexpr = BLOCK_R * G
+    t = tl.program_id(0)
+    idx = tl.arange(0, B)
+    g = idx % G
+    rows = tl.minimum(tl.program_id(1) * BLOCK_R + idx // G, HIDDEN - 1)
+    rel = rows.to(tl.int64) * ROW_BYTES + g * TS
+    grp0 = (g * GPB)[None, :]
+    x_all = grp0 >= 0
+    all_blocks = idx >= 0
+    acc = tl.zeros((1, B), dtype=tl.float32)
+    full = NB // G
+    for slot in range(TOPK):
+        pair = t * TOPK + slot
+        expert = tl.load(Ids + pair)
+        valid = (expert >= 0) & (expert < NUM_EXPERTS)
+        blk = Down + tl.where(valid, expert, 0).to(tl.int64) * HIDDEN * ROW_BYTES + rel
+        grp = pair.to(tl.int64) * NG + grp0
+        for _ in range(tl.where(valid, full, 0)):
+            acc += block_dot(blk, all_blocks, AW + grp * 8, ADX + grp, AS + grp, x_all, FMT)
+            blk += G * TS
+            grp += G * GPB
+        if full * G < NB:
+            g_ok = (full * G + g) < NB
+            acc += block_dot(blk, g_ok & valid, AW + grp * 8, ADX + grp, AS + grp, x_all & g_ok[None, :], FMT)
+    y = tl.sum(tl.reshape(acc, [BLOCK_R, G]), axis=1)
+    offs_h = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(Y + t.to(tl.int64) * STRIDE_YT + offs_h, y.to(Y.dtype.element_ty), mask=offs_h < HIDDEN)
+
+
+def step_config(nb: int, num_warps: int) -> tuple[int, int]:
+    """(rows per program, blocks per step G) for rows of ``nb`` blocks: 32 x num_warps blocks a step, one
+    per thread (a row's blocks, or several rows when a row has fewer)."""
+    g = min(triton.next_power_of_2(nb), 32 * num_warps)
+    return max(1, 32 * num_warps // g), g
+
+
+def _power_of_two(name: str, value: object) -> None:
+    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
+          lambda: f"{name} must be a power of two, got {value!r}")
+
+
+def mmvq_moe(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_fmt: str | int,
+    down_fmt: str | int,
+    *,
+    out: torch.Tensor | None = None,
+    block_i: int | None = None,
+    values_per_step: int | None = None,
+    block_h: int | None = None,
+    values_per_step_down: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Σ_k weights[t, k] · down_e(silu(gate_e x[t]) · up_e x[t]) with e = ids[t, k], as [T, H] in x's dtype.
+
+    Same contract and knobs as ``moe.quant_moe_decode`` (x [T, H] fp16 / bf16 / fp32; gate, up uint8
+    [E, I, rbH] of ``gate_up_fmt`` blocks; down uint8 [E, H, rbI] of ``down_fmt`` blocks; ids int64 [T, k];
+    weights fp32 [T, k]; an id outside [0, E) contributes zero and reads no weight), computed by int8 dot
+    products: x and the intermediate silu(g)·u·weight are rounded to int8 per 32 values. A knob left None
+    takes ``step_config``'s value (one block per thread and step)."""
+    fgu = mmvq_format(gate_up_fmt, "gate_up_fmt")
+    fd = mmvq_format(down_fmt, "down_fmt")
+    check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, H], got {describe(x)}")
+    check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
+    t, hidden = x.shape
+    nb_h = check_weight("gate", gate, fgu, 3, x.device)
+    check_weight("up", up, fgu, 3, x.device)
+    nb_i = check_weight("down", down, fd, 3, x.device)
+    num_experts, inter = gate.shape[0], gate.shape[1]
+    check(nb_h * fgu.block_size == hidden,
+          lambda: f"gate rows hold {nb_h * fgu.block_size} {fgu.name} values but x has H={hidden}")
+    check(up.shape == gate.shape, lambda: f"up shape {tuple(up.shape)} must equal gate shape {tuple(gate.shape)}")
+    check(down.shape[0] == num_experts and down.shape[1] == hidden and nb_i * fd.block_size == inter,
+          lambda: f"down must be [E={num_experts}, H={hidden}, {fd.name} rows of I={inter} values], got "
+                  f"{tuple(down.shape)} ({nb_i * fd.block_size} values a row)")
+    check(num_experts >= 1 and inter >= 1, lambda: f"empty expert weights {tuple(gate.shape)}")
+    check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t,
+          lambda: f"ids must be a 2-D tensor [T={t}, k], got {describe(ids)}")
+    check(ids.dtype == torch.int64, lambda: f"ids dtype must be torch.int64, got {ids.dtype}")
+    check(ids.device == x.device, lambda: f"ids is on {ids.device} but x is on {x.device}")
+    top_k = ids.shape[1]
+    check(top_k >= 1, "ids must have k >= 1 slots")
+    check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape,
+          lambda: f"weights must have ids' shape {tuple(ids.shape)}, got {describe(weights)}")
+    check(weights.dtype == torch.float32, lambda: f"weights dtype must be torch.float32, got {weights.dtype}")
+    check(weights.device == x.device, lambda: f"weights is on {weights.device} but x is on {x.device}")
+    if out is None:
+        out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
+    else:
+        check(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
+              and out.device == x.device and out.is_contiguous(),
+              lambda: f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {describe(out)}")
+    auto_i, auto_gi = step_config(nb_h, num_warps)
+    auto_h, auto_gh = step_config(nb_i, num_warps)
+    block_i = auto_i if block_i is None else block_i
+    block_h = auto_h if block_h is None else block_h
+    values_per_step = auto_gi * fgu.block_size if values_per_step is None else values_per_step
+    values_per_step_down = auto_gh * fd.block_size if values_per_step_down is None else values_per_step_down
+    for name, value in (("block_i", block_i), ("values_per_step", values_per_step), ("block_h", block_h),
+                        ("values_per_step_down", values_per_step_down), ("num_warps", num_warps)):
+        _power_of_two(name, value)
+    if t == 0:
+        return out
+
+    ids, weights = ids.contiguous(), weights.contiguous()
+    xw, xdx, xs = quantize_activation(x)
+    act = torch.empty((t * top_k, inter), dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(t * top_k, triton.cdiv(inter, block_i))](
+        xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, nb_h, hidden // GROUP, inter, num_experts,
+        top_k, gate.shape[2],
+        FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
+        G=steps_for(fgu.block_size, values_per_step), num_warps=num_warps,
+    )
+    aw, adx, as_ = quantize_activation(act)  # I is a whole number of down blocks, so of 32 values
+    _down_kernel[(t, triton.cdiv(hidden, block_h))](
+        aw.view(torch.int32), adx, as_, down, ids, out, nb_i, inter // GROUP, hidden, num_experts, top_k,
+        down.shape[2], out.stride(0),
+        FMT=fd.gguf_type, BS=fd.block_size, TS=fd.type_size, BLOCK_R=block_h,
+        G=steps_for(fd.block_size, values_per_step_down), num_warps=num_warps,
+    )
+    return out
