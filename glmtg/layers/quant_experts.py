@@ -44,6 +44,9 @@ class QuantExperts(nn.Module):
             raise ValueError(f"formats must map each of {PARAMS} to a format, got {formats!r}")
         self.placement = placement
         self.backend = check_backend(backend)
+        # Which decode kernel reads the experts (glmtg/kernels/gguf/dispatch.py): "auto" = int8 dot products
+        # where both formats have them, else float decode; "float" for checks against the float path.
+        self.dot = "auto"
         self.dtype = dtype
         e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
         self.widths = {"gate_proj": h, "up_proj": h, "down_proj": i}  # values per row of each parameter
@@ -85,10 +88,10 @@ class QuantExperts(nn.Module):
             ids = torch.where(here, local, -1)
             weights = torch.where(here, weights, 0.0)
         if kernel:
-            from glmtg.kernels.gguf.moe import quant_moe_decode
+            from glmtg.kernels.gguf.dispatch import moe_decode
 
-            return quant_moe_decode(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights,
-                                    self.formats["gate_proj"], self.formats["down_proj"])
+            return moe_decode(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights,
+                              self.formats["gate_proj"], self.formats["down_proj"], path=self.dot)
         return self._looped(x, ids, weights, uses_kernels(self.backend, x))
 
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:

@@ -85,6 +85,9 @@ class QuantLinear(Linear):
                  dtype: torch.dtype, backend: str = "auto") -> None:
         super().__init__(in_features, out, bias)
         self.backend = check_backend(backend)
+        # Which decode kernel reads the blocks (glmtg/kernels/gguf/dispatch.py): "auto" = int8 dot products
+        # where the format has them, else float decode; "float" for checks against the float path.
+        self.dot = "auto"
         names = [name for name, _ in self.shards]
         if isinstance(formats, str):
             per_shard = {name: formats for name in names}
@@ -153,7 +156,8 @@ class QuantLinear(Linear):
         x2 = x.reshape(-1, self.in_features)
         kernel = uses_kernels(self.backend, x2)
         gemv = kernel and _gemv_applies(x2.shape[0])
-        ys = [_product(x2, getattr(self, attr), fmt, kernel=kernel, gemv=gemv) for attr, fmt, _, _ in self.groups]
+        ys = [_product(x2, getattr(self, attr), fmt, kernel=kernel, gemv=gemv, dot=self.dot)
+              for attr, fmt, _, _ in self.groups]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         if self.bias is not None:
             y = y + self.bias
@@ -166,12 +170,13 @@ def _gemv_applies(tokens: int) -> bool:
     return tokens <= GEMV_MAX_TOKENS
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, kernel: bool, gemv: bool) -> torch.Tensor:
+def _product(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, kernel: bool, gemv: bool,
+             dot: str = "auto") -> torch.Tensor:
     """x [T, K] @ dequantized(weight [N, row_bytes])ᵀ -> [T, N] in x's dtype."""
     if gemv and has_device_decoder(fmt):
-        from glmtg.kernels.gguf.gemv import quant_matvec
+        from glmtg.kernels.gguf.dispatch import matvec
 
-        return quant_matvec(x.contiguous(), weight, fmt)
+        return matvec(x.contiguous(), weight, fmt, path=dot)
     # A float copy of this one projection only, freed once the product is done.
     return F.linear(x, dequantize(weight, fmt, x.dtype, kernel=kernel))
 

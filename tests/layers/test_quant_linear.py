@@ -142,7 +142,27 @@ def test_kernel_backend(blocks, fmt, tokens):
     gen = torch.Generator().manual_seed(6)
     raw = random_blocks((5, 96), fmt, gen)
     lin = QuantLinear(96, 5, bias=False, formats=fmt, dtype=torch.float32, backend="kernel")
+    lin.dot = "float"  # the int8-dot path rounds x: tests/kernels/gguf/test_mmvq.py and the test below
     lin.load_shard("weight", None, raw)
     t = 2 if tokens == "gemv" else GEMV_MAX_TOKENS + 1
     x = torch.randn(t, 96, generator=gen)
     check_close(lin(x), x, values(raw, fmt), None)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's, from inside the Triton interpreter
+@pytest.mark.parametrize("fmt", ("q8_0", "q4_0"))
+def test_kernel_backend_int8_dot(blocks, fmt):
+    """The default decode path for these formats (int8 dot products, glmtg/kernels/gguf/dispatch.py), within
+    the error of rounding x to int8 per 32 values: |err| <= sum over groups of dx/2 * sum |w| per row."""
+    random_blocks, values = blocks
+    gen = torch.Generator().manual_seed(6)
+    raw = random_blocks((5, 96), fmt, gen)
+    lin = QuantLinear(96, 5, bias=False, formats=fmt, dtype=torch.float32, backend="kernel")
+    lin.load_shard("weight", None, raw)
+    x = torch.randn(2, 96, generator=gen)
+    w = values(raw, fmt).double()  # [5, 96]
+    want = x.double() @ w.T
+    dx = x.double().view(2, 3, 32).abs().amax(-1) / 127  # [T, groups]
+    bound = (dx[:, None, :] / 2 * w.abs().view(5, 3, 32).sum(-1)[None]).sum(-1)  # [T, N]
+    err = (lin(x).double() - want).abs()
+    assert bool((err <= bound * 1.001 + 1e-5).all()), (err / bound).max()

@@ -1,0 +1,44 @@
+"""Which decode kernel reads a GGUF weight: the int8-dot path (mmvq.py, mmvq_moe.py) where it reads the
+format, the float-decode path (gemv.py, moe.py) for the other formats.
+
+Why the int8-dot path first: decoding every weight value to fp32 costs 7-13 SM instructions a value, so the
+float path is bound by the instruction issue rate well below memory bandwidth for 4- and 5-bit types
+(bench/DECISIONS.md, "GGUF decode kernels"); packing codes four to a word and multiplying with dp4a takes
+about 2. Its price is x rounded to int8 per 32 values, as llama.cpp's MMVQ does (error bounds in mmvq.py).
+
+``path``: "auto" (int8 where the format has it), "int8" (ValueError if it has not), "float".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmtg.kernels._checks import check
+from glmtg.kernels.gguf.gemv import quant_matvec
+from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
+from glmtg.kernels.gguf.mmvq_moe import mmvq_moe
+from glmtg.kernels.gguf.moe import quant_moe_decode
+
+PATHS = ("auto", "int8", "float")
+
+
+def _int8(path: str, *formats: str) -> bool:
+    check(path in PATHS, lambda: f"path must be one of {PATHS}, got {path!r}")
+    readable = all(f in MMVQ_FORMATS for f in formats)
+    check(path != "int8" or readable, lambda: f"path 'int8' does not read {formats} (it reads {MMVQ_FORMATS})")
+    return path == "int8" or (path == "auto" and readable)
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, path: str = "auto") -> torch.Tensor:
+    """x [T, K] @ dequant(weight [N, row_bytes] of ``fmt``)ᵀ -> [T, N], T <= GEMV_MAX_TOKENS."""
+    if _int8(path, fmt):
+        return mmvq(x, weight, fmt)
+    return quant_matvec(x, weight, fmt)
+
+
+def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+               weights: torch.Tensor, gate_up_fmt: str, down_fmt: str, *, path: str = "auto") -> torch.Tensor:
+    """Σ_k weights[t, k] · down_e(silu(gate_e x_t) · up_e x_t) over GGUF expert stacks (see moe.py)."""
+    if _int8(path, gate_up_fmt, down_fmt):
+        return mmvq_moe(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)
+    return quant_moe_decode(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)
