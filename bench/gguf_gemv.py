@@ -65,7 +65,8 @@ GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
 MMVQ_SWEEP = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (1, 2048, 2), (2, 1024, 2), (1, 1024, 1), (1, 8192, 8),
               (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8)]
 MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
-                  (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4)]
+                  (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4),
+                  (32, 512, 1, 4096, 4), (32, 4096, 8, 4096, 8), (32, 1024, 2, 2048, 4)]  # block_i 32: fused
 MOE_SWEEP = [  # (block_i, values_per_step, block_h, values_per_step_down, num_warps)
     (8, 512, 8, 512, 4), (4, 512, 4, 512, 4), (16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (16, 512, 8, 512, 8),
     (4, 1024, 8, 512, 4), (2, 1024, 4, 1024, 4),
@@ -263,12 +264,14 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     steps = min(4096 // f.block_size, 128)  # default_config's blocks at 4 warps (sass_report counts 128 threads)
     block_n = 128 // steps
     words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt)
-    gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32")
+    gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32",
+                   AQ="i8", ADX="fp32", AS="i32")
     down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt)
     moe = dict(BLOCK_R=block_n, G=steps)
     return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps), block_n, steps / g,
              f"block_n {block_n}, G {steps}"),
-            ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, moe, block_n, 2 * steps / g, f"block_i {block_n}"),
+            ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, {**moe, "FUSED": False}, block_n, 2 * steps / g,
+             f"block_i {block_n}"),
             ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")]
 
 

@@ -47,6 +47,18 @@ GROUP: int = 32  # activation values per int8 scale
 
 
 @triton.jit
+def quantize_groups(v):
+    """fp32 [GB, 32] groups -> (codes int32 [GB, 32], dx fp32 [GB], code sums int32 [GB]): dx = amax / 127,
+    codes = v · (127 / amax) rounded to nearest (0 for an all-zero group)."""
+    amax = tl.max(tl.abs(v), axis=1)
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)  # no 1/0 evaluated
+    # Round to nearest even by the 1.5 * 2^23 trick (exact for |v| < 2^22); |v * inv| <= 127 (+ rounding).
+    q = (v * inv[:, None] + 12582912.0) - 12582912.0
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+    return q, amax / 127.0, tl.sum(q, axis=1)
+
+
+@triton.jit
 def _quantize_kernel(X, Q, DX, S, NG, STRIDE_XT, GB: tl.constexpr):
     # One program: GB groups of 32 values of one token.
     t = tl.program_id(0).to(tl.int64)
@@ -55,15 +67,11 @@ def _quantize_kernel(X, Q, DX, S, NG, STRIDE_XT, GB: tl.constexpr):
     ok = (g < NG)[:, None]
     offs = g[:, None] * 32 + j[None, :]
     v = tl.load(X + t * STRIDE_XT + offs, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(v), axis=1)
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)  # no 1/0 evaluated
-    # Round to nearest even by the 1.5 * 2^23 trick (exact for |v| < 2^22); |v * inv| <= 127 (+ rounding).
-    q = (v * inv[:, None] + 12582912.0) - 12582912.0
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+    q, dx, sums = quantize_groups(v)
     tl.store(Q + t * (NG * 32) + offs, q.to(tl.int8), mask=ok)
     gm = g < NG
-    tl.store(DX + t * NG + g, amax / 127.0, mask=gm)
-    tl.store(S + t * NG + g, tl.sum(q, axis=1), mask=gm)
+    tl.store(DX + t * NG + g, dx, mask=gm)
+    tl.store(S + t * NG + g, sums, mask=gm)
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,10 +16,11 @@ An expert id outside [0, E) is masked on the device: its slot runs no step, read
 contributes exactly zero (its buffer row is 0, so its codes and scales are 0). Nothing is read back to the
 host: CUDA-graph capturable. Numerics: as mmvq, x and the intermediate are each rounded to int8 per 32.
 
-Four launches where moe.py has two: the two quantizations are tiny (a few KB) but each is a dependent
-launch, ~1-2 µs in a graph against ~20 µs of expert bytes at batch 1 (GLM-4.5-Air, q4_k). Folding the
-intermediate's quantization into the gate/up epilogue needs programs of 32 rows (a whole activation group);
-not done yet. Default launch (``step_config``): one block per thread, as mmvq.
+Up to four launches where moe.py has two: the two quantizations are tiny (a few KB) but each is a
+dependent launch, ~1-2 µs in a graph against ~20 µs of expert bytes at batch 1 (GLM-4.5-Air, q4_k). With
+block_i a multiple of 32 the gate/up programs hold whole activation groups and quantize the intermediate in
+their epilogue (step 3 goes away); the default launch (``step_config``: one block per thread, as mmvq)
+has fewer rows a program, so it keeps step 3. Which is faster is for bench/gguf_gemv.py --mmvq --sweep.
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, steps_for
-from glmtg.kernels.gguf.mmvq import GROUP, mmvq_format, quantize_activation
+from glmtg.kernels.gguf.mmvq import (
+    GROUP,
+    mmvq_format,
+    quantize_activation,
+    quantize_groups,
+)
 from glmtg.kernels.gguf.words import block_dot
 
 
 @triton.jit
-def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, NB, NG, INTER, NUM_EXPERTS, TOPK, ROW_BYTES,
-                    FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
+def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, AQ, ADX, AS, NB, NG, INTER, NUM_EXPERTS, TOPK,
+                    ROW_BYTES, FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr,
+                    G: tl.constexpr, FUSED: tl.constexpr):
     GPB: tl.constexpr = BS // 32
     B: tl.constexpr = BLOCK_R * G
     pair = tl.program_id(0)  # token * TOPK + slot
@@ -75,7 +82,18 @@ def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, NB, NG, INTER, NUM_
     w = tl.where(valid, tl.load(Weights + pair), 0.0)
     h = gv * tl.sigmoid(gv) * uv * w  # an invalid slot: silu(0) · 0 · 0 = 0
     offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(Act + pair.to(tl.int64) * INTER + offs_i, h, mask=offs_i < INTER)
+    if FUSED:
+        # BLOCK_R a multiple of 32 (and INTER too): the program holds whole activation groups and quantizes
+        # them here (mmvq.quantize_groups); a group is wholly in range or wholly past INTER (not stored).
+        q, dx, sums = quantize_groups(tl.reshape(h, [BLOCK_R // 32, 32]))
+        grp = tl.program_id(1) * (BLOCK_R // 32) + tl.arange(0, BLOCK_R // 32)
+        ok = grp < INTER // 32
+        tl.store(AQ + pair.to(tl.int64) * INTER + tl.reshape(offs_i, [BLOCK_R // 32, 32]), q.to(tl.int8),
+                 mask=ok[:, None])
+        tl.store(ADX + pair.to(tl.int64) * (INTER // 32) + grp, dx, mask=ok)
+        tl.store(AS + pair.to(tl.int64) * (INTER // 32) + grp, sums, mask=ok)
+    else:
+        tl.store(Act + pair.to(tl.int64) * INTER + offs_i, h, mask=offs_i < INTER)
 
 
 @triton.jit
@@ -193,14 +211,21 @@ def mmvq_moe(
 
     ids, weights = ids.contiguous(), weights.contiguous()
     xw, xdx, xs = quantize_activation(x)
-    act = torch.empty((t * top_k, inter), dtype=torch.float32, device=x.device)
+    # I is a whole number of down blocks, so of 32 values. block_i a multiple of 32: the gate/up programs
+    # quantize the intermediate themselves (one launch fewer); else an fp32 buffer and quantize_activation.
+    fused = block_i % GROUP == 0
+    aw = torch.empty((t * top_k, inter), dtype=torch.int8, device=x.device)
+    adx = torch.empty((t * top_k, inter // GROUP), dtype=torch.float32, device=x.device)
+    as_ = torch.empty((t * top_k, inter // GROUP), dtype=torch.int32, device=x.device)
+    act = adx if fused else torch.empty((t * top_k, inter), dtype=torch.float32, device=x.device)
     _gate_up_kernel[(t * top_k, triton.cdiv(inter, block_i))](
-        xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, nb_h, hidden // GROUP, inter, num_experts,
-        top_k, gate.shape[2],
+        xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, aw, adx, as_, nb_h, hidden // GROUP, inter,
+        num_experts, top_k, gate.shape[2],
         FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
-        G=steps_for(fgu.block_size, values_per_step), num_warps=num_warps,
+        G=steps_for(fgu.block_size, values_per_step), FUSED=fused, num_warps=num_warps,
     )
-    aw, adx, as_ = quantize_activation(act)  # I is a whole number of down blocks, so of 32 values
+    if not fused:
+        aw, adx, as_ = quantize_activation(act)
     _down_kernel[(t, triton.cdiv(hidden, block_h))](
         aw.view(torch.int32), adx, as_, down, ids, out, nb_i, inter // GROUP, hidden, num_experts, top_k,
         down.shape[2], out.stride(0),

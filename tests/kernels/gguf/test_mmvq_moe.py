@@ -106,6 +106,16 @@ def test_mmvq_moe_matches_float64(gu: str, dn: str, hidden: int, inter: int) -> 
            values_per_step_down=2 * bd if bd < inter else bd)
 
 
+def test_mmvq_moe_fused_intermediate_quantization() -> None:
+    # block_i = 32: the gate/up programs quantize the intermediate themselves; I = 96: three programs.
+    fused = _check("q5_0", "q4_0", 64, 96, t=2, seed=13, block_i=32, block_h=32, values_per_step=64)
+    # The same fp32 intermediate, quantized by the same code in the epilogue or in its own kernel: the
+    # result is bit for bit the one of the unfused path (a check far tighter than the bound above, which a
+    # ~1% error in the intermediate's scales can pass).
+    unfused = _check("q5_0", "q4_0", 64, 96, t=2, seed=13, block_i=16, block_h=32, values_per_step=64)
+    assert torch.equal(fused, unfused)
+
+
 def test_mmvq_moe_invalid_slots_give_exact_zero() -> None:
     # A token whose every slot is out of range gets exactly 0 (no NaN, no stale value).
     x, gate, up, down, ids, weights = _problem("q8_0", "q4_0", 64, 64, 2, 21, torch.float16)
