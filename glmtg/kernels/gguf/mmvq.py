@@ -152,6 +152,17 @@ def default_config(n: int, nb: int) -> tuple[int, int, int]:
         warps //= 2
 
 
+def measured_config(block_size: int, n: int, k: int) -> tuple[int, int, int] | None:
+    """(block_n, values_per_step, num_warps) measured fastest on an H200 at the GLM-4.5-Air decode shapes
+    (bench/gguf_gemv.py --mmvq --sweep; bench/DECISIONS.md), or None where no measurement covers the shape
+    (``default_config`` then). Large matrices only (n and k >= 4096): 32-value blocks 4 rows x 4096 values a
+    step on 4 warps (q_proj 19.2 -> 14.4 µs, lm_head 184 -> 119 µs for q4_0); 256-value blocks one row, 1024
+    values a step, one warp: many small programs in flight (q4_k o_proj 31.0 -> 19.4 µs)."""
+    if n < 4096 or k < 4096:
+        return None
+    return (4, 4096, 4) if block_size == 32 else (1, 1024, 1)
+
+
 def _power_of_two(name: str, value: object) -> None:
     check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
           lambda: f"{name} must be a power of two, got {value!r}")
@@ -192,8 +203,12 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
               and out.device == x.device and out.is_contiguous(),
               lambda: f"out must be a contiguous {x.dtype} tensor {(t, n)} on {x.device}, got {describe(out)}")
     auto_n, auto_g, auto_warps = default_config(n, nb)
+    auto_values = auto_g * f.block_size
+    measured = measured_config(f.block_size, n, nb * f.block_size)
+    if measured is not None:
+        auto_n, auto_values, auto_warps = measured
     block_n = auto_n if block_n is None else block_n
-    values_per_step = auto_g * f.block_size if values_per_step is None else values_per_step
+    values_per_step = auto_values if values_per_step is None else values_per_step
     num_warps = auto_warps if num_warps is None else num_warps
     _power_of_two("block_n", block_n)
     _power_of_two("values_per_step", values_per_step)
