@@ -83,12 +83,14 @@ def compare(args: argparse.Namespace) -> dict:
             row["vs_best_peer"] = row["glmtg"] / best if best else None
             rows.append(row)
         cases[case] = rows
+    if args.commit:  # the device copy's git metadata can be stale: the commit the runs were made at
+        env = {**env, "glmtg_commit": args.commit}
     return {"environment": env, "note": args.note, "cases": cases}
 
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# TG t/s on the same GGUF, same GPU, same session: {env.get('device', '?')}", "",
+    lines = [f"# TG t/s on the same GGUF weights: {env.get('device', '?')} (how the runs were made: below)", "",
              f"glmtg {env.get('glmtg_commit', '')} torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
              f"{env.get('date', '?')}. {result.get('note') or ''}", "",
              "| file / cache | depth | glmtg | llama.cpp | ik_llama.cpp | glmtg / best peer |", "|---|---|---|---|---|---|"]
@@ -130,6 +132,7 @@ def main() -> int:
     ap.add_argument("--mainline", nargs="*", metavar="CASE=TXT", help="llama-bench markdown outputs")
     ap.add_argument("--ik", nargs="*", metavar="CASE=TXT", help="llama-sweep-bench outputs")
     ap.add_argument("--note", default="", help="a line for the table's header (how the runs were made)")
+    ap.add_argument("--commit", help="glmtg commit the runs were made at (overrides the runs' own record)")
     ap.add_argument("--out", type=Path, required=True, help="output stem: STEM.json, STEM.md, STEM.png")
     args = ap.parse_args()
     result = compare(args)
