@@ -113,6 +113,25 @@ class ExpertPlacement:
         return self.count == self.num_experts
 
 
+def write_expert(module: nn.Module, placement: ExpertPlacement, param: str, expert: int | None,
+                 value: torch.Tensor) -> bool:
+    """Write checkpoint expert ``expert`` (a layer-wide index) of stacked parameter ``param`` of ``module``, or
+    the whole stack for None; False, storing nothing, for an expert ``placement`` puts elsewhere. The one
+    copy of the placement logic for the float and the quantized experts."""
+    if param not in ("gate_proj", "up_proj", "down_proj"):
+        raise ValueError(f"param must be gate_proj, up_proj or down_proj, got {param!r}")
+    if expert is None:
+        write_parameter(module, param, value)
+        return True
+    p = placement
+    if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert < p.num_experts:
+        raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
+    if not p.start <= expert < p.stop:
+        return False
+    write_parameter(module, param, value, expert - p.start)
+    return True
+
+
 class Experts(nn.Module):
     """The routed experts a placement puts here, stacked: gate/up [E', I, H], down [E', H, I] (E' = held).
 
@@ -140,18 +159,7 @@ class Experts(nn.Module):
     def load_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
         """Write checkpoint expert ``expert`` (a layer-wide index) of ``param``, or the whole stack for None.
         Returns False, storing nothing, for an expert that the placement puts elsewhere."""
-        if param not in ("gate_proj", "up_proj", "down_proj"):
-            raise ValueError(f"param must be gate_proj, up_proj or down_proj, got {param!r}")
-        if expert is None:
-            write_parameter(self, param, value)
-            return True
-        p = self.placement
-        if not isinstance(expert, int) or not 0 <= expert < p.num_experts:
-            raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
-        if not p.start <= expert < p.stop:
-            return False
-        write_parameter(self, param, value, expert - p.start)
-        return True
+        return write_expert(self, self.placement, param, expert, value)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's

@@ -20,8 +20,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
-from glmtg.layers.moe import ExpertPlacement
-from glmtg.layers.params import write_parameter
+from glmtg.layers.moe import ExpertPlacement, write_expert
 from glmtg.layers.quant_linear import check_backend, check_format, dequantize, has_device_decoder, uses_kernels
 
 PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -62,18 +61,7 @@ class QuantExperts(nn.Module):
         """Write raw blocks of checkpoint expert ``expert`` (a layer-wide index, uint8 [rows, row_bytes]) of
         ``param``, or the whole stack for None. Returns False, storing nothing, for an expert that the
         placement puts elsewhere."""
-        if param not in PARAMS:
-            raise ValueError(f"param must be gate_proj, up_proj or down_proj, got {param!r}")
-        if expert is None:
-            write_parameter(self, param, value)
-            return True
-        p = self.placement
-        if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert < p.num_experts:
-            raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
-        if not p.start <= expert < p.stop:
-            return False
-        write_parameter(self, param, value, expert - p.start)
-        return True
+        return write_expert(self, self.placement, param, expert, value)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's

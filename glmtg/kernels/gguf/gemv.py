@@ -126,6 +126,16 @@ def check_weight(name: str, w: object, f: BlockFormat, dims: int, device: torch.
     return row_bytes // f.type_size
 
 
+def output_for(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """``out`` checked to be a contiguous tensor of ``shape`` in x's dtype on x's device, or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    check(isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == x.dtype
+          and out.device == x.device and out.is_contiguous(),
+          lambda: f"out must be a contiguous {x.dtype} tensor {shape} on {x.device}, got {describe(out)}")
+    return out
+
+
 def steps_for(block_size: int, values: int) -> int:
     """G, the blocks per loop step: ~``values`` values, at least one block (a power of two)."""
     return max(1, triton.next_power_of_2(max(1, values // block_size)))
@@ -171,12 +181,7 @@ def quant_matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: 
     n = weight.shape[0]
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has "
                                           f"K={k}")
-    if out is None:
-        out = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    else:
-        check(isinstance(out, torch.Tensor) and tuple(out.shape) == (t, n) and out.dtype == x.dtype
-              and out.device == x.device and out.is_contiguous(),
-              lambda: f"out must be a contiguous {x.dtype} tensor {(t, n)} on {x.device}, got {describe(out)}")
+    out = output_for(out, (t, n), x)
     auto_n, auto_values = default_config(n, t)
     block_n = auto_n if block_n is None else block_n
     values_per_step = auto_values if values_per_step is None else values_per_step

@@ -36,6 +36,7 @@ from glmtg.kernels.gguf.gemv import (
     GEMV_MAX_TOKENS,
     SUPPORTED_DTYPES,
     check_weight,
+    output_for,
     steps_for,
 )
 from glmtg.kernels.gguf.words import block_dot
@@ -196,12 +197,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     nb = check_weight("weight", weight, f, 2, x.device)
     n = weight.shape[0]
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
-    if out is None:
-        out = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    else:
-        check(isinstance(out, torch.Tensor) and tuple(out.shape) == (t, n) and out.dtype == x.dtype
-              and out.device == x.device and out.is_contiguous(),
-              lambda: f"out must be a contiguous {x.dtype} tensor {(t, n)} on {x.device}, got {describe(out)}")
+    out = output_for(out, (t, n), x)
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
     measured = measured_config(f.block_size, n, nb * f.block_size)

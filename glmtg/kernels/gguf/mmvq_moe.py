@@ -29,14 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels._checks import check, describe
-from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, steps_for
+from glmtg.kernels._checks import check
+from glmtg.kernels.gguf.gemv import steps_for
 from glmtg.kernels.gguf.mmvq import (
     GROUP,
     mmvq_format,
     quantize_activation,
     quantize_groups,
 )
+from glmtg.kernels.gguf.moe import check_moe_args
 from glmtg.kernels.gguf.words import block_dot
 
 
@@ -167,36 +168,8 @@ def mmvq_moe(
     takes ``step_config``'s value (one block per thread and step)."""
     fgu = mmvq_format(gate_up_fmt, "gate_up_fmt")
     fd = mmvq_format(down_fmt, "down_fmt")
-    check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, H], got {describe(x)}")
-    check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
-    t, hidden = x.shape
-    nb_h = check_weight("gate", gate, fgu, 3, x.device)
-    check_weight("up", up, fgu, 3, x.device)
-    nb_i = check_weight("down", down, fd, 3, x.device)
-    num_experts, inter = gate.shape[0], gate.shape[1]
-    check(nb_h * fgu.block_size == hidden,
-          lambda: f"gate rows hold {nb_h * fgu.block_size} {fgu.name} values but x has H={hidden}")
-    check(up.shape == gate.shape, lambda: f"up shape {tuple(up.shape)} must equal gate shape {tuple(gate.shape)}")
-    check(down.shape[0] == num_experts and down.shape[1] == hidden and nb_i * fd.block_size == inter,
-          lambda: f"down must be [E={num_experts}, H={hidden}, {fd.name} rows of I={inter} values], got "
-                  f"{tuple(down.shape)} ({nb_i * fd.block_size} values a row)")
-    check(num_experts >= 1 and inter >= 1, lambda: f"empty expert weights {tuple(gate.shape)}")
-    check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t,
-          lambda: f"ids must be a 2-D tensor [T={t}, k], got {describe(ids)}")
-    check(ids.dtype == torch.int64, lambda: f"ids dtype must be torch.int64, got {ids.dtype}")
-    check(ids.device == x.device, lambda: f"ids is on {ids.device} but x is on {x.device}")
-    top_k = ids.shape[1]
-    check(top_k >= 1, "ids must have k >= 1 slots")
-    check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape,
-          lambda: f"weights must have ids' shape {tuple(ids.shape)}, got {describe(weights)}")
-    check(weights.dtype == torch.float32, lambda: f"weights dtype must be torch.float32, got {weights.dtype}")
-    check(weights.device == x.device, lambda: f"weights is on {weights.device} but x is on {x.device}")
-    if out is None:
-        out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
-    else:
-        check(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
-              and out.device == x.device and out.is_contiguous(),
-              lambda: f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {describe(out)}")
+    t, hidden, nb_h, nb_i, num_experts, inter, top_k, out = check_moe_args(x, gate, up, down, ids, weights,
+                                                                          fgu, fd, out)
     if num_warps is None and block_i is None and block_h is None and values_per_step is None \
             and values_per_step_down is None:
         # Measured fastest on an H200 at GLM-4.5-Air's experts (bench/DECISIONS.md): one row a program,

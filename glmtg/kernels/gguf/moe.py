@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from glmtg.formats import BlockFormat
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.decode import decode_blocks
 from glmtg.kernels.gguf.gemv import (
@@ -124,35 +125,12 @@ def _power_of_two(name: str, value: object) -> None:
           lambda: f"{name} must be a power of two, got {value!r}")
 
 
-def quant_moe_decode(
-    x: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_fmt: str | int,
-    down_fmt: str | int,
-    *,
-    out: torch.Tensor | None = None,
-    block_i: int = 8,
-    values_per_step: int = 512,
-    block_h: int = 8,
-    values_per_step_down: int = 512,
-    num_warps: int = 4,
-) -> torch.Tensor:
-    """Σ_k weights[t, k] · down_e(silu(gate_e x[t]) · up_e x[t]) with e = ids[t, k], as [T, H] in x's dtype.
-
-    x [T, H] (fp16, bf16 or fp32); gate, up uint8 [E, I, rbH] (rows of GGUF blocks of ``gate_up_fmt``,
-    H values each); down uint8 [E, H, rbI] (rows of ``down_fmt`` blocks, I values each); contiguous and
-    16-byte aligned. ids int64 [T, k]; weights fp32 [T, k]. Accumulation and the weighted sum are fp32,
-    rounded once. An id outside [0, E) contributes zero and reads no weight. Launch knobs: gate/up programs
-    cover ``block_i`` intermediate rows and step ~``values_per_step`` values of H; down programs cover
-    ``block_h`` output rows and step ~``values_per_step_down`` values of I (rounded to a power of two of
-    whole blocks).
-    """
-    fgu = decoded_format(gate_up_fmt, "gate_up_fmt")
-    fd = decoded_format(down_fmt, "down_fmt")
+def check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+                   weights: torch.Tensor, fgu: BlockFormat, fd: BlockFormat, out: torch.Tensor | None
+                   ) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:
+    """The routed-expert decode launchers' argument checks (this module's and mmvq_moe's): ValueError naming
+    the argument. Returns (T, H, blocks per gate row, blocks per down row, E, I, k, out), ``out`` allocated
+    when None."""
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, H], got {describe(x)}")
     check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
     t, hidden = x.shape
@@ -183,6 +161,40 @@ def quant_moe_decode(
         check(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
               and out.device == x.device and out.is_contiguous(),
               lambda: f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {describe(out)}")
+    return t, hidden, nb_h, nb_i, num_experts, inter, top_k, out
+
+
+def quant_moe_decode(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_fmt: str | int,
+    down_fmt: str | int,
+    *,
+    out: torch.Tensor | None = None,
+    block_i: int = 8,
+    values_per_step: int = 512,
+    block_h: int = 8,
+    values_per_step_down: int = 512,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Σ_k weights[t, k] · down_e(silu(gate_e x[t]) · up_e x[t]) with e = ids[t, k], as [T, H] in x's dtype.
+
+    x [T, H] (fp16, bf16 or fp32); gate, up uint8 [E, I, rbH] (rows of GGUF blocks of ``gate_up_fmt``,
+    H values each); down uint8 [E, H, rbI] (rows of ``down_fmt`` blocks, I values each); contiguous and
+    16-byte aligned. ids int64 [T, k]; weights fp32 [T, k]. Accumulation and the weighted sum are fp32,
+    rounded once. An id outside [0, E) contributes zero and reads no weight. Launch knobs: gate/up programs
+    cover ``block_i`` intermediate rows and step ~``values_per_step`` values of H; down programs cover
+    ``block_h`` output rows and step ~``values_per_step_down`` values of I (rounded to a power of two of
+    whole blocks).
+    """
+    fgu = decoded_format(gate_up_fmt, "gate_up_fmt")
+    fd = decoded_format(down_fmt, "down_fmt")
+    t, hidden, nb_h, nb_i, num_experts, inter, top_k, out = check_moe_args(x, gate, up, down, ids, weights,
+                                                                          fgu, fd, out)
     for name, value in (("block_i", block_i), ("values_per_step", values_per_step), ("block_h", block_h),
                         ("values_per_step_down", values_per_step_down), ("num_warps", num_warps)):
         _power_of_two(name, value)
