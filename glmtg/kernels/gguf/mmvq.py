@@ -200,7 +200,8 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     out = output_for(out, (t, n), x)
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
-    measured = measured_config(f.block_size, n, nb * f.block_size)
+    # A GPU measurement; the interpreter (a CPU) keeps the default, whose larger programs it runs faster.
+    measured = measured_config(f.block_size, n, nb * f.block_size) if x.is_cuda else None
     if measured is not None:
         auto_n, auto_values, auto_warps = measured
     block_n = auto_n if block_n is None else block_n

@@ -170,7 +170,7 @@ def mmvq_moe(
     fd = mmvq_format(down_fmt, "down_fmt")
     t, hidden, nb_h, nb_i, num_experts, inter, top_k, out = check_moe_args(x, gate, up, down, ids, weights,
                                                                           fgu, fd, out)
-    if num_warps is None and block_i is None and block_h is None and values_per_step is None \
+    if x.is_cuda and num_warps is None and block_i is None and block_h is None and values_per_step is None \
             and values_per_step_down is None:
         # Measured fastest on an H200 at GLM-4.5-Air's experts (bench/DECISIONS.md): one row a program,
         # 1024 values a step, one warp (q4_0 45.7 -> 39.8 µs, q4_k/q5_0 66.3 -> 48.0 µs per layer).
