@@ -251,7 +251,8 @@ def model_source(args: argparse.Namespace) -> Source:
     if args.type is not None:
         raise ValueError("--type applies to random weights only (no -m)")
     if not path.exists():
-        raise FileNotFoundError(f"model directory not found: {path}")
+        what = "GGUF file" if path.suffix.lower() == ".gguf" else "model directory"
+        raise FileNotFoundError(f"{what} not found: {path}")
     if _is_gguf(path):
         from glmtg.loading.gguf_config import gguf_config
 

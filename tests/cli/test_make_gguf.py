@@ -105,3 +105,9 @@ def test_bad_gguf_file_is_one_error_line(capsys, tmp_path):
     rc, _, err = run(capsys, "sweep-bench", "-m", str(path), "-c", "24", "-ub", "8", "-n", "2", *FAST)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "broken.gguf" in lines[0], err
+
+
+def test_missing_gguf_file_is_named_as_a_file(capsys, tmp_path):
+    rc, _, err = run(capsys, "sweep-bench", "-m", str(tmp_path / "absent.gguf"), "--no-progress")
+    assert rc == 2
+    assert err.strip().splitlines() == [f"error: GGUF file not found: {tmp_path / 'absent.gguf'}"]
