@@ -80,6 +80,22 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
+def _e4m3_bits(y):
+    """float32 values on the e4m3 grid (_round_to_e4m3, |y| <= 448) -> their float8_e4m3fn bytes.
+
+    GPUs before sm_89 have no fp8 conversion (Triton refuses fp8e4nv there), so the byte is built from
+    the float32 bits: normals re-bias the exponent (127 -> 7) and keep the top 3 mantissa bits;
+    subnormals (|y| < 2^-6) are m * 2^-9 with m = |y| * 512 exact. Both are exact on the grid.
+    """
+    bits = y.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    exponent = ((bits >> 23) & 0xFF).to(tl.int32)
+    normal = ((exponent - 120) << 3) | ((bits >> 20) & 0x7).to(tl.int32)
+    sub = (tl.abs(y) * 512.0).to(tl.int32)
+    return (sign.to(tl.int32) | tl.where(exponent >= 121, normal, sub)).to(tl.uint8)
+
+
+@triton.jit
 def _kv_store_kernel(
     X, Data, Scale, Start, PageTable,
     stride_xb, stride_xs, stride_xh,
@@ -89,7 +105,7 @@ def _kv_store_kernel(
     seq_len, capacity, num_pages, num_rows,
     GROUPS_PER_HEAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, FORMAT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr = True,
 ):
     token = tl.program_id(0)
     b = token // seq_len
@@ -185,7 +201,10 @@ def _kv_store_kernel(
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         y = tl.where(bad[:, None], 0.0, _round_to_e4m3(y))
         scale = tl.where(bad, float("nan"), scale)
-        tl.store(Data + out_row[:, None] + cols[None, :], y.to(Data.dtype.element_ty), mask=mask)
+        if NATIVE_FP8:
+            tl.store(Data + out_row[:, None] + cols[None, :], y.to(Data.dtype.element_ty), mask=mask)
+        else:  # Data is the store's uint8 view (sm_80/sm_86)
+            tl.store(Data + out_row[:, None] + cols[None, :], _e4m3_bits(y), mask=mask)
         tl.store(Scale + scale_off, scale, mask=row_ok)
 
 
@@ -348,8 +367,11 @@ def _launch(store: _Store) -> None:
     tile_cols = QK if code == KernelCode.Q4_0 else block_c
     block_r = max(1, min(triton.next_power_of_2(num_rows), 4096 // tile_cols))
     grid = (batch * seq, triton.cdiv(num_rows, block_r))
+    # Before sm_89 there is no fp8 conversion (nor fp8e4nv in Triton): fp8 codes are written as bytes.
+    native_fp8 = (code != KernelCode.FP8 or x.device.type != "cuda"
+                  or torch.cuda.get_device_capability(x.device) >= (8, 9))
     _kv_store_kernel[grid](
-        x, data, scale_arg, store.start, page_table_arg,
+        x, data if native_fp8 else data.view(torch.uint8), scale_arg, store.start, page_table_arg,
         x.stride(0), x.stride(1), x.stride(2),
         data.stride(0), data.stride(1), data.stride(2),
         *scale_strides,
@@ -357,7 +379,7 @@ def _launch(store: _Store) -> None:
         seq, store.capacity, data.shape[0], num_rows,
         GROUPS_PER_HEAD=groups, GROUP_SIZE=group_size,
         BLOCK_R=block_r, BLOCK_C=block_c,
-        PAGE_SIZE=store.page_size, PAGED=page_table is not None, FORMAT=int(code),
+        PAGE_SIZE=store.page_size, PAGED=page_table is not None, FORMAT=int(code), NATIVE_FP8=native_fp8,
         num_warps=4,
         # gguf rounds x * id before adding 8.5 (q4_0); an FMA would round once and differ.
         enable_fp_fusion=False,

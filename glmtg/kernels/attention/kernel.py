@@ -156,6 +156,20 @@ def _q4_0_to_f16(packed, d):
 
 
 @triton.jit
+def _fp8_bits_to_f16(codes):
+    """float8_e4m3fn bit patterns (uint8) -> fp16, exactly, without the fp8 conversion instruction.
+
+    GPUs before sm_89 have no e4m3 conversion (Triton refuses the fp8e4nv type there), so the cache is
+    read as bytes: sign to bit 15 and exponent-mantissa to bits 13..7 give fp16 with the exponent bias
+    7 instead of 15, and one multiply by 2^8 fixes it (subnormals included; NaN codes, which the append
+    kernel never writes, read as 480).
+    """
+    c = codes.to(tl.int32)
+    bits = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+
+
+@triton.jit
 def _block_scales(Scale, scale_rows, m, BLOCKS: tl.constexpr, MASKED: tl.constexpr):
     """The fp16 block scales [n, BLOCKS] of n token rows, read as int32 words (two scales each).
 
@@ -176,7 +190,7 @@ def _block_scales(Scale, scale_rows, m, BLOCKS: tl.constexpr, MASKED: tl.constex
 @triton.jit
 def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
                   HEAD_DIM: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  ASM_DEQUANT: tl.constexpr, MASKED: tl.constexpr = True):
+                  ASM_DEQUANT: tl.constexpr, NATIVE_FP8: tl.constexpr, MASKED: tl.constexpr = True):
     """Load a [BLOCK_N, HEAD_DIM] tile and dequantize it in registers to the dtype of the dot.
 
     Every load is a plain contiguous row segment (codes) or a short row of block scales; scales are
@@ -186,6 +200,8 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
     anything (even NaN), and 0 * NaN would poison the accumulator even where p == 0.
     ASM_DEQUANT (GPU, fp16 dots): q8_0/q4_0 codes go to fp16 by bit tricks in inline PTX rather than
     through int -> fp32 -> fp16 conversions; the interpreter (CPU tests) takes the plain path.
+    NATIVE_FP8 (sm_89+ and the interpreter): fp8 codes are float8_e4m3fn and converted by Triton's cast;
+    otherwise they are their uint8 bits and converted by _fp8_bits_to_f16.
     """
     m = mask_n[:, None]
     BLOCKS: tl.constexpr = HEAD_DIM // 32
@@ -194,8 +210,12 @@ def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
         return _load(Data + rows[:, None] + offs_d[None, :], m, 0.0, MASKED)
     elif FORMAT == _FP8:  # e4m3 codes; the row scale is applied by the caller
         offs_d = tl.arange(0, HEAD_DIM)
-        codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0.0, MASKED)
-        return codes.to(DOT_DTYPE)
+        if NATIVE_FP8:
+            codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0.0, MASKED)
+            return codes.to(DOT_DTYPE)
+        else:
+            codes = _load(Data + rows[:, None] + offs_d[None, :], m, 0, MASKED)
+            return _fp8_bits_to_f16(codes).to(DOT_DTYPE)
     else:
         n: tl.constexpr = rows.shape[0]
         d = _block_scales(Scale, scale_rows, m, BLOCKS, MASKED)
@@ -229,7 +249,7 @@ def _attend_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSca
                  stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
                  SQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                  PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr, IEEE_DOT: tl.constexpr,
-                 ASM_DEQUANT: tl.constexpr, MASKED: tl.constexpr):
+                 ASM_DEQUANT: tl.constexpr, NATIVE_FP8: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over tokens [n0, n0 + BLOCK_N); MASKED for a tile that may pass ``end``."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
@@ -237,7 +257,7 @@ def _attend_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSca
     k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
     k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
     k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype,
-                      ASM_DEQUANT, MASKED)
+                      ASM_DEQUANT, NATIVE_FP8, MASKED)
     if IEEE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -258,7 +278,7 @@ def _attend_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSca
     v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
     v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
     v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype,
-                      ASM_DEQUANT, MASKED)
+                      ASM_DEQUANT, NATIVE_FP8, MASKED)
     if V_FORMAT == _FP8:  # the row scale multiplies the probabilities
         p = p * _load(VScale + v_scale_rows, mask_n, 0.0, MASKED)[None, :]
     if IEEE_DOT:
@@ -286,7 +306,7 @@ def _decode_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
     DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
-    FP16_DOT: tl.constexpr, ASM_DEQUANT: tl.constexpr,
+    FP16_DOT: tl.constexpr, ASM_DEQUANT: tl.constexpr, NATIVE_FP8: tl.constexpr = True,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,13 +344,13 @@ def _decode_attention_kernel(
             q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
             stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
             stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
-            SQ, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, False)
+            SQ, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8, False)
     if full_end < end:
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, full_end, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
             stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
             stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
-            SQ, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, True)
+            SQ, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8, True)
 
     if USE_PDL:
         # Streaming is done: let the merge kernel launch now; it waits for our stores itself.

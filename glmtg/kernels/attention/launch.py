@@ -13,7 +13,7 @@ from glmtg.kernels._checks import capturing, check, shape
 from glmtg.kernels.attention import cuda_loop as loop
 from glmtg.kernels.attention.kernel import _decode_attention_kernel
 from glmtg.kernels.attention.merge import MERGE_SPLIT_BLOCK, _merge_splits_kernel
-from glmtg.kernels.attention.plan import DecodeLaunch, plan_format, plan_launch
+from glmtg.kernels.attention.plan import DecodeLaunch, plan_format, plan_launch, target_of
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -179,13 +179,17 @@ def decode_attention(
     k_scale_arg = _scale_words("k_scale", k_scale, k_code) if k_code != KernelCode.FLOAT else k_cache
     v_scale_arg = _scale_words("v_scale", v_scale, v_code) if v_code != KernelCode.FLOAT else v_cache
     fp16_dot = launch.fp16_dot and k_code != KernelCode.FLOAT and v_code != KernelCode.FLOAT
+    # Before sm_89 the GPU has no e4m3 conversion and Triton no fp8e4nv type: fp8 codes go in as bytes.
+    native_fp8 = target_of(q.device).native_fp8
+    k_arg = k_cache if native_fp8 or k_code != KernelCode.FP8 else k_cache.view(torch.uint8)
+    v_arg = v_cache if native_fp8 or v_code != KernelCode.FP8 else v_cache.view(torch.uint8)
     if launch.cuda_loop:
         loop.launch(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, lengths,
                     page_table, partial_o, partial_lse, scale_log2=float(scale) * LOG2E,
                     capacity=capacity, num_splits=launch.num_splits)
     else:
         _decode_attention_kernel[(launch.num_splits, batch * num_kv_heads, launch.m_tiles)](
-            q, k_cache, v_cache, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
+            q, k_arg, v_arg, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -201,7 +205,7 @@ def decode_attention(
             DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
             USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
             # the interpreter has no PTX
-            ASM_DEQUANT=int(fp16_dot and launch.asm_dequant and q.device.type == "cuda"),
+            ASM_DEQUANT=int(fp16_dot and launch.asm_dequant and q.device.type == "cuda"), NATIVE_FP8=native_fp8,
             num_warps=launch.num_warps, num_stages=launch.num_stages,
         )
     if not direct:

@@ -8,7 +8,7 @@ lengths grow. The measured numbers behind the choices live in one table per GPU 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -53,7 +53,17 @@ class OneWarpPlan:
 
 @dataclass(frozen=True)
 class ArchPlan:
-    """The measured thresholds and tiles of one GPU architecture (see plan_launch for their use)."""
+    """The measured thresholds and tiles of one GPU architecture (see plan_launch for their use), and
+    the architecture's per-SM resources (NVIDIA's CUDA C++ Programming Guide, compute capability table).
+    The SM count is not here: it differs between GPUs of one architecture (A100 108, A30 56; RTX 4090
+    128, L40S 142) and is read from the device at run time (Target.sms)."""
+
+    # Per-SM resources: 32-bit registers, shared memory (KiB) per SM and the most one block may take
+    # (opt-in), resident warps. The tiles below must fit them (tests/kernels/test_compile_archs.py).
+    registers_per_sm: int = 65536
+    shared_kib_per_sm: int = 228
+    shared_kib_per_block: int = 227
+    max_warps_per_sm: int = 64
 
     # Plain (f16/bf16) plan: programs per SM, two where there are at least ``wide_work`` (sequence,
     # KV head, row tile) triples to share out, one otherwise (fewer slices, fewer partials to merge).
@@ -100,9 +110,17 @@ class ArchPlan:
 
 
 SM90 = ArchPlan()  # measured on the H100 (132 SMs)
-# Other GPUs have not been measured: they run the H100's plan.
+# Ampere and Ada, not measured: the H100's thresholds, with each architecture's resources, and no CUDA
+# loop (its fatbin is sm_90 machine code). Their tiles fit: the largest program the plan makes (bf16,
+# 128-token tiles in 2 stages) takes 40 KiB of shared memory, two per SM within sm_86/sm_89's 100 KiB
+# (tests/kernels/test_compile_archs.py compiles the plans and checks the per-block limit).
+SM80 = replace(SM90, shared_kib_per_sm=164, shared_kib_per_block=163, cuda_loop_formats=())  # A100: 108 SMs
+SM86 = replace(SM90, shared_kib_per_sm=100, shared_kib_per_block=99, max_warps_per_sm=48,  # RTX 3090: 82
+               cuda_loop_formats=())
+SM89 = replace(SM86)  # RTX 4090: 128 SMs, L40S: 142 (Target.sms); same per-SM resources as sm_86
+# Other GPUs have not been measured: they run the H100's plan (the CUDA loop only on 9.x, see plan_for).
 DEFAULT_PLAN = SM90
-ARCH_PLANS: dict[tuple[int, int], ArchPlan] = {(9, 0): SM90}
+ARCH_PLANS: dict[tuple[int, int], ArchPlan] = {(8, 0): SM80, (8, 6): SM86, (8, 9): SM89, (9, 0): SM90}
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,16 @@ class Target:
     def pdl(self) -> bool:
         """Programmatic dependent launch: Hopper and later."""
         return self.capability is not None and self.capability[0] >= 9
+
+    @property
+    def native_fp8(self) -> bool:
+        """Whether the GPU converts float8_e4m3fn itself (sm_89 and later; the interpreter does too)."""
+        return self.capability is None or self.capability >= (8, 9)
+
+    @property
+    def cuda_loop(self) -> bool:
+        """Whether the CUDA loop's machine code (sm_90) can run here (None: planning for the CPU)."""
+        return self.capability is None or self.capability[0] == 9
 
 
 _TARGETS: dict[int, Target] = {}
@@ -198,7 +226,7 @@ def plan_for(
     if pdl is None:
         pdl = target.pdl
     loop_work = batch * num_kv_heads * triton.cdiv(rows, loop.ROWS)  # the loop's warps per slice
-    if (cuda_loop and cache_format in arch.cuda_loop_formats and head_dim == loop.HEAD_DIM
+    if (cuda_loop and target.cuda_loop and cache_format in arch.cuda_loop_formats and head_dim == loop.HEAD_DIM
             and rows <= arch.cuda_loop_max_row_tiles * loop.ROWS and not tuned
             and max_context >= arch.cuda_loop_min_context and loop_work * max_context >= arch.cuda_loop_min_tokens):
         return cuda_loop_launch_for(target, batch, num_kv_heads, max_context, rows=rows, pdl=pdl)

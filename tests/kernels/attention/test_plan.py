@@ -146,7 +146,7 @@ def test_the_table_is_where_the_choices_live(monkeypatch):
     monkeypatch.setitem(ARCH_PLANS, (9, 0), replace(SM90, cuda_loop_formats=(), one_warp={}))
     after = plan_for(H100, **deep, cache_format="q4_0", cuda_loop=True)
     assert before.cuda_loop and not after.cuda_loop and after.num_warps == 4
-    assert plan_for(Target(132, (8, 0)), **deep, cache_format="q4_0", cuda_loop=True).cuda_loop  # the default entry
+    assert Target(132, (10, 0)).plan is SM90  # unlisted architectures: the default entry, the H100's
 
 
 def test_bad_arguments():

@@ -1,0 +1,316 @@
+"""Every Triton kernel of glmtg compiles for Ampere and Ada (sm_80, sm_86, sm_89), on any machine, and the
+launch plan has a valid entry for each of them.
+
+The sm_90 compile checks (test_compile_sm90.py, test_moe_compile_sm90.py, the gguf decoder files) cover
+the H100; this file compiles what those GPUs run, with the arguments their launchers pass there: fp8 caches
+as bytes before sm_89 (no e4m3 conversion instruction, and Triton has no fp8e4nv type there). Compiling
+goes to machine code through ptxas for the target, so an instruction the architecture lacks fails here.
+It runs as a subprocess (this file as a script, see tests/kernels/conftest.py) because the interpreter
+replaces the kernels in the test process. Kernels: decode attention as planned for each architecture
+(bf16 and every quantized cache at 96/8, 64k) and its merge; kv_store per cache format; moe_decode; the
+GGUF dequant, gemv, moe, mmvq (with its activation quantizer) and mmvq_moe kernels for a few block types,
+among them the ones with inline PTX (dp4a, prmt). Checked besides compiling: the shared memory a
+program takes fits the architecture's per-block limit (ArchPlan.shared_kib_per_block).
+``python tests/kernels/test_compile_archs.py`` prints the report.
+
+CPU tests besides (interpreter): the two byte-level fp8 conversions those GPUs use, over every code;
+the plans for each architecture; the CUDA loop is never chosen off sm_90, with a faked device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import sys
+
+if __name__ == "__main__":  # run as the compile script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from glmtg.kernels.attention.kernel import _fp8_bits_to_f16  # noqa: E402
+from glmtg.kernels.kv_store import _e4m3_bits  # noqa: E402
+
+ARCHS = (80, 86, 89)
+TARGET_SMS = {80: 108, 86: 82, 89: 128}  # A100, RTX 3090, RTX 4090
+
+
+def _sig(kernel, pointers: dict[str, str], const: dict) -> tuple[dict, dict]:
+    """Triton signature (unnamed scalars int32) and the launchers' 16-divisibility hints on pointers."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            if pointers[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    return sig, attrs
+
+
+def _attention_jobs(cc: int) -> list[tuple[str, object, dict, dict, dict]]:
+    from glmtg.formats import FORMATS, KernelCode
+    from glmtg.kernels.attention import Target
+    from glmtg.kernels.attention.kernel import _decode_attention_kernel
+    from glmtg.kernels.attention.merge import MERGE_SPLIT_BLOCK, _merge_splits_kernel
+    from glmtg.kernels.attention.plan import plan_for
+
+    target = Target(TARGET_SMS[cc], (cc // 10, cc % 10))
+    native = target.native_fp8
+    codes = {KernelCode.FLOAT: "*bf16", KernelCode.Q8_0: "*i8", KernelCode.Q4_0: "*u8",
+             KernelCode.FP8: "*fp8e4nv" if native else "*u8"}
+    scales = {KernelCode.FLOAT: "*bf16", KernelCode.Q8_0: "*i32", KernelCode.Q4_0: "*i32", KernelCode.FP8: "*fp32"}
+    jobs = []
+    for fmt, ctx in ((None, 65536), ("q8_0", 65536), ("q4_0", 65536), ("fp8", 65536)):
+        launch = plan_for(target, 1, 8, 12, 128, ctx, cache_format=fmt)
+        code = FORMATS[fmt].code if fmt else KernelCode.FLOAT
+        quantized = fmt is not None
+        const = dict(SQ=1, GROUP=12, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                     M_PAD=launch.block_m * launch.m_tiles, PAGE_SIZE=65536, PAGED=False, K_FORMAT=int(code),
+                     V_FORMAT=int(code), DIRECT_OUT=launch.num_splits == 1, WRITE_LSE=False, IEEE_DOT=False,
+                     USE_PDL=launch.pdl and launch.num_splits > 1, FP16_DOT=launch.fp16_dot and quantized,
+                     ASM_DEQUANT=int(launch.fp16_dot and launch.asm_dequant and quantized), NATIVE_FP8=native)
+        pointers = dict(Q="*bf16", Out="*bf16", K=codes[code], V=codes[code], KScale=scales[code],
+                        VScale=scales[code], Lse="*fp32", PartialO="*fp32", PartialLse="*fp32", Lengths="*i32",
+                        PageTable="*i32", scale_log2="fp32")
+        jobs.append((f"attention {fmt or 'bf16'} {ctx // 1024}k", _decode_attention_kernel, pointers, const,
+                     dict(num_warps=launch.num_warps, num_stages=launch.num_stages)))
+    const = dict(SQ=1, GROUP=12, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_N=64, M_PAD=16, SPLIT_BLOCK=MERGE_SPLIT_BLOCK,
+                 BLOCK_D=32, ONE_PASS=False, WRITE_LSE=True, USE_PDL=target.pdl)
+    pointers = dict(Out="*bf16", Lse="*fp32", PartialO="*fp32", PartialLse="*fp32", Lengths="*i32")
+    jobs.append(("merge", _merge_splits_kernel, pointers, const, dict(num_warps=4)))
+    return jobs
+
+
+def _store_jobs(cc: int) -> list[tuple[str, object, dict, dict, dict]]:
+    from glmtg.formats import FORMATS
+    from glmtg.kernels.kv_store import _kv_store_kernel
+
+    native = cc >= 89
+    jobs = []
+    # (format, data pointer, scale pointer, groups per head, group size, BLOCK_R, BLOCK_C) as _launch picks
+    # them for 8 KV heads of 128 values.
+    for fmt, data, scale, groups, size, block_r, block_c in (
+            ("bf16", "*bf16", "*bf16", 1, 128, 8, 128), ("q8_0", "*i8", "*fp16", 4, 32, 32, 32),
+            ("q4_0", "*u8", "*fp16", 4, 32, 32, 16), ("fp8", "*fp8e4nv" if native else "*u8", "*fp32", 1, 128, 8, 128)):
+        const = dict(GROUPS_PER_HEAD=groups, GROUP_SIZE=size, BLOCK_R=block_r, BLOCK_C=block_c, PAGE_SIZE=1,
+                     PAGED=False, FORMAT=int(FORMATS[fmt].code), NATIVE_FP8=native)
+        pointers = dict(X="*bf16", Data=data, Scale=scale, Start="*i32", PageTable="*i32")
+        jobs.append((f"kv_store {fmt}", _kv_store_kernel, pointers, const, dict(num_warps=4, enable_fp_fusion=False)))
+    return jobs
+
+
+def _moe_jobs() -> list[tuple[str, object, dict, dict, dict]]:
+    from glmtg.kernels import moe_decode as md
+
+    d = {n: p.default for n, p in inspect.signature(md.moe_decode).parameters.items()}
+    return [
+        ("moe_decode gate_up", md._gate_up_kernel, dict(X="*bf16", Gate="*bf16", Up="*bf16", Ids="*i64", Act="*fp32"),
+         dict(BLOCK_I=d["block_i"], BLOCK_K=d["block_k"]), dict(num_warps=d["num_warps"])),
+        ("moe_decode down", md._down_kernel, dict(Act="*fp32", Down="*bf16", Ids="*i64", Weights="*fp32", Y="*bf16"),
+         dict(BLOCK_H=d["block_h"], BLOCK_K=d["block_k_down"]), dict(num_warps=d["num_warps"])),
+    ]
+
+
+def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
+    from glmtg.formats import REGISTRY
+    from glmtg.kernels.gguf import dequant, gemv, mmvq, mmvq_moe, moe
+    from glmtg.kernels.gguf.tables import lookup_table
+
+    def blocks(name: str) -> dict:
+        f = REGISTRY[name]
+        return dict(FMT=f.gguf_type, BS=f.block_size, TS=f.type_size)
+
+    def aux(name: str) -> str:
+        return "*i64" if lookup_table(name, "cpu").dtype.itemsize == 8 else "*i32"
+
+    jobs = [("gguf dequant q6_k", dequant._dequant_rows_kernel, dict(W="*u8", Out="*fp32", Aux=aux("q6_k")),
+             dict(blocks("q6_k"), BLOCK_R=4, BLOCK_G=4), dict(num_warps=4))]
+    for name in ("q4_k", "iq4_xs"):
+        g = gemv.steps_for(REGISTRY[name].block_size, 512)
+        jobs.append((f"gguf gemv {name}", gemv._gemv_kernel, dict(X="*bf16", W="*u8", Y="*bf16", Aux=aux(name)),
+                     dict(blocks(name), BLOCK_T=1, BLOCK_N=8, G=g), dict(num_warps=4)))
+    name = "q4_0"
+    g = gemv.steps_for(REGISTRY[name].block_size, 512)
+    jobs.append(("gguf moe gate_up q4_0", moe._gate_up_kernel,
+                 dict(X="*bf16", Gate="*u8", Up="*u8", Ids="*i64", Weights="*fp32", Act="*fp32", Aux=aux(name)),
+                 dict(blocks(name), BLOCK_R=8, G=g), dict(num_warps=4)))
+    jobs.append(("gguf moe down q4_0", moe._down_kernel,
+                 dict(Act="*fp32", Down="*u8", Ids="*i64", Y="*bf16", Aux=aux(name)),
+                 dict(blocks(name), BLOCK_R=8, G=g), dict(num_warps=4)))
+    jobs.append(("gguf mmvq quantize", mmvq._quantize_kernel, dict(X="*bf16", Q="*i8", DX="*fp32", S="*i32"),
+                 dict(GB=32), dict(num_warps=4)))
+    for name in ("q4_k", "iq4_xs"):  # dp4a; iq4_xs' level lookup by prmt
+        block_n, g, warps = mmvq.default_config(4096, 4096 // REGISTRY[name].block_size)
+        jobs.append((f"gguf mmvq {name}", mmvq._mmvq_kernel,
+                     dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16"),
+                     dict(blocks(name), BLOCK_T=1, BLOCK_N=block_n, G=g), dict(num_warps=warps)))
+    # mmvq_moe at its CUDA launch (one row a program, 1024 values a step, one warp; the activation unfused).
+    gate_up, down = "q4_0", "q6_k"
+    jobs.append(("gguf mmvq_moe gate_up q4_0", mmvq_moe._gate_up_kernel,
+                 dict(XW="*i32", DX="*fp32", XS="*i32", Gate="*u8", Up="*u8", Ids="*i64", Weights="*fp32",
+                      Act="*fp32", AQ="*i8", ADX="*fp32", AS="*i32"),
+                 dict(blocks(gate_up), BLOCK_R=1, G=gemv.steps_for(REGISTRY[gate_up].block_size, 1024), FUSED=False),
+                 dict(num_warps=1)))
+    jobs.append(("gguf mmvq_moe down q6_k", mmvq_moe._down_kernel,
+                 dict(AW="*i32", ADX="*fp32", AS="*i32", Down="*u8", Ids="*i64", Y="*bf16"),
+                 dict(blocks(down), BLOCK_R=1, G=gemv.steps_for(REGISTRY[down].block_size, 1024)), dict(num_warps=1)))
+    return jobs
+
+
+def main() -> int:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glmtg.kernels.attention.plan import ARCH_PLANS
+
+    failed = 0
+    print("| arch | kernel | shared bytes | shared limit |")
+    print("|---|---|---|---|")
+    for cc in ARCHS:
+        limit = ARCH_PLANS[(cc // 10, cc % 10)].shared_kib_per_block * 1024
+        for name, kernel, pointers, const, options in (_attention_jobs(cc) + _store_jobs(cc) + _moe_jobs()
+                                                       + _gguf_jobs()):
+            try:
+                sig, attrs = _sig(kernel, pointers, const)
+                compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
+                                          options=options)
+                assert compiled.asm.get("cubin"), "no machine code"
+            except Exception as exc:  # report and go on: one failure should not hide the others
+                failed += 1
+                cause = exc.__cause__ or exc
+                text = " ".join(str(cause).split())[:300]
+                print(f"| sm_{cc} | {name} | compile failed: {type(cause).__name__}: {text} |")
+                continue
+            print(f"| sm_{cc} | {name} | {compiled.metadata.shared} | {limit} |")
+    return 1 if failed else 0
+
+
+# --- the compile check --------------------------------------------------------------------------------
+
+def test_every_kernel_compiles_for_sm80_sm86_sm89(compile_report):
+    stdout, table = compile_report(__file__, timeout=600)
+    rows = [cells for cells in table if len(cells) == 4 and cells[2].isdigit()]
+    per_arch = {cc: [r for r in rows if r[0] == f"sm_{cc}"] for cc in ARCHS}
+    assert all(len(r) == len(per_arch[ARCHS[0]]) >= 20 for r in per_arch.values()), stdout
+    for arch, name, shared, limit in rows:
+        assert int(shared) <= int(limit), f"{arch} {name}: {shared} bytes of shared memory, at most {limit}"
+
+
+# --- the byte-level fp8 conversions (interpreter) -------------------------------------------------------
+
+@triton.jit
+def _decode_bytes(Codes, Out, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Out + offs, _fp8_bits_to_f16(tl.load(Codes + offs)))
+
+
+@triton.jit
+def _encode_values(Values, Out, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Out + offs, _e4m3_bits(tl.load(Values + offs)))
+
+
+def test_fp8_bytes_decode_exactly():
+    """Every e4m3fn byte but the two NaNs -> the same fp16 as torch's cast (exact: every e4m3 value is
+    an fp16 value)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.full((256,), float("nan"), dtype=torch.float16)
+    _decode_bytes[(1,)](codes, out, N=256)
+    want = codes.view(torch.float8_e4m3fn).to(torch.float16)
+    finite = ~want.isnan()
+    assert int(finite.sum()) == 254
+    assert torch.equal(out[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
+def test_fp8_values_encode_to_their_bytes():
+    """Every finite e4m3fn value (as float32, on the grid as the store kernel rounds it) -> its byte,
+    signed zeros and subnormals included, in a shuffled order."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[~codes.view(torch.float8_e4m3fn).float().isnan()]
+    codes = codes[torch.randperm(codes.numel(), generator=torch.Generator().manual_seed(0))]
+    values = torch.cat([codes.view(torch.float8_e4m3fn).float(), torch.full((2,), 448.0)])  # pad to 256
+    out = torch.zeros(256, dtype=torch.uint8)
+    _encode_values[(1,)](values, out, N=256)
+    assert torch.equal(out[:254], codes)
+
+
+# --- plans and the CUDA loop's selection ----------------------------------------------------------------
+
+GPUS = {"a100": (108, (8, 0)), "rtx3090": (82, (8, 6)), "rtx4090": (128, (8, 9)), "l40s": (142, (8, 9))}
+
+
+def test_each_architecture_has_its_entry():
+    from glmtg.kernels.attention import ARCH_PLANS
+    from glmtg.kernels.attention.plan import SM90
+
+    for cap in ((8, 0), (8, 6), (8, 9), (9, 0)):
+        arch = ARCH_PLANS[cap]
+        assert arch.registers_per_sm == 65536
+        assert arch.cuda_loop_formats == (() if cap < (9, 0) else SM90.cuda_loop_formats)
+    # NVIDIA's table: shared memory per SM / per block (KiB) and resident warps per SM.
+    assert [(ARCH_PLANS[c].shared_kib_per_sm, ARCH_PLANS[c].shared_kib_per_block, ARCH_PLANS[c].max_warps_per_sm)
+            for c in ((8, 0), (8, 6), (8, 9), (9, 0))] == [(164, 163, 64), (100, 99, 48), (100, 99, 48), (228, 227, 64)]
+
+
+def test_plans_for_ampere_and_ada_are_valid_launches():
+    """Over a grid of shapes: rows covered, grid within CUDA's limits, one wave of programs, slices of
+    at least 64 tokens, never the CUDA loop (even when the caller says it could run), no PDL."""
+    from glmtg.kernels.attention import Target
+    from glmtg.kernels.attention.plan import plan_for
+
+    for (sms, cap), (hq, hkv), ctx, batch, fmt, sq, head_dim in itertools.product(
+            GPUS.values(), [(96, 8), (48, 2), (12, 1), (40, 8)], [1, 100, 4096, 65536, 131072], (1, 8, 32),
+            (None, "q8_0", "q4_0", "fp8"), (1, 3), (64, 128, 256)):
+        rows = hq // hkv * sq
+        launch = plan_for(Target(sms, cap), batch, hkv, rows, head_dim, ctx, cache_format=fmt, cuda_loop=True)
+        what = (sms, cap, hq, hkv, ctx, batch, fmt, sq, head_dim, launch)
+        assert launch.m_tiles * launch.block_m >= rows > (launch.m_tiles - 1) * launch.block_m, what
+        assert launch.num_splits >= 1 and launch.num_splits * batch * hkv * launch.m_tiles <= max(8 * sms, batch * hkv *
+                                                                                                  launch.m_tiles), what
+        assert batch * hkv <= 65535 and launch.m_tiles <= 65535, what
+        assert launch.num_splits <= max(1, triton.cdiv(ctx, 64)), what
+        assert launch.num_warps in (1, 4, 8) and launch.num_stages >= 1, what
+        assert not launch.cuda_loop and not launch.pdl, what
+        assert fmt != "q4_0" or launch.block_n >= 32, what
+
+
+def test_sm89_splits_follow_the_sm_count():
+    """One sm_89 entry serves the RTX 4090 and the L40S: the split count comes from the device's SMs."""
+    from glmtg.kernels.attention import Target
+    from glmtg.kernels.attention.plan import plan_for
+
+    small, large = (plan_for(Target(sms, (8, 9)), 1, 8, 12, 128, 131072).num_splits for sms in (128, 142))
+    assert small < large
+
+
+def test_cuda_loop_never_selected_off_sm90(monkeypatch):
+    """With the device faked as each architecture: sm_8x has neither the loop's availability nor its plan;
+    sm_90 keeps planning it (its availability needs the real fatbin loaded, so only the plan is checked)."""
+    import types
+
+    from glmtg.kernels.attention import cuda_loop, plan
+    from glmtg.kernels.attention.plan import plan_launch
+
+    deep = dict(batch=1, num_kv_heads=8, rows=12, head_dim=128, max_context=65536)
+    for sms, cap in [*GPUS.values(), (132, (9, 0))]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, cap=cap: cap)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None, sms=sms, cap=cap:
+                            types.SimpleNamespace(multi_processor_count=sms, major=cap[0], minor=cap[1]))
+        monkeypatch.setattr(plan, "_TARGETS", {})
+        monkeypatch.setattr(cuda_loop, "_AVAILABLE", {})
+        device = torch.device("cuda", 0)
+        launch = plan_launch(**deep, device=device, cache_format="q4_0", cuda_loop=True)
+        assert launch.cuda_loop == (cap == (9, 0)), (cap, launch)
+        if cap != (9, 0):
+            assert not cuda_loop.available(device), cap
+
+
+if __name__ == "__main__":
+    sys.exit(main())
