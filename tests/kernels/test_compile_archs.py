@@ -129,8 +129,9 @@ def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
     def aux(name: str) -> str:
         return "*i64" if lookup_table(name, "cpu").dtype.itemsize == 8 else "*i32"
 
-    jobs = [("gguf dequant q6_k", dequant._dequant_rows_kernel, dict(W="*u8", Out="*fp32", Aux=aux("q6_k")),
-             dict(blocks("q6_k"), BLOCK_R=4, BLOCK_G=4), dict(num_warps=4))]
+    # q8_0's float decoder converts bytes by PRMT (decode._byte_f32), q4_0's nibbles by LOP3 + PRMT (the moe below)
+    jobs = [(f"gguf dequant {name}", dequant._dequant_rows_kernel, dict(W="*u8", Out="*fp32", Aux=aux(name)),
+             dict(blocks(name), BLOCK_R=4, BLOCK_G=4), dict(num_warps=4)) for name in ("q8_0", "q6_k")]
     for name in ("q4_k", "iq4_xs"):
         g = gemv.steps_for(REGISTRY[name].block_size, 512)
         jobs.append((f"gguf gemv {name}", gemv._gemv_kernel, dict(X="*bf16", W="*u8", Y="*bf16", Aux=aux(name)),
@@ -259,9 +260,10 @@ def test_each_architecture_has_its_entry():
 
 
 def test_plans_for_ampere_and_ada_are_valid_launches():
-    """Over a grid of shapes: rows covered, grid within CUDA's limits, one wave of programs, slices of
-    at least 64 tokens, never the CUDA loop (even when the caller says it could run), no PDL."""
-    from glmtg.kernels.attention import Target
+    """Over a grid of shapes: rows covered, grid within CUDA's limits, one wave of programs whose warps the
+    SM holds, slices of at least 64 tokens, never the CUDA loop (even when the caller says it could run),
+    no PDL."""
+    from glmtg.kernels.attention import ARCH_PLANS, Target
     from glmtg.kernels.attention.plan import plan_for
 
     for (sms, cap), (hq, hkv), ctx, batch, fmt, sq, head_dim in itertools.product(
@@ -271,8 +273,11 @@ def test_plans_for_ampere_and_ada_are_valid_launches():
         launch = plan_for(Target(sms, cap), batch, hkv, rows, head_dim, ctx, cache_format=fmt, cuda_loop=True)
         what = (sms, cap, hq, hkv, ctx, batch, fmt, sq, head_dim, launch)
         assert launch.m_tiles * launch.block_m >= rows > (launch.m_tiles - 1) * launch.block_m, what
-        assert launch.num_splits >= 1 and launch.num_splits * batch * hkv * launch.m_tiles <= max(8 * sms, batch * hkv *
-                                                                                                  launch.m_tiles), what
+        work = batch * hkv * launch.m_tiles
+        assert launch.num_splits >= 1 and (launch.num_splits == 1 or launch.num_splits * work <= 8 * sms), what
+        # A split launch's programs are meant to be resident at once: their warps fit the SM (48 on sm_86/89).
+        per_sm = -(-launch.num_splits * work // sms)
+        assert launch.num_splits == 1 or per_sm * launch.num_warps <= ARCH_PLANS[cap].max_warps_per_sm, what
         assert batch * hkv <= 65535 and launch.m_tiles <= 65535, what
         assert launch.num_splits <= max(1, triton.cdiv(ctx, 64)), what
         assert launch.num_warps in (1, 4, 8) and launch.num_stages >= 1, what
