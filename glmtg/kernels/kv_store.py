@@ -345,6 +345,12 @@ def _store_torch(store: _Store) -> None:
         scale[rows, :, slots] = scales
 
 
+def _native_fp8(device: torch.device) -> bool:
+    """Whether ``device`` converts to float8_e4m3fn itself: sm_89 and later, and the interpreter. Before
+    sm_89 there is no fp8 conversion (nor fp8e4nv in Triton): fp8 codes are written as bytes."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _launch(store: _Store) -> None:
     x, data, scale, page_table = store.x, store.data, store.scale, store.page_table
     batch, seq, heads, head_dim = x.shape
@@ -367,9 +373,7 @@ def _launch(store: _Store) -> None:
     tile_cols = QK if code == KernelCode.Q4_0 else block_c
     block_r = max(1, min(triton.next_power_of_2(num_rows), 4096 // tile_cols))
     grid = (batch * seq, triton.cdiv(num_rows, block_r))
-    # Before sm_89 there is no fp8 conversion (nor fp8e4nv in Triton): fp8 codes are written as bytes.
-    native_fp8 = (code != KernelCode.FP8 or x.device.type != "cuda"
-                  or torch.cuda.get_device_capability(x.device) >= (8, 9))
+    native_fp8 = code != KernelCode.FP8 or _native_fp8(x.device)
     _kv_store_kernel[grid](
         x, data if native_fp8 else data.view(torch.uint8), scale_arg, store.start, page_table_arg,
         x.stride(0), x.stride(1), x.stride(2),

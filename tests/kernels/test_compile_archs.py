@@ -13,8 +13,10 @@ among them the ones with inline PTX (dp4a, prmt). Checked besides compiling: the
 program takes fits the architecture's per-block limit (ArchPlan.shared_kib_per_block).
 ``python tests/kernels/test_compile_archs.py`` prints the report.
 
-CPU tests besides (interpreter): the two byte-level fp8 conversions those GPUs use, over every code;
-the plans for each architecture; the CUDA loop is never chosen off sm_90, with a faked device.
+CPU tests besides (interpreter): the two byte-level fp8 conversions those GPUs use, over every code, and
+decode_attention and kv_store taking them (the architecture faked) against the native fp8 path and the
+torch quantization; the plans for each architecture; the CUDA loop is never chosen off sm_90, with a faked
+device.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 if __name__ == "__main__":  # run as the compile script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -239,6 +242,59 @@ def test_fp8_values_encode_to_their_bytes():
     out = torch.zeros(256, dtype=torch.uint8)
     _encode_values[(1,)](values, out, N=256)
     assert torch.equal(out[:254], codes)
+
+
+@pytest.mark.parametrize("k_format, v_format", [("fp8", "fp8"), ("fp8", "q8_0")])
+def test_attention_reads_fp8_as_bytes_like_fp8(monkeypatch, k_format, v_format):
+    """decode_attention as it runs on sm_80/sm_86 (fp8 caches passed as bytes, NATIVE_FP8 off), in the
+    interpreter: the same output, bit for bit, as the native fp8 path (both dot the same fp16 values), and
+    2e-3 relative to float64 attention over the dequantized cache (fp16 queries and dots, as test_plan.py)."""
+    from glmtg.kernels.attention import Target, decode_attention, launch
+    from glmtg.kv_cache import KVCache
+    from tests.references.attention import decode_attention_ref
+
+    g = torch.Generator().manual_seed(3)
+    batch, hkv, group, d, capacity, lengths = 2, 2, 5, 64, 77, [77, 30]
+    cache = KVCache(num_layers=1, batch=batch, capacity=capacity, num_kv_heads=hkv, head_dim=d,
+                    k_format=k_format, v_format=v_format)
+    cache.append(0, torch.randn(batch, capacity, hkv, d, generator=g), torch.randn(batch, capacity, hkv, d, generator=g),
+                 torch.zeros(batch, dtype=torch.int32))
+    cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+    q = torch.randn(batch, 1, hkv * group, d, generator=g).half()
+    kv, vv = cache.k(0), cache.v(0)
+    outs = []
+    for capability in (None, (8, 6)):  # the interpreter's own target, then one without fp8 conversion
+        monkeypatch.setattr(launch, "target_of", lambda device, capability=capability: Target(8, capability))
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, kv.data, vv.data, cache.lengths, k_scale=kv.scale, v_scale=vv.scale, k_format=k_format,
+                         v_format=v_format, out=out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    ks, vs = zip(*(cache.dequantized(0, b, capacity) for b in range(batch)))
+    ref, _ = decode_attention_ref(q, torch.stack(ks), torch.stack(vs), cache.lengths)
+    err = ((outs[1].double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, err
+
+
+def test_kv_store_writes_fp8_bytes_like_fp8(monkeypatch):
+    """The append kernel as it runs on sm_80/sm_86 (fp8 store as bytes), in the interpreter: the same bytes
+    as the formats' torch quantization (bit-exact, as test_kv_store.py), over random rows of odd scales,
+    sentinel-filled store, one token past the written ones untouched."""
+    from glmtg.formats import FORMATS
+    from glmtg.kernels import kv_store as store
+
+    monkeypatch.setattr(store, "_native_fp8", lambda device: False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 2, 64, generator=g) * torch.logspace(-3, 3, 64)  # e4m3 subnormals to 448
+    data = torch.full((2, 2, 7, 64), 0x5A, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    scale = torch.full((2, 2, 7), float("nan"))
+    start = torch.tensor([0, 4], dtype=torch.int32)
+    store.kv_store(x, data, scale, start, "fp8", backend="triton")
+    codes, scales = FORMATS["fp8"].quantize(x)  # [B, S, Hkv, D], [B, S, Hkv]
+    for b, s0 in enumerate(start.tolist()):
+        assert torch.equal(data[b, :, s0:s0 + 3].view(torch.uint8), codes[b].transpose(0, 1).view(torch.uint8))
+        assert torch.equal(scale[b, :, s0:s0 + 3], scales[b].transpose(0, 1))
+    assert bool((data[0, :, 3:].view(torch.uint8) == 0x5A).all()) and bool(scale[0, :, 3:].isnan().all())
 
 
 # --- plans and the CUDA loop's selection ----------------------------------------------------------------
