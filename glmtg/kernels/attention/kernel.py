@@ -190,7 +190,7 @@ def _block_scales(Scale, scale_rows, m, BLOCKS: tl.constexpr, MASKED: tl.constex
 @triton.jit
 def _load_kv_tile(Data, Scale, rows, scale_rows, mask_n,
                   HEAD_DIM: tl.constexpr, FORMAT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  ASM_DEQUANT: tl.constexpr, NATIVE_FP8: tl.constexpr, MASKED: tl.constexpr = True):
+                  ASM_DEQUANT: tl.constexpr, MASKED: tl.constexpr = True, NATIVE_FP8: tl.constexpr = True):
     """Load a [BLOCK_N, HEAD_DIM] tile and dequantize it in registers to the dtype of the dot.
 
     Every load is a plain contiguous row segment (codes) or a short row of block scales; scales are
@@ -257,7 +257,7 @@ def _attend_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSca
     k_rows = page * stride_kp + hkv * stride_kh + slot * stride_kn  # element offsets of each token row
     k_scale_rows = page * stride_ksp + hkv * stride_ksh + slot * stride_ksn
     k = _load_kv_tile(K, KScale, k_rows, k_scale_rows, mask_n, HEAD_DIM, K_FORMAT, q.dtype,
-                      ASM_DEQUANT, NATIVE_FP8, MASKED)
+                      ASM_DEQUANT, MASKED, NATIVE_FP8)
     if IEEE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -278,7 +278,7 @@ def _attend_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSca
     v_rows = page * stride_vp + hkv * stride_vh + slot * stride_vn
     v_scale_rows = page * stride_vsp + hkv * stride_vsh + slot * stride_vsn
     v = _load_kv_tile(V, VScale, v_rows, v_scale_rows, mask_n, HEAD_DIM, V_FORMAT, q.dtype,
-                      ASM_DEQUANT, NATIVE_FP8, MASKED)
+                      ASM_DEQUANT, MASKED, NATIVE_FP8)
     if V_FORMAT == _FP8:  # the row scale multiplies the probabilities
         p = p * _load(VScale + v_scale_rows, mask_n, 0.0, MASKED)[None, :]
     if IEEE_DOT:
