@@ -85,7 +85,7 @@ def compile_variant(*, k_format: KernelCode = FLOAT, v_format: KernelCode = FLOA
                  M_PAD=block_m, PAGE_SIZE=64 if paged else 65536, PAGED=paged, K_FORMAT=int(k_format),
                  V_FORMAT=int(v_format), DIRECT_OUT=direct, WRITE_LSE=False, IEEE_DOT=False, USE_PDL=True,
                  FP16_DOT=fp16_dot and FLOAT not in (k_format, v_format),
-                 ASM_DEQUANT=int(asm_dequant and fp16_dot and FLOAT not in (k_format, v_format)))
+                 ASM_DEQUANT=int(asm_dequant and fp16_dot and FLOAT not in (k_format, v_format)), NATIVE_FP8=True)
     return triton.compile(ASTSource(da._decode_attention_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
