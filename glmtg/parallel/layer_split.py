@@ -24,7 +24,7 @@ from glmtg.layers.moe import Experts
 from glmtg.layers.params import write_parameter
 from glmtg.layers.quant_experts import QuantExperts
 from glmtg.layers.rope import rope_cos_sin
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM, _check_room
 from glmtg.parallel.group import TPGroup
 
 if TYPE_CHECKING:
@@ -118,14 +118,17 @@ class LayerSplitModel(nn.Module):
         return True
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, attn_backend: str = "sdpa",
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, validate: bool = True) -> torch.Tensor:
         """input_ids [B, S] (the same on every rank) -> fp32 logits [B, S or 1, vocab] on every rank, as the
-        whole model's forward; ``cache`` holds this stage's layers and is not advanced."""
+        whole model's forward (``validate`` likewise checks the room once); ``cache`` holds this stage's
+        layers and is not advanced."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         if attn_backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {attn_backend!r}")
         bsz, s = input_ids.shape
+        if validate and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _check_room(cache, s)
         positions = cache.lengths.to(torch.long)[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
         cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
         ctx = StepContext(cache, cache.lengths + s, cos, sin, attn_backend)
