@@ -95,7 +95,7 @@ def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.
                 layer.mlp = ParallelMoE(config, dtype, tp, experts_backend)
             else:
                 layer.mlp = _parallel_mlp(layer.mlp, dtype, tp, reduce=True)
-    return model
+    return model.requires_grad_(False)
 
 
 def load_from_full(model: Glm4MoeForCausalLM, full: Glm4MoeForCausalLM) -> Glm4MoeForCausalLM:
