@@ -7,9 +7,11 @@ corrupt file, wrong model type, missing tokenizer, a context too small) ends the
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot", "make-gguf")
 
@@ -65,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``glmtg ARGS``; returns the exit status (0 ok, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _prepare_triton(argv)
-    import torch
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -75,12 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         print(f"error: give a command: {', '.join(SUBCOMMANDS)} (see glmtg --help)", file=sys.stderr)
         return 2
+    if getattr(args, "split_mode", "none") != "none" or getattr(args, "gpus", 1) != 1 \
+            or getattr(args, "tensor_split", None) is not None:
+        from glmtg.cli.ranks import launch
+
+        return run_command(args, launch)  # checks the split flags, then every rank runs the command
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace, run: Callable[[argparse.Namespace], int | None] | None = None) -> int:
+    """Run the parsed command (``run(args)``, default ``args.run(args)``) with the CLI's error handling:
+    one ``error:`` line and status 2 for user errors. Every rank of a split run calls it too."""
+    import torch
+
     from glmtg.cli.common import as_flags
 
+    run = args.run if run is None else run
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return int(args.run(args) or 0)
+            return int(run(args) or 0)
         except (ValueError, OSError) as e:  # OSError: missing, unreadable or unwritable files
             print(f"error: {as_flags(_one_line(e))}", file=sys.stderr)
             return 2

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from glmtg.config import ModelConfig
+from glmtg.cli import ranks
 from glmtg.engine import Engine, EngineConfig, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS
@@ -171,6 +172,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
                         "without eager prefill's [heads, ub, N_KV] score tensors")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (compile/capture) before timing")
+    ranks.add_split_flags(g)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -314,7 +316,7 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
     ``tokenizer``: from ``load_tokenizer`` when the command needs one (read first, so that a bad
     tokenizer or prompt fails before the weights load).
     """
-    device = resolve_device(args.device)
+    device = ranks.rank_device(args, resolve_device(args.device))
     dtype = DTYPES[args.dtype]
     check_memory(args, source, device, ctx_size)
     if _is_gguf(source.path):
@@ -328,6 +330,8 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
         model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty())
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device, file_type=args.type)
+    if ranks.rank_group(args) is not None:
+        model = ranks.rank_model(args, source.config, model)
     return Loaded(model, source.config, tokenizer, source.name, True, device, dtype)
 
 
@@ -340,7 +344,7 @@ def engine_config(args: argparse.Namespace, ctx_size: int) -> EngineConfig:
 
 def build_engine(args: argparse.Namespace, loaded: Loaded, *, ctx_size: int | None = None) -> Engine:
     settings = engine_config(args, ctx_size if ctx_size is not None else args.ctx_size)
-    return Engine(loaded.model, loaded.config, settings, device=loaded.device)
+    return Engine(loaded.model, ranks.rank_engine_config(args, loaded.config), settings, device=loaded.device)
 
 
 def print_banner(loaded: Loaded, file: Any = None) -> None:

@@ -1,0 +1,131 @@
+"""``-sm graph`` / ``-sm layer`` with ``--gpus N``: one command starts N ranks that each run the subcommand on
+their part of the model (glmtg.parallel), NCCL on GPUs (rank r on cuda:r) and gloo on CPU.
+
+Every rank runs the same subcommand with the same flags; the split modes give every rank the same logits,
+so every rank samples the same tokens and walks the same steps. Rank 0 alone prints (the others' stdout and
+stderr go to /dev/null). First slice: random weights in float dtypes only (each rank draws the whole
+model once and keeps its part); -m and --type are refused until the loaders cut their tensors per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from glmtg.config import ModelConfig
+from glmtg.parallel import (
+    LayerSplitModel,
+    TPGroup,
+    build_tp_model,
+    layer_ranges,
+    load_from_full,
+    load_split_from_full,
+    local_kv_heads,
+)
+from glmtg.parallel.launch import rank_cache_config, spawn
+
+SPLIT_MODES = ("none", "layer", "graph")
+
+
+def add_split_flags(group: Any) -> None:
+    """-sm, --gpus, -ts on the model flags' argument group."""
+    group.add_argument("-sm", "--split-mode", choices=SPLIT_MODES, default="none",
+                       help="several ranks: graph = tensor parallel in every layer, layer = ranges of layers")
+    group.add_argument("--gpus", type=int, default=1, metavar="N",
+                       help="ranks to start with -sm (GPUs 0..N-1 with CUDA, N gloo processes on CPU)")
+    group.add_argument("-ts", "--tensor-split", default=None, metavar="R0,R1,...",
+                       help="-sm layer: layers per rank in these proportions (default: even)")
+
+
+def check_split_args(args: argparse.Namespace) -> None:
+    """ValueError (naming the flags) for a split the first slice cannot run; nothing for -sm none."""
+    if args.split_mode == "none":
+        if args.gpus != 1 or args.tensor_split is not None:
+            raise ValueError("--gpus and -ts need -sm layer or -sm graph")
+        return
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be a positive int, got {args.gpus}")
+    if args.model is not None or args.type is not None:
+        raise ValueError("-sm runs random weights in a float --dtype only for now (no -m, no --type)")
+    if args.tensor_split is not None and args.split_mode != "layer":
+        raise ValueError("-ts applies to -sm layer")
+    ratios = tensor_split(args)
+    from glmtg.cli.common import model_source  # the config only: cheap, before any rank starts
+
+    config = model_source(args).config
+    if args.split_mode == "graph":
+        local_kv_heads(config, TPGroup(0, args.gpus))
+    else:
+        layer_ranges(config.num_hidden_layers, ratios)
+
+
+def tensor_split(args: argparse.Namespace) -> list[float]:
+    """The -ts ratios, one per rank (even without -ts)."""
+    if args.tensor_split is None:
+        return [1.0] * args.gpus
+    try:
+        ratios = [float(r) for r in args.tensor_split.split(",")]
+    except ValueError:
+        raise ValueError(f"-ts must be comma-separated numbers, got {args.tensor_split!r}") from None
+    if len(ratios) != args.gpus:
+        raise ValueError(f"-ts gives {len(ratios)} ratios for --gpus {args.gpus}")
+    return ratios
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run ``args.run(args)`` on ``--gpus`` ranks; the exit status of the first rank that failed, else 0."""
+    check_split_args(args)
+    cuda = torch.cuda.is_available() and not str(args.device).startswith("cpu")
+    try:
+        spawn(_rank_main, args.gpus, (args,), backend="nccl" if cuda else "gloo")
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    return 0
+
+
+def _rank_main(group: TPGroup, args: argparse.Namespace) -> None:
+    if group.rank:
+        devnull = open(os.devnull, "w")  # noqa: SIM115 - open as long as the rank runs
+        sys.stdout = sys.stderr = devnull
+    from glmtg.cli import run_command
+
+    args.rank_group = group
+    rc = run_command(args)
+    if rc:
+        sys.exit(rc)
+
+
+def rank_group(args: argparse.Namespace) -> TPGroup | None:
+    """This process's rank when the command runs split over several, else None."""
+    return getattr(args, "rank_group", None)
+
+
+def rank_device(args: argparse.Namespace, device: torch.device) -> torch.device:
+    group = rank_group(args)
+    return device if group is None or device.type != "cuda" else torch.device("cuda", group.rank)
+
+
+def rank_model(args: argparse.Namespace, config: ModelConfig, full: torch.nn.Module) -> torch.nn.Module:
+    """This rank's part of ``full`` (the whole random model), float, on ``full``'s device."""
+    group = rank_group(args)
+    dtype = next(full.parameters()).dtype
+    if args.split_mode == "graph":
+        return load_from_full(build_tp_model(config, group, dtype), full)
+    layers = layer_ranges(config.num_hidden_layers, tensor_split(args))[group.rank]
+    return load_split_from_full(LayerSplitModel(config, group, layers, dtype), full)
+
+
+def rank_engine_config(args: argparse.Namespace, config: ModelConfig) -> ModelConfig:
+    """The config this rank's Engine gets (its KV cache's shape); ``config`` itself when not split."""
+    group = rank_group(args)
+    if group is None:
+        return config
+    layers = None
+    if args.split_mode == "layer":
+        layers = layer_ranges(config.num_hidden_layers, tensor_split(args))[group.rank]
+    return rank_cache_config(config, args.split_mode, group, layers)

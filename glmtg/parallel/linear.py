@@ -1,0 +1,92 @@
+"""Tensor-parallel linears: the ``Linear`` seam with each rank holding a slice of the weight.
+
+Both take the whole checkpoint tensor in ``load_shard`` and keep their part, so loaders hand every rank the
+same tensors; ``slots`` lists the whole (checkpoint) shapes for the same reason.
+
+- ``ColumnParallelLinear``: every named shard's output rows cut evenly, rank r keeping part r of each (q, k
+  and v each by whole heads, gate and up each by the same intermediate columns), so the output's named shards
+  stay in order and ``split`` works as on the whole linear. No communication.
+- ``RowParallelLinear``: the input features cut evenly (the input is a column-parallel output); each rank's
+  product is a partial sum, summed across ranks by ``forward`` (``reduce=True``) or left to the caller, who
+  folds several partial sums into one all-reduce (the MoE's routed and shared experts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from glmtg.layers.linear import DenseLinear, Shards
+from glmtg.parallel.group import TPGroup
+
+
+class ColumnParallelLinear(DenseLinear):
+    """Rank ``tp.rank``'s rows of every shard of a [out, in] linear ``out`` (an int or named shards)."""
+
+    def __init__(self, in_features: int, out: int | Shards, *, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
+        full = ((None, out),) if isinstance(out, int) else tuple(out)
+        cuts = {name: tp.part(rows, f"rows of shard {name!r}" if name else "out_features") for name, rows in full}
+        local = [(name, cuts[name].stop - cuts[name].start) for name, _ in full]
+        super().__init__(in_features, local[0][1] if isinstance(out, int) else local, bias=bias, dtype=dtype)
+        self.tp = tp
+        self.full_shards = full
+        self._cuts = cuts
+
+    def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
+        """The checkpoint's (whole) shapes: every rank is given the same tensors."""
+        for name, rows in self.full_shards:
+            yield "weight", name, (rows, self.in_features)
+            if self.has_bias:
+                yield "bias", name, (rows,)
+
+    def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
+        """Keep this rank's rows of the whole shard ``shard`` (all shards stacked for None)."""
+        if shard is None and len(self.full_shards) > 1:
+            for name, part in zip(self._cuts, value.split([r for _, r in self.full_shards])):
+                self.load_shard(param, name, part)
+            return
+        key = shard if shard is not None else self.full_shards[0][0]
+        if key not in self._cuts:
+            raise ValueError(f"shard must be one of {list(self._cuts)}, got {shard!r}")
+        super().load_shard(param, key, value[self._cuts[key]].contiguous())
+
+
+class RowParallelLinear(DenseLinear):
+    """Rank ``tp.rank``'s input features of a [out, in] linear; the bias (if any) is added once to the sum."""
+
+    def __init__(self, in_features: int, out: int, *, bias: bool, dtype: torch.dtype, tp: TPGroup,
+                 reduce: bool = True) -> None:
+        cols = tp.part(in_features, "in_features")
+        super().__init__(cols.stop - cols.start, out, bias=bias, dtype=dtype)
+        self.tp = tp
+        self.reduce = reduce
+        self.full_in_features = in_features
+        self._cols = cols
+
+    def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
+        for name, rows in self.shards:
+            yield "weight", name, (rows, self.full_in_features)
+            if self.has_bias:
+                yield "bias", name, (rows,)
+
+    def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
+        """Keep this rank's columns of the whole weight; the bias is kept whole (added once, after the sum)."""
+        if param == "weight":
+            if value.dim() != 2 or value.shape[1] != self.full_in_features:
+                raise ValueError(f"weight: expected {self.full_in_features} input features, "
+                                 f"got shape {tuple(value.shape)}")
+            value = value[:, self._cols].contiguous()
+        super().load_shard(param, shard, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in/N] (this rank's features) -> [..., out]: the whole product with ``reduce``; without it
+        this rank's partial sum, carrying the bias on rank 0 only so that the caller's sum has it once."""
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            self.tp.all_reduce(y)
+            return y if self.bias is None else y + self.bias
+        if self.bias is not None and self.tp.rank == 0:
+            y = y + self.bias
+        return y

@@ -1,0 +1,63 @@
+"""-sm graph / -sm layer --gpus N on CPU: one command starts N gloo ranks; rank 0 prints what the one-process
+command prints (the split changes no result beyond float32 summation order).
+
+The ranks are separate processes writing to the inherited stdout, so capfd (file-descriptor capture) reads
+their output. Perplexity is compared to its 4 printed decimals: -sm layer is bitwise the same model, -sm
+graph differs by ~1e-6 relative in the logits, far below the 4th decimal of a PPL near 1000.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from glmtg.cli import main
+from glmtg.cli.sweep_bench import HEADER
+
+PPL_FLAGS = ["-c", "32", "-ub", "32", "--chunks", "2", "--device", "cpu", "--dtype", "f32", "-ctk", "f16",
+             "--no-warmup"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    return path
+
+
+def _ppl(capfd, *argv) -> str:
+    rc = main(list(argv))
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    found = re.findall(r"Final estimate: PPL = ([\d.]+)", out)
+    assert len(found) == 1, out  # printed once: by rank 0 alone
+    return found[0]
+
+
+def test_perplexity_graph_equals_one_process(capfd, text_file) -> None:
+    one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS)
+    assert _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, "-sm", "graph", "--gpus", "2") == one
+
+
+def test_sweep_bench_layer_split_runs(capfd) -> None:
+    rc = main(["sweep-bench", "-c", "16", "-ub", "8", "-n", "2", "--no-progress", "--device", "cpu", "--dtype", "f32",
+               "--no-warmup", "-sm", "layer", "--gpus", "2", "-ts", "3,1"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert out.count(HEADER) == 1
+    assert [line.split("|")[3].strip() for line in out.splitlines() if re.match(r"\|\s+8 \|", line)] == ["0", "8"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus", "2"], "--gpus and -ts need -sm"),
+    (["-sm", "graph", "--gpus", "3"], "num_key_value_heads (2) must be a multiple"),
+    (["-sm", "graph", "--gpus", "2", "-ts", "1,1"], "-ts applies to -sm layer"),
+    (["-sm", "layer", "--gpus", "2", "-ts", "1"], "-ts gives 1 ratios for --gpus 2"),
+    (["-sm", "layer", "--gpus", "2", "--type", "Q4_0"], "random weights in a float --dtype only"),
+])
+def test_bad_split_flags(capfd, text_file, flags, message) -> None:
+    rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, *flags])
+    _, err = capfd.readouterr()
+    assert rc == 2
+    assert err.startswith("error: ") and message in err, err
