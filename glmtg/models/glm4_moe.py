@@ -111,7 +111,7 @@ class Glm4MoeForCausalLM(nn.Module):
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {attn_backend!r}")
         s = input_ids.shape[1]
         if validate and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_room(cache, s)
+            check_room(cache, s)
         positions = cache.lengths.to(torch.long)[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
         cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)  # [B, S, R]
         ctx = StepContext(cache, cache.lengths + s, cos, sin, attn_backend)
@@ -166,21 +166,7 @@ class Glm4MoeForCausalLM(nn.Module):
         ``shard`` of a fused projection, or stacked expert ``expert``. Slices of a parameter still on the
         meta device allocate it on ``value``'s device first. ``value`` must have the slot's shape and the
         parameter's dtype (ValueError otherwise)."""
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = self.get_submodule(module_name)
-        except AttributeError:
-            raise ValueError(f"no parameter {name!r}") from None
-        if isinstance(module, Linear):
-            module.load_shard(attr, shard, value)
-        elif isinstance(module, (Experts, QuantExperts)):
-            if shard is not None:
-                raise ValueError(f"{name} has no shards, got shard {shard!r}")
-            module.load_expert(attr, expert, value)
-        else:
-            if shard is not None or expert is not None:
-                raise ValueError(f"{name} is a plain parameter, got shard {shard!r} / expert {expert!r}")
-            write_parameter(module, attr, value)
+        write_slot(self, name, value, shard=shard, expert=expert)
         if self.config.tie_word_embeddings and name == "embed.weight":
             self.lm_head.weight = self.embed.weight
 
@@ -289,7 +275,29 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
                     module.e_score_correction_bias.zero_()
 
 
-def _check_room(cache: KVCache, s: int) -> None:
+def write_slot(root: nn.Module, name: str, value: torch.Tensor, *, shard: str | None = None,
+               expert: int | None = None) -> None:
+    """Write checkpoint tensor ``value`` into parameter ``name`` of ``root``, through the module that owns it:
+    a Linear's shard, an expert of a stacked expert parameter, or a plain parameter (ValueError otherwise).
+    The one copy of this dispatch for the whole model and a rank's part of it (glmtg/parallel)."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = root.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"no parameter {name!r}") from None
+    if isinstance(module, Linear):
+        module.load_shard(attr, shard, value)
+    elif isinstance(module, (Experts, QuantExperts)):
+        if shard is not None:
+            raise ValueError(f"{name} has no shards, got shard {shard!r}")
+        module.load_expert(attr, expert, value)
+    else:
+        if shard is not None or expert is not None:
+            raise ValueError(f"{name} is a plain parameter, got shard {shard!r} / expert {expert!r}")
+        write_parameter(module, attr, value)
+
+
+def check_room(cache: KVCache, s: int) -> None:
     """ValueError unless every sequence has room for ``s`` more tokens (one host read of cache.lengths)."""
     lengths = cache.lengths.cpu()
     if bool((lengths < 0).any()):

@@ -19,12 +19,8 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.layers.attention import BACKENDS, StepContext
-from glmtg.layers.linear import Linear
-from glmtg.layers.moe import Experts
-from glmtg.layers.params import write_parameter
-from glmtg.layers.quant_experts import QuantExperts
 from glmtg.layers.rope import rope_cos_sin
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM, _check_room
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM, check_room, write_slot
 from glmtg.parallel.group import TPGroup
 
 if TYPE_CHECKING:
@@ -98,21 +94,7 @@ class LayerSplitModel(nn.Module):
         nothing) for one another rank holds."""
         if not self.holds(name):
             return False
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = self.get_submodule(module_name)
-        except AttributeError:
-            raise ValueError(f"no parameter {name!r}") from None
-        if isinstance(module, Linear):
-            module.load_shard(attr, shard, value)
-        elif isinstance(module, (Experts, QuantExperts)):
-            if shard is not None:
-                raise ValueError(f"{name} has no shards, got shard {shard!r}")
-            module.load_expert(attr, expert, value)
-        else:
-            if shard is not None or expert is not None:
-                raise ValueError(f"{name} is a plain parameter, got shard {shard!r} / expert {expert!r}")
-            write_parameter(module, attr, value)
+        write_slot(self, name, value, shard=shard, expert=expert)
         if name == "embed.weight" and self.config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
         return True
@@ -128,7 +110,7 @@ class LayerSplitModel(nn.Module):
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {attn_backend!r}")
         bsz, s = input_ids.shape
         if validate and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_room(cache, s)
+            check_room(cache, s)
         positions = cache.lengths.to(torch.long)[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
         cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
         ctx = StepContext(cache, cache.lengths + s, cos, sin, attn_backend)
