@@ -17,6 +17,12 @@ def check(cond: object, message: str | Callable[[], str]) -> None:
         raise ValueError(message() if callable(message) else message)
 
 
+def check_power_of_two(name: str, value: object) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int power of two (the launchers' block knobs)."""
+    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
+          lambda: f"{name} must be a power of two, got {value!r}")
+
+
 def shape(t: object) -> str:
     """A tensor's shape as a tuple, or the type of a non-tensor."""
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__

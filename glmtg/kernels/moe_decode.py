@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels._checks import check, describe
+from glmtg.kernels._checks import check, check_power_of_two, describe
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -91,10 +91,6 @@ def _down_kernel(Act, Down, Ids, Weights, Y, HIDDEN, INTER, NUM_EXPERTS, TOPK,
     tl.store(Y + t.to(tl.int64) * HIDDEN + offs_h, y.to(Y.dtype.element_ty), mask=mask_h)
 
 
-def _power_of_two(name: str, value: int) -> None:
-    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
-          f"{name} must be a power of two, got {value!r}")
-
 
 def moe_decode(
     x: torch.Tensor,
@@ -153,7 +149,7 @@ def moe_decode(
               f"out must be a contiguous {x.dtype} tensor {tuple(x.shape)} on {x.device}, got {describe(out)}")
     for name, value in (("block_i", block_i), ("block_k", block_k), ("block_h", block_h),
                         ("block_k_down", block_k_down), ("num_warps", num_warps)):
-        _power_of_two(name, value)
+        check_power_of_two(name, value)
     if t == 0:
         return out
 

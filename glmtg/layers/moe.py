@@ -104,6 +104,16 @@ class ExpertPlacement:
         bounds = [num_experts * i // parts for i in range(parts + 1)]
         return [cls(num_experts, a, b) for a, b in zip(bounds, bounds[1:])]
 
+    @classmethod
+    def of_layer(cls, placement: ExpertPlacement | None, config: ModelConfig) -> ExpertPlacement:
+        """``placement`` checked against the config's routed experts (ValueError), or all of them for None."""
+        if placement is None:
+            return cls.whole(config.n_routed_experts)
+        if placement.num_experts != config.n_routed_experts:
+            raise ValueError(f"placement covers {placement.num_experts} experts, the config has "
+                             f"{config.n_routed_experts}")
+        return placement
+
     @property
     def count(self) -> int:
         return self.stop - self.start
@@ -142,11 +152,7 @@ class Experts(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, placement: ExpertPlacement | None = None,
                  backend: str = "auto") -> None:
         super().__init__()
-        if placement is None:
-            placement = ExpertPlacement.whole(config.n_routed_experts)
-        if placement.num_experts != config.n_routed_experts:
-            raise ValueError(f"placement covers {placement.num_experts} experts, the config has "
-                             f"{config.n_routed_experts}")
+        placement = ExpertPlacement.of_layer(placement, config)
         if backend not in EXPERT_BACKENDS:
             raise ValueError(f"backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
         self.placement = placement

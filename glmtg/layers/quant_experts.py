@@ -34,11 +34,7 @@ class QuantExperts(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, formats: Mapping[str, str],
                  placement: ExpertPlacement | None = None, backend: str = "auto") -> None:
         super().__init__()
-        if placement is None:
-            placement = ExpertPlacement.whole(config.n_routed_experts)
-        if placement.num_experts != config.n_routed_experts:
-            raise ValueError(f"placement covers {placement.num_experts} experts, the config has "
-                             f"{config.n_routed_experts}")
+        placement = ExpertPlacement.of_layer(placement, config)
         if not isinstance(formats, Mapping) or set(formats) != set(PARAMS):
             raise ValueError(f"formats must map each of {PARAMS} to a format, got {formats!r}")
         self.placement = placement

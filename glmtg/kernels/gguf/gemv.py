@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from glmtg.formats import GGUF_FORMATS, BlockFormat, get
-from glmtg.kernels._checks import check, describe
+from glmtg.kernels._checks import check, check_power_of_two, describe
 from glmtg.kernels.gguf.decode import DECODED, decode_blocks
 from glmtg.kernels.gguf.tables import lookup_table
 
@@ -156,10 +156,6 @@ def default_config(n: int, t: int) -> tuple[int, int]:
     return block_n, values
 
 
-def _power_of_two(name: str, value: object) -> None:
-    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
-          lambda: f"{name} must be a power of two, got {value!r}")
-
 
 def quant_matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
                  block_n: int | None = None, values_per_step: int | None = None,
@@ -185,9 +181,9 @@ def quant_matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: 
     auto_n, auto_values = default_config(n, t)
     block_n = auto_n if block_n is None else block_n
     values_per_step = auto_values if values_per_step is None else values_per_step
-    _power_of_two("block_n", block_n)
-    _power_of_two("values_per_step", values_per_step)
-    _power_of_two("num_warps", num_warps)
+    check_power_of_two("block_n", block_n)
+    check_power_of_two("values_per_step", values_per_step)
+    check_power_of_two("num_warps", num_warps)
     if t == 0 or n == 0:
         return out
     # x is a few KB: a strided one is copied (on the device, nothing read back).

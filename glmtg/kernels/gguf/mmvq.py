@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from glmtg.formats import GGUF_FORMATS, BlockFormat, get
-from glmtg.kernels._checks import check, describe
+from glmtg.kernels._checks import check, check_power_of_two, describe
 from glmtg.kernels.gguf.gemv import (
     GEMV_MAX_TOKENS,
     SUPPORTED_DTYPES,
@@ -164,10 +164,6 @@ def measured_config(block_size: int, n: int, k: int) -> tuple[int, int, int] | N
     return (4, 4096, 4) if block_size == 32 else (1, 1024, 1)
 
 
-def _power_of_two(name: str, value: object) -> None:
-    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
-          lambda: f"{name} must be a power of two, got {value!r}")
-
 
 def _checked_quantized(q: object, t: int, k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """``q`` if it is a quantize_activation result for x [t, k] on ``device``, else ValueError."""
@@ -207,9 +203,9 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     block_n = auto_n if block_n is None else block_n
     values_per_step = auto_values if values_per_step is None else values_per_step
     num_warps = auto_warps if num_warps is None else num_warps
-    _power_of_two("block_n", block_n)
-    _power_of_two("values_per_step", values_per_step)
-    _power_of_two("num_warps", num_warps)
+    check_power_of_two("block_n", block_n)
+    check_power_of_two("values_per_step", values_per_step)
+    check_power_of_two("num_warps", num_warps)
     if t == 0 or n == 0:
         return out
     codes, dx, sums = quantize_activation(x) if quantized is None else _checked_quantized(quantized, t, k, x.device)

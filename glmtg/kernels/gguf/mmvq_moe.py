@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels._checks import check
+from glmtg.kernels._checks import check_power_of_two
 from glmtg.kernels.gguf.gemv import steps_for
 from glmtg.kernels.gguf.mmvq import (
     GROUP,
@@ -137,10 +137,6 @@ def step_config(nb: int, num_warps: int) -> tuple[int, int]:
     return max(1, 32 * num_warps // g), g
 
 
-def _power_of_two(name: str, value: object) -> None:
-    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
-          lambda: f"{name} must be a power of two, got {value!r}")
-
 
 def mmvq_moe(
     x: torch.Tensor,
@@ -184,7 +180,7 @@ def mmvq_moe(
     values_per_step_down = auto_gh * fd.block_size if values_per_step_down is None else values_per_step_down
     for name, value in (("block_i", block_i), ("values_per_step", values_per_step), ("block_h", block_h),
                         ("values_per_step_down", values_per_step_down), ("num_warps", num_warps)):
-        _power_of_two(name, value)
+        check_power_of_two(name, value)
     if t == 0:
         return out
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from glmtg.formats import BlockFormat
-from glmtg.kernels._checks import check, describe
+from glmtg.kernels._checks import check, check_power_of_two, describe
 from glmtg.kernels.gguf.decode import decode_blocks
 from glmtg.kernels.gguf.gemv import (
     SUPPORTED_DTYPES,
@@ -120,10 +120,6 @@ def _down_kernel(Act, Down, Ids, Y, Aux, NB, HIDDEN, INTER, NUM_EXPERTS, TOPK, R
     tl.store(Y + t.to(tl.int64) * STRIDE_YT + offs_h, y.to(Y.dtype.element_ty), mask=offs_h < HIDDEN)
 
 
-def _power_of_two(name: str, value: object) -> None:
-    check(isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
-          lambda: f"{name} must be a power of two, got {value!r}")
-
 
 def check_moe_args(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
                    weights: torch.Tensor, fgu: BlockFormat, fd: BlockFormat, out: torch.Tensor | None
@@ -197,7 +193,7 @@ def quant_moe_decode(
                                                                           fgu, fd, out)
     for name, value in (("block_i", block_i), ("values_per_step", values_per_step), ("block_h", block_h),
                         ("values_per_step_down", values_per_step_down), ("num_warps", num_warps)):
-        _power_of_two(name, value)
+        check_power_of_two(name, value)
     if t == 0:
         return out
 
