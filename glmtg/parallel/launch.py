@@ -25,6 +25,9 @@ def _rank_main(rank: int, world: int, store: str, backend: str, fn: Callable[...
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(TPGroup(rank, world), *args)
+        # Every rank leaves together: a rank that tears its connections down while a peer still sends or
+        # receives makes gloo abort that peer (SIGABRT), seen now and then on a loaded CPU.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -13,12 +13,11 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from glmtg.config import ModelConfig
 from glmtg.loading.presets import random_model
 from glmtg.parallel import LayerSplitModel, TPGroup, layer_ranges, load_split_from_full
+from glmtg.parallel.launch import spawn
 from tests.references.model import Float32Cache
 
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=5, first_k_dense_replace=2)
@@ -36,32 +35,28 @@ def _run(model, num_layers: int, ids: torch.Tensor, **kw) -> list[torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, store: str) -> None:
+def _worker(group: TPGroup) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        full = random_model(CONFIG, dtype=torch.float32)
-        ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
-                            generator=torch.Generator().manual_seed(3))
-        ref = _run(full, CONFIG.num_hidden_layers, ids)
-        ref_last = _run(full, CONFIG.num_hidden_layers, ids, last_only=True)
-        group = TPGroup.from_default()
-        ranges = layer_ranges(CONFIG.num_hidden_layers, RATIOS[world])
-        stage = load_split_from_full(LayerSplitModel(CONFIG, group, ranges[rank], torch.float32), full)
-        del full
-        assert len(stage.layers) == ranges[rank][1] - ranges[rank][0]
-        assert not any(p.is_meta for p in stage.parameters())
-        for i, (g, r) in enumerate(zip(_run(stage, stage.num_layers, ids), ref)):
-            assert torch.equal(g, r), f"rank {rank}/{world} step {i}: max |diff| {(g - r).abs().max():.3g}"
-        for g, r in zip(_run(stage, stage.num_layers, ids, last_only=True), ref_last):
-            assert torch.equal(g, r), f"rank {rank}/{world} last_only: max |diff| {(g - r).abs().max():.3g}"
-    finally:
-        dist.destroy_process_group()
+    rank, world = group.rank, group.world_size
+    full = random_model(CONFIG, dtype=torch.float32)
+    ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
+                        generator=torch.Generator().manual_seed(3))
+    ref = _run(full, CONFIG.num_hidden_layers, ids)
+    ref_last = _run(full, CONFIG.num_hidden_layers, ids, last_only=True)
+    ranges = layer_ranges(CONFIG.num_hidden_layers, RATIOS[world])
+    stage = load_split_from_full(LayerSplitModel(CONFIG, group, ranges[rank], torch.float32), full)
+    del full
+    assert len(stage.layers) == ranges[rank][1] - ranges[rank][0]
+    assert not any(p.is_meta for p in stage.parameters())
+    for i, (g, r) in enumerate(zip(_run(stage, stage.num_layers, ids), ref)):
+        assert torch.equal(g, r), f"rank {rank}/{world} step {i}: max |diff| {(g - r).abs().max():.3g}"
+    for g, r in zip(_run(stage, stage.num_layers, ids, last_only=True), ref_last):
+        assert torch.equal(g, r), f"rank {rank}/{world} last_only: max |diff| {(g - r).abs().max():.3g}"
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_layer_split_matches_single_process(world: int, tmp_path) -> None:
-    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+def test_layer_split_matches_single_process(world: int) -> None:
+    spawn(_worker, world)
 
 
 @pytest.mark.parametrize("layers, ratios, want", [

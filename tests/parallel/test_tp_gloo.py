@@ -20,11 +20,11 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from glmtg.config import ModelConfig
 from glmtg.loading.presets import random_model
 from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
+from glmtg.parallel.launch import spawn
 from tests.references.model import Float32Cache
 
 REL_TOL = 2e-5
@@ -44,39 +44,35 @@ def _run(model, config: ModelConfig, kv_heads: int, ids: torch.Tensor) -> list[t
     return out
 
 
-def _worker(rank: int, world: int, store: str) -> None:
+def _worker(tp: TPGroup) -> None:
     torch.set_num_threads(1)  # N processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        full = random_model(CONFIG, dtype=torch.float32)
-        ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
-                            generator=torch.Generator().manual_seed(1))
-        ref = _run(full, CONFIG, CONFIG.num_key_value_heads, ids)
-        tp = TPGroup.from_default()
-        model = load_from_full(build_tp_model(CONFIG, tp, torch.float32), full)
-        del full
-        # the split is real: this rank holds Hkv/N heads' rows and 1/N of the experts
-        attn = model.layers[0].attn
-        assert attn.qkv.weight.shape[0] == (CONFIG.num_attention_heads + 2 * CONFIG.num_key_value_heads) \
-            * CONFIG.head_dim // world
-        assert model.layers[1].mlp.experts.gate_proj.shape[0] == CONFIG.n_routed_experts // world
-        got = _run(model, CONFIG, local_kv_heads(CONFIG, tp), ids)
-        for i, (g, r) in enumerate(zip(got, ref)):
-            err = (g - r).abs().max().item()
-            scale = r.abs().max().item()
-            assert err <= REL_TOL * scale, \
-                f"rank {rank}/{world} step {i}: max |diff| {err:.3g} vs max |ref| {scale:.3g}"
-        # every rank ends with the same logits (the all-reduce hands each the same sum)
-        mine = got[-1].clone()
-        dist.broadcast(mine, src=0)
-        assert torch.equal(mine, got[-1]), f"rank {rank} logits differ from rank 0's"
-    finally:
-        dist.destroy_process_group()
+    rank, world = tp.rank, tp.world_size
+    full = random_model(CONFIG, dtype=torch.float32)
+    ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
+                        generator=torch.Generator().manual_seed(1))
+    ref = _run(full, CONFIG, CONFIG.num_key_value_heads, ids)
+    model = load_from_full(build_tp_model(CONFIG, tp, torch.float32), full)
+    del full
+    # the split is real: this rank holds Hkv/N heads' rows and 1/N of the experts
+    attn = model.layers[0].attn
+    assert attn.qkv.weight.shape[0] == (CONFIG.num_attention_heads + 2 * CONFIG.num_key_value_heads) \
+        * CONFIG.head_dim // world
+    assert model.layers[1].mlp.experts.gate_proj.shape[0] == CONFIG.n_routed_experts // world
+    got = _run(model, CONFIG, local_kv_heads(CONFIG, tp), ids)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        err = (g - r).abs().max().item()
+        scale = r.abs().max().item()
+        assert err <= REL_TOL * scale, \
+            f"rank {rank}/{world} step {i}: max |diff| {err:.3g} vs max |ref| {scale:.3g}"
+    # every rank ends with the same logits (the all-reduce hands each the same sum)
+    mine = got[-1].clone()
+    dist.broadcast(mine, src=0)
+    assert torch.equal(mine, got[-1]), f"rank {rank} logits differ from rank 0's"
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_tp_matches_single_process(world: int, tmp_path) -> None:
-    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+def test_tp_matches_single_process(world: int) -> None:
+    spawn(_worker, world)
 
 
 def test_single_rank_is_the_whole_model() -> None:
