@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from glmtg.config import ModelConfig  # noqa: E402
+from tests.references.model import hf_reference  # noqa: E402
 
 _PATCHED_CONVERT = """
 import sys
@@ -47,23 +48,6 @@ runpy.run_path({script!r}, run_name="__main__")
 
 SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
            "<|assistant|>", "<|observation|>"]
-
-
-def hf_model(config: ModelConfig, seed: int):
-    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
-
-    hf_config = Glm4MoeConfig(**config.to_hf_dict())
-    hf_config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Glm4MoeForCausalLM(hf_config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if name.endswith(("norm.weight", "layernorm.weight")):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:  # matrices, q/k/v biases, the router's selection bias: random and nonzero
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def save_tokenizer(directory: Path, vocab_size: int) -> None:
@@ -124,7 +108,7 @@ def main() -> int:
     ap.add_argument("--label", help="how the llama.cpp tree is named in the output (default: its path)")
     args = ap.parse_args()
     config = ModelConfig.preset("tiny")
-    hf = hf_model(config, args.seed)
+    hf = hf_reference(config, args.seed)  # every tensor random and nonzero, the selection bias too
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "hf"
