@@ -14,14 +14,10 @@ Launch: one program covers BLOCK_N rows and all tokens and walks the rows G bloc
 BLOCK_N x G blocks of a step on one flat axis, one block per thread by default (default_config): every
 tensor of a step then has the same layout, so nothing moves between threads inside the loop, and a
 block's words are reduced in registers by chained dp4a. Full steps load without masks (rows past N read row
-N - 1, tokens past T token T - 1, neither stored); only the last partial step is masked. sm_90 SASS of the
-loop (bench/gguf_gemv.py --sass --mmvq, one token): 1.7-1.9 instructions per weight value for q4_0, q4_1,
-q8_0 and q4_k; 2.2-2.8 for q5_0, q5_1, q5_k, q6_k, q2_k, q3_k; 3.2-3.4 for iq4_xs / iq4_nl (PRMT level
-lookups), against 7-13 for the float path. Each token adds its activation loads and dp4a: the cost per weight value grows
-with T (~T/4 dp4a per 4-bit value), so the float path or a dequantize + matmul may win for larger T.
-Not yet measured on a GPU: with a block per thread, one warp load instruction touches 32 blocks (and x
-words 32 bytes apart), several L1 lines each; whether that or the issue rate binds is for
-bench/gguf_gemv.py --mmvq (--sweep varies block_n, values_per_step, num_warps).
+N - 1, tokens past T token T - 1, neither stored); only the last partial step is masked. Each token adds
+its activation loads and dp4a, so the cost per weight value grows with T (~T/4 dp4a per 4-bit value).
+Instruction counts per weight value, the launch measurements behind ``measured_config`` and what is left:
+bench/DECISIONS.md H (bench/gguf_gemv.py --mmvq [--sweep | --sass] remakes them).
 """
 
 from __future__ import annotations
@@ -143,7 +139,7 @@ def default_config(n: int, nb: int) -> tuple[int, int, int]:
     """(block_n, blocks per step G, num_warps) for ``n`` rows of ``nb`` blocks: one block per thread and
     step (32 x num_warps blocks a step: a row's blocks, or several rows when a row has fewer), and fewer
     warps while the launch would have under ~1000 programs (small projections then still fill every SM).
-    Reasoned, not measured: bench/gguf_gemv.py --mmvq --sweep times the choices."""
+    Reasoned: the shapes ``measured_config`` covers take its measured launch instead."""
     warps = 4
     while True:
         g = min(triton.next_power_of_2(nb), 32 * warps)
@@ -154,11 +150,10 @@ def default_config(n: int, nb: int) -> tuple[int, int, int]:
 
 
 def measured_config(block_size: int, n: int, k: int) -> tuple[int, int, int] | None:
-    """(block_n, values_per_step, num_warps) measured fastest on an H200 at the GLM-4.5-Air decode shapes
-    (bench/gguf_gemv.py --mmvq --sweep; bench/DECISIONS.md), or None where no measurement covers the shape
-    (``default_config`` then). Large matrices only (n and k >= 4096): 32-value blocks 4 rows x 4096 values a
-    step on 4 warps (q_proj 19.2 -> 14.4 µs, lm_head 184 -> 119 µs for q4_0); 256-value blocks one row, 1024
-    values a step, one warp: many small programs in flight (q4_k o_proj 31.0 -> 19.4 µs)."""
+    """(block_n, values_per_step, num_warps) measured fastest on an H200 at the GLM-4.5-Air decode shapes, or
+    None where no measurement covers the shape (``default_config`` then): for large matrices (n and k >=
+    4096), 32-value blocks take 4 rows x 4096 values a step on 4 warps, 256-value blocks one row x 1024
+    values on one warp (many small programs in flight). Numbers: bench/DECISIONS.md H2."""
     if n < 4096 or k < 4096:
         return None
     return (4, 4096, 4) if block_size == 32 else (1, 1024, 1)

@@ -17,10 +17,9 @@ contributes exactly zero (its buffer row is 0, so its codes and scales are 0). N
 host: CUDA-graph capturable. Numerics: as mmvq, x and the intermediate are each rounded to int8 per 32.
 
 Up to four launches where moe.py has two: the two quantizations are tiny (a few KB) but each is a
-dependent launch, ~1-2 µs in a graph against ~20 µs of expert bytes at batch 1 (GLM-4.5-Air, q4_k). With
-block_i a multiple of 32 the gate/up programs hold whole activation groups and quantize the intermediate in
-their epilogue (step 3 goes away); the default launch (``step_config``: one block per thread, as mmvq)
-has fewer rows a program, so it keeps step 3. Which is faster is for bench/gguf_gemv.py --mmvq --sweep.
+dependent launch. With block_i a multiple of 32 the gate/up programs hold whole activation groups and
+quantize the intermediate in their epilogue (step 3 goes away); the default launches (one row a program on
+CUDA, measured fastest: bench/DECISIONS.md H2; ``step_config`` elsewhere) keep step 3.
 """
 
 from __future__ import annotations
@@ -168,8 +167,8 @@ def mmvq_moe(
                                                                           fgu, fd, out)
     if x.is_cuda and num_warps is None and block_i is None and block_h is None and values_per_step is None \
             and values_per_step_down is None:
-        # Measured fastest on an H200 at GLM-4.5-Air's experts (bench/DECISIONS.md): one row a program,
-        # 1024 values a step, one warp (q4_0 45.7 -> 39.8 µs, q4_k/q5_0 66.3 -> 48.0 µs per layer).
+        # Measured fastest on an H200 at GLM-4.5-Air's experts (bench/DECISIONS.md H2): one row a program,
+        # 1024 values a step, one warp.
         block_i, block_h, values_per_step, values_per_step_down, num_warps = 1, 1, 1024, 1024, 1
     num_warps = 4 if num_warps is None else num_warps
     auto_i, auto_gi = step_config(nb_h, num_warps)

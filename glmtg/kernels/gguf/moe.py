@@ -16,7 +16,7 @@ the bytes of the k chosen experts, so two kernels stream them once, decoding eac
 
 gate and up share one format and down may have another (llama.cpp falls back to Q5_0 / Q8_0 / IQ4_NL for
 down when I = 1408 is no multiple of 256). Default blocks: 8 rows x ~512 values a step, the bf16 kernel's
-measured optimum, not yet measured here (bench/gguf_gemv.py --sweep).
+optimum; this kernel now serves only the formats mmvq_moe does not read (glmtg/kernels/gguf/dispatch.py).
 
 Out-of-range expert ids are masked on the device: such a slot contributes exactly zero and reads no
 weight byte. Nothing reads back to the host, so a decode step that calls this can be captured in a CUDA
