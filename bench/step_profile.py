@@ -1,0 +1,159 @@
+"""Where one decode step's time goes: every GPU kernel of a model's forward, grouped by the module that
+launched it, beside the CUDA-graph step time.
+
+The step runs eagerly under torch.profiler (kernel durations only, no launch gaps) and, separately,
+replayed from a CUDA graph (what decode pays). The difference between the graph time and the sum of the
+kernels is the cost of the graph nodes themselves (about 1 µs each on a Hopper GPU) plus idle gaps, so the
+table says both how much each part reads and how many launches it costs. Modules are labelled by forward
+hooks (``record_function``); a kernel counts toward the innermost label that launched it.
+
+    python bench/step_profile.py --preset glm-4.5-air --n-layers 8 --type Q4_0
+    python bench/step_profile.py --type Q4_K_M --depth 65536 -ctk q8_0
+
+Writes ``results/step_profile/<date>-<preset>-<type>-<depth>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+# Module classes whose forward gets its own label, by the attribute path's last part.
+LABELLED = ("attn_norm", "qkv", "o_proj", "attn", "mlp_norm", "router", "experts", "shared", "mlp", "norm",
+            "lm_head", "embed")
+
+
+def _label_hooks(model: torch.nn.Module) -> list:
+    handles = []
+    for name, module in model.named_modules():
+        last = name.rpartition(".")[2]
+        if last not in LABELLED:
+            continue
+        label = "layers.*." + name.split(".", 2)[2] if name.startswith("layers.") else name
+
+        def pre(_m, _a, label=label):
+            ctx = torch.profiler.record_function("glmtg:" + label)
+            ctx.__enter__()
+            _m._profile_ctx = ctx
+
+        def post(_m, _a, _o):
+            _m._profile_ctx.__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def _kernel_table(prof, steps: int) -> tuple[list[dict], int]:
+    """Kernel time and launches per step, by innermost glmtg label."""
+    per_label: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    kernels = 0
+    names: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+
+    def visit(evt, label):
+        nonlocal kernels
+        if evt.name.startswith("glmtg:"):
+            label = evt.name[len("glmtg:"):]
+        for k in evt.kernels:
+            per_label[label][0] += k.duration
+            per_label[label][1] += 1
+            names[k.name[:60]][0] += k.duration
+            names[k.name[:60]][1] += 1
+            kernels += 1
+        for child in evt.cpu_children:
+            visit(child, label)
+
+    for evt in prof.events():
+        if evt.cpu_parent is None and evt.device_type.name == "CPU":
+            visit(evt, "(other)")
+    rows = [{"part": lab, "us_per_step": t / steps, "kernels_per_step": n / steps}
+            for lab, (t, n) in sorted(per_label.items(), key=lambda kv: -kv[1][0])]
+    top = [{"kernel": nm, "us_per_step": t / steps, "calls_per_step": n / steps}
+           for nm, (t, n) in sorted(names.items(), key=lambda kv: -kv[1][0])[:25]]
+    return rows + [{"top_kernels": top}], kernels // steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="glm-4.5-air")
+    p.add_argument("--n-layers", type=int, default=8)
+    p.add_argument("--type", default="Q4_0", help="llama.cpp file type of the random weights (or 'bf16')")
+    p.add_argument("--depth", type=int, default=0, help="cached tokens before the step")
+    p.add_argument("-ctk", "--cache-type", default="f16", help="K and V cache format")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None, help="output stem")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: step_profile.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from glmtg.kv_cache import KVCache
+    from glmtg.loading.presets import preset_config, random_model
+
+    config = preset_config(args.preset, args.n_layers)
+    file_type = None if args.type == "bf16" else args.type
+    model = random_model(config, device="cuda", file_type=file_type)
+    fmt = {"f16": "f16", "bf16": "bf16"}.get(args.cache_type, args.cache_type)
+    cache = KVCache(num_layers=config.num_hidden_layers, batch=1, capacity=args.depth + 64,
+                    num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, k_format=fmt,
+                    device="cuda")
+    cache.lengths.fill_(args.depth)
+    token = torch.randint(0, config.vocab_size, (1, 1), device="cuda")
+
+    def step():
+        return model(token, cache, attn_backend="glmtg", validate=False)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    graph_s = common.time_graph([step], replays=100)
+    eager_s = common.time_graph([step], replays=20, use_graph=False)
+    handles = _label_hooks(model)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    for h in handles:
+        h.remove()
+    rows, kernels = _kernel_table(prof, args.steps)
+    top = rows.pop()["top_kernels"]
+    kernel_us = sum(r["us_per_step"] for r in rows)
+    weight_bytes = model.decode_weight_bytes()
+    copy = common.copy_bandwidth()
+    result = {
+        "environment": common.environment(), "copy_bandwidth": copy, "preset": args.preset,
+        "n_layers": args.n_layers, "type": args.type, "depth": args.depth, "cache": fmt,
+        "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6, "kernel_us": kernel_us,
+        "kernels_per_step": kernels, "weight_bytes": weight_bytes,
+        "weight_floor_us": weight_bytes / copy * 2 * 1e6, "parts": rows, "top_kernels": top,
+    }
+    stem = args.out or common.result_path("step_profile",
+                                          f"{args.preset}-{args.n_layers}l-{args.type}-{args.depth}")
+    common.write_json(stem.with_suffix(".json"), result)
+    lines = [f"# One decode step: {args.preset}, {args.n_layers} layers, {args.type}, depth {args.depth}, "
+             f"cache {fmt}", "",
+             f"{result['environment'].get('device')}, torch {torch.__version__}, "
+             f"{result['environment']['date']}", "",
+             f"graph step {graph_s * 1e6:.1f} µs ({1 / graph_s:.0f} t/s), eager {eager_s * 1e6:.1f} µs, "
+             f"kernels alone {kernel_us:.1f} µs in {kernels} launches; weights {weight_bytes / 1e9:.3f} GB "
+             f"= {result['weight_floor_us']:.1f} µs at the copy read rate", "",
+             "| part | µs / step | kernels / step |", "|---|---|---|"]
+    lines += [f"| {r['part']} | {r['us_per_step']:.1f} | {r['kernels_per_step']:.0f} |" for r in rows]
+    lines += ["", "| kernel | µs / step | calls / step |", "|---|---|---|"]
+    lines += [f"| `{r['kernel']}` | {r['us_per_step']:.1f} | {r['calls_per_step']:.0f} |" for r in top]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
