@@ -4,18 +4,20 @@ Why: the torch RMSNorm (glmtg/layers/norm.py) is ~8 small kernels, the residual 
 and the MMVQ path quantizes the normalised activations in a launch of its own; at decode (T <= 16) each
 of those launches costs more than its arithmetic. Here one program per token row does all of it.
 
-Numerics, step by step the same as the torch code, so that a bf16 or fp16 result matches it bit for bit
-unless the fp32 sum of squares differs (see below):
+Numerics, step by step the same as the torch code (rsqrt is the hardware approximation on both sides),
+so that a result matches it bit for bit unless the fp32 sum of squares differs (see below):
   s = round(x + residual)                     (fp32 add, one rounding to x's dtype: torch's ``x + residual``)
   r = rsqrt(sum(s_f32^2) * fp32(1/H) + eps)   (fp32; times the reciprocal, as torch's CUDA ``mean`` does)
   y = round(weight_f32 * round(s_f32 * r))    (normalise in fp32, round, then the weight product rounded once)
 The sum of squares is a tree reduction whose order differs from torch's, so the fp32 statistic may differ
-by an ulp or two; y then differs from torch's by at most one ulp of its dtype, in a small fraction of the
-elements (none where the sum is exact in fp32). The int8 blocks quantize the rounded y with
-``quantize_groups``, so they equal ``quantize_activation(y)`` bit for bit.
+by an fp32 ulp or two; the normalised value then differs from torch's by at most one ulp of x's dtype, in a
+small fraction of the elements (~1e-4 in bf16), and y by that times |weight| plus the product's rounding;
+nothing differs where the sum is exact in fp32 (tests/kernels/test_rms_norm.py checks both on a GPU). The
+int8 blocks quantize the rounded y with ``quantize_groups``, so they equal ``quantize_activation(y)`` bit
+for bit.
 
 Launch: the whole row is one tile of next_power_of_2(H) values (masked past H), so x is read once; the
-warps grow with the tile (~16 values a thread up to 16 warps). H is capped at MAX_H to bound registers.
+warps grow with the tile (~16 values a thread, at most 16 warps). H is capped at MAX_H to bound registers.
 """
 
 from __future__ import annotations
