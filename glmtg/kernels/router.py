@@ -111,7 +111,8 @@ def route(
     by descending choice (ties: lower index first); weights = the scores at ids, divided by (their sum +
     1e-20) if ``norm_topk_prob``, then times ``scaling``. x fp16/bf16/fp32; weight fp32 [E, H] contiguous;
     bias fp32 [E]; 1 <= top_k <= E <= 256. Blocks: a logits program takes ``block_e`` rows of weight and
-    one of ``split`` slices of H, walked in chunks of ``block_h`` / (tokens per program) columns.
+    one of ``split`` slices of H, walked in chunks of ``block_h`` / (tokens per program) columns, at least
+    128 * ``num_warps`` / ``block_e`` (all powers of two).
     """
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, H], got {describe(x)}")
     check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
@@ -143,8 +144,9 @@ def route(
         return ids, weights
     x, bias = x.contiguous(), bias.contiguous()  # a few KB: copying a strided one costs nothing
     block_t = min(triton.next_power_of_2(t), MAX_BLOCK_T)
-    # Keep the per-chunk product [block_t, block_e, chunk] at block_e * block_h elements (registers).
-    chunk = max(16, block_h // block_t)
+    # Chunk of H per step: the product [block_t, block_e, chunk] held at block_e * block_h elements
+    # (registers), but the W tile [block_e, chunk] no smaller than one 16-byte load (4 fp32) per thread.
+    chunk = max(block_h // block_t, 4 * 32 * num_warps // block_e, 16)
     span = triton.cdiv(triton.cdiv(hidden, split), chunk) * chunk  # slices start on a chunk boundary
     part = torch.empty((split, t, experts), dtype=torch.float32, device=x.device)
     _logits_kernel[(triton.cdiv(experts, block_e), split, triton.cdiv(t, block_t))](
