@@ -4,7 +4,8 @@ At decode, Attention.forward turns y = qkv(x) into roped q and k through ~17 sma
 views, two RMSNorms, two partial RoPEs with their casts and concatenations). This kernel does it in one:
 program (t, h) reads head h of token t straight from y (k heads follow the q heads in a row of y, so head
 h of either sits at columns h*D .. h*D+D), and writes it to q[t, h] or k[t, h - Hq]. v is not touched:
-the caller takes it as a view of y.
+the caller takes it as a view of y. Optionally the same launch also appends the roped k and y's v to plain
+(f16/bf16/fp32) contiguous KV stores, so the decode step needs no kv_store launches for such caches.
 
 Per head, the same ops as the torch path (glmtg/layers/norm.py RMSNorm, glmtg/layers/rope.py
 apply_partial_rope), in the same order:
@@ -13,7 +14,8 @@ apply_partial_rope), in the same order:
 - NeoX RoPE of the first R dims (R = cos.shape[-1]): x*cos and partner*sin each rounded in fp32, the
   partner's product negated for the first half, summed, rounded to y's dtype; dims R..D pass unchanged.
 The launch turns off fp fusion, so no multiply-add is contracted into an FMA: without the norm the result
-is bit-equal to the torch path (fp32/fp16 in the interpreter, and f16/bf16/fp32 on a GPU). With the norm
+is bit-equal to the torch path (checked in fp32/fp16 in the interpreter; on a GPU the PTX holds no fp32 FMA
+and the bf16 GPU test checks it). With the norm
 the sum of squares is reduced in another order than torch's (and rsqrt on a GPU is libdevice's), so the
 normalised value can differ in the last fp32 bits, and rarely by one ulp of y's dtype after rounding.
 
@@ -35,11 +37,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _qk_rope_kernel(
-    Y, Cos, Sin, QW, KW, Q, K,
+    Y, Cos, Sin, QW, KW, Q, K, KC, VC, Start,
     stride_yt, stride_ct, stride_st,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    eps, inv_d,
-    HQ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+    stride_cb, stride_ch, stride_cp,
+    eps, inv_d, seq_len, capacity,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORM: tl.constexpr, STORE_KV: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -69,7 +73,16 @@ def _qk_rope_kernel(
     s = tl.load(Sin + t * stride_st + cols, mask=rotated, other=0.0)
     turn = xp * s
     roped = x * c + tl.where(cols < half, -turn, turn)
-    tl.store(dst + cols, tl.where(rotated, roped, x).to(out_ty), mask=in_head)
+    out = tl.where(rotated, roped, x).to(out_ty)
+    tl.store(dst + cols, out, mask=in_head)
+    if STORE_KV:
+        if h >= HQ:  # k head h - HQ: append it (roped) and its v head to the cache, as KVCache.append
+            b = t // seq_len
+            pos = tl.load(Start + b) + t % seq_len
+            ok = in_head & (pos >= 0) & (pos < capacity)  # a position outside the cache writes nothing
+            row = b * stride_cb + (h - HQ) * stride_ch + pos * stride_cp + cols
+            tl.store(KC + row, out, mask=ok)
+            tl.store(VC + row, tl.load(src + HKV * D + cols, mask=in_head), mask=ok)
 
 
 def _check_count(name: str, value: object) -> None:
@@ -81,6 +94,29 @@ def _check_angles(t: torch.Tensor, name: str, y: torch.Tensor) -> None:
           lambda: f"{name} must be float32 [T={y.shape[0]}, R], got {describe(t)}")
     check(t.device == y.device, lambda: f"{name} is on {t.device} but y is on {y.device}")
     check(t.stride(1) == 1, lambda: f"{name} must have a contiguous last dimension, strides {t.stride()}")
+
+
+def _check_caches(k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, start: torch.Tensor | None,
+                  y: torch.Tensor, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the caches are given (and fit: see qk_rope)."""
+    given = [t is not None for t in (k_cache, v_cache, start)]
+    check(all(given) or not any(given), "k_cache, v_cache and start must be given together or not at all")
+    if not any(given):
+        return False
+    check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[1] == num_kv_heads
+          and k_cache.shape[3] == head_dim and k_cache.dtype == y.dtype and k_cache.is_contiguous(),
+          lambda: f"k_cache must be a contiguous {y.dtype} [B, Hkv={num_kv_heads}, capacity, D={head_dim}] store, "
+                  f"got {describe(k_cache)}")
+    batch = k_cache.shape[0]
+    check(isinstance(v_cache, torch.Tensor) and v_cache.shape == k_cache.shape and v_cache.dtype == y.dtype
+          and v_cache.is_contiguous(), lambda: f"v_cache must be like k_cache, got {describe(v_cache)}")
+    check(isinstance(start, torch.Tensor) and start.dtype == torch.int32 and tuple(start.shape) == (batch,),
+          lambda: f"start must be int32 of shape ({batch},), got {describe(start)}")
+    check(k_cache.device == v_cache.device == start.device == y.device,
+          lambda: f"k_cache, v_cache and start must be on y's device {y.device}, got {k_cache.device}, "
+                  f"{v_cache.device} and {start.device}")
+    check(y.shape[0] % batch == 0, lambda: f"k_cache batch {batch} does not divide the {y.shape[0]} tokens of y")
+    return True
 
 
 def _check_out(out: torch.Tensor | None, name: str, shape: tuple[int, int, int], y: torch.Tensor) -> torch.Tensor:
@@ -113,6 +149,9 @@ def qk_rope(
     eps: float = 1e-5,
     q_out: torch.Tensor | None = None,
     k_out: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y [T, (Hq + 2*Hkv) * D] (q | k | v per token row) -> q [T, Hq, D], k [T, Hkv, D] in y's dtype.
 
@@ -121,6 +160,12 @@ def qk_rope(
     y's dtype, applied per head with ``eps`` before the rotation. ``q_out``/``k_out``: written in place
     and returned when given (any token/head strides, contiguous last dimension). Rounding is the torch
     path's (module docstring). Bad arguments raise ValueError naming them.
+
+    ``k_cache``/``v_cache``/``start`` (all or none): one layer's plain contiguous K and V stores in y's
+    dtype, [B, Hkv, capacity, D] (B divides T: token t is token t % S of sequence t // S, S = T / B), and
+    int32 [B] start positions. The roped k and y's v of token t are then also written at position
+    start[b] + s, as KVCache.append does for f16/bf16 stores; a position outside [0, capacity) writes
+    nothing (no host check: the launch can be captured in a CUDA graph).
     """
     _check_count("num_heads", num_heads)
     _check_count("num_kv_heads", num_kv_heads)
@@ -145,15 +190,21 @@ def qk_rope(
     check(isinstance(eps, (int, float)) and eps >= 0, lambda: f"eps must be a float >= 0, got {eps!r}")
     q = _check_out(q_out, "q_out", (tokens, num_heads, head_dim), y)
     k = _check_out(k_out, "k_out", (tokens, num_kv_heads, head_dim), y)
+    store = _check_caches(k_cache, v_cache, start, y, num_kv_heads, head_dim)
     if tokens == 0:
         return q, k
     weights = (q_norm, k_norm) if norm else (y, y)  # never read without the norm
+    caches = (k_cache, v_cache, start) if store else (y, y, y)  # never read without the store
+    seq_len = tokens // k_cache.shape[0] if store else 1
+    strides = k_cache.stride()[:3] if store else (0, 0, 0)
     _qk_rope_kernel[(tokens, num_heads + num_kv_heads)](
-        y, cos, sin, *weights, q, k,
+        y, cos, sin, *weights, q, k, *caches,
         y.stride(0), cos.stride(0), sin.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        float(eps), 1.0 / head_dim,
-        HQ=num_heads, D=head_dim, R=rot, BLOCK_D=triton.next_power_of_2(head_dim), NORM=norm,
+        *strides,
+        float(eps), 1.0 / head_dim, seq_len, k_cache.shape[2] if store else 0,
+        HQ=num_heads, HKV=num_kv_heads, D=head_dim, R=rot, BLOCK_D=triton.next_power_of_2(head_dim), NORM=norm,
+        STORE_KV=store,
         num_warps=1 if head_dim <= 128 else 2,
         # torch rounds x*cos and partner*sin before adding them: an FMA would round once and differ.
         enable_fp_fusion=False,

@@ -153,6 +153,41 @@ def test_new_outputs_and_eps():
     assert (k_default - k).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("seq", [1, 2])
+def test_appends_roped_k_and_v_to_the_cache(seq):
+    """k_cache/v_cache/start: each token's roped k (bit-equal to k_out) and v (y's, bit for bit) land at
+    start[b] + s; every other slot keeps its NaN; a token past the capacity writes nothing. The stores are
+    one layer of a KVCache (f16), as Attention.forward would pass them."""
+    from glmtg.kv_cache import KVCache
+
+    batch, hq, hkv, d, r, capacity = 3, 6, 2, 32, 16, 9
+    t = batch * seq
+    y, cos, sin, weights = make(t, hq, hkv, d, r, torch.float16, seed=11 + seq)
+    cache = KVCache(num_layers=2, batch=batch, capacity=capacity, num_kv_heads=hkv, head_dim=d, k_format="f16")
+    kc, vc = cache.k(1).data, cache.v(1).data
+    kc.fill_(float("nan"))
+    vc.fill_(float("nan"))
+    start = torch.tensor([0, 5, capacity - 1], dtype=torch.int32)  # with S=2 the last token is past the end
+    q, k = qk_rope(y, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=weights[0], k_norm=weights[1],
+                   k_cache=kc, v_cache=vc, start=start)
+    q_ref, k_ref = run(y, cos, sin, hq, hkv, d, weights)
+    assert torch.equal(q.view(torch.int16), q_ref.view(torch.int16))
+    assert torch.equal(k.view(torch.int16), k_ref.view(torch.int16))
+    v = y[:, (hq + hkv) * d:].view(batch, seq, hkv, d)
+    written = torch.zeros(batch, capacity, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(seq):
+            pos = int(start[b]) + i
+            if pos < capacity:
+                written[b, pos] = True
+                assert torch.equal(kc[b, :, pos].view(torch.int16), k[b * seq + i].view(torch.int16))
+                assert torch.equal(vc[b, :, pos].view(torch.int16), v[b, i].view(torch.int16))
+    assert int(written.sum()) == (t if seq == 1 else t - 1)
+    for store in (kc, vc):
+        assert store.transpose(1, 2)[~written].isnan().all(), "a slot not appended to was written"
+    assert cache.k(0).data.eq(0).all() and cache.v(0).data.eq(0).all(), "another layer was written"
+
+
 def _bad_cases():
     t, hq, hkv, d, r = 2, 2, 1, 32, 16
     y, cos, sin, (qw, kw) = make(t, hq, hkv, d, r, torch.float16)
@@ -176,6 +211,17 @@ def _bad_cases():
         ("num_kv_heads", dict(num_kv_heads=0)),
         ("eps", dict(eps=-1.0)),
         ("cos is on meta", dict(cos=torch.empty(t, r, device="meta"))),
+        ("k_cache, v_cache and start", dict(k_cache=torch.empty(t, hkv, 8, d, dtype=torch.float16))),
+        ("k_cache", dict(k_cache=torch.empty(t, hkv, 8, d), v_cache=torch.empty(t, hkv, 8, d),
+                         start=torch.zeros(t, dtype=torch.int32))),
+        ("v_cache", dict(k_cache=torch.empty(t, hkv, 8, d, dtype=torch.float16),
+                         v_cache=torch.empty(t, hkv, 9, d, dtype=torch.float16),
+                         start=torch.zeros(t, dtype=torch.int32))),
+        ("start", dict(k_cache=torch.empty(t, hkv, 8, d, dtype=torch.float16),
+                       v_cache=torch.empty(t, hkv, 8, d, dtype=torch.float16), start=torch.zeros(t))),
+        ("does not divide", dict(k_cache=torch.empty(3, hkv, 8, d, dtype=torch.float16),
+                                 v_cache=torch.empty(3, hkv, 8, d, dtype=torch.float16),
+                                 start=torch.zeros(3, dtype=torch.int32))),
     ], base
 
 
@@ -207,3 +253,23 @@ def test_gpu_bf16_glm_shapes(t, norm):
             assert_torch_norm(got, want, scale, torch.bfloat16, f"{name} vs torch path")
         else:
             assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} not bit-equal to torch"
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_cache_append_glm_shapes():
+    """The append at GLM shapes in bf16 on the GPU (4 sequences, one token each): the stores hold k_out and
+    y's v bit for bit at start[b], NaN elsewhere."""
+    batch, hq, hkv, d, r, capacity = 4, 96, 8, 128, 64, 33
+    y, cos, sin, weights = make(batch, hq, hkv, d, r, torch.bfloat16, device="cuda", seed=5)
+    kc = torch.full((batch, hkv, capacity, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    vc = torch.full_like(kc, float("nan"))
+    start = torch.tensor([0, 7, 31, capacity - 1], dtype=torch.int32, device="cuda")
+    _, k = qk_rope(y, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=weights[0], k_norm=weights[1],
+                   k_cache=kc, v_cache=vc, start=start)
+    rows = torch.arange(batch, device="cuda")
+    pos = start.long()
+    assert torch.equal(kc[rows, :, pos].view(torch.int16), k.view(torch.int16))
+    assert torch.equal(vc[rows, :, pos].view(torch.int16), y[:, (hq + hkv) * d:].view(batch, hkv, d).view(torch.int16))
+    kc[rows, :, pos] = float("nan")
+    vc[rows, :, pos] = float("nan")
+    assert kc.isnan().all() and vc.isnan().all(), "a slot not appended to was written"
