@@ -81,8 +81,9 @@ def _qk_rope_kernel(
             pos = tl.load(Start + b) + t % seq_len
             ok = in_head & (pos >= 0) & (pos < capacity)  # a position outside the cache writes nothing
             row = b * stride_cb + (h - HQ) * stride_ch + pos * stride_cp + cols
-            tl.store(KC + row, out, mask=ok)
-            tl.store(VC + row, tl.load(src + HKV * D + cols, mask=in_head), mask=ok)
+            cache_ty = KC.dtype.element_ty  # the store's own float type (an f16 cache of a bf16 model)
+            tl.store(KC + row, out.to(cache_ty), mask=ok)
+            tl.store(VC + row, tl.load(src + HKV * D + cols, mask=in_head).to(cache_ty), mask=ok)
 
 
 def _check_count(name: str, value: object) -> None:
@@ -104,11 +105,11 @@ def _check_caches(k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, st
     if not any(given):
         return False
     check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[1] == num_kv_heads
-          and k_cache.shape[3] == head_dim and k_cache.dtype == y.dtype and k_cache.is_contiguous(),
-          lambda: f"k_cache must be a contiguous {y.dtype} [B, Hkv={num_kv_heads}, capacity, D={head_dim}] store, "
+          and k_cache.shape[3] == head_dim and k_cache.dtype in _DTYPES and k_cache.is_contiguous(),
+          lambda: f"k_cache must be a contiguous float ({_DTYPES}) [B, Hkv={num_kv_heads}, capacity, D={head_dim}] store, "
                   f"got {describe(k_cache)}")
     batch = k_cache.shape[0]
-    check(isinstance(v_cache, torch.Tensor) and v_cache.shape == k_cache.shape and v_cache.dtype == y.dtype
+    check(isinstance(v_cache, torch.Tensor) and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
           and v_cache.is_contiguous(), lambda: f"v_cache must be like k_cache, got {describe(v_cache)}")
     check(isinstance(start, torch.Tensor) and start.dtype == torch.int32 and tuple(start.shape) == (batch,),
           lambda: f"start must be int32 of shape ({batch},), got {describe(start)}")
@@ -161,8 +162,8 @@ def qk_rope(
     and returned when given (any token/head strides, contiguous last dimension). Rounding is the torch
     path's (module docstring). Bad arguments raise ValueError naming them.
 
-    ``k_cache``/``v_cache``/``start`` (all or none): one layer's plain contiguous K and V stores in y's
-    dtype, [B, Hkv, capacity, D] (B divides T: token t is token t % S of sequence t // S, S = T / B), and
+    ``k_cache``/``v_cache``/``start`` (all or none): one layer's plain contiguous K and V stores (f16,
+    bf16 or fp32, both the same; values converted to it as KVCache.append does), [B, Hkv, capacity, D] (B divides T: token t is token t % S of sequence t // S, S = T / B), and
     int32 [B] start positions. The roped k and y's v of token t are then also written at position
     start[b] + s, as KVCache.append does for f16/bf16 stores; a position outside [0, capacity) writes
     nothing (no host check: the launch can be captured in a CUDA graph).

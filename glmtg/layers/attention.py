@@ -23,6 +23,7 @@ from torch import nn
 from glmtg.config import ModelConfig
 from glmtg.kernels import attention as _decode
 from glmtg.formats import KV_FORMATS
+from glmtg.layers import fused
 from glmtg.layers.linear import DenseLinear
 from glmtg.layers.norm import RMSNorm
 from glmtg.layers.rope import apply_partial_rope
@@ -72,16 +73,41 @@ class Attention(nn.Module):
         skips its per-layer host check.
         """
         bsz, s, _ = x.shape
-        q, k, v = self.qkv.split(self.qkv(x))  # [B, S, Hq*D], [B, S, Hkv*D] x 2
-        q = q.view(bsz, s, self.num_heads, self.head_dim)  # -> [B, S, Hq, D]
-        k = k.view(bsz, s, self.num_kv_heads, self.head_dim)  # -> [B, S, Hkv, D]
-        v = v.view(bsz, s, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_partial_rope(q, ctx.cos, ctx.sin), apply_partial_rope(k, ctx.cos, ctx.sin)
-        ctx.cache.append(self.layer, k, v, start=ctx.cache.lengths, validate=False)
+        y = self.qkv(x)  # [B, S, (Hq + 2 Hkv) * D]
+        v = y[..., y.shape[-1] - self.num_kv_heads * self.head_dim:].view(bsz, s, self.num_kv_heads, self.head_dim)
+        if fused.fuses(y):
+            q, k, stored = self._fused_qk(y, ctx)
+        else:
+            stored = False
+            q, k, _ = self.qkv.split(y)  # [B, S, Hq*D], [B, S, Hkv*D]
+            q = q.view(bsz, s, self.num_heads, self.head_dim)  # -> [B, S, Hq, D]
+            k = k.view(bsz, s, self.num_kv_heads, self.head_dim)  # -> [B, S, Hkv, D]
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_partial_rope(q, ctx.cos, ctx.sin), apply_partial_rope(k, ctx.cos, ctx.sin)
+        if not stored:
+            ctx.cache.append(self.layer, k, v, start=ctx.cache.lengths, validate=False)
         out = attend(q, ctx.cache, self.layer, ctx.lengths_after, ctx.backend, self.scale)  # [B, S, Hq, D]
         return self.o_proj(out.reshape(bsz, s, self.num_heads * self.head_dim))
+
+    def _fused_qk(self, y: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """q/k norm and RoPE of the fused projection's output in one kernel: q [B, S, Hq, D], k [B, S, Hkv, D],
+        and whether that launch also wrote k and v into the cache (a plain contiguous store)."""
+        from glmtg.kernels.qk_rope import qk_rope
+
+        bsz, s, n = y.shape
+        r = ctx.cos.shape[-1]
+        extra = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
+                                                    eps=self.q_norm.eps)
+        k_view, v_view = ctx.cache.k(self.layer), ctx.cache.v(self.layer)
+        stores = ctx.cache.page_table is None and all(
+            view.scale is None and view.data.is_floating_point() and view.data.is_contiguous() for view in (k_view, v_view))
+        if stores:
+            extra.update(k_cache=k_view.data, v_cache=v_view.data, start=ctx.cache.lengths)
+        q, k = qk_rope(y.reshape(bsz * s, n), ctx.cos.reshape(bsz * s, r), ctx.sin.reshape(bsz * s, r),
+                       num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, **extra)
+        return (q.view(bsz, s, self.num_heads, self.head_dim), k.view(bsz, s, self.num_kv_heads, self.head_dim),
+                stores)
 
 
 def attend(

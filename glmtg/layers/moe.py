@@ -25,6 +25,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.kernels.moe_decode import moe_decode
+from glmtg.layers import fused
 from glmtg.layers.mlp import MLP
 from glmtg.layers.params import write_parameter
 
@@ -34,6 +35,9 @@ EXPERT_BACKENDS = ("auto", "kernel", "torch")
 # batch picks most experts, and its extra arithmetic hides under that read. Longer inputs (prefill, never
 # captured) take looped_experts, whose host read of the counts costs one sync per layer, not E/k the work.
 DENSE_MAX_TOKENS = 512
+# Tokens up to which the router runs as glmtg's kernels (a decode step; its logits kernel holds every token's
+# partial sums in registers). Prefill scores with torch.
+ROUTE_KERNEL_MAX_TOKENS = 16
 # Elements of the largest per-chunk intermediate of dense_experts ([E, tokens, max(H, I)]): bounds its memory.
 _DENSE_CHUNK_ELEMENTS = 1 << 25
 
@@ -55,6 +59,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (expert ids int64 [T, k], fp32 weights [T, k])."""
+        if self.n_group == 1 and fused.fuses(x) and x.shape[0] <= ROUTE_KERNEL_MAX_TOKENS:
+            from glmtg.kernels.router import route
+
+            return route(x, self.weight, self.e_score_correction_bias, top_k=self.top_k,
+                         norm_topk_prob=self.norm_topk_prob, scaling=self.scaling)
         scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         if self.n_group > 1:
@@ -210,7 +219,7 @@ class MoE(nn.Module):
         ids, weights = self.router(flat)
         out = self.experts(flat, ids, weights)
         if self.shared is not None:
-            out = out + self.shared(flat)
+            out = self.shared(flat, residual=out)  # out + shared(flat), the add folded into its last product
         return out.view(shape)
 
 

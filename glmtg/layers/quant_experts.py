@@ -78,6 +78,12 @@ class QuantExperts(nn.Module):
                               self.formats["gate_proj"], self.formats["down_proj"], path=self.dot)
         return self._looped(x, ids, weights, uses_kernels(self.backend, x))
 
+    def reads_int8(self) -> bool:
+        """Whether the decode kernel reads int8-rounded activations (glmtg/kernels/gguf/dispatch.py)."""
+        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
+
+        return self.dot != "float" and all(f in MMVQ_FORMATS for f in self.formats.values())
+
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
         # The fused kernel decodes gate and up rows with one format. A file that gives them different formats
         # (llama.cpp's mixes never do, a hand-made one might), or formats without a Triton decoder yet, takes

@@ -148,12 +148,16 @@ class QuantLinear(Linear):
         weight = getattr(self, attr)
         return weight if rows is None else weight[rows]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features] in x's dtype."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype; plus ``residual`` [..., out_features]
+        when given (added after the bias, in x's dtype)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must be [..., {self.in_features}], got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        res2 = None if residual is None else residual.reshape(-1, self.out_features)
+        if self.int8_decode(x2):
+            return self._int8_products(x2, None, x2.dtype, res2).view(*lead, self.out_features)
         kernel = uses_kernels(self.backend, x2)
         gemv = kernel and _gemv_applies(x2.shape[0])
         ys = [_product(x2, getattr(self, attr), fmt, kernel=kernel, gemv=gemv, dot=self.dot)
@@ -161,7 +165,47 @@ class QuantLinear(Linear):
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         if self.bias is not None:
             y = y + self.bias
+        if res2 is not None:
+            y = y + res2
         return y.view(*lead, self.out_features)
+
+    def reads_int8(self) -> bool:
+        """Whether decode products read int8-rounded activations: every run's format on the int8-dot path
+        (glmtg/kernels/gguf/dispatch.py) and ``dot`` not forcing the float path."""
+        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
+
+        return self.dot != "float" and all(fmt in MMVQ_FORMATS for _, fmt, _, _ in self.groups)
+
+    def int8_decode(self, x: torch.Tensor) -> bool:
+        """Whether the product of ``x`` [T, in_features] runs as int8-dot decode kernels (``from_int8``
+        applies): the kernels run for x, T is a decode size and ``reads_int8``."""
+        return uses_kernels(self.backend, x) and _gemv_applies(x.shape[0]) and self.reads_int8()
+
+    def from_int8(self, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode product of activations already rounded to int8 blocks (``quantize_activation``'s
+        (codes [T, in], dx, sums), e.g. from a fused SwiGLU): [T, out_features] in ``dtype``."""
+        if not self.reads_int8():
+            raise ValueError(f"from_int8 needs every format on the int8-dot path, got "
+                             f"{[fmt for _, fmt, _, _ in self.groups]}")
+        return self._int8_products(None, blocks, dtype, residual)
+
+    def _int8_products(self, x: torch.Tensor | None, blocks: tuple | None, dtype: torch.dtype,
+                       residual: torch.Tensor | None) -> torch.Tensor:
+        """Every run's int8-dot product written into its columns of one output (no concatenation), the
+        bias and ``residual`` added in the same launches."""
+        from glmtg.kernels.gguf.mmvq import mmvq
+
+        t = (x if x is not None else blocks[0]).shape[0]
+        device = getattr(self, self.groups[0][0]).device
+        out = torch.empty(t, self.out_features, dtype=dtype, device=device)
+        if x is None:  # mmvq takes x for its shape and dtype; the values come from ``blocks``
+            x = torch.empty(t, self.in_features, dtype=dtype, device=device)
+        for attr, fmt, start, stop in self.groups:
+            mmvq(x, getattr(self, attr), fmt, out=out[:, start:stop], quantized=blocks,
+                 bias=None if self.bias is None else self.bias[start:stop],
+                 residual=None if residual is None else residual[:, start:stop])
+        return out
 
 
 def _gemv_applies(tokens: int) -> bool:

@@ -51,8 +51,21 @@ class DecoderLayer(nn.Module):
                     else MLP(config.hidden_size, config.intermediate_size, dtype))
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), ctx)  # [B, S, H]
-        return x + self.mlp(self.mlp_norm(x))
+        """The residual stream in and out: x + attn(norm x), then + mlp(norm ·)."""
+        h, residual = self.step(x, None, ctx)
+        return h + residual
+
+    def step(self, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the previous block's output, the stream before it) -> (this layer's MLP output, the stream before
+        it). The residual adds are folded into the norms (one kernel each); the stream is h + residual.
+        ``residual`` None: ``h`` is the stream itself (the first layer)."""
+        if residual is None:
+            residual, h = h, self.attn_norm(h)
+        else:
+            h, residual = self.attn_norm(h, residual)
+        h, residual = self.mlp_norm(self.attn(h, ctx), residual)  # [B, S, H]
+        return self.mlp(h), residual
 
 
 class Glm4MoeForCausalLM(nn.Module):
@@ -115,12 +128,12 @@ class Glm4MoeForCausalLM(nn.Module):
         positions = cache.lengths.to(torch.long)[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
         cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)  # [B, S, R]
         ctx = StepContext(cache, cache.lengths + s, cos, sin, attn_backend)
-        x = self.embed(input_ids)  # [B, S, H]
+        h, residual = self.embed(input_ids), None  # [B, S, H]
         for layer in self.layers:
-            x = layer(x, ctx)
+            h, residual = layer.step(h, residual, ctx)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()  # [B, S or 1, vocab]
+            h, residual = h[:, -1:], residual[:, -1:]
+        return self.lm_head(self.norm(h, residual)[0]).float()  # [B, S or 1, vocab]
 
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decode token reads, as the parameters are stored (quantized blocks included):
@@ -255,6 +268,8 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
                                        placement=module.placement, backend=module.backend)
         if new is not None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for layer in model.layers:
+        _mark_int8_readers(layer)
     if tied and isinstance(model.embed, QuantEmbedding):
         # A tied head reads the embedding's blocks: same format, same parameter (tied after this call).
         with torch.device("meta"):
@@ -273,6 +288,24 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
                 elif isinstance(module, Router):
                     module.weight.zero_()
                     module.e_score_correction_bias.zero_()
+
+
+def _mark_int8_readers(layer: DecoderLayer) -> None:
+    """Tell each norm whether the products after it read int8 activations, so that its fused kernel rounds
+    them in the same launch (RMSNorm.quantize_output)."""
+    def int8(module: nn.Module | None) -> bool:
+        if isinstance(module, QuantLinear):
+            return module.reads_int8()
+        if isinstance(module, QuantExperts):
+            return module.reads_int8()
+        return False
+
+    layer.attn_norm.quantize_output = int8(layer.attn.qkv)
+    mlp = layer.mlp
+    if isinstance(mlp, MoE):
+        layer.mlp_norm.quantize_output = int8(mlp.experts) or (mlp.shared is not None and int8(mlp.shared.gate_up))
+    else:
+        layer.mlp_norm.quantize_output = int8(mlp.gate_up)
 
 
 def write_slot(root: nn.Module, name: str, value: torch.Tensor, *, shard: str | None = None,

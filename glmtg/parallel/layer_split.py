@@ -119,16 +119,17 @@ class LayerSplitModel(nn.Module):
         else:
             x = torch.empty(bsz, s, self.config.hidden_size, dtype=self._dtype(), device=input_ids.device)
             dist.recv(x, src=self.group.rank - 1, group=self.group.group)
+        h, residual = x, None
         for layer in self.layers.values():
-            x = layer(x, ctx)
+            h, residual = layer.step(h, residual, ctx)
         rows = 1 if last_only else s
         logits = torch.empty(bsz, rows, self.config.vocab_size, dtype=torch.float32, device=input_ids.device)
         if not self.last:
-            dist.send(x.contiguous(), dst=self.group.rank + 1, group=self.group.group)
+            dist.send((h + residual).contiguous(), dst=self.group.rank + 1, group=self.group.group)
         else:
             if last_only:
-                x = x[:, -1:]
-            logits = self.lm_head(self.norm(x)).float()
+                h, residual = h[:, -1:], residual[:, -1:]
+            logits = self.lm_head(self.norm(h, residual)[0]).float()
         if self.group.world_size > 1:
             dist.broadcast(logits, src=self.group.world_size - 1, group=self.group.group)
         return logits

@@ -212,7 +212,8 @@ def _bad_cases():
         ("eps", dict(eps=-1.0)),
         ("cos is on meta", dict(cos=torch.empty(t, r, device="meta"))),
         ("k_cache, v_cache and start", dict(k_cache=torch.empty(t, hkv, 8, d, dtype=torch.float16))),
-        ("k_cache", dict(k_cache=torch.empty(t, hkv, 8, d), v_cache=torch.empty(t, hkv, 8, d),
+        ("k_cache", dict(k_cache=torch.empty(t, hkv, 8, d, dtype=torch.int16),
+                         v_cache=torch.empty(t, hkv, 8, d, dtype=torch.int16),
                          start=torch.zeros(t, dtype=torch.int32))),
         ("v_cache", dict(k_cache=torch.empty(t, hkv, 8, d, dtype=torch.float16),
                          v_cache=torch.empty(t, hkv, 9, d, dtype=torch.float16),
@@ -273,3 +274,27 @@ def test_gpu_bf16_cache_append_glm_shapes():
     kc[rows, :, pos] = float("nan")
     vc[rows, :, pos] = float("nan")
     assert kc.isnan().all() and vc.isnan().all(), "a slot not appended to was written"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_into_f16_cache_as_append():
+    """A bf16 model with an f16 cache (glmtg's -ctk f16): the launch converts k and v to the store's type as
+    KVCache.append does, bit for bit."""
+    from glmtg.kv_cache import KVCache
+
+    batch, hq, hkv, d, r, capacity = 2, 96, 8, 128, 64, 17
+    y, cos, sin, weights = make(batch, hq, hkv, d, r, torch.bfloat16, device="cuda", seed=9)
+    fused, plain = (KVCache(num_layers=1, batch=batch, capacity=capacity, num_kv_heads=hkv, head_dim=d,
+                            k_format="f16", device="cuda") for _ in range(2))
+    for cache in (fused, plain):  # the same random contents before: only the appended slots may change
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for store in (cache.k(0).data, cache.v(0).data):
+            store.copy_(torch.randn(store.shape, generator=gen, device="cuda"))
+    start = torch.tensor([3, 16], dtype=torch.int32, device="cuda")
+    _, k = qk_rope(y, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=d, k_cache=fused.k(0).data,
+                   v_cache=fused.v(0).data, start=start)
+    v = y[:, (hq + hkv) * d:].reshape(batch, 1, hkv, d)
+    plain.append(0, k.view(batch, 1, hkv, d), v, start=start)
+    for a, b in ((fused.k(0).data, plain.k(0).data), (fused.v(0).data, plain.v(0).data)):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
