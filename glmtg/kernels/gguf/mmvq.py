@@ -18,6 +18,10 @@ N - 1, tokens past T token T - 1, neither stored); only the last partial step is
 its activation loads and dp4a, so the cost per weight value grows with T (~T/4 dp4a per 4-bit value).
 Instruction counts per weight value, the launch measurements behind ``measured_config`` and what is left:
 bench/DECISIONS.md H (bench/gguf_gemv.py --mmvq [--sweep | --sass] remakes them).
+
+Fewer launches around it: the bias and the residual add are the kernel's epilogue (rounded as torch's
+unfused adds); ``out`` may be a column slice of a wider buffer (several weights side by side, no cat); x's
+int8 rounding (activation.py) is remembered per tensor, so weights that read the same x round it once.
 """
 
 from __future__ import annotations

@@ -81,6 +81,15 @@ def test_silu_mul_quantize_equals_torch_on_gpu(dtype: torch.dtype) -> None:
         assert torch.equal(g, w)
 
 
+def test_down_projection_reads_silu_mul_quantize() -> None:
+    # the use: mmvq takes the blocks; x (here the gate half) gives only shape, dtype and device
+    t, inter = 2, 64
+    gate_up = _gate_up(t, inter, torch.float16, seed=3)
+    down = gguf_weight("q4_0", (11,), inter, seed=4)
+    got = mmvq(gate_up[:, :inter], down, "q4_0", quantized=silu_mul_quantize(gate_up))
+    assert torch.equal(got, mmvq(_numpy_silu_mul(gate_up), down, "q4_0"))
+
+
 def test_silu_mul_quantize_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="gate_up must be"):
         silu_mul_quantize(torch.randn(2, 2, 64))
