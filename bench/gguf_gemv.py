@@ -263,12 +263,13 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     f = REGISTRY[name]
     steps = min(4096 // f.block_size, 128)  # default_config's blocks at 4 warps (sass_report counts 128 threads)
     block_n = 128 // steps
-    words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt)
+    words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt, Bias=xdt, Res=xdt)
     gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32",
                    AQ="i8", ADX="fp32", AS="i32")
     down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt)
     moe = dict(BLOCK_R=block_n, G=steps)
-    return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps), block_n, steps / g,
+    return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps, HAS_BIAS=False, HAS_RES=False),
+             block_n, steps / g,
              f"block_n {block_n}, G {steps}"),
             ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, {**moe, "FUSED": False}, block_n, 2 * steps / g,
              f"block_i {block_n}"),

@@ -122,7 +122,7 @@ def _moe_jobs() -> list[tuple[str, object, dict, dict, dict]]:
 
 def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
     from glmtg.formats import REGISTRY
-    from glmtg.kernels.gguf import dequant, gemv, mmvq, mmvq_moe, moe
+    from glmtg.kernels.gguf import activation, dequant, gemv, mmvq, mmvq_moe, moe
     from glmtg.kernels.gguf.tables import lookup_table
 
     def blocks(name: str) -> dict:
@@ -147,13 +147,17 @@ def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
     jobs.append(("gguf moe down q4_0", moe._down_kernel,
                  dict(Act="*fp32", Down="*u8", Ids="*i64", Y="*bf16", Aux=aux(name)),
                  dict(blocks(name), BLOCK_R=8, G=g), dict(num_warps=4)))
-    jobs.append(("gguf mmvq quantize", mmvq._quantize_kernel, dict(X="*bf16", Q="*i8", DX="*fp32", S="*i32"),
+    jobs.append(("gguf mmvq quantize", activation._quantize_kernel, dict(X="*bf16", Q="*i8", DX="*fp32", S="*i32"),
                  dict(GB=32), dict(num_warps=4)))
+    jobs.append(("gguf silu_mul_quantize", activation._silu_mul_quantize_kernel,
+                 dict(GU="*bf16", Q="*i8", DX="*fp32", S="*i32"), dict(GB=32, PRECISE_EXP=True),
+                 dict(num_warps=4, enable_reflect_ftz=False)))
     for name in ("q4_k", "iq4_xs"):  # dp4a; iq4_xs' level lookup by prmt
         block_n, g, warps = mmvq.default_config(4096, 4096 // REGISTRY[name].block_size)
         jobs.append((f"gguf mmvq {name}", mmvq._mmvq_kernel,
-                     dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16"),
-                     dict(blocks(name), BLOCK_T=1, BLOCK_N=block_n, G=g), dict(num_warps=warps)))
+                     dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
+                     dict(blocks(name), BLOCK_T=1, BLOCK_N=block_n, G=g, HAS_BIAS=name == "q4_k", HAS_RES=True),
+                     dict(num_warps=warps)))
     # mmvq_moe at its CUDA launch (one row a program, 1024 values a step, one warp; the activation unfused).
     gate_up, down = "q4_0", "q6_k"
     jobs.append(("gguf mmvq_moe gate_up q4_0", mmvq_moe._gate_up_kernel,

@@ -18,6 +18,10 @@ N - 1, tokens past T token T - 1, neither stored); only the last partial step is
 its activation loads and dp4a, so the cost per weight value grows with T (~T/4 dp4a per 4-bit value).
 Instruction counts per weight value, the launch measurements behind ``measured_config`` and what is left:
 bench/DECISIONS.md H (bench/gguf_gemv.py --mmvq [--sweep | --sass] remakes them).
+
+Fewer launches around it: the bias and the residual add are the kernel's epilogue (rounded as torch's
+unfused adds); ``out`` may be a column slice of a wider buffer (several weights side by side, no cat); x's
+int8 rounding (activation.py) is remembered per tensor, so weights that read the same x round it once.
 """
 
 from __future__ import annotations
@@ -28,74 +32,26 @@ import triton.language as tl
 
 from glmtg.formats import GGUF_FORMATS, BlockFormat, get
 from glmtg.kernels._checks import check, check_power_of_two, describe
-from glmtg.kernels.gguf.gemv import (
-    GEMV_MAX_TOKENS,
-    SUPPORTED_DTYPES,
-    check_weight,
-    output_for,
-    steps_for,
+from glmtg.kernels.gguf.activation import (  # noqa: F401 (quantize_activation, quantize_groups: old import path)
+    GROUP,
+    checked_quantized,
+    quantize_activation,
+    quantize_groups,
+    quantize_once,
 )
+from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, SUPPORTED_DTYPES, check_weight, steps_for
 from glmtg.kernels.gguf.words import block_dot
 
 # The formats the int8-dot path reads.
 MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "iq4_xs", "iq4_nl", "q5_k", "q4_1", "q5_1",
                                    "q2_k", "q3_k")
-GROUP: int = 32  # activation values per int8 scale
 
 
 @triton.jit
-def quantize_groups(v):
-    """fp32 [GB, 32] groups -> (codes int32 [GB, 32], dx fp32 [GB], code sums int32 [GB]): dx = amax / 127,
-    codes = v · (127 / amax) rounded to nearest (0 for an all-zero group)."""
-    amax = tl.max(tl.abs(v), axis=1)
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)  # no 1/0 evaluated
-    # Round to nearest even by the 1.5 * 2^23 trick (exact for |v| < 2^22); |v * inv| <= 127 (+ rounding).
-    q = (v * inv[:, None] + 12582912.0) - 12582912.0
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
-    return q, amax / 127.0, tl.sum(q, axis=1)
-
-
-@triton.jit
-def _quantize_kernel(X, Q, DX, S, NG, STRIDE_XT, GB: tl.constexpr):
-    # One program: GB groups of 32 values of one token.
-    t = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * GB + tl.arange(0, GB)
-    j = tl.arange(0, 32)
-    ok = (g < NG)[:, None]
-    offs = g[:, None] * 32 + j[None, :]
-    v = tl.load(X + t * STRIDE_XT + offs, mask=ok, other=0.0).to(tl.float32)
-    q, dx, sums = quantize_groups(v)
-    tl.store(Q + t * (NG * 32) + offs, q.to(tl.int8), mask=ok)
-    gm = g < NG
-    tl.store(DX + t * NG + g, dx, mask=gm)
-    tl.store(S + t * NG + g, sums, mask=gm)
-
-
-def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, K] float -> (codes int8 [T, K], dx fp32 [T, K/32], code sums int32 [T, K/32]).
-
-    Per group of 32 values: dx = amax / 127 and codes = round(x / dx) (0 where amax is 0), so that
-    x ≈ codes · dx; the code sums serve weight formats with offsets (Σ (q - o)·xq = Σ q·xq - o·Σxq)."""
-    check(isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point(),
-          lambda: f"x must be a 2-D float tensor [T, K], got {describe(x)}")
-    t, k = x.shape
-    check(k % GROUP == 0, lambda: f"x: K={k} is not a multiple of {GROUP}")
-    ng = k // GROUP
-    codes = torch.empty((t, k), dtype=torch.int8, device=x.device)
-    dx = torch.empty((t, ng), dtype=torch.float32, device=x.device)
-    sums = torch.empty((t, ng), dtype=torch.int32, device=x.device)
-    if t == 0 or k == 0:
-        return codes, dx, sums
-    x = x if x.stride(1) == 1 else x.contiguous()
-    gb = 32
-    _quantize_kernel[(t, triton.cdiv(ng, gb))](x, codes, dx, sums, ng, x.stride(0), GB=gb, num_warps=4)
-    return codes, dx, sums
-
-
-@triton.jit
-def _mmvq_kernel(XW, DX, XS, W, Y, T, N, NB, NG, ROW_BYTES, STRIDE_YT,
+def _mmvq_kernel(XW, DX, XS, W, Y, Bias, Res, T, N, NB, NG, ROW_BYTES, STRIDE_YT, STRIDE_RT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     GPB: tl.constexpr = BS // 32  # activation groups per weight block
     B: tl.constexpr = BLOCK_N * G
     # One flat axis over the step's BLOCK_N x G blocks (words.py: one layout for every tensor of a step).
@@ -124,8 +80,19 @@ def _mmvq_kernel(XW, DX, XS, W, Y, T, N, NB, NG, ROW_BYTES, STRIDE_YT,
         acc += block_dot(blk, g_ok, XW + grp * 8, DX + grp, XS + grp, x_all & g_ok[None, :], FMT)
     y = tl.sum(tl.reshape(acc, [BLOCK_T, BLOCK_N, G]), axis=2)  # [BLOCK_T, BLOCK_N]
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    y_ptrs = Y + tt[:, None] * STRIDE_YT + rows[None, :]
-    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=(tt < T)[:, None] & (rows < N)[None, :])
+    ok = (tt < T)[:, None] & (rows < N)[None, :]
+    # The epilogue rounds as torch's unfused y = y + bias; y = y + residual: each sum in fp32 (exact
+    # operands), rounded to the output dtype before the next.
+    y = y.to(Y.dtype.element_ty)
+    if HAS_BIAS:
+        b = tl.load(Bias + rows, mask=rows < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(Y.dtype.element_ty)
+    if HAS_RES:
+        # Res may be Y itself (out += W x): each element is read and written by this one program, the load
+        # first.
+        r = tl.load(Res + tt[:, None] * STRIDE_RT + rows[None, :], mask=ok, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + tt[:, None] * STRIDE_YT + rows[None, :], y, mask=ok)
 
 
 def mmvq_format(fmt: str | int, what: str = "fmt") -> BlockFormat:
@@ -160,26 +127,46 @@ def measured_config(block_size: int, n: int, k: int) -> tuple[int, int, int] | N
 
 
 
-def _checked_quantized(q: object, t: int, k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``q`` if it is a quantize_activation result for x [t, k] on ``device``, else ValueError."""
-    want = ((torch.int8, (t, k)), (torch.float32, (t, k // GROUP)), (torch.int32, (t, k // GROUP)))
-    check(isinstance(q, tuple) and len(q) == 3 and all(
-        isinstance(v, torch.Tensor) and v.dtype == dt and tuple(v.shape) == sh and v.device == device
-        and v.is_contiguous() for v, (dt, sh) in zip(q, want)),
-        lambda: f"quantized must be quantize_activation(x)'s (codes, dx, sums) for x {(t, k)} on {device}")
-    return q
+def _matrix(name: str, v: object, shape: tuple[int, int], x: torch.Tensor, distinct_rows: bool) -> torch.Tensor:
+    """``v`` checked to be a [T, N] tensor in x's dtype on x's device with unit column stride (a column
+    slice of a wider buffer is fine); ``distinct_rows``: rows must not overlap (an output)."""
+    t, n = shape
+    check(isinstance(v, torch.Tensor) and tuple(v.shape) == shape and v.dtype == x.dtype and v.device == x.device
+          and (n <= 1 or v.stride(1) == 1) and (not distinct_rows or t <= 1 or v.stride(0) >= n),
+          lambda: f"{name} must be a {x.dtype} tensor {shape} on {x.device} with unit column stride"
+                  f"{' and rows at least N apart' if distinct_rows else ''}, got {describe(v)}"
+                  f"{' strides ' + str(v.stride()) if isinstance(v, torch.Tensor) else ''}")
+    return v
+
+
+def _span(v: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a [T, N] tensor with unit column stride can touch."""
+    start = v.data_ptr()
+    return start, start + ((v.shape[0] - 1) * v.stride(0) + v.shape[1]) * v.element_size()
 
 
 def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          block_n: int | None = None, values_per_step: int | None = None, num_warps: int | None = None,
          quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """x [T, K] (fp16, bf16 or fp32) @ dequant(weight).T -> [T, N] in x's dtype, by int8 dot products.
+    """x [T, K] (fp16, bf16 or fp32) @ dequant(weight).T (+ bias) (+ residual) -> [T, N] in x's dtype, by
+    int8 dot products, one launch.
 
     Same contract as ``gemv.quant_matvec`` (weight uint8 [N, row_bytes] of ``fmt`` blocks, contiguous,
     16-byte aligned; T <= GEMV_MAX_TOKENS; launch knobs ``block_n``, ``values_per_step``, ``num_warps``),
-    except that x is first rounded to int8 per 32 values (``quantize_activation``). ``quantized``: that
-    rounding done already (quantize_activation(x)'s result), e.g. once for several weights read with the
-    same x (q/k/v, gate/up); then one kernel launch per call instead of two."""
+    except that x is first rounded to int8 per 32 values (activation.quantize_activation).
+
+    ``out``: [T, N] in x's dtype with unit column stride; rows may be further apart than N, so a column
+    slice of a wider [T, N_total] buffer takes several weights' outputs side by side (no torch.cat).
+    ``bias`` [N] and ``residual`` [T, N] (x's dtype; residual with unit column stride, may be ``out``
+    itself: out += W x) are added in the epilogue with torch's roundings: y = round(acc), then
+    y = round(y + bias), then y = round(y + residual), each sum in fp32 — bit for bit the unfused torch
+    sequence on this kernel's y. A residual that overlaps out other than being out is refused.
+
+    ``quantized``: x's rounding done already (quantize_activation(x) or silu_mul_quantize's result);
+    then x is read only for its shape, dtype and device. Left None, x's rounding is looked up in the
+    activation memo (activation.quantized_of: the same tensor, unmodified) and otherwise done here and
+    remembered, so q/k/v or gate/up calls on one x round it once."""
     f = mmvq_format(fmt)
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")
     check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
@@ -188,7 +175,18 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     nb = check_weight("weight", weight, f, 2, x.device)
     n = weight.shape[0]
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
-    out = output_for(out, (t, n), x)
+    given_out = out is not None
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else _matrix("out", out, (t, n), x, True)
+    if bias is not None:
+        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,) and bias.dtype == x.dtype
+              and bias.device == x.device and (n <= 1 or bias.stride(0) == 1),
+              lambda: f"bias must be a contiguous {x.dtype} tensor ({n},) on {x.device}, got {describe(bias)}")
+    if residual is not None:
+        residual = _matrix("residual", residual, (t, n), x, False)
+        same = residual.data_ptr() == out.data_ptr() and (t <= 1 or residual.stride(0) == out.stride(0))
+        if t and n and not same:
+            (r0, r1), (o0, o1) = _span(residual), _span(out)
+            check(r1 <= o0 or o1 <= r0, "residual overlaps out without being out (the kernel would race)")
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
     # A GPU measurement; the interpreter (a CPU) keeps the default, whose larger programs it runs faster.
@@ -203,10 +201,17 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     check_power_of_two("num_warps", num_warps)
     if t == 0 or n == 0:
         return out
-    codes, dx, sums = quantize_activation(x) if quantized is None else _checked_quantized(quantized, t, k, x.device)
+    codes, dx, sums = quantize_once(x) if quantized is None else checked_quantized(quantized, t, k, x.device)
     _mmvq_kernel[(triton.cdiv(n, block_n),)](
-        codes.view(torch.int32), dx, sums, weight, out, t, n, nb, k // GROUP, weight.shape[1], out.stride(0),
+        codes.view(torch.int32), dx, sums, weight, out, out if bias is None else bias,
+        out if residual is None else residual, t, n, nb, k // GROUP, weight.shape[1], out.stride(0),
+        out.stride(0) if residual is None else residual.stride(0),
         FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_T=triton.next_power_of_2(t),
-        BLOCK_N=block_n, G=steps_for(f.block_size, values_per_step), num_warps=num_warps,
+        BLOCK_N=block_n, G=steps_for(f.block_size, values_per_step), HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, num_warps=num_warps,
     )
+    if given_out:
+        # written behind torch's back: bump its version so a remembered quantization of it (the memo)
+        # no longer matches
+        torch.autograd.graph.increment_version(out)
     return out

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from glmtg.kernels._checks import check_power_of_two
+from glmtg.kernels.gguf.activation import quantize_once
 from glmtg.kernels.gguf.gemv import steps_for
 from glmtg.kernels.gguf.mmvq import (
     GROUP,
@@ -184,7 +185,7 @@ def mmvq_moe(
         return out
 
     ids, weights = ids.contiguous(), weights.contiguous()
-    xw, xdx, xs = quantize_activation(x)
+    xw, xdx, xs = quantize_once(x)  # x's rounding shared with the shared expert's GEMVs (activation.py memo)
     # I is a whole number of down blocks, so of 32 values. block_i a multiple of 32: the gate/up programs
     # quantize the intermediate themselves (one launch fewer); else an fp32 buffer and quantize_activation.
     fused = block_i % GROUP == 0
