@@ -190,12 +190,16 @@ def remember(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor, torch
 
 
 def quantized_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The int8 blocks remembered for this very tensor x, unmodified since (else None)."""
+    """The int8 blocks remembered for x (that tensor or a same-layout view of it), unmodified since (else
+    None)."""
     if not isinstance(x, torch.Tensor) or x.is_inference():
         return None
     for ref, signature, quantized in _memo:
-        if ref() is x:
-            return quantized if signature == _signature(x) else None
+        # The remembered tensor itself, or a view of it with the same layout (the reshape a consumer makes):
+        # while that tensor lives its memory is no one else's, and views share its version counter, so an
+        # equal signature means the same unchanged values.
+        if ref() is not None and signature == _signature(x):
+            return quantized
     return None
 
 

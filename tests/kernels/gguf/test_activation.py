@@ -137,16 +137,21 @@ def test_memo_misses_after_an_in_place_change() -> None:
     assert quantized_of(view) is None
 
 
-def test_memo_misses_for_another_tensor_at_the_same_address() -> None:
+def test_memo_views_and_tensors_at_the_same_address() -> None:
+    """A same-layout view of the remembered tensor (the reshape a consumer makes) hits while it lives; another
+    layout misses, and once it is gone a new tensor at its address misses."""
     forget()
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
     fake = _other_blocks(x)
     remember(x, fake)
     codes = weakref.ref(fake[0])
+    same_memory = x.view(1, 2, 64).reshape(-1, 64)  # another tensor object, same layout, same version counter
+    assert same_memory is not x and same_memory.data_ptr() == x.data_ptr()
+    assert quantized_of(same_memory) is fake
+    assert quantized_of(x.view(4, 32)) is None
+    same_memory.add_(1.0)  # a change through the view moves the shared version counter
+    assert quantized_of(x) is None
     del fake
-    same_memory = x.view(2, 64)  # another tensor object, same data_ptr, same version
-    assert same_memory.data_ptr() == x.data_ptr()
-    assert quantized_of(same_memory) is None
     gone = weakref.ref(x)
     del x, same_memory
     gc.collect()
