@@ -14,6 +14,31 @@ def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tupl
     return emb.cos(), emb.sin()
 
 
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_cos_sin_lookup(positions: torch.Tensor, rotary_dim: int, theta: float, length: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_cos_sin(positions, ...)`` read from a table of positions [0, length) built once per (rotary_dim,
+    theta, length, device): two gathers instead of ~10 small kernels every decode step. The values are the
+    same (the table is rope_cos_sin of every position, element by element). Positions must lie in
+    [0, length) (a cache's capacity); others are clamped into it. While a CUDA graph is being captured a missing table is not built
+    (its build would be replayed every step): the direct computation runs instead."""
+    key = (rotary_dim, float(theta), length, positions.device)
+    table = _TABLES.get(key)
+    if table is None:
+        if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+            return rope_cos_sin(positions, rotary_dim, theta)
+        if len(_TABLES) >= 4:  # a few models or capacities at once; drop the oldest
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = rope_cos_sin(torch.arange(length, device=positions.device), rotary_dim, theta)
+    cos, sin = table
+    # A position past the table (a full sequence whose tokens the cache write will drop) reads the last row
+    # instead of faulting: nothing is checked on the host here.
+    positions = positions.clamp(0, length - 1)
+    return cos[positions], sin[positions]
+
+
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, S, H, D]; rotate the first R = cos.shape[-1] dims (rotate_half over those R), pass the rest.
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from glmtg.config import ModelConfig
-from glmtg.layers.attention import BACKENDS, Attention, StepContext
+from glmtg.layers.attention import BACKENDS, MAX_DECODE_TOKENS, Attention, StepContext
 from glmtg.layers.linear import DenseLinear, Linear
 from glmtg.layers.mlp import MLP
 from glmtg.layers.moe import Experts, MoE, Router
@@ -32,7 +32,7 @@ from glmtg.layers.params import TensorSlot, write_parameter
 from glmtg.layers.quant_experts import PARAMS as EXPERT_PARAMS
 from glmtg.layers.quant_experts import QuantExperts
 from glmtg.layers.quant_linear import QuantEmbedding, QuantLinear, check_format
-from glmtg.layers.rope import rope_cos_sin
+from glmtg.layers.rope import rope_cos_sin, rope_cos_sin_lookup
 
 if TYPE_CHECKING:
     from glmtg.kv_cache import KVCache
@@ -126,7 +126,10 @@ class Glm4MoeForCausalLM(nn.Module):
         if validate and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
             check_room(cache, s)
         positions = cache.lengths.to(torch.long)[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
-        cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)  # [B, S, R]
+        if s <= MAX_DECODE_TOKENS:  # decode: gathered from a table (positions < capacity: checked above)
+            cos, sin = rope_cos_sin_lookup(positions, self.config.rotary_dim, self.config.rope_theta, cache.capacity)
+        else:
+            cos, sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)  # [B, S, R]
         ctx = StepContext(cache, cache.lengths + s, cos, sin, attn_backend)
         h, residual = self.embed(input_ids), None  # [B, S, H]
         for layer in self.layers:

@@ -25,3 +25,19 @@ def test_partial_rope_matches_transformers_formula():
     torch.testing.assert_close(out[:, :2].double(), want[:, :2], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[:, 2:3].double(), want[:, 2:3], rtol=0, atol=2e-3)
     torch.testing.assert_close(out[..., r:], x[..., r:], rtol=0, atol=0)  # pass-through dims untouched
+
+
+def test_lookup_equals_direct_computation():
+    """The table gather gives rope_cos_sin's values bit for bit (same elementwise ops per position), for
+    batches of positions anywhere in the table, and clamps positions past it instead of faulting."""
+    from glmtg.layers.rope import rope_cos_sin_lookup
+
+    positions = torch.tensor([[0, 1, 2], [37, 38, 39], [97, 98, 99]])
+    got = rope_cos_sin_lookup(positions, 16, 10000.0, 100)
+    want = rope_cos_sin(positions, 16, 10000.0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    past = rope_cos_sin_lookup(torch.tensor([[99, 100, 250]]), 16, 10000.0, 100)
+    last = rope_cos_sin(torch.tensor([[99]]), 16, 10000.0)
+    for a, b in zip(past, last):
+        assert torch.equal(a, b.expand_as(a))
