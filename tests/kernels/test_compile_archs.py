@@ -9,7 +9,7 @@ It runs as a subprocess (this file as a script, see tests/kernels/conftest.py) b
 replaces the kernels in the test process. Kernels: decode attention as planned for each architecture
 (bf16 and every quantized cache at 96/8, 64k) and its merge; kv_store per cache format; moe_decode; the
 GGUF dequant, gemv, moe, mmvq (with its activation quantizer) and mmvq_moe kernels for a few block types,
-among them the ones with inline PTX (dp4a, prmt). Checked besides compiling: the shared memory a
+among them the ones with inline PTX (dp4a, prmt); the decoder glue (rms_norm, router, qk_rope). Checked besides compiling: the shared memory a
 program takes fits the architecture's per-block limit (ArchPlan.shared_kib_per_block).
 ``python tests/kernels/test_compile_archs.py`` prints the report.
 
@@ -171,6 +171,29 @@ def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
     return jobs
 
 
+def _glue_jobs() -> list[tuple[str, object, dict, dict, dict]]:
+    """The decoder glue's kernels (glmtg/layers/fused.py) at GLM-4.5-Air's shapes, bf16 activations."""
+    from glmtg.kernels.qk_rope import _qk_rope_kernel
+    from glmtg.kernels.rms_norm import _rms_norm_kernel
+    from glmtg.kernels.router import _logits_kernel, _select_kernel
+
+    return [
+        ("rms_norm residual+quantize", _rms_norm_kernel,
+         dict(X="*bf16", R="*bf16", W="*bf16", Y="*bf16", S="*bf16", Q="*i8", DX="*fp32", QS="*i32", INV_H="fp32",
+              EPS="fp32"), dict(BLOCK=4096, RESIDUAL=True, QUANTIZE=True), dict(num_warps=8)),
+        ("router logits", _logits_kernel, dict(X="*bf16", W="*fp32", Part="*fp32"),
+         dict(BLOCK_T=1, BLOCK_E=4, BLOCK_H=1024), dict(num_warps=4)),
+        ("router select", _select_kernel, dict(Part="*fp32", Bias="*fp32", Ids="*i64", Weights="*fp32",
+                                               scaling="fp32"),
+         dict(SPLIT=4, BLOCK_E=128, BLOCK_K=8, NORM=True), dict(num_warps=4)),
+        ("qk_rope norm+store", _qk_rope_kernel,
+         dict(Y="*bf16", Cos="*fp32", Sin="*fp32", QW="*bf16", KW="*bf16", Q="*bf16", K="*bf16", KC="*fp16",
+              VC="*fp16", Start="*i32", eps="fp32", inv_d="fp32"),
+         dict(HQ=96, HKV=8, D=128, R=64, BLOCK_D=128, NORM=True, STORE_KV=True),
+         dict(num_warps=1, enable_fp_fusion=False)),
+    ]
+
+
 def main() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -183,7 +206,7 @@ def main() -> int:
     for cc in ARCHS:
         limit = ARCH_PLANS[(cc // 10, cc % 10)].shared_kib_per_block * 1024
         for name, kernel, pointers, const, options in (_attention_jobs(cc) + _store_jobs(cc) + _moe_jobs()
-                                                       + _gguf_jobs()):
+                                                       + _gguf_jobs() + _glue_jobs()):
             try:
                 sig, attrs = _sig(kernel, pointers, const)
                 compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
