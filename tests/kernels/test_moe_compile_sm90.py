@@ -10,8 +10,10 @@ in flight). ``python tests/kernels/test_moe_compile_sm90.py`` prints the report.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+
+if __name__ == "__main__":  # run as the compile script: the repository root on the path (tests.references)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 KERNELS = ("gate_up", "down")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -19,14 +21,13 @@ DTYPES = ("bf16", "fp16", "fp32")
 
 def _compile(kernel_name: str, dtype: str):
     import inspect
-    import re
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     from glmtg.kernels import moe_decode as md
+    from tests.references.ptxas import ptxas_report
 
     defaults = {n: p.default for n, p in inspect.signature(md.moe_decode).parameters.items()}
     if kernel_name == "gate_up":
@@ -46,18 +47,7 @@ def _compile(kernel_name: str, dtype: str):
     compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=defaults["num_warps"]))
     ptx = compiled.asm["ptx"]
-    # Registers and spills from ptxas itself (the compiled kernel only learns them when loaded on a GPU).
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moe_{kernel_name}_{dtype}_{os.getpid()}.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    try:
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    finally:
-        os.remove(path)
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
-    return dict(regs=regs, spills=spills, v4=ptx.count("ld.global.v4"), loads=ptx.count("ld.global"))
+    return ptxas_report(ptx, "moe")
 
 
 def main() -> int:

@@ -200,12 +200,10 @@ COMPILE_CASES = ((4096, True, True), (5120, True, True), (16384, True, True), (1
 def _compile(h: int, residual: bool, quantize: bool) -> dict:
     """Compile the bf16 kernel for sm_90 as rms_norm launches it; registers and spills from ptxas."""
     import inspect
-    import re
-    import subprocess
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+    from tests.references.ptxas import ptxas_report
     from triton.compiler import ASTSource
 
     from glmtg.kernels import rms_norm as rn
@@ -222,16 +220,7 @@ def _compile(h: int, residual: bool, quantize: bool) -> dict:
     compiled = triton.compile(ASTSource(rn._rms_norm_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=rn._num_warps(block)))
     ptx = compiled.asm["ptx"]
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rms_norm_{h}_{os.getpid()}.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    try:
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    finally:
-        os.remove(path)
-    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)), v4=ptx.count("ld.global.v4"))
+    return ptxas_report(ptx, "rms_norm")
 
 
 def main() -> int:

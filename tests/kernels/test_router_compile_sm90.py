@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
-import subprocess
 import sys
 
 if __name__ == "__main__":  # run as the compile script: the repository root on the path
@@ -27,7 +25,7 @@ SELECT_EXPERTS = (128, 160, 256)
 def _compile(kernel, pointers: dict[str, str], const: dict, divisible: tuple[str, ...] = ()) -> dict[str, int]:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+    from tests.references.ptxas import ptxas_report
     from triton.compiler import ASTSource
 
     from glmtg.kernels import router
@@ -41,17 +39,7 @@ def _compile(kernel, pointers: dict[str, str], const: dict, divisible: tuple[str
     compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=defaults["num_warps"]))
     ptx = compiled.asm["ptx"]
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"router_{os.getpid()}.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    try:
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    finally:
-        os.remove(path)
-    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-                v4=ptx.count("ld.global.v4"), loads=ptx.count("ld.global"))
+    return ptxas_report(ptx, "router")
 
 
 def _jobs():

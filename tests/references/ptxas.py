@@ -1,0 +1,27 @@
+"""What ptxas makes of a compiled kernel's PTX for sm_90a: registers, spill stores and global loads.
+
+The compile-check tests run without a GPU; the registers and spills are known only to ptxas (a kernel
+object learns them when loaded on a device), so the PTX goes through ptxas -v here."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from triton.backends.nvidia.compiler import get_ptxas
+
+
+def ptxas_report(ptx: str, tag: str) -> dict[str, int]:
+    """regs, spills (bytes of spill stores), v4 (16-byte global loads) and loads (all global loads)."""
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{tag}_{os.getpid()}.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.remove(path)
+    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+                spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
+                v4=ptx.count("ld.global.v4"), loads=ptx.count("ld.global"))
