@@ -11,6 +11,19 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"},
     "units": {"type": ["object", "null"]}}}}}]
 
+TWO_CALLS = ("<think>need weather</think>\nChecking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+             "<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>\n"
+             "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value> Paris, FR </arg_value>\n<arg_key>zip"
+             "</arg_key>\n<arg_value>75001</arg_value>\n<arg_key>units</arg_key>\n<arg_value>{\"t\": \"C\"}</arg_value>"
+             "\n</tool_call>\n")
+NO_SCHEMA = ("<tool_call>other<arg_key>n</arg_key><arg_value>-1.5e3</arg_value><arg_key>b</arg_key><arg_value>true"
+             "</arg_value><arg_key>z</arg_key><arg_value>null</arg_value><arg_key>l</arg_key><arg_value>[1, \"x\"]"
+             "</arg_value><arg_key>s</arg_key><arg_value>\"quoted\"</arg_value><arg_key>w</arg_key><arg_value>NaN"
+             "</arg_value><arg_key>t</arg_key><arg_value>plain text</arg_value></tool_call>")
+BAD_DAYS = "<tool_call>get_weather\n<arg_key>days</arg_key>\n<arg_value>three</arg_value>\n</tool_call>"
+MALFORMED = ("<tool_call>get weather\n</tool_call>then <tool_call>f junk<arg_key>k</arg_key></tool_call>"
+             "<tool_call>\n</tool_call>")
+
 # (name, output text, starts_in_reasoning, tools_enabled, expected (reasoning, content, [(name, args)]))
 CASES = [
     ("reasoning then content", "<think>\nLet me see: 2 < 3.\n</think>\nThe answer is <b>4</b>.\n", False, False,
@@ -20,32 +33,21 @@ CASES = [
     ("thinking off: all content", "Hello <think> is just text here", False, False,
      (None, "Hello <think> is just text here", [])),
     ("unclosed reasoning stays reasoning", "<think>cut off by max_tok", False, False, ("cut off by max_tok", None, [])),
-    ("several tool calls", "<think>need weather</think>\nChecking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
-     "<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>\n"
-     "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value> Paris, FR </arg_value>\n<arg_key>zip</arg_key>\n"
-     "<arg_value>75001</arg_value>\n<arg_key>units</arg_key>\n<arg_value>{\"t\": \"C\"}</arg_value>\n</tool_call>\n",
-     False, True,
+    ("several tool calls", TWO_CALLS, False, True,
      ("need weather", "Checking.", [("get_weather", {"city": "Beijing", "days": 3}),
                                     ("get_weather", {"city": " Paris, FR ", "zip": "75001", "units": {"t": "C"}})])),
-    ("no schema: JSON values decoded, strings kept", "<tool_call>other<arg_key>n</arg_key><arg_value>-1.5e3</arg_value>"
-     "<arg_key>b</arg_key><arg_value>true</arg_value><arg_key>z</arg_key><arg_value>null</arg_value><arg_key>l"
-     "</arg_key><arg_value>[1, \"x\"]</arg_value><arg_key>s</arg_key><arg_value>\"quoted\"</arg_value><arg_key>w"
-     "</arg_key><arg_value>NaN</arg_value><arg_key>t</arg_key><arg_value>plain text</arg_value></tool_call>",
-     False, True,
+    ("no schema: JSON values decoded, strings kept", NO_SCHEMA, False, True,
      (None, None, [("other", {"n": -1500.0, "b": True, "z": None, "l": [1, "x"], "s": "\"quoted\"", "w": "NaN",
                               "t": "plain text"})])),
-    ("schema integer that does not parse stays text", "<tool_call>get_weather\n<arg_key>days</arg_key>\n"
-     "<arg_value>three</arg_value>\n</tool_call>", False, True, (None, None, [("get_weather", {"days": "three"})])),
+    ("schema integer that does not parse stays text", BAD_DAYS, False, True,
+     (None, None, [("get_weather", {"days": "three"})])),
     ("content around calls keeps one separator", "a <tool_call>f\n</tool_call>\n b", False, True,
      (None, "a b", [("f", {})])),
     ("tools off: call text is content", "x <tool_call>f\n</tool_call>", False, False,
      (None, "x <tool_call>f\n</tool_call>", [])),
     ("unclosed call comes back as content", "ok <tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_val", False,
      True, (None, "ok <tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_val", [])),
-    ("malformed call comes back as content", "<tool_call>get weather\n</tool_call>then <tool_call>f junk"
-     "<arg_key>k</arg_key></tool_call><tool_call>\n</tool_call>", False, True,
-     (None, "<tool_call>get weather\n</tool_call>then <tool_call>f junk<arg_key>k</arg_key></tool_call>"
-      "<tool_call>\n</tool_call>", [])),
+    ("malformed call comes back as content", MALFORMED, False, True, (None, MALFORMED, [])),
     ("partial tags at the end are text", "<think>r</thi", False, True, ("r</thi", None, [])),
     ("partial call tag at the end is text", "see <tool_ca", False, True, (None, "see <tool_ca", [])),
     ("lone partial think at start", " <thi", False, False, (None, "<thi", [])),
