@@ -41,6 +41,10 @@ __all__ = ["KVCache", "KVLayerView"]
 _PAGE_SEED = 0  # fixed, so a paged cache is reproducible
 
 
+def _describe(t: object) -> str:
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+
+
 @dataclass(frozen=True)
 class KVLayerView:
     """What an attention kernel reads for one layer, one of K or V (shapes in the module doc)."""
@@ -217,13 +221,11 @@ class KVCache:
             raise ValueError("rows needs a paged cache (page_size set)")
         if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int32 or lengths.dim() != 1 \
                 or lengths.shape[0] < 1:
-            raise ValueError(f"lengths must be int32 [B] with B >= 1, got "
-                             f"{(lengths.dtype, tuple(lengths.shape)) if isinstance(lengths, torch.Tensor) else lengths!r}")
+            raise ValueError(f"lengths must be int32 [B] with B >= 1, got {_describe(lengths)}")
         want = (lengths.shape[0], self.max_pages)
         if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 \
                 or tuple(page_table.shape) != want:
-            raise ValueError(f"page_table must be int32 {want}, got "
-                             f"{(page_table.dtype, tuple(page_table.shape)) if isinstance(page_table, torch.Tensor) else page_table!r}")
+            raise ValueError(f"page_table must be int32 {want}, got {_describe(page_table)}")
         for name, t in (("lengths", lengths), ("page_table", page_table)):
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device} but the cache is on {self.device}")
