@@ -106,8 +106,8 @@ class ModelRunner:
                                  f"of a max_model_len sequence")
             if not isinstance(batch.sample[i], bool):
                 raise ValueError(f"sample[{i}] must be a bool, got {batch.sample[i]!r}")
-            if not _is_int(batch.steps[i]) or batch.steps[i] < 0:
-                raise ValueError(f"steps[{i}] must be an int >= 0, got {batch.steps[i]!r}")
+            if not _is_int(batch.steps[i]) or not 0 <= batch.steps[i] < 2**63:
+                raise ValueError(f"steps[{i}] must be an int in [0, 2**63), got {batch.steps[i]!r}")
             spec = batch.specs[i]
             if not isinstance(spec, SamplingSpec):
                 raise ValueError(f"specs[{i}] must be a SamplingSpec, got {type(spec).__name__}")
@@ -164,18 +164,23 @@ class ModelRunner:
     @torch.no_grad()
     def _sample(self, logits: torch.Tensor, specs: Sequence[SamplingSpec], steps: Sequence[int]) -> list[int]:
         """glmtg.sampling.sample with one row of parameters per spec; the draw depends only on (seed, step)."""
+        vocab = logits.shape[-1]
+        candidates = _num_candidates(specs, vocab)
+        if candidates is None:  # every row greedy: no parameters to send
+            return logits.argmax(dim=-1).tolist()
+
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device)
 
         tokens = sample(
             logits,
             temperature=column([float(s.temperature) for s in specs], torch.float32),
-            top_k=column([s.top_k for s in specs], torch.int64),
+            top_k=column([_top_k(s, vocab) for s in specs], torch.int64),
             top_p=column([float(s.top_p) for s in specs], torch.float32),
             min_p=column([float(s.min_p) for s in specs], torch.float32),
             seed=column([s.seed for s in specs], torch.int64),
             step=column(list(steps), torch.int64),
-            num_candidates=_num_candidates(specs, logits.shape[-1]),
+            num_candidates=candidates,
         )
         return tokens.tolist()
 
@@ -187,7 +192,12 @@ def _num_candidates(specs: Sequence[SamplingSpec], vocab: int) -> int | None:
     live = [s for s in specs if s.temperature > 0]
     if not live:
         return None
-    if any(s.top_k <= 0 for s in live):
+    if any(_top_k(s, vocab) == 0 for s in live):
         return vocab
-    return min(vocab, max(s.top_k for s in live))
+    return max(_top_k(s, vocab) for s in live)
+
+
+def _top_k(spec: SamplingSpec, vocab: int) -> int:
+    """top-k in [0, vocab], 0 = off: any top-k the API lets through fits an int64 and means the same."""
+    return max(0, min(spec.top_k, vocab))
 

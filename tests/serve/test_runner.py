@@ -3,15 +3,17 @@ batches raise before anything is written.
 
 The tiny preset in float32 on CPU, K/V stored as f16 in both the runner and the reference.
 Tolerance (logits, absolute 1e-3): the runner and the reference compute the same float32 math in other
-shapes (chunks of 7 against the whole prompt, batched decode rows against one), so K/V may round to a
+shapes (paged against contiguous, batched decode rows against one), so K/V may round to a
 neighbouring f16 value; measured, that moved the logits (|logits| ~ 0.5) by <= 1e-5, while the smallest
 gap between a step's two best tokens was 8e-3, so a read of a wrong page, position or row shows in both the
-tokens and the logits.
+tokens and the logits. On CUDA the runner and the reference both use the decode kernel (f16 queries for the
+float32 model), so the same bound holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -27,16 +29,24 @@ BLOCK, MAX_SEQS, MAX_LEN = 5, 3, 40  # a pool of 3 * 8 = 24 pages of 5 tokens
 ATOL = 1e-3  # module docstring
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@functools.cache
+def tiny_on(device: str):
+    config = preset_config("tiny")
+    return config, random_model(config, dtype=torch.float32, device=device)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    config = preset_config("tiny")
-    return config, random_model(config, dtype=torch.float32)
+    return tiny_on("cpu")
 
 
 def make_runner(tiny) -> ModelRunner:
     config, model = tiny
     return ModelRunner(model, config, block_size=BLOCK, max_num_seqs=MAX_SEQS, max_model_len=MAX_LEN,
-                       k_format="f16", device="cpu")
+                       k_format="f16", device=model.device)
 
 
 def prompts(lengths: list[int], seed: int) -> list[list[int]]:
@@ -58,23 +68,30 @@ class Pages:
         return list(table)
 
 
-def reference(tiny, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the logits before each, from the model on a fresh contiguous cache, prompt alone."""
+def reference(tiny, prompt: list[int], steps: int, chunk: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the logits before each, from the model on a fresh contiguous cache, prompt alone
+    (prefilled in the same chunks, so on CUDA both sides take the same attention path for each query)."""
     config, model = tiny
-    cache = KVCache(num_layers=config.num_hidden_layers, batch=1, capacity=MAX_LEN,
+    cache = KVCache(num_layers=config.num_hidden_layers, batch=1, capacity=MAX_LEN, device=model.device,
                     num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, k_format="f16")
-    tokens, logits, ids = [], [], prompt
+    backend = "glmtg" if model.device.type == "cuda" else "sdpa"  # the runner's default
+    tokens: list[int] = []
+    logits: list[torch.Tensor] = []
+    pieces = [prompt[i:i + chunk] for i in range(0, len(prompt), chunk)]
     with torch.no_grad():
-        for _ in range(steps):
-            out = model(torch.tensor([ids]), cache, last_only=True)[0, -1]
+        while len(tokens) < steps:
+            ids = pieces.pop(0) if pieces else tokens[-1:]
+            out = model(torch.tensor([ids], device=model.device), cache, attn_backend=backend, last_only=True)
             cache.lengths += len(ids)
-            logits.append(out)
-            tokens.append(int(out.argmax()))
-            ids = tokens[-1:]
+            if not pieces:
+                logits.append(out[0, -1])
+                tokens.append(int(out[0, -1].argmax()))
     return tokens, logits
 
 
-def test_chunked_prefill_and_batched_decode_equal_each_prompt_alone(tiny):
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_and_batched_decode_equal_each_prompt_alone(device):
+    tiny = tiny_on(device)
     runner = make_runner(tiny)
     assert runner.num_blocks == 24 and runner.block_size == BLOCK and runner.max_model_len == MAX_LEN
     texts = prompts([7, 19, 12], seed=1)
@@ -115,7 +132,7 @@ def test_chunked_prefill_and_batched_decode_equal_each_prompt_alone(tiny):
     assert widest == 3  # rows of different lengths did share a decode forward
 
     for s, text in enumerate(texts):
-        want_tokens, want_logits = reference(tiny, text, new_tokens)
+        want_tokens, want_logits = reference(tiny, text, new_tokens, chunk)
         assert out[s] == want_tokens, f"prompt {s}"
         torch.testing.assert_close(torch.stack(out_logits[s]), torch.stack(want_logits), rtol=0, atol=ATOL)
 
@@ -155,6 +172,8 @@ def test_seeded_draws_do_not_depend_on_the_row(tiny):
     greedy_row = runner.logits(RunnerBatch([[last[1]]], [len(texts[1]) - 1], [pages.tables[1]], [True], [GREEDY], [0]))
     assert first[1] == int(greedy_row.argmax())
     assert len(set(drawn)) > 1 and drawn != drawn_other  # the draw follows the step and the seed
+    # A top-k past the vocabulary (or past int64) means "off", as top_k 0 does.
+    assert decode([0], [dataclasses.replace(hot, top_k=10**30), GREEDY, GREEDY], 3)[0] == drawn[3]
 
 
 def bad(**changes) -> RunnerBatch:
@@ -185,6 +204,7 @@ def bad(**changes) -> RunnerBatch:
     (bad(specs=[GREEDY, SamplingSpec(seed=2**63)]), r"specs\[1\]"),
     (bad(specs=[GREEDY, "greedy"]), r"specs\[1\]"),
     (bad(steps=[0, -1]), r"steps\[1\]"),
+    (bad(steps=[0, 2**63]), r"steps\[1\]"),
     (bad(sample=[1, 0]), r"sample\[0\]"),
     ("not a batch", "RunnerBatch"),
 ])
