@@ -28,6 +28,7 @@ error of <= 2^-4 for every value within the scale's normal range, so the row sca
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ from glmtg.kernels.kv_store import kv_store
 __all__ = ["KVCache", "KVLayerView"]
 
 _PAGE_SEED = 0  # fixed, so a paged cache is reproducible
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,33 @@ class KVCache:
                 x = x.permute(0, 2, 1, 3, 4).reshape(bsz, hkv, pages * ps, d)
             out.append(x[:, :, : self.capacity])
         return out[0], out[1]
+
+    def rows(self, lengths: torch.Tensor, page_table: torch.Tensor) -> KVCache:
+        """A cache over the same page pool for another set of sequences: ``batch = B`` with these
+        ``lengths`` (int32 [B]) and ``page_table`` (int32 [B, max_pages]), sharing every store.
+
+        A server's sequences come and go and own whichever pages its block manager hands out, so each
+        forward views the pool through the rows it runs. Paged caches only. Shapes, dtypes and devices
+        are checked here; the values are the caller's (a token at a position or page outside the cache
+        is skipped by the store, never written elsewhere).
+        """
+        if self.page_table is None:
+            raise ValueError("rows needs a paged cache (page_size set)")
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int32 or lengths.dim() != 1 \
+                or lengths.shape[0] < 1:
+            raise ValueError(f"lengths must be int32 [B] with B >= 1, got {_describe(lengths)}")
+        want = (lengths.shape[0], self.max_pages)
+        if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 \
+                or tuple(page_table.shape) != want:
+            raise ValueError(f"page_table must be int32 {want}, got {_describe(page_table)}")
+        for name, t in (("lengths", lengths), ("page_table", page_table)):
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the cache is on {self.device}")
+        view = copy.copy(self)  # the stores are shared, not copied
+        view.batch = want[0]
+        view.lengths = lengths
+        view.page_table = page_table
+        return view
 
     def reset(self) -> None:
         self.lengths.zero_()

@@ -217,3 +217,44 @@ def test_decode_append_in_a_cuda_graph(fmt, page_size):
         want = roundtrip(ks[:, b, 0], fmt).transpose(0, 1)  # [H, steps, D]
         assert torch.equal(k[:, first:].cpu(), want)
         assert torch.equal(v[:, first:].cpu(), roundtrip(-ks[:, b, 0], fmt).transpose(0, 1))
+
+
+def test_rows_view_shares_the_page_pool():
+    # A view writes through its own page table into the parent's pool; another view over the same pages
+    # reads those rows back exactly (f16 holds these float16 values unchanged: tolerance 0).
+    cache = KVCache(num_layers=2, batch=2, capacity=7, num_kv_heads=2, head_dim=32, k_format="f16",
+                    page_size=3)  # 2 * ceil(7 / 3) = 6 pages
+    torch.manual_seed(0)
+    k = torch.randn(1, 5, 2, 32).half().float()
+    v = torch.randn(1, 5, 2, 32).half().float()
+    writer = cache.rows(torch.tensor([1], dtype=torch.int32), torch.tensor([[4, 0, 5]], dtype=torch.int32))
+    assert writer.batch == 1 and writer.num_pages == 6 and writer.capacity == 7
+    writer.append(1, k, v, writer.lengths)  # positions 1..5: pages 4 (1, 2) and 0 (3..5)
+    assert cache.k(1).data[4, :, 1:3].equal(k[0, :2].transpose(0, 1).half())
+    assert cache.v(1).data[0, :, :3].equal(v[0, 2:].transpose(0, 1).half())
+    assert not cache.k(0).data.any()  # layer 0 untouched
+    # Two rows: the second reads the same pages at batch row 1; the first owns other pages.
+    reader = cache.rows(torch.tensor([0, 6], dtype=torch.int32),
+                        torch.tensor([[1, 2, 3], [4, 0, 5]], dtype=torch.int32))
+    got_k, got_v = reader.dequantized(1, 1, 6)
+    assert got_k[:, 1:6].equal(k[0].transpose(0, 1)) and got_v[:, 1:6].equal(v[0].transpose(0, 1))
+    assert cache.lengths.tolist() == [0, 0] and cache.batch == 2  # the parent is unchanged
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda c: c.rows(torch.zeros(2, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int32)), "lengths"),
+    (lambda c: c.rows(torch.zeros(0, dtype=torch.int32), torch.zeros(0, 3, dtype=torch.int32)), "lengths"),
+    (lambda c: c.rows(torch.zeros(2, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32)), "page_table"),
+    (lambda c: c.rows(torch.zeros(2, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32)), "page_table"),
+    (lambda c: c.rows(torch.zeros(2, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int64)), "page_table"),
+])
+def test_rows_bad_arguments_raise(call, match):
+    cache = KVCache(num_layers=1, batch=2, capacity=7, num_kv_heads=1, head_dim=32, page_size=3)
+    with pytest.raises(ValueError, match=match):
+        call(cache)
+
+
+def test_rows_needs_a_paged_cache():
+    cache = KVCache(num_layers=1, batch=2, capacity=7, num_kv_heads=1, head_dim=32)
+    with pytest.raises(ValueError, match="paged"):
+        cache.rows(torch.zeros(2, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32))
