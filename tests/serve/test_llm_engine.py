@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,137 @@ def test_prefix_cache_off_and_no_hit_on_uncomputed_blocks():
     res = drain(engine)
     check(res, ref)
     assert {e.cached_tokens for r in res.values() for e in r["events"]} == {0}
+
+
+def test_abort_mid_prefill_mid_decode_and_waiting_frees_pages():
+    rng = random.Random(7)
+    reqs = [("dec", prompt(rng, 6), SamplingSpec(seed=2), 30),
+            ("keep", prompt(rng, 9), SamplingSpec(seed=3), 12),
+            ("pre", prompt(rng, 40), SamplingSpec(seed=1), 5),
+            ("wait", prompt(rng, 5), SamplingSpec(seed=4), 3)]
+    ref, known = expected(reqs)
+    engine, runner = make(known=known, max_num_seqs=3, max_prefill_tokens=8)
+    for r in reqs:
+        engine.add_request(*r)
+    res = {}
+    for _ in range(8):  # dec and keep are decoding, pre is part-way through its prompt
+        for e in engine.step():
+            res.setdefault(e.request_id, []).append(e)
+    assert "pre" not in res and runner.log[-2].token_ids == [reqs[2][1][:8]]  # pre's first chunk
+    assert engine.stats()["running"] == 3 and engine.stats()["waiting"] == 1
+    used = engine.stats()["kv_blocks_used"]
+    engine.abort("pre")
+    engine.abort("wait")
+    engine.abort("nope")  # unknown ids are ignored
+    assert engine.stats()["kv_blocks_used"] == used - 10  # pre's 40-token prompt held 10 pages
+    assert engine.stats()["waiting"] == 0
+    evs = engine.step()
+    aborted = [e for e in evs if e.finish_reason == "abort"]
+    assert [(e.request_id, e.token_id, e.finished) for e in aborted] == [("pre", None, True),
+                                                                         ("wait", None, True)]
+    engine.abort("dec")
+    engine.abort("dec")  # twice: the second is ignored
+    final = drain(engine)
+    assert [e.finish_reason for e in final["dec"]["events"]] == ["abort"]
+    assert [e.request_id for e in evs if e.request_id in ("pre", "wait")] == ["pre", "wait"]
+    tokens = [e.token_id for e in res["keep"] + [e for e in evs if e.request_id == "keep"]]
+    assert tokens + final["keep"]["tokens"] == ref["keep"][0]
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished()
+    engine.add_request("pre", reqs[2][1], reqs[2][2], 5)  # an ended id may be used again
+    assert drain(engine)["pre"]["tokens"] == ref["pre"][0]
+
+
+def test_preemption_under_a_tiny_pool_keeps_outputs():
+    rng = random.Random(8)
+    reqs = [(f"r{i}", prompt(rng, rng.randrange(3, 9)), SamplingSpec(seed=i), rng.randrange(8, 14))
+            for i in range(5)]
+    ref, known = expected(reqs)
+    # 6 pages of 4 = 24 tokens: each request fits alone (<= 22 tokens), not all together.
+    engine, runner = make(known=known, blocks=6, model_len=24, max_num_seqs=4, max_prefill_tokens=4)
+    for r in reqs:
+        engine.add_request(*r)
+    check(drain(engine), ref)
+    st = engine.stats()
+    assert st["preemptions"] > 0 and st["kv_blocks_used"] == 0
+    assert st["prompt_tokens"] == sum(len(p) for _, p, _, _ in reqs)  # counted once, not per recompute
+    assert st["generated_tokens"] >= sum(len(t) for t, _ in ref.values())
+
+
+def test_max_tokens_and_eos():
+    rng = random.Random(9)
+    p = prompt(rng, 7)
+    spec = SamplingSpec(seed=3)
+    plain, _ = reference_run(p, spec, 20)
+    k = next(i for i in range(3, 20) if plain[i] not in plain[:i])  # first new token from step 3
+    eos = (plain[k], VOCAB + 5)
+    engine, _ = make(eos=eos)
+    engine.add_request("e", p, spec, 20)
+    engine.add_request("m", p, spec, k)  # stops by length one token before the eos
+    res = drain(engine)
+    assert res["e"]["tokens"] == plain[:k + 1] and res["e"]["reason"] == "stop"
+    assert res["m"]["tokens"] == plain[:k] and res["m"]["reason"] == "length"
+
+
+def test_context_limit():
+    rng = random.Random(10)
+    p = prompt(rng, 10)
+    engine, runner = make(model_len=24)
+    engine.add_request("a", p, SamplingSpec(), 14)  # exactly the context
+    res = drain(engine)
+    assert len(res["a"]["tokens"]) == 14 and res["a"]["reason"] == "length"
+    with pytest.raises(ValueError, match="max_tokens 15 .* max_model_len 24"):
+        engine.add_request("b", p, SamplingSpec(), 15)
+    with pytest.raises(ValueError, match="prompt_ids has 24 tokens"):
+        engine.add_request("c", prompt(rng, 24), SamplingSpec(), 1)
+    # The usable context is the least of the config, the runner and the pool (5 pages of 4 = 20).
+    assert make(model_len=30, blocks=5, max_model_len=28)[0].max_model_len == 20
+    assert make(model_len=30, blocks=50, max_model_len=28)[0].max_model_len == 28
+    assert make(model_len=26, blocks=50, max_model_len=28)[0].max_model_len == 26
+
+
+def test_queue_full():
+    engine, _ = make(max_num_seqs=1, max_waiting=2)
+    engine.add_request("a", [1, 2], SamplingSpec(), 3)
+    engine.add_request("b", [1, 2], SamplingSpec(), 3)
+    with pytest.raises(QueueFull):
+        engine.add_request("c", [1, 2], SamplingSpec(), 3)
+    engine.step()  # a is admitted, so one place frees up
+    engine.add_request("c", [1, 2], SamplingSpec(), 3)
+    with pytest.raises(QueueFull):
+        engine.add_request("d", [1, 2], SamplingSpec(), 3)
+    assert set(drain(engine)) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("args, match", [
+    (("", [1], SamplingSpec(), 1), "request_id"),
+    ((3, [1], SamplingSpec(), 1), "request_id"),
+    (("x", [], SamplingSpec(), 1), "prompt_ids"),
+    (("x", [1, -2], SamplingSpec(), 1), "prompt_ids"),
+    (("x", [1, 2.0], SamplingSpec(), 1), "prompt_ids"),
+    (("x", "ab", SamplingSpec(), 1), "prompt_ids"),
+    (("x", [1], {"temperature": 0}, 1), "spec"),
+    (("x", [1], SamplingSpec(), 0), "max_tokens"),
+    (("x", [1], SamplingSpec(), True), "max_tokens"),
+    (("x", [1], SamplingSpec(), 2.5), "max_tokens"),
+    (("dup", [1], SamplingSpec(), 1), "already in use"),
+])
+def test_bad_add_request_arguments(args, match):
+    engine, _ = make()
+    engine.add_request("dup", [3], SamplingSpec(), 2)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(*args)
+    assert engine.stats()["waiting"] == 1  # nothing was queued
+
+
+@pytest.mark.parametrize("field", ["max_num_seqs", "max_prefill_tokens", "max_model_len", "max_waiting"])
+def test_bad_config(field):
+    with pytest.raises(ValueError, match=field):
+        SchedulerConfig(**{field: 0})
+
+
+def test_core_imports_without_torch():
+    code = ("import sys, glmtg.serve.scheduler, glmtg.serve.block_manager, glmtg.serve.sequence, "
+            "glmtg.serve.llm_engine; assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
