@@ -23,7 +23,7 @@ from glmtg.serve.sequence import Sequence
 class _Block:
     """One page: how many sequences hold it, and (when full and computed) its chain hash and tokens."""
 
-    __slots__ = ("ref", "hash", "tokens")
+    __slots__ = ("hash", "ref", "tokens")
 
     def __init__(self) -> None:
         self.ref = 0

@@ -66,7 +66,10 @@ class FakeRunner:
             assert all(0 <= p < self.num_blocks for p in table), table
             end = start + len(tokens)
             assert end <= self.max_model_len and end <= len(table) * bs, (start, len(tokens), table)
-            slot = lambda pos: (table[pos // bs], pos % bs)  # noqa: E731
+
+            def slot(pos: int, table: list[int] = table) -> tuple[int, int]:
+                return table[pos // bs], pos % bs
+
             missing = [p for p in range(start) if slot(p) not in self.store]
             assert not missing, f"positions {missing[:5]} read before they were written"
             history = [self.store[slot(p)] for p in range(start)] + list(tokens)
