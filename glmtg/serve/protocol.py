@@ -263,7 +263,8 @@ def validate(model: type[_Strict], data: dict[str, Any]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        # a union reports one error per branch: the deepest one names the parameter most precisely
+        err = max(e.errors(include_url=False), key=lambda x: len(_param(tuple(x.get("loc", ())))))
         loc = tuple(err.get("loc", ()))
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _FieldError):
