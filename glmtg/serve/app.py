@@ -292,7 +292,10 @@ class _Server:
             except asyncio.CancelledError:
                 pass
             return None
-        return task.result()
+        try:
+            return task.result()
+        except EngineDead as e:  # the engine failed mid-request: the server cannot answer it
+            raise ApiError(503, str(e), type="server_error", code="engine_dead") from None
 
     # ------------------------------------------------------------ endpoints
 

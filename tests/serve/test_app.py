@@ -244,6 +244,10 @@ def test_clients_leaving_abort_requests(stream):
 
 def test_engine_failure_is_503_not_a_hang():
     with live_server({"step_delay": 0.01}) as (url, engine, _):
+        waiting = []  # a non-streaming request in flight when the engine fails
+        thread = threading.Thread(target=lambda: waiting.append(httpx.post(url + "/v1/completions", timeout=10, json={
+            "model": MODEL, "prompt": FOREVER, "max_tokens": 200})))
+        thread.start()
         body = {"model": MODEL, "prompt": FOREVER, "max_tokens": 200, "stream": True}
         with httpx.Client(timeout=5) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -251,6 +255,8 @@ def test_engine_failure_is_503_not_a_hang():
             engine.fail_on_step = True
             rest = [line for line in lines if line]
         assert "engine_dead" in rest[-1]  # the stream ends with an error event
+        thread.join(10)
+        assert waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "engine_dead"
         health = httpx.get(url + "/health")
         assert health.status_code == 503 and "scripted failure" in health.json()["error"]
         with pytest.raises(openai.InternalServerError) as e:
