@@ -107,3 +107,19 @@ def test_hooks_render_and_parse():
         assert args == '{"a": 1}'
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 100})
         assert r.json()["choices"][0]["text"] == output  # completions are raw text: no parser
+
+
+def test_loading_app_answers_503_until_the_engine_is_set():
+    from fastapi.testclient import TestClient
+
+    from glmtg.loading.byte_tokenizer import ByteTokenizer
+    from glmtg.serve.app import create_app
+
+    app = create_app(None, ByteTokenizer(300), MODEL, max_model_len=64)
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 503 and c.get("/health").json() == {"status": "loading"}
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert "glmtg_engine_alive 0" in c.get("/metrics").text
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1})
+        assert r.status_code == 400  # bad input is still bad input while loading
