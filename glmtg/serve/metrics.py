@@ -96,7 +96,8 @@ class Metrics:
         metric("generation_tokens_total", "counter", "tokens generated",
                [f"generation_tokens_total {self.generation_tokens}"])
         metric("requests_finished_total", "counter", "requests finished, by finish reason",
-               [f'requests_finished_total{{finish_reason="{k}"}} {v}' for k, v in sorted(self.requests_finished.items())])
+               [f'requests_finished_total{{finish_reason="{k}"}} {v}'
+                for k, v in sorted(self.requests_finished.items())])
         metric("requests_rejected_total", "counter", "requests refused before generation (4xx, 503)",
                [f"requests_rejected_total {self.requests_rejected}"])
         metric("time_to_first_token_seconds", "histogram", "request arrival to its first token",

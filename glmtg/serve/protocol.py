@@ -23,7 +23,7 @@ class ApiError(Exception):
     """An error answered as an OpenAI-style body with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:  # noqa: A002 - OpenAI's field name
+                 type: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -36,7 +36,7 @@ class ApiError(Exception):
 
 
 def error_body(message: str, *, param: str | None = None, code: str | None = None,
-               type: str = "invalid_request_error") -> dict[str, Any]:  # noqa: A002
+               type: str = "invalid_request_error") -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -272,8 +272,7 @@ def validate(model: type[_Strict], data: dict[str, Any]) -> Any:
             message = str(ctx_error)
         else:
             message = err.get("msg", "invalid value")
-            if message.startswith("Value error, "):
-                message = message[len("Value error, "):]
+            message = message.removeprefix("Value error, ")
         param = _param(loc) or None
         if err.get("type") == "missing":
             message = f"missing required parameter {param!r}"

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from glmtg.loading.byte_tokenizer import ByteTokenizer
-from glmtg.serve.async_engine import AsyncEngine
 from glmtg.serve.app import create_app
+from glmtg.serve.async_engine import AsyncEngine
 from glmtg.serve.sequence import SamplingSpec, TokenEvent
 
 EOS = 299

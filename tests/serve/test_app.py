@@ -45,7 +45,7 @@ def test_completion_non_stream(server):
     assert out.usage.prompt_tokens == len("Say hi")
     assert out.usage.completion_tokens == reply_tokens(REPLY) + 1
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    rid, ids, spec, max_tokens = engine.added[-1]
+    _, ids, spec, max_tokens = engine.added[-1]
     assert ids == list(b"Say hi") and max_tokens == 100 and spec.temperature == 0.0
 
 
@@ -126,7 +126,7 @@ def test_seed_drawn_when_absent_and_kept_when_given(server):
 
 
 def test_concurrent_requests_are_not_mixed(server):
-    url, engine, _ = server
+    url, _, _ = server
     results = {}
 
     def ask(i: int) -> None:

@@ -86,7 +86,7 @@ CASES = [
 
 @pytest.mark.parametrize("path, body, status, param", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request_then_good_request(server, path, body, status, param):
-    url, engine, _ = server
+    url, _, _ = server
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(url + path, content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text

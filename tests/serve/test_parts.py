@@ -70,7 +70,7 @@ class ScriptParser:
         return []
 
     def finish(self):
-        m = re.fullmatch(r"<think>(.*)</think>(.*?)<tool_call>(\w+)</tool_call>", self.text, re.S)
+        m = re.fullmatch(r"<think>(.*)</think>(.*?)<tool_call>(\w+)</tool_call>", self.text, re.DOTALL)
         return [{"reasoning_content": m.group(1)}, {"content": m.group(2)},
                 {"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
                                  "function": {"name": m.group(3), "arguments": "{"}}]},
