@@ -361,8 +361,8 @@ class _Server:
         limit = parsed.token_limit()
         max_tokens = self._token_budget(ids, limit, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        parser = self.make_parser(parsed)  # before the add: nothing may fail between add and streaming
         queue = await self._add(engine, request_id, ids, parsed, max_tokens)
-        parser = self.make_parser(parsed)
         steps = self._steps(engine, request_id, queue, parsed.stop_strings(), parser, start)
         base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
 
