@@ -68,10 +68,14 @@ class AsyncEngine:
         """The engine's stats after its latest step (a copy the engine thread replaces whole)."""
         return self._stats
 
-    def _submit(self, command: str, payload: Any) -> None:
+    def _submit(self, command: str, payload: Any) -> bool:
+        """Queue a command for the engine thread; False (nothing queued) once the engine has stopped."""
         with self._cond:
+            if not self.alive:
+                return False
             self._commands.append((command, payload))
             self._cond.notify()
+            return True
 
     async def add(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec, max_tokens: int) -> asyncio.Queue:
         """Add a request; returns the queue its TokenEvents arrive on.
@@ -83,7 +87,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future = loop.create_future()
         queue: asyncio.Queue = asyncio.Queue()
-        self._submit("add", (request_id, list(prompt_ids), spec, max_tokens, _Request(loop, queue), accepted))
+        if not self._submit("add", (request_id, list(prompt_ids), spec, max_tokens, _Request(loop, queue), accepted)):
+            raise EngineDead(f"the engine is not running ({self.dead or 'shut down'})")
         try:
             await accepted  # raises the engine's refusal
         except asyncio.CancelledError:
@@ -93,8 +98,7 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (no-op once it finished); thread-safe and non-blocking."""
-        if self.alive:
-            self._submit("abort", request_id)
+        self._submit("abort", request_id)
 
     async def events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         """The TokenEvents of a request ``add`` accepted, until it finishes; the request is aborted when the
@@ -186,18 +190,19 @@ class AsyncEngine:
                     self._cond.wait()
                 commands, self._commands = self._commands, []
                 closed = self._closed
-            for command, payload in commands:
-                self._apply_command(command, payload)
-            if closed:
-                self._fail_all(EngineDead("the server is shutting down"))
-                return
-            if not self._has_work():
-                continue
             try:
+                for command, payload in commands:
+                    self._apply_command(command, payload)
+                if closed:
+                    self._fail_all(EngineDead("the server is shutting down"))
+                    return
+                if not self._has_work():
+                    continue
                 events = self.engine.step()
                 self._stats = dict(self.engine.stats())
-            except BaseException as e:  # noqa: BLE001 - any failure of a step ends the engine, visibly
-                self.dead = e
+            except BaseException as e:  # noqa: BLE001 - any failure of the engine ends it, visibly
+                with self._cond:  # under the lock: no add can slip in after the queued ones are failed
+                    self.dead = e
                 self._fail_all(EngineDead(f"the engine failed: {type(e).__name__}: {e}"))
                 self._fail_commands()
                 return

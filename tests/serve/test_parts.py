@@ -1,16 +1,24 @@
 """The HTTP layer's parts: stop-string matching, histograms, sampling specs, and the hook points
 (render_prompt, output parser) as the GLM parser will use them."""
 
+import asyncio
 import random
 import re
+import time
 
 import httpx
 import openai
+import pytest
+from fastapi.testclient import TestClient
 
+from glmtg.loading.byte_tokenizer import ByteTokenizer
+from glmtg.serve.app import create_app
+from glmtg.serve.async_engine import AsyncEngine, EngineDead
 from glmtg.serve.metrics import Histogram
 from glmtg.serve.protocol import ChatCompletionRequest, validate
+from glmtg.serve.sequence import SamplingSpec
 from glmtg.serve.stop import StopMatcher
-from tests.references.fake_serve import MODEL, live_server
+from tests.references.fake_serve import FOREVER, MODEL, REPLY, FakeEngine, live_server
 
 
 def test_stop_matcher_equals_trimming_the_whole_text():
@@ -110,11 +118,6 @@ def test_hooks_render_and_parse():
 
 
 def test_loading_app_answers_503_until_the_engine_is_set():
-    from fastapi.testclient import TestClient
-
-    from glmtg.loading.byte_tokenizer import ByteTokenizer
-    from glmtg.serve.app import create_app
-
     app = create_app(None, ByteTokenizer(300), MODEL, max_model_len=64)
     with TestClient(app) as c:
         assert c.get("/health").status_code == 503 and c.get("/health").json() == {"status": "loading"}
@@ -123,3 +126,35 @@ def test_loading_app_answers_503_until_the_engine_is_set():
         assert "glmtg_engine_alive 0" in c.get("/metrics").text
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1})
         assert r.status_code == 400  # bad input is still bad input while loading
+
+
+def test_async_engine_generate_aborts_on_early_exit_and_refuses_after_shutdown():
+    tok = ByteTokenizer(300)
+    engine = FakeEngine(tok, step_delay=0.005)
+    bridge = AsyncEngine(engine, tok)
+    prompt = list(FOREVER.encode())
+
+    async def main():
+        got = []
+        async for event in bridge.generate("a", prompt, SamplingSpec(seed=1), 200):
+            got.append(event.token_id)
+            if len(got) == 5:
+                break
+        assert got == list(REPLY.encode()[:5])
+        texts = [d.text async for d in bridge.generate_text("b", list(b"x"), SamplingSpec(seed=2), 100)]
+        assert "".join(texts) == REPLY and "\ufffd" not in "".join(texts)
+        assert "" in texts  # the first byte of é was held back, not sent as U+FFFD
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while engine.has_unfinished():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine.aborted == ["a"]
+    bridge.shutdown()
+
+    async def after():
+        with pytest.raises(EngineDead):
+            await bridge.add("c", prompt, SamplingSpec(), 5)
+
+    asyncio.run(after())
