@@ -1,6 +1,6 @@
 """The ``glmtg`` command: one entry point, one module per subcommand.
 
-Subcommands: sweep-bench, perplexity, generate, plot, make-gguf. Every user error (bad flag value, missing or
+Subcommands: sweep-bench, perplexity, generate, plot, make-gguf, serve. Every user error (bad flag value, missing or
 corrupt file, wrong model type, missing tokenizer, a context too small) ends the command with one
 ``error: ...`` line on stderr and exit status 2, never a traceback.
 """
@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot", "make-gguf")
+SUBCOMMANDS = ("sweep-bench", "perplexity", "generate", "plot", "make-gguf", "serve")
 
 
 def _prepare_triton(argv: list[str]) -> None:
@@ -53,12 +53,12 @@ def _is_host_oom(error: RuntimeError) -> bool:
 
 
 def build_parser():  # -> common.CliParser (imported lazily, see _prepare_triton)
-    from glmtg.cli import common, generate, make_gguf, perplexity, plot, sweep_bench
+    from glmtg.cli import common, generate, make_gguf, perplexity, plot, serve, sweep_bench
 
     parser = common.CliParser(prog="glmtg", description="GLM-4.5/4.6/4.7/Air inference on glmtg's Triton kernels. "
                                                        "Without -m, models have seeded random weights.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.CliParser)
-    for module in (sweep_bench, perplexity, generate, plot, make_gguf):
+    for module in (sweep_bench, perplexity, generate, plot, make_gguf, serve):
         module.add_parser(sub)
     return parser
 
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         print(f"error: give a command: {', '.join(SUBCOMMANDS)} (see glmtg --help)", file=sys.stderr)
         return 2
-    if getattr(args, "split_mode", "none") != "none" or getattr(args, "gpus", 1) != 1 \
-            or getattr(args, "tensor_split", None) is not None:
+    if getattr(args, "split_allowed", True) and (getattr(args, "split_mode", "none") != "none"
+                                                  or getattr(args, "gpus", 1) != 1
+                                                  or getattr(args, "tensor_split", None) is not None):
         from glmtg.cli.ranks import launch
 
         return run_command(args, launch)  # checks the split flags, then every rank runs the command

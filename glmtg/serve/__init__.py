@@ -1,5 +1,7 @@
-"""glmtg serve: an OpenAI-compatible server with continuous batching (issue 18).
+"""``glmtg serve``: an OpenAI-compatible server with continuous batching.
 
-Nothing is imported here so that the torch-free core (sequence, block_manager, scheduler,
-llm_engine) can be imported without pulling in torch or the HTTP stack.
+Layers, bottom up: sequence / block_manager / scheduler / llm_engine (plain Python, no torch), the model
+runner (torch, owns the KV page pool), the async bridge (one engine thread), the HTTP app (FastAPI), and
+the GLM-specific chat rendering and output parsing. Nothing is imported here, so the torch-free core can
+be imported without pulling in torch or the HTTP stack.
 """
