@@ -31,7 +31,9 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--port", type=_port, default=8080, help="TCP port (0: any free port)")
     g.add_argument("--parallel", type=common.positive_int, default=4, metavar="N",
                    help="sequences decoded together at most (running requests)")
-    g.add_argument("--max-queue", type=common.non_negative_int, default=64, metavar="N",
+    g.add_argument("--block-size", type=common.positive_int, default=16, metavar="N",
+                   help="tokens per KV-cache page (the prefix cache shares whole pages)")
+    g.add_argument("--max-queue", type=common.positive_int, default=64, metavar="N",
                    help="requests waiting for a slot at most; more get HTTP 503")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health")
@@ -60,9 +62,10 @@ def build_engine(args: argparse.Namespace, loaded: common.Loaded, eos: tuple[int
         from glmtg.serve.runner import ModelRunner
     except ImportError as e:
         raise ValueError(f"the serving engine is not available in this build ({e})") from None
-    # INTEGRATION POINT: the runner's constructor belongs to glmtg/serve/runner.py
-    runner = ModelRunner(loaded.model, loaded.config, common.engine_config(args, args.ctx_size),
-                         device=loaded.device, max_num_seqs=args.parallel)
+    settings = common.engine_config(args, args.ctx_size)
+    runner = ModelRunner(loaded.model, loaded.config, block_size=args.block_size, max_num_seqs=args.parallel,
+                         max_model_len=args.ctx_size, k_format=settings.k_format, v_format=settings.v_format,
+                         device=loaded.device)
     config = SchedulerConfig(max_num_seqs=args.parallel, max_prefill_tokens=args.ubatch_size,
                              max_model_len=args.ctx_size, max_waiting=args.max_queue)
     return LLMEngine(runner, config, eos)
@@ -90,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("serve runs on one device: -sm, --gpus and -ts are not supported")
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"glmtg serve needs FastAPI and uvicorn ({e.name} is missing): "
+                         f"pip install 'glmtg[serve]'") from None
 
     from glmtg.serve.app import create_app
     from glmtg.serve.async_engine import AsyncEngine

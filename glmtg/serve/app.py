@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmtg.serve.async_engine import AsyncEngine, EngineDead
 from glmtg.serve.hooks import OutputParser, default_make_parser, default_render_prompt
+from glmtg.serve.llm_engine import QueueFull
 from glmtg.serve.metrics import CONTENT_TYPE, Metrics
 from glmtg.serve.protocol import (
     ApiError,
@@ -44,7 +46,7 @@ UNAUTHENTICATED = ("/health",)
 def create_app(async_engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, max_model_len: int = 4096, *,
                render_prompt: Callable[[Any, ChatCompletionRequest], str] = default_render_prompt,
-               make_parser: Callable[[ChatCompletionRequest], OutputParser] = default_make_parser) -> FastAPI:
+               make_parser: Callable[[ChatCompletionRequest, str], OutputParser] = default_make_parser) -> FastAPI:
     """The app serving ``async_engine`` as ``model_name``.
 
     ``async_engine`` None means still loading (/health 503, generation 503) until ``app.state.engine``
@@ -236,12 +238,9 @@ class _Server:
             raise ApiError(503, str(e), type="server_error", code="engine_dead") from None
         except ValueError as e:  # the engine's own checks (the app's run first, so this is a safety net)
             raise bad_request(str(e)) from None
-        except Exception as e:
-            if type(e).__name__ == "QueueFull":  # glmtg.serve.llm_engine.QueueFull (matched by name:
-                # the engine module is the scheduler's and may not be importable here)
-                raise ApiError(503, f"the server is busy: {e or 'the request queue is full'}",
-                               type="server_error", code="queue_full") from None
-            raise
+        except QueueFull as e:
+            raise ApiError(503, f"the server is busy: {e or 'the request queue is full'}",
+                           type="server_error", code="queue_full") from None
 
     # ------------------------------------------------------------ generation
 
@@ -355,13 +354,15 @@ class _Server:
         engine = self._engine()
         try:
             text = self.render_prompt(self.tokenizer, parsed)
-        except (ValueError, TypeError) as e:  # the template rejected these messages or kwargs
-            raise bad_request(f"the chat template cannot render this request: {e}", param="messages") from None
+        except (ValueError, TypeError) as e:  # the messages, tools or kwargs were refused, or the template failed
+            field = re.match(r"[a-z_]+", str(e))
+            param = field.group(0) if field and field.group(0) in ("tools", "chat_template_kwargs") else "messages"
+            raise bad_request(f"the chat template cannot render this request: {e}", param=param) from None
         ids = self.tokenizer.encode(text)
         limit = parsed.token_limit()
         max_tokens = self._token_budget(ids, limit, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        parser = self.make_parser(parsed)  # before the add: nothing may fail between add and streaming
+        parser = self.make_parser(parsed, text)  # before the add: nothing may fail between add and streaming
         queue = await self._add(engine, request_id, ids, parsed, max_tokens)
         steps = self._steps(engine, request_id, queue, parsed.stop_strings(), parser, start)
         base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}

@@ -1,15 +1,13 @@
-"""HOOK POINTS between the HTTP layer and GLM's formats, with plain defaults.
+"""The two points where the HTTP layer meets GLM's formats, with GLM's implementations as defaults.
 
-The app calls two things it does not own:
-
-- ``render_prompt(tokenizer, request) -> str``: a chat request (ChatCompletionRequest) as prompt text.
-  Default: the tokenizer's chat template over the messages (tools and chat_template_kwargs passed on when
-  the request has them). GLM's version (glmtg/serve/chat.py: tools, ``enable_thinking``) replaces it.
-- ``make_parser(request) -> OutputParser``: one per chat request; ``feed(text)`` takes the next piece of
-  generated text and returns OpenAI delta dicts (``{"content": ...}``, ``{"reasoning_content": ...}``,
-  ``{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}``); ``finish()``
-  returns what it still held. Default: everything is content. GLM's version (glmtg/serve/glm_output.py:
-  ``<think>`` and ``<tool_call>``) replaces it.
+- ``render_prompt(tokenizer, request) -> str``: a chat request (ChatCompletionRequest) as prompt text,
+  through the model's chat template with the request's tools and ``chat_template_kwargs``
+  (``enable_thinking``) (glmtg/serve/chat.py validates the messages and tool calls).
+- ``make_parser(request, prompt) -> OutputParser``: one per chat request; ``feed(text)`` takes the next
+  piece of generated text and returns OpenAI delta dicts (``{"content": ...}``, ``{"reasoning_content":
+  ...}``, ``{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}``); ``finish()``
+  returns what it still held. GLM's ``<think>`` reasoning and ``<tool_call>`` calls
+  (glmtg/serve/glm_output.py); whether the output starts inside reasoning is read from the prompt.
 
 Pass others to ``create_app(..., render_prompt=..., make_parser=...)``.
 """
@@ -18,6 +16,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from glmtg.serve.chat import render_chat, starts_in_reasoning
+from glmtg.serve.glm_output import GlmOutputParser
+
 
 class OutputParser(Protocol):
     def feed(self, text: str) -> list[dict[str, Any]]: ...
@@ -25,24 +26,26 @@ class OutputParser(Protocol):
     def finish(self) -> list[dict[str, Any]]: ...
 
 
-class ContentParser:
-    """The default parser: generated text is all ``content``."""
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        return [{"content": text}] if text else []
-
-    def finish(self) -> list[dict[str, Any]]:
-        return []
-
-
-def default_make_parser(request: Any) -> OutputParser:
-    return ContentParser()
+def _tools(request: Any) -> list[dict] | None:
+    """The request's tools as the template and the parser take them; none when tool_choice is "none"."""
+    if not request.tools or request.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in request.tools]
 
 
 def default_render_prompt(tokenizer: Any, request: Any) -> str:
-    """The request's messages through the tokenizer's chat template, ending with the assistant's turn."""
-    messages = [m.as_dict() for m in request.messages]
-    extra: dict[str, Any] = dict(request.chat_template_kwargs or {})
-    if request.tools:
-        extra["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
+    """The messages through the tokenizer's chat template, ending with the assistant's turn."""
+    kwargs = dict(request.chat_template_kwargs or {})
+    enable_thinking = kwargs.pop("enable_thinking", True)
+    if not isinstance(enable_thinking, bool):
+        raise ValueError(f"chat_template_kwargs.enable_thinking must be a bool, got {enable_thinking!r}")
+    if kwargs:
+        raise ValueError(f"chat_template_kwargs takes only enable_thinking, got {sorted(kwargs)}")
+    text, _ = render_chat(tokenizer, [m.as_dict() for m in request.messages], tools=_tools(request),
+                          enable_thinking=enable_thinking)
+    return text
+
+
+def default_make_parser(request: Any, prompt: str) -> OutputParser:
+    tools = _tools(request)
+    return GlmOutputParser(starts_in_reasoning=starts_in_reasoning(prompt), tools_enabled=bool(tools), tools=tools)

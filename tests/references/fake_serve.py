@@ -14,6 +14,7 @@ import uvicorn
 
 from glmtg.loading.byte_tokenizer import ByteTokenizer
 from glmtg.serve.app import create_app
+from glmtg.serve.llm_engine import QueueFull
 from glmtg.serve.async_engine import AsyncEngine
 from glmtg.serve.sequence import SamplingSpec, TokenEvent
 
@@ -24,9 +25,6 @@ MAX_MODEL_LEN = 256
 REPLY = "Hello é world, 3 € each. Stop here; then more."
 FOREVER = "forever"  # a prompt containing it never reaches EOS (runs to max_tokens)
 
-
-class QueueFull(Exception):
-    """Same name as glmtg.serve.llm_engine.QueueFull (the app matches it by name)."""
 
 
 def default_reply(prompt: str) -> str:
@@ -124,12 +122,15 @@ class FakeEngine:
 
 
 @contextlib.contextmanager
-def live_server(engine_kwargs: dict | None = None, **app_kwargs) -> Iterator[tuple[str, FakeEngine, AsyncEngine]]:
-    """A real uvicorn server on 127.0.0.1 (free port) in a thread, serving a FakeEngine."""
-    tok = ByteTokenizer(300, eos_token_ids=(EOS,))
-    engine = FakeEngine(tok, **(engine_kwargs or {}))
+def live_server(engine_kwargs: dict | None = None, *, engine=None, tokenizer=None, max_model_len: int = MAX_MODEL_LEN,
+                **app_kwargs) -> Iterator[tuple[str, FakeEngine, AsyncEngine]]:
+    """A real uvicorn server on 127.0.0.1 (free port) in a thread, serving a FakeEngine (or ``engine``, e.g. a
+    real LLMEngine, with its ``tokenizer``)."""
+    tok = tokenizer if tokenizer is not None else ByteTokenizer(300, eos_token_ids=(EOS,))
+    if engine is None:
+        engine = FakeEngine(tok, **(engine_kwargs or {}))
     async_engine = AsyncEngine(engine, tok)
-    app = create_app(async_engine, tok, MODEL, max_model_len=MAX_MODEL_LEN, **app_kwargs)
+    app = create_app(async_engine, tok, MODEL, max_model_len=max_model_len, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -109,7 +109,8 @@ def test_stop_strings_trimmed_and_request_aborted(server):
     chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
                                             max_tokens=100, stop="3 €", stream=True))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
-    assert text == REPLY[:REPLY.index("3 €")]
+    # GLM's output parser drops whitespace that ends the content (its chat template strips it too)
+    assert text == REPLY[:REPLY.index("3 €")].rstrip()
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == ["stop"]
 
 

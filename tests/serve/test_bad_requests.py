@@ -80,7 +80,13 @@ CASES = [
     ("tool without function", CHAT, chat(tools=[{"type": "function"}]), 400, "tools[0].function"),
     ("tool_choice unknown", CHAT, chat(tool_choice="sometimes"), 400, "tool_choice"),
     ("chat_template_kwargs a list", CHAT, chat(chat_template_kwargs=[1]), 400, "chat_template_kwargs"),
-    ("template rejects kwargs", CHAT, chat(chat_template_kwargs={"enable_thinking": False}), 400, "messages"),
+    ("enable_thinking not a bool", CHAT, chat(chat_template_kwargs={"enable_thinking": "no"}), 400,
+     "chat_template_kwargs"),
+    ("unknown template kwarg", CHAT, chat(chat_template_kwargs={"reasoning_effort": 3}), 400, "chat_template_kwargs"),
+    ("assistant tool call arguments not JSON", CHAT,
+     chat(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
+                    {"role": "user", "content": "again"}]), 400, "messages"),
 ]
 
 

@@ -94,7 +94,7 @@ def test_hooks_render_and_parse():
 
     output = "<think>hmm</think>Let me check.<tool_call>lookup</tool_call>"
     with live_server({"reply": lambda prompt: output}, render_prompt=render,
-                     make_parser=lambda request: ScriptParser()) as (url, engine, _):
+                     make_parser=lambda request, prompt: ScriptParser()) as (url, engine, _):
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
         out = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
