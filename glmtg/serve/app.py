@@ -330,23 +330,17 @@ class _Server:
 
             return await self._until_disconnect(request, collect()) or Response(status_code=499)
 
-        async def events() -> AsyncIterator[str]:
+        async def chunks() -> AsyncIterator[str]:
             usage: dict[str, Any] = {}
-            try:
-                async for step in steps:
-                    text = "".join(d.get("content", "") for d in step.deltas)
-                    usage = step.usage
-                    if text or step.finish_reason:
-                        yield _sse({**base, "choices": [choice(text, step.finish_reason)], "usage": None})
-                if parsed.include_usage():
-                    yield _sse({**base, "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
-            except EngineDead as e:
-                yield _sse(error_body(str(e), type="server_error", code="engine_dead"))
-            finally:
-                await steps.aclose()
+            async for step in steps:
+                text = "".join(d.get("content", "") for d in step.deltas)
+                usage = step.usage
+                if text or step.finish_reason:
+                    yield _sse({**base, "choices": [choice(text, step.finish_reason)], "usage": None})
+            if parsed.include_usage():
+                yield _sse({**base, "choices": [], "usage": usage})
 
-        return _EventStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(chunks(), steps)
 
     async def chat(self, request: Request) -> Response:
         start = time.monotonic()
@@ -390,28 +384,38 @@ class _Server:
             return _sse({**chunk_base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                     "finish_reason": reason}], "usage": None})
 
-        async def events() -> AsyncIterator[str]:
+        async def chunks() -> AsyncIterator[str]:
             usage: dict[str, Any] = {}
             tool_calls = False
-            try:
-                yield chunk({"role": "assistant", "content": ""}, None)
-                async for step in steps:
-                    for d in step.deltas:
-                        tool_calls = tool_calls or bool(d.get("tool_calls"))
-                        yield chunk(d, None)
-                    usage = step.usage
-                    if step.finish_reason:
-                        reason = "tool_calls" if tool_calls and step.finish_reason == "stop" else step.finish_reason
-                        yield chunk({}, reason)
-                if parsed.include_usage():
-                    yield _sse({**chunk_base, "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
-            except EngineDead as e:
-                yield _sse(error_body(str(e), type="server_error", code="engine_dead"))
-            finally:
-                await steps.aclose()
+            yield chunk({"role": "assistant", "content": ""}, None)
+            async for step in steps:
+                for d in step.deltas:
+                    tool_calls = tool_calls or bool(d.get("tool_calls"))
+                    yield chunk(d, None)
+                usage = step.usage
+                if step.finish_reason:
+                    reason = "tool_calls" if tool_calls and step.finish_reason == "stop" else step.finish_reason
+                    yield chunk({}, reason)
+            if parsed.include_usage():
+                yield _sse({**chunk_base, "choices": [], "usage": usage})
 
-        return _EventStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(chunks(), steps)
+
+
+def _event_stream(chunks: AsyncIterator[str], steps: AsyncIterator[Any]) -> _EventStream:
+    """Server-sent events: the endpoint's chunks, then ``data: [DONE]``; an engine failure ends the stream
+    with an error event; the request's steps are closed (the request aborted) however the stream ends."""
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+            yield "data: [DONE]\n\n"
+        except EngineDead as e:
+            yield _sse(error_body(str(e), type="server_error", code="engine_dead"))
+        finally:
+            await steps.aclose()
+
+    return _EventStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _merge(message: dict[str, Any], delta: dict[str, Any]) -> None:
