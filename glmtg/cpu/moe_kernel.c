@@ -1,0 +1,277 @@
+/* The CPU expert kernel: one fused call per MoE layer for the experts held in system RAM.
+ *
+ * out[t] = sum_s weights[t,s] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,s], for ids in [0, E).
+ *
+ * Weights stay in GGUF blocks (raw bytes as the file stores them). Activations are rounded to int8 once
+ * per 32 values (dx = amax / 127, codes rounded to nearest even: glmtg/kernels/gguf/activation.py's math),
+ * so every weight block meets the activation in integer dot products; the intermediate silu(g) * u is
+ * rounded the same way before down.
+ *
+ * Plain C written so that gcc -O3 -march=native vectorizes the inner loops (no intrinsics: one source
+ * for AVX2 and AVX-512 hosts; the compiler picks the instructions of the machine that builds it).
+ *
+ * Work: one OpenMP parallel region per call; tasks are (expert, block of ROWS rows): a task reads its
+ * rows once and applies each to every token routed to that expert, so each selected expert's bytes are
+ * read once per call whatever the number of tokens.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F_Q8_0 = 0, F_Q4_0 = 1, F_Q5_0 = 2, F_Q4_K = 3, F_Q6_K = 4 };
+
+#define ROWS 16 /* rows per task: enough work to amortize scheduling, small enough to balance 2..64 threads */
+
+static inline float half_to_float(const uint8_t *p) {
+    uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {  /* zero or subnormal: man * 2^-24, exact in float */
+        float f = (float)man * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Rounds n values (n a multiple of 32) to int8 per group of 32: dx = amax / 127, codes = nearest-even of
+ * v * (127 / amax), clamped to +-127; sums = each group's code sum (formats with offsets use it). */
+static void quantize_group(const float *v, int8_t *q, float *dx, int32_t *sums) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (int j = 0; j < 32; j++) {
+        float r = nearbyintf(v[j] * inv);
+        r = fminf(fmaxf(r, -127.0f), 127.0f);
+        q[j] = (int8_t)r;
+        s += q[j];
+    }
+    *dx = amax / 127.0f;
+    *sums = s;
+}
+
+/* Row dot products: one weight row of ng groups of 32 values against one quantized activation. */
+
+static float dot_q8_0(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    (void)xs;
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *b = row + 34 * g;
+        const int8_t *w = (const int8_t *)(b + 2), *x = xq + 32 * g;
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += (int32_t)w[j] * x[j];
+        acc += half_to_float(b) * dx[g] * (float)s;
+    }
+    return acc;
+}
+
+static float dot_q4_0(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *b = row + 18 * g, *qs = b + 2;
+        const int8_t *x = xq + 32 * g;
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) s += (int32_t)(qs[j] & 15) * x[j] + (int32_t)(qs[j] >> 4) * x[j + 16];
+        /* values are code - 8: the offset meets the activation's code sum once */
+        acc += half_to_float(b) * dx[g] * (float)(s - 8 * xs[g]);
+    }
+    return acc;
+}
+
+static float dot_q5_0(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *b = row + 22 * g, *qs = b + 6;
+        const int8_t *x = xq + 32 * g;
+        uint32_t qh = (uint32_t)b[2] | ((uint32_t)b[3] << 8) | ((uint32_t)b[4] << 16) | ((uint32_t)b[5] << 24);
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) {
+            int32_t lo = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+            int32_t hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            s += lo * x[j] + hi * x[j + 16];
+        }
+        acc += half_to_float(b) * dx[g] * (float)(s - 16 * xs[g]);
+    }
+    return acc;
+}
+
+static float dot_q4_k(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    float acc = 0.0f;
+    for (int sb = 0; sb < ng / 8; sb++) {
+        const uint8_t *b = row + 144 * sb, *sc = b + 4, *qs = b + 16;
+        float d = half_to_float(b), dmin = half_to_float(b + 2);
+        for (int j = 0; j < 8; j++) {  /* sub-block j = activation group 8 sb + j */
+            int scale, min;
+            if (j < 4) {
+                scale = sc[j] & 63;
+                min = sc[j + 4] & 63;
+            } else {  /* 6-bit fields split: low 4 bits in bytes 8..11, high 2 in the top of bytes 0..7 */
+                scale = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+                min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+            }
+            const uint8_t *q = qs + 32 * (j / 2);
+            int g = 8 * sb + j, shift = 4 * (j & 1);
+            const int8_t *x = xq + 32 * g;
+            int32_t s = 0;
+            for (int l = 0; l < 32; l++) s += (int32_t)((q[l] >> shift) & 15) * x[l];
+            acc += dx[g] * (d * (float)(scale * s) - dmin * (float)(min * xs[g]));
+        }
+    }
+    return acc;
+}
+
+static float dot_q6_k(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    (void)xs;
+    float acc = 0.0f;
+    for (int sb = 0; sb < ng / 8; sb++) {
+        const uint8_t *b = row + 210 * sb;
+        float d = half_to_float(b + 208);
+        for (int n = 0; n < 2; n++) {  /* two halves of 128 values */
+            const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+            const int8_t *sc = (const int8_t *)(b + 192) + 8 * n;
+            for (int i = 0; i < 4; i++) {  /* quarter i: activation group 8 sb + 4 n + i */
+                const uint8_t *lo = ql + 32 * (i & 1);
+                int lshift = 4 * (i >> 1), hshift = 2 * i;
+                const int8_t *x = xq + 32 * (8 * sb + 4 * n + i);
+                int32_t s0 = 0, s1 = 0;  /* the two 16-value sub-blocks have their own scales */
+                for (int l = 0; l < 16; l++)
+                    s0 += ((int32_t)(((lo[l] >> lshift) & 15) | (((qh[l] >> hshift) & 3) << 4)) - 32) * x[l];
+                for (int l = 16; l < 32; l++)
+                    s1 += ((int32_t)(((lo[l] >> lshift) & 15) | (((qh[l] >> hshift) & 3) << 4)) - 32) * x[l];
+                acc += d * dx[8 * sb + 4 * n + i] * (float)(sc[2 * i] * s0 + sc[2 * i + 1] * s1);
+            }
+        }
+    }
+    return acc;
+}
+
+typedef float (*dot_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int);
+
+static dot_fn dot_of(int fmt) {
+    switch (fmt) {
+        case F_Q8_0: return dot_q8_0;
+        case F_Q4_0: return dot_q4_0;
+        case F_Q5_0: return dot_q5_0;
+        case F_Q4_K: return dot_q4_k;
+        case F_Q6_K: return dot_q6_k;
+        default: return NULL;
+    }
+}
+
+static long row_bytes(int fmt, int n) {
+    switch (fmt) {
+        case F_Q8_0: return (long)n / 32 * 34;
+        case F_Q4_0: return (long)n / 32 * 18;
+        case F_Q5_0: return (long)n / 32 * 22;
+        case F_Q4_K: return (long)n / 256 * 144;
+        case F_Q6_K: return (long)n / 256 * 210;
+        default: return -1;
+    }
+}
+
+/* Returns 0, or 1 for an unknown format, 2 when scratch memory cannot be had. The caller checks shapes. */
+int glmtg_cpu_moe(const float *x, int T, int H, int I, int E, int k, const uint8_t *gate, const uint8_t *up,
+                  const uint8_t *down, const int64_t *ids, const float *weights, int fgu, int fd, int nthreads,
+                  float *out) {
+    dot_fn dgu = dot_of(fgu), dd = dot_of(fd);
+    if (!dgu || !dd) return 1;
+    const long rbh = row_bytes(fgu, H), rbi = row_bytes(fd, I);
+    const int ngh = H / 32, ngi = I / 32, tk = T * k;
+
+    /* Pairs (token, slot) routed here, grouped by expert (a counting sort, slot order kept). */
+    int *start = calloc((size_t)E + 1, sizeof(int)), *pos = malloc(sizeof(int) * (size_t)(tk ? tk : 1));
+    int *tok = malloc(sizeof(int) * (size_t)(tk ? tk : 1)), *act = malloc(sizeof(int) * (size_t)(E ? E : 1));
+    int8_t *xq = malloc((size_t)T * H + 1);
+    float *xdx = malloc(sizeof(float) * ((size_t)T * ngh + 1));
+    int32_t *xsum = malloc(sizeof(int32_t) * ((size_t)T * ngh + 1));
+    if (!start || !pos || !tok || !act || !xq || !xdx || !xsum) {
+        free(start); free(pos); free(tok); free(act); free(xq); free(xdx); free(xsum);
+        return 2;
+    }
+    for (int p = 0; p < tk; p++)
+        if (ids[p] >= 0 && ids[p] < E) start[ids[p] + 1]++;
+    int nact = 0;
+    for (int e = 0; e < E; e++) {
+        if (start[e + 1]) act[nact++] = e;
+        start[e + 1] += start[e];
+    }
+    const int P = start[E];
+    int *fill = calloc((size_t)E + 1, sizeof(int));
+    float *G = malloc(sizeof(float) * ((size_t)P * I + 1)), *U = malloc(sizeof(float) * ((size_t)P * I + 1));
+    int8_t *aq = malloc((size_t)P * I + 1);
+    float *adx = malloc(sizeof(float) * ((size_t)P * ngi + 1)), *Y = malloc(sizeof(float) * ((size_t)P * H + 1));
+    int32_t *asum = malloc(sizeof(int32_t) * ((size_t)P * ngi + 1));
+    int rc = 0;
+    if (!fill || !G || !U || !aq || !adx || !Y || !asum) {
+        rc = 2;
+        goto done;
+    }
+    for (int p = 0; p < tk; p++) {
+        if (ids[p] >= 0 && ids[p] < E) {
+            int e = (int)ids[p], q = start[e] + fill[e]++;
+            tok[q] = p / k;
+            pos[p] = q;
+        } else {
+            pos[p] = -1;
+        }
+    }
+    const int hb = (I + ROWS - 1) / ROWS, db = (H + ROWS - 1) / ROWS;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (long g = 0; g < (long)T * ngh; g++) quantize_group(x + 32 * g, xq + 32 * g, xdx + g, xsum + g);
+
+        /* gate and up: each task reads ROWS rows of one expert's gate and up once for all its tokens */
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < (long)nact * hb; task++) {
+            int e = act[task / hb], r0 = (int)(task % hb) * ROWS, r1 = r0 + ROWS < I ? r0 + ROWS : I;
+            for (int r = r0; r < r1; r++) {
+                const uint8_t *gr = gate + ((long)e * I + r) * rbh, *ur = up + ((long)e * I + r) * rbh;
+                for (int q = start[e]; q < start[e + 1]; q++) {
+                    long t = tok[q];
+                    G[(long)q * I + r] = dgu(gr, xq + t * H, xdx + t * ngh, xsum + t * ngh, ngh);
+                    U[(long)q * I + r] = dgu(ur, xq + t * H, xdx + t * ngh, xsum + t * ngh, ngh);
+                }
+            }
+        }
+
+        /* silu(g) * u in fp32 (torch's silu: g / (1 + exp(-g))), rounded to int8 per 32 for down */
+#pragma omp for schedule(static)
+        for (long g = 0; g < (long)P * ngi; g++) {
+            float a[32];
+            const float *gv = G + 32 * g, *uv = U + 32 * g;
+            for (int j = 0; j < 32; j++) a[j] = gv[j] / (1.0f + expf(-gv[j])) * uv[j];
+            quantize_group(a, aq + 32 * g, adx + g, asum + g);
+        }
+
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < (long)nact * db; task++) {
+            int e = act[task / db], r0 = (int)(task % db) * ROWS, r1 = r0 + ROWS < H ? r0 + ROWS : H;
+            for (int r = r0; r < r1; r++) {
+                const uint8_t *dr = down + ((long)e * H + r) * rbi;
+                for (int q = start[e]; q < start[e + 1]; q++)
+                    Y[(long)q * H + r] = dd(dr, aq + (long)q * I, adx + (long)q * ngi, asum + (long)q * ngi, ngi);
+            }
+        }
+
+        /* weighted sum over each token's slots, in slot order (slots routed elsewhere add nothing) */
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)T * H; i++) {
+            long t = i / H, h = i % H;
+            float acc = 0.0f;
+            for (int s = 0; s < k; s++) {
+                int q = pos[t * k + s];
+                if (q >= 0) acc += weights[t * k + s] * Y[(long)q * H + h];
+            }
+            out[i] = acc;
+        }
+    }
+done:
+    free(start); free(pos); free(tok); free(act); free(xq); free(xdx); free(xsum);
+    free(fill); free(G); free(U); free(aq); free(adx); free(Y); free(asum);
+    return rc;
+}
