@@ -1,10 +1,11 @@
 """Routed experts computed on the CPU from GGUF blocks in system RAM (issue 21's CPU expert kernel).
 
 ``cpu_moe`` (glmtg/cpu/experts.py) is the one fused call per MoE layer; ``CPU_FORMATS`` the block formats
-it reads; ``physical_cores`` its default thread count. The C kernel is built at first use
+it reads; ``physical_cores`` its default thread count; ``kernel_isa`` which code path the build uses. The C kernel is built at first use
 (glmtg/cpu/build.py); without a compiler a slower torch path runs, with one RuntimeWarning saying so.
 """
 
+from glmtg.cpu.build import kernel_isa
 from glmtg.cpu.experts import CPU_FORMATS, cpu_moe, physical_cores
 
-__all__ = ["CPU_FORMATS", "cpu_moe", "physical_cores"]
+__all__ = ["CPU_FORMATS", "cpu_moe", "kernel_isa", "physical_cores"]

@@ -1,8 +1,9 @@
 """Builds glmtg/cpu/moe_kernel.c at first use with the host's C compiler and loads it with ctypes.
 
-- Compiler: $CC, else ``gcc``. Flags: ``-O3 -march=native -fopenmp`` (the compiler vectorizes the plain-C
-  inner loops for the building machine: AVX2 or AVX-512); where the compiler rejects -march=native, the
-  same without it.
+- Compiler: $CC, else ``gcc``. Flags: ``-O3 -march=$GLMTG_CPU_MARCH -fopenmp``, the target by default
+  ``native`` (the building machine: its AVX2 / AVX-512 VNNI paths, moe_kernel.c); a portable target
+  (``x86-64``, ``x86-64-v3``) builds a kernel for a cache that other machines share. Where the compiler
+  rejects the target, the same flags without -march (the compiler's default target).
 - Cache: $GLMTG_CACHE, else ~/.cache/glmtg. The file name hashes the source, the compiler, the flags and
   the CPU's model and flags, so a cache shared between machines (a network home) never hands one machine
   another's -march=native build. Written to a temporary name and renamed: concurrent first uses are safe.
@@ -24,10 +25,8 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("moe_kernel.c")
-FLAG_SETS: tuple[tuple[str, ...], ...] = (
-    ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"),
-    ("-O3", "-fopenmp", "-shared", "-fPIC"),
-)
+HEADERS = ("dots_scalar.h", "dots_avx2.h")  # included by SOURCE: part of the cache key
+BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
 def cache_dir() -> Path:
@@ -50,21 +49,23 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.glmtg_cpu_moe.argtypes = [p, i, i, i, i, i, p, p, p, p, p, i, i, i, p]
     lib.glmtg_cpu_moe.restype = ctypes.c_int
+    lib.glmtg_cpu_moe_isa.argtypes = []
+    lib.glmtg_cpu_moe_isa.restype = ctypes.c_char_p
     return lib
 
 
 @functools.cache
-def _load(cc: str, where: str) -> ctypes.CDLL | None:
-    """Build (or find in the cache) and load the kernel with compiler ``cc`` under ``where``; None and one
-    RuntimeWarning where that fails."""
+def _load(cc: str, where: str, march: str) -> ctypes.CDLL | None:
+    """Build (or find in the cache) and load the kernel with compiler ``cc`` for target ``march`` under
+    ``where``; None and one RuntimeWarning where that fails."""
     compiler = shutil.which(cc)
     if compiler is None:
         warnings.warn(f"glmtg.cpu: no C compiler {cc!r} found; the CPU experts run on the slower torch path "
                       "(install gcc for the compiled kernel)", RuntimeWarning, stacklevel=3)
         return None
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in (SOURCE, *(SOURCE.with_name(h) for h in HEADERS)))
     errors = []
-    for flags in FLAG_SETS:
+    for flags in ((f"-march={march}", *BASE_FLAGS), BASE_FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
         path = Path(where) / f"moe_kernel-{key}.so"
@@ -94,4 +95,11 @@ def _load(cc: str, where: str) -> ctypes.CDLL | None:
 def kernel_library() -> ctypes.CDLL | None:
     """The compiled CPU expert kernel for the current $CC and cache directory, or None (see the module
     docstring)."""
-    return _load(os.environ.get("CC") or "gcc", str(cache_dir()))
+    return _load(os.environ.get("CC") or "gcc", str(cache_dir()), os.environ.get("GLMTG_CPU_MARCH") or "native")
+
+
+def kernel_isa() -> str:
+    """Which row dot products the loaded kernel uses: "avx2+avx512vnni", "avx2" or "scalar" (plain C), or
+    "torch" where there is no compiled kernel."""
+    lib = kernel_library()
+    return "torch" if lib is None else lib.glmtg_cpu_moe_isa().decode()

@@ -7,8 +7,10 @@
  * so every weight block meets the activation in integer dot products; the intermediate silu(g) * u is
  * rounded the same way before down.
  *
- * Plain C written so that gcc -O3 -march=native vectorizes the inner loops (no intrinsics: one source
- * for AVX2 and AVX-512 hosts; the compiler picks the instructions of the machine that builds it).
+ * The row dot products: dots_avx2.h (AVX2 intrinsics, AVX-512 VNNI's dpbusd where the target has it)
+ * when the build targets AVX2, else dots_scalar.h (plain C). The build (build.py) targets the building
+ * machine (-march=native) unless told otherwise, so the path is chosen when the kernel is compiled;
+ * glmtg_cpu_moe_isa() says which.
  *
  * Work: one OpenMP parallel region per call; tasks are (expert, block of ROWS rows): a task reads its
  * rows once and applies each to every token routed to that expert, so each selected expert's bytes are
@@ -19,22 +21,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dots_scalar.h"
+#ifdef __AVX2__
+#include "dots_avx2.h"
+#endif
+
 enum { F_Q8_0 = 0, F_Q4_0 = 1, F_Q5_0 = 2, F_Q4_K = 3, F_Q6_K = 4 };
 
 #define ROWS 16 /* rows per task: enough work to amortize scheduling, small enough to balance 2..64 threads */
-
-static inline float half_to_float(const uint8_t *p) {
-    uint32_t h = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
-    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0) {  /* zero or subnormal: man * 2^-24, exact in float */
-        float f = (float)man * 5.9604644775390625e-08f;
-        return sign ? -f : f;
-    }
-    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* Rounds n values (n a multiple of 32) to int8 per group of 32: dx = amax / 127, codes = nearest-even of
  * v * (127 / amax), clamped to +-127; sums = each group's code sum (formats with offsets use it). */
@@ -53,112 +47,34 @@ static void quantize_group(const float *v, int8_t *q, float *dx, int32_t *sums) 
     *sums = s;
 }
 
-/* Row dot products: one weight row of ng groups of 32 values against one quantized activation. */
-
-static float dot_q8_0(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
-    (void)xs;
-    float acc = 0.0f;
-    for (int g = 0; g < ng; g++) {
-        const uint8_t *b = row + 34 * g;
-        const int8_t *w = (const int8_t *)(b + 2), *x = xq + 32 * g;
-        int32_t s = 0;
-        for (int j = 0; j < 32; j++) s += (int32_t)w[j] * x[j];
-        acc += half_to_float(b) * dx[g] * (float)s;
-    }
-    return acc;
-}
-
-static float dot_q4_0(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
-    float acc = 0.0f;
-    for (int g = 0; g < ng; g++) {
-        const uint8_t *b = row + 18 * g, *qs = b + 2;
-        const int8_t *x = xq + 32 * g;
-        int32_t s = 0;
-        for (int j = 0; j < 16; j++) s += (int32_t)(qs[j] & 15) * x[j] + (int32_t)(qs[j] >> 4) * x[j + 16];
-        /* values are code - 8: the offset meets the activation's code sum once */
-        acc += half_to_float(b) * dx[g] * (float)(s - 8 * xs[g]);
-    }
-    return acc;
-}
-
-static float dot_q5_0(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
-    float acc = 0.0f;
-    for (int g = 0; g < ng; g++) {
-        const uint8_t *b = row + 22 * g, *qs = b + 6;
-        const int8_t *x = xq + 32 * g;
-        uint32_t qh = (uint32_t)b[2] | ((uint32_t)b[3] << 8) | ((uint32_t)b[4] << 16) | ((uint32_t)b[5] << 24);
-        int32_t s = 0;
-        for (int j = 0; j < 16; j++) {
-            int32_t lo = (qs[j] & 15) | (((qh >> j) & 1) << 4);
-            int32_t hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-            s += lo * x[j] + hi * x[j + 16];
-        }
-        acc += half_to_float(b) * dx[g] * (float)(s - 16 * xs[g]);
-    }
-    return acc;
-}
-
-static float dot_q4_k(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
-    float acc = 0.0f;
-    for (int sb = 0; sb < ng / 8; sb++) {
-        const uint8_t *b = row + 144 * sb, *sc = b + 4, *qs = b + 16;
-        float d = half_to_float(b), dmin = half_to_float(b + 2);
-        for (int j = 0; j < 8; j++) {  /* sub-block j = activation group 8 sb + j */
-            int scale, min;
-            if (j < 4) {
-                scale = sc[j] & 63;
-                min = sc[j + 4] & 63;
-            } else {  /* 6-bit fields split: low 4 bits in bytes 8..11, high 2 in the top of bytes 0..7 */
-                scale = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
-                min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-            }
-            const uint8_t *q = qs + 32 * (j / 2);
-            int g = 8 * sb + j, shift = 4 * (j & 1);
-            const int8_t *x = xq + 32 * g;
-            int32_t s = 0;
-            for (int l = 0; l < 32; l++) s += (int32_t)((q[l] >> shift) & 15) * x[l];
-            acc += dx[g] * (d * (float)(scale * s) - dmin * (float)(min * xs[g]));
-        }
-    }
-    return acc;
-}
-
-static float dot_q6_k(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
-    (void)xs;
-    float acc = 0.0f;
-    for (int sb = 0; sb < ng / 8; sb++) {
-        const uint8_t *b = row + 210 * sb;
-        float d = half_to_float(b + 208);
-        for (int n = 0; n < 2; n++) {  /* two halves of 128 values */
-            const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-            const int8_t *sc = (const int8_t *)(b + 192) + 8 * n;
-            for (int i = 0; i < 4; i++) {  /* quarter i: activation group 8 sb + 4 n + i */
-                const uint8_t *lo = ql + 32 * (i & 1);
-                int lshift = 4 * (i >> 1), hshift = 2 * i;
-                const int8_t *x = xq + 32 * (8 * sb + 4 * n + i);
-                int32_t s0 = 0, s1 = 0;  /* the two 16-value sub-blocks have their own scales */
-                for (int l = 0; l < 16; l++)
-                    s0 += ((int32_t)(((lo[l] >> lshift) & 15) | (((qh[l] >> hshift) & 3) << 4)) - 32) * x[l];
-                for (int l = 16; l < 32; l++)
-                    s1 += ((int32_t)(((lo[l] >> lshift) & 15) | (((qh[l] >> hshift) & 3) << 4)) - 32) * x[l];
-                acc += d * dx[8 * sb + 4 * n + i] * (float)(sc[2 * i] * s0 + sc[2 * i + 1] * s1);
-            }
-        }
-    }
-    return acc;
-}
-
 typedef float (*dot_fn)(const uint8_t *, const int8_t *, const float *, const int32_t *, int);
+
+#ifdef __AVX2__
+#define DOT(f) dot_##f##_avx2
+#else
+#define DOT(f) dot_##f##_scalar
+#endif
 
 static dot_fn dot_of(int fmt) {
     switch (fmt) {
-        case F_Q8_0: return dot_q8_0;
-        case F_Q4_0: return dot_q4_0;
-        case F_Q5_0: return dot_q5_0;
-        case F_Q4_K: return dot_q4_k;
-        case F_Q6_K: return dot_q6_k;
+        case F_Q8_0: return DOT(q8_0);
+        case F_Q4_0: return DOT(q4_0);
+        case F_Q5_0: return DOT(q5_0);
+        case F_Q4_K: return DOT(q4_k);
+        case F_Q6_K: return DOT(q6_k);
         default: return NULL;
     }
+}
+
+/* Which dot products this build uses (the compiler's target decides: see build.py). */
+const char *glmtg_cpu_moe_isa(void) {
+#if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return "avx2+avx512vnni";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
 }
 
 static long row_bytes(int fmt, int n) {

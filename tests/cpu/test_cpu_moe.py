@@ -9,7 +9,7 @@ Tolerance, per output element h (why: the kernel is exact up to fp32 arithmetic,
 arithmetic moves an intermediate value across a rounding boundary of its int8 code):
 - 1e-6 · mag[h], mag = Σ_s |w_s| Σ_i |down[h, i] · aq_i|: the fp32 block scales (d · dx rounded), the
   fp32 sums of the block terms, fp32 silu, and the intermediate's dx = amax / 127 computed from fp32 g, u
-  (measured: errors ≤ 2e-7 of max |ref|, ≤ 7% of this bound);
+  (measured: errors ≤ 2e-7 of max |ref|, ≤ 15% of this bound);
 - plus, for each intermediate value within 1e-4 code units of a rounding boundary (fp32 g, u are off by
   ~1e-7 relative, ~1e-5 code units: such a value may round the other way), one code step:
   Σ_s |w_s| Σ_ambiguous |down[h, i]| · dx_i.
@@ -18,6 +18,7 @@ A wrong block layout, scale, offset, silu or slot is off by orders of magnitude 
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import gguf
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from glmtg.cpu import CPU_FORMATS, cpu_moe
+from glmtg.cpu import CPU_FORMATS, cpu_moe, kernel_isa
 from glmtg.formats import REGISTRY
 from tests.references.gguf_weights import gguf_weight
 
@@ -50,6 +51,7 @@ def _own_cache(tmp_path_factory, monkeypatch):
     """Kernels built for these tests go to a temporary cache, not the user's."""
     monkeypatch.setenv("GLMTG_CACHE", str(tmp_path_factory.getbasetemp() / "glmtg-cache"))
     monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("GLMTG_CPU_MARCH", raising=False)
 
 
 def _dequant64(raw: torch.Tensor, fmt: str) -> np.ndarray:
@@ -121,6 +123,17 @@ def test_matches_float64_reference(fmt_gu, fmt_d, h, i, t):
         warnings.simplefilter("error", RuntimeWarning)  # the compiled kernel, not the fallback
         out = cpu_moe(*args, fmt_gu, fmt_d)
     _check_close(out, *_reference(*args, fmt_gu, fmt_d))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 targets")
+@pytest.mark.parametrize("march,isa", [("x86-64", "scalar"), ("x86-64-v3", "avx2")])
+def test_other_targets_match_too(march, isa, monkeypatch):
+    # the build for this machine is checked above; the portable C dots and plain AVX2 (no VNNI) here
+    monkeypatch.setenv("GLMTG_CPU_MARCH", march)
+    assert kernel_isa() == isa
+    for n, (fmt_gu, fmt_d, h, i) in enumerate(CASES):
+        args = _case(fmt_gu, fmt_d, h, i, 3, 2 + n, seed=50 + n)
+        _check_close(cpu_moe(*args, fmt_gu, fmt_d), *_reference(*args, fmt_gu, fmt_d))
 
 
 def test_threads_do_not_change_the_result():
