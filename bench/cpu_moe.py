@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, result_path, write_json  # noqa: E402
 
-from glmtg.cpu import CPU_FORMATS, cpu_moe, physical_cores  # noqa: E402
+from glmtg.cpu import CPU_FORMATS, cpu_moe, kernel_isa, physical_cores  # noqa: E402
 from glmtg.formats import REGISTRY  # noqa: E402
 
 SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
@@ -82,7 +82,7 @@ def main() -> None:
     down = random_blocks(args.down_fmt, (e, h), i, gen)
     per_expert = (gate[0].numel() + up[0].numel() + down[0].numel())
     print(f"experts: {e} x {per_expert / 1e6:.2f} MB ({args.gate_up_fmt} gate/up, {args.down_fmt} down), "
-          f"{threads} threads")
+          f"{threads} threads, kernel: {kernel_isa()}")
 
     stream1 = host_read_gbps(1)
     stream = host_read_gbps(threads)
@@ -109,7 +109,7 @@ def main() -> None:
               f"{gbps:6.1f} GB/s = {100 * gbps / stream:5.1f}% of host read")
 
     out = args.out or result_path("cpu_moe", "air", ".json")
-    write_json(out, {"environment": {**environment(), "threads": threads, "host_read_gbps": stream,
+    write_json(out, {"environment": {**environment(), "threads": threads, "kernel": kernel_isa(), "host_read_gbps": stream,
                                      "host_read_gbps_1thread": stream1},
                      "shape": dict(hidden=h, inter=i, experts=e, topk=k, gate_up_fmt=args.gate_up_fmt,
                                    down_fmt=args.down_fmt), "results": rows})

@@ -29,9 +29,9 @@ HEADERS = ("dots_scalar.h", "dots_avx2.h")  # included by SOURCE: part of the ca
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
-def cache_dir() -> Path:
-    """Where built kernels live: $GLMTG_CACHE, else ~/.cache/glmtg."""
-    env = os.environ.get("GLMTG_CACHE")
+def cache_dir(env: str | None = None) -> Path:
+    """Where built kernels live: ``env`` (default $GLMTG_CACHE), else ~/.cache/glmtg."""
+    env = os.environ.get("GLMTG_CACHE") if env is None else env
     return Path(env) if env else Path.home() / ".cache" / "glmtg"
 
 
@@ -55,9 +55,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.cache
-def _load(cc: str, where: str, march: str) -> ctypes.CDLL | None:
+def _load(cc: str, cache_env: str, march: str) -> ctypes.CDLL | None:
     """Build (or find in the cache) and load the kernel with compiler ``cc`` for target ``march`` under
-    ``where``; None and one RuntimeWarning where that fails."""
+    cache_dir(cache_env); None and one RuntimeWarning where that fails."""
+    where = cache_dir(cache_env)
     compiler = shutil.which(cc)
     if compiler is None:
         warnings.warn(f"glmtg.cpu: no C compiler {cc!r} found; the CPU experts run on the slower torch path "
@@ -68,7 +69,7 @@ def _load(cc: str, where: str, march: str) -> ctypes.CDLL | None:
     for flags in ((f"-march={march}", *BASE_FLAGS), BASE_FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
-        path = Path(where) / f"moe_kernel-{key}.so"
+        path = where / f"moe_kernel-{key}.so"
         try:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,10 @@ def _load(cc: str, where: str, march: str) -> ctypes.CDLL | None:
 def kernel_library() -> ctypes.CDLL | None:
     """The compiled CPU expert kernel for the current $CC and cache directory, or None (see the module
     docstring)."""
-    return _load(os.environ.get("CC") or "gcc", str(cache_dir()), os.environ.get("GLMTG_CPU_MARCH") or "native")
+    # keyed by the raw variables: this runs once per layer call, and resolving the home directory would
+    # cost more than the lookup
+    env = os.environ
+    return _load(env.get("CC") or "gcc", env.get("GLMTG_CACHE") or "", env.get("GLMTG_CPU_MARCH") or "native")
 
 
 def kernel_isa() -> str:

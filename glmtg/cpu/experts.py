@@ -15,6 +15,7 @@ found; otherwise the torch path below (same roundings, float matmuls on dequanti
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -29,9 +30,11 @@ CPU_FORMATS: dict[str, int] = {"q8_0": 0, "q4_0": 1, "q5_0": 2, "q4_k": 3, "q6_k
 GROUP = 32  # activation values per int8 scale
 
 
+@functools.cache
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads of one core count once): the kernel streams
-    weights from RAM, and a second thread on a core adds no bandwidth, only contention."""
+    weights from RAM, and a second thread on a core adds no bandwidth, only contention. Read once per
+    process (the default of every call: no sysfs reads per layer)."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     cores = set()
     for cpu in cpus:
