@@ -41,17 +41,13 @@ def block_partition(n_blocks: int, parts: int) -> list[tuple[int, int]]:
 
 def partition_columns(width: int, block: int, tp: TPGroup, what: str) -> slice:
     """Rank ``tp.rank``'s columns of a ``width``-wide input cut into whole blocks of ``block`` values
-    (``block_partition``); ValueError naming ``what`` when blocks do not tile ``width`` or a rank would get
-    no block (fewer blocks than ranks)."""
+    (``block_partition``); ValueError naming ``what`` when blocks do not tile ``width``. With fewer blocks
+    than ranks the last ranks get an empty slice (see ``QuantRowParallelLinear`` for what they hold)."""
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     if width % block:
         raise ValueError(f"{what} ({width}) is not a whole number of blocks of {block}")
-    n = width // block
-    if n < tp.world_size:
-        raise ValueError(f"{what} ({width} = {n} blocks of {block}) cannot give each of {tp.world_size} "
-                         f"tensor-parallel ranks a block")
-    b0, b1 = block_partition(n, tp.world_size)[tp.rank]
+    b0, b1 = block_partition(width // block, tp.world_size)[tp.rank]
     return slice(b0 * block, b1 * block)
 
 
@@ -120,6 +116,11 @@ class QuantRowParallelLinear(QuantLinear):
     """Rank ``tp.rank``'s input features ``cols`` (block-aligned in every shard's format) of a [out, in]
     linear in GGUF blocks.
 
+    ``cols`` empty (a width of fewer blocks than ranks: the tiny preset's shared expert, 1 block of 32): the
+    rank holds one block of zero bytes (scale 0: every value exactly 0) and takes a block-wide input, so its
+    partial product is exactly zero while it still runs the same steps and all-reduces as the others. (An
+    absent module would need its own slots and a zero output path; one idle block costs nothing.)
+
     ``forward`` gives this rank's partial product; with ``reduce`` the sum across ranks (every rank gets
     it), else the partial sum for the caller to fold into its own all-reduce (the MoE's). The bias (if any)
     is kept by rank 0 only (the others hold zeros) and added to its partial product, so any sum of the
@@ -130,15 +131,20 @@ class QuantRowParallelLinear(QuantLinear):
     def __init__(self, in_features: int, out: int | Shards, *, cols: slice, bias: bool,
                  formats: str | Mapping[str | None, str], dtype: torch.dtype, tp: TPGroup,
                  backend: str = "auto", reduce: bool = True) -> None:
-        if not isinstance(cols, slice) or cols.step not in (None, 1) or not 0 <= cols.start < cols.stop <= in_features:
-            raise ValueError(f"cols must be a non-empty slice of [0, {in_features}), got {cols!r}")
-        per_shard = formats.values() if isinstance(formats, Mapping) else (formats,)
+        if not isinstance(cols, slice) or cols.step not in (None, 1) or not 0 <= cols.start <= cols.stop <= in_features:
+            raise ValueError(f"cols must be a slice of [0, {in_features}), got {cols!r}")
+        per_shard = set(formats.values()) if isinstance(formats, Mapping) else {formats}
         for fmt in per_shard:
             bs = REGISTRY[fmt].block_size if fmt in REGISTRY else None
             if bs is not None and (cols.start % bs or cols.stop % bs):
                 raise ValueError(f"format {fmt} has blocks of {bs} values, which do not tile this rank's input "
                                  f"features [{cols.start}, {cols.stop})")
-        super().__init__(cols.stop - cols.start, out, bias=bias, formats=formats, dtype=dtype, backend=backend)
+        width = cols.stop - cols.start
+        if not width:
+            if len(per_shard) != 1 or next(iter(per_shard)) not in REGISTRY:
+                raise ValueError(f"a rank without input features needs one block format, got {formats!r}")
+            width = REGISTRY[next(iter(per_shard))].block_size
+        super().__init__(width, out, bias=bias, formats=formats, dtype=dtype, backend=backend)
         self.tp = tp
         self.reduce = reduce
         self.full_in_features = in_features
@@ -159,7 +165,10 @@ class QuantRowParallelLinear(QuantLinear):
             if value.dim() != 2 or value.dtype != torch.uint8 or value.shape[1] != want:
                 raise ValueError(f"weight: expected raw {fmt} blocks [rows, {want}] of {self.full_in_features} "
                                  f"input features, got {value.dtype} {tuple(value.shape)}")
-            value = slice_block_columns(value, fmt, self._cols).contiguous()
+            if self._cols.start == self._cols.stop:  # no columns here: one block of zeros (class docstring)
+                value = value.new_zeros(value.shape[0], REGISTRY[fmt].type_size)
+            else:
+                value = slice_block_columns(value, fmt, self._cols).contiguous()
         elif param == "bias" and self.tp.rank:
             value = torch.zeros_like(value)
         super().load_shard(param, shard, value)

@@ -10,8 +10,9 @@ glmtg/parallel/quant_linear.py and float ones (a file may keep a matrix in F16/F
   Hq/N x head_dim input features.
 - dense MLP and shared expert: the inner width cut into whole blocks of down_proj's format
   (``partition_columns``: counts differing by at most one block, so uneven widths such as Air's 10944 = 342
-  blocks of 32 over 4 ranks work), gate/up rows by the same cut. A width with fewer blocks than ranks is
-  refused (ValueError naming it). A float down_proj (or gate/up) keeps the float TP's even split.
+  blocks of 32 over 4 ranks work), gate/up rows by the same cut. A width with fewer blocks than ranks (the
+  tiny preset's shared expert: one block of 32) leaves the last ranks a zero block (exactly 0, see
+  ``QuantRowParallelLinear``). A float down_proj (or gate/up) keeps the float TP's even split.
 - routed experts: by expert, as the float ``ParallelMoE`` (``ExpertPlacement.split``), in their formats.
 - replicated: embedding, lm_head, norms, router (the simplest; each rank computes the same logits).
 """
@@ -112,10 +113,14 @@ def _parallel_mlp(mlp: MLP, dtype: torch.dtype, tp: TPGroup, backend: str, reduc
     gate_up, down = mlp.gate_up, mlp.down_proj
     width = down.in_features
     if isinstance(down, QuantLinear):
-        cols = partition_columns(width, REGISTRY[down.formats[None]].block_size, tp, f"{what} inner width")
+        block = REGISTRY[down.formats[None]].block_size
+        cols = partition_columns(width, block, tp, f"{what} inner width")
     else:
         cols = tp.part(width, f"{what} inner width")
-    mlp.gate_up = _column(gate_up, {"gate": cols, "up": cols}, dtype, tp, backend)
+    # A rank with no block of the width (fewer blocks than ranks) keeps the first block's gate/up rows
+    # against down columns of zeros: its partial sum is exactly 0 (QuantRowParallelLinear).
+    rows = cols if cols.stop > cols.start else slice(0, block)
+    mlp.gate_up = _column(gate_up, {"gate": rows, "up": rows}, dtype, tp, backend)
     mlp.down_proj = _row(down, cols, dtype, tp, backend, reduce=reduce, what=f"{what}.down_proj")
     return mlp
 

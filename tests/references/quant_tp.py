@@ -14,10 +14,10 @@ from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 # 24 query / 4 KV heads (4 ranks hold one KV head each; o_proj's 6 heads x 64 = 384 columns per rank tile
 # blocks of 32). intermediate 224 = 7 blocks of 32 (4 ranks: 2,2,2,1; 2 ranks: 4,3), the shared expert's
-# 160 = 5 blocks (4 ranks: 2,1,1,1; 2 ranks: 3,2): every inner width splits unevenly. Two layers: one dense,
-# one MoE.
+# 96 = 3 blocks (2 ranks: 2,1; 4 ranks: 1,1,1,0 - the last rank holds a zero block): every inner width
+# splits unevenly. Two layers: one dense, one MoE.
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_attention_heads=24, num_key_value_heads=4,
-                             intermediate_size=224, moe_intermediate_size=160, num_hidden_layers=2)
+                             intermediate_size=224, moe_intermediate_size=96, num_hidden_layers=2)
 
 # (pattern on the parameter name without its layer prefix, shard or "*") -> format: q, k and v in three
 # formats (three storage runs in one linear), the rest spread over the three.
