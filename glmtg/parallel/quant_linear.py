@@ -17,6 +17,7 @@ in ``slots``, so every loader (``load_tensor``) hands every rank the same tensor
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -36,7 +37,7 @@ def block_partition(n_blocks: int, parts: int) -> list[tuple[int, int]]:
             raise ValueError(f"{what} must be an int >= {low}, got {n!r}")
     q, rem = divmod(n_blocks, parts)
     bounds = [r * q + min(r, rem) for r in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def partition_columns(width: int, block: int, tp: TPGroup, what: str) -> slice:

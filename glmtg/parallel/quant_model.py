@@ -33,7 +33,11 @@ from glmtg.layers.quant_linear import QuantLinear
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 from glmtg.parallel.group import TPGroup
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
-from glmtg.parallel.quant_linear import QuantColumnParallelLinear, QuantRowParallelLinear, partition_columns
+from glmtg.parallel.quant_linear import (
+    QuantColumnParallelLinear,
+    QuantRowParallelLinear,
+    partition_columns,
+)
 
 if TYPE_CHECKING:
     from glmtg.models.glm4_moe import WeightFormats

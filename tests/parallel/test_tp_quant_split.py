@@ -8,6 +8,7 @@ those values, so every comparison here is bitwise (torch.equal)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def test_block_partition_is_balanced_and_covers() -> None:
         ranges = block_partition(n, parts)
         sizes = [b - a for a, b in ranges]
         assert ranges[0][0] == 0 and ranges[-1][1] == n
-        assert all(a1 == b0 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
+        assert all(a1 == b0 for (_, a1), (b0, _) in itertools.pairwise(ranges))
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     assert block_partition(44, 8) == [(0, 6), (6, 12), (12, 18), (18, 24), (24, 29), (29, 34), (34, 39), (39, 44)]
     assert [b - a for a, b in block_partition(342, 4)] == [86, 86, 85, 85]
@@ -50,7 +51,7 @@ def test_partition_columns_air_widths() -> None:
         cuts = [partition_columns(width, 32, TPGroup(r, world), "w") for r in range(world)]
         assert cuts[0].start == 0 and cuts[-1].stop == width
         assert all(c.start % 32 == 0 and c.stop % 32 == 0 and c.stop > c.start for c in cuts)
-        assert all(a.stop == b.start for a, b in zip(cuts, cuts[1:]))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(cuts))
     assert [partition_columns(96, 32, TPGroup(r, 4), "w") for r in range(4)] == \
         [slice(0, 32), slice(32, 64), slice(64, 96), slice(96, 96)]  # fewer blocks than ranks: the last gets none
     with pytest.raises(ValueError, match="w \\(100\\) is not a whole number of blocks of 32"):
@@ -136,7 +137,7 @@ def test_gguf_file_loads_per_rank(tmp_path) -> None:
     for r in range(world):
         tp = TPGroup(r, world)
         got, config = load_gguf_model(path, device="cpu", dtype=torch.float32, progress=False,
-                                      build=lambda c, wf: build_tp_model(c, tp, torch.float32, weight_formats=wf))
+                                      build=lambda c, wf, tp=tp: build_tp_model(c, tp, torch.float32, weight_formats=wf))
         want = load_from_full(build_tp_model(CONFIG, tp, torch.float32, weight_formats=formats), full)
         assert config == CONFIG
         got_params, want_params = dict(got.named_parameters()), dict(want.named_parameters())
