@@ -280,6 +280,10 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
         from glmtg.loading.gguf_model import gguf_weight_bytes
 
         weights = gguf_weight_bytes(source.path, dtype)  # quantized tensors as stored
+        group = ranks.rank_group(args)
+        if group is not None and args.split_mode == "graph":
+            # a rank reads its part of the file; its replicated embedding, head and norms are not counted
+            weights //= group.world_size
     else:
         weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
     v_format = args.cache_type_v or args.cache_type_k
@@ -322,7 +326,8 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
     if _is_gguf(source.path):
         from glmtg.loading.gguf_model import load_gguf_model
 
-        model, config = load_gguf_model(source.path, device=device, dtype=dtype, progress=sys.stderr.isatty())
+        model, config = load_gguf_model(source.path, device=device, dtype=dtype, progress=sys.stderr.isatty(),
+                                        build=ranks.gguf_builder(args, dtype))
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     if source.path is not None:
         from glmtg.loading import load_model

@@ -3,8 +3,10 @@ their part of the model (glmtg.parallel), NCCL on GPUs (rank r on cuda:r) and gl
 
 Every rank runs the same subcommand with the same flags; the split modes give every rank the same logits,
 so every rank samples the same tokens and walks the same steps. Rank 0 alone prints (the others' stdout and
-stderr go to /dev/null). First slice: random weights in float dtypes only (each rank draws the whole
-model once and keeps its part); -m and --type are refused until the loaders cut their tensors per rank.
+stderr go to /dev/null). Random weights (float, or ``--type`` GGUF blocks with ``-sm graph``): each rank
+draws the whole model once and keeps its part. ``-sm graph -m FILE.gguf``: each rank builds its part and
+reads its slices of the file's tensors (``load_gguf_model(build=...)``). Not yet: ``-sm layer`` with -m or
+--type, ``-sm graph`` with an HF (safetensors) directory.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from glmtg.parallel import (
     layer_ranges,
     load_from_full,
     load_split_from_full,
-    local_kv_heads,
 )
 from glmtg.parallel.launch import rank_cache_config, spawn
 
@@ -50,16 +51,22 @@ def check_split_args(args: argparse.Namespace) -> None:
         return
     if args.gpus < 1:
         raise ValueError(f"--gpus must be a positive int, got {args.gpus}")
-    if args.model is not None or args.type is not None:
-        raise ValueError("-sm runs random weights in a float --dtype only for now (no -m, no --type)")
+    if args.split_mode == "layer" and (args.model is not None or args.type is not None):
+        raise ValueError("-sm layer runs random weights in a float --dtype only for now (no -m, no --type)")
+    if args.split_mode == "graph" and args.model is not None and not str(args.model).lower().endswith(".gguf"):
+        raise ValueError("-sm graph with -m reads GGUF files only for now (-m FILE.gguf)")
     if args.tensor_split is not None and args.split_mode != "layer":
         raise ValueError("-ts applies to -sm layer")
     ratios = tensor_split(args)
     from glmtg.cli.common import model_source  # the config only: cheap, before any rank starts
 
-    config = model_source(args).config
+    source = model_source(args)
+    config = source.config
     if args.split_mode == "graph":
-        local_kv_heads(config, TPGroup(0, args.gpus))
+        # every rank's part builds (on meta: cheap), so an unsplittable width fails here, once, with its name
+        formats = _weight_formats(args, source)
+        for rank in range(args.gpus):
+            build_tp_model(config, TPGroup(rank, args.gpus), torch.float32, weight_formats=formats)
     else:
         layer_ranges(config.num_hidden_layers, ratios)
 
@@ -110,14 +117,44 @@ def rank_device(args: argparse.Namespace, device: torch.device) -> torch.device:
     return device if group is None or device.type != "cuda" else torch.device("cuda", group.rank)
 
 
+def _weight_formats(args: argparse.Namespace, source: Any) -> Any:
+    """The ``weight_formats`` of the model the flags name: --type's mix, a GGUF file's types, else None."""
+    if args.type is not None:
+        from glmtg.formats.mix import weight_formats_for
+
+        return weight_formats_for(args.type, source.config)
+    if source.path is not None:
+        from glmtg.loading.gguf import open_gguf
+        from glmtg.loading.gguf_model import weight_formats_of
+
+        with open_gguf(source.path) as f:
+            return weight_formats_of(f, source.config)
+    return None
+
+
 def rank_model(args: argparse.Namespace, config: ModelConfig, full: torch.nn.Module) -> torch.nn.Module:
-    """This rank's part of ``full`` (the whole random model), float, on ``full``'s device."""
+    """This rank's part of ``full`` (the whole random model, float or --type's blocks), on ``full``'s device."""
     group = rank_group(args)
-    dtype = next(full.parameters()).dtype
+    dtype = full.dtype
     if args.split_mode == "graph":
-        return load_from_full(build_tp_model(config, group, dtype), full)
+        formats = None
+        if args.type is not None:
+            from glmtg.formats.mix import weight_formats_for
+
+            formats = weight_formats_for(args.type, config)
+        return load_from_full(build_tp_model(config, group, dtype, weight_formats=formats), full)
     layers = layer_ranges(config.num_hidden_layers, tensor_split(args))[group.rank]
     return load_split_from_full(LayerSplitModel(config, group, layers, dtype), full)
+
+
+def gguf_builder(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+    """``load_gguf_model``'s ``build`` for this rank (its ``-sm graph`` part), or None when not split."""
+    group = rank_group(args)
+    if group is None:
+        return None
+    if args.split_mode != "graph":
+        raise ValueError("-sm layer runs random weights in a float --dtype only for now (no -m, no --type)")
+    return lambda config, formats: build_tp_model(config, group, dtype, weight_formats=formats)
 
 
 def rank_engine_config(args: argparse.Namespace, config: ModelConfig) -> ModelConfig:

@@ -32,7 +32,7 @@ from glmtg.loading.names import (
     gguf_to_glmtg,
     is_gguf_layer_name,
 )
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
 
 # ggml's float types: these load as float parameters in the model's dtype
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -78,10 +78,24 @@ def _raw(f: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
     return t.view(*info.shape[:-1], -1) if info.nbytes else t.view(*info.shape[:-1], 0)
 
 
-def _value(f: GGUFFile, info: GGUFTensorInfo, slot: TensorSlot, device: torch.device) -> torch.Tensor:
+def _held_experts(model: Glm4MoeForCausalLM, slot: TensorSlot, info: GGUFTensorInfo) -> slice | None:
+    """The experts [start, stop) of the file's stack ``info`` that the slot's module holds when that is not
+    all of them (a tensor-parallel rank's range), else None."""
+    module = model.get_submodule(slot.name.rpartition(".")[0])
+    placement = getattr(module, "placement", None)
+    if placement is None or placement.holds_all or len(info.shape) != 3 or info.shape[0] != placement.num_experts:
+        return None  # a stack of another size fails _check against the slot's shape
+    return slice(placement.start, placement.stop)
+
+
+def _value(f: GGUFFile, info: GGUFTensorInfo, slot: TensorSlot, device: torch.device,
+           held: slice | None = None) -> torch.Tensor:
     """The tensor as its slot takes it, on ``device``: raw blocks for a quantized slot, else float values in
-    the slot's dtype (a quantized tensor in a float slot, such as a quantized router, is dequantized)."""
+    the slot's dtype (a quantized tensor in a float slot, such as a quantized router, is dequantized).
+    ``held``: the experts of a stack to read (the rest are not copied off the map)."""
     raw = _raw(f, info)
+    if held is not None:
+        raw = raw[held]
     if slot.format is not None:
         return raw.to(device=device, copy=True)  # the only copy: map -> device
     if info.type_name in FLOAT_TYPES:
@@ -95,8 +109,11 @@ def _value(f: GGUFFile, info: GGUFTensorInfo, slot: TensorSlot, device: torch.de
     return value
 
 
-def _check(info: GGUFTensorInfo, slot: TensorSlot) -> None:
-    if tuple(info.shape) != tuple(slot.shape):
+def _check(info: GGUFTensorInfo, slot: TensorSlot, held: slice | None = None) -> None:
+    shape = tuple(info.shape)
+    if held is not None:  # the file's whole stack; the slot holds the placement's experts
+        shape = (held.stop - held.start, *shape[1:])
+    if shape != tuple(slot.shape):
         raise ValueError(f"tensor {info.name} has shape {list(info.shape)} (torch order), expected "
                          f"{list(slot.shape)}")
     want = slot.format
@@ -111,8 +128,14 @@ def load_gguf_model(
     dtype: torch.dtype = torch.bfloat16,
     experts_backend: str = "auto",
     progress: bool = True,
+    build: Callable[[ModelConfig, WeightFormats], Glm4MoeForCausalLM] | None = None,
 ) -> tuple[Glm4MoeForCausalLM, ModelConfig]:
     """Load config and weights from a GGUF file (``NAME-00001-of-0000N.gguf``: the whole split set).
+
+    ``build(config, weight_formats)``: the model to fill, on the meta device (None: the whole
+    ``Glm4MoeForCausalLM``), e.g. one tensor-parallel rank's part (``glmtg.parallel.build_tp_model``), whose
+    modules keep their part of each whole tensor; an expert stack placed partly here (``placement``) is read
+    for the held experts only.
 
     Bad input (an unreadable or malformed file, another architecture, missing or unexpected tensors, wrong
     shapes or types, NaN/inf float weights) raises ValueError with a one-line message naming the tensor.
@@ -120,8 +143,11 @@ def load_gguf_model(
     device = torch.device(device)
     with open_gguf(path) as f:
         config = gguf_config(f)
-        model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
-                                   weight_formats=weight_formats_of(f, config))
+        if build is None:
+            model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
+                                       weight_formats=weight_formats_of(f, config))
+        else:
+            model = build(config, weight_formats_of(f, config))
         expected = expected_gguf_names(model.tensor_slots())
         tensors = _main_tensors(f, config)
         first = f.paths[0]
@@ -135,8 +161,9 @@ def load_gguf_model(
                     known = is_gguf_layer_name(info.name) or gguf_to_glmtg(info.name) is not None
                     why = "does not fit this config" if known else "is not a glm4moe tensor"
                     raise ValueError(f"{first}: tensor {info.name} {why}")
-                _check(info, slot)
-                model.load_tensor(slot.name, _value(f, info, slot, device), shard=slot.shard)
+                held = _held_experts(model, slot, info)
+                _check(info, slot, held)
+                model.load_tensor(slot.name, _value(f, info, slot, device, held), shard=slot.shard)
                 bar.update(info.nbytes)
         missing = [name for name in expected if name not in tensors]
         if missing:

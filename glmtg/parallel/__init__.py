@@ -5,8 +5,12 @@ that sum their parts) and the layer split (``-sm layer``: each process a range o
   through (gloo on CPU, NCCL on GPUs).
 - ``linear``: ``ColumnParallelLinear`` (a slice of every named shard's output rows) and
   ``RowParallelLinear`` (a slice of the input features; partial outputs summed across ranks).
-- ``model``: ``build_tp_model`` (the GLM4-MoE layout of one rank) and ``load_from_full`` (its weights cut out
-  of a whole model's tensors through ``load_tensor``, so every loader stays the same).
+- ``quant_linear``: the same two over GGUF blocks (``QuantColumnParallelLinear``: raw rows;
+  ``QuantRowParallelLinear``: whole blocks of the input, ``block_partition`` for widths that do not split
+  evenly).
+- ``model``: ``build_tp_model`` (the GLM4-MoE layout of one rank; GGUF blocks with ``weight_formats``, built
+  by ``quant_model``) and ``load_from_full`` (its weights cut out of a whole model's tensors through
+  ``load_tensor``, so every loader stays the same).
 - ``layer_split``: ``LayerSplitModel`` (one rank's range of layers, activations handed on with send/recv)
   and ``layer_ranges`` (layers by ``-ts`` ratios).
 """
@@ -15,6 +19,8 @@ from glmtg.parallel.group import TPGroup
 from glmtg.parallel.layer_split import LayerSplitModel, layer_ranges, load_split_from_full
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
 from glmtg.parallel.model import ParallelMoE, build_tp_model, load_from_full, local_kv_heads
+from glmtg.parallel.quant_linear import QuantColumnParallelLinear, QuantRowParallelLinear, block_partition
 
-__all__ = ["ColumnParallelLinear", "LayerSplitModel", "ParallelMoE", "RowParallelLinear", "TPGroup",
-           "build_tp_model", "layer_ranges", "load_from_full", "load_split_from_full", "local_kv_heads"]
+__all__ = ["ColumnParallelLinear", "LayerSplitModel", "ParallelMoE", "QuantColumnParallelLinear",
+           "QuantRowParallelLinear", "RowParallelLinear", "TPGroup", "block_partition", "build_tp_model",
+           "layer_ranges", "load_from_full", "load_split_from_full", "local_kv_heads"]

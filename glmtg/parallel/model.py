@@ -13,19 +13,21 @@ What each rank holds (N = world size):
 - replicated on every rank: the embedding, the norms, the router and the lm_head (every rank computes the
   same logits; sharding the vocabulary is later work).
 
-So a layer costs two all-reduces of [B, S, hidden]. Float weights only: quantized (GGUF block) shards,
-cut on block boundaries, are not built here yet.
+So a layer costs two all-reduces of [B, S, hidden]. Quantized (GGUF block) weights, cut on block boundaries:
+``build_tp_model(weight_formats=...)``, built by glmtg/parallel/quant_model.py.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.layers.linear import Linear
 from glmtg.layers.mlp import MLP
 from glmtg.layers.moe import ExpertPlacement, Experts, MoE
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.layers.quant_experts import QuantExperts
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
 from glmtg.parallel.group import TPGroup
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
 
@@ -34,16 +36,21 @@ class ParallelMoE(MoE):
     """MoE whose routed experts and shared expert each give this rank's partial sum; one all-reduce adds
     them all (the routed experts' ranges and the shared expert's columns together)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TPGroup, experts_backend: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TPGroup, experts_backend: str = "auto", *,
+                 experts: nn.Module | None = None, shared: MLP | None = None) -> None:
+        """``experts`` / ``shared``: this rank's routed experts (placed by ``ExpertPlacement.split``) and
+        shared expert (down_proj not reducing) when built elsewhere (GGUF blocks: glmtg/parallel/quant_model.py);
+        None builds the float ones."""
         super().__init__(config, dtype, experts_backend)
         if config.n_routed_experts < tp.world_size:
             raise ValueError(f"n_routed_experts ({config.n_routed_experts}) must be at least the tensor-parallel "
                              f"size {tp.world_size}")
         self.tp = tp
         placement = ExpertPlacement.split(config.n_routed_experts, tp.world_size)[tp.rank]
-        self.experts = Experts(config, dtype, placement=placement, backend=experts_backend)
+        self.experts = experts if experts is not None else Experts(config, dtype, placement=placement,
+                                                                   backend=experts_backend)
         if self.shared is not None:
-            self.shared = _parallel_mlp(self.shared, dtype, tp, reduce=False)
+            self.shared = shared if shared is not None else _parallel_mlp(self.shared, dtype, tp, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(super().forward(x))
@@ -67,15 +74,23 @@ def local_kv_heads(config: ModelConfig, tp: TPGroup) -> int:
 
 
 def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.bfloat16,
-                   experts_backend: str = "auto") -> Glm4MoeForCausalLM:
+                   experts_backend: str = "auto", weight_formats: WeightFormats | None = None) -> Glm4MoeForCausalLM:
     """Rank ``tp.rank``'s part of the model (module docstring), on the meta device: give it its weights with
     ``load_tensor`` (whole checkpoint tensors; each module keeps its part) or ``load_from_full``.
 
     Parameter names and ``tensor_slots`` (whole shapes; stacked experts: this rank's range) are the
     single-process model's, so the same loaders fill it. ValueError unless N divides Hkv (whole KV heads per
     rank), the intermediate widths and the expert count allows one expert per rank.
+
+    ``weight_formats`` (``Glm4MoeForCausalLM``'s): the matrices it gives a format are GGUF blocks, split on
+    block boundaries (glmtg/parallel/quant_model.py: uneven inner widths are cut into whole blocks, counts
+    differing by at most one block); None builds the float model above.
     """
     kv_local = local_kv_heads(config, tp)
+    if weight_formats is not None:
+        from glmtg.parallel.quant_model import build_quant_tp_model
+
+        return build_quant_tp_model(config, tp, dtype, experts_backend, weight_formats, kv_local)
     if config.first_k_dense_replace:
         tp.part(config.intermediate_size, "intermediate_size")
     if config.n_shared_experts and config.first_k_dense_replace < config.num_hidden_layers:
@@ -101,12 +116,13 @@ def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.
 def load_from_full(model: Glm4MoeForCausalLM, full: Glm4MoeForCausalLM) -> Glm4MoeForCausalLM:
     """Fill ``model`` (a rank's part, from ``build_tp_model``) with the weights of the whole model ``full``
     through ``load_tensor``: every tensor whole, stacked experts one by one (each rank keeps its range).
-    Returns ``model``. For random weights and tests: a rank then holds the whole model once while loading."""
+    Quantized slots go as their raw blocks, so ``model`` must be built with the same ``weight_formats`` (a
+    slot in another format or dtype: ValueError from ``load_tensor``). Returns ``model``. For random weights
+    and tests: a rank then holds the whole model once while loading (a rank's tensors may stay views of
+    ``full``'s)."""
     for slot, value in full.slot_tensors():
-        if slot.format is not None:
-            raise ValueError(f"full must hold float weights; {slot.name} is {slot.format}")
         module = full.get_submodule(slot.name.rpartition(".")[0])
-        if isinstance(module, Experts):
+        if isinstance(module, (Experts, QuantExperts)):
             for e in range(module.placement.start, module.placement.stop):
                 model.load_tensor(slot.name, value[e - module.placement.start], expert=e)
         elif isinstance(module, Linear):

@@ -1,0 +1,70 @@
+"""-sm graph over GGUF blocks from the CLI (CPU, 2 gloo ranks): random weights in a llama.cpp mix (--type)
+and a GGUF file (-m) give the one-process perplexity; splits the blocks cannot make are one error line.
+
+Tolerance: the printed PPL (~1000) within 1e-5 relative. The split sums float32 products in another order,
+and the f16 KV cache then rounds K/V that differ in their last float32 bits to neighbouring halves: measured
+~1e-6 relative (1003.4621 vs 1003.4631 for Q8_0); a mis-cut block or a lost partial sum moves it by > 1e-3.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from glmtg.cli import main
+
+PPL_FLAGS = ["-c", "32", "-ub", "32", "--chunks", "2", "--device", "cpu", "--dtype", "f32", "-ctk", "f16",
+             "--no-warmup"]
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q4_0.gguf"
+    assert main(["make-gguf", "--preset", "tiny", "--type", "Q4_0", "--device", "cpu", "-o", str(path)]) == 0
+    return path
+
+
+def _ppl(capfd, *argv) -> float:
+    rc = main(list(argv))
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    found = re.findall(r"Final estimate: PPL = ([\d.]+)", out)
+    assert len(found) == 1, out  # printed once: by rank 0 alone
+    return float(found[0])
+
+
+@pytest.mark.parametrize("source", ["type", "gguf"])
+def test_perplexity_graph_equals_one_process(capfd, text_file, gguf_file, source) -> None:
+    # tiny's shared expert is one block of 32: rank 1 holds a zero block (glmtg/parallel/quant_linear.py)
+    model = ["--type", "Q8_0"] if source == "type" else ["-m", str(gguf_file)]
+    one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
+    two = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "graph", "--gpus", "2")
+    assert abs(two - one) <= REL_TOL * one, (one, two)
+
+
+@pytest.mark.parametrize("flags, message", [
+    # Q4_K_M keeps o_proj in q5_k: blocks of 256 do not tile a rank's 6 heads x 64 = 384 columns
+    (["--type", "Q4_K_M", "-sm", "graph", "--gpus", "2"], "layers.0.attn.o_proj is q5_k, whose blocks of 256"),
+    (["--type", "Q8_0", "-sm", "layer", "--gpus", "2"], "-sm layer runs random weights in a float --dtype only"),
+])
+def test_bad_quant_split_flags(capfd, text_file, flags, message) -> None:
+    rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, *flags])
+    _, err = capfd.readouterr()
+    assert rc == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_graph_refuses_a_model_directory(capfd, text_file, tmp_path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, "-m", str(tmp_path), "-sm", "graph", "--gpus", "2"])
+    _, err = capfd.readouterr()
+    assert rc == 2 and err.startswith("error: ") and "-sm graph with -m reads GGUF files only" in err, err

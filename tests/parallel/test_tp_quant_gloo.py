@@ -1,0 +1,65 @@
+"""Tensor parallelism (-sm graph) over GGUF blocks on CPU: 2 and 4 gloo processes give the single-process
+logits of the same quantized model.
+
+Every rank draws the same seeded model in a q8_0 / q4_0 / q5_0 mix (tests/references/quant_tp.py: q, k, v in
+three formats; inner widths 224 and 160, 7 and 5 blocks of 32, so every inner width splits unevenly over 2
+and 4 ranks), computes the whole model's logits itself, builds its part with
+``build_tp_model(weight_formats=...)``, fills it with ``load_from_full`` (raw blocks through load_tensor) and
+runs a prefill and three decode steps over its own KV cache (Hkv/N heads). The CPU runs the torch path: each
+rank dequantizes its blocks to float32, which are bit for bit the whole tensor's values at those places.
+
+Tolerance: as tests/parallel/test_tp_gloo.py: the same float32 products summed in another order (o_proj's,
+down's and the experts' partial sums added by gloo's all-reduce), a few float32 ulps per op; 2e-5 of the
+largest logit. A mis-cut block (a byte slice off by one block or one row) moves logits by > 1e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
+from glmtg.parallel.launch import spawn
+from tests.references.model import Float32Cache
+from tests.references.quant_tp import CONFIG, mix_formats, random_quant_model
+
+REL_TOL = 2e-5
+BATCH, PROMPT, DECODE_STEPS = 2, 5, 3
+
+
+def _run(model, kv_heads: int, ids: torch.Tensor) -> list[torch.Tensor]:
+    cache = Float32Cache(CONFIG.num_hidden_layers, BATCH, PROMPT + DECODE_STEPS, kv_heads, CONFIG.head_dim)
+    out = []
+    for step in [ids[:, :PROMPT]] + [ids[:, PROMPT + i:PROMPT + i + 1] for i in range(DECODE_STEPS)]:
+        out.append(model(step, cache))
+        cache.lengths += step.shape[1]
+    return out
+
+
+def _worker(tp: TPGroup) -> None:
+    torch.set_num_threads(1)  # N processes share the machine's cores
+    full = random_quant_model()
+    ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
+                        generator=torch.Generator().manual_seed(1))
+    ref = _run(full, CONFIG.num_key_value_heads, ids)
+    model = load_from_full(build_tp_model(CONFIG, tp, torch.float32, weight_formats=mix_formats()), full)
+    del full
+    # the split is real: uneven inner widths give rank r its own number of blocks
+    down = model.layers[0].mlp.down_proj
+    blocks = 7 // tp.world_size + (tp.rank < 7 % tp.world_size)
+    assert down.in_features == 32 * blocks and down.weight.shape[1] == 34 * blocks  # q8_0: 34 bytes a block
+    assert model.layers[1].mlp.experts.gate_proj.shape[0] == CONFIG.n_routed_experts // tp.world_size
+    got = _run(model, local_kv_heads(CONFIG, tp), ids)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        err, scale = (g - r).abs().max().item(), r.abs().max().item()
+        assert err <= REL_TOL * scale, \
+            f"rank {tp.rank}/{tp.world_size} step {i}: max |diff| {err:.3g} vs max |ref| {scale:.3g}"
+    mine = got[-1].clone()
+    dist.broadcast(mine, src=0)
+    assert torch.equal(mine, got[-1]), f"rank {tp.rank} logits differ from rank 0's"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_quant_tp_matches_single_process(world: int) -> None:
+    spawn(_worker, world)
