@@ -53,7 +53,22 @@ class ColumnParallelLinear(DenseLinear):
         super().load_shard(param, key, value[self._cuts[key]].contiguous())
 
 
-class RowParallelLinear(DenseLinear):
+class WholeInputSlots:
+    """``slots`` of a linear holding some of the input features: a checkpoint gives the whole [rows,
+    full_in_features] weight (the rank keeps its columns when it loads it)."""
+
+    shards: Shards
+    has_bias: bool
+    full_in_features: int
+
+    def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
+        for name, rows in self.shards:
+            yield "weight", name, (rows, self.full_in_features)
+            if self.has_bias:
+                yield "bias", name, (rows,)
+
+
+class RowParallelLinear(WholeInputSlots, DenseLinear):
     """Rank ``tp.rank``'s input features of a [out, in] linear; the bias (if any) is added once to the sum."""
 
     def __init__(self, in_features: int, out: int, *, bias: bool, dtype: torch.dtype, tp: TPGroup,
@@ -64,12 +79,6 @@ class RowParallelLinear(DenseLinear):
         self.reduce = reduce
         self.full_in_features = in_features
         self._cols = cols
-
-    def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
-        for name, rows in self.shards:
-            yield "weight", name, (rows, self.full_in_features)
-            if self.has_bias:
-                yield "bias", name, (rows,)
 
     def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
         """Keep this rank's columns of the whole weight; the bias is kept whole (added once, after the sum)."""

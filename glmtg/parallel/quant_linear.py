@@ -26,6 +26,7 @@ from glmtg.formats import REGISTRY
 from glmtg.layers.linear import Shards
 from glmtg.layers.quant_linear import QuantLinear
 from glmtg.parallel.group import TPGroup
+from glmtg.parallel.linear import WholeInputSlots
 
 
 def block_partition(n_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -113,7 +114,7 @@ class QuantColumnParallelLinear(QuantLinear):
         super().load_shard(param, key, value[self._cuts[key]].contiguous())
 
 
-class QuantRowParallelLinear(QuantLinear):
+class QuantRowParallelLinear(WholeInputSlots, QuantLinear):
     """Rank ``tp.rank``'s input features ``cols`` (block-aligned in every shard's format) of a [out, in]
     linear in GGUF blocks.
 
@@ -150,12 +151,6 @@ class QuantRowParallelLinear(QuantLinear):
         self.reduce = reduce
         self.full_in_features = in_features
         self._cols = cols
-
-    def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
-        for name, rows in self.shards:
-            yield "weight", name, (rows, self.full_in_features)
-            if self.has_bias:
-                yield "bias", name, (rows,)
 
     def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
         """"weight": the whole raw blocks [rows, row_bytes of in_features]; this rank keeps the bytes of its
