@@ -135,7 +135,9 @@ def load_gguf_model(
     ``build(config, weight_formats)``: the model to fill, on the meta device (None: the whole
     ``Glm4MoeForCausalLM``), e.g. one tensor-parallel rank's part (``glmtg.parallel.build_tp_model``), whose
     modules keep their part of each whole tensor; an expert stack placed partly here (``placement``) is read
-    for the held experts only.
+    for the held experts only. A built model may also list fewer tensors than the whole model (a layer-split
+    stage, ``glmtg.parallel.LayerSplitModel``): the file is checked against the whole model's tensor table and
+    the tensors the model does not list are never read.
 
     Bad input (an unreadable or malformed file, another architecture, missing or unexpected tensors, wrong
     shapes or types, NaN/inf float weights) raises ValueError with a one-line message naming the tensor.
@@ -143,21 +145,25 @@ def load_gguf_model(
     device = torch.device(device)
     with open_gguf(path) as f:
         config = gguf_config(f)
-        if build is None:
-            model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
-                                       weight_formats=weight_formats_of(f, config))
-        else:
-            model = build(config, weight_formats_of(f, config))
-        expected = expected_gguf_names(model.tensor_slots())
+        formats = weight_formats_of(f, config)
+        whole = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
+                                   weight_formats=formats)
+        model = whole if build is None else build(config, formats)
+        # every tensor of the whole model (on meta: no memory), and the ones this model takes
+        table = expected_gguf_names(whole.tensor_slots())
+        expected = table if model is whole else expected_gguf_names(model.tensor_slots())
         tensors = _main_tensors(f, config)
         first = f.paths[0]
         # file order (by part, then offset): the map is read front to back
         order = sorted(tensors.values(), key=lambda t: (t.part, t.offset))
-        with tqdm(total=sum(t.nbytes for t in order), desc="loading weights", unit="B", unit_scale=True,
-                  disable=not progress) as bar:
+        with tqdm(total=sum(t.nbytes for t in order if t.name in expected), desc="loading weights", unit="B",
+                  unit_scale=True, disable=not progress) as bar:
             for info in order:
                 slot = expected.get(info.name)
                 if slot is None:
+                    if info.name in table:  # another stage's: its shape and type checked, its bytes not read
+                        _check(info, table[info.name])
+                        continue
                     known = is_gguf_layer_name(info.name) or gguf_to_glmtg(info.name) is not None
                     why = "does not fit this config" if known else "is not a glm4moe tensor"
                     raise ValueError(f"{first}: tensor {info.name} {why}")
@@ -165,7 +171,7 @@ def load_gguf_model(
                 _check(info, slot, held)
                 model.load_tensor(slot.name, _value(f, info, slot, device, held), shard=slot.shard)
                 bar.update(info.nbytes)
-        missing = [name for name in expected if name not in tensors]
+        missing = [name for name in table if name not in tensors]
         if missing:
             raise ValueError(f"{first}: {len(missing)} tensor(s) missing, e.g. {missing[0]}")
     _check_allocated(model, first)

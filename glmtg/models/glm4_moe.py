@@ -159,22 +159,7 @@ class Glm4MoeForCausalLM(nn.Module):
     def tensor_slots(self) -> Iterator[TensorSlot]:
         """Every tensor a checkpoint provides, in parameter order (a fused projection shard by shard; a tied
         lm_head is not listed)."""
-        seen: set[int] = set()
-        for prefix, module in self.named_modules():
-            own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if id(p) not in seen]
-            seen.update(id(p) for _, p in own)
-            base = f"{prefix}." if prefix else ""
-            if isinstance(module, (QuantLinear, QuantEmbedding, QuantExperts)):
-                yield from _quant_slots(module, base, {attr for attr, _ in own})
-                continue
-            if isinstance(module, Linear):
-                dtypes = dict(own)
-                for attr, shard, shape in module.slots():
-                    if attr in dtypes:
-                        yield TensorSlot(base + attr, shard, shape, dtypes[attr].dtype)
-                continue
-            for attr, p in own:
-                yield TensorSlot(base + attr, None, tuple(p.shape), p.dtype)
+        return tensor_slots_of(self)
 
     def load_tensor(self, name: str, value: torch.Tensor, *, shard: str | None = None,
                     expert: int | None = None) -> None:
@@ -200,6 +185,27 @@ class Glm4MoeForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 value = value[module.rows(slot.shard)]
             yield slot, value
+
+
+def tensor_slots_of(root: nn.Module) -> Iterator[TensorSlot]:
+    """The slots of every parameter under ``root`` (``Glm4MoeForCausalLM.tensor_slots``): also a part of the
+    model whose modules keep the whole model's names (a layer-split stage, glmtg/parallel/layer_split.py)."""
+    seen: set[int] = set()
+    for prefix, module in root.named_modules():
+        own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        base = f"{prefix}." if prefix else ""
+        if isinstance(module, (QuantLinear, QuantEmbedding, QuantExperts)):
+            yield from _quant_slots(module, base, {attr for attr, _ in own})
+            continue
+        if isinstance(module, Linear):
+            dtypes = dict(own)
+            for attr, shard, shape in module.slots():
+                if attr in dtypes:
+                    yield TensorSlot(base + attr, shard, shape, dtypes[attr].dtype)
+            continue
+        for attr, p in own:
+            yield TensorSlot(base + attr, None, tuple(p.shape), p.dtype)
 
 
 def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[TensorSlot]:

@@ -5,12 +5,17 @@ of those layers only. Rank 0 also holds the embedding, the last rank the final n
 head: the embedding table too). A forward is a relay: rank 0 embeds, every rank runs its layers and sends
 [B, S, hidden] to the next one (torch.distributed send/recv), the last computes the logits and broadcasts
 them, so every rank returns the same logits and can sample the same token. One rank works at a time.
+
+GGUF blocks (``weight_formats``, as ``Glm4MoeForCausalLM`` takes it): the stage's matrices are the quantized
+modules of the whole model in that layout (QuantLinear, QuantExperts, QuantEmbedding), nothing is split inside
+a layer, so any mix of formats works. ``tensor_slots`` lists the stage's tensors only: the GGUF loader
+(``load_gguf_model(build=...)``) reads those and skips the rest of the file.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,11 +25,13 @@ from torch import nn
 from glmtg.config import ModelConfig
 from glmtg.layers.attention import BACKENDS, StepContext
 from glmtg.layers.rope import rope_cos_sin
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM, check_room, write_slot
+from glmtg.layers.params import TensorSlot
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM, check_room, tensor_slots_of, write_slot
 from glmtg.parallel.group import TPGroup
 
 if TYPE_CHECKING:
     from glmtg.kv_cache import KVCache
+    from glmtg.models.glm4_moe import WeightFormats
 
 
 def layer_ranges(num_layers: int, ratios: Sequence[float]) -> list[tuple[int, int]]:
@@ -52,10 +59,12 @@ class LayerSplitModel(nn.Module):
     Parameter names are the whole model's (``layers.{i}.…`` with the global index), so the same checkpoint
     names load it: ``load_tensor`` returns False for a tensor another rank holds. The stage's attention
     modules write layer ``i - start`` of the cache it is given (a cache of ``stop - start`` layers).
+    ``weight_formats``: the GGUF block format of each matrix (module docstring); None builds float ones.
     """
 
     def __init__(self, config: ModelConfig, group: TPGroup, layers: tuple[int, int],
-                 dtype: torch.dtype = torch.bfloat16, experts_backend: str = "auto") -> None:
+                 dtype: torch.dtype = torch.bfloat16, experts_backend: str = "auto",
+                 weight_formats: WeightFormats | None = None) -> None:
         super().__init__()
         start, stop = layers
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= config.num_hidden_layers):
@@ -65,7 +74,10 @@ class LayerSplitModel(nn.Module):
         self.group = group
         self.start, self.stop = start, stop
         self.first, self.last = group.rank == 0, group.rank == group.world_size - 1
-        whole = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend)
+        # On meta (formats too: their modules are built on meta), so only this stage's parameters are ever
+        # allocated, by the loader, as it writes them.
+        whole = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
+                                   weight_formats=weight_formats)
         # Keyed by the global index, so names stay the whole model's; each attention writes its local layer.
         self.layers = nn.ModuleDict({str(i): whole.layers[i] for i in range(start, stop)})
         for i in range(start, stop):
@@ -87,6 +99,11 @@ class LayerSplitModel(nn.Module):
         if head == "layers":
             return self.start <= int(rest.partition(".")[0]) < self.stop
         return getattr(self, head, None) is not None
+
+    def tensor_slots(self) -> Iterator[TensorSlot]:
+        """The slots of this stage's tensors (whole-model names, as ``Glm4MoeForCausalLM.tensor_slots``):
+        what a loader reads for it."""
+        return tensor_slots_of(self)
 
     def load_tensor(self, name: str, value: torch.Tensor, *, shard: str | None = None,
                     expert: int | None = None) -> bool:
