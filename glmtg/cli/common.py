@@ -284,6 +284,10 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
         if group is not None and args.split_mode == "graph":
             # a rank reads its part of the file; its replicated embedding, head and norms are not counted
             weights //= group.world_size
+        elif group is not None and args.split_mode == "layer":
+            # a stage reads its layers' tensors: its share of the layers (embedding and head not counted apart)
+            start, stop = ranks.layer_ranges(source.config.num_hidden_layers, ranks.tensor_split(args))[group.rank]
+            weights = weights * (stop - start) // source.config.num_hidden_layers
     else:
         weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
     v_format = args.cache_type_v or args.cache_type_k

@@ -3,10 +3,10 @@ their part of the model (glmtg.parallel), NCCL on GPUs (rank r on cuda:r) and gl
 
 Every rank runs the same subcommand with the same flags; the split modes give every rank the same logits,
 so every rank samples the same tokens and walks the same steps. Rank 0 alone prints (the others' stdout and
-stderr go to /dev/null). Random weights (float, or ``--type`` GGUF blocks with ``-sm graph``): each rank
-draws the whole model once and keeps its part. ``-sm graph -m FILE.gguf``: each rank builds its part and
-reads its slices of the file's tensors (``load_gguf_model(build=...)``). Not yet: ``-sm layer`` with -m or
---type, ``-sm graph`` with an HF (safetensors) directory.
+stderr go to /dev/null). Random weights (float, or ``--type`` GGUF blocks): each rank draws the whole model
+once and keeps its part. ``-m FILE.gguf``: each rank builds its part (``-sm graph``: its slices of every
+layer; ``-sm layer``: its stage of whole layers) and reads only its tensors, or their slices, from the file
+(``load_gguf_model(build=...)``). Not yet: either mode with an HF (safetensors) directory.
 """
 
 from __future__ import annotations
@@ -51,10 +51,8 @@ def check_split_args(args: argparse.Namespace) -> None:
         return
     if args.gpus < 1:
         raise ValueError(f"--gpus must be a positive int, got {args.gpus}")
-    if args.split_mode == "layer" and (args.model is not None or args.type is not None):
-        raise ValueError("-sm layer runs random weights in a float --dtype only for now (no -m, no --type)")
-    if args.split_mode == "graph" and args.model is not None and not str(args.model).lower().endswith(".gguf"):
-        raise ValueError("-sm graph with -m reads GGUF files only for now (-m FILE.gguf)")
+    if args.model is not None and not str(args.model).lower().endswith(".gguf"):
+        raise ValueError(f"-sm {args.split_mode} with -m reads GGUF files only for now (-m FILE.gguf)")
     if args.tensor_split is not None and args.split_mode != "layer":
         raise ValueError("-ts applies to -sm layer")
     ratios = tensor_split(args)
@@ -136,25 +134,32 @@ def rank_model(args: argparse.Namespace, config: ModelConfig, full: torch.nn.Mod
     """This rank's part of ``full`` (the whole random model, float or --type's blocks), on ``full``'s device."""
     group = rank_group(args)
     dtype = full.dtype
-    if args.split_mode == "graph":
-        formats = None
-        if args.type is not None:
-            from glmtg.formats.mix import weight_formats_for
+    formats = None
+    if args.type is not None:
+        from glmtg.formats.mix import weight_formats_for
 
-            formats = weight_formats_for(args.type, config)
+        formats = weight_formats_for(args.type, config)
+    if args.split_mode == "graph":
         return load_from_full(build_tp_model(config, group, dtype, weight_formats=formats), full)
     layers = layer_ranges(config.num_hidden_layers, tensor_split(args))[group.rank]
-    return load_split_from_full(LayerSplitModel(config, group, layers, dtype), full)
+    return load_split_from_full(LayerSplitModel(config, group, layers, dtype, weight_formats=formats), full)
 
 
 def gguf_builder(args: argparse.Namespace, dtype: torch.dtype) -> Any:
-    """``load_gguf_model``'s ``build`` for this rank (its ``-sm graph`` part), or None when not split."""
+    """``load_gguf_model``'s ``build`` for this rank (its ``-sm graph`` part or its ``-sm layer`` stage), or
+    None when not split."""
     group = rank_group(args)
     if group is None:
         return None
-    if args.split_mode != "graph":
-        raise ValueError("-sm layer runs random weights in a float --dtype only for now (no -m, no --type)")
-    return lambda config, formats: build_tp_model(config, group, dtype, weight_formats=formats)
+    if args.split_mode == "graph":
+        return lambda config, formats: build_tp_model(config, group, dtype, weight_formats=formats)
+    ratios = tensor_split(args)
+
+    def stage(config: ModelConfig, formats: Any) -> LayerSplitModel:
+        layers = layer_ranges(config.num_hidden_layers, ratios)[group.rank]
+        return LayerSplitModel(config, group, layers, dtype, weight_formats=formats)
+
+    return stage
 
 
 def rank_engine_config(args: argparse.Namespace, config: ModelConfig) -> ModelConfig:

@@ -24,9 +24,14 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.layers.attention import BACKENDS, StepContext
-from glmtg.layers.rope import rope_cos_sin
 from glmtg.layers.params import TensorSlot
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM, check_room, tensor_slots_of, write_slot
+from glmtg.layers.rope import rope_cos_sin
+from glmtg.models.glm4_moe import (
+    Glm4MoeForCausalLM,
+    check_room,
+    tensor_slots_of,
+    write_slot,
+)
 from glmtg.parallel.group import TPGroup
 
 if TYPE_CHECKING:

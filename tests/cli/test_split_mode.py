@@ -54,7 +54,7 @@ def test_sweep_bench_layer_split_runs(capfd) -> None:
     (["-sm", "graph", "--gpus", "3"], "num_key_value_heads (2) must be a multiple"),
     (["-sm", "graph", "--gpus", "2", "-ts", "1,1"], "-ts applies to -sm layer"),
     (["-sm", "layer", "--gpus", "2", "-ts", "1"], "-ts gives 1 ratios for --gpus 2"),
-    (["-sm", "layer", "--gpus", "2", "--type", "Q4_0"], "random weights in a float --dtype only"),
+    (["-sm", "layer", "--gpus", "3", "-ts", "1,1,1", "--n-layers", "2"], "3 ranks need at least as many layers"),
 ])
 def test_bad_split_flags(capfd, text_file, flags, message) -> None:
     rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, *flags])

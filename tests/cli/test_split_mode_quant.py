@@ -1,9 +1,12 @@
-"""-sm graph over GGUF blocks from the CLI (CPU, 2 gloo ranks): random weights in a llama.cpp mix (--type)
-and a GGUF file (-m) give the one-process perplexity; splits the blocks cannot make are one error line.
+"""-sm graph and -sm layer over GGUF blocks from the CLI (CPU, 2 gloo ranks; -sm layer also 3 with -ts):
+random weights in a llama.cpp mix (--type) and a GGUF file (-m) give the one-process perplexity; splits the
+blocks cannot make are one error line.
 
-Tolerance: the printed PPL (~1000) within 1e-5 relative. The split sums float32 products in another order,
-and the f16 KV cache then rounds K/V that differ in their last float32 bits to neighbouring halves: measured
-~1e-6 relative (1003.4621 vs 1003.4631 for Q8_0); a mis-cut block or a lost partial sum moves it by > 1e-3.
+Tolerance, -sm graph: the printed PPL (~1000) within 1e-5 relative. The split sums float32 products in another
+order, and the f16 KV cache then rounds K/V that differ in their last float32 bits to neighbouring halves:
+measured ~1e-6 relative (1003.4621 vs 1003.4631 for Q8_0); a mis-cut block or a lost partial sum moves it by
+> 1e-3. -sm layer: the same printed digits (tolerance 0): each stage runs whole layers on the same blocks and
+hands the activations on unchanged, so the logits are bitwise the one process's.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ def gguf_file(tmp_path_factory):
     return path
 
 
-def _ppl(capfd, *argv) -> float:
+def _ppl(capfd, *argv) -> str:
     rc = main(list(argv))
     out, err = capfd.readouterr()
     assert rc == 0, err
     found = re.findall(r"Final estimate: PPL = ([\d.]+)", out)
     assert len(found) == 1, out  # printed once: by rank 0 alone
-    return float(found[0])
+    return found[0]
 
 
 @pytest.mark.parametrize("source", ["type", "gguf"])
@@ -48,13 +51,20 @@ def test_perplexity_graph_equals_one_process(capfd, text_file, gguf_file, source
     model = ["--type", "Q8_0"] if source == "type" else ["-m", str(gguf_file)]
     one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
     two = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "graph", "--gpus", "2")
-    assert abs(two - one) <= REL_TOL * one, (one, two)
+    assert abs(float(two) - float(one)) <= REL_TOL * float(one), (one, two)
+
+
+@pytest.mark.parametrize("source", ["type", "gguf"])
+@pytest.mark.parametrize("split", [("--gpus", "2"), ("--gpus", "3", "-ts", "2,1,1")])
+def test_perplexity_layer_equals_one_process(capfd, text_file, gguf_file, source, split) -> None:
+    model = ["--type", "Q8_0"] if source == "type" else ["-m", str(gguf_file)]
+    one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
+    assert _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "layer", *split) == one
 
 
 @pytest.mark.parametrize("flags, message", [
     # Q4_K_M keeps o_proj in q5_k: blocks of 256 do not tile a rank's 6 heads x 64 = 384 columns
     (["--type", "Q4_K_M", "-sm", "graph", "--gpus", "2"], "layers.0.attn.o_proj is q5_k, whose blocks of 256"),
-    (["--type", "Q8_0", "-sm", "layer", "--gpus", "2"], "-sm layer runs random weights in a float --dtype only"),
 ])
 def test_bad_quant_split_flags(capfd, text_file, flags, message) -> None:
     rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, *flags])
@@ -63,8 +73,9 @@ def test_bad_quant_split_flags(capfd, text_file, flags, message) -> None:
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_graph_refuses_a_model_directory(capfd, text_file, tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["graph", "layer"])
+def test_split_refuses_a_model_directory(capfd, text_file, tmp_path, mode) -> None:
     (tmp_path / "config.json").write_text("{}")
-    rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, "-m", str(tmp_path), "-sm", "graph", "--gpus", "2"])
+    rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, "-m", str(tmp_path), "-sm", mode, "--gpus", "2"])
     _, err = capfd.readouterr()
-    assert rc == 2 and err.startswith("error: ") and "-sm graph with -m reads GGUF files only" in err, err
+    assert rc == 2 and err.startswith("error: ") and f"-sm {mode} with -m reads GGUF files only" in err, err
