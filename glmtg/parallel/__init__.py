@@ -11,8 +11,8 @@ that sum their parts) and the layer split (``-sm layer``: each process a range o
 - ``model``: ``build_tp_model`` (the GLM4-MoE layout of one rank; GGUF blocks with ``weight_formats``, built
   by ``quant_model``) and ``load_from_full`` (its weights cut out of a whole model's tensors through
   ``load_tensor``, so every loader stays the same).
-- ``layer_split``: ``LayerSplitModel`` (one rank's range of layers, activations handed on with send/recv)
-  and ``layer_ranges`` (layers by ``-ts`` ratios).
+- ``layer_split``: ``LayerSplitModel`` (one rank's range of layers, float or GGUF blocks with
+  ``weight_formats``, activations handed on with send/recv) and ``layer_ranges`` (layers by ``-ts`` ratios).
 """
 
 from glmtg.parallel.group import TPGroup
