@@ -25,7 +25,8 @@ from glmtg.parallel import (
     load_from_full,
     load_split_from_full,
 )
-from glmtg.parallel.launch import rank_cache_config, spawn
+from glmtg.parallel.launch import rank_cache_config
+from tests.references.gloo import spawn_ranks
 
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_attention_heads=24, num_key_value_heads=4)
 SETTINGS = EngineConfig(ctx_size=32, ubatch=4, k_format="f16", attn_backend="sdpa")
@@ -58,4 +59,4 @@ def _rank(group: TPGroup) -> None:
 
 
 def test_engine_on_two_ranks_in_both_modes() -> None:
-    spawn(_rank, 2)
+    spawn_ranks(_rank, 2)

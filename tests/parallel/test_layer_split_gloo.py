@@ -17,8 +17,8 @@ import torch
 from glmtg.config import ModelConfig
 from glmtg.loading.presets import random_model
 from glmtg.parallel import LayerSplitModel, TPGroup, layer_ranges, load_split_from_full
-from glmtg.parallel.launch import spawn
 from tests.references.model import Float32Cache
+from tests.references.gloo import spawn_ranks
 
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=5, first_k_dense_replace=2)
 BATCH, PROMPT, DECODE_STEPS = 2, 6, 3
@@ -56,7 +56,7 @@ def _worker(group: TPGroup) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_split_matches_single_process(world: int) -> None:
-    spawn(_worker, world)
+    spawn_ranks(_worker, world)
 
 
 @pytest.mark.parametrize("layers, ratios, want", [

@@ -23,10 +23,10 @@ from glmtg.loading.gguf_model import load_gguf_model
 from glmtg.loading.gguf_writer import model_tensors, write_gguf
 from glmtg.loading.names import expected_gguf_names
 from glmtg.parallel import LayerSplitModel, TPGroup, layer_ranges, load_split_from_full
-from glmtg.parallel.launch import spawn
 from tests.references.model import Float32Cache
 from tests.references.quant_tp import CONFIG as TP_CONFIG
 from tests.references.quant_tp import mix_formats, random_quant_model
+from tests.references.gloo import spawn_ranks
 
 CONFIG = dataclasses.replace(TP_CONFIG, num_hidden_layers=4)
 BATCH, PROMPT, DECODE_STEPS = 2, 5, 3
@@ -81,7 +81,7 @@ def _worker(group: TPGroup, path: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_quant_layer_split_matches_single_process(world: int, gguf_file) -> None:
-    spawn(_worker, world, (str(gguf_file),))
+    spawn_ranks(_worker, world, (str(gguf_file),))
 
 
 def test_stage_reads_only_its_tensors(gguf_file, monkeypatch) -> None:

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from glmtg.config import ModelConfig
 from glmtg.loading.presets import random_model
 from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
-from glmtg.parallel.launch import spawn
 from tests.references.model import Float32Cache
+from tests.references.gloo import spawn_ranks
 
 REL_TOL = 2e-5
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_attention_heads=24, num_key_value_heads=4)
@@ -72,7 +72,7 @@ def _worker(tp: TPGroup) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_matches_single_process(world: int) -> None:
-    spawn(_worker, world)
+    spawn_ranks(_worker, world)
 
 
 def test_single_rank_is_the_whole_model() -> None:

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
-from glmtg.parallel.launch import spawn
 from tests.references.model import Float32Cache
 from tests.references.quant_tp import CONFIG, mix_formats, random_quant_model
+from tests.references.gloo import spawn_ranks
 
 REL_TOL = 2e-5
 BATCH, PROMPT, DECODE_STEPS = 2, 5, 3
@@ -62,4 +62,4 @@ def _worker(tp: TPGroup) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_quant_tp_matches_single_process(world: int) -> None:
-    spawn(_worker, world)
+    spawn_ranks(_worker, world)
