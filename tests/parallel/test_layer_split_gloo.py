@@ -17,8 +17,7 @@ import torch
 from glmtg.config import ModelConfig
 from glmtg.loading.presets import random_model
 from glmtg.parallel import LayerSplitModel, TPGroup, layer_ranges, load_split_from_full
-from tests.references.model import Float32Cache
-from tests.references.gloo import spawn_ranks
+from tests.references.gloo import prefill_then_decode, spawn_ranks
 
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=5, first_k_dense_replace=2)
 BATCH, PROMPT, DECODE_STEPS = 2, 6, 3
@@ -27,12 +26,7 @@ RATIOS = {2: (1.0, 3.0), 4: (1.0, 1.0, 2.0, 1.0)}
 
 def _run(model, num_layers: int, ids: torch.Tensor, **kw) -> list[torch.Tensor]:
     """Logits of a prefill of ids[:, :PROMPT], then one decode step per later column (fixed tokens)."""
-    cache = Float32Cache(num_layers, BATCH, PROMPT + DECODE_STEPS, CONFIG.num_key_value_heads, CONFIG.head_dim)
-    out = []
-    for step in [ids[:, :PROMPT]] + [ids[:, PROMPT + i:PROMPT + i + 1] for i in range(DECODE_STEPS)]:
-        out.append(model(step, cache, **kw))
-        cache.lengths += step.shape[1]
-    return out
+    return prefill_then_decode(model, CONFIG, num_layers, ids[:, :PROMPT + DECODE_STEPS], PROMPT, **kw)
 
 
 def _worker(group: TPGroup) -> None:

@@ -23,10 +23,9 @@ from glmtg.loading.gguf_model import load_gguf_model
 from glmtg.loading.gguf_writer import model_tensors, write_gguf
 from glmtg.loading.names import expected_gguf_names
 from glmtg.parallel import LayerSplitModel, TPGroup, layer_ranges, load_split_from_full
-from tests.references.model import Float32Cache
 from tests.references.quant_tp import CONFIG as TP_CONFIG
 from tests.references.quant_tp import mix_formats, random_quant_model
-from tests.references.gloo import spawn_ranks
+from tests.references.gloo import prefill_then_decode, spawn_ranks
 
 CONFIG = dataclasses.replace(TP_CONFIG, num_hidden_layers=4)
 BATCH, PROMPT, DECODE_STEPS = 2, 5, 3
@@ -43,12 +42,7 @@ def gguf_file(tmp_path_factory):
 
 def _run(model, num_layers: int, ids: torch.Tensor, **kw) -> list[torch.Tensor]:
     """Logits of a prefill of ids[:, :PROMPT], then one decode step per later column (fixed tokens)."""
-    cache = Float32Cache(num_layers, BATCH, PROMPT + DECODE_STEPS, CONFIG.num_key_value_heads, CONFIG.head_dim)
-    out = []
-    for step in [ids[:, :PROMPT]] + [ids[:, PROMPT + i:PROMPT + i + 1] for i in range(DECODE_STEPS)]:
-        out.append(model(step, cache, **kw))
-        cache.lengths += step.shape[1]
-    return out
+    return prefill_then_decode(model, CONFIG, num_layers, ids[:, :PROMPT + DECODE_STEPS], PROMPT, **kw)
 
 
 def _stage_builder(group: TPGroup, layers: tuple[int, int]):

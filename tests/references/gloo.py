@@ -25,3 +25,17 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, args: tuple = ()) -> No
             raise
         warnings.warn(f"rank {e.error_index} died by {e.signal_name}; running the ranks once more", stacklevel=2)
         spawn(fn, world_size, args)
+
+
+def prefill_then_decode(model: Any, config: Any, num_layers: int, ids: Any, prompt: int, **kw: Any) -> list:
+    """A stage's (or a whole model's) logits of a prefill of ids[:, :prompt], then one decode step per later
+    column, on a float32 cache of ``num_layers`` layers (the layer-split tests compare these per step)."""
+    from tests.references.model import Float32Cache
+
+    batch, total = ids.shape
+    cache = Float32Cache(num_layers, batch, total, config.num_key_value_heads, config.head_dim)
+    out = []
+    for step in [ids[:, :prompt]] + [ids[:, i:i + 1] for i in range(prompt, total)]:
+        out.append(model(step, cache, **kw))
+        cache.lengths += step.shape[1]
+    return out
