@@ -120,6 +120,47 @@ static float dot_q5_0_avx2(const uint8_t *row, const int8_t *xq, const float *dx
     DOT32(22, 16, codes_q5_0)
 }
 
+static inline __m256i codes_q5_1(const uint8_t *b, const int8_t *x) {
+    return udot(_mm256_or_si256(nibbles32(b + 8), fifth_bits(b + 4)), load32(x));
+}
+
+/* q5_1 has its own offset per block (m), so not DOT32: the eight blocks' m meet their code sums as a vector */
+static float dot_q5_1_avx2(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    __m256 acc = _mm256_setzero_ps(), offs = _mm256_setzero_ps();
+    float tail = 0.0f;
+    int g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        __m256i v[8];
+        float d[8], m[8];
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *b = row + 24 * (g + j);
+            d[j] = HALF(b);
+            m[j] = HALF(b + 2);
+            v[j] = codes_q5_1(b, xq + 32 * (g + j));
+        }
+        __m256 dxv = _mm256_loadu_ps(dx + g);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(v)), _mm256_mul_ps(_mm256_loadu_ps(d), dxv), acc);
+        offs = _mm256_fmadd_ps(load8i(xs + g), _mm256_mul_ps(_mm256_loadu_ps(m), dxv), offs);
+    }
+    for (; g < ng; g++) {
+        const uint8_t *b = row + 24 * g;
+        __m256i v = codes_q5_1(b, xq + 32 * g);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(HALF(b) * dx[g]), acc);
+        tail += HALF(b + 2) * dx[g] * (float)xs[g];
+    }
+    return hsum(acc) + hsum(offs) + tail;
+}
+
+/* iq4_nl: the nibbles index the 16 int8 levels with one byte shuffle (the table in both 128-bit lanes) */
+static inline __m256i codes_iq4_nl(const uint8_t *b, const int8_t *x) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)IQ4NL_LEVELS);
+    return sdot(_mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles32(b + 2)), load32(x));
+}
+
+static float dot_iq4_nl_avx2(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    DOT32(18, 0, codes_iq4_nl)
+}
+
 static float dot_q4_k_avx2(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
     __m256 acc = _mm256_setzero_ps(), offs = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(15);

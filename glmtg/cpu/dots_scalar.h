@@ -63,6 +63,42 @@ static float dot_q5_0_scalar(const uint8_t *row, const int8_t *xq, const float *
     return acc;
 }
 
+/* q5_1: value = d * code + m (codes 0..31, unsigned): the offset m meets the activation's code sum */
+static float dot_q5_1_scalar(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *b = row + 24 * g, *qs = b + 8;
+        const int8_t *x = xq + 32 * g;
+        uint32_t qh = (uint32_t)b[4] | ((uint32_t)b[5] << 8) | ((uint32_t)b[6] << 16) | ((uint32_t)b[7] << 24);
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) {
+            int32_t lo = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+            int32_t hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            s += lo * x[j] + hi * x[j + 16];
+        }
+        acc += dx[g] * (half_to_float(b) * (float)s + half_to_float(b + 2) * (float)xs[g]);
+    }
+    return acc;
+}
+
+/* iq4_nl's 16 non-linear levels (ggml-common.h's table; glmtg/formats/gguf_blocks.py's IQ4_LEVELS) */
+static const int8_t IQ4NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* iq4_nl: value = d * level[nibble]; levels are int8, so the dot stays integer per block */
+static float dot_iq4_nl_scalar(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
+    (void)xs;
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *b = row + 18 * g, *qs = b + 2;
+        const int8_t *x = xq + 32 * g;
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++)
+            s += (int32_t)IQ4NL_LEVELS[qs[j] & 15] * x[j] + (int32_t)IQ4NL_LEVELS[qs[j] >> 4] * x[j + 16];
+        acc += half_to_float(b) * dx[g] * (float)s;
+    }
+    return acc;
+}
+
 static float dot_q4_k_scalar(const uint8_t *row, const int8_t *xq, const float *dx, const int32_t *xs, int ng) {
     float acc = 0.0f;
     for (int sb = 0; sb < ng / 8; sb++) {

@@ -26,7 +26,8 @@ from glmtg.cpu.build import kernel_library
 from glmtg.formats import REGISTRY
 
 # Formats the kernel reads, with its format codes (moe_kernel.c's enum).
-CPU_FORMATS: dict[str, int] = {"q8_0": 0, "q4_0": 1, "q5_0": 2, "q4_k": 3, "q6_k": 4}
+# q5_1 and iq4_nl: the 32-wide fallbacks GLM-4.5-Air files use for widths not divisible by 256.
+CPU_FORMATS: dict[str, int] = {"q8_0": 0, "q4_0": 1, "q5_0": 2, "q4_k": 3, "q6_k": 4, "q5_1": 5, "iq4_nl": 6}
 GROUP = 32  # activation values per int8 scale
 
 

@@ -26,7 +26,7 @@
 #include "dots_avx2.h"
 #endif
 
-enum { F_Q8_0 = 0, F_Q4_0 = 1, F_Q5_0 = 2, F_Q4_K = 3, F_Q6_K = 4 };
+enum { F_Q8_0 = 0, F_Q4_0 = 1, F_Q5_0 = 2, F_Q4_K = 3, F_Q6_K = 4, F_Q5_1 = 5, F_IQ4_NL = 6 };
 
 #define ROWS 16 /* rows per task: enough work to amortize scheduling, small enough to balance 2..64 threads */
 
@@ -62,6 +62,8 @@ static dot_fn dot_of(int fmt) {
         case F_Q5_0: return DOT(q5_0);
         case F_Q4_K: return DOT(q4_k);
         case F_Q6_K: return DOT(q6_k);
+        case F_Q5_1: return DOT(q5_1);
+        case F_IQ4_NL: return DOT(iq4_nl);
         default: return NULL;
     }
 }
@@ -84,6 +86,8 @@ static long row_bytes(int fmt, int n) {
         case F_Q5_0: return (long)n / 32 * 22;
         case F_Q4_K: return (long)n / 256 * 144;
         case F_Q6_K: return (long)n / 256 * 210;
+        case F_Q5_1: return (long)n / 32 * 24;
+        case F_IQ4_NL: return (long)n / 32 * 18;
         default: return -1;
     }
 }

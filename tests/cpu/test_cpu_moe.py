@@ -43,6 +43,10 @@ CASES = [
     ("q6_k", "q4_k", 256, 512),
     ("q4_k", "q5_0", 256, 288),
     ("q5_0", "q8_0", 96, 352),
+    ("q5_1", "q5_1", 160, 96),
+    ("iq4_nl", "iq4_nl", 96, 288),
+    ("q4_k", "iq4_nl", 256, 224),
+    ("iq4_nl", "q5_1", 288, 160),
 ]
 
 
@@ -132,7 +136,7 @@ def test_other_targets_match_too(march, isa, monkeypatch):
     monkeypatch.setenv("GLMTG_CPU_MARCH", march)
     assert kernel_isa() == isa
     for n, (fmt_gu, fmt_d, h, i) in enumerate(CASES):
-        args = _case(fmt_gu, fmt_d, h, i, 3, 2 + n, seed=50 + n)
+        args = _case(fmt_gu, fmt_d, h, i, 3, 2 + n % 7, seed=50 + n)  # k = 2..8 (at most E + 3 ids)
         _check_close(cpu_moe(*args, fmt_gu, fmt_d), *_reference(*args, fmt_gu, fmt_d))
 
 
@@ -179,7 +183,7 @@ def _bad(**change):
 
 @pytest.mark.parametrize("name,change", [
     ("gate_up_fmt", dict(gate_up_fmt="q4_1")),
-    ("down_fmt", dict(down_fmt="iq4_nl")),
+    ("down_fmt", dict(down_fmt="iq4_xs")),
     ("x", dict(x=torch.randn(3, 64, dtype=torch.float16))),
     ("x", dict(x=torch.randn(64, 3).T)),
     ("x", dict(x=torch.randn(3, 48))),
