@@ -153,17 +153,18 @@ def test_all_slots_elsewhere_give_zeros():
     assert torch.equal(out, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("fmt_gu,fmt_d,h,i", [("q4_k", "q5_0", 256, 288), ("q5_1", "iq4_nl", 160, 96)])
 @pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"], ids=["missing", "failing"])
-def test_fallback_without_compiler(cc, tmp_path, monkeypatch):
+def test_fallback_without_compiler(cc, fmt_gu, fmt_d, h, i, tmp_path, monkeypatch):
     monkeypatch.setenv("CC", cc)
     monkeypatch.setenv("GLMTG_CACHE", str(tmp_path))
-    args = _case("q4_k", "q5_0", 256, 288, 3, 5, seed=11)
+    args = _case(fmt_gu, fmt_d, h, i, 3, 5, seed=11)
     with pytest.warns(RuntimeWarning, match="slower torch path"):
-        out = cpu_moe(*args, "q4_k", "q5_0")
-    _check_close(out, *_reference(*args, "q4_k", "q5_0"))
+        out = cpu_moe(*args, fmt_gu, fmt_d)
+    _check_close(out, *_reference(*args, fmt_gu, fmt_d))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # said once, not on every call
-        again = cpu_moe(*args, "q4_k", "q5_0")
+        again = cpu_moe(*args, fmt_gu, fmt_d)
     assert torch.equal(out, again)
     assert not any(p.suffix == ".so" for p in tmp_path.iterdir())
 
