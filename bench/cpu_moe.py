@@ -31,7 +31,8 @@ from common import environment, result_path, write_json  # noqa: E402
 from glmtg.cpu import CPU_FORMATS, cpu_moe, kernel_isa, physical_cores  # noqa: E402
 from glmtg.formats import REGISTRY  # noqa: E402
 
-SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
+SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,), "q5_1": (0, 2),
+                 "iq4_nl": (0,)}
 
 
 def random_blocks(fmt: str, shape: tuple[int, ...], width: int, gen: torch.Generator) -> torch.Tensor:
