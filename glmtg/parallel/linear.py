@@ -22,17 +22,14 @@ from glmtg.layers.linear import DenseLinear, Shards
 from glmtg.parallel.group import TPGroup
 
 
-class ColumnParallelLinear(DenseLinear):
-    """Rank ``tp.rank``'s rows of every shard of a [out, in] linear ``out`` (an int or named shards)."""
+class ShardRowCuts:
+    """``slots`` and ``load_shard`` of a linear holding rows ``_cuts[name]`` of each whole shard
+    (``full_shards``): a checkpoint gives the whole shards, and each rank keeps its rows of them."""
 
-    def __init__(self, in_features: int, out: int | Shards, *, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
-        full = ((None, out),) if isinstance(out, int) else tuple(out)
-        cuts = {name: tp.part(rows, f"rows of shard {name!r}" if name else "out_features") for name, rows in full}
-        local = [(name, cuts[name].stop - cuts[name].start) for name, _ in full]
-        super().__init__(in_features, local[0][1] if isinstance(out, int) else local, bias=bias, dtype=dtype)
-        self.tp = tp
-        self.full_shards = full
-        self._cuts = cuts
+    full_shards: tuple[tuple[str | None, int], ...]
+    _cuts: dict[str | None, slice]
+    in_features: int
+    has_bias: bool
 
     def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
         """The checkpoint's (whole) shapes: every rank is given the same tensors."""
@@ -50,7 +47,24 @@ class ColumnParallelLinear(DenseLinear):
         key = shard if shard is not None else self.full_shards[0][0]
         if key not in self._cuts:
             raise ValueError(f"shard must be one of {list(self._cuts)}, got {shard!r}")
-        super().load_shard(param, key, value[self._cuts[key]].contiguous())
+        rows = dict(self.full_shards)[key]
+        if value.dim() < 1 or value.shape[0] != rows:
+            raise ValueError(f"{param} of shard {key!r}: expected {rows} rows, got shape {tuple(value.shape)}")
+        super().load_shard(param, key, value[self._cuts[key]].contiguous())  # type: ignore[misc]
+
+
+class ColumnParallelLinear(ShardRowCuts, DenseLinear):
+    """Rank ``tp.rank``'s rows of every shard of a [out, in] linear ``out`` (an int or named shards)."""
+
+    def __init__(self, in_features: int, out: int | Shards, *, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
+        full = ((None, out),) if isinstance(out, int) else tuple(out)
+        cuts = {name: tp.part(rows, f"rows of shard {name!r}" if name else "out_features") for name, rows in full}
+        local = [(name, cuts[name].stop - cuts[name].start) for name, _ in full]
+        super().__init__(in_features, local[0][1] if isinstance(out, int) else local, bias=bias, dtype=dtype)
+        self.tp = tp
+        self.full_shards = full
+        self._cuts = cuts
+
 
 
 class WholeInputSlots:

@@ -18,7 +18,7 @@ in ``slots``, so every loader (``load_tensor``) hands every rank the same tensor
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -26,7 +26,7 @@ from glmtg.formats import REGISTRY
 from glmtg.layers.linear import Shards
 from glmtg.layers.quant_linear import QuantLinear
 from glmtg.parallel.group import TPGroup
-from glmtg.parallel.linear import WholeInputSlots
+from glmtg.parallel.linear import ShardRowCuts, WholeInputSlots
 
 
 def block_partition(n_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -66,7 +66,7 @@ def slice_block_columns(raw: torch.Tensor, fmt: str, cols: slice) -> torch.Tenso
     return raw[..., cols.start // bs * ts:cols.stop // bs * ts]
 
 
-class QuantColumnParallelLinear(QuantLinear):
+class QuantColumnParallelLinear(ShardRowCuts, QuantLinear):
     """Rank ``tp.rank``'s rows ``cuts[name]`` of every shard ``name`` of a [out, in] linear in GGUF blocks.
 
     ``out`` gives the whole shards (as QuantLinear's), ``cuts`` each shard's rows this rank keeps (the
@@ -90,28 +90,6 @@ class QuantColumnParallelLinear(QuantLinear):
         self.tp = tp
         self.full_shards = full
         self._cuts = dict(cuts)
-
-    def slots(self) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
-        """The checkpoint's (whole) shapes: every rank is given the same tensors."""
-        for name, rows in self.full_shards:
-            yield "weight", name, (rows, self.in_features)
-            if self.has_bias:
-                yield "bias", name, (rows,)
-
-    def load_shard(self, param: str, shard: str | None, value: torch.Tensor) -> None:
-        """Keep this rank's rows of the whole shard ``shard`` (raw blocks for "weight", floats for "bias";
-        all shards stacked for None)."""
-        if shard is None and len(self.full_shards) > 1:
-            for name, part in zip(self._cuts, value.split([r for _, r in self.full_shards])):
-                self.load_shard(param, name, part)
-            return
-        key = shard if shard is not None else self.full_shards[0][0]
-        if key not in self._cuts:
-            raise ValueError(f"shard must be one of {list(self._cuts)}, got {shard!r}")
-        rows = dict(self.full_shards)[key]
-        if value.dim() < 1 or value.shape[0] != rows:
-            raise ValueError(f"{param} of shard {key!r}: expected {rows} rows, got shape {tuple(value.shape)}")
-        super().load_shard(param, key, value[self._cuts[key]].contiguous())
 
 
 class QuantRowParallelLinear(WholeInputSlots, QuantLinear):
