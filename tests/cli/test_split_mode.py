@@ -13,31 +13,14 @@ import re
 import pytest
 
 from glmtg.cli import main
+from tests.references.cli_ppl import PPL_FLAGS, final_ppl
 from glmtg.cli.sweep_bench import HEADER
 
-PPL_FLAGS = ["-c", "32", "-ub", "32", "--chunks", "2", "--device", "cpu", "--dtype", "f32", "-ctk", "f16",
-             "--no-warmup"]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 4)
-    return path
-
-
-def _ppl(capfd, *argv) -> str:
-    rc = main(list(argv))
-    out, err = capfd.readouterr()
-    assert rc == 0, err
-    found = re.findall(r"Final estimate: PPL = ([\d.]+)", out)
-    assert len(found) == 1, out  # printed once: by rank 0 alone
-    return found[0]
 
 
 def test_perplexity_graph_equals_one_process(capfd, text_file) -> None:
-    one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS)
-    assert _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, "-sm", "graph", "--gpus", "2") == one
+    one = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS)
+    assert final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, "-sm", "graph", "--gpus", "2") == one
 
 
 def test_sweep_bench_layer_split_runs(capfd) -> None:

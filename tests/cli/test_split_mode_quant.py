@@ -11,22 +11,13 @@ hands the activations on unchanged, so the logits are bitwise the one process's.
 
 from __future__ import annotations
 
-import re
 
 import pytest
 
 from glmtg.cli import main
+from tests.references.cli_ppl import PPL_FLAGS, final_ppl
 
-PPL_FLAGS = ["-c", "32", "-ub", "32", "--chunks", "2", "--device", "cpu", "--dtype", "f32", "-ctk", "f16",
-             "--no-warmup"]
 REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 4)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +27,12 @@ def gguf_file(tmp_path_factory):
     return path
 
 
-def _ppl(capfd, *argv) -> str:
-    rc = main(list(argv))
-    out, err = capfd.readouterr()
-    assert rc == 0, err
-    found = re.findall(r"Final estimate: PPL = ([\d.]+)", out)
-    assert len(found) == 1, out  # printed once: by rank 0 alone
-    return found[0]
-
-
 @pytest.mark.parametrize("source", ["type", "gguf"])
 def test_perplexity_graph_equals_one_process(capfd, text_file, gguf_file, source) -> None:
     # tiny's shared expert is one block of 32: rank 1 holds a zero block (glmtg/parallel/quant_linear.py)
     model = ["--type", "Q8_0"] if source == "type" else ["-m", str(gguf_file)]
-    one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
-    two = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "graph", "--gpus", "2")
+    one = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
+    two = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "graph", "--gpus", "2")
     assert abs(float(two) - float(one)) <= REL_TOL * float(one), (one, two)
 
 
@@ -58,8 +40,8 @@ def test_perplexity_graph_equals_one_process(capfd, text_file, gguf_file, source
 @pytest.mark.parametrize("split", [("--gpus", "2"), ("--gpus", "3", "-ts", "2,1,1")])
 def test_perplexity_layer_equals_one_process(capfd, text_file, gguf_file, source, split) -> None:
     model = ["--type", "Q8_0"] if source == "type" else ["-m", str(gguf_file)]
-    one = _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
-    assert _ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "layer", *split) == one
+    one = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
+    assert final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "layer", *split) == one
 
 
 @pytest.mark.parametrize("flags, message", [
