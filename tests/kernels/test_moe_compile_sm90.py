@@ -22,12 +22,8 @@ DTYPES = ("bf16", "fp16", "fp32")
 def _compile(kernel_name: str, dtype: str):
     import inspect
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from glmtg.kernels import moe_decode as md
-    from tests.references.ptxas import ptxas_report
+    from tests.references.ptxas import compile_sm90_report
 
     defaults = {n: p.default for n, p in inspect.signature(md.moe_decode).parameters.items()}
     if kernel_name == "gate_up":
@@ -38,16 +34,9 @@ def _compile(kernel_name: str, dtype: str):
         kernel = md._down_kernel
         ptrs = dict(Act="fp32", Down=dtype, Ids="i64", Weights="fp32", Y=dtype)
         const = dict(BLOCK_H=defaults["block_h"], BLOCK_K=defaults["block_k_down"])
-    sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        sig[name] = "constexpr" if name in const else ("*" + ptrs[name] if name in ptrs else "i32")
-        # The launcher's 16-divisibility specialisation for real launches: pointers, and HIDDEN = 4096, INTER = 1408
-        if sig[name].startswith("*") or name in ("HIDDEN", "INTER"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=defaults["num_warps"]))
-    ptx = compiled.asm["ptx"]
-    return ptxas_report(ptx, "moe")
+    # The launcher's 16-divisibility specialisation for real launches: pointers, and HIDDEN = 4096, INTER = 1408
+    return compile_sm90_report(kernel, {name: "*" + t for name, t in ptrs.items()}, const,
+                               divisible=("HIDDEN", "INTER"), num_warps=defaults["num_warps"], tag="moe")
 
 
 def main() -> int:

@@ -199,28 +199,19 @@ COMPILE_CASES = ((4096, True, True), (5120, True, True), (16384, True, True), (1
 
 def _compile(h: int, residual: bool, quantize: bool) -> dict:
     """Compile the bf16 kernel for sm_90 as rms_norm launches it; registers and spills from ptxas."""
-    import inspect
-
     import triton
-    from triton.backends.compiler import GPUTarget
-    from tests.references.ptxas import ptxas_report
-    from triton.compiler import ASTSource
 
     from glmtg.kernels import rms_norm as rn
+    from tests.references.ptxas import compile_sm90_report
 
     block = max(triton.next_power_of_2(h), 32)
     const = dict(BLOCK=block, RESIDUAL=residual, QUANTIZE=quantize)
     types = dict(X="*bf16", R="*bf16", W="*bf16", Y="*bf16", S="*bf16", Q="*i8", DX="*fp32", QS="*i32",
                  INV_H="fp32", EPS="fp32")
-    sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(rn._rms_norm_kernel.fn).parameters):
-        sig[name] = "constexpr" if name in const else types.get(name, "i32")
-        if sig[name].startswith("*") or (name in ("H", "STRIDE_X", "STRIDE_R") and h % 16 == 0):
-            attrs[(i,)] = [["tt.divisibility", 16]]  # the launcher's specialisation of real launches
-    compiled = triton.compile(ASTSource(rn._rms_norm_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=rn._num_warps(block)))
-    ptx = compiled.asm["ptx"]
-    return ptxas_report(ptx, "rms_norm")
+    # the launcher's specialisation of real launches: these scalars are multiples of 16 when H is
+    divisible = ("H", "STRIDE_X", "STRIDE_R") if h % 16 == 0 else ()
+    return compile_sm90_report(rn._rms_norm_kernel, types, const, divisible=divisible,
+                               num_warps=rn._num_warps(block), tag="rms_norm")
 
 
 def main() -> int:

@@ -23,23 +23,12 @@ SELECT_EXPERTS = (128, 160, 256)
 
 
 def _compile(kernel, pointers: dict[str, str], const: dict, divisible: tuple[str, ...] = ()) -> dict[str, int]:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from tests.references.ptxas import ptxas_report
-    from triton.compiler import ASTSource
-
     from glmtg.kernels import router
+    from tests.references.ptxas import compile_sm90_report
 
     defaults = {n: p.default for n, p in inspect.signature(router.route).parameters.items()}
-    sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        sig[name] = "constexpr" if name in const else pointers.get(name, "fp32" if name == "scaling" else "i32")
-        if sig[name].startswith("*") or name in divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=defaults["num_warps"]))
-    ptx = compiled.asm["ptx"]
-    return ptxas_report(ptx, "router")
+    return compile_sm90_report(kernel, {"scaling": "fp32", **pointers}, const, divisible=divisible,
+                               num_warps=defaults["num_warps"], tag="router")
 
 
 def _jobs():

@@ -25,3 +25,26 @@ def ptxas_report(ptx: str, tag: str) -> dict[str, int]:
     return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
                 spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
                 v4=ptx.count("ld.global.v4"), loads=ptx.count("ld.global"))
+
+
+def compile_sm90_report(kernel, types: dict[str, str], const: dict, *, divisible: tuple[str, ...] = (),
+                        num_warps: int, tag: str) -> dict[str, int]:
+    """Compile a Triton kernel for sm_90 as a launcher would and report it (``ptxas_report``).
+
+    ``types``: the Triton type of each pointer ("*bf16") and float scalar ("fp32"); other parameters are
+    int32 scalars, those in ``const`` constexpr. Pointers and the scalars named in ``divisible`` get the
+    16-divisibility hint the launcher's real launches specialise on."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        sig[name] = "constexpr" if name in const else types.get(name, "i32")
+        if sig[name].startswith("*") or name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps))
+    return ptxas_report(compiled.asm["ptx"], tag)
