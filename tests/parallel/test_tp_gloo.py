@@ -19,13 +19,11 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from glmtg.config import ModelConfig
 from glmtg.loading.presets import random_model
 from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
-from tests.references.model import Float32Cache
-from tests.references.gloo import spawn_ranks
+from tests.references.gloo import assert_rank_logits, prefill_then_decode, spawn_ranks
 
 REL_TOL = 2e-5
 CONFIG = dataclasses.replace(ModelConfig.preset("tiny"), num_attention_heads=24, num_key_value_heads=4)
@@ -33,15 +31,8 @@ BATCH, PROMPT, DECODE_STEPS = 2, 7, 3
 
 
 def _run(model, config: ModelConfig, kv_heads: int, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Logits of a prefill of ``ids[:, :PROMPT]`` then one decode step per later column of ``ids`` (fixed
-    tokens rather than sampled ones, so both models see the same inputs whatever their logits)."""
-    cache = Float32Cache(config.num_hidden_layers, BATCH, PROMPT + DECODE_STEPS, kv_heads, config.head_dim)
-    out = []
-    steps = [ids[:, :PROMPT]] + [ids[:, PROMPT + i:PROMPT + i + 1] for i in range(DECODE_STEPS)]
-    for step in steps:
-        out.append(model(step, cache))
-        cache.lengths += step.shape[1]
-    return out
+    """Logits of a prefill of ``ids[:, :PROMPT]`` then one decode step per later column of ``ids``."""
+    return prefill_then_decode(model, config, config.num_hidden_layers, ids, PROMPT, kv_heads=kv_heads)
 
 
 def _worker(tp: TPGroup) -> None:
@@ -59,15 +50,7 @@ def _worker(tp: TPGroup) -> None:
         * CONFIG.head_dim // world
     assert model.layers[1].mlp.experts.gate_proj.shape[0] == CONFIG.n_routed_experts // world
     got = _run(model, CONFIG, local_kv_heads(CONFIG, tp), ids)
-    for i, (g, r) in enumerate(zip(got, ref)):
-        err = (g - r).abs().max().item()
-        scale = r.abs().max().item()
-        assert err <= REL_TOL * scale, \
-            f"rank {rank}/{world} step {i}: max |diff| {err:.3g} vs max |ref| {scale:.3g}"
-    # every rank ends with the same logits (the all-reduce hands each the same sum)
-    mine = got[-1].clone()
-    dist.broadcast(mine, src=0)
-    assert torch.equal(mine, got[-1]), f"rank {rank} logits differ from rank 0's"
+    assert_rank_logits(got, ref, REL_TOL, rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
-from tests.references.model import Float32Cache
 from tests.references.quant_tp import CONFIG, mix_formats, random_quant_model
-from tests.references.gloo import spawn_ranks
+from tests.references.gloo import assert_rank_logits, prefill_then_decode, spawn_ranks
 
 REL_TOL = 2e-5
 BATCH, PROMPT, DECODE_STEPS = 2, 5, 3
 
 
 def _run(model, kv_heads: int, ids: torch.Tensor) -> list[torch.Tensor]:
-    cache = Float32Cache(CONFIG.num_hidden_layers, BATCH, PROMPT + DECODE_STEPS, kv_heads, CONFIG.head_dim)
-    out = []
-    for step in [ids[:, :PROMPT]] + [ids[:, PROMPT + i:PROMPT + i + 1] for i in range(DECODE_STEPS)]:
-        out.append(model(step, cache))
-        cache.lengths += step.shape[1]
-    return out
+    return prefill_then_decode(model, CONFIG, CONFIG.num_hidden_layers, ids, PROMPT, kv_heads=kv_heads)
 
 
 def _worker(tp: TPGroup) -> None:
@@ -51,13 +44,7 @@ def _worker(tp: TPGroup) -> None:
     assert down.in_features == 32 * blocks and down.weight.shape[1] == 34 * blocks  # q8_0: 34 bytes a block
     assert model.layers[1].mlp.experts.gate_proj.shape[0] == CONFIG.n_routed_experts // tp.world_size
     got = _run(model, local_kv_heads(CONFIG, tp), ids)
-    for i, (g, r) in enumerate(zip(got, ref)):
-        err, scale = (g - r).abs().max().item(), r.abs().max().item()
-        assert err <= REL_TOL * scale, \
-            f"rank {tp.rank}/{tp.world_size} step {i}: max |diff| {err:.3g} vs max |ref| {scale:.3g}"
-    mine = got[-1].clone()
-    dist.broadcast(mine, src=0)
-    assert torch.equal(mine, got[-1]), f"rank {tp.rank} logits differ from rank 0's"
+    assert_rank_logits(got, ref, REL_TOL, tp.rank, tp.world_size)
 
 
 @pytest.mark.parametrize("world", [2, 4])
