@@ -80,9 +80,9 @@ class QuantExperts(nn.Module):
 
     def reads_int8(self) -> bool:
         """Whether the decode kernel reads int8-rounded activations (glmtg/kernels/gguf/dispatch.py)."""
-        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
+        from glmtg.kernels.gguf.dispatch import uses_int8
 
-        return self.dot != "float" and all(f in MMVQ_FORMATS for f in self.formats.values())
+        return uses_int8(self.dot, *self.formats.values())
 
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
         # The fused kernel decodes gate and up rows with one format. A file that gives them different formats

@@ -172,9 +172,9 @@ class QuantLinear(Linear):
     def reads_int8(self) -> bool:
         """Whether decode products read int8-rounded activations: every run's format on the int8-dot path
         (glmtg/kernels/gguf/dispatch.py) and ``dot`` not forcing the float path."""
-        from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
+        from glmtg.kernels.gguf.dispatch import uses_int8
 
-        return self.dot != "float" and all(fmt in MMVQ_FORMATS for _, fmt, _, _ in self.groups)
+        return uses_int8(self.dot, *(fmt for _, fmt, _, _ in self.groups))
 
     def int8_decode(self, x: torch.Tensor) -> bool:
         """Whether the product of ``x`` [T, in_features] runs as int8-dot decode kernels (``from_int8``

@@ -22,7 +22,9 @@ from glmtg.kernels.gguf.moe import quant_moe_decode
 PATHS = ("auto", "int8", "float")
 
 
-def _int8(path: str, *formats: str) -> bool:
+def uses_int8(path: str, *formats: str) -> bool:
+    """Whether weights in ``formats`` are read by the int8-dot kernels under ``path`` (ValueError for an
+    unknown path, or "int8" with a format it does not read): the one place this is decided."""
     check(path in PATHS, lambda: f"path must be one of {PATHS}, got {path!r}")
     readable = all(f in MMVQ_FORMATS for f in formats)
     check(path != "int8" or readable, lambda: f"path 'int8' does not read {formats} (it reads {MMVQ_FORMATS})")
@@ -31,7 +33,7 @@ def _int8(path: str, *formats: str) -> bool:
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, path: str = "auto") -> torch.Tensor:
     """x [T, K] @ dequant(weight [N, row_bytes] of ``fmt``)ᵀ -> [T, N], T <= GEMV_MAX_TOKENS."""
-    if _int8(path, fmt):
+    if uses_int8(path, fmt):
         return mmvq(x, weight, fmt)
     return quant_matvec(x, weight, fmt)
 
@@ -39,6 +41,6 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, path: str = "auto
 def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
                weights: torch.Tensor, gate_up_fmt: str, down_fmt: str, *, path: str = "auto") -> torch.Tensor:
     """Σ_k weights[t, k] · down_e(silu(gate_e x_t) · up_e x_t) over GGUF expert stacks (see moe.py)."""
-    if _int8(path, gate_up_fmt, down_fmt):
+    if uses_int8(path, gate_up_fmt, down_fmt):
         return mmvq_moe(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)
     return quant_moe_decode(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)
