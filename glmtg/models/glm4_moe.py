@@ -50,13 +50,8 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoE(config, dtype, experts_backend) if config.is_moe_layer(layer)
                     else MLP(config.hidden_size, config.intermediate_size, dtype))
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """The residual stream in and out: x + attn(norm x), then + mlp(norm ·)."""
-        h, residual = self.step(x, None, ctx)
-        return h + residual
-
-    def step(self, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the previous block's output, the stream before it) -> (this layer's MLP output, the stream before
         it). The residual adds are folded into the norms (one kernel each); the stream is h + residual.
         ``residual`` None: ``h`` is the stream itself (the first layer)."""
@@ -133,7 +128,7 @@ class Glm4MoeForCausalLM(nn.Module):
         ctx = StepContext(cache, cache.lengths + s, cos, sin, attn_backend)
         h, residual = self.embed(input_ids), None  # [B, S, H]
         for layer in self.layers:
-            h, residual = layer.step(h, residual, ctx)
+            h, residual = layer(h, residual, ctx)
         if last_only:
             h, residual = h[:, -1:], residual[:, -1:]
         return self.lm_head(self.norm(h, residual)[0]).float()  # [B, S or 1, vocab]

@@ -143,7 +143,7 @@ class LayerSplitModel(nn.Module):
             dist.recv(x, src=self.group.rank - 1, group=self.group.group)
         h, residual = x, None
         for layer in self.layers.values():
-            h, residual = layer.step(h, residual, ctx)
+            h, residual = layer(h, residual, ctx)
         rows = 1 if last_only else s
         logits = torch.empty(bsz, rows, self.config.vocab_size, dtype=torch.float32, device=input_ids.device)
         if not self.last:
