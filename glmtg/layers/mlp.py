@@ -23,12 +23,13 @@ class MLP(nn.Module):
         """x [..., H] -> [..., H]; plus ``residual`` [..., H] when given (added in x's dtype, after the product)."""
         gu = self.gate_up(x)
         down = self.down_proj
-        if isinstance(down, QuantLinear) and fused.fuses(gu) and down.int8_decode(gu.reshape(-1, gu.shape[-1])):
+        rows = gu.reshape(-1, gu.shape[-1])
+        if isinstance(down, QuantLinear) and fused.fuses(gu) and down.int8_decode(rows):
             # SwiGLU and the int8 rounding of its output in one kernel; the down product reads those blocks.
             from glmtg.kernels.gguf.activation import silu_mul_quantize
 
             lead = gu.shape[:-1]
-            blocks = silu_mul_quantize(gu.reshape(-1, gu.shape[-1]))
+            blocks = silu_mul_quantize(rows)
             res = None if residual is None else residual.reshape(-1, down.out_features)
             return down.from_int8(blocks, gu.dtype, residual=res).view(*lead, down.out_features)
         gate, up = self.gate_up.split(gu)  # [..., I] each
