@@ -110,11 +110,41 @@ def main() -> None:
               f"{gbps:6.1f} GB/s = {100 * gbps / stream:5.1f}% of host read")
 
     out = args.out or result_path("cpu_moe", "air", ".json")
-    write_json(out, {"environment": {**environment(), "threads": threads, "kernel": kernel_isa(), "host_read_gbps": stream,
-                                     "host_read_gbps_1thread": stream1},
-                     "shape": dict(hidden=h, inter=i, experts=e, topk=k, gate_up_fmt=args.gate_up_fmt,
-                                   down_fmt=args.down_fmt), "results": rows})
-    print(f"wrote {out}")
+    payload = {"environment": {**environment(), "threads": threads, "kernel": kernel_isa(), "host_read_gbps": stream,
+                               "host_read_gbps_1thread": stream1},
+               "shape": dict(hidden=h, inter=i, experts=e, topk=k, gate_up_fmt=args.gate_up_fmt,
+                             down_fmt=args.down_fmt), "results": rows}
+    write_json(out, payload)
+    _write_md_png(out, payload)
+    print(f"wrote {out} / .md / .png")
+
+
+def _write_md_png(out: Path, payload: dict) -> None:
+    """The run as a markdown table and a bar chart of GB/s against the host read rate, next to the JSON."""
+    env, shape, rows = payload["environment"], payload["shape"], payload["results"]
+    title = (f"CPU expert kernel ({env['kernel']}, {env['threads']} threads), {shape['experts']} experts, "
+             f"top-{shape['topk']}, {shape['gate_up_fmt']} gate/up + {shape['down_fmt']} down")
+    lines = [f"# {title}", "", f"{env['device']}, torch {env['torch']}, {env['date']}; host read "
+             f"{env['host_read_gbps']:.1f} GB/s ({env['host_read_gbps_1thread']:.1f} in one thread)", "",
+             "| tokens | ms / call | expert MB read | GB/s | of host read |", "|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['ms']:.2f} | {r['expert_mb']:.1f} | {r['gbps']:.1f} | {100 * r['of_host']:.0f} % |"
+              for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([str(r["tokens"]) for r in rows], [r["gbps"] for r in rows], label="cpu_moe")
+    ax.axhline(env["host_read_gbps"], color="k", linestyle="--", label="host read (numpy sum)")
+    ax.set_xlabel("tokens per call")
+    ax.set_ylabel("GB/s of expert bytes")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
