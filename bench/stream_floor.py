@@ -1,8 +1,9 @@
-"""The fastest plain read of a decode step's KV bytes on this GPU: the floor under any attention kernel.
+"""The fastest plain read of a decode step's KV (or weight) bytes on this GPU: the floor under any attention
+kernel and any weight GEMV.
 
     python bench/stream_floor.py            # -> bench/results/stream_floor/<date>-floor.{json,md,png}
 
-For each byte count (the K+V bytes of a judged case), a grid of read-only kernels, each timed like
+For each byte count (the K+V bytes of a judged case, or one Air weight tensor in Q4_0), a grid of read-only kernels, each timed like
 bench/decode_attention.py (calls captured back to back in one CUDA graph, buffers rotated past L2,
 median of the replays):
 - Triton, one tile per program (the hardware schedules the waves), tiles of 4-32 KB;
@@ -36,6 +37,11 @@ CASES = {
     "12/1 64k q8_0": 2 * 1 * 65536 * 136,
     "96/8 4k bf16": 2 * 8 * 4096 * 128 * 2,
     "96/8 64k q4_0": 2 * 8 * 65536 * 72,
+    # GLM-4.5-Air's Q4_0 weights read per decode token (18 bytes per 32 values): the floor under mmvq.
+    "Air k_proj q4_0": 1024 * 4096 // 32 * 18,
+    "Air q_proj q4_0": 12288 * 4096 // 32 * 18,
+    "Air 8 experts q4_0": 8 * 3 * 1408 * 4096 // 32 * 18,
+    "Air lm_head q4_0": 151552 * 4096 // 32 * 18,
 }
 
 

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from glmtg.formats import FORMATS, KV_FORMATS, QK, BlockFormat, KernelCode
 from glmtg.kernels._checks import capturing, check, describe
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 __all__ = ["STORE_BACKENDS", "kv_store"]
 
@@ -106,8 +107,10 @@ def _kv_store_kernel(
     GROUPS_PER_HEAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0)
+    wait_and_release(PDL)
     b = token // seq_len
     s = token % seq_len
     pos = tl.load(Start + b) + s
@@ -384,7 +387,7 @@ def _launch(store: _Store) -> None:
         GROUPS_PER_HEAD=groups, GROUP_SIZE=group_size,
         BLOCK_R=block_r, BLOCK_C=block_c,
         PAGE_SIZE=store.page_size, PAGED=page_table is not None, FORMAT=int(code), NATIVE_FP8=native_fp8,
-        num_warps=4,
+        PDL=enabled(x.device), num_warps=4, **launch_kwargs(x.device),
         # gguf rounds x * id before adding 8.5 (q4_0); an FMA would round once and differ.
         enable_fp_fusion=False,
     )

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 __all__ = ["qk_rope"]
 
@@ -43,10 +44,11 @@ def _qk_rope_kernel(
     stride_cb, stride_ch, stride_cp,
     eps, inv_d, seq_len, capacity,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-    NORM: tl.constexpr, STORE_KV: tl.constexpr,
+    NORM: tl.constexpr, STORE_KV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    wait_and_release(PDL)
     half: tl.constexpr = R // 2
     cols = tl.arange(0, BLOCK_D)
     in_head = cols < D
@@ -205,8 +207,8 @@ def qk_rope(
         *strides,
         float(eps), 1.0 / head_dim, seq_len, k_cache.shape[2] if store else 0,
         HQ=num_heads, HKV=num_kv_heads, D=head_dim, R=rot, BLOCK_D=triton.next_power_of_2(head_dim), NORM=norm,
-        STORE_KV=store,
-        num_warps=1 if head_dim <= 128 else 2,
+        STORE_KV=store, PDL=enabled(y.device),
+        num_warps=1 if head_dim <= 128 else 2, **launch_kwargs(y.device),
         # torch rounds x*cos and partner*sin before adding them: an FMA would round once and differ.
         enable_fp_fusion=False,
     )

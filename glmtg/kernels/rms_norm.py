@@ -32,6 +32,7 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.mmvq import GROUP, quantize_groups
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 MAX_H: int = 65536  # one tile a row: beyond this the tile would spill far out of registers
@@ -47,10 +48,11 @@ class Quantized(NamedTuple):
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, S, Q, DX, QS, H, STRIDE_X, STRIDE_R, INV_H, EPS,
-                     BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr):
+                     BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, PDL: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
+    wait_and_release(PDL)
     dt = X.dtype.element_ty
     x = tl.load(X + t * STRIDE_X + offs, mask=ok, other=0.0)
     if RESIDUAL:
@@ -130,6 +132,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
         qc, qd, qs = q if quantize else (y, y, y)  # unused pointers when not quantizing
         _rms_norm_kernel[(t,)](x, r, weight, y, s, qc, qd, qs, h, x.stride(0), r.stride(0), _inv(h), float(eps),
                                BLOCK=block, RESIDUAL=residual is not None, QUANTIZE=quantize,
-                               num_warps=_num_warps(block))
+                               PDL=enabled(x.device), num_warps=_num_warps(block), **launch_kwargs(x.device))
     out = (y,) + ((s,) if residual is not None else ()) + ((q,) if quantize else ())
     return out[0] if len(out) == 1 else out

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from glmtg.kernels._checks import check, check_power_of_two, describe
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Kernel 2 holds a token's E choices in one register vector; 256 (DeepSeek-V3) is the largest E in use.
@@ -36,7 +37,8 @@ MAX_BLOCK_T = 16
 
 @triton.jit
 def _logits_kernel(X, W, Part, T, HIDDEN, E, SPAN,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    wait_and_release(PDL)
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(1)
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -61,8 +63,10 @@ def _logits_kernel(X, W, Part, T, HIDDEN, E, SPAN,
 
 @triton.jit
 def _select_kernel(Part, Bias, Ids, Weights, T, E, TOPK, scaling,
-                   SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+                   SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                   PDL: tl.constexpr = False):
     t = tl.program_id(0)
+    wait_and_release(PDL)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     offs_s = tl.arange(0, SPLIT)
@@ -149,13 +153,14 @@ def route(
     chunk = max(block_h // block_t, 4 * 32 * num_warps // block_e, 16)
     span = triton.cdiv(triton.cdiv(hidden, split), chunk) * chunk  # slices start on a chunk boundary
     part = torch.empty((split, t, experts), dtype=torch.float32, device=x.device)
+    pdl, launch = enabled(x.device), launch_kwargs(x.device)
     _logits_kernel[(triton.cdiv(experts, block_e), split, triton.cdiv(t, block_t))](
         x, weight, part, t, hidden, experts, span,
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=chunk, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=chunk, PDL=pdl, num_warps=num_warps, **launch,
     )
     _select_kernel[(t,)](
         part, bias, ids, weights, t, experts, top_k, float(scaling),
         SPLIT=split, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k),
-        NORM=norm_topk_prob, num_warps=num_warps,
+        NORM=norm_topk_prob, PDL=pdl, num_warps=num_warps, **launch,
     )
     return ids, weights

@@ -42,9 +42,12 @@ TARGET_SMS = {80: 108, 86: 82, 89: 128}  # A100, RTX 3090, RTX 4090
 
 
 def _sig(kernel, pointers: dict[str, str], const: dict) -> tuple[dict, dict]:
-    """Triton signature (unnamed scalars int32) and the launchers' 16-divisibility hints on pointers."""
+    """Triton signature (unnamed scalars int32) and the launchers' 16-divisibility hints on pointers; constexprs
+    with a default not given in ``const`` are added to it at that default."""
     sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+    for i, (name, param) in enumerate(inspect.signature(kernel.fn).parameters.items()):
+        if name not in const and param.default is not inspect.Parameter.empty:
+            const[name] = param.default  # a constexpr left at its default (PDL off: no sm_90 instruction)
         if name in const:
             sig[name] = "constexpr"
         elif name in pointers:

@@ -34,6 +34,12 @@ def compile_sm90_report(kernel, types: dict[str, str], const: dict, *, divisible
     ``types``: the Triton type of each pointer ("*bf16") and float scalar ("fp32"); other parameters are
     int32 scalars, those in ``const`` constexpr. Pointers and the scalars named in ``divisible`` get the
     16-divisibility hint the launcher's real launches specialise on."""
+    return ptxas_report(compile_sm90_ptx(kernel, types, const, divisible=divisible, num_warps=num_warps), tag)
+
+
+def compile_sm90_ptx(kernel, types: dict[str, str], const: dict, *, divisible: tuple[str, ...] = (),
+                     num_warps: int) -> str:
+    """The PTX of a Triton kernel compiled for sm_90 (arguments as ``compile_sm90_report``)."""
     import inspect
 
     import triton
@@ -47,4 +53,4 @@ def compile_sm90_report(kernel, types: dict[str, str], const: dict, *, divisible
             attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps))
-    return ptxas_report(compiled.asm["ptx"], tag)
+    return compiled.asm["ptx"]

@@ -307,10 +307,14 @@ def _decode_attention_kernel(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
     DIRECT_OUT: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
     FP16_DOT: tl.constexpr, ASM_DEQUANT: tl.constexpr, NATIVE_FP8: tl.constexpr = True,
+    WAIT_PDL: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     m_tile = tl.program_id(2)
+    if WAIT_PDL:
+        # launched early (glmtg/kernels/pdl.py): q and the cache's newest rows are written by the kernel before
+        tl.extra.cuda.gdc_wait()
     b, hkv, length, chunk = _slicing(Lengths, bh, capacity, NUM_SPLITS, NUM_KV_HEADS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, length)

@@ -13,6 +13,7 @@ from glmtg.kernels._checks import capturing, check, shape
 from glmtg.kernels.attention import cuda_loop as loop
 from glmtg.kernels.attention.kernel import _decode_attention_kernel
 from glmtg.kernels.attention.merge import MERGE_SPLIT_BLOCK, _merge_splits_kernel
+from glmtg.kernels import pdl
 from glmtg.kernels.attention.plan import DecodeLaunch, plan_format, plan_launch, target_of
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -183,6 +184,7 @@ def decode_attention(
     native_fp8 = target_of(q.device).native_fp8
     k_arg = k_cache if native_fp8 or k_code != KernelCode.FP8 else k_cache.view(torch.uint8)
     v_arg = v_cache if native_fp8 or v_code != KernelCode.FP8 else v_cache.view(torch.uint8)
+    wait = launch.pdl and pdl.enabled(q.device)  # launched early after the kernel before (pdl.py)
     if launch.cuda_loop:
         loop.launch(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, lengths,
                     page_table, partial_o, partial_lse, scale_log2=float(scale) * LOG2E,
@@ -203,10 +205,10 @@ def decode_attention(
             BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_PAD=m_pad,
             PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=int(k_code), V_FORMAT=int(v_code),
             DIRECT_OUT=direct, WRITE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32,
-            USE_PDL=launch.pdl and not direct, FP16_DOT=fp16_dot,
+            USE_PDL=launch.pdl and not direct, WAIT_PDL=wait, FP16_DOT=fp16_dot,
             # the interpreter has no PTX
             ASM_DEQUANT=int(fp16_dot and launch.asm_dequant and q.device.type == "cuda"), NATIVE_FP8=native_fp8,
-            num_warps=launch.num_warps, num_stages=launch.num_stages,
+            num_warps=launch.num_warps, num_stages=launch.num_stages, **({"launch_pdl": True} if wait else {}),
         )
     if not direct:
         block_d = 32

@@ -30,6 +30,7 @@ def _merge_splits_kernel(
     b, hkv, length, chunk = _slicing(Lengths, bh, capacity, NUM_SPLITS, NUM_KV_HEADS, BLOCK_N)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # launched early; the partials are only valid past this point
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch and prefetch its weights now
     n_active = tl.cdiv(length, tl.maximum(chunk, 1))
 
     offs_d = d_blk * BLOCK_D + tl.arange(0, BLOCK_D)

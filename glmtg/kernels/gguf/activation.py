@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from glmtg.kernels._checks import capturing, check, describe
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 GROUP: int = 32  # activation values per int8 scale
 MEMO_SIZE: int = 4  # activations remembered at once: a layer reads a handful, one after the other
@@ -38,9 +39,10 @@ def quantize_groups(v):
 
 
 @triton.jit
-def _quantize_kernel(X, Q, DX, S, NG, STRIDE_XT, GB: tl.constexpr):
+def _quantize_kernel(X, Q, DX, S, NG, STRIDE_XT, GB: tl.constexpr, PDL: tl.constexpr = False):
     # One program: GB groups of 32 values of one token.
     t = tl.program_id(0).to(tl.int64)
+    wait_and_release(PDL)
     g = tl.program_id(1) * GB + tl.arange(0, GB)
     j = tl.arange(0, 32)
     ok = (g < NG)[:, None]
@@ -54,9 +56,11 @@ def _quantize_kernel(X, Q, DX, S, NG, STRIDE_XT, GB: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_quantize_kernel(GU, Q, DX, S, NG, STRIDE_T, GB: tl.constexpr, PRECISE_EXP: tl.constexpr):
+def _silu_mul_quantize_kernel(GU, Q, DX, S, NG, STRIDE_T, GB: tl.constexpr, PRECISE_EXP: tl.constexpr,
+                              PDL: tl.constexpr = False):
     # One program: GB groups of 32 intermediate values of one token; gate at [0, I), up at [I, 2I).
     t = tl.program_id(0).to(tl.int64)
+    wait_and_release(PDL)
     g = tl.program_id(1) * GB + tl.arange(0, GB)
     j = tl.arange(0, 32)
     ok = (g < NG)[:, None]
@@ -104,7 +108,8 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     x = x if x.stride(1) == 1 else x.contiguous()
     ng = k // GROUP
     gb = 32
-    _quantize_kernel[(t, triton.cdiv(ng, gb))](x, codes, dx, sums, ng, x.stride(0), GB=gb, num_warps=4)
+    _quantize_kernel[(t, triton.cdiv(ng, gb))](x, codes, dx, sums, ng, x.stride(0), GB=gb, PDL=enabled(x.device),
+                                                    num_warps=4, **launch_kwargs(x.device))
     return codes, dx, sums
 
 
@@ -130,7 +135,8 @@ def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     ng = inter // GROUP
     gb = min(32, triton.next_power_of_2(ng))
     _silu_mul_quantize_kernel[(t, triton.cdiv(ng, gb))](
-        gate_up, codes, dx, sums, ng, gate_up.stride(0), GB=gb, PRECISE_EXP=gate_up.is_cuda, num_warps=4,
+        gate_up, codes, dx, sums, ng, gate_up.stride(0), GB=gb, PRECISE_EXP=gate_up.is_cuda,
+        PDL=enabled(gate_up.device), num_warps=4, **launch_kwargs(gate_up.device),
         # torch's CUDA kernels keep fp32 subnormals; libdevice's expf then takes the same path
         enable_reflect_ftz=False,
     )

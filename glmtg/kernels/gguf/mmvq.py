@@ -41,6 +41,7 @@ from glmtg.kernels.gguf.activation import (  # noqa: F401 (quantize_activation, 
 )
 from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, SUPPORTED_DTYPES, check_weight, steps_for
 from glmtg.kernels.gguf.words import block_dot
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 # The formats the int8-dot path reads.
 MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "iq4_xs", "iq4_nl", "q5_k", "q4_1", "q5_1",
@@ -51,7 +52,8 @@ MMVQ_FORMATS: tuple[str, ...] = ("q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "iq4_xs
 def _mmvq_kernel(XW, DX, XS, W, Y, Bias, Res, T, N, NB, NG, ROW_BYTES, STRIDE_YT, STRIDE_RT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+    wait_and_release(PDL)  # x (and the residual) come from the kernels before (glmtg/kernels/pdl.py)
     GPB: tl.constexpr = BS // 32  # activation groups per weight block
     B: tl.constexpr = BLOCK_N * G
     # One flat axis over the step's BLOCK_N x G blocks (words.py: one layout for every tensor of a step).
@@ -208,7 +210,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
         out.stride(0) if residual is None else residual.stride(0),
         FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_T=triton.next_power_of_2(t),
         BLOCK_N=block_n, G=steps_for(f.block_size, values_per_step), HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, num_warps=num_warps,
+        HAS_RES=residual is not None, PDL=enabled(x.device), num_warps=num_warps, **launch_kwargs(x.device),
     )
     if given_out:
         # written behind torch's back: bump its version so a remembered quantization of it (the memo)

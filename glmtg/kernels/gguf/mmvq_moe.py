@@ -39,16 +39,18 @@ from glmtg.kernels.gguf.mmvq import (
 )
 from glmtg.kernels.gguf.moe import check_moe_args
 from glmtg.kernels.gguf.words import block_dot
+from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
 
 @triton.jit
 def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, AQ, ADX, AS, NB, NG, INTER, NUM_EXPERTS, TOPK,
                     ROW_BYTES, FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr,
-                    G: tl.constexpr, FUSED: tl.constexpr):
+                    G: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr = False):
     GPB: tl.constexpr = BS // 32
     B: tl.constexpr = BLOCK_R * G
     pair = tl.program_id(0)  # token * TOPK + slot
     t = pair // TOPK
+    wait_and_release(PDL)  # the ids come from the router, just before
     expert = tl.load(Ids + pair)
     valid = (expert >= 0) & (expert < NUM_EXPERTS)
     base = tl.where(valid, expert, 0).to(tl.int64) * INTER * ROW_BYTES  # int64: E·I·row_bytes > 2^31
@@ -99,10 +101,12 @@ def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, AQ, ADX, AS, NB, NG
 
 @triton.jit
 def _down_kernel(AW, ADX, AS, Down, Ids, Y, NB, NG, HIDDEN, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_YT,
-                 FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
+                 FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr,
+                 PDL: tl.constexpr = False):
     GPB: tl.constexpr = BS // 32
     B: tl.constexpr = BLOCK_R * G
     t = tl.program_id(0)
+    wait_and_release(PDL)  # the ids and the intermediate come from the kernels before
     idx = tl.arange(0, B)
     g = idx % G
     rows = tl.minimum(tl.program_id(1) * BLOCK_R + idx // G, HIDDEN - 1)
@@ -189,6 +193,7 @@ def mmvq_moe(
     # I is a whole number of down blocks, so of 32 values. block_i a multiple of 32: the gate/up programs
     # quantize the intermediate themselves (one launch fewer); else an fp32 buffer and quantize_activation.
     fused = block_i % GROUP == 0
+    pdl, launch = enabled(x.device), launch_kwargs(x.device)
     aw = torch.empty((t * top_k, inter), dtype=torch.int8, device=x.device)
     adx = torch.empty((t * top_k, inter // GROUP), dtype=torch.float32, device=x.device)
     as_ = torch.empty((t * top_k, inter // GROUP), dtype=torch.int32, device=x.device)
@@ -197,7 +202,7 @@ def mmvq_moe(
         xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, aw, adx, as_, nb_h, hidden // GROUP, inter,
         num_experts, top_k, gate.shape[2],
         FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
-        G=steps_for(fgu.block_size, values_per_step), FUSED=fused, num_warps=num_warps,
+        G=steps_for(fgu.block_size, values_per_step), FUSED=fused, PDL=pdl, num_warps=num_warps, **launch,
     )
     if not fused:
         aw, adx, as_ = quantize_activation(act)
@@ -205,6 +210,6 @@ def mmvq_moe(
         aw.view(torch.int32), adx, as_, down, ids, out, nb_i, inter // GROUP, hidden, num_experts, top_k,
         down.shape[2], out.stride(0),
         FMT=fd.gguf_type, BS=fd.block_size, TS=fd.type_size, BLOCK_R=block_h,
-        G=steps_for(fd.block_size, values_per_step_down), num_warps=num_warps,
+        G=steps_for(fd.block_size, values_per_step_down), PDL=pdl, num_warps=num_warps, **launch,
     )
     return out

@@ -77,7 +77,8 @@ def _compile_attention(v: dict):
                  PAGE_SIZE=64 if v.get("paged") else 65536, PAGED=bool(v.get("paged")), K_FORMAT=int(v["k"]),
                  V_FORMAT=int(v["v"]), DIRECT_OUT=launch.num_splits == 1, WRITE_LSE=False, IEEE_DOT=False,
                  USE_PDL=launch.pdl and launch.num_splits > 1, FP16_DOT=launch.fp16_dot and quantized,
-                 ASM_DEQUANT=int(launch.fp16_dot and launch.asm_dequant and quantized), NATIVE_FP8=True)
+                 ASM_DEQUANT=int(launch.fp16_dot and launch.asm_dequant and quantized), NATIVE_FP8=True,
+                 WAIT_PDL=launch.pdl)
     pointers = dict(Q="*bf16", Out="*bf16", K=codes[v["k"]], V=codes[v["v"]], KScale=scales[v["k"]],
                     VScale=scales[v["v"]], Lse="*fp32", PartialO="*fp32", PartialLse="*fp32", Lengths="*i32",
                     PageTable="*i32")
