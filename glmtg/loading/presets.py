@@ -15,6 +15,7 @@ import math
 import torch
 
 from glmtg.config import ModelConfig
+from glmtg.cpu.placement import HostPlacement
 from glmtg.formats import REGISTRY
 from glmtg.formats.gguf_quantize import QUANTIZABLE, quantize_blocks
 from glmtg.formats.mix import FILE_TYPES, weight_formats_for
@@ -106,7 +107,8 @@ def check_file_type(config: ModelConfig, file_type: str | None) -> None:
 
 
 def random_model(config: ModelConfig, *, seed: int = RANDOM_WEIGHTS_SEED, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", file_type: str | None = None) -> Glm4MoeForCausalLM:
+                 device: torch.device | str = "cpu", file_type: str | None = None,
+                 host_experts: HostPlacement | None = None) -> Glm4MoeForCausalLM:
     """Seeded random weights: matrices std 0.02, norms 1, small nonzero biases (so the bias paths are exercised).
 
     Drawn on the target device (a full-size preset has tens of GB of weights, minutes of CPU time), in
@@ -114,10 +116,13 @@ def random_model(config: ModelConfig, *, seed: int = RANDOM_WEIGHTS_SEED, dtype:
     ``file_type`` (a llama.cpp file type, ``FILE_TYPES``): each weight matrix holds the same values in
     ``dtype``, quantized to the format llama-quantize gives it; the float model's values are drawn and
     rounded to ``dtype`` exactly as without it, so the two share their weights up to the quantization.
+    ``host_experts``: layers whose routed experts stay in host memory (needs ``file_type``; the values are the
+    same as without it).
     """
     check_file_type(config, file_type)
     formats = None if file_type is None else weight_formats_for(file_type, config)
-    model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", weight_formats=formats)
+    model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", weight_formats=formats,
+                               host_experts=host_experts)
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
 
