@@ -198,6 +198,13 @@ def _check_allocated(model: Glm4MoeForCausalLM, path: str) -> None:
         raise RuntimeError(f"{path}: parameter {left[0]} was not loaded")
 
 
+def gguf_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """GGUF name -> bytes in the file of every tensor the model loads (MTP blocks left out), from the tensor
+    table alone."""
+    with open_gguf(path) as f:
+        return {name: info.nbytes for name, info in _main_tensors(f, gguf_config(f)).items()}
+
+
 def gguf_weight_bytes(path: str | os.PathLike, dtype: torch.dtype) -> int:
     """Bytes the loaded weights take on the device: quantized tensors as stored, float ones in ``dtype``
     (the router in float32), MTP blocks left out. Read from the tensor table alone."""

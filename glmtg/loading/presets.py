@@ -20,6 +20,7 @@ from glmtg.formats import REGISTRY
 from glmtg.formats.gguf_quantize import QUANTIZABLE, quantize_blocks
 from glmtg.formats.mix import FILE_TYPES, weight_formats_for
 from glmtg.loading.byte_tokenizer import ByteTokenizer
+from glmtg.loading.names import expected_gguf_names
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 RANDOM_WEIGHTS_SEED = 0  # what the CLI uses, so every command on a preset sees the same model
@@ -90,6 +91,14 @@ def _mix_bytes(config: ModelConfig, dtype: torch.dtype, file_type: str) -> int:
         total += sum(nbytes(s, f"layers.{layer}." + s.name.removeprefix("layers.0."))
                      for s in slots if s.name.startswith("layers.0."))
     return total
+
+
+def mix_tensor_bytes(config: ModelConfig, file_type: str) -> dict[str, int]:
+    """GGUF name -> bytes of each tensor of ``config``'s model in llama.cpp mix ``file_type`` (as a file of
+    that type would store it: blocks, or float in the slot's dtype), counted on the meta device."""
+    model = Glm4MoeForCausalLM(config, device="meta", weight_formats=weight_formats_for(file_type, config))
+    return {name: math.prod(slot.raw_shape) * (1 if slot.format else slot.dtype.itemsize)
+            for name, slot in expected_gguf_names(model.tensor_slots()).items()}
 
 
 def check_file_type(config: ModelConfig, file_type: str | None) -> None:
