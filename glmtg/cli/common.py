@@ -191,18 +191,18 @@ class _PlacementFlag(argparse.Action):
             rules_of([(option_string, values)])
         except ValueError as e:
             parser.error(str(e))
-        # a new list each time: the default [] is shared by the three flags' actions
+        # a new list each time (the three flags share one dest)
         namespace.placement = [*(getattr(namespace, "placement", None) or []), (option_string, values)]
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("expert placement (GGUF weights: -m FILE.gguf or --type T)")
-    g.add_argument("-cmoe", "--cpu-moe", action=_PlacementFlag, nargs=0, dest="placement", default=[],
+    g.add_argument("-cmoe", "--cpu-moe", action=_PlacementFlag, nargs=0, dest="placement", default=None,
                    help="keep all routed experts in host memory, run by the CPU expert kernel")
-    g.add_argument("-ncmoe", "--n-cpu-moe", action=_PlacementFlag, dest="placement", metavar="N", default=[],
+    g.add_argument("-ncmoe", "--n-cpu-moe", action=_PlacementFlag, dest="placement", metavar="N", default=None,
                    help="keep the routed experts of the first N layers in host memory")
     g.add_argument("-ot", "--override-tensor", action=_PlacementFlag, dest="placement", metavar="REGEX=DEV,...",
-                   default=[], help="place the GGUF tensors whose name REGEX matches on DEV (CPU, or CUDA0/GPU: "
+                   default=None, help="place the GGUF tensors whose name REGEX matches on DEV (CPU, or CUDA0/GPU: "
                                     "the model's device); repeatable, first match wins; only *_exps tensors "
                                     "may go to the CPU for now")
 
