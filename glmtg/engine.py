@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmtg.cpu.host_experts import host_expert_layers
 from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
 from glmtg.formats import KV_FORMATS
@@ -111,6 +112,18 @@ def check_kv_fits(config: ModelConfig, settings: EngineConfig, device: torch.dev
                f"v_format {s.v_format})", need, device, kv_cache_hint())
 
 
+def decode_graph_blocker(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s decode step must run eagerly (a one-line notice), or None when it can be captured.
+
+    Host-placed routed experts (glmtg.cpu.host_experts) copy to the host and run the CPU kernel from
+    Python, which a CUDA graph cannot replay; overlapping them inside the graph is a later slice."""
+    layers = host_expert_layers(model)
+    if not layers:
+        return None
+    return (f"CUDA-graph decode is off: the routed experts of {len(layers)} layer(s) run on the CPU, which is "
+            f"not overlapped inside a graph yet")
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,6 +155,10 @@ class Engine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if settings.use_cuda_graph is None:
             settings = dataclasses.replace(settings, use_cuda_graph=self.device.type == "cuda")
+        blocker = decode_graph_blocker(model)
+        if settings.use_cuda_graph and blocker is not None:
+            warnings.warn(blocker, stacklevel=2)
+            settings = dataclasses.replace(settings, use_cuda_graph=False)
         if settings.use_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graph needs a CUDA device, not {self.device}")
         self.settings = settings

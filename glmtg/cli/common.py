@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -17,14 +18,18 @@ import torch
 
 from glmtg.config import ModelConfig
 from glmtg.cli import ranks
+from glmtg.cpu.host_experts import host_expert_layers
+from glmtg.cpu.placement import HostPlacement, resolve, rules_of
 from glmtg.engine import Engine, EngineConfig, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS
 from glmtg.formats.mix import FILE_TYPES
 from glmtg.layers.attention import BACKENDS
+from glmtg.loading.names import gguf_block_index
 from glmtg.loading.presets import (
     RANDOM_WEIGHTS_SEED,
     check_file_type,
+    mix_tensor_bytes,
     preset_config,
     preset_tokenizer,
     random_model,
@@ -173,6 +178,33 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (compile/capture) before timing")
     ranks.add_split_flags(g)
+    add_placement_flags(parser)
+
+
+class _PlacementFlag(argparse.Action):
+    """Appends (flag, value) to args.placement, keeping the order of all three flags (the first matching
+    rule wins, as in llama.cpp); each value is checked as it is parsed (one error line, exit 2)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            rules_of([(option_string, values)])
+        except ValueError as e:
+            parser.error(str(e))
+        # a new list each time (the three flags share one dest)
+        namespace.placement = [*(getattr(namespace, "placement", None) or []), (option_string, values)]
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("expert placement (GGUF weights: -m FILE.gguf or --type T)")
+    g.add_argument("-cmoe", "--cpu-moe", action=_PlacementFlag, nargs=0, dest="placement", default=None,
+                   help="keep all routed experts in host memory, run by the CPU expert kernel")
+    g.add_argument("-ncmoe", "--n-cpu-moe", action=_PlacementFlag, dest="placement", metavar="N", default=None,
+                   help="keep the routed experts of the first N layers in host memory")
+    g.add_argument("-ot", "--override-tensor", action=_PlacementFlag, dest="placement", metavar="REGEX=DEV,...",
+                   default=None, help="place the GGUF tensors whose name REGEX matches on DEV (CPU, or CUDA0/GPU: "
+                                    "the model's device); repeatable, first match wins; only *_exps tensors "
+                                    "may go to the CPU for now")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -234,10 +266,38 @@ class Source:
     config: ModelConfig
     name: str
     path: Path | None  # the -m directory, None for random weights
+    host: HostPlacement = HostPlacement()  # layers whose routed experts live in host memory
+    host_bytes: int = 0  # bytes those experts take there
 
 
 def model_source(args: argparse.Namespace) -> Source:
-    """Read -m's config.json, or the --preset config: cheap, so every check can run before any work."""
+    """Read -m's config.json, or the --preset config, and resolve the placement flags: cheap, so every check
+    can run before any work."""
+    source = _model_source(args)
+    flags = getattr(args, "placement", None)
+    if not flags:
+        return source
+    if getattr(args, "split_mode", "none") != "none":
+        raise ValueError("--cpu-moe, --n-cpu-moe and -ot do not combine with -sm yet")
+    if source.path is None and args.type is None or source.path is not None and not _is_gguf(source.path):
+        raise ValueError("--cpu-moe, --n-cpu-moe and -ot need GGUF block weights: -m FILE.gguf, or --type T for "
+                         "random weights (not a bf16/HF model)")
+    sizes = _gguf_tensor_bytes(args, source)
+    host = resolve(rules_of(flags), sizes)
+    nbytes = sum(n for name, n in sizes.items() if "_exps." in name and host.on_host(gguf_block_index(name)))
+    return dataclasses.replace(source, host=host, host_bytes=nbytes)
+
+
+def _gguf_tensor_bytes(args: argparse.Namespace, source: Source) -> dict[str, int]:
+    """GGUF name -> bytes of every tensor the model loads (the file's, or --type's mix)."""
+    if source.path is not None:
+        from glmtg.loading.gguf_model import gguf_tensor_bytes
+
+        return gguf_tensor_bytes(source.path)
+    return mix_tensor_bytes(source.config, args.type)
+
+
+def _model_source(args: argparse.Namespace) -> Source:
     if args.model is None:
         preset = args.preset or "tiny"
         config = preset_config(preset, args.n_layers)
@@ -290,6 +350,10 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
             weights = weights * (stop - start) // source.config.num_hidden_layers
     else:
         weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
+    if source.host_bytes and device.type == "cuda":  # the host-placed experts are not on the GPU
+        weights -= source.host_bytes
+        check_fits(f"the routed experts placed in host memory ({_size(source.host_bytes)})", source.host_bytes,
+                   torch.device("cpu"), "keep fewer layers' experts on the CPU (--n-cpu-moe, -ot)")
     v_format = args.cache_type_v or args.cache_type_k
     kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
     hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
@@ -331,14 +395,15 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
         from glmtg.loading.gguf_model import load_gguf_model
 
         model, config = load_gguf_model(source.path, device=device, dtype=dtype, progress=sys.stderr.isatty(),
-                                        build=ranks.gguf_builder(args, dtype))
+                                        build=ranks.gguf_builder(args, dtype), host_experts=source.host)
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     if source.path is not None:
         from glmtg.loading import load_model
 
         model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty())
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
-    model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device, file_type=args.type)
+    model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device, file_type=args.type,
+                         host_experts=source.host)
     if ranks.rank_group(args) is not None:
         model = ranks.rank_model(args, source.config, model)
     return Loaded(model, source.config, tokenizer, source.name, True, device, dtype)
@@ -423,5 +488,6 @@ def environment(args: argparse.Namespace, loaded: Loaded, engine: Engine) -> dic
         "ctx_size": engine.settings.ctx_size,
         "ubatch": engine.settings.ubatch,
         "cuda_graph": engine.uses_cuda_graph,
+        "host_expert_layers": host_expert_layers(loaded.model),
         "kv_bytes_per_token": engine.cache.bytes_per_token,
     }

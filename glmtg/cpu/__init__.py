@@ -3,6 +3,10 @@
 ``cpu_moe`` (glmtg/cpu/experts.py) is the one fused call per MoE layer; ``CPU_FORMATS`` the block formats
 it reads; ``physical_cores`` its default thread count; ``kernel_isa`` which code path the build uses. The C kernel is built at first use
 (glmtg/cpu/build.py); without a compiler a slower torch path runs, with one RuntimeWarning saying so.
+
+``glmtg.cpu.placement`` parses llama.cpp's --cpu-moe / --n-cpu-moe / -ot into the layers whose experts live
+in host memory; ``glmtg.cpu.host_experts.HostExperts`` holds such a layer's blocks in one host arena and
+runs them with ``cpu_moe`` (imported from there: they depend on glmtg.layers).
 """
 
 from glmtg.cpu.build import kernel_isa

@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from glmtg.config import ModelConfig
+from glmtg.cpu.host_experts import HostExperts
+from glmtg.cpu.placement import HostPlacement
 from glmtg.formats import dequantize_blocks
 from glmtg.layers.params import TensorSlot
 from glmtg.loading.gguf import GGUFFile, GGUFTensorInfo, open_gguf
@@ -129,6 +131,7 @@ def load_gguf_model(
     experts_backend: str = "auto",
     progress: bool = True,
     build: Callable[[ModelConfig, WeightFormats], Glm4MoeForCausalLM] | None = None,
+    host_experts: HostPlacement | None = None,
 ) -> tuple[Glm4MoeForCausalLM, ModelConfig]:
     """Load config and weights from a GGUF file (``NAME-00001-of-0000N.gguf``: the whole split set).
 
@@ -139,6 +142,10 @@ def load_gguf_model(
     stage, ``glmtg.parallel.LayerSplitModel``): the file is checked against the whole model's tensor table and
     the tensors the model does not list are never read.
 
+    ``host_experts`` (glmtg.cpu.placement.HostPlacement, with the whole model only): the layers whose routed
+    expert stacks go from the memory map straight into one host arena, in their blocks, never to ``device``
+    (``Glm4MoeForCausalLM``'s ``host_experts``).
+
     Bad input (an unreadable or malformed file, another architecture, missing or unexpected tensors, wrong
     shapes or types, NaN/inf float weights) raises ValueError with a one-line message naming the tensor.
     """
@@ -146,8 +153,10 @@ def load_gguf_model(
     with open_gguf(path) as f:
         config = gguf_config(f)
         formats = weight_formats_of(f, config)
+        if host_experts and build is not None:
+            raise ValueError("host_experts cannot be combined with build (a split model) yet")
         whole = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
-                                   weight_formats=formats)
+                                   weight_formats=formats, host_experts=host_experts)
         model = whole if build is None else build(config, formats)
         # every tensor of the whole model (on meta: no memory), and the ones this model takes
         table = expected_gguf_names(whole.tensor_slots())
@@ -169,7 +178,11 @@ def load_gguf_model(
                     raise ValueError(f"{first}: tensor {info.name} {why}")
                 held = _held_experts(model, slot, info)
                 _check(info, slot, held)
-                model.load_tensor(slot.name, _value(f, info, slot, device, held), shard=slot.shard)
+                if isinstance(model.get_submodule(slot.name.rpartition(".")[0]), HostExperts):
+                    value = _raw(f, info)  # copied once, from the map into the host arena
+                else:
+                    value = _value(f, info, slot, device, held)
+                model.load_tensor(slot.name, value, shard=slot.shard)
                 bar.update(info.nbytes)
         missing = [name for name in table if name not in tensors]
         if missing:
@@ -183,6 +196,13 @@ def _check_allocated(model: Glm4MoeForCausalLM, path: str) -> None:
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"{path}: parameter {left[0]} was not loaded")
+
+
+def gguf_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """GGUF name -> bytes in the file of every tensor the model loads (MTP blocks left out), from the tensor
+    table alone."""
+    with open_gguf(path) as f:
+        return {name: info.nbytes for name, info in _main_tensors(f, gguf_config(f)).items()}
 
 
 def gguf_weight_bytes(path: str | os.PathLike, dtype: torch.dtype) -> int:

@@ -15,10 +15,12 @@ import math
 import torch
 
 from glmtg.config import ModelConfig
+from glmtg.cpu.placement import HostPlacement
 from glmtg.formats import REGISTRY
 from glmtg.formats.gguf_quantize import QUANTIZABLE, quantize_blocks
 from glmtg.formats.mix import FILE_TYPES, weight_formats_for
 from glmtg.loading.byte_tokenizer import ByteTokenizer
+from glmtg.loading.names import expected_gguf_names
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 
 RANDOM_WEIGHTS_SEED = 0  # what the CLI uses, so every command on a preset sees the same model
@@ -91,6 +93,14 @@ def _mix_bytes(config: ModelConfig, dtype: torch.dtype, file_type: str) -> int:
     return total
 
 
+def mix_tensor_bytes(config: ModelConfig, file_type: str) -> dict[str, int]:
+    """GGUF name -> bytes of each tensor of ``config``'s model in llama.cpp mix ``file_type`` (as a file of
+    that type would store it: blocks, or float in the slot's dtype), counted on the meta device."""
+    model = Glm4MoeForCausalLM(config, device="meta", weight_formats=weight_formats_for(file_type, config))
+    return {name: math.prod(slot.raw_shape) * (1 if slot.format else slot.dtype.itemsize)
+            for name, slot in expected_gguf_names(model.tensor_slots()).items()}
+
+
 def check_file_type(config: ModelConfig, file_type: str | None) -> None:
     """ValueError unless random weights of ``config`` can be built in llama.cpp mix ``file_type`` (None: float):
     a known file type whose every format glmtg can quantize."""
@@ -106,7 +116,8 @@ def check_file_type(config: ModelConfig, file_type: str | None) -> None:
 
 
 def random_model(config: ModelConfig, *, seed: int = RANDOM_WEIGHTS_SEED, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", file_type: str | None = None) -> Glm4MoeForCausalLM:
+                 device: torch.device | str = "cpu", file_type: str | None = None,
+                 host_experts: HostPlacement | None = None) -> Glm4MoeForCausalLM:
     """Seeded random weights: matrices std 0.02, norms 1, small nonzero biases (so the bias paths are exercised).
 
     Drawn on the target device (a full-size preset has tens of GB of weights, minutes of CPU time), in
@@ -114,10 +125,13 @@ def random_model(config: ModelConfig, *, seed: int = RANDOM_WEIGHTS_SEED, dtype:
     ``file_type`` (a llama.cpp file type, ``FILE_TYPES``): each weight matrix holds the same values in
     ``dtype``, quantized to the format llama-quantize gives it; the float model's values are drawn and
     rounded to ``dtype`` exactly as without it, so the two share their weights up to the quantization.
+    ``host_experts``: layers whose routed experts stay in host memory (needs ``file_type``; the values are the
+    same as without it).
     """
     check_file_type(config, file_type)
     formats = None if file_type is None else weight_formats_for(file_type, config)
-    model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", weight_formats=formats)
+    model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", weight_formats=formats,
+                               host_experts=host_experts)
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
 

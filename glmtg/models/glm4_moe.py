@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from glmtg.config import ModelConfig
+from glmtg.cpu.host_experts import HostArena, HostExperts
 from glmtg.layers.attention import BACKENDS, MAX_DECODE_TOKENS, Attention, StepContext
 from glmtg.layers.linear import DenseLinear, Linear
 from glmtg.layers.mlp import MLP
@@ -35,6 +36,7 @@ from glmtg.layers.quant_linear import QuantEmbedding, QuantLinear, check_format
 from glmtg.layers.rope import rope_cos_sin, rope_cos_sin_lookup
 
 if TYPE_CHECKING:
+    from glmtg.cpu.placement import HostPlacement
     from glmtg.kv_cache import KVCache
 
 # (glmtg parameter name, shard or None) -> GGUF block format (a glmtg.formats name) or None for a float parameter
@@ -72,13 +74,20 @@ class Glm4MoeForCausalLM(nn.Module):
     ``dtype``): embed.weight, lm_head.weight, and per layer attn.qkv.weight (shards q/k/v), attn.o_proj.weight,
     mlp.gate_up.weight (gate/up), mlp.down_proj.weight, the shared expert's mlp.shared.*, and
     mlp.experts.{gate,up,down}_proj. None (the default) builds the all-float model.
+
+    ``host_experts`` (glmtg.cpu.placement.HostPlacement): the MoE layers whose routed experts stay in host
+    memory in their GGUF blocks (one arena for the model) and run on the CPU expert kernel
+    (glmtg.cpu.host_experts.HostExperts); needs ``weight_formats``. None or empty: every weight on ``device``.
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", experts_backend: str = "auto",
-                 weight_formats: WeightFormats | None = None) -> None:
+                 weight_formats: WeightFormats | None = None, host_experts: HostPlacement | None = None) -> None:
         super().__init__()
         self.config = config
+        if host_experts and weight_formats is None:
+            raise ValueError("host_experts needs GGUF block weights (weight_formats): the CPU expert kernel "
+                             "reads GGUF blocks, not float weights")
         # With formats, the float layout is built on the meta device first (no memory) and the quantized
         # modules replace its matrices before anything is allocated: never a float copy of the weights.
         build_on = device if weight_formats is None else "meta"
@@ -89,7 +98,7 @@ class Glm4MoeForCausalLM(nn.Module):
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = DenseLinear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         if weight_formats is not None:
-            _quantize_modules(self, weight_formats, dtype, torch.device(device), experts_backend)
+            _quantize_modules(self, weight_formats, dtype, torch.device(device), experts_backend, host_experts)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.requires_grad_(False)
@@ -226,10 +235,11 @@ def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[Tensor
 
 
 def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, dtype: torch.dtype,
-                      device: torch.device, backend: str) -> None:
+                      device: torch.device, backend: str, host: HostPlacement | None = None) -> None:
     """Replace each matrix ``weight_formats`` gives a format with its quantized module on ``device`` (the
-    model was built on meta), then put every parameter still on meta on ``device`` (norms as ones, the
-    router as zeros, float matrices uninitialised: as the all-float model is built)."""
+    model was built on meta), the routed experts of ``host``'s layers with HostExperts in one host arena,
+    then put every parameter still on meta on ``device`` (norms as ones, the router as zeros, float matrices
+    uninitialised: as the all-float model is built)."""
     def formats_of(name: str, shards: tuple[str | None, ...], width: int) -> dict[str | None, str] | None:
         got = {}
         for shard in shards:
@@ -244,6 +254,13 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
         return got
 
     tied = model.config.tie_word_embeddings
+    host_layers = set(host.layers) if host else set()
+    moe_layers = {i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)}
+    if host_layers - moe_layers:
+        raise ValueError(f"host_experts: layer {min(host_layers - moe_layers)} has no routed experts (the MoE "
+                         f"layers are {min(moe_layers, default=0)}..{max(moe_layers, default=-1)})")
+    # Pinned where CUDA is: a later slice copies from it asynchronously (on a CPU-only machine nothing to pin).
+    arena = HostArena(pin=torch.cuda.is_available()) if host_layers else None
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         new: nn.Module | None = None
@@ -261,6 +278,7 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
                     new = QuantEmbedding(module.num_embeddings, module.embedding_dim, format=fmt[None],
                                          dtype=dtype, backend=backend)
             elif isinstance(module, Experts):
+                layer = int(name.split(".")[1])  # "layers.{i}.mlp.experts"
                 widths = {"gate_proj": module.gate_proj.shape[2], "up_proj": module.up_proj.shape[2],
                           "down_proj": module.down_proj.shape[2]}
                 fmts = {p: formats_of(f"{name}.{p}", (None,), widths[p]) for p in EXPERT_PARAMS}
@@ -268,8 +286,15 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
                     if any(f is None for f in fmts.values()):
                         raise ValueError(f"weight_formats must give all or none of {name}'s {EXPERT_PARAMS} "
                                          f"a format")
-                    new = QuantExperts(model.config, dtype, {p: f[None] for p, f in fmts.items()},
-                                       placement=module.placement, backend=module.backend)
+                    fmt = {p: f[None] for p, f in fmts.items()}
+                    if layer in host_layers:
+                        new = HostExperts(model.config, dtype, fmt, arena, layer, placement=module.placement)
+                    else:
+                        new = QuantExperts(model.config, dtype, fmt, placement=module.placement,
+                                           backend=module.backend)
+                elif layer in host_layers:
+                    raise ValueError(f"host_experts: layer {layer}'s routed experts are float; the CPU expert "
+                                     f"kernel reads GGUF blocks")
         if new is not None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     for layer in model.layers:
@@ -280,7 +305,9 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
             model.lm_head = QuantLinear(model.config.hidden_size, model.config.vocab_size, bias=False,
                                         formats=model.embed.format, dtype=dtype, backend=backend)
     if device.type == "meta":
-        return
+        return  # the arena is allocated when the first host-placed stack is written
+    if arena is not None:
+        arena.allocate()
     for module in model.modules():
         if tied and module is model.lm_head:
             continue  # takes the embedding's parameter once this returns

@@ -1,0 +1,168 @@
+"""Routed experts of a layer held in host memory, in GGUF blocks, run by the CPU expert kernel.
+
+``HostExperts`` is a ``QuantExperts`` whose three stacks are views into one ``HostArena`` (all host-placed
+stacks of a model in one 64-byte-aligned block, pinned when CUDA is available so that a later slice can
+stream from it asynchronously) and whose forward runs ``cpu_moe``: x, ids and weights go to the host, the
+fused CPU call computes Σ_k w_k expert_k(x), and the result comes back in x's dtype on x's device, to be
+added where the device experts' result would be (glmtg.layers.moe.MoE: the shared expert adds to it).
+
+This slice copies synchronously and runs after the device work that precedes it (no overlap yet), so a
+decode step with host experts is not captured in a CUDA graph (the engine turns graphs off).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from glmtg.config import ModelConfig
+from glmtg.cpu.experts import CPU_FORMATS, cpu_moe
+from glmtg.layers.moe import ExpertPlacement
+from glmtg.layers.quant_experts import PARAMS, QuantExperts
+
+ALIGN = 64  # bytes: every stack starts on a cache line (and an AVX-512 load)
+
+
+class HostArena:
+    """One block of host memory shared by a model's host-placed expert stacks.
+
+    Stacks are reserved first (``reserve``: sizes only, while the model is built, possibly on meta) and the
+    block is allocated once, at the first ``allocate`` (when the weights are written), so it is one
+    allocation of the exact total, each stack at a 64-byte-aligned offset. ``pin``: register the block
+    with CUDA (cudaHostRegister: page-locked in place, at its exact size, where torch's pinned allocator
+    would round a 60 GB request up to a power of two).
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = bool(pin)
+        self.nbytes = 0
+        self.buffer: torch.Tensor | None = None  # uint8 [nbytes], base 64-byte aligned
+        self.pinned = False
+        self._raw: torch.Tensor | None = None
+        self._members: list[HostExperts] = []
+
+    def reserve(self, nbytes: int) -> int:
+        """Room for ``nbytes`` more bytes; returns their offset (a multiple of ALIGN)."""
+        if self.buffer is not None:
+            raise RuntimeError("HostArena: reserve after the arena was allocated")
+        offset = -(-self.nbytes // ALIGN) * ALIGN
+        self.nbytes = offset + int(nbytes)
+        return offset
+
+    def join(self, member: HostExperts) -> None:
+        self._members.append(member)
+
+    def allocate(self) -> None:
+        """Allocate the block (once) and point every member's stacks at their views."""
+        if self.buffer is not None:
+            return
+        raw = torch.empty(self.nbytes + ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % ALIGN
+        self.buffer = raw[skip:skip + self.nbytes]
+        self._raw = raw
+        if self.pin and self.nbytes:
+            self.pinned = _register(self, raw)
+        for member in self._members:
+            member.bind(self)
+
+    def view(self, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        return self.buffer[offset:offset + n].view(shape)
+
+
+def _register(owner: HostArena, raw: torch.Tensor) -> bool:
+    """Page-lock ``raw`` for CUDA, unregistered when ``owner`` (which holds ``raw``) is collected, before its
+    memory is freed; False, with a warning, on failure."""
+    cudart = torch.cuda.cudart()
+    rc = int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0))
+    if rc != 0:
+        warnings.warn(f"could not pin the {raw.numel() / 1e9:.2f} GB of host-placed experts (cudaHostRegister "
+                      f"error {rc}); they stay in pageable memory", RuntimeWarning, stacklevel=3)
+        return False
+    weakref.finalize(owner, _unregister, raw.data_ptr())
+    return True
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be gone
+        pass
+
+
+class HostExperts(QuantExperts):
+    """A layer's routed experts in host memory: gate/up uint8 [E', I, row bytes of H], down uint8 [E', H,
+    row bytes of I] (the file's blocks, unchanged), views into ``arena``. ``layer`` names the layer in
+    messages. ValueError when the formats are not ones the CPU expert kernel reads."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, formats: Mapping[str, str], arena: HostArena,
+                 layer: int, placement: ExpertPlacement | None = None) -> None:
+        with torch.device("meta"):  # shapes only: the storage is the arena's
+            super().__init__(config, dtype, formats, placement=placement, backend="torch")
+        where = f"layer {layer}'s routed experts"
+        bad = sorted({f for f in self.formats.values() if f not in CPU_FORMATS})
+        if bad:
+            raise ValueError(f"{where} are {', '.join(bad)}, which the CPU expert kernel does not read "
+                             f"(it reads {', '.join(CPU_FORMATS)}): keep this layer's experts on the GPU")
+        if self.formats["gate_proj"] != self.formats["up_proj"]:
+            raise ValueError(f"{where}: gate ({self.formats['gate_proj']}) and up ({self.formats['up_proj']}) "
+                             f"must share a format for the CPU expert kernel")
+        self.layer = layer
+        self.arena = arena
+        self._offsets = {p: arena.reserve(getattr(self, p).numel()) for p in PARAMS}
+        arena.join(self)
+
+    def bind(self, arena: HostArena) -> None:
+        """Point the stacks at their views of the allocated arena (HostArena.allocate calls this)."""
+        for p in PARAMS:
+            shape = tuple(getattr(self, p).shape)
+            self._parameters[p] = nn.Parameter(arena.view(self._offsets[p], shape), requires_grad=False)
+
+    def load_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
+        """Copy raw blocks (from any device: a memory map, the GPU) into the arena: the whole stack for
+        ``expert`` None, else one layer-wide expert (False, storing nothing, for one held elsewhere)."""
+        if param not in PARAMS:
+            raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+        self.arena.allocate()
+        stack = getattr(self, param)
+        if expert is not None:
+            p = self.placement
+            if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert < p.num_experts:
+                raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
+            if not p.start <= expert < p.stop:
+                return False
+            stack = stack[expert - p.start]
+        if tuple(value.shape) != tuple(stack.shape) or value.dtype != stack.dtype:
+            raise ValueError(f"{param}: expected {stack.dtype} {tuple(stack.shape)}, got {value.dtype} "
+                             f"{tuple(value.shape)}")
+        with torch.no_grad():
+            stack.copy_(value)
+        return True
+
+    def reads_int8(self) -> bool:
+        """False: the CPU kernel rounds the activations itself (the norm before it need not)."""
+        return False
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
+        dtype on x's device; slots routed to experts held elsewhere add nothing."""
+        if not self.placement.holds_all:
+            ids = ids - self.placement.start  # ids outside [0, held) add nothing in cpu_moe
+        xh = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        ih = ids.to(device="cpu", dtype=torch.int64).contiguous()
+        wh = weights.to(device="cpu", dtype=torch.float32).contiguous()
+        out = cpu_moe(xh, self.gate_proj, self.up_proj, self.down_proj, ih, wh, self.formats["gate_proj"],
+                      self.formats["down_proj"])
+        return out.to(device=x.device, dtype=x.dtype)
+
+
+def host_expert_layers(model: nn.Module) -> list[int]:
+    """The layers of ``model`` whose routed experts are host-resident (HostExperts), in order."""
+    return sorted(m.layer for m in model.modules() if isinstance(m, HostExperts))
+

@@ -1,0 +1,186 @@
+"""Host-placed routed experts (glmtg.cpu.host_experts): a GGUF model loaded with a placement keeps those
+stacks' blocks unchanged in one 64-byte-aligned host arena and runs them with the CPU expert kernel.
+
+On this CPU-only machine the "GPU" is the CPU device, so the checks are: (1) the same file with and without
+--cpu-moe gives close logits, (2) a host layer's experts against a float64 reference, (3) the engine turns
+CUDA-graph decode off where experts are host-placed.
+
+Tolerances (why): the CPU kernel rounds its activations to int8 per 32 values (x, then silu(g)·u; the
+mmvq path's rounding), which the CPU's device path (QuantExperts' float loop) does not. (2) reproduces
+those roundings in the float64 reference (its docstring states the bound); (1) allows 2% of max |logits|
+(the roundings move each expert's output by well under 1% of its size; measured 0.36% after 3 MoE layers),
+and checks that zeroing the host experts moves the logits by far more than that.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+
+from glmtg.cpu.host_experts import HostExperts, host_expert_layers
+from glmtg.cpu.placement import resolve, rules_of
+from glmtg.engine import Engine, EngineConfig, decode_graph_blocker
+from glmtg.formats import quantize_blocks
+from glmtg.layers.quant_experts import QuantExperts
+from glmtg.loading.gguf_model import gguf_tensor_bytes, load_gguf_model
+from glmtg.loading.gguf_writer import model_tensors, write_gguf
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from tests.references.model import new_cache, tiny
+
+# 7 experts, top-3, I = 96 (three 32-blocks): odd counts, Air's 32-wide fallback formats
+CONFIG = tiny(n_routed_experts=7, num_experts_per_tok=3, moe_intermediate_size=96)
+WINDOW = 1e-4  # code units: an intermediate this close to a rounding boundary may round either way
+
+
+def mix(name: str, shard: str | None) -> str | None:
+    if name.endswith(("o_proj.weight", "lm_head.weight")):
+        return None
+    if name.endswith("experts.down_proj"):
+        return "q8_0"
+    return "q5_0" if ".mlp." in name else "q8_0"
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Kernels built for these tests go to a temporary cache, not the user's."""
+    monkeypatch.setenv("GLMTG_CACHE", str(tmp_path_factory.getbasetemp() / "glmtg-cache"))
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    model = Glm4MoeForCausalLM(CONFIG, dtype=torch.float32, device="meta", weight_formats=mix)
+    gen = torch.Generator().manual_seed(0)
+    for slot in list(model.tensor_slots()):
+        base = 1.0 if slot.name.endswith("norm.weight") else 0.0
+        value = base + torch.randn(slot.shape, generator=gen) * (0.01 if "bias" in slot.name else 0.08)
+        value = quantize_blocks(value, slot.format) if slot.format else value.to(slot.dtype)
+        model.load_tensor(slot.name, value, shard=slot.shard)
+    out = tmp_path_factory.mktemp("gguf") / "tiny-hybrid.gguf"
+    write_gguf(out, CONFIG, model_tensors(model))
+    return out
+
+
+def load(path, *flags, device="cpu"):
+    host = resolve(rules_of(flags), gguf_tensor_bytes(path))
+    model, _ = load_gguf_model(path, device=device, dtype=torch.float32, progress=False, host_experts=host)
+    return model
+
+
+def test_host_stacks_are_the_files_blocks_in_one_aligned_arena(path):
+    device, host = load(path), load(path, ("--n-cpu-moe", 3))
+    assert host_expert_layers(host) == [1, 2] and host_expert_layers(device) == []
+    assert type(host.layers[3].mlp.experts) is QuantExperts
+    arenas = {id(host.layers[i].mlp.experts.arena) for i in (1, 2)}
+    assert len(arenas) == 1
+    arena = host.layers[1].mlp.experts.arena
+    lo, hi = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.buffer.numel()
+    for i in (1, 2):
+        got, want = host.layers[i].mlp.experts, device.layers[i].mlp.experts
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            stack = getattr(got, p)
+            assert stack.dtype == torch.uint8 and stack.device.type == "cpu"
+            assert stack.data_ptr() % 64 == 0 and lo <= stack.data_ptr() < stack.data_ptr() + stack.numel() <= hi
+            assert torch.equal(stack, getattr(want, p))  # blocks unchanged, no float copy
+
+
+def test_cpu_moe_logits_match_the_device_path(path):
+    device, host = load(path), load(path, ("--cpu-moe", None))
+    assert host_expert_layers(host) == [1, 2, 3]
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    want = device(ids, new_cache(CONFIG, 2, 16))
+    got = host(ids, new_cache(CONFIG, 2, 16))
+    tol = 0.02 * float(want.abs().max())
+    assert torch.isfinite(got).all() and float((got - want).abs().max()) <= tol
+    # the host experts matter: without them (zero blocks: every expert outputs 0) the logits move by far more
+    host.layers[1].mlp.experts.arena.buffer.zero_()
+    assert float((host(ids, new_cache(CONFIG, 2, 16)) - want).abs().max()) > 10 * tol
+
+
+def _dequant(stack: torch.Tensor, fmt: str) -> np.ndarray:
+    qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
+    return gguf.quants.dequantize(stack.numpy(), qtype).astype(np.float64)
+
+
+def _round_x(x: np.ndarray) -> np.ndarray:
+    """x rounded to int8 per 32 values by the kernel's formula, in float32 as the kernel computes it (IEEE:
+    the same codes bit for bit): dx = amax / 127, codes = nearest-even of x · (127 / amax)."""
+    g = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(g).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    codes = np.clip(np.rint(g * inv), -127, 127)
+    return (codes.astype(np.float64) * (amax.astype(np.float64) / 127)).reshape(x.shape)
+
+
+def _round_a(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a rounded to int8 per 32 values in float64, and per value the step by which the kernel's fp32
+    rounding may differ: a code within WINDOW of a rounding boundary may round either way (the kernel's
+    fp32 g, u are off by ~1e-7 relative, ~1e-5 code units), one step dx there, 0 elsewhere."""
+    g = a.reshape(*a.shape[:-1], -1, 32)
+    dx = np.abs(g).max(-1, keepdims=True) / 127
+    scaled = g / np.where(dx > 0, dx, 1)
+    codes = np.rint(scaled)
+    near = np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) < WINDOW
+    return (codes * dx).reshape(a.shape), np.where(near, dx, 0.0).reshape(a.shape)
+
+
+def test_host_layer_against_float64_reference(path):
+    """The host layer's output against float64 on the gguf package's dequantization, with the kernel's
+    int8 roundings of x and silu(g)·u reproduced (the kernel's numerics are tested in test_cpu_moe.py; this
+    checks that the layer hands it the right stacks, formats, ids, weights and activations).
+    Tolerance per element: 1e-5 of Σ_s |w_s| Σ_i |down[h, i] · a_i| (fp32 sums and scales, measured
+    well below), plus one int8 step of each intermediate value that sits at a rounding boundary."""
+    experts = load(path, ("-ot", r"blk\.2\.ffn_(gate|up|down)_exps=CPU")).layers[2].mlp.experts
+    assert isinstance(experts, HostExperts)
+    gen = torch.Generator().manual_seed(7)
+    t, k, h = 5, CONFIG.num_experts_per_tok, CONFIG.hidden_size
+    x = torch.randn(t, h, generator=gen)
+    ids = torch.stack([torch.randperm(CONFIG.n_routed_experts, generator=gen)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=gen) + 0.1
+    got = experts(x, ids, w).double().numpy()
+
+    fmt = experts.formats
+    gate, up = _dequant(experts.gate_proj, fmt["gate_proj"]), _dequant(experts.up_proj, fmt["up_proj"])
+    down = _dequant(experts.down_proj, fmt["down_proj"])
+    xq, wd = _round_x(x.numpy()), w.double().numpy()
+    ref, bound = np.zeros((t, h)), np.zeros((t, h))
+    for ti in range(t):
+        for s in range(k):
+            e = int(ids[ti, s])
+            g, u = gate[e] @ xq[ti], up[e] @ xq[ti]
+            aq, step = _round_a(g / (1.0 + np.exp(-g)) * u)
+            ref[ti] += wd[ti, s] * (down[e] @ aq)
+            bound[ti] += wd[ti, s] * (1e-5 * (np.abs(down[e]) @ np.abs(aq)) + np.abs(down[e]) @ step)
+    assert np.isfinite(got).all()
+    assert (np.abs(got - ref) <= bound).all(), float((np.abs(got - ref) / bound).max())
+    # the bound is far below a wrong expert, slot, weight or layout (errors of the size of ref itself)
+    assert bound.max() < 1e-2 * np.abs(ref).max()
+
+
+def test_engine_runs_host_experts_eagerly(path):
+    host, device = load(path, ("--cpu-moe", None)), load(path)
+    assert decode_graph_blocker(device) is None
+    notice = decode_graph_blocker(host)
+    assert notice.startswith("CUDA-graph decode is off: the routed experts of 3 layer(s) run on the CPU")
+    assert "\n" not in notice
+    engine = Engine(host, CONFIG, EngineConfig(ctx_size=32, ubatch=8, k_format="f16"))
+    assert not engine.uses_cuda_graph
+    engine.prefill([5, 6, 7])  # runs end to end on the host experts
+
+
+@pytest.mark.gpu
+def test_cuda_model_with_host_experts(path):
+    device, host = load(path, device="cuda"), load(path, ("--cpu-moe", None), device="cuda")
+    assert host.layers[1].mlp.experts.arena.pinned and host.layers[1].mlp.experts.gate_proj.device.type == "cpu"
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).cuda()
+    want = device(ids, new_cache(CONFIG, 2, 16, device="cuda"))
+    got = host(ids, new_cache(CONFIG, 2, 16, device="cuda"))
+    assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        engine = Engine(host, CONFIG, EngineConfig(ctx_size=32, ubatch=8, k_format="f16"))
+    assert not engine.uses_cuda_graph
+    assert [str(w.message) for w in seen] == [decode_graph_blocker(host)]
