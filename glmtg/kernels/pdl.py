@@ -25,36 +25,18 @@ launches, for A/B comparisons); ``mode()`` switches it for a block.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 import triton.language as tl
 from triton import jit
 
+from glmtg.switch import ModeSwitch
+
 MODES = ("auto", "off")
-_mode = os.environ.get("GLMTG_PDL", "auto")
-if _mode not in MODES:
-    raise ValueError(f"GLMTG_PDL must be one of {MODES}, got {_mode!r}")
-
-
-def set_mode(value: str) -> None:
-    global _mode
-    if value not in MODES:
-        raise ValueError(f"PDL mode must be one of {MODES}, got {value!r}")
-    _mode = value
-
-
-@contextmanager
-def mode(value: str) -> Iterator[None]:
-    """Run a block with the PDL mode ``value``, then restore the previous one."""
-    before = _mode
-    set_mode(value)
-    try:
-        yield
-    finally:
-        set_mode(before)
+_switch = ModeSwitch("GLMTG_PDL (the PDL mode)", MODES, os.environ.get("GLMTG_PDL", "auto"))
+set_mode = _switch.set
+mode = _switch.scoped  # ``with pdl.mode("off"): ...``
 
 
 @lru_cache(maxsize=None)
@@ -64,7 +46,7 @@ def _hopper(index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL."""
-    if _mode == "off" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if _switch.value == "off" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _hopper(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -13,33 +13,16 @@ Modes: "auto" (the default) fuses on CUDA inputs only, so a CPU never needs the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
+from glmtg.switch import ModeSwitch
+
 MODES = ("auto", "on", "off")
-_mode = "auto"
+_switch = ModeSwitch("fused glue mode", MODES, "auto")
+set_mode = _switch.set
+mode = _switch.scoped  # ``with fused.mode("off"): ...``
 
 
 def fuses(x: torch.Tensor) -> bool:
     """Whether the glue for input ``x`` runs as fused kernels."""
-    return _mode == "on" or (_mode == "auto" and x.is_cuda)
-
-
-def set_mode(mode: str) -> None:
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"fused glue mode must be one of {MODES}, got {mode!r}")
-    _mode = mode
-
-
-@contextmanager
-def mode(value: str) -> Iterator[None]:
-    """Run a block with the glue mode ``value``, then restore the previous one."""
-    before = _mode
-    set_mode(value)
-    try:
-        yield
-    finally:
-        set_mode(before)
+    return _switch.value == "on" or (_switch.value == "auto" and x.is_cuda)

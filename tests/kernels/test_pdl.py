@@ -16,13 +16,13 @@ def test_never_enabled_off_cuda():
 
 
 def test_mode_restores_and_rejects_unknown():
-    before = pdl._mode
-    with pytest.raises(ValueError, match="PDL mode must be one of"):
+    before = pdl._switch.value
+    with pytest.raises(ValueError, match="the PDL mode.* must be one of"):
         pdl.set_mode("sometimes")
     with pdl.mode("off"):
-        assert pdl._mode == "off"
+        assert pdl._switch.value == "off"
         with pytest.raises(ValueError, match="sometimes"):
             with pdl.mode("sometimes"):
                 pass
-        assert pdl._mode == "off"
-    assert pdl._mode == before
+        assert pdl._switch.value == "off"
+    assert pdl._switch.value == before
