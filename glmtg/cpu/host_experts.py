@@ -149,6 +149,10 @@ class HostExperts(QuantExperts):
         """False: the CPU kernel rounds the activations itself (the norm before it need not)."""
         return False
 
+    def shared_blocks(self, x: torch.Tensor, shared: nn.Module | None) -> None:
+        """Never: the shared expert stays on the device (the CPU kernel runs the routed experts only)."""
+        return None
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
         dtype on x's device; slots routed to experts held elsewhere add nothing."""

@@ -217,6 +217,11 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [B, S, H] -> [T, H]
         ids, weights = self.router(flat)
+        # GGUF experts at decode run the shared expert as one more slot of their kernels (two launches, not
+        # five) where its formats match theirs.
+        blocks = self.experts.shared_blocks(flat, self.shared) if hasattr(self.experts, "shared_blocks") else None
+        if blocks is not None:
+            return self.experts(flat, ids, weights, shared=blocks).view(shape)
         out = self.experts(flat, ids, weights)
         if self.shared is not None:
             out = self.shared(flat, residual=out)  # out + shared(flat), the add folded into its last product

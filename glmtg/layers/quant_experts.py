@@ -20,6 +20,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
+from glmtg.layers import fused
 from glmtg.layers.moe import ExpertPlacement, write_expert
 from glmtg.layers.quant_linear import check_backend, check_format, dequantize, has_device_decoder, uses_kernels
 
@@ -43,6 +44,7 @@ class QuantExperts(nn.Module):
         # where both formats have them, else float decode; "float" for checks against the float path.
         self.dot = "auto"
         self.dtype = dtype
+        self.top_k = config.num_experts_per_tok
         e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
         self.widths = {"gate_proj": h, "up_proj": h, "down_proj": i}  # values per row of each parameter
         self.formats: dict[str, str] = {}
@@ -59,9 +61,35 @@ class QuantExperts(nn.Module):
         placement puts elsewhere."""
         return write_expert(self, self.placement, param, expert, value)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def shared_blocks(self, x: torch.Tensor, shared: nn.Module | None) -> tuple | None:
+        """The raw (gate, up, down) blocks of ``shared`` (the MoE's shared-expert MLP) where this module's
+        decode kernel can run it as one more slot for input ``x`` (``forward``'s ``shared``): the int8-dot
+        kernel runs, the fused glue is on (``--glue off`` keeps the separate launches for A/B), all experts
+        are held here (one device adds the shared expert), and the shared expert's formats and shapes are one
+        routed expert's. Else None: the caller runs the shared expert itself."""
+        from glmtg.layers.quant_linear import QuantLinear
+
+        if shared is None or not (isinstance(getattr(shared, "gate_up", None), QuantLinear)
+                                  and isinstance(getattr(shared, "down_proj", None), QuantLinear)):
+            return None
+        gu, down = shared.gate_up, shared.down_proj
+        t = x.shape[0]
+        if not (fused.fuses(x) and self.placement.holds_all and self.reads_int8() and gu.bias is None
+                and self._kernel(x, t * self.top_k)):
+            return None
+        if (gu.formats.get("gate"), gu.formats.get("up"), down.formats.get(None)) != (
+                self.formats["gate_proj"], self.formats["up_proj"], self.formats["down_proj"]):
+            return None
+        blocks = (gu.raw_shard("gate"), gu.raw_shard("up"), down.raw_shard(None))
+        if any(tuple(b.shape) != tuple(getattr(self, p).shape[1:]) for b, p in zip(blocks, PARAMS)):
+            return None
+        return blocks
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared: tuple | None = None) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
-        dtype; slots routed to experts held elsewhere add nothing."""
+        dtype; slots routed to experts held elsewhere add nothing. ``shared``: ``shared_blocks``' result,
+        whose expert is then added in the same launches (summed in fp32 with the routed terms)."""
         t, k = ids.shape
         held = self.placement.count
         kernel = self._kernel(x, t * k)
@@ -75,7 +103,9 @@ class QuantExperts(nn.Module):
             from glmtg.kernels.gguf.dispatch import moe_decode
 
             return moe_decode(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights,
-                              self.formats["gate_proj"], self.formats["down_proj"], path=self.dot)
+                              self.formats["gate_proj"], self.formats["down_proj"], path=self.dot, shared=shared)
+        if shared is not None:
+            raise ValueError("shared: folded only by the decode kernel (use shared_blocks to ask)")
         return self._looped(x, ids, weights, uses_kernels(self.backend, x))
 
     def reads_int8(self) -> bool:

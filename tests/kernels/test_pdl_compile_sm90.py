@@ -1,6 +1,7 @@
 """The decode step's kernels compiled for sm_90 with programmatic dependent launch (glmtg/kernels/pdl.py):
 each waits (griddepcontrol.wait) and releases the next launch (griddepcontrol.launch_dependents), and
 none loads or stores global memory before its wait (the kernel before may still write what it reads).
+mmvq_moe is compiled also with the shared expert as one more slot (``SHARED``).
 
 PDL only runs on a GPU of compute capability 9.0 and later, so these checks read the PTX; the GPU tests
 (test_pdl_gpu.py) check that a step's logits are the same with and without it. Runs as a subprocess (this
@@ -43,6 +44,14 @@ def _jobs():
     yield ("mmvq_moe down q5_0", mmvq_moe._down_kernel,
            dict(AW="*i32", ADX="*fp32", AS="*i32", Down="*u8", Ids="*i64", Y="*bf16"),
            dict(blocks("q5_0"), BLOCK_R=1, G=gemv.steps_for(32, 1024), **pdl), 1)
+    # the shared expert as one more slot (mmvq_moe's ``shared``)
+    yield ("mmvq_moe gate_up q4_0 + shared", mmvq_moe._gate_up_kernel,
+           dict(XW="*i32", DX="*fp32", XS="*i32", Gate="*u8", Up="*u8", Ids="*i64", Weights="*fp32", Act="*fp32",
+                AQ="*i8", ADX="*fp32", AS="*i32", SGate="*u8", SUp="*u8"),
+           dict(blocks("q4_0"), BLOCK_R=1, G=gemv.steps_for(32, 1024), FUSED=False, SHARED=1, **pdl), 1)
+    yield ("mmvq_moe down q5_0 + shared", mmvq_moe._down_kernel,
+           dict(AW="*i32", ADX="*fp32", AS="*i32", Down="*u8", Ids="*i64", Y="*bf16", SDown="*u8"),
+           dict(blocks("q5_0"), BLOCK_R=1, G=gemv.steps_for(32, 1024), SHARED=1, **pdl), 1)
     yield ("quantize", activation._quantize_kernel, dict(X="*bf16", Q="*i8", DX="*fp32", S="*i32"),
            dict(GB=32, **pdl), 4)
     yield ("rms_norm", _rms_norm_kernel,
@@ -92,7 +101,7 @@ def main() -> int:
 def test_decode_kernels_wait_then_release_on_sm90(compile_report):
     stdout, table = compile_report(__file__, timeout=600)
     rows = {c[0]: [int(v) for v in c[1:]] for c in table if len(c) == 5 and c[1].isdigit()}
-    assert len(rows) == 9, stdout
+    assert len(rows) == 11, stdout
     for name, (waits, releases, loads, stores) in rows.items():
         assert waits == 1 and releases == 1, f"{name}: {waits} waits, {releases} releases\n{stdout}"
         assert loads == 0 and stores == 0, f"{name}: {loads} loads, {stores} stores before its wait\n{stdout}"

@@ -63,7 +63,8 @@ def test_float_model_glue(tokens):
 
 def test_gguf_model_glue():
     """Q8_0 attention, Q4_0 FFNs, int8-dot decode kernels: the norms round their output to int8 blocks in the
-    same launch and the shared expert's SwiGLU feeds its down product as int8 blocks."""
+    same launch, the dense MLP's SwiGLU feeds its down product as int8 blocks, and the shared expert runs
+    inside the routed experts' kernels (its terms summed in fp32 with theirs, rounded once)."""
     def mix(name: str, shard: str | None) -> str:
         return "q4_0" if ".mlp." in name else "q8_0"
 
@@ -75,6 +76,12 @@ def test_gguf_model_glue():
             module.backend = "kernel"
     _random_fill(model, seed=5)
     assert model.layers[1].mlp_norm.quantize_output and model.layers[0].attn_norm.quantize_output
+    moe = model.layers[1].mlp
+    x = torch.randn(1, config.hidden_size)
+    with fused.mode("on"):  # "on": the shared expert runs as one more slot of the routed experts' kernels
+        assert moe.experts.shared_blocks(x, moe.shared) is not None
+    with fused.mode("off"):
+        assert moe.experts.shared_blocks(x, moe.shared) is None
     ids = torch.randint(0, config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(6))
     got, _ = _run(model, ids, "on", prefix=2)
     want, _ = _run(model, ids, "off", prefix=2)

@@ -32,7 +32,7 @@ def compile_sm90_report(kernel, types: dict[str, str], const: dict, *, divisible
     """Compile a Triton kernel for sm_90 as a launcher would and report it (``ptxas_report``).
 
     ``types``: the Triton type of each pointer ("*bf16") and float scalar ("fp32"); other parameters are
-    int32 scalars, those in ``const`` constexpr. Pointers and the scalars named in ``divisible`` get the
+    int32 scalars, those in ``const`` constexpr (and those with a default, at it). Pointers and the scalars named in ``divisible`` get the
     16-divisibility hint the launcher's real launches specialise on."""
     return ptxas_report(compile_sm90_ptx(kernel, types, const, divisible=divisible, num_warps=num_warps), tag)
 
@@ -47,7 +47,10 @@ def compile_sm90_ptx(kernel, types: dict[str, str], const: dict, *, divisible: t
     from triton.compiler import ASTSource
 
     sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+    const = dict(const)
+    for i, (name, param) in enumerate(inspect.signature(kernel.fn).parameters.items()):
+        if name not in const and name not in types and param.default is not inspect.Parameter.empty:
+            const[name] = param.default  # left at its default, as a launch that does not pass it
         sig[name] = "constexpr" if name in const else types.get(name, "i32")
         if sig[name].startswith("*") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]

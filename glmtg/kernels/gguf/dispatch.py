@@ -39,8 +39,11 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, path: str = "auto
 
 
 def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-               weights: torch.Tensor, gate_up_fmt: str, down_fmt: str, *, path: str = "auto") -> torch.Tensor:
-    """Σ_k weights[t, k] · down_e(silu(gate_e x_t) · up_e x_t) over GGUF expert stacks (see moe.py)."""
+               weights: torch.Tensor, gate_up_fmt: str, down_fmt: str, *, path: str = "auto",
+               shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_k weights[t, k] · down_e(silu(gate_e x_t) · up_e x_t) over GGUF expert stacks (see moe.py), plus the
+    ``shared`` expert's output where given (int8 path only: mmvq_moe's ``shared``; ValueError elsewhere)."""
     if uses_int8(path, gate_up_fmt, down_fmt):
-        return mmvq_moe(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)
+        return mmvq_moe(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt, shared=shared)
+    check(shared is None, "shared: only the int8-dot kernels fold a shared expert in")
     return quant_moe_decode(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels._checks import check_power_of_two
+from glmtg.kernels._checks import check, check_power_of_two, describe
 from glmtg.kernels.gguf.activation import quantize_once
 from glmtg.kernels.gguf.gemv import steps_for
 from glmtg.kernels.gguf.mmvq import (
@@ -45,23 +45,30 @@ from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 @triton.jit
 def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, AQ, ADX, AS, NB, NG, INTER, NUM_EXPERTS, TOPK,
                     ROW_BYTES, FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr,
-                    G: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr = False):
+                    G: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr = False, SGate=None, SUp=None,
+                    SHARED: tl.constexpr = 0):
     GPB: tl.constexpr = BS // 32
     B: tl.constexpr = BLOCK_R * G
-    pair = tl.program_id(0)  # token * TOPK + slot
-    t = pair // TOPK
+    pair = tl.program_id(0)  # token * (TOPK + SHARED) + slot; slot TOPK (if SHARED) is the shared expert
+    t = pair // (TOPK + SHARED)
+    slot = pair % (TOPK + SHARED)
+    routed = slot < TOPK
     wait_and_release(PDL)  # the ids come from the router, just before
-    expert = tl.load(Ids + pair)
+    expert = tl.load(Ids + t * TOPK + slot, mask=routed, other=0)
     valid = (expert >= 0) & (expert < NUM_EXPERTS)
     base = tl.where(valid, expert, 0).to(tl.int64) * INTER * ROW_BYTES  # int64: E·I·row_bytes > 2^31
+    gate_rows, up_rows = Gate + base, Up + base
+    if SHARED:
+        if not routed:  # the shared expert: its own [I, row_bytes] matrices, weight 1
+            gate_rows, up_rows = SGate + base * 0, SUp + base * 0
     # one flat axis over BLOCK_R rows x G blocks (as mmvq._mmvq_kernel)
     idx = tl.arange(0, B)
     g = idx % G
     # rows past INTER read row INTER - 1 (not stored): the full steps' loads need no mask
     rows = tl.minimum(tl.program_id(1) * BLOCK_R + idx // G, INTER - 1)
-    rel = base + rows.to(tl.int64) * ROW_BYTES + g * TS
-    blk_g = Gate + rel
-    blk_u = Up + rel
+    rel = rows.to(tl.int64) * ROW_BYTES + g * TS
+    blk_g = gate_rows + rel
+    blk_u = up_rows + rel
     grp = (t.to(tl.int64) * NG + g * GPB)[None, :]  # [1, B]
     x_all = grp >= 0
     all_blocks = idx >= 0
@@ -82,7 +89,7 @@ def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, AQ, ADX, AS, NB, NG
         acc_u += block_dot(blk_u, m, XW + grp * 8, DX + grp, XS + grp, xm, FMT)
     gv = tl.sum(tl.reshape(acc_g, [BLOCK_R, G]), axis=1)
     uv = tl.sum(tl.reshape(acc_u, [BLOCK_R, G]), axis=1)
-    w = tl.where(valid, tl.load(Weights + pair), 0.0)
+    w = tl.where(valid, tl.load(Weights + t * TOPK + slot, mask=routed, other=1.0), 0.0)
     h = gv * tl.sigmoid(gv) * uv * w  # an invalid slot: silu(0) · 0 · 0 = 0
     offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     if FUSED:
@@ -102,7 +109,7 @@ def _gate_up_kernel(XW, DX, XS, Gate, Up, Ids, Weights, Act, AQ, ADX, AS, NB, NG
 @triton.jit
 def _down_kernel(AW, ADX, AS, Down, Ids, Y, NB, NG, HIDDEN, NUM_EXPERTS, TOPK, ROW_BYTES, STRIDE_YT,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, SDown=None, SHARED: tl.constexpr = 0):
     GPB: tl.constexpr = BS // 32
     B: tl.constexpr = BLOCK_R * G
     t = tl.program_id(0)
@@ -116,11 +123,15 @@ def _down_kernel(AW, ADX, AS, Down, Ids, Y, NB, NG, HIDDEN, NUM_EXPERTS, TOPK, R
     all_blocks = idx >= 0
     acc = tl.zeros((1, B), dtype=tl.float32)
     full = NB // G
-    for slot in range(TOPK):
-        pair = t * TOPK + slot
-        expert = tl.load(Ids + pair)
+    for slot in range(TOPK + SHARED):
+        pair = t * (TOPK + SHARED) + slot  # the intermediate's row; slot TOPK (if SHARED): the shared expert
+        routed = slot < TOPK
+        expert = tl.load(Ids + t * TOPK + slot, mask=routed, other=0)
         valid = (expert >= 0) & (expert < NUM_EXPERTS)
         blk = Down + tl.where(valid, expert, 0).to(tl.int64) * HIDDEN * ROW_BYTES + rel
+        if SHARED:
+            if not routed:
+                blk = SDown + rel
         grp = pair.to(tl.int64) * NG + grp0
         for _ in range(tl.where(valid, full, 0)):
             acc += block_dot(blk, all_blocks, AW + grp * 8, ADX + grp, AS + grp, x_all, FMT)
@@ -158,6 +169,7 @@ def mmvq_moe(
     block_h: int | None = None,
     values_per_step_down: int | None = None,
     num_warps: int | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Σ_k weights[t, k] · down_e(silu(gate_e x[t]) · up_e x[t]) with e = ids[t, k], as [T, H] in x's dtype.
 
@@ -165,11 +177,26 @@ def mmvq_moe(
     [E, I, rbH] of ``gate_up_fmt`` blocks; down uint8 [E, H, rbI] of ``down_fmt`` blocks; ids int64 [T, k];
     weights fp32 [T, k]; an id outside [0, E) contributes zero and reads no weight), computed by int8 dot
     products: x and the intermediate silu(g)·u·weight are rounded to int8 per 32 values. A knob left None
-    takes ``step_config``'s value (one block per thread and step)."""
+    takes ``step_config``'s value (one block per thread and step).
+
+    ``shared``: (gate [I, rbH], up [I, rbH], down [H, rbI]) of a shared expert in the same formats and
+    shapes as one routed expert, run as one more slot of weight 1 in the same two launches (its own
+    three launches otherwise): the result is then Σ_k ... + shared(x), the k + 1 terms summed in fp32 and
+    rounded once to x's dtype."""
     fgu = mmvq_format(gate_up_fmt, "gate_up_fmt")
     fd = mmvq_format(down_fmt, "down_fmt")
     t, hidden, nb_h, nb_i, num_experts, inter, top_k, out = check_moe_args(x, gate, up, down, ids, weights,
                                                                           fgu, fd, out)
+    if shared is not None:
+        check(isinstance(shared, tuple) and len(shared) == 3
+              and all(isinstance(w, torch.Tensor) for w in shared),
+              lambda: f"shared must be a (gate, up, down) tuple of tensors, got {describe(shared)}")
+        for name, w, like in zip(("shared gate", "shared up", "shared down"), shared, (gate, up, down)):
+            check(w.dtype == torch.uint8 and tuple(w.shape) == tuple(like.shape[1:]) and w.device == x.device
+                  and w.is_contiguous() and w.data_ptr() % 16 == 0,
+                  lambda: f"{name} must be a contiguous 16-byte aligned uint8 tensor {tuple(like.shape[1:])} on "
+                          f"{x.device} (one routed expert's shape), got {describe(w)}")
+    slots = top_k + (shared is not None)
     if x.is_cuda and num_warps is None and block_i is None and block_h is None and values_per_step is None \
             and values_per_step_down is None:
         # Measured fastest on an H200 at GLM-4.5-Air's experts (bench/DECISIONS.md H2): one row a program,
@@ -194,15 +221,17 @@ def mmvq_moe(
     # quantize the intermediate themselves (one launch fewer); else an fp32 buffer and quantize_activation.
     fused = block_i % GROUP == 0
     pdl, launch = enabled(x.device), launch_kwargs(x.device)
-    aw = torch.empty((t * top_k, inter), dtype=torch.int8, device=x.device)
-    adx = torch.empty((t * top_k, inter // GROUP), dtype=torch.float32, device=x.device)
-    as_ = torch.empty((t * top_k, inter // GROUP), dtype=torch.int32, device=x.device)
-    act = adx if fused else torch.empty((t * top_k, inter), dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(t * top_k, triton.cdiv(inter, block_i))](
+    aw = torch.empty((t * slots, inter), dtype=torch.int8, device=x.device)
+    adx = torch.empty((t * slots, inter // GROUP), dtype=torch.float32, device=x.device)
+    as_ = torch.empty((t * slots, inter // GROUP), dtype=torch.int32, device=x.device)
+    act = adx if fused else torch.empty((t * slots, inter), dtype=torch.float32, device=x.device)
+    sgate, sup, sdown = shared if shared is not None else (gate, up, down)  # never read without SHARED
+    _gate_up_kernel[(t * slots, triton.cdiv(inter, block_i))](
         xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, aw, adx, as_, nb_h, hidden // GROUP, inter,
         num_experts, top_k, gate.shape[2],
         FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
-        G=steps_for(fgu.block_size, values_per_step), FUSED=fused, PDL=pdl, num_warps=num_warps, **launch,
+        G=steps_for(fgu.block_size, values_per_step), FUSED=fused, PDL=pdl, SGate=sgate, SUp=sup,
+        SHARED=int(shared is not None), num_warps=num_warps, **launch,
     )
     if not fused:
         aw, adx, as_ = quantize_activation(act)
@@ -210,6 +239,7 @@ def mmvq_moe(
         aw.view(torch.int32), adx, as_, down, ids, out, nb_i, inter // GROUP, hidden, num_experts, top_k,
         down.shape[2], out.stride(0),
         FMT=fd.gguf_type, BS=fd.block_size, TS=fd.type_size, BLOCK_R=block_h,
-        G=steps_for(fd.block_size, values_per_step_down), PDL=pdl, num_warps=num_warps, **launch,
+        G=steps_for(fd.block_size, values_per_step_down), PDL=pdl, SDown=sdown, SHARED=int(shared is not None),
+        num_warps=num_warps, **launch,
     )
     return out

@@ -49,7 +49,8 @@ def _problem(gu: str, dn: str, hidden: int, inter: int, t: int, seed: int, dtype
     return x, gate, up, down, ids, weights
 
 
-def _reference(x, gate, up, down, ids, weights, gu: str, dn: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(x, gate, up, down, ids, weights, gu: str, dn: str,
+               num_experts: int = NUM_EXPERTS) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, tol) in float64 (see the module docstring); x on the kernels' device (its quantization is the
     kernel's), the rest on the CPU."""
     fg, fd = REGISTRY[gu], REGISTRY[dn]
@@ -64,7 +65,7 @@ def _reference(x, gate, up, down, ids, weights, gu: str, dn: str) -> tuple[torch
     for t in range(t_count):
         for s in range(k):
             e = int(ids[t, s])
-            if not 0 <= e < NUM_EXPERTS:
+            if not 0 <= e < num_experts:
                 continue
             w = float(weights[t, s])
             g, u = g64[e] @ xq[t], u64[e] @ xq[t]
@@ -148,3 +149,33 @@ def test_mmvq_moe_rejects_bad_input() -> None:
         mmvq_moe(x[:, :32].contiguous(), gate, up, down, ids, weights, "q8_0", "q8_0")
     with pytest.raises(ValueError, match="block_h"):
         mmvq_moe(x, gate, up, down, ids, weights, "q8_0", "q8_0", block_h=6)
+
+
+@pytest.mark.parametrize(("gu", "dn", "hidden", "inter"), [("q4_0", "q8_0", 96, 64), ("q4_k", "q5_0", 256, 96)])
+def test_mmvq_moe_shared_expert_is_one_more_slot(gu: str, dn: str, hidden: int, inter: int) -> None:
+    # The shared expert folded in (shared=) must be exactly a slot of weight 1 on a stack that holds it as
+    # expert E: the same products summed in the same order, so the two results are equal bit for bit; that
+    # stacked run is checked against float64 (the bound above), so the folded one is too.
+    t, e = 3, NUM_EXPERTS
+    gate = gguf_weight(gu, (e + 1, inter), hidden, 51)
+    up = gguf_weight(gu, (e + 1, inter), hidden, 52)
+    down = gguf_weight(dn, (e + 1, hidden), inter, 53)
+    gen = torch.Generator().manual_seed(54)
+    x = torch.randn(t, hidden, generator=gen)
+    ids = torch.randint(0, e, (t, 2), generator=gen)
+    ids[1, 0] = -1  # a dropped slot still leaves the shared expert in
+    weights = torch.rand(t, 2, generator=gen) + 0.5
+    stacked_ids = torch.cat([ids, torch.full((t, 1), e)], dim=1)
+    stacked_w = torch.cat([weights, torch.ones(t, 1)], dim=1)
+    knobs = dict(block_i=16, block_h=32, values_per_step=2 * REGISTRY[gu].block_size)
+    folded = mmvq_moe(x, gate[:e], up[:e], down[:e], ids, weights, gu, dn, shared=(gate[e], up[e], down[e]),
+                      out=torch.full((t, hidden), float("nan")), **knobs)
+    stacked = mmvq_moe(x, gate, up, down, stacked_ids, stacked_w, gu, dn, **knobs)
+    assert torch.equal(folded, stacked)
+    ref, tol = _reference(x, gate, up, down, stacked_ids, stacked_w, gu, dn, num_experts=e + 1)
+    err = (stacked.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max err {err.max():.3g}"
+    alone = mmvq_moe(x, gate[:e], up[:e], down[:e], ids, weights, gu, dn, **knobs)
+    assert (folded - alone).abs().max() > 1e-3 * folded.abs().max()  # the shared expert did add something
+    with pytest.raises(ValueError, match="shared down"):
+        mmvq_moe(x, gate[:e], up[:e], down[:e], ids, weights, gu, dn, shared=(gate[e], up[e], down[e][:-1]))
