@@ -64,7 +64,7 @@ def _qk_rope_kernel(
     else:
         w_ptr = KW
         dst = K + t * stride_kt + (h - HQ) * stride_kh
-    out_ty = Q.dtype.element_ty
+    out_ty = Y.dtype.element_ty  # every rounding in y's dtype, as the torch ops; q stored in Q's after them
     if NORM:
         r = tl.math.rsqrt(tl.sum(x * x, 0) * inv_d + eps)
         w = tl.load(w_ptr + cols, mask=in_head, other=0.0).to(tl.float32)
@@ -76,7 +76,10 @@ def _qk_rope_kernel(
     turn = xp * s
     roped = x * c + tl.where(cols < half, -turn, turn)
     out = tl.where(rotated, roped, x).to(out_ty)
-    tl.store(dst + cols, out, mask=in_head)
+    if h < HQ:
+        tl.store(dst + cols, out.to(Q.dtype.element_ty), mask=in_head)
+    else:
+        tl.store(dst + cols, out, mask=in_head)
     if STORE_KV:
         if h >= HQ:  # k head h - HQ: append it (roped) and its v head to the cache, as KVCache.append
             b = t // seq_len
@@ -122,11 +125,13 @@ def _check_caches(k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, st
     return True
 
 
-def _check_out(out: torch.Tensor | None, name: str, shape: tuple[int, int, int], y: torch.Tensor) -> torch.Tensor:
+def _check_out(out: torch.Tensor | None, name: str, shape: tuple[int, int, int], y: torch.Tensor,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = y.dtype if dtype is None else dtype
     if out is None:
-        return torch.empty(shape, dtype=y.dtype, device=y.device)
-    check(isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == y.dtype,
-          lambda: f"{name} must be {y.dtype} {shape}, got {describe(out)}")
+        return torch.empty(shape, dtype=dtype, device=y.device)
+    check(isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == dtype,
+          lambda: f"{name} must be {dtype} {shape}, got {describe(out)}")
     check(out.device == y.device, lambda: f"{name} is on {out.device} but y is on {y.device}")
     check(out.stride(2) == 1, lambda: f"{name} must have a contiguous last dimension, strides {out.stride()}")
     return out
@@ -152,6 +157,7 @@ def qk_rope(
     eps: float = 1e-5,
     q_out: torch.Tensor | None = None,
     k_out: torch.Tensor | None = None,
+    q_dtype: torch.dtype | None = None,
     k_cache: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
@@ -161,7 +167,9 @@ def qk_rope(
     ``cos``/``sin`` fp32 [T, R] (rope_cos_sin's, one row per token) rotate the first R dims of every q and k
     head, NeoX layout (R even, 2 <= R <= D). ``q_norm``/``k_norm`` (both or neither): [D] RMSNorm weights in
     y's dtype, applied per head with ``eps`` before the rotation. ``q_out``/``k_out``: written in place
-    and returned when given (any token/head strides, contiguous last dimension). Rounding is the torch
+    and returned when given (any token/head strides, contiguous last dimension). ``q_dtype`` (default y's):
+    q's dtype, e.g. f16 for the decode kernel reading an f16 cache of a bf16 model; q is rounded as in y's
+    dtype first, then converted (as the torch path's ``q.to(...)`` after it), so no separate launch. Rounding is the torch
     path's (module docstring). Bad arguments raise ValueError naming them.
 
     ``k_cache``/``v_cache``/``start`` (all or none): one layer's plain contiguous K and V stores (f16,
@@ -191,7 +199,9 @@ def qk_rope(
         _check_weight(q_norm, "q_norm", y, head_dim)
         _check_weight(k_norm, "k_norm", y, head_dim)
     check(isinstance(eps, (int, float)) and eps >= 0, lambda: f"eps must be a float >= 0, got {eps!r}")
-    q = _check_out(q_out, "q_out", (tokens, num_heads, head_dim), y)
+    q_dtype = y.dtype if q_dtype is None else q_dtype
+    check(q_dtype in _DTYPES, lambda: f"q_dtype must be one of {_DTYPES}, got {q_dtype!r}")
+    q = _check_out(q_out, "q_out", (tokens, num_heads, head_dim), y, q_dtype)
     k = _check_out(k_out, "k_out", (tokens, num_kv_heads, head_dim), y)
     store = _check_caches(k_cache, v_cache, start, y, num_kv_heads, head_dim)
     if tokens == 0:

@@ -87,7 +87,8 @@ class Attention(nn.Module):
             q, k = apply_partial_rope(q, ctx.cos, ctx.sin), apply_partial_rope(k, ctx.cos, ctx.sin)
         if not stored:
             ctx.cache.append(self.layer, k, v, start=ctx.cache.lengths, validate=False)
-        out = attend(q, ctx.cache, self.layer, ctx.lengths_after, ctx.backend, self.scale)  # [B, S, Hq, D]
+        # [B, S, Hq, D] in x's dtype (q may be in the decode kernel's query dtype already: _fused_qk)
+        out = attend(q, ctx.cache, self.layer, ctx.lengths_after, ctx.backend, self.scale, out_dtype=x.dtype)
         return self.o_proj(out.reshape(bsz, s, self.num_heads * self.head_dim))
 
     def _fused_qk(self, y: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -104,6 +105,10 @@ class Attention(nn.Module):
             view.scale is None and view.data.is_floating_point() and view.data.is_contiguous() for view in (k_view, v_view))
         if stores:
             extra.update(k_cache=k_view.data, v_cache=v_view.data, start=ctx.cache.lengths)
+        if ctx.backend == "glmtg":
+            # q straight in the dtype the decode kernel reads (f16 for an f16 cache of a bf16 model): no
+            # conversion launch before attention
+            extra["q_dtype"] = decode_query_dtype(y.is_cuda, s, self.head_dim, y.dtype, k_view, v_view)
         q, k = qk_rope(y.reshape(bsz * s, n), ctx.cos.reshape(bsz * s, r), ctx.sin.reshape(bsz * s, r),
                        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, **extra)
         return (q.view(bsz, s, self.num_heads, self.head_dim), k.view(bsz, s, self.num_kv_heads, self.head_dim),
@@ -118,11 +123,12 @@ def attend(
     backend: str,
     scale: float,
     static_shapes: bool | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """q [B, S, Hq, D] at positions lengths_after[b]-S .. lengths_after[b]-1, causal over the layer's cache.
 
     ``lengths_after`` int32 [B] counts the cached tokens including the S new ones. Returns [B, S, Hq, D] in
-    q's dtype. ``static_shapes`` (default: only while a CUDA graph is being captured) makes the torch
+    ``out_dtype`` (default q's; the decode kernel rounds its fp32 result into it once). ``static_shapes`` (default: only while a CUDA graph is being captured) makes the torch
     backends attend over the whole cache capacity with a length mask built on the device, so that they
     need no host sync and can be captured; they then read the full capacity every step, as static-cache
     torch engines do.
@@ -132,7 +138,9 @@ def attend(
     if q.dim() != 4:
         raise ValueError(f"q must be [B, S, Hq, D], got shape {tuple(q.shape)}")
     k_view, v_view = cache.k(layer), cache.v(layer)
-    query_dtype = _kernel_query_dtype(q, k_view, v_view) if backend == "glmtg" else None
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    query_dtype = (decode_query_dtype(q.is_cuda, q.shape[1], q.shape[3], q.dtype, k_view, v_view)
+                   if backend == "glmtg" else None)
     if query_dtype is not None:
         out = _decode.decode_attention(
             q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
@@ -140,19 +148,21 @@ def attend(
             k_format=k_view.format, v_format=v_view.format, scale=scale,
             # the cache advanced these lengths itself and the kernel clamps them on the device, so skip the
             # host-side check (a sync per layer per step)
-            validate=False,
+            validate=False, out=torch.empty(q.shape, dtype=out_dtype, device=q.device),
         )
-        return out.to(q.dtype)
+        return out
     if static_shapes is None:
         static_shapes = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if static_shapes:
-        return _attend_static(q, cache, layer, lengths_after, scale, eager=backend == "eager")
-    return _attend_per_sequence(q, cache, layer, lengths_after, scale, eager=backend == "eager")
+        return _attend_static(q, cache, layer, lengths_after, scale, eager=backend == "eager").to(out_dtype)
+    return _attend_per_sequence(q, cache, layer, lengths_after, scale, eager=backend == "eager").to(out_dtype)
 
 
-def _kernel_query_dtype(q: torch.Tensor, k_view: KVLayerView, v_view: KVLayerView) -> torch.dtype | None:
-    """The dtype the decode kernel needs q in for this layer's stores, or None where it does not apply."""
-    if not q.is_cuda or q.shape[1] > MAX_DECODE_TOKENS or q.shape[3] not in _decode.SUPPORTED_HEAD_DIMS:
+def decode_query_dtype(is_cuda: bool, tokens: int, head_dim: int, dtype: torch.dtype, k_view: KVLayerView,
+                       v_view: KVLayerView) -> torch.dtype | None:
+    """The dtype the decode kernel needs q (``tokens`` per sequence, ``head_dim``, ``dtype``) in for this
+    layer's stores, or None where the kernel does not apply."""
+    if not is_cuda or tokens > MAX_DECODE_TOKENS or head_dim not in _decode.SUPPORTED_HEAD_DIMS:
         return None
     if k_view.format not in KV_FORMATS or v_view.format not in KV_FORMATS:
         return None
@@ -163,7 +173,7 @@ def _kernel_query_dtype(q: torch.Tensor, k_view: KVLayerView, v_view: KVLayerVie
     if plain:
         return plain.pop()
     # fp32 models send f16 queries: 3 more mantissa bits than bf16, ample range for RoPE'd q
-    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def read_kv(cache: KVCache, layer: int, b: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -298,3 +298,25 @@ def test_gpu_bf16_into_f16_cache_as_append():
     plain.append(0, k.view(batch, 1, hkv, d), v, start=start)
     for a, b in ((fused.k(0).data, plain.k(0).data), (fused.v(0).data, plain.v(0).data)):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_q_dtype_is_the_rounded_q_converted(device):
+    """q_dtype: q comes out in another dtype (the decode kernel's query dtype) exactly as the y-dtype result
+    converted afterwards (``q.to(...)``, one launch fewer); k stays in y's dtype. fp32 -> f16 in the
+    interpreter, bf16 -> f16 (GLM with an f16 cache) on the GPU; bit-equality, no tolerance."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t, hq, hkv, d, r = 3, 4, 2, 64, 32
+    y, cos, sin, weights = make(t, hq, hkv, d, r, dtype, device=device, seed=12)
+    q_ref, k_ref = qk_rope(y, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=weights[0],
+                           k_norm=weights[1])
+    q_out = torch.full((t, hq, d), float("nan"), dtype=torch.float16, device=device)
+    q, k = qk_rope(y, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=weights[0], k_norm=weights[1],
+                   q_dtype=torch.float16, q_out=q_out)
+    assert q is q_out and q.dtype == torch.float16 and k.dtype == dtype
+    assert torch.equal(q, q_ref.to(torch.float16)) and torch.equal(k, k_ref)
+    with pytest.raises(ValueError, match="q_out must be torch.float16"):
+        qk_rope(y, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=d, q_dtype=torch.float16,
+                q_out=torch.empty(t, hq, d, dtype=dtype, device=device))

@@ -9,7 +9,6 @@ Measured on logits of size ~1.6: f16 (11 significant bits) 5e-4, bf16 (8 bits) 3
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,17 +102,17 @@ def test_glmtg_kernel_path_in_interpreter(monkeypatch):
     # SDPA over the same cache. Both read identical stored K/V (the kernel dequantizes in registers, SDPA
     # through KVCache.dequantized) and accumulate in fp32; q is rounded to f16 for the kernel (2^-11
     # relative), which moves logits of size ~1.6 by ~1e-3.
-    from glmtg.layers import attention
+    from glmtg.layers import attention, fused
 
     calls = []
-    real = attention._kernel_query_dtype
+    real = attention.decode_query_dtype
 
-    def on_cpu_too(q, k_view, v_view):  # the real rule, with q pretending to be on CUDA
-        dtype = real(SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype), k_view, v_view)
+    def on_cpu_too(is_cuda, tokens, head_dim, dtype, k_view, v_view):  # the real rule, as if on CUDA
+        dtype = real(True, tokens, head_dim, dtype, k_view, v_view)
         calls.append(dtype is not None)
         return dtype
 
-    monkeypatch.setattr(attention, "_kernel_query_dtype", on_cpu_too)
+    monkeypatch.setattr(attention, "decode_query_dtype", on_cpu_too)
     config = tiny(num_hidden_layers=2, first_k_dense_replace=2)
     model = glmtg_from_hf(hf_reference(config, seed=2), config)
     ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
@@ -122,7 +121,9 @@ def test_glmtg_kernel_path_in_interpreter(monkeypatch):
                              head_dim=config.head_dim, k_format=k_format, v_format=v_format, page_size=page_size)
                   for b in ("glmtg", "sdpa")}
         for lo, hi in ((0, 17), (17, 18), (18, 20)):  # prefill above 16 tokens takes SDPA; then the kernel
-            out = {b: model(ids[:, lo:hi], c, attn_backend=b) for b, c in caches.items()}
+            # the kernel's run with the fused glue: qk_rope writes q in the kernel's dtype itself (f16 here)
+            with fused.mode("on" if hi == 20 else "auto"):
+                out = {b: model(ids[:, lo:hi], c, attn_backend=b) for b, c in caches.items()}
             for c in caches.values():
                 c.lengths += hi - lo
             torch.testing.assert_close(out["glmtg"], out["sdpa"], rtol=0, atol=5e-3)

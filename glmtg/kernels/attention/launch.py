@@ -78,8 +78,9 @@ def decode_attention(
     q: [B, Sq, Hq, D]. Contiguous cache: k_cache/v_cache [B, Hkv, Nmax, D]. Paged cache:
     [num_pages, Hkv, page_size, D] with ``page_table`` int32 [B, max_pages]. ``lengths`` int32 [B]
     on q's device counts the cached tokens of each sequence *including* the Sq new ones, which are
-    causal among themselves. Returns out [B, Sq, Hq, D] in q's dtype, and with ``return_lse`` the
-    natural-log log-sum-exp of the scaled scores, fp32 [B, Sq, Hq].
+    causal among themselves. Returns out [B, Sq, Hq, D] in q's dtype (or ``out``'s, which may differ: the
+    fp32 result is rounded once into it, e.g. bf16 for a bf16 model reading an f16 cache), and with
+    ``return_lse`` the natural-log log-sum-exp of the scaled scores, fp32 [B, Sq, Hq].
 
     Quantized caches (glmtg.kv_cache's planar layout) are read directly and dequantized in
     registers: ``k_format``/``v_format`` "q8_0" (int8 codes [.., D], fp16 ``*_scale`` [.., D/32]),
@@ -156,8 +157,9 @@ def decode_attention(
     if out is None:
         out = torch.empty_like(q)
     else:
-        check(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device and out.stride(3) == 1,
-              "out must match q in shape, dtype and device, with a contiguous last dimension")
+        check(out.shape == q.shape and out.dtype in SUPPORTED_DTYPES and out.device == q.device
+              and out.stride(3) == 1,
+              f"out must match q in shape and device, be one of {SUPPORTED_DTYPES}, with a contiguous last dimension")
     # Measured on the H100: q4_0 tiles of 16 tokens come out wrong from the compiled kernel (the
     # interpreter is right); 32 and more are exact (tests/kernels/test_decode_attention_quant.py).
     # Likely the tl.join + tl.reshape of the nibbles: the same pattern broke 16-token q8_0 tiles when

@@ -89,6 +89,21 @@ def test_split_counts_agree(num_splits):
     run_and_check(case, torch.float32, launch=launch)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["direct", "merged"])
+def test_out_in_another_dtype_is_one_rounding(num_splits):
+    # ``out`` in another dtype than q (a bf16 model reading an f16 cache): the fp32 result is rounded once
+    # into it, in the direct write and in the merge. An fp32 out holds the unrounded result, so rounding it
+    # to q's dtype afterwards must give the f16 call's output bit for bit.
+    case = make_case(2, 1, 6, 2, 64, [19, 40], 41, torch.float16, "cpu", seed=5)
+    launch = plan_launch(2, 1, 6, 64, 41, torch.device("cpu"), num_splits=num_splits, block_n=16)
+    args = (case["q"], case["k"], case["v"], case["lengths"])
+    wide = torch.full(case["q"].shape, float("nan"), dtype=torch.float32)
+    assert decode_attention(*args, launch=launch, out=wide) is wide
+    assert torch.equal(wide.to(torch.float16), decode_attention(*args, launch=launch))
+    with pytest.raises(ValueError, match="out must match q in shape"):
+        decode_attention(*args, launch=launch, out=torch.empty(2, 1, 6, 32))
+
+
 @pytest.mark.parametrize("merge_block", [2, 256], ids=["merge-loop", "merge-one-pass"])
 def test_merge_paths_agree(monkeypatch, merge_block):
     # More splits than the merge loads at once take its two-pass loop; GPUs reach it past 256 splits.
