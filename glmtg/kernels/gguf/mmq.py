@@ -1,0 +1,226 @@
+"""y = x @ W.T for many tokens (prefill), W a GGUF weight tensor dequantized tile by tile into tensor-core dots.
+
+Why: above a few tokens a GEMM is bound by arithmetic, not by weight bytes, so it must run on the tensor
+cores. The torch path dequantizes the whole weight to the activations' dtype first (a transient full-
+precision copy per call: 1.2 GB for the output head) and then calls cuBLAS. Here each program decodes a
+[BLOCK_N, BLOCK_K] tile of W's blocks in registers with the same block decoders the GEMV uses
+(``decode.decode_blocks``, bit-exact fp32 values), rounds it to the dot dtype and feeds ``tl.dot`` with an
+x tile [BLOCK_M, BLOCK_K]; the dequantized matrix never exists in memory.
+
+Numerics:
+- fp16 / bf16 x: the decoded weights are rounded to x's dtype (as the torch path's dequantize-to-x.dtype
+  does), products summed in fp32, the result rounded once to x's dtype.
+- fp32 x: tiles stay fp32 and the dot runs with ``input_precision="ieee"`` (exact fp32 products, no tf32
+  rounding, no tensor cores). fp32 activations are the checking path (tests, CPU runs), not the fast one,
+  so exactness wins over speed there; the model runs bf16.
+- epilogue as ``mmvq``: y = round(acc); y = round(y + bias); y = round(y + residual), each sum in fp32.
+
+Layout: one program per (m-tile, n-tile), the tiles walked in groups of GROUP_M m-tiles per n column so
+that neighbouring programs share W and x tiles in L2. The K loop steps G blocks (BLOCK_K = G x BS values);
+full steps load without masks (W rows past N read row N - 1, x rows past T read row T - 1, neither stored),
+only the last partial step is masked. Launch choices: ``default_config`` (reasoned, not yet measured:
+bench/gguf_gemm.py times them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from glmtg.kernels._checks import check, check_power_of_two, describe
+from glmtg.kernels.gguf.decode import decode_blocks
+from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, decoded_format
+from glmtg.kernels.gguf.mmvq import _matrix, _span
+from glmtg.kernels.gguf.tables import lookup_table
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _weight_tile(blk, mask, Aux, FMT: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, G] blocks at ``blk`` decoded (fp32, bit-exact with gguf): [BLOCK_N, BLOCK_K], value j of
+    block g at column g * BS + j (masked blocks give 0)."""
+    w = decode_blocks(blk, mask, Aux, FMT, BS)  # fp32 [BLOCK_N, G, BS]
+    return tl.reshape(w, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _dot(a, w, acc, IEEE: tl.constexpr):
+    """acc + a @ wᵀ; fp32 operands multiplied exactly (IEEE) rather than in tf32."""
+    if IEEE:
+        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def mmq_tile(acc, a_ptrs, a_row_ok, w_rows, K, NB, Aux, FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
+             BLOCK_N: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + A @ dequant(W rows)ᵀ over all K: the loop shared by the dense and the
+    grouped (MoE) kernels.
+
+    ``a_ptrs`` [BLOCK_M, BLOCK_K]: pointers to the first K step of the A rows (unit column stride);
+    ``a_row_ok`` [BLOCK_M]: rows to read (others read 0) or None-like all-True; ``w_rows`` [BLOCK_N]: byte
+    pointers to the start of each W row (rows in range: the caller clamps them). K values = NB blocks."""
+    BLOCK_K: tl.constexpr = G * BS
+    gg = tl.arange(0, G)
+    kk = tl.arange(0, BLOCK_K)
+    blk = w_rows[:, None] + (gg * TS)[None, :]  # [BLOCK_N, G]
+    all_blocks = tl.full((BLOCK_N, G), True, tl.int1)
+    full = NB // G
+    for _ in range(full):
+        w = _weight_tile(blk, all_blocks, Aux, FMT, BS, BLOCK_N, BLOCK_K)
+        a = tl.load(a_ptrs, mask=a_row_ok[:, None], other=0.0)
+        acc = _dot(a, w.to(a.dtype), acc, IEEE)  # weights rounded to the activations' dtype
+        blk += G * TS
+        a_ptrs += BLOCK_K
+    if full * G < NB:  # the last, partial step
+        g_ok = (full * G + gg) < NB
+        w = _weight_tile(blk, all_blocks & g_ok[None, :], Aux, FMT, BS, BLOCK_N, BLOCK_K)
+        a = tl.load(a_ptrs, mask=a_row_ok[:, None] & ((full * BLOCK_K + kk) < K)[None, :], other=0.0)
+        acc = _dot(a, w.to(a.dtype), acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _mmq_kernel(X, W, Y, Bias, Res, Aux, T, N, K, NB, ROW_BYTES, STRIDE_XT, STRIDE_YT, STRIDE_RT,
+                FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, G: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RES: tl.constexpr, IEEE: tl.constexpr):
+    # Grouped tile order: GROUP_M m-tiles share each n column, so W tiles are reused from L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    tm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, G * BS)
+    # Rows past T / N read row T - 1 / N - 1 (not stored): the full steps then need no load masks.
+    a_ptrs = X + tl.minimum(tm, T - 1).to(tl.int64)[:, None] * STRIDE_XT + kk[None, :]
+    w_rows = W + tl.minimum(rn, N - 1).to(tl.int64) * ROW_BYTES  # int64: an f32 output head is > 2^31 bytes
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = mmq_tile(acc, a_ptrs, tm >= 0, w_rows, K, NB, Aux, FMT, BS, TS, BLOCK_N, G, IEEE)
+    ok = (tm < T)[:, None] & (rn < N)[None, :]
+    # torch's unfused roundings: y = round(acc); y = round(y + bias); y = round(y + residual).
+    y = acc.to(Y.dtype.element_ty)
+    if HAS_BIAS:
+        b = tl.load(Bias + rn, mask=rn < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(Y.dtype.element_ty)
+    if HAS_RES:
+        # Res may be Y itself (out += W x): each element is read, then written, by this one program.
+        r = tl.load(Res + tm.to(tl.int64)[:, None] * STRIDE_RT + rn[None, :], mask=ok, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + tm.to(tl.int64)[:, None] * STRIDE_YT + rn[None, :], y, mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class MmqConfig:
+    """Launch of the dequantizing GEMM: tile sizes (powers of two; BLOCK_K whole blocks), warps, stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def default_config(block_size: int, t: int, n: int, on_gpu: bool) -> MmqConfig:
+    """The launch for ``t`` tokens, ``n`` weight rows and blocks of ``block_size`` values.
+
+    GPU (reasoned, bench/gguf_gemm.py --sweep measures): BLOCK_M up to 128 tokens, so that each decoded
+    weight value (7-13 instructions) feeds 128 tensor-core multiply-adds; BLOCK_K two 32-value blocks or one
+    256-value super-block; BLOCK_N 128 (32-value blocks) or 64 (256-value ones: a [64, 256] decoded tile is
+    already 64 fp32 registers a thread at 8 warps). The interpreter (a CPU) takes small tiles over few
+    programs, which it runs fastest."""
+    bs = max(block_size, 1)
+    if not on_gpu:
+        return MmqConfig(block_m=min(64, max(16, triton.next_power_of_2(t))), block_n=32,
+                         block_k=max(32, bs), num_warps=4, num_stages=1)
+    block_m = min(128, max(16, triton.next_power_of_2(t)))
+    block_k = max(64, bs)
+    block_n = 64 if bs >= 256 else 128
+    while block_n > 32 and triton.cdiv(n, block_n) * triton.cdiv(t, block_m) < 132:
+        block_n //= 2  # a small problem still spreads over the SMs
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return MmqConfig(block_m, block_n, block_k, num_warps, num_stages=2 if bs >= 256 else 3)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def check_dot_dtype(x: torch.Tensor) -> None:
+    """ValueError unless x is fp16, bf16 or fp32 (the dot dtypes)."""
+    check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
+
+
+def check_config(config: MmqConfig, block_size: int) -> None:
+    """ValueError unless the tiles are powers of two, >= 16 (tl.dot's minimum) and BLOCK_K whole blocks."""
+    for name in ("block_m", "block_n", "block_k", "num_warps", "group_m"):
+        check_power_of_two(f"config.{name}", getattr(config, name))
+    check(min(config.block_m, config.block_n, config.block_k) >= 16,
+          lambda: f"config tiles must be >= 16 (tl.dot), got {config}")
+    check(config.block_k % max(block_size, 1) == 0,
+          lambda: f"config.block_k {config.block_k} is not a whole number of {block_size}-value blocks")
+    check(isinstance(config.num_stages, int) and config.num_stages >= 1,
+          lambda: f"config.num_stages must be a positive int, got {config.num_stages!r}")
+
+
+def mmq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        config: MmqConfig | None = None) -> torch.Tensor:
+    """x [T, K] (fp16, bf16 or fp32, unit column stride) @ dequant(weight).T (+ bias) (+ residual) -> [T, N]
+    in x's dtype, one launch, any T (meant for T above the GEMV's few tokens).
+
+    ``weight``: uint8 [N, row_bytes], rows of GGUF blocks of ``fmt`` (a name or gguf type id, any format in
+    ``decode.DECODED``), contiguous and 16-byte aligned; K = row_bytes / type_size * block_size.
+    ``out``, ``bias``, ``residual``: as ``mmvq`` (out may be a column slice of a wider buffer; residual may be
+    out itself); rounding y = round(acc), y = round(y + bias), y = round(y + residual), each sum in fp32.
+    ``config``: the launch (``default_config`` when None)."""
+    f = decoded_format(fmt)
+    check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")
+    check_dot_dtype(x)
+    t, k = x.shape
+    nb = check_weight("weight", weight, f, 2, x.device)
+    n = weight.shape[0]
+    check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else _matrix("out", out, (t, n), x, True)
+    if bias is not None:
+        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,) and bias.dtype == x.dtype
+              and bias.device == x.device and (n <= 1 or bias.stride(0) == 1),
+              lambda: f"bias must be a contiguous {x.dtype} tensor ({n},) on {x.device}, got {describe(bias)}")
+    if residual is not None:
+        residual = _matrix("residual", residual, (t, n), x, False)
+        same = residual.data_ptr() == out.data_ptr() and (t <= 1 or residual.stride(0) == out.stride(0))
+        if t and n and not same:
+            (r0, r1), (o0, o1) = _span(residual), _span(out)
+            check(r1 <= o0 or o1 <= r0, "residual overlaps out without being out (the kernel would race)")
+    config = default_config(f.block_size, t, n, x.is_cuda) if config is None else config
+    check_config(config, f.block_size)
+    if t == 0 or n == 0:
+        return out
+    x = x if (k <= 1 or x.stride(1) == 1) else x.contiguous()
+    grid = (triton.cdiv(t, config.block_m) * triton.cdiv(n, config.block_n),)
+    _mmq_kernel[grid](
+        x, weight, out, out if bias is None else bias, out if residual is None else residual,
+        lookup_table(f.name, x.device), t, n, k, nb, weight.shape[1], x.stride(0), out.stride(0),
+        out.stride(0) if residual is None else residual.stride(0),
+        FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        G=config.block_k // max(f.block_size, 1), GROUP_M=config.group_m, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
