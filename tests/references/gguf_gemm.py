@@ -38,3 +38,41 @@ def dot_tolerance(x64: torch.Tensor, w64: torch.Tensor, dtype: torch.dtype) -> t
     u = UNIT[dtype]
     mags = x64.abs() @ w64.abs().T
     return (u + (k + 1) * 2.0 ** -24) * mags * (1 + u) + 2.0 ** -25 * x64.abs().sum(-1, keepdim=True)
+
+
+def moe_reference(x: torch.Tensor, gate64: torch.Tensor, up64: torch.Tensor, down64: torch.Tensor,
+                  ids: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref, tol) float64 [T, H] of Σ_s weights[t, s] · down_e(silu(gate_e x_t) · up_e x_t) over the slots s
+    whose expert e is in [0, E), and a bound on a kernel's error that computes it in ``dtype`` as
+    glmtg/kernels/gguf/mmq_moe.py does. Per pair, propagating each step's bound (``dot_tolerance``) through
+    the next (|d silu(g) / dg| <= 1.1):
+      act:  e_a = 1.1 |u| tol_g + (|silu g| + 1.1 tol_g) tol_u, then + (2^-21 + u_out)(|act| + e_a) for
+            the fp32 silu / product (a few ulps) and act's rounding to ``dtype``;
+      y:    e_y = |D| (e_a) + tol(|act| + e_a, D) + u_out (|y| + ...) (y rounded to ``dtype``);
+      out:  Σ_s |w_s| e_y,s + (k + 1) 2^-24 Σ_s |w_s y_s| + u_out |ref| (fp32 sum, one rounding)."""
+    u = UNIT[dtype]
+    xs = x.double()
+    t, k = ids.shape
+    ref = torch.zeros(t, down64.shape[1], dtype=torch.float64)
+    tol = torch.zeros_like(ref)
+    mags = torch.zeros_like(ref)
+    for tok in range(t):
+        for s in range(k):
+            e = int(ids[tok, s])
+            if not 0 <= e < gate64.shape[0]:
+                continue
+            xr = xs[tok:tok + 1]
+            g, up_ = xr @ gate64[e].T, xr @ up64[e].T
+            tol_g, tol_u = dot_tolerance(xr, gate64[e], dtype), dot_tolerance(xr, up64[e], dtype)
+            silu = g * torch.sigmoid(g)
+            act = silu * up_
+            e_a = 1.1 * up_.abs() * tol_g + (silu.abs() + 1.1 * tol_g) * tol_u
+            e_a = e_a + (2.0 ** -21 + u) * (act.abs() + e_a)
+            y = act @ down64[e].T
+            e_y = e_a @ down64[e].abs().T + dot_tolerance(act.abs() + e_a, down64[e], dtype)
+            e_y = e_y + u * (y.abs() + e_y)
+            w = float(weights[tok, s])
+            ref[tok] += w * y[0]
+            tol[tok] += abs(w) * e_y[0]
+            mags[tok] += abs(w) * y[0].abs()
+    return ref, tol + (k + 1) * 2.0 ** -24 * mags + u * ref.abs()

@@ -155,7 +155,7 @@ def default_config(block_size: int, t: int, n: int, on_gpu: bool) -> MmqConfig:
     block_n = 64 if bs >= 256 else 128
     while block_n > 32 and triton.cdiv(n, block_n) * triton.cdiv(t, block_m) < 132:
         block_n //= 2  # a small problem still spreads over the SMs
-    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    num_warps = 8 if block_m >= 64 or bs >= 256 else 4  # a decoded [BLOCK_N, 256] tile needs 8 warps' registers
     return MmqConfig(block_m, block_n, block_k, num_warps, num_stages=2 if bs >= 256 else 3)
 
 
