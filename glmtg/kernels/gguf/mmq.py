@@ -24,11 +24,13 @@ bench/gguf_gemm.py times them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from glmtg.kernels._checks import check, check_power_of_two, describe
 from glmtg.kernels.gguf.decode import decode_blocks
@@ -60,32 +62,41 @@ def _dot(a, w, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def mmq_tile(acc, a_ptrs, a_row_ok, w_rows, K, NB, Aux, FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
-             BLOCK_N: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + A @ dequant(W rows)ᵀ over all K: the loop shared by the dense and the
-    grouped (MoE) kernels.
+def mmq_tile(acc, acc2, a_ptrs, a_row_ok, w_rows, w_rows2, K, NB, Aux, FMT: tl.constexpr, BS: tl.constexpr,
+             TS: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr, PAIR: tl.constexpr):
+    """(acc + A @ dequant(W)ᵀ, acc2 + A @ dequant(W2)ᵀ) over all K, accumulators [BLOCK_M, BLOCK_N]: the loop
+    shared by the dense and the grouped (MoE) kernels. Without PAIR only the first (acc2 comes back as
+    given, W2 unread); with it both weights (gate and up) take each A tile, loaded once.
 
     ``a_ptrs`` [BLOCK_M, BLOCK_K]: pointers to the first K step of the A rows (unit column stride);
-    ``a_row_ok`` [BLOCK_M]: rows to read (others read 0) or None-like all-True; ``w_rows`` [BLOCK_N]: byte
-    pointers to the start of each W row (rows in range: the caller clamps them). K values = NB blocks."""
+    ``a_row_ok`` [BLOCK_M]: rows to read (others read 0); ``w_rows`` / ``w_rows2`` [BLOCK_N]: byte pointers to
+    the start of each weight row (rows in range: the caller clamps them). K values = NB blocks."""
     BLOCK_K: tl.constexpr = G * BS
     gg = tl.arange(0, G)
     kk = tl.arange(0, BLOCK_K)
     blk = w_rows[:, None] + (gg * TS)[None, :]  # [BLOCK_N, G]
+    blk2 = w_rows2[:, None] + (gg * TS)[None, :]
     all_blocks = tl.full((BLOCK_N, G), True, tl.int1)
     full = NB // G
     for _ in range(full):
-        w = _weight_tile(blk, all_blocks, Aux, FMT, BS, BLOCK_N, BLOCK_K)
         a = tl.load(a_ptrs, mask=a_row_ok[:, None], other=0.0)
+        w = _weight_tile(blk, all_blocks, Aux, FMT, BS, BLOCK_N, BLOCK_K)
         acc = _dot(a, w.to(a.dtype), acc, IEEE)  # weights rounded to the activations' dtype
+        if PAIR:
+            w2 = _weight_tile(blk2, all_blocks, Aux, FMT, BS, BLOCK_N, BLOCK_K)
+            acc2 = _dot(a, w2.to(a.dtype), acc2, IEEE)
+            blk2 += G * TS
         blk += G * TS
         a_ptrs += BLOCK_K
     if full * G < NB:  # the last, partial step
-        g_ok = (full * G + gg) < NB
-        w = _weight_tile(blk, all_blocks & g_ok[None, :], Aux, FMT, BS, BLOCK_N, BLOCK_K)
+        g_ok = all_blocks & ((full * G + gg) < NB)[None, :]
         a = tl.load(a_ptrs, mask=a_row_ok[:, None] & ((full * BLOCK_K + kk) < K)[None, :], other=0.0)
+        w = _weight_tile(blk, g_ok, Aux, FMT, BS, BLOCK_N, BLOCK_K)
         acc = _dot(a, w.to(a.dtype), acc, IEEE)
-    return acc
+        if PAIR:
+            w2 = _weight_tile(blk2, g_ok, Aux, FMT, BS, BLOCK_N, BLOCK_K)
+            acc2 = _dot(a, w2.to(a.dtype), acc2, IEEE)
+    return acc, acc2
 
 
 @triton.jit
@@ -109,7 +120,7 @@ def _mmq_kernel(X, W, Y, Bias, Res, Aux, T, N, K, NB, ROW_BYTES, STRIDE_XT, STRI
     a_ptrs = X + tl.minimum(tm, T - 1).to(tl.int64)[:, None] * STRIDE_XT + kk[None, :]
     w_rows = W + tl.minimum(rn, N - 1).to(tl.int64) * ROW_BYTES  # int64: an f32 output head is > 2^31 bytes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = mmq_tile(acc, a_ptrs, tm >= 0, w_rows, K, NB, Aux, FMT, BS, TS, BLOCK_N, G, IEEE)
+    acc, _ = mmq_tile(acc, acc, a_ptrs, tm >= 0, w_rows, w_rows, K, NB, Aux, FMT, BS, TS, BLOCK_N, G, IEEE, False)
     ok = (tm < T)[:, None] & (rn < N)[None, :]
     # torch's unfused roundings: y = round(acc); y = round(y + bias); y = round(y + residual).
     y = acc.to(Y.dtype.element_ty)
@@ -138,18 +149,21 @@ class MmqConfig:
     group_m: int = 8
 
 
-def default_config(block_size: int, t: int, n: int, on_gpu: bool) -> MmqConfig:
+def default_config(block_size: int, t: int, n: int, on_gpu: bool, fp32: bool = False) -> MmqConfig:
     """The launch for ``t`` tokens, ``n`` weight rows and blocks of ``block_size`` values.
 
     GPU (reasoned, bench/gguf_gemm.py --sweep measures): BLOCK_M up to 128 tokens, so that each decoded
     weight value (7-13 instructions) feeds 128 tensor-core multiply-adds; BLOCK_K two 32-value blocks or one
     256-value super-block; BLOCK_N 128 (32-value blocks) or 64 (256-value ones: a [64, 256] decoded tile is
     already 64 fp32 registers a thread at 8 warps). The interpreter (a CPU) takes small tiles over few
-    programs, which it runs fastest."""
+    programs, which it runs fastest. ``fp32`` x (the IEEE dot, on the FMA units: operands in registers)
+    takes small tiles on the GPU; at the bf16 tiles it spills (sm_90 compile)."""
     bs = max(block_size, 1)
     if not on_gpu:
         return MmqConfig(block_m=min(64, max(16, triton.next_power_of_2(t))), block_n=32,
                          block_k=max(32, bs), num_warps=4, num_stages=1)
+    if fp32:
+        return fp32_config(bs)
     block_m = min(128, max(16, triton.next_power_of_2(t)))
     block_k = max(64, bs)
     block_n = 64 if bs >= 256 else 128
@@ -157,6 +171,50 @@ def default_config(block_size: int, t: int, n: int, on_gpu: bool) -> MmqConfig:
         block_n //= 2  # a small problem still spreads over the SMs
     num_warps = 8 if block_m >= 64 or bs >= 256 else 4  # a decoded [BLOCK_N, 256] tile needs 8 warps' registers
     return MmqConfig(block_m, block_n, block_k, num_warps, num_stages=2 if bs >= 256 else 3)
+
+
+def fp32_config(block_size: int) -> MmqConfig:
+    """The GPU launch for fp32 x (the checking path, not the fast one): one 32-value block a step on 64 x 32
+    output tiles (no spills on sm_90), or one 256-value super-block on 16 x 32. Triton's IEEE dot keeps a
+    whole K step of both operands in registers, so a 256-wide step spills whatever the tile (sm_90 compile:
+    ~3.6 KB at 16 x 32); accepted on this path, which is slow anyway."""
+    if block_size >= 256:
+        return MmqConfig(block_m=16, block_n=32, block_k=block_size, num_warps=4, num_stages=2)
+    return MmqConfig(block_m=64, block_n=32, block_k=32, num_warps=4, num_stages=2)
+
+
+def smaller_config(config: MmqConfig) -> MmqConfig | None:
+    """The next launch to try when ``config``'s tiles do not fit a GPU's shared memory per block: one stage
+    fewer, then half the m-tile, then half the n-tile; None when nothing is left to shrink."""
+    if config.num_stages > 1:
+        return replace(config, num_stages=config.num_stages - 1)
+    if config.block_m > 16:
+        return replace(config, block_m=config.block_m // 2)
+    if config.block_n > 16:
+        return replace(config, block_n=config.block_n // 2)
+    return None
+
+
+# (kernel key, chosen config) -> the config that fitted: each failed try costs a compile, so it is made once.
+_FITTED: dict[tuple[Hashable, MmqConfig], MmqConfig] = {}
+
+
+def launch_fitted(key: Hashable, config: MmqConfig, launch: Callable[[MmqConfig], None]) -> None:
+    """``launch(config)``, or where the GPU refuses it for its shared memory (Triton raises OutOfResources at
+    the first launch, before anything is enqueued), the first of ``smaller_config``'s launches it takes.
+    Why: the defaults are sized for Hopper's 227 KB a block; an Ampere (163 KB) or Ada (99 KB) GPU takes
+    fewer stages or smaller tiles. The choice is remembered per ``key`` (kernel, format, dtype, device)."""
+    chosen = _FITTED.get((key, config), config)
+    while True:
+        try:
+            launch(chosen)
+        except OutOfResources:
+            chosen = smaller_config(chosen)
+            if chosen is None:
+                raise
+            continue
+        _FITTED[(key, config)] = chosen
+        return
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -208,19 +266,21 @@ def mmq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Ten
         if t and n and not same:
             (r0, r1), (o0, o1) = _span(residual), _span(out)
             check(r1 <= o0 or o1 <= r0, "residual overlaps out without being out (the kernel would race)")
-    config = default_config(f.block_size, t, n, x.is_cuda) if config is None else config
+    config = default_config(f.block_size, t, n, x.is_cuda, x.dtype == torch.float32) if config is None else config
     check_config(config, f.block_size)
     if t == 0 or n == 0:
         return out
     x = x if (k <= 1 or x.stride(1) == 1) else x.contiguous()
-    grid = (triton.cdiv(t, config.block_m) * triton.cdiv(n, config.block_n),)
-    _mmq_kernel[grid](
-        x, weight, out, out if bias is None else bias, out if residual is None else residual,
-        lookup_table(f.name, x.device), t, n, k, nb, weight.shape[1], x.stride(0), out.stride(0),
-        out.stride(0) if residual is None else residual.stride(0),
-        FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        G=config.block_k // max(f.block_size, 1), GROUP_M=config.group_m, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    aux = lookup_table(f.name, x.device)
+
+    def launch(c: MmqConfig) -> None:
+        _mmq_kernel[(triton.cdiv(t, c.block_m) * triton.cdiv(n, c.block_n),)](
+            x, weight, out, out if bias is None else bias, out if residual is None else residual, aux, t, n, k, nb,
+            weight.shape[1], x.stride(0), out.stride(0), out.stride(0) if residual is None else residual.stride(0),
+            FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            G=c.block_k // max(f.block_size, 1), GROUP_M=c.group_m, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=c.num_warps,
+            num_stages=c.num_stages)
+
+    launch_fitted(("mmq", f.name, x.dtype, x.device), config, launch)
     return out

@@ -10,8 +10,8 @@ per-expert counts on the host (one sync per layer). Here the pairs are sorted by
   pairs; each expert's last tile may be partial), the second the n-tiles. A program finds its expert from
   the device-side cumulative tile counts (``tile_ends``) and its rows from the pair offsets (``ends``);
   programs past the last tile run no K loop and store nothing.
-- gate/up: one launch computes both products of the same rows and columns (two accumulators, the x tile
-  read for each) and stores act = silu(g) · u (fp32, rounded once to x's dtype) in sorted pair order.
+- gate/up: one launch computes both products of the same rows and columns (two accumulators, each x tile
+  loaded once for both) and stores act = silu(g) · u (fp32, rounded once to x's dtype) in sorted pair order.
 - down: act rows (contiguous, sorted order) times the expert's down rows; each pair's output row, rounded
   to x's dtype, is stored at its pair index (the sort's ``order``): a scatter in which every row is written
   by exactly one program.
@@ -32,7 +32,7 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.gemv import check_weight, decoded_format, output_for
-from glmtg.kernels.gguf.mmq import MmqConfig, check_config, check_dot_dtype, mmq_tile
+from glmtg.kernels.gguf.mmq import MmqConfig, check_config, check_dot_dtype, fp32_config, launch_fitted, mmq_tile
 from glmtg.kernels.gguf.tables import lookup_table
 
 
@@ -69,11 +69,9 @@ def _gate_up_kernel(X, Gate, Up, Act, Order, PairEnds, TileEnds, Aux, E, TOP_K, 
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_off = e.to(tl.int64) * I * ROW_BYTES + tl.minimum(rn, I - 1).to(tl.int64) * ROW_BYTES
     nb = tl.where(has_tile, NB, 0)  # no tile: no K loop
-    all_rows = tl.full([BLOCK_M], True, tl.int1)
-    g = mmq_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, all_rows, Gate + w_off, H, nb, Aux, FMT,
-                 BS, TS, BLOCK_N, G, IEEE)
-    u = mmq_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, all_rows, Up + w_off, H, nb, Aux, FMT,
-                 BS, TS, BLOCK_N, G, IEEE)
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g, u = mmq_tile(zero, zero, a_ptrs, tl.full([BLOCK_M], True, tl.int1), Gate + w_off, Up + w_off, H, nb, Aux,
+                    FMT, BS, TS, BLOCK_N, G, IEEE, True)
     act = g / (1.0 + tl.exp(-g)) * u
     ok = row_ok[:, None] & (rn < I)[None, :]
     tl.store(Act + rows.to(tl.int64)[:, None] * I + rn[None, :], act.to(Act.dtype.element_ty), mask=ok)
@@ -91,8 +89,9 @@ def _down_kernel(Act, Down, Y, Order, PairEnds, TileEnds, Aux, E, H, I, NB, ROW_
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = Down + e.to(tl.int64) * H * ROW_BYTES + tl.minimum(rn, H - 1).to(tl.int64) * ROW_BYTES
     nb = tl.where(has_tile, NB, 0)
-    acc = mmq_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, tl.full([BLOCK_M], True, tl.int1), w_rows, I, nb,
-                   Aux, FMT, BS, TS, BLOCK_N, G, IEEE)
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc, _ = mmq_tile(zero, zero, a_ptrs, tl.full([BLOCK_M], True, tl.int1), w_rows, w_rows, I, nb, Aux, FMT, BS, TS,
+                      BLOCK_N, G, IEEE, False)
     pair = tl.load(Order + rows, mask=row_ok, other=0)  # where this row's pair sits: t * k + slot
     ok = row_ok[:, None] & (rn < H)[None, :]
     tl.store(Y + pair.to(tl.int64)[:, None] * H + rn[None, :], acc.to(Y.dtype.element_ty), mask=ok)
@@ -118,15 +117,19 @@ def _combine_kernel(Y, Ids, Weights, Out, T, H, E, TOP_K: tl.constexpr, BLOCK_T:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def default_moe_config(block_size: int, pairs: int, experts: int, on_gpu: bool, fused_pair: bool) -> MmqConfig:
+def default_moe_config(block_size: int, pairs: int, experts: int, on_gpu: bool, fused_pair: bool,
+                       fp32: bool = False) -> MmqConfig:
     """The launch of one projection: BLOCK_M near the mean pairs per expert (16..128: fewer padded rows in
     each expert's last tile), the rest as ``mmq.default_config``; ``fused_pair`` (gate+up: two
-    accumulators) halves BLOCK_N to keep the registers. Reasoned, not measured (bench/gguf_gemm.py)."""
+    accumulators) halves BLOCK_N to keep the registers; ``fp32`` x takes ``mmq.fp32_config``. Reasoned,
+    not measured (bench/gguf_gemm.py)."""
     bs = max(block_size, 1)
     mean = max(1, pairs // max(1, experts))
     if not on_gpu:
         return MmqConfig(block_m=min(32, max(16, triton.next_power_of_2(mean))), block_n=64,
                          block_k=max(32, bs), num_warps=4, num_stages=1)
+    if fp32:
+        return fp32_config(bs)
     block_m = min(128, max(16, triton.next_power_of_2(mean)))
     block_n = (64 if bs >= 256 else 128) // (2 if fused_pair else 1)
     num_warps = 8 if block_m >= 64 or bs >= 256 else 4  # a decoded [BLOCK_N, 256] tile needs 8 warps' registers
@@ -188,8 +191,9 @@ def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
     k = ids.shape[1]
     pairs = t * k
     on_gpu = x.is_cuda
-    gcfg = default_moe_config(gf.block_size, pairs, e, on_gpu, True) if gate_up_config is None else gate_up_config
-    dcfg = default_moe_config(df.block_size, pairs, e, on_gpu, False) if down_config is None else down_config
+    fp32 = x.dtype == torch.float32
+    gcfg = default_moe_config(gf.block_size, pairs, e, on_gpu, True, fp32) if gate_up_config is None else gate_up_config
+    dcfg = default_moe_config(df.block_size, pairs, e, on_gpu, False, fp32) if down_config is None else down_config
     check_config(gcfg, gf.block_size)
     check_config(dcfg, df.block_size)
     out = output_for(out, (t, h), x)
@@ -201,17 +205,25 @@ def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
     act = torch.empty((pairs, i), dtype=x.dtype, device=x.device)
     y = torch.empty((pairs, h), dtype=x.dtype, device=x.device)
     block_e = triton.next_power_of_2(e)
-    ieee = x.dtype == torch.float32
-    _gate_up_kernel[(triton.cdiv(pairs, gcfg.block_m) + e, triton.cdiv(i, gcfg.block_n))](
-        x, gate, up, act, order, ends, _tile_ends(ends, gcfg.block_m), lookup_table(gf.name, x.device), e, k, h, i,
-        nb_h, gate.shape[2], x.stride(0), FMT=gf.gguf_type, BS=gf.block_size, TS=gf.type_size,
-        BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n, BLOCK_E=block_e, G=gcfg.block_k // max(gf.block_size, 1),
-        IEEE=ieee, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
-    _down_kernel[(triton.cdiv(pairs, dcfg.block_m) + e, triton.cdiv(h, dcfg.block_n))](
-        act, down, y, order, ends, _tile_ends(ends, dcfg.block_m), lookup_table(df.name, x.device), e, h, i, nb_i,
-        down.shape[2], FMT=df.gguf_type, BS=df.block_size, TS=df.type_size, BLOCK_M=dcfg.block_m,
-        BLOCK_N=dcfg.block_n, BLOCK_E=block_e, G=dcfg.block_k // max(df.block_size, 1), IEEE=ieee,
-        num_warps=dcfg.num_warps, num_stages=dcfg.num_stages)
+    ieee = fp32
+
+    # The grids depend on BLOCK_M (tiles per expert) and so do the tile offsets: both from the launch tried.
+    def gate_up_launch(c: MmqConfig) -> None:
+        _gate_up_kernel[(triton.cdiv(pairs, c.block_m) + e, triton.cdiv(i, c.block_n))](
+            x, gate, up, act, order, ends, _tile_ends(ends, c.block_m), lookup_table(gf.name, x.device), e, k, h,
+            i, nb_h, gate.shape[2], x.stride(0), FMT=gf.gguf_type, BS=gf.block_size, TS=gf.type_size,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_E=block_e, G=c.block_k // max(gf.block_size, 1),
+            IEEE=ieee, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def down_launch(c: MmqConfig) -> None:
+        _down_kernel[(triton.cdiv(pairs, c.block_m) + e, triton.cdiv(h, c.block_n))](
+            act, down, y, order, ends, _tile_ends(ends, c.block_m), lookup_table(df.name, x.device), e, h, i,
+            nb_i, down.shape[2], FMT=df.gguf_type, BS=df.block_size, TS=df.type_size, BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n, BLOCK_E=block_e, G=c.block_k // max(df.block_size, 1), IEEE=ieee,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    launch_fitted(("moe_gate_up", gf.name, x.dtype, x.device), gcfg, gate_up_launch)
+    launch_fitted(("moe_down", df.name, x.dtype, x.device), dcfg, down_launch)
     block_t, block_h = (16, 256) if on_gpu else (16, 64)
     _combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(h, block_h))](
         y, ids, weights, out, t, h, e, TOP_K=k, BLOCK_T=block_t, BLOCK_H=block_h)

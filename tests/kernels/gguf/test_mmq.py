@@ -145,3 +145,28 @@ def test_mmq_air_shapes_on_gpu(name: str, shape: tuple[int, int, int]) -> None:
     # GLM-4.5-Air q_proj / o_proj shapes (T, N, K), the default GPU launch.
     t, n, k = shape
     _check(name, t, n, torch.bfloat16, seed=600, device="cuda", k=k)
+
+
+def test_launch_shrinks_to_fit_shared_memory() -> None:
+    # A GPU with less shared memory per block than Hopper refuses the default tiles at the first launch
+    # (Triton's OutOfResources): the launcher tries fewer stages, then smaller tiles, and remembers the fit.
+    from triton.runtime.errors import OutOfResources
+
+    from glmtg.kernels.gguf.mmq import launch_fitted
+
+    tried = []
+
+    def launch(c: MmqConfig) -> None:
+        tried.append((c.block_m, c.block_n, c.num_stages))
+        need = (c.num_stages * c.block_m + c.block_n) * c.block_k * 2
+        if need > 90 * 1024:
+            raise OutOfResources(need, 90 * 1024, "shared memory")
+
+    start = MmqConfig(block_m=128, block_n=64, block_k=256, num_warps=8, num_stages=2)
+    launch_fitted(("test", 1), start, launch)
+    assert tried == [(128, 64, 2), (128, 64, 1), (64, 64, 1)]
+    tried.clear()
+    launch_fitted(("test", 1), start, launch)  # remembered: no failed tries again
+    assert tried == [(64, 64, 1)]
+    with pytest.raises(OutOfResources):
+        launch_fitted(("test", 2), MmqConfig(16, 16, 4096, 4, 1), launch)
