@@ -56,23 +56,22 @@ def moe_reference(x: torch.Tensor, gate64: torch.Tensor, up64: torch.Tensor, dow
     ref = torch.zeros(t, down64.shape[1], dtype=torch.float64)
     tol = torch.zeros_like(ref)
     mags = torch.zeros_like(ref)
-    for tok in range(t):
-        for s in range(k):
-            e = int(ids[tok, s])
-            if not 0 <= e < gate64.shape[0]:
-                continue
-            xr = xs[tok:tok + 1]
-            g, up_ = xr @ gate64[e].T, xr @ up64[e].T
-            tol_g, tol_u = dot_tolerance(xr, gate64[e], dtype), dot_tolerance(xr, up64[e], dtype)
-            silu = g * torch.sigmoid(g)
-            act = silu * up_
-            e_a = 1.1 * up_.abs() * tol_g + (silu.abs() + 1.1 * tol_g) * tol_u
-            e_a = e_a + (2.0 ** -21 + u) * (act.abs() + e_a)
-            y = act @ down64[e].T
-            e_y = e_a @ down64[e].abs().T + dot_tolerance(act.abs() + e_a, down64[e], dtype)
-            e_y = e_y + u * (y.abs() + e_y)
-            w = float(weights[tok, s])
-            ref[tok] += w * y[0]
-            tol[tok] += abs(w) * e_y[0]
-            mags[tok] += abs(w) * y[0].abs()
+    for e in range(gate64.shape[0]):  # all pairs of one expert at once
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xr = xs[tok]
+        g, up_ = xr @ gate64[e].T, xr @ up64[e].T
+        tol_g, tol_u = dot_tolerance(xr, gate64[e], dtype), dot_tolerance(xr, up64[e], dtype)
+        silu = g * torch.sigmoid(g)
+        act = silu * up_
+        e_a = 1.1 * up_.abs() * tol_g + (silu.abs() + 1.1 * tol_g) * tol_u
+        e_a = e_a + (2.0 ** -21 + u) * (act.abs() + e_a)
+        y = act @ down64[e].T
+        e_y = e_a @ down64[e].abs().T + dot_tolerance(act.abs() + e_a, down64[e], dtype)
+        e_y = e_y + u * (y.abs() + e_y)
+        w = weights[tok, slot].double()[:, None]
+        ref.index_add_(0, tok, w * y)
+        tol.index_add_(0, tok, w.abs() * e_y)
+        mags.index_add_(0, tok, w.abs() * y.abs())
     return ref, tol + (k + 1) * 2.0 ** -24 * mags + u * ref.abs()

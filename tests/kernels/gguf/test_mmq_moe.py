@@ -116,9 +116,9 @@ def test_moe_prefill_rejects_bad_input() -> None:
 @pytest.mark.parametrize("gu", DECODED)
 def test_moe_prefill_bf16_on_gpu(gu: str) -> None:
     # every decoded format as gate/up (down in q5_0, as Air's) and as down (gate/up q4_k), compiled
-    _check(gu, "q5_0", torch.bfloat16, seed=100, t=300, k=8, e=16, device="cuda", hidden_small=512,
+    _check(gu, "q5_0", torch.bfloat16, seed=100, t=100, k=8, e=16, device="cuda", hidden_small=512,
            inter_small=192)
-    _check("q4_k", gu, torch.bfloat16, seed=101, t=300, k=8, e=16, device="cuda", inter_small=192)
+    _check("q4_k", gu, torch.bfloat16, seed=101, t=100, k=8, e=16, device="cuda", inter_small=192)
 
 
 @pytest.mark.gpu
