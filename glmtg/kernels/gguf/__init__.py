@@ -1,6 +1,6 @@
 """Kernels that read GGUF weight blocks in place (llama.cpp's block formats), never a dequantized copy.
 
-Three families; for decode the first two are chosen per format by ``dispatch.py``:
+Three families (for decode, ``dispatch.py`` picks float decode or integer dot products per format):
 
 - float decode: ``decode.py`` (+ ``decode_kquants.py``, ``decode_iq.py``) holds one Triton block decoder per
   GGUF type behind one dispatcher (``decode_blocks``, values bit-exact with ``gguf``); ``dequant.py`` (whole
