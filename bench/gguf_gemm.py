@@ -105,7 +105,6 @@ def bench_dense(fmt: str, tokens: int, replays: int, gen: torch.Generator, sweep
                 print(f"  mmq {name} {used} T={tokens} {label}: failed: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
             rows.append(_row("mmq", name, used, tokens, flops, seconds, label, _rel(out, ref)))
-        del w, x, out, ref
     return rows
 
 

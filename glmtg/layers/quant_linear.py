@@ -191,8 +191,12 @@ class QuantLinear(Linear):
         from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES
 
         dtype = x.dtype
+        # The GEMM reads the stored blocks as they are (no copy), so they must be contiguous and aligned as a
+        # GGUF tensor is; anything else (a hand-made view) takes the dequantize path, which copies.
+        stored = [getattr(self, attr) for attr, _, _, _ in self.groups]
         return (check_gemm(self.gemm) == "auto" and dtype in SUPPORTED_DTYPES
                 and all(has_device_decoder(fmt) for _, fmt, _, _ in self.groups)
+                and all(w.is_contiguous() and w.data_ptr() % 16 == 0 for w in stored)
                 and (self.bias is None or self.bias.dtype == dtype)
                 and (residual is None or (residual.dtype == dtype and residual.stride(-1) == 1)))
 

@@ -138,7 +138,7 @@ def test_quant_experts_placement_on_grouped_gemm(blocks, calls):
 
 
 def test_quant_experts_cpu_default_keeps_loop(blocks, calls):
-    experts, full, gen = _experts(blocks, "auto", seed=5)
+    experts, _, gen = _experts(blocks, "auto", seed=5)
     x = torch.randn(9, 96, generator=gen) / 40
     ids = torch.stack([torch.randperm(5, generator=gen)[:2] for _ in range(9)])
     experts(x, ids, torch.rand(9, 2, generator=gen))

@@ -38,7 +38,6 @@ from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, decoded_form
 from glmtg.kernels.gguf.mmvq import _matrix, _span
 from glmtg.kernels.gguf.tables import lookup_table
 
-
 # ---------------------------------------------------------------------------------------------- kernel
 
 

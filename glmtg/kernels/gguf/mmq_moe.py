@@ -32,9 +32,15 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.gemv import check_weight, decoded_format, output_for
-from glmtg.kernels.gguf.mmq import MmqConfig, check_config, check_dot_dtype, fp32_config, launch_fitted, mmq_tile
+from glmtg.kernels.gguf.mmq import (
+    MmqConfig,
+    check_config,
+    check_dot_dtype,
+    fp32_config,
+    launch_fitted,
+    mmq_tile,
+)
 from glmtg.kernels.gguf.tables import lookup_table
-
 
 # ---------------------------------------------------------------------------------------------- kernels
 
@@ -178,6 +184,7 @@ def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
     check_weight("up", up, gf, 3, x.device)
     nb_i = check_weight("down", down, df, 3, x.device)
     e, i = gate.shape[0], gate.shape[1]
+    check(e >= 1 and i >= 1, lambda: f"gate must hold at least one expert of at least one row, got {tuple(gate.shape)}")
     check(nb_h * gf.block_size == h, lambda: f"gate rows hold {nb_h * gf.block_size} values but x has H={h}")
     check(tuple(down.shape[:2]) == (e, h) and nb_i * df.block_size == i,
           lambda: f"down must hold [{e}, {h}] rows of {i} values, got {tuple(down.shape)} of "

@@ -59,7 +59,12 @@ def _compile(kernel, const: dict, pointers: dict, options: dict) -> dict:
 def _cases():
     from glmtg.formats import REGISTRY
     from glmtg.kernels.gguf.mmq import _mmq_kernel, default_config
-    from glmtg.kernels.gguf.mmq_moe import _combine_kernel, _down_kernel, _gate_up_kernel, default_moe_config
+    from glmtg.kernels.gguf.mmq_moe import (
+        _combine_kernel,
+        _down_kernel,
+        _gate_up_kernel,
+        default_moe_config,
+    )
 
     for name, dtype in [(n, "bf16") for n in DENSE] + [("q4_0", "fp32")]:
         f = REGISTRY[name]
