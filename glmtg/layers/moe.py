@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmtg.config import ModelConfig
+from glmtg.kernels.gguf.mmq_moe import sort_by_expert
 from glmtg.kernels.moe_decode import moe_decode
 from glmtg.layers import fused
 from glmtg.layers.mlp import MLP
@@ -280,11 +281,9 @@ def grouped_mm_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, do
     """Pairs sorted by expert on the device, then one grouped matmul per projection: each expert's weights
     are read once and no weight is copied. Returns [T, k, H]."""
     t, k = ids.shape
-    flat = ids.reshape(-1)  # [P = T*k], pair p = token p // k, slot p % k
-    sorted_ids, order = flat.sort(stable=True)
-    experts = torch.arange(gate.shape[0], device=ids.device, dtype=sorted_ids.dtype)
-    # ends[e] = pairs routed to experts <= e: the groups' end offsets, computed without leaving the device
-    ends = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [E]
+    # pairs p = t * k + slot sorted by expert; ends[e] = pairs routed to experts <= e (the groups' end
+    # offsets), computed without leaving the device: the same sort as the GGUF grouped GEMM's
+    order, ends = sort_by_expert(ids, gate.shape[0])
     xs = x.index_select(0, order // k)  # [P, H] grouped by expert
     g = torch._grouped_mm(xs, gate.transpose(1, 2), offs=ends)  # [P, I]
     u = torch._grouped_mm(xs, up.transpose(1, 2), offs=ends)

@@ -5,9 +5,13 @@ Same interface as ``glmtg.layers.moe.Experts`` (load_expert, forward(x, ids, wei
 - few (token, expert) pairs on the kernel backend (decode), or any number while a CUDA graph is being
   captured: ``glmtg.kernels.gguf.moe.quant_moe_decode`` reads the chosen experts' blocks in place (gate and
   up with SiLU-multiply, down weighted and summed).
-- otherwise (prefill, CPU, the torch backend): pairs sorted by expert and one loop over the experts that
-  have pairs, each dequantizing its three matrices (a transient of one expert) for its products. It reads
-  the per-expert counts on the host (one sync), so it is not for captured decode steps.
+- more pairs on the kernel backend (prefill; the default on CUDA): ``glmtg.kernels.gguf.mmq_moe.moe_prefill``,
+  pairs sorted by expert on the device and one grouped launch per projection, tiles of the blocks decoded
+  into tensor-core dots; no host sync, no float copy of an expert.
+- otherwise (CPU and the torch backend, ``gemm = "dequant"``, or gate and up in different formats): pairs
+  sorted by expert and one loop over the experts that have pairs, each dequantizing its three matrices (a
+  transient of one expert) for its products. It reads the per-expert counts on the host (one sync), so it
+  is not for captured decode steps.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
 from glmtg.layers import fused
 from glmtg.layers.moe import ExpertPlacement, write_expert
-from glmtg.layers.quant_linear import check_backend, check_format, dequantize, has_device_decoder, uses_kernels
+from glmtg.layers.quant_linear import (
+    check_backend,
+    check_format,
+    check_gemm,
+    dequantize,
+    has_device_decoder,
+    uses_kernels,
+)
 
 PARAMS = ("gate_proj", "up_proj", "down_proj")
 
@@ -43,6 +54,9 @@ class QuantExperts(nn.Module):
         # Which decode kernel reads the experts (glmtg/kernels/gguf/dispatch.py): "auto" = int8 dot products
         # where both formats have them, else float decode; "float" for checks against the float path.
         self.dot = "auto"
+        # How many pairs run on the kernel backend (quant_linear.GEMMS): "auto" = the grouped dequantizing
+        # GEMM where it reads the formats; "dequant" = the loop below (A/B checks).
+        self.gemm = "auto"
         self.dtype = dtype
         self.top_k = config.num_experts_per_tok
         e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
@@ -106,6 +120,11 @@ class QuantExperts(nn.Module):
                               self.formats["gate_proj"], self.formats["down_proj"], path=self.dot, shared=shared)
         if shared is not None:
             raise ValueError("shared: folded only by the decode kernel (use shared_blocks to ask)")
+        if self._grouped(x):
+            from glmtg.kernels.gguf.mmq_moe import moe_prefill
+
+            return moe_prefill(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights.float(),
+                               self.formats["gate_proj"], self.formats["down_proj"])
         return self._looped(x, ids, weights, uses_kernels(self.backend, x))
 
     def reads_int8(self) -> bool:
@@ -114,14 +133,24 @@ class QuantExperts(nn.Module):
 
         return uses_int8(self.dot, *self.formats.values())
 
+    def _readable(self, x: torch.Tensor) -> bool:
+        """The kernel backend runs for x, gate and up share a format and the Triton decoders read every
+        format: the fused decode and the grouped GEMM both decode gate and up rows with one format."""
+        return (uses_kernels(self.backend, x) and self.formats["gate_proj"] == self.formats["up_proj"]
+                and all(has_device_decoder(f) for f in self.formats.values()))
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        """Whether many pairs take the grouped dequantizing GEMM (``gemm`` allowing it, x a dtype it takes)."""
+        from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES
+
+        return check_gemm(self.gemm) == "auto" and x.dtype in SUPPORTED_DTYPES and self._readable(x)
+
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
         # The fused kernel decodes gate and up rows with one format. A file that gives them different formats
         # (llama.cpp's mixes never do, a hand-made one might), or formats without a Triton decoder yet, takes
         # the torch loop instead: correct, but it reads the counts on the host, so such a model's decode steps
         # cannot be captured in a CUDA graph.
-        if not uses_kernels(self.backend, x) or self.formats["gate_proj"] != self.formats["up_proj"]:
-            return False
-        if not all(has_device_decoder(f) for f in self.formats.values()):
+        if not self._readable(x):
             return False
         # Many pairs (a big decode batch) still take the kernel while a CUDA graph is being captured: it
         # reads an expert once per pair, but the loop's host read of the counts cannot be captured.

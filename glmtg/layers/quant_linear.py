@@ -5,8 +5,10 @@ modules hold those bytes as they are and read them two ways:
 
 - few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
   the weight bytes, which is what decode speed is made of.
-- many tokens (prefill) or the torch backend: the rows are dequantized to the activations' dtype (a
-  transient of one projection, freed after its product) and multiplied with ``F.linear``.
+- many tokens (prefill) on the kernel backend: ``glmtg.kernels.gguf.mmq.mmq`` decodes tiles of the blocks in
+  registers straight into tensor-core dots (no float copy of the weight), bias and residual in its epilogue.
+- the torch backend (the CPU default), or ``gemm = "dequant"``: the rows are dequantized to the activations'
+  dtype (a transient of one projection, freed after its product) and multiplied with ``F.linear``.
 
 Shards of one fused projection may come in different formats (a Q4_K_M file has attn_q/attn_k in Q4_K and
 attn_v in Q6_K). Consecutive shards sharing a format are stored as one buffer, so q and k still run as one
@@ -26,6 +28,9 @@ from glmtg.layers.linear import Linear, Shards
 from glmtg.layers.params import write_parameter
 
 BACKENDS = ("auto", "kernel", "torch")
+# How the kernel backend runs products of many tokens (prefill): "auto" = the dequantizing GEMM (mmq) where
+# the Triton decoders read the formats, else dequantize + F.linear; "dequant" forces the latter (A/B checks).
+GEMMS = ("auto", "dequant")
 
 
 def check_format(fmt: object, in_features: int, what: str) -> str:
@@ -49,6 +54,12 @@ def uses_kernels(backend: str, x: torch.Tensor) -> bool:
     """Whether the Triton kernels run: always for "kernel", for CUDA inputs under "auto" (a CPU would need
     the Triton interpreter), never for "torch"."""
     return backend == "kernel" or (backend == "auto" and x.is_cuda)
+
+
+def check_gemm(gemm: object) -> str:
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    return gemm  # type: ignore[return-value]
 
 
 def has_device_decoder(fmt: str) -> bool:
@@ -88,6 +99,8 @@ class QuantLinear(Linear):
         # Which decode kernel reads the blocks (glmtg/kernels/gguf/dispatch.py): "auto" = int8 dot products
         # where the format has them, else float decode; "float" for checks against the float path.
         self.dot = "auto"
+        # How products of many tokens run on the kernel backend (GEMMS): the dequantizing GEMM by default.
+        self.gemm = "auto"
         names = [name for name, _ in self.shards]
         if isinstance(formats, str):
             per_shard = {name: formats for name in names}
@@ -160,6 +173,8 @@ class QuantLinear(Linear):
             return self._int8_products(x2, None, x2.dtype, res2).view(*lead, self.out_features)
         kernel = uses_kernels(self.backend, x2)
         gemv = kernel and _gemv_applies(x2.shape[0])
+        if kernel and not gemv and self._mmq_applies(x2, res2):
+            return self._mmq_products(x2, res2).view(*lead, self.out_features)
         ys = [_product(x2, getattr(self, attr), fmt, kernel=kernel, gemv=gemv, dot=self.dot)
               for attr, fmt, _, _ in self.groups]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
@@ -168,6 +183,34 @@ class QuantLinear(Linear):
         if res2 is not None:
             y = y + res2
         return y.view(*lead, self.out_features)
+
+    def _mmq_applies(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the dequantizing GEMM takes this product: ``gemm`` allows it, the Triton decoders read
+        every run's format, and x, bias and residual share a dtype the GEMM takes (its epilogue adds them
+        in x's dtype)."""
+        from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES
+
+        dtype = x.dtype
+        # The GEMM reads the stored blocks as they are (no copy), so they must be contiguous and aligned as a
+        # GGUF tensor is; anything else (a hand-made view) takes the dequantize path, which copies.
+        stored = [getattr(self, attr) for attr, _, _, _ in self.groups]
+        return (check_gemm(self.gemm) == "auto" and dtype in SUPPORTED_DTYPES
+                and all(has_device_decoder(fmt) for _, fmt, _, _ in self.groups)
+                and all(w.is_contiguous() and w.data_ptr() % 16 == 0 for w in stored)
+                and (self.bias is None or self.bias.dtype == dtype)
+                and (residual is None or (residual.dtype == dtype and residual.stride(-1) == 1)))
+
+    def _mmq_products(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Every run's dequantizing GEMM written into its columns of one output, bias and ``residual`` added
+        in the same launches (torch's roundings: y = round(x Wᵀ), round(y + b), round(y + residual))."""
+        from glmtg.kernels.gguf.mmq import mmq
+
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for attr, fmt, start, stop in self.groups:
+            mmq(x, getattr(self, attr), fmt, out=out[:, start:stop],
+                bias=None if self.bias is None else self.bias[start:stop],
+                residual=None if residual is None else residual[:, start:stop])
+        return out
 
     def reads_int8(self) -> bool:
         """Whether decode products read int8-rounded activations: every run's format on the int8-dot path

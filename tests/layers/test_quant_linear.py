@@ -135,7 +135,7 @@ def test_bad_input(blocks):
 @pytest.mark.parametrize("tokens", ("gemv", "prefill"))
 @pytest.mark.parametrize("fmt", ("q8_0", "q4_0"))
 def test_kernel_backend(blocks, fmt, tokens):
-    """The Triton paths (interpreter on CPU): the GEMV for few tokens, dequantize_rows + F.linear beyond."""
+    """The Triton paths (interpreter on CPU): the GEMV for few tokens, the dequantizing GEMM (mmq) beyond."""
     from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS
 
     random_blocks, values = blocks
