@@ -60,10 +60,8 @@ def _qk_rope_kernel(
     xp = tl.load(src + partner, mask=rotated, other=0.0).to(tl.float32)
     if h < HQ:
         w_ptr = QW
-        dst = Q + t * stride_qt + h * stride_qh
     else:
         w_ptr = KW
-        dst = K + t * stride_kt + (h - HQ) * stride_kh
     out_ty = Y.dtype.element_ty  # every rounding in y's dtype, as the torch ops; q stored in Q's after them
     if NORM:
         r = tl.math.rsqrt(tl.sum(x * x, 0) * inv_d + eps)
@@ -76,10 +74,11 @@ def _qk_rope_kernel(
     turn = xp * s
     roped = x * c + tl.where(cols < half, -turn, turn)
     out = tl.where(rotated, roped, x).to(out_ty)
+    # q and k may differ in dtype (q_dtype): one store each, no pointer shared between the branches
     if h < HQ:
-        tl.store(dst + cols, out.to(Q.dtype.element_ty), mask=in_head)
+        tl.store(Q + t * stride_qt + h * stride_qh + cols, out.to(Q.dtype.element_ty), mask=in_head)
     else:
-        tl.store(dst + cols, out, mask=in_head)
+        tl.store(K + t * stride_kt + (h - HQ) * stride_kh + cols, out, mask=in_head)
     if STORE_KV:
         if h >= HQ:  # k head h - HQ: append it (roped) and its v head to the cache, as KVCache.append
             b = t // seq_len

@@ -143,7 +143,7 @@ class QuantExperts(nn.Module):
         """Whether many pairs take the grouped dequantizing GEMM (``gemm`` allowing it, x a dtype it takes)."""
         from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES
 
-        return check_gemm(self.gemm) == "auto" and x.dtype in SUPPORTED_DTYPES and self._readable(x)
+        return check_gemm(self.gemm) in ("auto", "mmq") and x.dtype in SUPPORTED_DTYPES and self._readable(x)
 
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
         # The fused kernel decodes gate and up rows with one format. A file that gives them different formats

@@ -5,10 +5,11 @@ modules hold those bytes as they are and read them two ways:
 
 - few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
   the weight bytes, which is what decode speed is made of.
-- many tokens (prefill) on the kernel backend: ``glmtg.kernels.gguf.mmq.mmq`` decodes tiles of the blocks in
-  registers straight into tensor-core dots (no float copy of the weight), bias and residual in its epilogue.
-- the torch backend (the CPU default), or ``gemm = "dequant"``: the rows are dequantized to the activations'
-  dtype (a transient of one projection, freed after its product) and multiplied with ``F.linear``.
+- many tokens (prefill): the rows are dequantized to the activations' dtype (a transient of one projection,
+  freed after its product) and multiplied with ``F.linear`` (cuBLAS): measured 3-4x faster than decoding
+  tiles inside a GEMM for these dense shapes (bench/DECISIONS.md H6). ``gemm = "mmq"`` takes
+  ``glmtg.kernels.gguf.mmq.mmq`` instead (tiles of the blocks decoded in registers straight into
+  tensor-core dots, no float copy of the weight; bias and residual in its epilogue) on the kernel backend.
 
 Shards of one fused projection may come in different formats (a Q4_K_M file has attn_q/attn_k in Q4_K and
 attn_v in Q6_K). Consecutive shards sharing a format are stored as one buffer, so q and k still run as one
@@ -30,7 +31,7 @@ from glmtg.layers.params import write_parameter
 BACKENDS = ("auto", "kernel", "torch")
 # How the kernel backend runs products of many tokens (prefill): "auto" = the dequantizing GEMM (mmq) where
 # the Triton decoders read the formats, else dequantize + F.linear; "dequant" forces the latter (A/B checks).
-GEMMS = ("auto", "dequant")
+GEMMS = ("auto", "mmq", "dequant")  # "auto": dense products dequantize, routed experts run the grouped GEMM
 
 
 def check_format(fmt: object, in_features: int, what: str) -> str:
@@ -99,7 +100,7 @@ class QuantLinear(Linear):
         # Which decode kernel reads the blocks (glmtg/kernels/gguf/dispatch.py): "auto" = int8 dot products
         # where the format has them, else float decode; "float" for checks against the float path.
         self.dot = "auto"
-        # How products of many tokens run on the kernel backend (GEMMS): the dequantizing GEMM by default.
+        # How products of many tokens run (GEMMS): "auto" dequantizes + cuBLAS here (faster, DECISIONS H6).
         self.gemm = "auto"
         names = [name for name, _ in self.shards]
         if isinstance(formats, str):
@@ -194,7 +195,7 @@ class QuantLinear(Linear):
         # The GEMM reads the stored blocks as they are (no copy), so they must be contiguous and aligned as a
         # GGUF tensor is; anything else (a hand-made view) takes the dequantize path, which copies.
         stored = [getattr(self, attr) for attr, _, _, _ in self.groups]
-        return (check_gemm(self.gemm) == "auto" and dtype in SUPPORTED_DTYPES
+        return (check_gemm(self.gemm) == "mmq" and dtype in SUPPORTED_DTYPES
                 and all(has_device_decoder(fmt) for _, fmt, _, _ in self.groups)
                 and all(w.is_contiguous() and w.data_ptr() % 16 == 0 for w in stored)
                 and (self.bias is None or self.bias.dtype == dtype)

@@ -66,6 +66,10 @@ def _jobs():
            dict(Y="*bf16", Cos="*fp32", Sin="*fp32", QW="*bf16", KW="*bf16", Q="*bf16", K="*bf16", KC="*fp16",
                 VC="*fp16", Start="*i32", eps="fp32", inv_d="fp32"),
            dict(HQ=96, HKV=8, D=128, R=64, BLOCK_D=128, NORM=True, STORE_KV=True, **pdl), 1)
+    yield ("qk_rope q in f16", _qk_rope_kernel,  # q in the decode kernel's dtype (an f16 cache), k in y's
+           dict(Y="*bf16", Cos="*fp32", Sin="*fp32", QW="*bf16", KW="*bf16", Q="*fp16", K="*bf16", KC="*fp16",
+                VC="*fp16", Start="*i32", eps="fp32", inv_d="fp32"),
+           dict(HQ=96, HKV=8, D=128, R=64, BLOCK_D=128, NORM=True, STORE_KV=True, **pdl), 1)
 
 
 def _first(ptx: str, needle: str) -> int:
@@ -101,7 +105,7 @@ def main() -> int:
 def test_decode_kernels_wait_then_release_on_sm90(compile_report):
     stdout, table = compile_report(__file__, timeout=600)
     rows = {c[0]: [int(v) for v in c[1:]] for c in table if len(c) == 5 and c[1].isdigit()}
-    assert len(rows) == 11, stdout
+    assert len(rows) == 12, stdout
     for name, (waits, releases, loads, stores) in rows.items():
         assert waits == 1 and releases == 1, f"{name}: {waits} waits, {releases} releases\n{stdout}"
         assert loads == 0 and stores == 0, f"{name}: {loads} loads, {stores} stores before its wait\n{stdout}"

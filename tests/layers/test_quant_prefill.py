@@ -64,6 +64,7 @@ def _linear(blocks, backend: str, dtype: torch.dtype, seed: int):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_quant_linear_prefill_runs_mmq(blocks, calls, dtype):
     lin, w64, gen = _linear(blocks, "kernel", dtype, seed=1)
+    lin.gemm = "mmq"  # dense products dequantize + cuBLAS by default (faster, DECISIONS H6)
     x = torch.randn(2, 9, 256, generator=gen).to(dtype)  # 18 tokens: above the GEMV's 16
     res = torch.randn(2, 9, 11, generator=gen).to(dtype)
     y = lin(x, residual=res)
@@ -86,6 +87,9 @@ def test_quant_linear_cpu_default_keeps_torch_path(blocks, calls):
     lin, w64, gen = _linear(blocks, "auto", torch.float32, seed=2)
     x = torch.randn(20, 256, generator=gen)
     y = lin(x)
+    assert calls["mmq"] == 0
+    auto, _, _ = _linear(blocks, "kernel", torch.float32, seed=2)
+    auto(x)  # the kernel backend's default for a dense product: dequantize + matmul, not mmq
     assert calls["mmq"] == 0
     ref = x.double() @ w64.T + lin.bias.double()
     assert bool(((y.double() - ref).abs() <= dot_tolerance(x.double(), w64, torch.float32) + 1e-6).all())
