@@ -40,6 +40,13 @@ def compile_sm90_report(kernel, types: dict[str, str], const: dict, *, divisible
 def compile_sm90_ptx(kernel, types: dict[str, str], const: dict, *, divisible: tuple[str, ...] = (),
                      num_warps: int) -> str:
     """The PTX of a Triton kernel compiled for sm_90 (arguments as ``compile_sm90_report``)."""
+    return compile_sm90(kernel, types, const, divisible=divisible, options=dict(num_warps=num_warps)).asm["ptx"]
+
+
+def compile_sm90(kernel, types: dict[str, str], const: dict, *, divisible: tuple[str, ...] = (),
+                 options: dict):
+    """The Triton compile result of ``kernel`` for sm_90 (``.asm["ptx"]``, ``.metadata.shared``); ``options``
+    as a launch's (num_warps, num_stages, ...), the rest as ``compile_sm90_report``."""
     import inspect
 
     import triton
@@ -54,6 +61,4 @@ def compile_sm90_ptx(kernel, types: dict[str, str], const: dict, *, divisible: t
         sig[name] = "constexpr" if name in const else types.get(name, "i32")
         if sig[name].startswith("*") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps))
-    return compiled.asm["ptx"]
+    return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=options)

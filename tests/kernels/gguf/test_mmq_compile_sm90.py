@@ -26,34 +26,13 @@ HOPPER_SHARED = 227 * 1024
 
 def _compile(kernel, const: dict, pointers: dict, options: dict) -> dict:
     """Compile for sm_90a; ptxas registers and spills, wgmma count and shared bytes."""
-    import inspect
-    import re
-    import subprocess
+    from tests.references.ptxas import compile_sm90, ptxas_report
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    sig, attrs = {}, {}
-    for i, p in enumerate(inspect.signature(kernel.fn).parameters):
-        sig[p] = "constexpr" if p in const else pointers.get(p, "i32")
-        # the launchers' 16-divisibility hints: aligned tensors, row strides and widths of the Air shapes
-        if sig[p].startswith("*") or p in ("ROW_BYTES", "STRIDE_XT", "STRIDE_YT", "K", "H", "I"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mmq_sm90_{os.getpid()}.ptx")
-    with open(path, "w") as fh:
-        fh.write(ptx)
-    try:
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    finally:
-        os.remove(path)
-    return {"regs": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spills": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-            "wgmma": ptx.count("wgmma.mma_async"), "shared": compiled.metadata.shared}
+    # the launchers' 16-divisibility hints: aligned tensors, row strides and widths of the Air shapes
+    compiled = compile_sm90(kernel, pointers, const, options=options,
+                            divisible=("ROW_BYTES", "STRIDE_XT", "STRIDE_YT", "K", "H", "I"))
+    report = ptxas_report(compiled.asm["ptx"], "mmq_sm90")
+    return {**report, "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"), "shared": compiled.metadata.shared}
 
 
 def _cases():
