@@ -103,6 +103,19 @@ def environment() -> dict:
     return info
 
 
+def write_reports(payload: dict, stem: Path, markdown: Callable[[dict], str],
+                  plot: Callable[[dict, Path], None]) -> None:
+    """stem.json (the payload), stem.md (``markdown(payload)``) and stem.png (``plot``; skipped with a note
+    where matplotlib is missing)."""
+    write_json(stem.with_suffix(".json"), payload)
+    stem.with_suffix(".md").write_text(markdown(payload))
+    try:
+        plot(payload, stem.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+    print(f"wrote {stem}.json / .md / .png")
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1))

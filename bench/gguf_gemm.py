@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, result_path, time_graph, write_json  # noqa: E402
+import common  # noqa: E402
+from common import environment, result_path, time_graph  # noqa: E402
 from gguf_gemv import fit, random_blocks  # noqa: E402
 
 from glmtg.formats import REGISTRY  # noqa: E402
@@ -213,13 +214,7 @@ def plot(payload: dict, path: Path) -> None:
 
 
 def write_reports(payload: dict, stem: Path) -> None:
-    write_json(stem.with_suffix(".json"), payload)
-    stem.with_suffix(".md").write_text(markdown(payload))
-    try:
-        plot(payload, stem.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib not installed: no PNG")
-    print(f"wrote {stem}.json / .md / .png")
+    common.write_reports(payload, stem, markdown, plot)
 
 
 def main() -> int:

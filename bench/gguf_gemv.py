@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph, write_json  # noqa: E402
+import common  # noqa: E402
+from common import buffers_to_rotate, copy_bandwidth, environment, result_path, time_graph  # noqa: E402
 
 from glmtg.formats import REGISTRY  # noqa: E402
 
@@ -244,13 +245,7 @@ def plot(payload: dict, path: Path) -> None:
 
 
 def write_reports(payload: dict, stem: Path) -> None:
-    write_json(stem.with_suffix(".json"), payload)
-    stem.with_suffix(".md").write_text(markdown(payload))
-    try:
-        plot(payload, stem.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib not installed: no PNG")
-    print(f"wrote {stem}.json / .md / .png")
+    common.write_reports(payload, stem, markdown, plot)
 
 
 def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:

@@ -35,7 +35,7 @@ from triton.runtime.errors import OutOfResources
 from glmtg.kernels._checks import check, check_power_of_two, describe
 from glmtg.kernels.gguf.decode import decode_blocks
 from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES, check_weight, decoded_format
-from glmtg.kernels.gguf.mmvq import _matrix, _span
+from glmtg.kernels.gguf.mmvq import epilogue_operands
 from glmtg.kernels.gguf.tables import lookup_table
 
 # ---------------------------------------------------------------------------------------------- kernel
@@ -254,17 +254,7 @@ def mmq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Ten
     nb = check_weight("weight", weight, f, 2, x.device)
     n = weight.shape[0]
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
-    out = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else _matrix("out", out, (t, n), x, True)
-    if bias is not None:
-        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,) and bias.dtype == x.dtype
-              and bias.device == x.device and (n <= 1 or bias.stride(0) == 1),
-              lambda: f"bias must be a contiguous {x.dtype} tensor ({n},) on {x.device}, got {describe(bias)}")
-    if residual is not None:
-        residual = _matrix("residual", residual, (t, n), x, False)
-        same = residual.data_ptr() == out.data_ptr() and (t <= 1 or residual.stride(0) == out.stride(0))
-        if t and n and not same:
-            (r0, r1), (o0, o1) = _span(residual), _span(out)
-            check(r1 <= o0 or o1 <= r0, "residual overlaps out without being out (the kernel would race)")
+    out, residual = epilogue_operands(x, t, n, out, bias, residual)
     config = default_config(f.block_size, t, n, x.is_cuda, x.dtype == torch.float32) if config is None else config
     check_config(config, f.block_size)
     if t == 0 or n == 0:

@@ -147,6 +147,26 @@ def _span(v: torch.Tensor) -> tuple[int, int]:
     return start, start + ((v.shape[0] - 1) * v.stride(0) + v.shape[1]) * v.element_size()
 
 
+def epilogue_operands(x: torch.Tensor, t: int, n: int, out: torch.Tensor | None, bias: torch.Tensor | None,
+                      residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, residual) of a [T, N] product of x checked (ValueError naming them), ``out`` allocated when None:
+    out with unit column stride and distinct rows, bias a contiguous [N] of x's dtype, residual [T, N] that
+    is ``out`` itself or does not overlap it (the kernel reads and writes each element once, in one program).
+    Shared by the GGUF product kernels with this epilogue (mmvq, mmq)."""
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else _matrix("out", out, (t, n), x, True)
+    if bias is not None:
+        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,) and bias.dtype == x.dtype
+              and bias.device == x.device and (n <= 1 or bias.stride(0) == 1),
+              lambda: f"bias must be a contiguous {x.dtype} tensor ({n},) on {x.device}, got {describe(bias)}")
+    if residual is not None:
+        residual = _matrix("residual", residual, (t, n), x, False)
+        same = residual.data_ptr() == out.data_ptr() and (t <= 1 or residual.stride(0) == out.stride(0))
+        if t and n and not same:
+            (r0, r1), (o0, o1) = _span(residual), _span(out)
+            check(r1 <= o0 or o1 <= r0, "residual overlaps out without being out (the kernel would race)")
+    return out, residual
+
+
 def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
          bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          block_n: int | None = None, values_per_step: int | None = None, num_warps: int | None = None,
@@ -178,17 +198,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     n = weight.shape[0]
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
     given_out = out is not None
-    out = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else _matrix("out", out, (t, n), x, True)
-    if bias is not None:
-        check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,) and bias.dtype == x.dtype
-              and bias.device == x.device and (n <= 1 or bias.stride(0) == 1),
-              lambda: f"bias must be a contiguous {x.dtype} tensor ({n},) on {x.device}, got {describe(bias)}")
-    if residual is not None:
-        residual = _matrix("residual", residual, (t, n), x, False)
-        same = residual.data_ptr() == out.data_ptr() and (t <= 1 or residual.stride(0) == out.stride(0))
-        if t and n and not same:
-            (r0, r1), (o0, o1) = _span(residual), _span(out)
-            check(r1 <= o0 or o1 <= r0, "residual overlaps out without being out (the kernel would race)")
+    out, residual = epilogue_operands(x, t, n, out, bias, residual)
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
     # A GPU measurement; the interpreter (a CPU) keeps the default, whose larger programs it runs faster.
