@@ -24,8 +24,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from glmtg.config import ModelConfig
-from glmtg.loading.names import expected_hf_names, hf_layer_index, hf_to_glmtg
 from glmtg.layers.params import TensorSlot
+from glmtg.loading.names import expected_hf_names, hf_layer_index, hf_to_glmtg
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
 
 SINGLE_FILE = "model.safetensors"
