@@ -340,16 +340,17 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
         from glmtg.loading.gguf_model import gguf_weight_bytes
 
         weights = gguf_weight_bytes(source.path, dtype)  # quantized tensors as stored
-        group = ranks.rank_group(args)
-        if group is not None and args.split_mode == "graph":
-            # a rank reads its part of the file; its replicated embedding, head and norms are not counted
-            weights //= group.world_size
-        elif group is not None and args.split_mode == "layer":
-            # a stage reads its layers' tensors: its share of the layers (embedding and head not counted apart)
-            start, stop = ranks.layer_ranges(source.config.num_hidden_layers, ranks.tensor_split(args))[group.rank]
-            weights = weights * (stop - start) // source.config.num_hidden_layers
     else:
         weights = weight_bytes(source.config, dtype, None if source.path is not None else args.type)
+    group = ranks.rank_group(args)
+    # a rank loading -m reads its part of the file (random weights: each rank draws the whole model first)
+    if group is not None and source.path is not None and args.split_mode == "graph":
+        # its replicated embedding, head and norms are not counted
+        weights //= group.world_size
+    elif group is not None and source.path is not None and args.split_mode == "layer":
+        # a stage reads its layers' tensors: its share of the layers (embedding and head not counted apart)
+        start, stop = ranks.layer_ranges(source.config.num_hidden_layers, ranks.tensor_split(args))[group.rank]
+        weights = weights * (stop - start) // source.config.num_hidden_layers
     if source.host_bytes and device.type == "cuda":  # the host-placed experts are not on the GPU
         weights -= source.host_bytes
         check_fits(f"the routed experts placed in host memory ({_size(source.host_bytes)})", source.host_bytes,
@@ -395,12 +396,13 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
         from glmtg.loading.gguf_model import load_gguf_model
 
         model, config = load_gguf_model(source.path, device=device, dtype=dtype, progress=sys.stderr.isatty(),
-                                        build=ranks.gguf_builder(args, dtype), host_experts=source.host)
+                                        build=ranks.split_builder(args, dtype), host_experts=source.host)
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     if source.path is not None:
         from glmtg.loading import load_model
 
-        model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty())
+        model, config = load_model(source.path, dtype=dtype, device=device, progress=sys.stderr.isatty(),
+                                   build=ranks.split_builder(args, dtype))
         return Loaded(model, config, tokenizer, source.name, False, device, dtype)
     model = random_model(source.config, seed=RANDOM_WEIGHTS_SEED, dtype=dtype, device=device, file_type=args.type,
                          host_experts=source.host)

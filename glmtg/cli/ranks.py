@@ -4,9 +4,10 @@ their part of the model (glmtg.parallel), NCCL on GPUs (rank r on cuda:r) and gl
 Every rank runs the same subcommand with the same flags; the split modes give every rank the same logits,
 so every rank samples the same tokens and walks the same steps. Rank 0 alone prints (the others' stdout and
 stderr go to /dev/null). Random weights (float, or ``--type`` GGUF blocks): each rank draws the whole model
-once and keeps its part. ``-m FILE.gguf``: each rank builds its part (``-sm graph``: its slices of every
-layer; ``-sm layer``: its stage of whole layers) and reads only its tensors, or their slices, from the file
-(``load_gguf_model(build=...)``). Not yet: either mode with an HF (safetensors) directory.
+once and keeps its part. ``-m FILE.gguf`` or ``-m HF_DIR``: each rank builds its part on the meta device
+(``-sm graph``: its slices of every layer; ``-sm layer``: its stage of whole layers; ``split_builder``) and
+reads only its tensors, or their slices, from the file (``load_gguf_model(build=...)``; for a safetensors
+directory ``load_model(build=...)``, which reads a tensor-parallel rank's rows or columns with ``get_slice``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ def check_split_args(args: argparse.Namespace) -> None:
         return
     if args.gpus < 1:
         raise ValueError(f"--gpus must be a positive int, got {args.gpus}")
-    if args.model is not None and not str(args.model).lower().endswith(".gguf"):
-        raise ValueError(f"-sm {args.split_mode} with -m reads GGUF files only for now (-m FILE.gguf)")
     if args.tensor_split is not None and args.split_mode != "layer":
         raise ValueError("-ts applies to -sm layer")
     ratios = tensor_split(args)
@@ -121,7 +120,7 @@ def _weight_formats(args: argparse.Namespace, source: Any) -> Any:
         from glmtg.formats.mix import weight_formats_for
 
         return weight_formats_for(args.type, source.config)
-    if source.path is not None:
+    if source.path is not None and source.path.is_file():  # a GGUF file; an HF directory holds float weights
         from glmtg.loading.gguf import open_gguf
         from glmtg.loading.gguf_model import weight_formats_of
 
@@ -145,9 +144,9 @@ def rank_model(args: argparse.Namespace, config: ModelConfig, full: torch.nn.Mod
     return load_split_from_full(LayerSplitModel(config, group, layers, dtype, weight_formats=formats), full)
 
 
-def gguf_builder(args: argparse.Namespace, dtype: torch.dtype) -> Any:
-    """``load_gguf_model``'s ``build`` for this rank (its ``-sm graph`` part or its ``-sm layer`` stage), or
-    None when not split."""
+def split_builder(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+    """The ``build`` of ``load_gguf_model`` and of ``load_model`` (HF directories) for this rank: its
+    ``-sm graph`` part or its ``-sm layer`` stage, on the meta device, in ``dtype``; None when not split."""
     group = rank_group(args)
     if group is None:
         return None

@@ -4,21 +4,29 @@ The model is built on the meta device (no memory), then each checkpoint tensor i
 the parameter's dtype on the target device and written with ``Glm4MoeForCausalLM.load_tensor``, so peak memory
 is the model plus one tensor. Routed experts arrive one tensor per expert and are copied into their layer's
 stacked parameter; q/k/v and gate/up are copied into their shard of the fused projection.
+
+A part of the model (``load_model(build=...)``: a tensor-parallel rank, a layer-split stage) reads only its
+tensors, and of a tensor-parallel linear only the rows or columns it keeps (``kept``/``load_kept``,
+glmtg/parallel/linear.py) through safetensors' ``get_slice``; every tensor's name, shape and dtype are still
+checked against the whole model's table from the file header, so a split load refuses what a whole load does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from glmtg.config import ModelConfig
+from glmtg.layers.params import TensorSlot
 from glmtg.loading.names import expected_hf_names, hf_layer_index, hf_to_glmtg
-from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,8 +64,14 @@ def _open(file: str):
         raise ValueError(f"cannot read safetensors file {file}: {e}") from None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+# safetensors' dtype codes -> torch's names (for messages; a code not listed is shown as the file spells it)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+              "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+def _is_float(code: str) -> bool:
+    return code == "BF16" or code.startswith("F")
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:
@@ -67,8 +81,37 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
     """
     bad = int((~torch.isfinite(value)).sum())
     if bad:
-        raise ValueError(f"tensor {name} holds {bad} non-finite value(s) (NaN or inf) in {_dtype_name(value.dtype)}: "
+        dtype = str(value.dtype).removeprefix("torch.")
+        raise ValueError(f"tensor {name} holds {bad} non-finite value(s) (NaN or inf) in {dtype}: "
                          f"the checkpoint is corrupt")
+
+
+def _target(model: torch.nn.Module, wanted: dict[tuple[str, str | None], TensorSlot], slot: TensorSlot,
+            expert: int | None) -> tuple[torch.nn.Module | None, tuple[slice, ...] | None] | None:
+    """How ``model`` takes the whole model's ``slot`` (expert ``expert``): None when it does not (another
+    stage's tensor, an expert placed on another rank); (None, None) when ``model.load_tensor`` takes it whole;
+    (linear, index) when a tensor-parallel linear keeps ``whole[index]`` (its ``load_kept``)."""
+    if (slot.name, slot.shard) not in wanted:
+        return None
+    module = model.get_submodule(slot.name.rpartition(".")[0])
+    if expert is not None:
+        placement = getattr(module, "placement", None)
+        if placement is not None and not placement.start <= expert < placement.stop:
+            return None
+        return None, None
+    kept = getattr(module, "kept", None)
+    if kept is None:
+        return None, None
+    return module, kept(slot.name.rpartition(".")[2], slot.shard)
+
+
+def _read(f: Any, name: str, file: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+    """Tensor ``name`` of the open file, whole (``index`` None or ``()``) or only ``whole[index]`` (read by
+    get_slice: the bytes of the other rows or columns are not read)."""
+    try:
+        return f.get_tensor(name) if not index else f.get_slice(name)[index]
+    except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
+        raise ValueError(f"cannot read {name} from {os.path.basename(file)}: {e}") from None
 
 
 def load_model(
@@ -76,8 +119,19 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    build: Callable[[ModelConfig, WeightFormats | None], Any] | None = None,
 ) -> tuple[Glm4MoeForCausalLM, ModelConfig]:
     """Load config and weights from an HF directory. MTP/nextn layers (index >= num_hidden_layers) are skipped.
+
+    ``build(config, None)``: the model to fill, on the meta device, as ``load_gguf_model``'s ``build`` (None:
+    the whole ``Glm4MoeForCausalLM``; the second argument is ``weight_formats``, None: the checkpoint's
+    weights are float). A tensor-parallel rank (``glmtg.parallel.build_tp_model``) reads the rows (q/k/v by
+    heads, gate/up by intermediate columns) or the input columns (o_proj, down) its linears keep, through
+    ``get_slice``, and only the routed experts its placement holds; it reads whole what it keeps whole: the
+    embedding, lm_head, norms, router and score bias, the row-parallel biases and each held expert's
+    tensors. A layer-split stage (``glmtg.parallel.LayerSplitModel``) reads its layers' tensors whole and
+    never the others'. Tensors the built model does not take are still checked (name, shape, dtype, from the
+    header alone); a non-finite value is found by the rank that reads it.
 
     Bad input (missing/corrupt files, missing or unexpected tensors, wrong shapes, non-float dtypes, NaN/inf
     values, wrong model_type) raises ValueError with a one-line message naming the file or tensor.
@@ -88,46 +142,62 @@ def load_model(
     config = ModelConfig.from_hf_json(root / "config.json")
     files = checkpoint_files(root)
 
-    model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta")
-    expected = expected_hf_names(model.tensor_slots())
+    whole = Glm4MoeForCausalLM(config, dtype=dtype, device="meta")
+    model = whole if build is None else build(config, None)
+    # every tensor of the whole model (judges the file), and the ones this model takes
+    table = expected_hf_names(whole.tensor_slots())
+    wanted = {(slot.name, slot.shard): slot for slot in model.tensor_slots()}
+    targets = {name: _target(model, wanted, slot, expert) for name, (slot, expert) in table.items()}
     seen: set[str] = set()
-    total = sum(len(names) for names in files.values())
-    skipped = 0
+    total = sum(1 for names in files.values() for name in names if targets.get(name) is not None)
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
         for file, names in files.items():
             with _open(file) as f:
                 present = set(f.keys())
                 for hf_name in names:
-                    bar.update(1)
                     if hf_name not in present:
                         raise ValueError(f"{os.path.basename(file)} lacks tensor {hf_name} listed in its index")
                     layer = hf_layer_index(hf_name)
                     if layer is not None and layer >= config.num_hidden_layers:
-                        skipped += 1  # MTP/nextn layer: not used for plain decoding
-                        continue
+                        continue  # MTP/nextn layer: not used for plain decoding
                     if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # tied to the embedding, which is loaded under its own name
-                    if hf_name not in expected:
+                    if hf_name not in table:
                         known = hf_to_glmtg(hf_name) is not None
                         why = "does not fit this config" if known else "is not a GLM4-MoE tensor"
                         raise ValueError(f"tensor {hf_name} in {os.path.basename(file)} {why}")
-                    slot, expert = expected[hf_name]
-                    want = slot.shape[1:] if expert is not None else slot.shape
-                    try:
-                        tensor = f.get_tensor(hf_name)
-                    except Exception as e:
-                        raise ValueError(f"cannot read {hf_name} from {os.path.basename(file)}: {e}") from None
-                    if tuple(tensor.shape) != want:
-                        raise ValueError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {want}")
-                    if not tensor.is_floating_point():
-                        raise ValueError(f"tensor {hf_name} has dtype {_dtype_name(tensor.dtype)}; weights must be "
-                                         f"floating point")
-                    # each parameter keeps the dtype the model gave it (the router stays fp32)
-                    value = tensor.to(device=device, dtype=slot.dtype)
-                    _check_finite(hf_name, value)
-                    model.load_tensor(slot.name, value, shard=slot.shard, expert=expert)
+                    slot, expert = table[hf_name]
+                    _check_header(f, hf_name, file, slot.shape[1:] if expert is not None else slot.shape)
                     seen.add(hf_name)
-    missing = [name for name in expected if name not in seen]
+                    target = targets[hf_name]
+                    if target is None:
+                        continue  # another rank's: checked above, not read
+                    module, index = target
+                    # each parameter keeps the dtype the model gave it (the router stays fp32)
+                    value = _read(f, hf_name, file, index).to(device=device, dtype=slot.dtype)
+                    _check_finite(hf_name, value)
+                    if module is None:
+                        model.load_tensor(slot.name, value, shard=slot.shard, expert=expert)
+                    else:
+                        module.load_kept(slot.name.rpartition(".")[2], slot.shard, value.contiguous())
+                    bar.update(1)
+    missing = [name for name in table if name not in seen]
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint in {root}, e.g. {missing[0]}")
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:  # every slot was written, so this is a model/loader mismatch, not a checkpoint problem
+        raise RuntimeError(f"{root}: parameter {left[0]} was not loaded")
     return model.eval(), config
+
+
+def _check_header(f: Any, name: str, file: str, want: tuple[int, ...]) -> None:
+    """The tensor's shape and dtype from the file header (no data read): ValueError naming it."""
+    try:
+        view = f.get_slice(name)
+        shape, code = tuple(view.get_shape()), view.get_dtype()
+    except Exception as e:
+        raise ValueError(f"cannot read {name} from {os.path.basename(file)}: {e}") from None
+    if shape != tuple(want):
+        raise ValueError(f"tensor {name} has shape {shape}, expected {tuple(want)}")
+    if not _is_float(code):
+        raise ValueError(f"tensor {name} has dtype {_ST_DTYPES.get(code, code)}; weights must be floating point")

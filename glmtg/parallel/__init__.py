@@ -4,7 +4,9 @@ that sum their parts) and the layer split (``-sm layer``: each process a range o
 - ``group``: ``TPGroup``, this process's rank, the world size and the torch.distributed group the sums run
   through (gloo on CPU, NCCL on GPUs).
 - ``linear``: ``ColumnParallelLinear`` (a slice of every named shard's output rows) and
-  ``RowParallelLinear`` (a slice of the input features; partial outputs summed across ranks).
+  ``RowParallelLinear`` (a slice of the input features; partial outputs summed across ranks); both take the
+  whole checkpoint tensor (``load_shard``) or only the part they keep (``kept`` / ``load_kept``: what the
+  safetensors loader reads with ``get_slice``).
 - ``quant_linear``: the same two over GGUF blocks (``QuantColumnParallelLinear``: raw rows;
   ``QuantRowParallelLinear``: whole blocks of the input, ``block_partition`` for widths that do not split
   evenly).

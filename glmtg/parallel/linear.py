@@ -1,7 +1,9 @@
 """Tensor-parallel linears: the ``Linear`` seam with each rank holding a slice of the weight.
 
 Both take the whole checkpoint tensor in ``load_shard`` and keep their part, so loaders hand every rank the
-same tensors; ``slots`` lists the whole (checkpoint) shapes for the same reason.
+same tensors; ``slots`` lists the whole (checkpoint) shapes for the same reason. A loader that can read part
+of a tensor (safetensors' ``get_slice``) asks ``kept(param, shard)`` for the index of the whole tensor the rank
+keeps and hands that part to ``load_kept``, so a rank never holds the whole tensor.
 
 - ``ColumnParallelLinear``: every named shard's output rows cut evenly, rank r keeping part r of each (q, k
   and v each by whole heads, gate and up each by the same intermediate columns), so the output's named shards
@@ -51,6 +53,19 @@ class ShardRowCuts:
         if value.dim() < 1 or value.shape[0] != rows:
             raise ValueError(f"{param} of shard {key!r}: expected {rows} rows, got shape {tuple(value.shape)}")
         super().load_shard(param, key, value[self._cuts[key]].contiguous())  # type: ignore[misc]
+
+    def kept(self, param: str, shard: str | None) -> tuple[slice, ...]:
+        """The index into the whole checkpoint tensor of ``param``'s ``shard`` that this rank keeps: its rows
+        (weight and bias alike)."""
+        if shard not in self._cuts:
+            raise ValueError(f"shard must be one of {list(self._cuts)}, got {shard!r}")
+        return (self._cuts[shard],)
+
+    def load_kept(self, param: str, shard: str | None, value: torch.Tensor) -> None:
+        """Write ``whole[kept(param, shard)]``, already cut by the caller (``load_shard`` of the whole tensor
+        stores the same)."""
+        self.kept(param, shard)  # the shard's name checked
+        super().load_shard(param, shard, value)  # type: ignore[misc]
 
 
 class ColumnParallelLinear(ShardRowCuts, DenseLinear):
@@ -102,6 +117,16 @@ class RowParallelLinear(WholeInputSlots, DenseLinear):
                                  f"got shape {tuple(value.shape)}")
             value = value[:, self._cols].contiguous()
         super().load_shard(param, shard, value)
+
+    def kept(self, param: str, shard: str | None) -> tuple[slice, ...]:
+        """The index into the whole checkpoint tensor ``param`` that this rank keeps: the weight's input
+        columns, the whole bias (``()``)."""
+        return (slice(None), self._cols) if param == "weight" else ()
+
+    def load_kept(self, param: str, shard: str | None, value: torch.Tensor) -> None:
+        """Write ``whole[kept(param, shard)]``, already cut by the caller (``load_shard`` of the whole tensor
+        stores the same)."""
+        DenseLinear.load_shard(self, param, shard, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in/N] (this rank's features) -> [..., out]: the whole product with ``reduce``; without it

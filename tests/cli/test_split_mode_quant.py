@@ -53,11 +53,3 @@ def test_bad_quant_split_flags(capfd, text_file, flags, message) -> None:
     _, err = capfd.readouterr()
     assert rc == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-
-
-@pytest.mark.parametrize("mode", ["graph", "layer"])
-def test_split_refuses_a_model_directory(capfd, text_file, tmp_path, mode) -> None:
-    (tmp_path / "config.json").write_text("{}")
-    rc = main(["perplexity", "-f", str(text_file), *PPL_FLAGS, "-m", str(tmp_path), "-sm", mode, "--gpus", "2"])
-    _, err = capfd.readouterr()
-    assert rc == 2 and err.startswith("error: ") and f"-sm {mode} with -m reads GGUF files only" in err, err
