@@ -64,7 +64,7 @@ GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
 # --mmvq --sweep: the int8-dot kernels work on one block per thread, so their grid is in blocks per step
 # (block_n x values_per_step / block size) against threads (32 x num_warps).
 MMVQ_SWEEP = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (1, 2048, 2), (2, 1024, 2), (1, 1024, 1), (1, 8192, 8),
-              (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8)]
+              (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8), (2, 4096, 1), (4, 4096, 2)]
 MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
                   (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4),
                   (32, 512, 1, 4096, 4), (32, 4096, 8, 4096, 8), (32, 1024, 2, 2048, 4)]  # block_i 32: fused
@@ -94,7 +94,7 @@ def random_blocks(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float, configs: list, replays: int,
-               gen: torch.Generator, with_mmvq: bool = False) -> list[dict]:
+               gen: torch.Generator, with_mmvq: bool = False, mmvq_only: bool = False) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.gemv import quant_matvec
 
@@ -106,7 +106,7 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
     outs = [torch.empty(tokens, n, dtype=torch.bfloat16, device="cuda") for _ in range(sets)]
     ref = xs[0].float() @ dequantize_rows(ws[0], fmt).T
     rows = []
-    kernels = [("gemv", quant_matvec)]
+    kernels = [] if mmvq_only else [("gemv", quant_matvec)]
     if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
         kernels += [("mmvq", mmvq)] if fmt in MMVQ_FORMATS else []
@@ -348,6 +348,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1], help="tokens per call (<= 16)")
     parser.add_argument("--kernels", default="gemv,moe", help="gemv, moe or both")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configs")
+    parser.add_argument("--shapes", default="", help="GEMV shapes to time, comma-separated labels (q_proj, "
+                        "k_proj, v_proj, o_proj, dense gate/up, dense down, lm_head; default all)")
+    parser.add_argument("--mmvq-only", action="store_true", help="with --mmvq: time the int8-dot kernels alone")
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default "
                         "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")
@@ -389,6 +392,8 @@ def main() -> int:
             for fmt in types:
                 if "gemv" in kernels:
                     for label, n, k in gemv_shapes(m):
+                        if args.shapes and label not in args.shapes.split(","):
+                            continue
                         used = fit(fmt, k)
                         if used not in DECODED:
                             skipped.add(used)
@@ -398,7 +403,7 @@ def main() -> int:
                         done.add((key, t, label, used))
                         configs = [None] + (GEMV_SWEEP if args.sweep else [])
                         rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen,
-                                           args.mmvq)
+                                           args.mmvq, args.mmvq_only)
                 if "moe" in kernels:
                     if fit(fmt, m["hidden"]) not in DECODED or fit(fmt, m["moe_inter"]) not in DECODED:
                         skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))
