@@ -9,21 +9,29 @@ tensors keyed by each request's (seed, step): a request draws the same tokens wh
 sits in. Lengths live on the host (the scheduler's start positions), so nothing is advanced on the device
 and every batch is checked on the host before anything is written: a bad batch raises ValueError and
 never reaches the cache.
+
+On CUDA the one-token rows of a batch (decode rows) run as a replay of a CUDA graph captured at startup
+for the smallest batch size that holds them (glmtg.serve.graphs); the pool's last page is then kept back
+from the block manager as the scratch page the padding rows write to. Longer rows (prefill chunks) and
+decode batches larger than every captured size run eagerly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
 import torch
 
 from glmtg.config import ModelConfig
-from glmtg.engine import kv_cache_bytes
+from glmtg.engine import decode_graph_blocker, kv_cache_bytes
 from glmtg.formats import KV_FORMATS
 from glmtg.kv_cache import KVCache
 from glmtg.layers.attention import BACKENDS
 from glmtg.memory import check_fits
 from glmtg.sampling import SamplingParams, sample
+from glmtg.serve.graphs import DecodeGraphs, graph_sizes as _graph_sizes
 from glmtg.serve.sequence import RunnerBatch, SamplingSpec
 
 __all__ = ["ModelRunner"]
@@ -37,17 +45,28 @@ class ModelRunner:
     """Runs ``model`` (glmtg.models.glm4_moe.Glm4MoeForCausalLM) over a paged KV pool for the scheduler.
 
     ``block_size`` tokens per page; ``k_format``/``v_format`` as KVCache's. ``attn_backend`` defaults to
-    the decode kernel ("glmtg") on CUDA, torch SDPA elsewhere.
+    the decode kernel ("glmtg") on CUDA, torch SDPA elsewhere. ``cuda_graphs`` (None: on for CUDA) captures
+    the decode step for each of ``graph_sizes`` (None: glmtg.serve.graphs.graph_sizes' default, 1, 2, 4 ...
+    up to max_num_seqs); a model whose decode cannot be captured (host-placed experts) or a capture that
+    fails warns (RuntimeWarning) and runs eagerly. ``graph_replays`` counts the decode forwards replayed.
     """
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, *, block_size: int = 16, max_num_seqs: int,
                  max_model_len: int, k_format: str = "bf16", v_format: str | None = None,
-                 device: torch.device | str, attn_backend: str | None = None) -> None:
+                 device: torch.device | str, attn_backend: str | None = None, cuda_graphs: bool | None = None,
+                 graph_sizes: Sequence[int] | None = None) -> None:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_model_len", max_model_len)):
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        sizes = _graph_sizes(max_num_seqs, graph_sizes)  # checked even when graphs end up off
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         if attn_backend is None:
             attn_backend = "glmtg" if self.device.type == "cuda" else "sdpa"
         if attn_backend not in BACKENDS:
@@ -72,6 +91,38 @@ class ModelRunner:
                              k_format=k_format, v_format=v_format, page_size=block_size, device=self.device)
         self.num_blocks = self.cache.num_pages
         self.max_pages = self.cache.max_pages
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs:
+            self._capture(sizes)
+
+    def _capture(self, sizes: tuple[int, ...]) -> None:
+        """Capture the decode graphs; on any failure warn and stay eager (never silently)."""
+        blocker = decode_graph_blocker(self.model)
+        if blocker is not None:
+            warnings.warn(blocker, RuntimeWarning, stacklevel=3)
+            return
+        scratch = self.cache.num_pages - 1
+        if scratch < 1:
+            warnings.warn("CUDA-graph decode is off: the KV pool has one page, none to spare as the padding "
+                          "rows' scratch page", RuntimeWarning, stacklevel=3)
+            return
+        graphs = DecodeGraphs(self.model, self.cache, sizes, scratch, self.attn_backend)
+        try:
+            graphs.capture()
+        except Exception as e:  # noqa: BLE001 - any capture failure: warn, then decode eagerly
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"CUDA graph capture of the serve decode step failed ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); decoding eagerly", RuntimeWarning, stacklevel=3)
+            return
+        self.graphs = graphs
+        self.num_blocks = scratch  # pages [0, scratch) go to the block manager; the scratch page never does
+
+    @property
+    def graph_replays(self) -> int:
+        """Decode forwards run by graph replay so far (0 when graphs are off)."""
+        return 0 if self.graphs is None else self.graphs.replays
 
     # ---------------------------------------------------------------- checks
 
@@ -134,9 +185,14 @@ class ModelRunner:
         groups: dict[int, list[int]] = {}
         for i, tokens in enumerate(batch.token_ids):
             groups.setdefault(len(tokens), []).append(i)
-        for members in groups.values():
-            # CUDA graphs for decode (one per padded batch size, over static lengths/page-table/token
-            # buffers that this view would then point at) would go here; not part of this slice.
+        for width, members in groups.items():
+            if width == 1 and self.graphs is not None:
+                got = self.graphs.run([batch.token_ids[i][0] for i in members],
+                                      [batch.start_positions[i] for i in members],
+                                      [batch.block_tables[i] for i in members])
+                if got is not None:
+                    out[torch.tensor(members, device=self.device)] = got
+                    continue
             ids = torch.tensor([batch.token_ids[i] for i in members], dtype=torch.long).to(self.device)
             lengths = torch.tensor([batch.start_positions[i] for i in members], dtype=torch.int32)
             table = torch.zeros(len(members), self.max_pages, dtype=torch.int32)  # page 0 pads: never read
