@@ -141,10 +141,15 @@ class DecodeGraphs:
 
     @torch.no_grad()
     def capture(self) -> None:
-        """Capture every size, largest first (the smaller graphs then fit in the memory the largest took)."""
+        """Capture every size, smallest first, into one memory pool (the graphs never run at once).
+
+        Smallest first: a path that a warm-up takes only outside a capture (the GGUF experts' host-synced
+        loop for many pairs, glmtg/layers/quant_experts.py) leaves the kernel the capture takes for a large
+        size uncompiled; the small sizes' warm-ups have compiled it by then, so no capture compiles a kernel.
+        """
         device = self.buffers.ids.device
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
+        for size in self.sizes:
             def step(size: int = size) -> None:
                 self._outputs[size] = self.forward(size)
             self._graphs[size] = capture_graph(step, device, pool)
