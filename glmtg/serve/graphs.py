@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from glmtg.graph_capture import capture_graph
@@ -71,16 +72,17 @@ def decode_inputs(tokens: Sequence[int], starts: Sequence[int], tables: Sequence
     rows = len(tokens)
     if not 1 <= rows <= size:
         raise ValueError(f"a decode batch of {rows} rows does not fit a graph of {size}")
-    ids = torch.zeros(size, dtype=torch.long)
-    ids[:rows] = torch.tensor(list(tokens), dtype=torch.long)
-    lengths = torch.zeros(size, dtype=torch.int32)
-    lengths[:rows] = torch.tensor(list(starts), dtype=torch.int32)
-    table = torch.full((size, max_pages), scratch_page, dtype=torch.int32)
+    # numpy on the host: a row's table is one slice assignment, not a tensor built per row (every step)
+    ids = np.zeros(size, dtype=np.int64)
+    ids[:rows] = tokens
+    lengths = np.zeros(size, dtype=np.int32)
+    lengths[:rows] = starts
+    table = np.full((size, max_pages), scratch_page, dtype=np.int32)
     for i, blocks in enumerate(tables):
         if len(blocks) > max_pages:
             raise ValueError(f"tables[{i}] has {len(blocks)} pages, more than max_pages {max_pages}")
-        table[i, :len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
-    return ids, lengths, table
+        table[i, :len(blocks)] = blocks
+    return torch.from_numpy(ids), torch.from_numpy(lengths), torch.from_numpy(table)
 
 
 class DecodeBuffers:

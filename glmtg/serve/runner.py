@@ -37,8 +37,17 @@ from glmtg.serve.sequence import RunnerBatch, SamplingSpec
 __all__ = ["ModelRunner"]
 
 
+_CHECKED_SPECS = 4096  # sampling specs remembered as checked (one per running request is what matters)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints_in(values: Sequence[object], limit: int) -> bool:
+    """Every value a plain int in [0, limit). Type test per value, then one min and one max: every decode step
+    checks every row's block table, so this is a few microseconds a row rather than a comparison chain each."""
+    return not values or (set(map(type, values)) == {int} and min(values) >= 0 and max(values) < limit)
 
 
 class ModelRunner:
@@ -91,6 +100,7 @@ class ModelRunner:
                              k_format=k_format, v_format=v_format, page_size=block_size, device=self.device)
         self.num_blocks = self.cache.num_pages
         self.max_pages = self.cache.max_pages
+        self._checked_specs: set[tuple] = set()
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -139,7 +149,7 @@ class ModelRunner:
         vocab = self.config.vocab_size
         for i in range(rows):
             tokens, start, table = batch.token_ids[i], batch.start_positions[i], batch.block_tables[i]
-            if len(tokens) < 1 or not all(_is_int(t) and 0 <= t < vocab for t in tokens):
+            if len(tokens) < 1 or not _ints_in(tokens, vocab):
                 raise ValueError(f"token_ids[{i}] must be a non-empty list of ints in [0, {vocab}), got {tokens!r}")
             if not _is_int(start) or start < 0:
                 raise ValueError(f"start_positions[{i}] must be an int >= 0, got {start!r}")
@@ -147,7 +157,7 @@ class ModelRunner:
             if end > self.max_model_len:
                 raise ValueError(f"start_positions[{i}] {start} + {len(tokens)} tokens exceeds max_model_len "
                                  f"{self.max_model_len}")
-            if not all(_is_int(b) and 0 <= b < self.num_blocks for b in table):
+            if not _ints_in(table, self.num_blocks):
                 raise ValueError(f"block_tables[{i}] must hold block ids in [0, {self.num_blocks}), got {table!r}")
             if len(table) * self.block_size < end:
                 raise ValueError(f"block_tables[{i}] has {len(table)} blocks of {self.block_size}: too short for "
@@ -162,6 +172,12 @@ class ModelRunner:
             spec = batch.specs[i]
             if not isinstance(spec, SamplingSpec):
                 raise ValueError(f"specs[{i}] must be a SamplingSpec, got {type(spec).__name__}")
+            # A request's spec comes every step: checked once (the key has the field types, so True never
+            # passes as an already checked 1).
+            key = (spec, type(spec.temperature), type(spec.top_k), type(spec.top_p), type(spec.min_p),
+                   type(spec.seed))
+            if key in self._checked_specs:
+                continue
             try:  # the sampler's own range checks; the seed must be concrete here
                 SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                                min_p=spec.min_p, seed=spec.seed)
@@ -169,6 +185,9 @@ class ModelRunner:
                 raise ValueError(f"specs[{i}]: {e}") from None
             if not _is_int(spec.seed):
                 raise ValueError(f"specs[{i}].seed must be an int, got {spec.seed!r}")
+            if len(self._checked_specs) >= _CHECKED_SPECS:
+                self._checked_specs.clear()
+            self._checked_specs.add(key)
 
     # ---------------------------------------------------------------- forward and sampling
 
