@@ -166,6 +166,11 @@ class DecodeGraphs:
         if size is None:
             return None
         self.buffers.load(tokens, starts, tables, size)
-        self._graphs[size].replay()
+        out = self._replay(size)
         self.replays += 1
-        return self._outputs[size][:len(tokens), -1]
+        return out[:len(tokens), -1]
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """Replay the graph of ``size``; its output, fp32 logits [size, 1, vocab]."""
+        self._graphs[size].replay()
+        return self._outputs[size]

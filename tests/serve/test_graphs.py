@@ -146,3 +146,49 @@ def test_cpu_runner_has_no_graphs_and_refuses_them():
         ModelRunner(model, config, max_num_seqs=2, max_model_len=16, device="cpu", cuda_graphs=1)
     with pytest.raises(ValueError, match="graph_sizes"):
         ModelRunner(model, config, max_num_seqs=2, max_model_len=16, device="cpu", graph_sizes=[0])
+
+
+class EagerGraphs(DecodeGraphs):
+    """DecodeGraphs whose replay runs the captured step eagerly: the runner's graph path on a CPU."""
+
+    def capture(self) -> None:
+        pass
+
+    def _replay(self, size: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.forward(size)
+
+
+def test_runner_graph_path_equals_eager_on_mixed_and_padded_batches():
+    """Decode rows go through the graph path (padded to 4 or 8, also beside a prefill chunk in one batch);
+    every row's logits equal the eager runner's, and the scratch page is outside what a batch may name."""
+    config, model = tiny()
+    eager, graphed = runner(), runner()
+    graphed.graphs = EagerGraphs(model, graphed.cache, sizes=(1, 2, 4), scratch_page=SCRATCH,
+                                 attn_backend=graphed.attn_backend)
+    graphed.num_blocks = SCRATCH  # as ModelRunner does once its graphs are captured
+    gen = torch.Generator().manual_seed(4)
+    texts = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in (6, 11, 3, 8)]
+    tables = [[0, 5], [9, 2, 14], [20, 17], [7, 1]]
+    for r in (eager, graphed):
+        for text, table in zip(texts[:3], tables[:3]):
+            r.run(RunnerBatch([text], [0], [table], [False], [GREEDY], [0]))
+    # a prefill chunk of the fourth text beside three decode rows, then a decode batch of four (no padding)
+    # and one of three (padded to 4)
+    mixed = RunnerBatch([texts[3][:5]] + [[t[-1]] for t in texts[:3]], [0] + [len(t) for t in texts[:3]],
+                        [tables[3]] + tables[:3], [False, True, True, True], [GREEDY] * 4, [0] * 4)
+    four = RunnerBatch([[t[-2]] for t in texts], [len(texts[0]) + 1, len(texts[1]) + 1, len(texts[2]) + 1, 5],
+                       tables, [True] * 4, [GREEDY] * 4, [1, 1, 1, 0])
+    three = RunnerBatch([[t[0]] for t in texts[1:]], [len(texts[1]) + 2, len(texts[2]) + 2, 6], tables[1:],
+                        [True] * 3, [GREEDY] * 3, [2, 2, 1])
+    for n, batch in enumerate((mixed, four, three), start=1):
+        torch.testing.assert_close(graphed.logits(batch), eager.logits(batch), rtol=0, atol=ATOL)
+        assert graphed.graph_replays == n  # one replay per batch: its decode rows
+    assert eager.graph_replays == 0
+    with pytest.raises(ValueError, match=r"block_tables\[0\]"):
+        graphed.run(RunnerBatch([[5]], [0], [[SCRATCH]], [True], [GREEDY], [0]))
+    # five decode rows: more than the largest size (4) holds, so they run eagerly
+    five = RunnerBatch([[3], [4], [5], [6], [7]], [2, 3, 1, 4, 0], [[3], [4], [6], [8], [10]], [True] * 5,
+                       [GREEDY] * 5, [0] * 5)
+    torch.testing.assert_close(graphed.logits(five), eager.logits(five), rtol=0, atol=ATOL)
+    assert graphed.graph_replays == 3
