@@ -11,8 +11,8 @@ and every batch is checked on the host before anything is written: a bad batch r
 never reaches the cache.
 
 On CUDA the one-token rows of a batch (decode rows) run as a replay of a CUDA graph captured at startup
-for the smallest batch size that holds them (glmtg.serve.graphs); the pool's last page is then kept back
-from the block manager as the scratch page the padding rows write to. Longer rows (prefill chunks) and
+for the smallest batch size that holds them (glmtg.serve.graphs); the pool then has one page per sequence
+more, and its last page is kept back from the block manager as the scratch page the padding rows write to. Longer rows (prefill chunks) and
 decode batches larger than every captured size run eagerly.
 """
 
@@ -85,7 +85,16 @@ class ModelRunner:
         self.attn_backend = attn_backend
         self.block_size = block_size
         self.max_model_len = max_model_len
-        pages = max_num_seqs * -(-max_model_len // block_size)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        blocker = decode_graph_blocker(model) if cuda_graphs else None
+        if blocker is not None:
+            warnings.warn(blocker, RuntimeWarning, stacklevel=2)
+            cuda_graphs = False
+        # With graphs, each sequence's share of the pool is one page longer: one page of them all is the
+        # padding rows' scratch page, so the block manager still has max_num_seqs full sequences' pages.
+        capacity = max_model_len + (block_size if cuda_graphs else 0)
+        pages = max_num_seqs * -(-capacity // block_size)
         v_fmt = k_format if v_format is None else v_format
         if k_format in KV_FORMATS and v_fmt in KV_FORMATS:  # else KVCache names the bad one
             # refused with a readable error (GB needed vs available) rather than an allocation failure
@@ -95,29 +104,19 @@ class ModelRunner:
                        "lower max_model_len or the number of parallel sequences, or use a smaller cache format")
         # batch * ceil(capacity / page_size) pages: the pool KVCache allocates for max_num_seqs full sequences.
         # Its own page table and lengths are never used; every forward brings its rows' (``rows``).
-        self.cache = KVCache(num_layers=config.num_hidden_layers, batch=max_num_seqs, capacity=max_model_len,
+        self.cache = KVCache(num_layers=config.num_hidden_layers, batch=max_num_seqs, capacity=capacity,
                              num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
                              k_format=k_format, v_format=v_format, page_size=block_size, device=self.device)
         self.num_blocks = self.cache.num_pages
         self.max_pages = self.cache.max_pages
         self._checked_specs: set[tuple] = set()
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
             self._capture(sizes)
 
     def _capture(self, sizes: tuple[int, ...]) -> None:
-        """Capture the decode graphs; on any failure warn and stay eager (never silently)."""
-        blocker = decode_graph_blocker(self.model)
-        if blocker is not None:
-            warnings.warn(blocker, RuntimeWarning, stacklevel=3)
-            return
+        """Capture the decode graphs, the pool's last page as the scratch page; a failure warns and stays eager."""
         scratch = self.cache.num_pages - 1
-        if scratch < 1:
-            warnings.warn("CUDA-graph decode is off: the KV pool has one page, none to spare as the padding "
-                          "rows' scratch page", RuntimeWarning, stacklevel=3)
-            return
         graphs = DecodeGraphs(self.model, self.cache, sizes, scratch, self.attn_backend)
         try:
             graphs.capture()
