@@ -41,7 +41,8 @@ class TimedRunner:
 
     def __init__(self, runner) -> None:
         self.runner = runner
-        self.block_size, self.num_blocks, self.max_model_len = runner.block_size, runner.num_blocks, runner.max_model_len
+        self.block_size, self.num_blocks = runner.block_size, runner.num_blocks
+        self.max_model_len = runner.max_model_len
         self.calls: list[tuple[int, int, int, float]] = []
 
     def run(self, batch):

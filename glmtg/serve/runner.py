@@ -12,8 +12,8 @@ never reaches the cache.
 
 On CUDA the one-token rows of a batch (decode rows) run as a replay of a CUDA graph captured at startup
 for the smallest batch size that holds them (glmtg.serve.graphs); the pool then has one page per sequence
-more, and its last page is kept back from the block manager as the scratch page the padding rows write to. Longer rows (prefill chunks) and
-decode batches larger than every captured size run eagerly.
+more, and its last page is kept back from the block manager as the scratch page the padding rows write to.
+Longer rows (prefill chunks) and decode batches larger than every captured size run eagerly.
 """
 
 from __future__ import annotations

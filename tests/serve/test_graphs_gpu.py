@@ -37,7 +37,8 @@ class Recording:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.block_size, self.num_blocks, self.max_model_len = runner.block_size, runner.num_blocks, runner.max_model_len
+        self.block_size, self.num_blocks = runner.block_size, runner.num_blocks
+        self.max_model_len = runner.max_model_len
         self.decode_widths: list[int] = []
 
     def run(self, batch: RunnerBatch) -> list[int | None]:
@@ -79,7 +80,7 @@ def test_replayed_logits_equal_eager_logits_of_a_padded_batch():
     the same kernels on the same rows: tolerance 1e-2 absolute on logits of |x| ~ 1 allows for a batch-shaped
     cuBLAS choice, far below what a wrong row or page changes)."""
     config, m = model(None)
-    kwargs = dict(block_size=BLOCK, max_num_seqs=4, max_model_len=MAX_LEN, device="cuda")
+    kwargs = {"block_size": BLOCK, "max_num_seqs": 4, "max_model_len": MAX_LEN, "device": "cuda"}
     graphed, eager = ModelRunner(m, config, **kwargs), ModelRunner(m, config, cuda_graphs=False, **kwargs)
     gen = torch.Generator().manual_seed(9)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in (5, 21, 34)]
