@@ -29,6 +29,7 @@ from glmtg.cpu.host_experts import host_expert_layers
 from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
 from glmtg.formats import KV_FORMATS
+from glmtg.graph_capture import capture_graph
 from glmtg.kv_cache import KVCache
 from glmtg.memory import check_fits
 from glmtg.sampling import GREEDY, Sampler, SamplingParams
@@ -279,22 +280,9 @@ class Engine:
             self.sampler.step.copy_(saved[1])
             self._token.copy_(saved[2])
 
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        try:
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # lets lazy inits (cuBLAS handles, Triton autotune) happen outside capture
-                    self._step()
-                    restore()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._step()
-        finally:  # also after a failed capture, so the eager step that follows starts from the same state
-            restore()
-        return graph
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return capture_graph(self._step, self.device, self._graph_pool, restore)
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor | Sequence[int] | int | None = None) -> torch.Tensor:

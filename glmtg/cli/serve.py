@@ -39,6 +39,9 @@ def add_parser(subparsers: Any) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--alias", default=None, metavar="NAME",
                    help="model name clients must send (default: the -m file or directory name, or the preset)")
+    g.add_argument("--cuda-graph-sizes", type=common.positive_int, nargs="+", default=None, metavar="N",
+                   help="decode batch sizes to capture as CUDA graphs (default: 1 2 4 ... 64 below --parallel, "
+                        "and --parallel; --no-cuda-graph: none)")
     g.add_argument("--max-body", type=common.positive_int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (larger: HTTP 413)")
     # one process owns the model: the split modes' ranks would each start a server
@@ -65,7 +68,8 @@ def build_engine(args: argparse.Namespace, loaded: common.Loaded, eos: tuple[int
     settings = common.engine_config(args, args.ctx_size)
     runner = ModelRunner(loaded.model, loaded.config, block_size=args.block_size, max_num_seqs=args.parallel,
                          max_model_len=args.ctx_size, k_format=settings.k_format, v_format=settings.v_format,
-                         device=loaded.device)
+                         device=loaded.device, cuda_graphs=False if args.no_cuda_graph else None,
+                         graph_sizes=args.cuda_graph_sizes)
     config = SchedulerConfig(max_num_seqs=args.parallel, max_prefill_tokens=args.ubatch_size,
                              max_model_len=args.ctx_size, max_waiting=args.max_queue)
     return LLMEngine(runner, config, eos)
@@ -91,6 +95,8 @@ def _bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     if args.split_mode != "none" or args.gpus != 1 or args.tensor_split is not None:
         raise ValueError("serve runs on one device: -sm, --gpus and -ts are not supported")
+    if args.cuda_graph_sizes is not None and min(args.cuda_graph_sizes) > args.parallel:
+        raise ValueError(f"--cuda-graph-sizes: every size exceeds --parallel {args.parallel} (no batch reaches it)")
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
     try:

@@ -9,45 +9,73 @@ tensors keyed by each request's (seed, step): a request draws the same tokens wh
 sits in. Lengths live on the host (the scheduler's start positions), so nothing is advanced on the device
 and every batch is checked on the host before anything is written: a bad batch raises ValueError and
 never reaches the cache.
+
+On CUDA the one-token rows of a batch (decode rows) run as a replay of a CUDA graph captured at startup
+for the smallest batch size that holds them (glmtg.serve.graphs); the pool then has one page per sequence
+more, and its last page is kept back from the block manager as the scratch page the padding rows write to.
+Longer rows (prefill chunks) and decode batches larger than every captured size run eagerly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
 import torch
 
 from glmtg.config import ModelConfig
-from glmtg.engine import kv_cache_bytes
+from glmtg.engine import decode_graph_blocker, kv_cache_bytes
 from glmtg.formats import KV_FORMATS
 from glmtg.kv_cache import KVCache
 from glmtg.layers.attention import BACKENDS
 from glmtg.memory import check_fits
 from glmtg.sampling import SamplingParams, sample
+from glmtg.serve.graphs import DecodeGraphs, graph_sizes as _graph_sizes
 from glmtg.serve.sequence import RunnerBatch, SamplingSpec
 
 __all__ = ["ModelRunner"]
+
+
+_CHECKED_SPECS = 4096  # sampling specs remembered as checked (one per running request is what matters)
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _ints_in(values: Sequence[object], limit: int) -> bool:
+    """Every value a plain int in [0, limit). Type test per value, then one min and one max: every decode step
+    checks every row's block table, so this is a few microseconds a row rather than a comparison chain each."""
+    return not values or (set(map(type, values)) == {int} and min(values) >= 0 and max(values) < limit)
+
+
 class ModelRunner:
     """Runs ``model`` (glmtg.models.glm4_moe.Glm4MoeForCausalLM) over a paged KV pool for the scheduler.
 
     ``block_size`` tokens per page; ``k_format``/``v_format`` as KVCache's. ``attn_backend`` defaults to
-    the decode kernel ("glmtg") on CUDA, torch SDPA elsewhere.
+    the decode kernel ("glmtg") on CUDA, torch SDPA elsewhere. ``cuda_graphs`` (None: on for CUDA) captures
+    the decode step for each of ``graph_sizes`` (None: glmtg.serve.graphs.graph_sizes' default, 1, 2, 4 ...
+    up to max_num_seqs); a model whose decode cannot be captured (host-placed experts) or a capture that
+    fails warns (RuntimeWarning) and runs eagerly. ``graph_replays`` counts the decode forwards replayed.
     """
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, *, block_size: int = 16, max_num_seqs: int,
                  max_model_len: int, k_format: str = "bf16", v_format: str | None = None,
-                 device: torch.device | str, attn_backend: str | None = None) -> None:
+                 device: torch.device | str, attn_backend: str | None = None, cuda_graphs: bool | None = None,
+                 graph_sizes: Sequence[int] | None = None) -> None:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_model_len", max_model_len)):
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        sizes = _graph_sizes(max_num_seqs, graph_sizes)  # checked even when graphs end up off
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         if attn_backend is None:
             attn_backend = "glmtg" if self.device.type == "cuda" else "sdpa"
         if attn_backend not in BACKENDS:
@@ -57,7 +85,16 @@ class ModelRunner:
         self.attn_backend = attn_backend
         self.block_size = block_size
         self.max_model_len = max_model_len
-        pages = max_num_seqs * -(-max_model_len // block_size)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        blocker = decode_graph_blocker(model) if cuda_graphs else None
+        if blocker is not None:
+            warnings.warn(blocker, RuntimeWarning, stacklevel=2)
+            cuda_graphs = False
+        # With graphs, each sequence's share of the pool is one page longer: one page of them all is the
+        # padding rows' scratch page, so the block manager still has max_num_seqs full sequences' pages.
+        capacity = max_model_len + (block_size if cuda_graphs else 0)
+        pages = max_num_seqs * -(-capacity // block_size)
         v_fmt = k_format if v_format is None else v_format
         if k_format in KV_FORMATS and v_fmt in KV_FORMATS:  # else KVCache names the bad one
             # refused with a readable error (GB needed vs available) rather than an allocation failure
@@ -67,11 +104,34 @@ class ModelRunner:
                        "lower max_model_len or the number of parallel sequences, or use a smaller cache format")
         # batch * ceil(capacity / page_size) pages: the pool KVCache allocates for max_num_seqs full sequences.
         # Its own page table and lengths are never used; every forward brings its rows' (``rows``).
-        self.cache = KVCache(num_layers=config.num_hidden_layers, batch=max_num_seqs, capacity=max_model_len,
+        self.cache = KVCache(num_layers=config.num_hidden_layers, batch=max_num_seqs, capacity=capacity,
                              num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
                              k_format=k_format, v_format=v_format, page_size=block_size, device=self.device)
         self.num_blocks = self.cache.num_pages
         self.max_pages = self.cache.max_pages
+        self._checked_specs: set[tuple] = set()
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self._capture(sizes)
+
+    def _capture(self, sizes: tuple[int, ...]) -> None:
+        """Capture the decode graphs, the pool's last page as the scratch page; a failure warns and stays eager."""
+        scratch = self.cache.num_pages - 1
+        graphs = DecodeGraphs(self.model, self.cache, sizes, scratch, self.attn_backend)
+        try:
+            graphs.capture()
+        except Exception as e:  # noqa: BLE001 - any capture failure: warn, then decode eagerly
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"CUDA graph capture of the serve decode step failed ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); decoding eagerly", RuntimeWarning, stacklevel=3)
+            return
+        self.graphs = graphs
+        self.num_blocks = scratch  # pages [0, scratch) go to the block manager; the scratch page never does
+
+    @property
+    def graph_replays(self) -> int:
+        """Decode forwards run by graph replay so far (0 when graphs are off)."""
+        return 0 if self.graphs is None else self.graphs.replays
 
     # ---------------------------------------------------------------- checks
 
@@ -88,7 +148,7 @@ class ModelRunner:
         vocab = self.config.vocab_size
         for i in range(rows):
             tokens, start, table = batch.token_ids[i], batch.start_positions[i], batch.block_tables[i]
-            if len(tokens) < 1 or not all(_is_int(t) and 0 <= t < vocab for t in tokens):
+            if len(tokens) < 1 or not _ints_in(tokens, vocab):
                 raise ValueError(f"token_ids[{i}] must be a non-empty list of ints in [0, {vocab}), got {tokens!r}")
             if not _is_int(start) or start < 0:
                 raise ValueError(f"start_positions[{i}] must be an int >= 0, got {start!r}")
@@ -96,7 +156,7 @@ class ModelRunner:
             if end > self.max_model_len:
                 raise ValueError(f"start_positions[{i}] {start} + {len(tokens)} tokens exceeds max_model_len "
                                  f"{self.max_model_len}")
-            if not all(_is_int(b) and 0 <= b < self.num_blocks for b in table):
+            if not _ints_in(table, self.num_blocks):
                 raise ValueError(f"block_tables[{i}] must hold block ids in [0, {self.num_blocks}), got {table!r}")
             if len(table) * self.block_size < end:
                 raise ValueError(f"block_tables[{i}] has {len(table)} blocks of {self.block_size}: too short for "
@@ -111,6 +171,12 @@ class ModelRunner:
             spec = batch.specs[i]
             if not isinstance(spec, SamplingSpec):
                 raise ValueError(f"specs[{i}] must be a SamplingSpec, got {type(spec).__name__}")
+            # A request's spec comes every step: checked once (the key has the field types, so True never
+            # passes as an already checked 1).
+            key = (spec, type(spec.temperature), type(spec.top_k), type(spec.top_p), type(spec.min_p),
+                   type(spec.seed))
+            if key in self._checked_specs:
+                continue
             try:  # the sampler's own range checks; the seed must be concrete here
                 SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                                min_p=spec.min_p, seed=spec.seed)
@@ -118,6 +184,9 @@ class ModelRunner:
                 raise ValueError(f"specs[{i}]: {e}") from None
             if not _is_int(spec.seed):
                 raise ValueError(f"specs[{i}].seed must be an int, got {spec.seed!r}")
+            if len(self._checked_specs) >= _CHECKED_SPECS:
+                self._checked_specs.clear()
+            self._checked_specs.add(key)
 
     # ---------------------------------------------------------------- forward and sampling
 
@@ -134,9 +203,14 @@ class ModelRunner:
         groups: dict[int, list[int]] = {}
         for i, tokens in enumerate(batch.token_ids):
             groups.setdefault(len(tokens), []).append(i)
-        for members in groups.values():
-            # CUDA graphs for decode (one per padded batch size, over static lengths/page-table/token
-            # buffers that this view would then point at) would go here; not part of this slice.
+        for width, members in groups.items():
+            if width == 1 and self.graphs is not None:
+                got = self.graphs.run([batch.token_ids[i][0] for i in members],
+                                      [batch.start_positions[i] for i in members],
+                                      [batch.block_tables[i] for i in members])
+                if got is not None:
+                    out[torch.tensor(members, device=self.device)] = got
+                    continue
             ids = torch.tensor([batch.token_ids[i] for i in members], dtype=torch.long).to(self.device)
             lengths = torch.tensor([batch.start_positions[i] for i in members], dtype=torch.int32)
             table = torch.zeros(len(members), self.max_pages, dtype=torch.int32)  # page 0 pads: never read

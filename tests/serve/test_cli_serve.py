@@ -26,6 +26,8 @@ def free_port() -> int:
     (["-sm", "layer", "--gpus", "2"], "serve runs on one device"),
     (["--alias", " "], "--alias"),
     (["--api-key", ""], "--api-key"),
+    (["--cuda-graph-sizes", "0"], "--cuda-graph-sizes"),
+    (["--parallel", "4", "--cuda-graph-sizes", "8", "16"], "--cuda-graph-sizes"),
     (["--host", "192.0.2.1"], "cannot bind 192.0.2.1"),  # TEST-NET-1: never a local address
 ])
 def test_flag_errors_are_one_line(capsys, argv, message):
