@@ -1,8 +1,9 @@
 """Attention: the module of a decoder layer, and attention of new query tokens over one layer of the KV cache
 behind one signature with three backends.
 
-- "glmtg": glmtg's split-KV Triton decode kernel for decode steps (S <= 16) on CUDA, reading the cache in its
-  stored format (f16/bf16, or q8_0/q4_0/fp8 dequantized in registers); prefill and CPU fall back to "sdpa".
+- "glmtg": on CUDA, glmtg's split-KV Triton decode kernel for decode steps (S <= 16) and its causal prefill kernel
+  for longer chunks, both reading the cache in its stored format (f16/bf16, or q8_0/q4_0/fp8 dequantized in
+  registers); CPU (and head dims the kernels lack) fall back to "sdpa".
 - "sdpa": torch scaled_dot_product_attention with enable_gqa and an offset causal mask.
 - "eager": repeat_kv + matmul + fp32 softmax + matmul, as transformers' eager path (the reference).
 
@@ -133,6 +134,14 @@ def attend(
         raise ValueError(f"q must be [B, S, Hq, D], got shape {tuple(q.shape)}")
     k_view, v_view = cache.k(layer), cache.v(layer)
     query_dtype = _kernel_query_dtype(q, k_view, v_view) if backend == "glmtg" else None
+    if query_dtype is not None and q.shape[1] > MAX_DECODE_TOKENS:
+        # prefill: one causal launch over the cache in its stored format (no bf16 copy of it), and no host sync
+        out = _decode.prefill_attention(
+            q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
+            page_table=cache.page_table, k_scale=k_view.scale, v_scale=v_view.scale,
+            k_format=k_view.format, v_format=v_view.format, scale=scale, validate=False,
+        )
+        return out.to(q.dtype)
     if query_dtype is not None:
         out = _decode.decode_attention(
             q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
@@ -151,8 +160,10 @@ def attend(
 
 
 def _kernel_query_dtype(q: torch.Tensor, k_view: KVLayerView, v_view: KVLayerView) -> torch.dtype | None:
-    """The dtype the decode kernel needs q in for this layer's stores, or None where it does not apply."""
-    if not q.is_cuda or q.shape[1] > MAX_DECODE_TOKENS or q.shape[3] not in _decode.SUPPORTED_HEAD_DIMS:
+    """The dtype the decode (S <= MAX_DECODE_TOKENS) or prefill kernel needs q in for this layer's stores, or
+    None where neither applies."""
+    head_dims = _decode.SUPPORTED_HEAD_DIMS if q.shape[1] <= MAX_DECODE_TOKENS else _decode.PREFILL_HEAD_DIMS
+    if not q.is_cuda or q.shape[3] not in head_dims:
         return None
     if k_view.format not in KV_FORMATS or v_view.format not in KV_FORMATS:
         return None

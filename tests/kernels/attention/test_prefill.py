@@ -148,3 +148,24 @@ def test_gpu_paged_ragged(fmt, filled_cache):
     assert not torch.isnan(out).any()
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < 1.5e-2, f"relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "q4_0"])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_gpu_attend_takes_prefill_kernel(fmt, page_size, monkeypatch, filled_cache):
+    """attend(backend="glmtg") on a 100-token chunk launches the prefill kernel, and agrees with "sdpa"."""
+    from glmtg.kernels import attention as kernels
+    from glmtg.layers.attention import attend
+
+    launches = []
+    real = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    s, prefixes = 100, [37, 250]
+    cache = filled_cache(2, 2, 128, [p + s for p in prefixes], 400, fmt, fmt, "cuda", page_size=page_size, seed=9)
+    q = torch.randn(2, s, 24, 128, device="cuda").bfloat16()
+    out = attend(q, cache, 0, cache.lengths, "glmtg", 128 ** -0.5)
+    ref = attend(q, cache, 0, cache.lengths, "sdpa", 128 ** -0.5)
+    assert launches == [1]
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < 1.5e-2, f"relative error {err:.2e}"
