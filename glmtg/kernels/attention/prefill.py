@@ -38,13 +38,14 @@ def _prefill_attention_kernel(
     stride_pt_b,
     scale_log2,
     capacity,
-    SQ: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_TILES: tl.constexpr,
+    SQ,  # new tokens per sequence: a plain argument, so that every chunk length shares one compiled kernel
+    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
     IEEE_DOT: tl.constexpr, FP16_DOT: tl.constexpr, ASM_DEQUANT: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     # Causal work grows with the row tile: launch the heaviest tiles first so the short ones fill the tail.
-    m_tile = M_TILES - 1 - tl.program_id(0)
+    m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NUM_KV_HEADS
     hkv = bh % NUM_KV_HEADS

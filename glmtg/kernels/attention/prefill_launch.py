@@ -156,8 +156,9 @@ def prefill_attention(
         stride_pt,
         float(scale) * LOG2E,
         capacity,
-        SQ=sq, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_TILES=m_tiles,
+        sq,
+        GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
         PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=int(k_code), V_FORMAT=int(v_code),
         IEEE_DOT=q.dtype == torch.float32, FP16_DOT=fp16_dot,
         # the interpreter has no PTX

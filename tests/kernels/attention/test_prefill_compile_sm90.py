@@ -41,10 +41,8 @@ def _compile(v: dict):
     k, vv = (FORMATS[f].code if f else KernelCode.FLOAT for f in (v["k"], v["v"]))
     launch = plan_prefill(v["head_dim"], torch.device("cuda"))
     quantized = KernelCode.FLOAT not in (k, vv)
-    sq = 4096
-    const = dict(SQ=sq, GROUP=v["group"], NUM_KV_HEADS=8, HEAD_DIM=v["head_dim"], BLOCK_M=launch.block_m,
-                 BLOCK_N=launch.block_n, M_TILES=triton.cdiv(v["group"] * sq, launch.block_m),
-                 PAGE_SIZE=64 if v.get("paged") else 65536, PAGED=bool(v.get("paged")), K_FORMAT=int(k),
+    const = dict(GROUP=v["group"], NUM_KV_HEADS=8, HEAD_DIM=v["head_dim"], BLOCK_M=launch.block_m,
+                 BLOCK_N=launch.block_n, PAGE_SIZE=64 if v.get("paged") else 65536, PAGED=bool(v.get("paged")), K_FORMAT=int(k),
                  V_FORMAT=int(vv), IEEE_DOT=False, FP16_DOT=launch.fp16_dot and quantized,
                  ASM_DEQUANT=int(launch.fp16_dot and launch.asm_dequant and quantized), NATIVE_FP8=True)
     pointers = dict(Q="*bf16", Out="*bf16", K=codes[k], V=codes[vv], KScale=scales[k], VScale=scales[vv],
