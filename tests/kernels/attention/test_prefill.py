@@ -110,14 +110,18 @@ def test_prefill_bad_arguments(filled_cache):
 # ---------------------------------------------------------------- GPU, GLM shapes, bf16
 
 def _sdpa_reference(cache, q):
-    """torch SDPA on the dequantized cache in bf16, per sequence (the path prefill replaced)."""
-    s = q.shape[1]
+    """torch SDPA on the dequantized cache in bf16, per sequence, lower-right causal.
+
+    K/V are repeated to the query heads and the mask is torch's causal bias, so that SDPA takes a fused
+    kernel (flash or memory-efficient) rather than the math fallback a boolean mask with GQA sends it to
+    (fp32 scores of [Hq, S, n]: tens of GB at these shapes)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    s, groups = q.shape[1], q.shape[2] // cache.num_kv_heads
     out = torch.empty_like(q)
     for b, n in enumerate(cache.lengths.tolist()):
-        k, v = cache.dequantized(0, b, n)  # float32 [Hkv, n, D]
-        mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - s, n, device=q.device)[:, None]
-        ob = F.scaled_dot_product_attention(q[b].transpose(0, 1)[None], k.to(q.dtype)[None], v.to(q.dtype)[None],
-                                            attn_mask=mask, enable_gqa=True)[0]
+        k, v = (x.to(q.dtype).repeat_interleave(groups, 0)[None] for x in cache.dequantized(0, b, n))  # [1, Hq, n, D]
+        ob = F.scaled_dot_product_attention(q[b].transpose(0, 1)[None], k, v, attn_mask=causal_lower_right(s, n))[0]
         out[b] = ob.transpose(0, 1)
     return out
 
