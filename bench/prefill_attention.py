@@ -42,6 +42,10 @@ HQ, HKV, D = 96, 8, 128
 CHUNKS = (512, 2048, 4096)
 PREFIXES = (0, 16384, 32768, 65536)
 FORMATS = ("bf16", "q8_0", "q4_0", "fp8")
+# --variants: other launches of glmtg's kernel beside the planned one (plan_prefill's keywords)
+VARIANTS = {"decode step": dict(fa2_step=False), "block_n 128": dict(block_n=128), "stages 2": dict(num_stages=2),
+            "stages 4": dict(num_stages=4), "block_m 64": dict(block_m=64, num_warps=4),
+            "bf16 dots": dict(fp16_dot=False)}
 
 
 def causal_flops(s: int, prefix: int, hq: int = HQ, d: int = D) -> int:
@@ -73,15 +77,16 @@ def make_cache(fmt: str, prefix: int, s: int, seed: int):
     return cache
 
 
-def make_glmtg(q, cache):
-    from glmtg.kernels.attention import prefill_attention
+def make_glmtg(q, cache, **variant):
+    from glmtg.kernels.attention import plan_prefill, prefill_attention
 
     kv, vv = cache.k(0), cache.v(0)
     out = torch.empty_like(q)
+    launch = plan_prefill(D, q.device, **variant)
 
     def call():
         prefill_attention(q, kv.data, vv.data, cache.lengths, k_scale=kv.scale, v_scale=vv.scale,
-                          k_format=kv.format, v_format=vv.format, out=out, validate=False)
+                          k_format=kv.format, v_format=vv.format, out=out, validate=False, launch=launch)
     return call, out
 
 
@@ -164,6 +169,9 @@ def run(args) -> dict:
             for fmt in args.formats:
                 cache = make_cache(fmt, prefix, s, seed=prefix + s)
                 impls = [(f"glmtg {fmt}", lambda: make_glmtg(q, cache), True, None)]
+                if args.variants:
+                    impls += [(f"glmtg {fmt} [{name}]", lambda kw=kw: make_glmtg(q, cache, **kw), True, None)
+                              for name, kw in VARIANTS.items() if fmt != "bf16" or name != "bf16 dots"]
                 if fmt == "bf16":
                     for backend in ("flash", "cudnn"):
                         impls.append((f"sdpa {backend} bf16", lambda b=backend: make_sdpa(b, q, cache), True,
@@ -243,7 +251,7 @@ def plot(payload: dict, path: Path) -> None:
 
     rows = payload["rows"]
     chunks = sorted({r["chunk"] for r in rows})
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows if "[" not in r["impl"]))  # --variants: table only
     fig, axes = plt.subplots(1, len(chunks), figsize=(4.5 * len(chunks), 4), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], chunks):
         for i, impl in enumerate(impls):
@@ -294,6 +302,8 @@ def main() -> int:
                         help=f"KV-cache formats, from {','.join(FORMATS)} (default: all)")
     parser.add_argument("--replays", type=int, default=10, help="timed replays per call (default: %(default)s)")
     parser.add_argument("--no-old-path", action="store_true", help="skip the dequantize + SDPA rows")
+    parser.add_argument("--variants", action="store_true",
+                        help=f"also time glmtg's kernel with other launches: {', '.join(VARIANTS)}")
     parser.add_argument("--old-path-limit-gib", type=float, default=16.0,
                         help="skip old-path rows whose fp32 score matrix would exceed this (default: %(default)s)")
     parser.add_argument("--out", help="output path stem (default: results/prefill_attention/<date>-table)")

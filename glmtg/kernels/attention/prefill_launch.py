@@ -29,11 +29,14 @@ class PrefillLaunch:
     # fp16, which assumes |q| < 65504, as the decode plan does). Plain K or V: dots in q's dtype.
     fp16_dot: bool = True
     asm_dequant: bool = True  # q8_0/q4_0 -> fp16 by inline PTX (CUDA, fp16 dots); see kernel._q8_0_to_f16
+    # prefill._prefill_tile (scale in the exp2 FMA, P @ V accumulated in place) rather than the decode kernel's
+    # step; both exact to the same roundings, kept for A/B timing (bench/prefill_attention.py --variants)
+    fa2_step: bool = True
 
 
 def plan_prefill(head_dim: int, device: torch.device, *, block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, fp16_dot: bool = True,
-                 asm_dequant: bool = True) -> PrefillLaunch:
+                 asm_dequant: bool = True, fa2_step: bool = True) -> PrefillLaunch:
     """The launch for ``head_dim`` on ``device``; any keyword overrides the planned value.
 
     GPU: 128 query rows x 64 keys per tile, 8 warps (4 at head_dim 64), 3 stages: FlashAttention-2's
@@ -48,7 +51,7 @@ def plan_prefill(head_dim: int, device: torch.device, *, block_m: int | None = N
         block_n=block_n if block_n is not None else (64 if gpu else 16),
         num_warps=num_warps if num_warps is not None else ((8 if head_dim == 128 else 4) if gpu else 4),
         num_stages=num_stages if num_stages is not None else (3 if gpu else 1),
-        fp16_dot=fp16_dot, asm_dequant=asm_dequant)
+        fp16_dot=fp16_dot, asm_dequant=asm_dequant, fa2_step=fa2_step)
     for name in ("block_m", "block_n", "num_warps"):
         check_power_of_two(name, getattr(launch, name))
     check(launch.block_m >= 16 and launch.block_n >= 16, "block_m and block_n must be >= 16 (tl.dot's minimum)")
@@ -163,6 +166,6 @@ def prefill_attention(
         IEEE_DOT=q.dtype == torch.float32, FP16_DOT=fp16_dot,
         # the interpreter has no PTX
         ASM_DEQUANT=int(fp16_dot and launch.asm_dequant and q.device.type == "cuda"), NATIVE_FP8=native_fp8,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        FA2_STEP=launch.fa2_step, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

@@ -80,12 +80,15 @@ def test_prefill_fp32_head_dim_128_cpu(s, prefixes, filled_cache):
     assert err < 1e-5, f"relative error {err:.2e}"
 
 
-def test_prefill_tile_shapes_cpu(filled_cache):
-    """32-row x 32-key tiles (group 3: a tile boundary inside a token's heads) and a 16-key paged cache."""
+@pytest.mark.parametrize("fa2_step", [True, False], ids=["fa2-step", "decode-step"])
+@pytest.mark.parametrize("k_format, v_format", [("q4_0", "fp8"), ("fp8", "q8_0")])
+def test_prefill_tile_shapes_cpu(fa2_step, k_format, v_format, filled_cache):
+    """32-row x 32-key tiles (group 3: a tile boundary inside a token's heads), a 16-key paged cache, fp8 on
+    each side (its row scale is applied to scores or probabilities), with either online-softmax step."""
     s, lengths = 11, [11 + 37, 11 + 7]
-    cache = filled_cache(2, 2, 64, lengths, 64, "q4_0", "fp8", "cpu", page_size=16, seed=5)
+    cache = filled_cache(2, 2, 64, lengths, 64, k_format, v_format, "cpu", page_size=16, seed=5)
     q = torch.randn(2, s, 6, 64).half()
-    out = _run(cache, q, launch=plan_prefill(64, q.device, block_m=32, block_n=32))
+    out = _run(cache, q, launch=plan_prefill(64, q.device, block_m=32, block_n=32, fa2_step=fa2_step))
     err = _rel_err(out, _reference(cache, q))
     assert err < 2e-3, f"relative error {err:.2e}"
 

@@ -3,8 +3,9 @@
 The interpreter accepts code the GPU compiler rejects, and says nothing of registers; compiling to PTX
 and cubin needs no GPU. It runs in a subprocess (this file as a script) because the interpreter replaces
 the kernels in the test process. Compiled: the GPU plan of every cache format at 96/8 (contiguous and
-paged) and a 64-dim head. Checked: every variant compiles, its dots use the tensor cores, and the plain
-bf16 loop spills no registers (the property its speed rests on; the report prints spills for all).
+paged), a 64-dim head, and the decode kernel's tile step (the A/B variant). Checked: every variant
+compiles, its dots use the tensor cores, and the bf16 and q4_0 loops prefetch K/V with async copies and
+spill no registers (the properties their speed rests on; the report prints spills for all).
 ``python tests/kernels/attention/test_prefill_compile_sm90.py`` prints the report.
 """
 
@@ -21,6 +22,9 @@ def _variants() -> list[dict]:
     out.append(dict(name="96/8 q4_0/q4_0 paged", k="q4_0", v="q4_0", group=12, head_dim=128, paged=True))
     out.append(dict(name="96/8 bf16/bf16 paged", k=None, v=None, group=12, head_dim=128, paged=True))
     out.append(dict(name="32/8 bf16/bf16 d64", k=None, v=None, group=4, head_dim=64))
+    # the decode kernel's tile step, kept for A/B timing
+    out += [dict(name=f"96/8 {f}/{f} decode step", k=f if f != "bf16" else None, v=f if f != "bf16" else None,
+                 group=12, head_dim=128, fa2_step=False) for f in ("bf16", "q4_0")]
     return out
 
 
@@ -44,7 +48,8 @@ def _compile(v: dict):
     const = dict(GROUP=v["group"], NUM_KV_HEADS=8, HEAD_DIM=v["head_dim"], BLOCK_M=launch.block_m,
                  BLOCK_N=launch.block_n, PAGE_SIZE=64 if v.get("paged") else 65536, PAGED=bool(v.get("paged")), K_FORMAT=int(k),
                  V_FORMAT=int(vv), IEEE_DOT=False, FP16_DOT=launch.fp16_dot and quantized,
-                 ASM_DEQUANT=int(launch.fp16_dot and launch.asm_dequant and quantized), NATIVE_FP8=True)
+                 ASM_DEQUANT=int(launch.fp16_dot and launch.asm_dequant and quantized), NATIVE_FP8=True,
+                 FA2_STEP=v.get("fa2_step", launch.fa2_step))
     pointers = dict(Q="*bf16", Out="*bf16", K=codes[k], V=codes[vv], KScale=scales[k], VScale=scales[vv],
                     Lengths="*i32", PageTable="*i32")
     sig, attrs = {}, {}
@@ -85,7 +90,9 @@ def test_prefill_launches_compile_for_sm90(compile_report):
     assert len(rows) == len(_variants()), stdout
     for name, (_, mma, wgmma, _, _) in rows.items():
         assert mma + wgmma > 0, f"{name}: the dots must lower to tensor-core instructions"
-    assert rows["96/8 bf16/bf16"][4] == 0, f"the bf16 loop must not spill registers:\n{stdout}"
+    for name in ("96/8 bf16/bf16", "96/8 q4_0/q4_0"):
+        assert rows[name][0] >= 4, f"{name}: the loop must prefetch K and V tiles (async copies):\n{stdout}"
+        assert rows[name][4] == 0, f"{name}: the loop must not spill registers:\n{stdout}"
 
 
 if __name__ == "__main__":
