@@ -10,8 +10,10 @@ Implementations:
 - "glmtg <fmt>": glmtg.kernels.attention.prefill_attention over a bf16, q8_0, q4_0 or fp8 cache, read in its
   stored format (what attend's "glmtg" backend runs for a prefill chunk).
 - "sdpa flash bf16", "sdpa cudnn bf16": torch SDPA on a bf16 cache with GQA, lower-right causal mask (the
-  chunk's queries at the end of the context). Flash through torch.nn.attention.bias.causal_lower_right; cuDNN
-  with is_causal at prefix 0 and a boolean mask otherwise. A backend that refuses a case is noted, not fatal.
+  chunk's queries at the end of the context). Flash as torch's flash op called directly (its is_causal is
+  lower-right, as torch.nn.attention.bias.causal_lower_right uses it); cuDNN through SDPA with is_causal at
+  prefix 0 and a boolean mask otherwise. Where a backend refuses GQA, K/V are repeated to 96 heads
+  beforehand (untimed) and the row says so; a backend that refuses a case outright is noted, not fatal.
 - "old path <fmt>": attend(backend="sdpa") on the same KVCache, which is what the "glmtg" backend ran for
   prefill before: the cache dequantized to a bf16 copy (KVCache.dequantized) and SDPA with a boolean mask,
   dequantization included in the time. It reads lengths on the host, so it is timed without a CUDA graph.
@@ -21,8 +23,8 @@ replays, each timed with CUDA events. No input rotation: prefill is compute-boun
 reused by every row tile anyway. FLOPs are the causal attention's exactly: query token t (at position
 prefix + t) sees prefix + t + 1 keys, so 4 * D * Hq * (S * prefix + S (S + 1) / 2) (QK^T and PV, 2 per
 multiply-add). "Of peak" divides TFLOP/s by the dense bf16 tensor-core rate measured in the same run by
-torch.matmul of two 8192 x 8192 bf16 matrices. "err" is each glmtg row's relative error (Frobenius norm)
-against SDPA over the same cache dequantized to bf16 (KVCache.whole), computed once, untimed.
+torch.matmul of two 8192 x 8192 bf16 matrices. "err" is each row's relative error (Frobenius norm) against
+SDPA (default dispatch) over the same cache dequantized to bf16 (KVCache.whole), computed once, untimed.
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ def make_sdpa(backend: str, q, cache, expand: bool = False):
     """SDPA on the bf16 cache's K/V [1, Hkv, n, D] with GQA (``expand``: K/V repeated to Hq heads beforehand,
     outside the timing, for a backend that refuses GQA); the output is [1, Hq, S, D]."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
 
     qt = q.transpose(1, 2).contiguous()  # [1, Hq, S, D]
     k, v = cache.k(0).data, cache.v(0).data
@@ -103,8 +104,13 @@ def make_sdpa(backend: str, q, cache, expand: bool = False):
     s, n = qt.shape[2], k.shape[2]
     box = {}
     if backend == "flash":
-        which, kwargs = SDPBackend.FLASH_ATTENTION, dict(attn_mask=causal_lower_right(s, n))
-    elif s == n:
+        # torch's flash op itself (what causal_lower_right dispatches to when flash can run), called directly so
+        # that the row is flash or nothing: its is_causal aligns the mask lower-right (the queries end the context)
+        def call():
+            box["out"] = torch.ops.aten._scaled_dot_product_flash_attention(
+                qt, k, v, 0.0, is_causal=True, return_debug_mask=False, scale=D ** -0.5)[0]
+        return call, box
+    if s == n:
         which, kwargs = SDPBackend.CUDNN_ATTENTION, dict(is_causal=True)
     else:
         mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - s, n, device=q.device)[:, None]
@@ -204,8 +210,12 @@ def run(args) -> dict:
                     shown = note if seconds is None else \
                         f"{row['ms']:8.2f} ms {row['tflops']:6.1f} TFLOP/s ({row['frac_peak']:4.0%}) {note}"
                     print(f"S={s:<5} prefix={prefix:<6} {name:<18} {shown}", flush=True)
-                if f"glmtg {fmt}" in outs:
-                    rows[-len(impls)]["err"] = rel_err(outs[f"glmtg {fmt}"], reference(q, cache))
+                if outs:
+                    ref = reference(q, cache)
+                    for row in rows[-len(impls):]:
+                        if row["impl"] in outs:
+                            row["err"] = rel_err(outs[row["impl"]], ref)
+                    del ref
                 del cache, outs
                 torch.cuda.empty_cache()
             del q
@@ -230,7 +240,7 @@ def markdown(payload: dict) -> str:
             cells.append("" if r is None else "n/a" if r["tflops"] is None
                          else f"{r['tflops']:.0f} ({r['frac_peak']:.0%})")
         lines.append(f"| {s} | {prefix} | " + " | ".join(cells) + " |")
-    lines += ["", "Milliseconds per call, and glmtg's relative error against SDPA over the same cache dequantized "
+    lines += ["", "Milliseconds per call, and the relative error against SDPA over the same cache dequantized "
               "to bf16:", "",
               "| chunk | prefix | impl | ms | err |", "|---|---|---|---|---|"]
     for r in rows:
