@@ -36,10 +36,12 @@ def _prefill_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSc
                   NATIVE_FP8: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over keys [n0, n0 + BLOCK_N), FlashAttention-2's form of kernel._attend_tile.
 
-    Compute-bound, unlike decode, so the step saves ALU work and registers: the softmax scale rides in
-    the exp2's FMA instead of a separate multiply of the scores, and P @ V
-    accumulates into the rescaled accumulator in place (no [BLOCK_M, D] fp32 temporary). CAUSAL masks keys
-    after each row's ``last_key``; MASKED, keys at or past ``end`` (which are never loaded).
+    Compute-bound, unlike decode, so the step trims ALU work around the dots: the softmax scale rides in
+    the exp2's FMA instead of a separate multiply and subtract of the scores (sm_90 PTX of the bf16 loop:
+    2697 lines against 2782, 36 fewer sub.f32 and 60 fewer mul.f32 per thread), and P @ V accumulates
+    into the rescaled accumulator in place (the compiler made the same of the decode form: 172 registers
+    either way). CAUSAL masks keys after each row's ``last_key``; MASKED, keys at or past ``end`` (which
+    are never loaded).
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
