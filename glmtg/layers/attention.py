@@ -1,8 +1,9 @@
 """Attention: the module of a decoder layer, and attention of new query tokens over one layer of the KV cache
 behind one signature with three backends.
 
-- "glmtg": glmtg's split-KV Triton decode kernel for decode steps (S <= 16) on CUDA, reading the cache in its
-  stored format (f16/bf16, or q8_0/q4_0/fp8 dequantized in registers); prefill and CPU fall back to "sdpa".
+- "glmtg": on CUDA, glmtg's split-KV Triton decode kernel for decode steps (S <= 16) and its causal prefill kernel
+  for longer chunks, both reading the cache in its stored format (f16/bf16, or q8_0/q4_0/fp8 dequantized in
+  registers); CPU (and head dims the kernels lack) fall back to "sdpa".
 - "sdpa": torch scaled_dot_product_attention with enable_gqa and an offset causal mask.
 - "eager": repeat_kv + matmul + fp32 softmax + matmul, as transformers' eager path (the reference).
 
@@ -141,6 +142,14 @@ def attend(
     out_dtype = q.dtype if out_dtype is None else out_dtype
     query_dtype = (decode_query_dtype(q.is_cuda, q.shape[1], q.shape[3], q.dtype, k_view, v_view)
                    if backend == "glmtg" else None)
+    if query_dtype is not None and q.shape[1] > MAX_DECODE_TOKENS:
+        # prefill: one causal launch over the cache in its stored format (no bf16 copy of it), and no host sync
+        out = _decode.prefill_attention(
+            q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
+            page_table=cache.page_table, k_scale=k_view.scale, v_scale=v_view.scale,
+            k_format=k_view.format, v_format=v_view.format, scale=scale, validate=False,
+        )
+        return out.to(out_dtype)
     if query_dtype is not None:
         out = _decode.decode_attention(
             q.to(query_dtype), k_view.data, v_view.data, lengths_after.to(torch.int32),
@@ -160,9 +169,10 @@ def attend(
 
 def decode_query_dtype(is_cuda: bool, tokens: int, head_dim: int, dtype: torch.dtype, k_view: KVLayerView,
                        v_view: KVLayerView) -> torch.dtype | None:
-    """The dtype the decode kernel needs q (``tokens`` per sequence, ``head_dim``, ``dtype``) in for this
-    layer's stores, or None where the kernel does not apply."""
-    if not is_cuda or tokens > MAX_DECODE_TOKENS or head_dim not in _decode.SUPPORTED_HEAD_DIMS:
+    """The dtype the decode (``tokens`` <= MAX_DECODE_TOKENS per sequence) or prefill kernel needs q
+    (``head_dim``, ``dtype``) in for this layer's stores, or None where neither applies."""
+    head_dims = _decode.SUPPORTED_HEAD_DIMS if tokens <= MAX_DECODE_TOKENS else _decode.PREFILL_HEAD_DIMS
+    if not is_cuda or head_dim not in head_dims:
         return None
     if k_view.format not in KV_FORMATS or v_view.format not in KV_FORMATS:
         return None

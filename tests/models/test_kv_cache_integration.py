@@ -97,11 +97,12 @@ def test_decode_step_captures_in_cuda_graph():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernel path runs natively (gpu tests)")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's, from inside the Triton interpreter
 def test_glmtg_kernel_path_in_interpreter(monkeypatch):
-    # On a CPU the "glmtg" backend falls back to SDPA; here the CUDA check is lifted so that the Triton decode
-    # kernel itself runs in the interpreter (f16 contiguous; q8_0 K with q4_0 V paged) and must agree with
-    # SDPA over the same cache. Both read identical stored K/V (the kernel dequantizes in registers, SDPA
-    # through KVCache.dequantized) and accumulate in fp32; q is rounded to f16 for the kernel (2^-11
-    # relative), which moves logits of size ~1.6 by ~1e-3.
+    # On a CPU the "glmtg" backend falls back to SDPA; here the CUDA check is lifted so that the Triton prefill
+    # (17 tokens) and decode kernels themselves run in the interpreter (f16 contiguous; q8_0 K with q4_0 V
+    # paged) and must agree with SDPA over the same cache. Both read identical stored K/V (the kernels
+    # dequantize in registers, SDPA through KVCache.dequantized) and accumulate in fp32; q and the softmax
+    # probabilities are rounded to f16 for the kernels (2^-11 relative each), which moves logits of size ~1.6
+    # by ~1e-3 typically and up to ~5.5e-3 at the worst of 34000 (measured): atol 1e-2.
     from glmtg.layers import attention, fused
 
     calls = []
@@ -120,11 +121,11 @@ def test_glmtg_kernel_path_in_interpreter(monkeypatch):
         caches = {b: KVCache(num_layers=2, batch=2, capacity=24, num_kv_heads=config.num_key_value_heads,
                              head_dim=config.head_dim, k_format=k_format, v_format=v_format, page_size=page_size)
                   for b in ("glmtg", "sdpa")}
-        for lo, hi in ((0, 17), (17, 18), (18, 20)):  # prefill above 16 tokens takes SDPA; then the kernel
-            # the kernel's run with the fused glue: qk_rope writes q in the kernel's dtype itself (f16 here)
+        for lo, hi in ((0, 17), (17, 18), (18, 20)):  # prefill above 16 tokens: the prefill kernel; then decode
+            # the last run with the fused glue: qk_rope writes q in the kernel's dtype itself (f16 here)
             with fused.mode("on" if hi == 20 else "auto"):
                 out = {b: model(ids[:, lo:hi], c, attn_backend=b) for b, c in caches.items()}
             for c in caches.values():
                 c.lengths += hi - lo
-            torch.testing.assert_close(out["glmtg"], out["sdpa"], rtol=0, atol=5e-3)
-    assert any(calls) and not all(calls)
+            torch.testing.assert_close(out["glmtg"], out["sdpa"], rtol=0, atol=1e-2)
+    assert all(calls)
