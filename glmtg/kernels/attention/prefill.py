@@ -87,6 +87,31 @@ def _prefill_tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VSc
 
 
 @triton.jit
+def _tile(q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+          stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+          stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+          K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr, IEEE_DOT: tl.constexpr, ASM_DEQUANT: tl.constexpr,
+          NATIVE_FP8: tl.constexpr, FA2_STEP: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile with the prefill's own online-softmax step (FA2_STEP) or the decode kernel's; MASKED: the
+    diagonal tiles (causal mask per row, keys past ``end`` not loaded)."""
+    if FA2_STEP:
+        return _prefill_tile(
+            q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+            stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+            stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8,
+            MASKED, MASKED)
+    else:
+        return _attend_tile(
+            q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+            stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+            stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+            _CAUSAL_MASK if MASKED else _NO_CAUSAL_MASK, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT,
+            IEEE_DOT, ASM_DEQUANT, NATIVE_FP8, MASKED)
+
+
+@triton.jit
 def _prefill_attention_kernel(
     Q, K, V, KScale, VScale, Out, Lengths, PageTable,
     stride_qb, stride_qs, stride_qh,
@@ -139,36 +164,20 @@ def _prefill_attention_kernel(
     end = tl.minimum(start + tok_last + 1, length)
     full_end = tl.maximum(start + tok_first + 1, 0) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        if FA2_STEP:
-            m_i, l_i, acc = _prefill_tile(
-                q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
-                stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
-                stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
-                HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8,
-                False, False)
-        else:
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
-                stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
-                stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
-                _NO_CAUSAL_MASK, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT,
-                NATIVE_FP8, False)
+        m_i, l_i, acc = _tile(
+            q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+            stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+            stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8, FA2_STEP,
+            False)
     # The diagonal: causal mask per row, and keys at or past ``end`` never loaded (they may hold anything).
     for n0 in range(full_end, end, BLOCK_N):
-        if FA2_STEP:
-            m_i, l_i, acc = _prefill_tile(
-                q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
-                stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
-                stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
-                HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8,
-                True, True)
-        else:
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
-                stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
-                stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
-                _CAUSAL_MASK, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT,
-                NATIVE_FP8, True)
+        m_i, l_i, acc = _tile(
+            q, m_i, l_i, acc, n0, end, last_key, b, hkv, K, V, KScale, VScale, PageTable,
+            stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
+            stride_ksp, stride_ksh, stride_ksn, stride_vsp, stride_vsh, stride_vsn, stride_pt_b, scale_log2,
+            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, K_FORMAT, V_FORMAT, IEEE_DOT, ASM_DEQUANT, NATIVE_FP8, FA2_STEP,
+            True)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row with no key (bad length) writes 0, not NaN
     out = acc / l_safe[:, None]
