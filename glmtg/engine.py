@@ -93,6 +93,21 @@ class GenerationResult:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+def default_ubatch(device: torch.device | str, ctx_size: int) -> int:
+    """The prefill chunk (ubatch) for ``device`` when none is asked for, never above ``ctx_size``: 4096 tokens
+    on a GPU of 100 or more SMs (H100/H200), 2048 on smaller GPUs, 512 on a CPU.
+
+    Why 4096 on a Hopper GPU: the prefill GEMMs fill its tensor cores only at thousands of rows, the routed
+    experts' grouped GEMM most of all (each expert sees T·k/E rows). Measured on an H200 at the Air shapes
+    (bench/results/gguf_gemm/2026-11-28-air.md, bf16 weights): q_proj 697 TFLOP/s at T = 512, 797 at 4096;
+    the experts 85 at 512, 277 at 4096. The CPU keeps llama.cpp's 512 (memory, not throughput, bounds it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return min(512, ctx_size)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(4096 if sms >= 100 else 2048, ctx_size)
+
+
 def kv_cache_bytes(config: ModelConfig, ctx_size: int, batch: int, k_format: str, v_format: str) -> int:
     """Bytes a contiguous cache of this size takes (measured on a 1-token cache, so scales count)."""
     probe = KVCache(num_layers=1, batch=1, capacity=1, num_kv_heads=config.num_key_value_heads,

@@ -194,3 +194,18 @@ def test_failed_graph_capture_warns_with_the_cause_and_decodes_eagerly(model32, 
         warnings.simplefilter("error")  # warned once, not per step
         got += [int(e.decode_step()[0]) for _ in range(2)]
     assert got == want
+
+
+def test_default_ubatch_per_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from glmtg.engine import default_ubatch
+
+    assert default_ubatch("cpu", 4096) == 512
+    assert default_ubatch("cpu", 300) == 300  # never above the context
+    # a GPU: by its SM count (faked: the chunk is chosen from the properties alone)
+    for sms, want in ((132, 4096), (108, 4096), (82, 2048)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, sms=sms: SimpleNamespace(
+            multi_processor_count=sms))
+        assert default_ubatch(torch.device("cuda", 0), 65536) == want
+    assert default_ubatch(torch.device("cuda", 0), 1000) == 1000

@@ -20,7 +20,7 @@ from glmtg.config import ModelConfig
 from glmtg.cli import ranks
 from glmtg.cpu.host_experts import host_expert_layers
 from glmtg.cpu.placement import HostPlacement, resolve, rules_of
-from glmtg.engine import Engine, EngineConfig, kv_cache_bytes, kv_cache_hint
+from glmtg.engine import Engine, EngineConfig, default_ubatch, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS
 from glmtg.formats.mix import FILE_TYPES
@@ -148,7 +148,7 @@ def _float(text: str) -> float:
 
 # ---------------------------------------------------------------- flag groups
 
-def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None, ub_default: int = 512,
+def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None, ub_default: int | None = None,
                     ctx_help: str = "context size: the KV cache holds this many tokens") -> None:
     g = parser.add_argument_group("model and cache")
     g.add_argument("-m", "--model", metavar="PATH", default=None,
@@ -165,7 +165,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
                         "in GGUF blocks; default: plain --dtype weights. One of: " + ", ".join(FILE_TYPES))
     g.add_argument("-c", "--ctx-size", type=positive_int, default=ctx_default, metavar="N", help=ctx_help)
     g.add_argument("-ub", "--ubatch-size", type=positive_int, default=ub_default, metavar="N",
-                   help="tokens per prefill step (physical batch)")
+                   help="tokens per prefill step (physical batch); default: 4096 on a GPU with >= 100 SMs, "
+                        "2048 on smaller GPUs, 512 on a CPU, never above -c")
     g.add_argument("-ctk", "--cache-type-k", choices=KV_FORMATS, default="bf16", help="KV cache type for K")
     g.add_argument("-ctv", "--cache-type-v", choices=KV_FORMATS, default=None,
                    help="KV cache type for V (default: same as -ctk)")
@@ -413,7 +414,8 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
 
 def engine_config(args: argparse.Namespace, ctx_size: int) -> EngineConfig:
     """The engine settings the model-and-cache flags ask for."""
-    return EngineConfig(ctx_size=ctx_size, ubatch=args.ubatch_size, k_format=args.cache_type_k,
+    ubatch = args.ubatch_size or default_ubatch(resolve_device(args.device), ctx_size)
+    return EngineConfig(ctx_size=ctx_size, ubatch=ubatch, k_format=args.cache_type_k,
                         v_format=args.cache_type_v, attn_backend=args.attn, prefill_backend=args.attn_prefill,
                         use_cuda_graph=False if args.no_cuda_graph else None)
 

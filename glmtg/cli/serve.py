@@ -70,7 +70,7 @@ def build_engine(args: argparse.Namespace, loaded: common.Loaded, eos: tuple[int
                          max_model_len=args.ctx_size, k_format=settings.k_format, v_format=settings.v_format,
                          device=loaded.device, cuda_graphs=False if args.no_cuda_graph else None,
                          graph_sizes=args.cuda_graph_sizes)
-    config = SchedulerConfig(max_num_seqs=args.parallel, max_prefill_tokens=args.ubatch_size,
+    config = SchedulerConfig(max_num_seqs=args.parallel, max_prefill_tokens=settings.ubatch,
                              max_model_len=args.ctx_size, max_waiting=args.max_queue)
     return LLMEngine(runner, config, eos)
 

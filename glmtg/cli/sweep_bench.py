@@ -46,6 +46,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ubatch_size is None:  # the device's default chunk, resolved now: TG and the row check depend on it
+        args.ubatch_size = common.default_ubatch(common.resolve_device(args.device), args.ctx_size)
     tg = args.n_predict if args.n_predict is not None else max(1, args.ubatch_size // 4)
     if max(args.ubatch_size, tg) > args.ctx_size:  # no row fits (sweep_depths would be empty)
         raise ValueError(f"-c {args.ctx_size} is smaller than one step (-ub {args.ubatch_size}, TG {tg})")
