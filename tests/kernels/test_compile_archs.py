@@ -7,7 +7,7 @@ as bytes before sm_89 (no e4m3 conversion instruction, and Triton has no fp8e4nv
 goes to machine code through ptxas for the target, so an instruction the architecture lacks fails here.
 It runs as a subprocess (this file as a script, see tests/kernels/conftest.py) because the interpreter
 replaces the kernels in the test process. Kernels: decode attention as planned for each architecture
-(bf16 and every quantized cache at 96/8, 64k) and its merge; kv_store per cache format; moe_decode; the
+(bf16 and every quantized cache at 96/8, 64k) and its merge; prefill attention at its GPU plan per cache format; kv_store per cache format; moe_decode; the
 GGUF dequant, gemv, moe, mmvq (with its activation quantizer) and mmvq_moe kernels for a few block types,
 among them the ones with inline PTX (dp4a, prmt); the decoder glue (rms_norm, router, qk_rope). Checked besides compiling: the shared memory a
 program takes fits the architecture's per-block limit (ArchPlan.shared_kib_per_block).
@@ -86,6 +86,24 @@ def _attention_jobs(cc: int) -> list[tuple[str, object, dict, dict, dict]]:
                         PageTable="*i32", scale_log2="fp32")
         jobs.append((f"attention {fmt or 'bf16'} {ctx // 1024}k", _decode_attention_kernel, pointers, const,
                      dict(num_warps=launch.num_warps, num_stages=launch.num_stages)))
+    # the prefill kernel at its GPU plan (its tiles and stages are Hopper's: they must fit these GPUs too)
+    import torch
+
+    from glmtg.kernels.attention.prefill import _prefill_attention_kernel
+    from glmtg.kernels.attention.prefill_launch import plan_prefill
+
+    pl = plan_prefill(128, torch.device("cuda"))
+    for fmt in (None, "q8_0", "q4_0", "fp8"):
+        code = FORMATS[fmt].code if fmt else KernelCode.FLOAT
+        quantized = fmt is not None
+        const = dict(GROUP=12, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_M=pl.block_m, BLOCK_N=pl.block_n, PAGE_SIZE=65536,
+                     PAGED=False, K_FORMAT=int(code), V_FORMAT=int(code), IEEE_DOT=False, FP16_DOT=quantized,
+                     ASM_DEQUANT=int(pl.fp16_dot and pl.asm_dequant and quantized), NATIVE_FP8=native,
+                     FA2_STEP=pl.fa2_step)
+        pointers = dict(Q="*bf16", Out="*bf16", K=codes[code], V=codes[code], KScale=scales[code],
+                        VScale=scales[code], Lengths="*i32", PageTable="*i32", scale_log2="fp32")
+        jobs.append((f"prefill {fmt or 'bf16'}", _prefill_attention_kernel, pointers, const,
+                     dict(num_warps=pl.num_warps, num_stages=pl.num_stages)))
     const = dict(SQ=1, GROUP=12, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_N=64, M_PAD=16, SPLIT_BLOCK=MERGE_SPLIT_BLOCK,
                  BLOCK_D=32, ONE_PASS=False, WRITE_LSE=True, USE_PDL=target.pdl)
     pointers = dict(Out="*bf16", Lse="*fp32", PartialO="*fp32", PartialLse="*fp32", Lengths="*i32")
