@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         rows = run_sweep(engine, tg=tg, seed=args.seed, on_row=show)
-    print("\nTG bandwidth (active weights + KV read per token, estimated), GB/s: "
+    part = " of rank 0's part" if getattr(args, "split_mode", "none") != "none" else ""
+    print(f"\nTG bandwidth{part} (active weights + KV read per token, estimated), GB/s: "
           + ", ".join(f"{r.tg_gbps:.3g} @ {r.n_kv}" for r in rows))
     if args.output is not None:
         env["tg"] = tg

@@ -143,20 +143,8 @@ class Glm4MoeForCausalLM(nn.Module):
         return self.lm_head(self.norm(h, residual)[0]).float()  # [B, S or 1, vocab]
 
     def decode_weight_bytes(self) -> int:
-        """Weight bytes one decode token reads, as the parameters are stored (quantized blocks included):
-        everything but the routed experts it does not choose (k of each layer's experts) and all but one row
-        of the embedding. For rooflines; a tied lm_head is counted once, as the full head it is."""
-        params = {id(p): p for p in self.parameters()}
-        total = sum(p.numel() * p.element_size() for p in params.values())
-        k = self.config.num_experts_per_tok
-        for module in self.modules():
-            if isinstance(module, (Experts, QuantExperts)):
-                stacked = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-                total -= stacked - stacked // module.placement.count * min(k, module.placement.count)
-        table = self.embed.weight
-        if not self.config.tie_word_embeddings:
-            total -= table.numel() * table.element_size() - table[0].numel() * table.element_size()
-        return total
+        """Weight bytes one decode token reads, as the parameters are stored: ``decode_weight_bytes_of``."""
+        return decode_weight_bytes_of(self, self.config)
 
     # ------------------------------------------------------------------ weights
 
@@ -189,6 +177,27 @@ class Glm4MoeForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 value = value[module.rows(slot.shard)]
             yield slot, value
+
+
+def decode_weight_bytes_of(model: nn.Module, config: ModelConfig) -> int:
+    """Weight bytes one decode token reads from ``model`` (the whole model, or one rank's part of it), as the
+    parameters are stored (quantized blocks included): everything but the routed experts a token does not
+    choose and all but one row of an embedding table that is not also the head. A module holding ``count``
+    of a layer's E experts reads k·count/E of them per token on average (k for the whole model; a
+    tensor-parallel rank its share). For rooflines; a tied lm_head is counted once, as the full head it is."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    k = config.num_experts_per_tok
+    for module in model.modules():
+        if isinstance(module, (Experts, QuantExperts)):
+            stacked = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            placement = module.placement
+            total -= stacked - stacked * k // placement.num_experts
+    embed = getattr(model, "embed", None)
+    if embed is not None and not (config.tie_word_embeddings and getattr(model, "lm_head", None) is not None):
+        table = embed.weight
+        total -= table.numel() * table.element_size() - table[0].numel() * table.element_size()
+    return total
 
 
 def tensor_slots_of(root: nn.Module) -> Iterator[TensorSlot]:

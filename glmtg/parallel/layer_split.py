@@ -29,6 +29,7 @@ from glmtg.layers.rope import rope_cos_sin
 from glmtg.models.glm4_moe import (
     Glm4MoeForCausalLM,
     check_room,
+    decode_weight_bytes_of,
     tensor_slots_of,
     write_slot,
 )
@@ -92,6 +93,10 @@ class LayerSplitModel(nn.Module):
         self.norm = whole.norm if self.last else None
         self.lm_head = whole.lm_head if self.last else None
         self.requires_grad_(False)
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode token reads from this stage (``decode_weight_bytes_of``)."""
+        return decode_weight_bytes_of(self, self.config)
 
     @property
     def num_layers(self) -> int:
