@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -55,6 +56,86 @@ def _check_store(name: str, data: torch.Tensor, scale: torch.Tensor | None, fmt:
     return code
 
 
+@dataclass(frozen=True)
+class Problem:
+    """An attention call's checked shapes and the kernel arguments derived from them (``checked_problem``)."""
+
+    num_kv_heads: int
+    group: int  # query heads per KV head
+    k_code: KernelCode
+    v_code: KernelCode
+    page_size: int  # tokens per page; the capacity for a contiguous cache
+    capacity: int  # tokens a sequence can hold
+    page_table_arg: torch.Tensor  # the page table, or any int32 tensor when PAGED is off (never read)
+    stride_pt: int
+    native_fp8: bool  # the GPU converts e4m3 itself (else fp8 codes go in as bytes)
+    k_arg: torch.Tensor
+    v_arg: torch.Tensor
+    k_scale_arg: torch.Tensor  # q8_0/q4_0 scales as int32 words, fp8 as is; the data itself when plain
+    v_scale_arg: torch.Tensor
+
+
+def checked_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
+                    page_table: torch.Tensor | None, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                    k_format: str | None, v_format: str | None, head_dims: tuple[int, ...],
+                    validate: bool) -> Problem:
+    """The argument checks every attention launcher shares (decode and prefill; ValueError naming the
+    argument): q [B, S, Hq, D] with D in ``head_dims``, the K/V stores and their scales (``_check_store``),
+    lengths int32 [B] on q's device, a contiguous cache's batch or a page table's shape; with ``validate``
+    (skipped while a CUDA graph is captured) lengths in [S, capacity] and the live pages inside the pool,
+    read on the host. Returns the shapes and the kernel's arguments."""
+    check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be a 4-D tensor [B, Sq, Hq, D], got {shape(q)}")
+    check(q.dtype in SUPPORTED_DTYPES, f"q dtype {q.dtype} is not one of {SUPPORTED_DTYPES}")
+    batch, sq, num_q_heads, head_dim = q.shape
+    check(head_dim in head_dims, f"head_dim {head_dim} is not one of {head_dims}")
+    check(batch >= 1 and sq >= 1, f"q must have B >= 1 and Sq >= 1, got {tuple(q.shape)}")
+    check(q.stride(3) == 1, f"q must have a contiguous last dimension, strides {q.stride()}")
+    k_code = _check_store("k_cache", k_cache, k_scale, k_format, q)
+    v_code = _check_store("v_cache", v_cache, v_scale, v_format, q)
+    check(v_cache.shape[:3] == k_cache.shape[:3],
+          f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape {tuple(k_cache.shape)} in the first 3 dims")
+    check(isinstance(lengths, torch.Tensor) and lengths.device == q.device,
+          f"lengths is on {getattr(lengths, 'device', None)} but q is on {q.device}")
+    num_kv_heads = k_cache.shape[1]
+    check(num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
+          f"q heads ({num_q_heads}) must be a multiple of cache KV heads ({num_kv_heads})")
+    check(lengths.dtype == torch.int32 and lengths.shape == (batch,),
+          f"lengths must be int32 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
+    if page_table is None:
+        check(k_cache.shape[0] == batch, f"contiguous k_cache batch {k_cache.shape[0]} != q batch {batch}")
+        page_size = capacity = k_cache.shape[2]
+        page_table_arg, stride_pt = lengths, 0  # never read when PAGED is off
+    else:
+        check(page_table.device == q.device, f"page_table is on {page_table.device} but q is on {q.device}")
+        check(page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.shape[0] == batch,
+              f"page_table must be int32 [B={batch}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}")
+        check(page_table.stride(1) == 1, "page_table must have a contiguous last dimension")
+        page_size = k_cache.shape[2]
+        check(page_size >= 1, "page size (k_cache.shape[2]) must be >= 1")
+        capacity = page_table.shape[1] * page_size
+        page_table_arg, stride_pt = page_table, page_table.stride(0)
+    if validate and not capturing(q.device):
+        lens = lengths.cpu()
+        check(bool((lens >= sq).all()) and bool((lens <= capacity).all()),
+              f"lengths must lie in [S={sq}, capacity={capacity}]: every length >= Sq (the new tokens are in "
+              f"the cache) and <= the capacity, got {lens.tolist()}")
+        if page_table is not None:
+            pages_needed = (lens + page_size - 1) // page_size
+            pt = page_table.cpu()
+            used = torch.arange(pt.shape[1])[None, :] < pages_needed[:, None]
+            bad = used & ((pt < 0) | (pt >= k_cache.shape[0]))
+            check(not bool(bad.any()), f"page_table holds page indices outside [0, {k_cache.shape[0]}) for live tokens")
+    # Before sm_89 the GPU has no e4m3 conversion and Triton no fp8e4nv type: fp8 codes go in as bytes.
+    native_fp8 = target_of(q.device).native_fp8
+    return Problem(
+        num_kv_heads, num_q_heads // num_kv_heads, k_code, v_code, page_size, capacity, page_table_arg, stride_pt,
+        native_fp8,
+        k_cache if native_fp8 or k_code != KernelCode.FP8 else k_cache.view(torch.uint8),
+        v_cache if native_fp8 or v_code != KernelCode.FP8 else v_cache.view(torch.uint8),
+        _scale_words("k_scale", k_scale, k_code) if k_code != KernelCode.FLOAT else k_cache,
+        _scale_words("v_scale", v_scale, v_code) if v_code != KernelCode.FLOAT else v_cache)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -92,53 +173,15 @@ def decode_attention(
     on the host to reject bad values; it is skipped during CUDA-graph capture (the kernel still
     clamps lengths to the cache, so a bad value can never read outside it).
     """
-    check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be a 4-D tensor [B, Sq, Hq, D], got {shape(q)}")
-    check(q.dtype in SUPPORTED_DTYPES, f"q dtype {q.dtype} is not one of {SUPPORTED_DTYPES}")
+    p = checked_problem(q, k_cache, v_cache, lengths, page_table=page_table, k_scale=k_scale, v_scale=v_scale,
+                        k_format=k_format, v_format=v_format, head_dims=SUPPORTED_HEAD_DIMS, validate=validate)
     batch, sq, num_q_heads, head_dim = q.shape
-    check(head_dim in SUPPORTED_HEAD_DIMS, f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
-    check(batch >= 1 and sq >= 1, f"q must have B >= 1 and Sq >= 1, got {tuple(q.shape)}")
-    check(q.stride(3) == 1, f"q must have a contiguous last dimension, strides {q.stride()}")
-    k_code = _check_store("k_cache", k_cache, k_scale, k_format, q)
-    v_code = _check_store("v_cache", v_cache, v_scale, v_format, q)
-    check(v_cache.shape[:3] == k_cache.shape[:3],
-          f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape {tuple(k_cache.shape)} in the first 3 dims")
-    check(isinstance(lengths, torch.Tensor) and lengths.device == q.device,
-          f"lengths is on {getattr(lengths, 'device', None)} but q is on {q.device}")
-    num_kv_heads = k_cache.shape[1]
-    check(num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
-          f"q heads ({num_q_heads}) must be a multiple of cache KV heads ({num_kv_heads})")
-    group = num_q_heads // num_kv_heads
+    num_kv_heads, group, k_code, v_code = p.num_kv_heads, p.group, p.k_code, p.v_code
+    page_size, capacity = p.page_size, p.capacity
     check(group <= MAX_GROUP, f"GQA group {group} exceeds the supported maximum {MAX_GROUP}")
-    check(lengths.dtype == torch.int32 and lengths.shape == (batch,),
-          f"lengths must be int32 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
-
-    if page_table is None:
-        check(k_cache.shape[0] == batch, f"contiguous k_cache batch {k_cache.shape[0]} != q batch {batch}")
-        page_size = capacity = k_cache.shape[2]
-        page_table_arg, stride_pt = lengths, 0  # never read when PAGED is off
-    else:
-        check(page_table.device == q.device, f"page_table is on {page_table.device} but q is on {q.device}")
-        check(page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.shape[0] == batch,
-              f"page_table must be int32 [B={batch}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}")
-        check(page_table.stride(1) == 1, "page_table must have a contiguous last dimension")
-        page_size = k_cache.shape[2]
-        check(page_size >= 1, "page size (k_cache.shape[2]) must be >= 1")
-        capacity = page_table.shape[1] * page_size
-        page_table_arg, stride_pt = page_table, page_table.stride(0)
     if max_context is None:
         max_context = capacity
     check(isinstance(max_context, int) and max_context >= 1, f"max_context must be a positive int, got {max_context!r}")
-
-    if validate and not capturing(q.device):
-        lens = lengths.cpu()
-        check(bool((lens >= sq).all()), f"every length must be >= Sq={sq} (the new tokens are in the cache), got min {int(lens.min())}")
-        check(bool((lens <= capacity).all()), f"lengths exceed the cache capacity {capacity}: max {int(lens.max())}")
-        if page_table is not None:
-            pages_needed = (lens + page_size - 1) // page_size
-            pt = page_table.cpu()
-            used = torch.arange(pt.shape[1])[None, :] < pages_needed[:, None]
-            bad = used & ((pt < 0) | (pt >= k_cache.shape[0]))
-            check(not bool(bad.any()), f"page_table holds page indices outside [0, {k_cache.shape[0]}) for live tokens")
 
     rows = group * sq
     # Only asked where it can matter: the planner's choice, or a launch that names the CUDA loop.
@@ -179,13 +222,8 @@ def decode_attention(
                                   dtype=torch.float32, device=q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    k_scale_arg = _scale_words("k_scale", k_scale, k_code) if k_code != KernelCode.FLOAT else k_cache
-    v_scale_arg = _scale_words("v_scale", v_scale, v_code) if v_code != KernelCode.FLOAT else v_cache
     fp16_dot = launch.fp16_dot and k_code != KernelCode.FLOAT and v_code != KernelCode.FLOAT
-    # Before sm_89 the GPU has no e4m3 conversion and Triton no fp8e4nv type: fp8 codes go in as bytes.
-    native_fp8 = target_of(q.device).native_fp8
-    k_arg = k_cache if native_fp8 or k_code != KernelCode.FP8 else k_cache.view(torch.uint8)
-    v_arg = v_cache if native_fp8 or v_code != KernelCode.FP8 else v_cache.view(torch.uint8)
+    native_fp8, k_arg, v_arg, k_scale_arg, v_scale_arg = p.native_fp8, p.k_arg, p.v_arg, p.k_scale_arg, p.v_scale_arg
     wait = launch.pdl and pdl.enabled(q.device)  # launched early after the kernel before (pdl.py)
     if launch.cuda_loop:
         loop.launch(q, k_cache, v_cache, k_scale, v_scale, k_format, v_format, lengths,
@@ -193,13 +231,13 @@ def decode_attention(
                     capacity=capacity, num_splits=launch.num_splits)
     else:
         _decode_attention_kernel[(launch.num_splits, batch * num_kv_heads, launch.m_tiles)](
-            q, k_arg, v_arg, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, page_table_arg,
+            q, k_arg, v_arg, k_scale_arg, v_scale_arg, out, lse, partial_o, partial_lse, lengths, p.page_table_arg,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *_scale_strides(k_scale_arg, k_code), *_scale_strides(v_scale_arg, v_code),
-            stride_pt,
+            p.stride_pt,
             float(scale) * LOG2E,
             capacity,
             launch.num_splits,

@@ -9,9 +9,8 @@ import torch
 import triton
 
 from glmtg.formats import KernelCode
-from glmtg.kernels._checks import capturing, check, check_power_of_two, shape
-from glmtg.kernels.attention.launch import LOG2E, _check_store, _scale_strides, _scale_words
-from glmtg.kernels.attention.plan import target_of
+from glmtg.kernels._checks import check, check_power_of_two
+from glmtg.kernels.attention.launch import LOG2E, _scale_strides, checked_problem
 from glmtg.kernels.attention.prefill import _prefill_attention_kernel
 
 PREFILL_HEAD_DIMS = (64, 128)
@@ -90,44 +89,14 @@ def prefill_attention(
     fp32 on the tensor cores; P is rounded to the dot dtype before P @ V (fp8: after its V row scale);
     the output is rounded once to q's dtype.
 
-    ``validate`` reads ``lengths`` on the host (one sync) to reject lengths < S or > capacity; it is
-    skipped while a CUDA graph is captured, and the kernel clamps lengths to the cache regardless.
+    ``validate`` reads ``lengths`` and the page table on the host (one sync) to reject lengths outside
+    [S, capacity] and live pages outside the pool (``launch.checked_problem``); it is skipped while a CUDA
+    graph is captured, and the kernel clamps lengths to the cache regardless.
     """
-    check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be a 4-D tensor [B, S, Hq, D], got {shape(q)}")
-    check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q dtype {q.dtype} is not f16, bf16 or f32")
-    batch, sq, num_q_heads, head_dim = q.shape
-    check(head_dim in PREFILL_HEAD_DIMS, f"head_dim {head_dim} is not one of {PREFILL_HEAD_DIMS}")
-    check(batch >= 1 and sq >= 1, f"q must have B >= 1 and S >= 1, got {tuple(q.shape)}")
-    check(q.stride(3) == 1, f"q must have a contiguous last dimension, strides {q.stride()}")
-    k_code = _check_store("k_cache", k_cache, k_scale, k_format, q)
-    v_code = _check_store("v_cache", v_cache, v_scale, v_format, q)
-    check(v_cache.shape[:3] == k_cache.shape[:3],
-          f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape {tuple(k_cache.shape)} in the first 3 dims")
-    num_kv_heads = k_cache.shape[1]
-    check(num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
-          f"q heads ({num_q_heads}) must be a multiple of cache KV heads ({num_kv_heads})")
-    group = num_q_heads // num_kv_heads
-    check(isinstance(lengths, torch.Tensor) and lengths.device == q.device and lengths.dtype == torch.int32
-          and tuple(lengths.shape) == (batch,),
-          f"lengths must be int32 ({batch},) on {q.device}, got {getattr(lengths, 'dtype', None)} {shape(lengths)}")
-    if page_table is None:
-        check(k_cache.shape[0] == batch, f"contiguous k_cache batch {k_cache.shape[0]} != q batch {batch}")
-        page_size = capacity = k_cache.shape[2]
-        page_table_arg, stride_pt = lengths, 0  # never read when PAGED is off
-    else:
-        check(page_table.device == q.device and page_table.dtype == torch.int32 and page_table.dim() == 2
-              and page_table.shape[0] == batch and page_table.stride(1) == 1,
-              f"page_table must be int32 [B={batch}, max_pages] on {q.device} with a contiguous last dimension, "
-              f"got {page_table.dtype} {tuple(page_table.shape)}")
-        page_size = k_cache.shape[2]
-        check(page_size >= 1, "page size (k_cache.shape[2]) must be >= 1")
-        capacity = page_table.shape[1] * page_size
-        page_table_arg, stride_pt = page_table, page_table.stride(0)
-    if validate and not capturing(q.device):
-        lens = lengths.cpu()
-        check(bool((lens >= sq).all()) and bool((lens <= capacity).all()),
-              f"lengths must lie in [S={sq}, capacity={capacity}] (the new tokens are in the cache), "
-              f"got {lens.tolist()}")
+    p = checked_problem(q, k_cache, v_cache, lengths, page_table=page_table, k_scale=k_scale, v_scale=v_scale,
+                        k_format=k_format, v_format=v_format, head_dims=PREFILL_HEAD_DIMS, validate=validate)
+    batch, sq, _, head_dim = q.shape
+    k_code, v_code = p.k_code, p.v_code
     if launch is None:
         launch = plan_prefill(head_dim, q.device)
     quantized = k_code != KernelCode.FLOAT and v_code != KernelCode.FLOAT
@@ -142,30 +111,24 @@ def prefill_attention(
               "out must match q in shape, dtype and device, with a contiguous last dimension")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    k_scale_arg = _scale_words("k_scale", k_scale, k_code) if k_code != KernelCode.FLOAT else k_cache
-    v_scale_arg = _scale_words("v_scale", v_scale, v_code) if v_code != KernelCode.FLOAT else v_cache
-    # Before sm_89 the GPU has no e4m3 conversion and Triton no fp8e4nv type: fp8 codes go in as bytes.
-    native_fp8 = target_of(q.device).native_fp8
-    k_arg = k_cache if native_fp8 or k_code != KernelCode.FP8 else k_cache.view(torch.uint8)
-    v_arg = v_cache if native_fp8 or v_code != KernelCode.FP8 else v_cache.view(torch.uint8)
-    m_tiles = triton.cdiv(group * sq, launch.block_m)
-    _prefill_attention_kernel[(m_tiles, batch * num_kv_heads)](
-        q, k_arg, v_arg, k_scale_arg, v_scale_arg, out, lengths, page_table_arg,
+    m_tiles = triton.cdiv(p.group * sq, launch.block_m)
+    _prefill_attention_kernel[(m_tiles, batch * p.num_kv_heads)](
+        q, p.k_arg, p.v_arg, p.k_scale_arg, p.v_scale_arg, out, lengths, p.page_table_arg,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *_scale_strides(k_scale_arg, k_code), *_scale_strides(v_scale_arg, v_code),
-        stride_pt,
+        *_scale_strides(p.k_scale_arg, k_code), *_scale_strides(p.v_scale_arg, v_code),
+        p.stride_pt,
         float(scale) * LOG2E,
-        capacity,
+        p.capacity,
         sq,
-        GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        GROUP=p.group, NUM_KV_HEADS=p.num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-        PAGE_SIZE=page_size, PAGED=page_table is not None, K_FORMAT=int(k_code), V_FORMAT=int(v_code),
+        PAGE_SIZE=p.page_size, PAGED=page_table is not None, K_FORMAT=int(k_code), V_FORMAT=int(v_code),
         IEEE_DOT=q.dtype == torch.float32, FP16_DOT=fp16_dot,
         # the interpreter has no PTX
-        ASM_DEQUANT=int(fp16_dot and launch.asm_dequant and q.device.type == "cuda"), NATIVE_FP8=native_fp8,
+        ASM_DEQUANT=int(fp16_dot and launch.asm_dequant and q.device.type == "cuda"), NATIVE_FP8=p.native_fp8,
         FA2_STEP=launch.fa2_step, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

@@ -176,3 +176,14 @@ def test_gpu_attend_takes_prefill_kernel(fmt, page_size, monkeypatch, filled_cac
     assert launches == [1]
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < 1.5e-2, f"relative error {err:.2e}"
+
+
+def test_prefill_rejects_page_indices_outside_the_pool():
+    # the live pages of a paged cache are checked on the host (launch.checked_problem, as decode does): a
+    # bad index would otherwise be read by the kernel
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 17, 2, 64, generator=g).half()
+    k = torch.randn(2, 1, 16, 64, generator=g).half()
+    lengths = torch.tensor([20], dtype=torch.int32)
+    with pytest.raises(ValueError, match="page indices outside"):
+        prefill_attention(q, k, k.clone(), lengths, page_table=torch.tensor([[0, 5]], dtype=torch.int32))
