@@ -37,7 +37,8 @@ def _case(model, config, depth: int, cache_fmt: str, modes: list[str], replays: 
                     device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     # The cached rows the step attends to: random and finite (an empty cache's garbage may hold NaNs).
-    for data, scale in ((cache._k_data, cache._k_scale), (cache._v_data, cache._v_scale)):
+    for data, scale in ((view.data, view.scale) for layer in range(config.num_hidden_layers)
+                        for view in (cache.k(layer), cache.v(layer))):
         if data.is_floating_point() and data.element_size() >= 2:
             data.normal_(0.0, 1.0, generator=gen)
         else:

@@ -97,10 +97,9 @@ def default_ubatch(device: torch.device | str, ctx_size: int) -> int:
     """The prefill chunk (ubatch) for ``device`` when none is asked for, never above ``ctx_size``: 4096 tokens
     on a GPU of 100 or more SMs (H100/H200), 2048 on smaller GPUs, 512 on a CPU.
 
-    Why 4096 on a Hopper GPU: the prefill GEMMs fill its tensor cores only at thousands of rows, the routed
-    experts' grouped GEMM most of all (each expert sees T·k/E rows). Measured on an H200 at the Air shapes
-    (bench/results/gguf_gemm/2026-11-28-air.md, bf16 weights): q_proj 697 TFLOP/s at T = 512, 797 at 4096;
-    the experts 85 at 512, 277 at 4096. The CPU keeps llama.cpp's 512 (memory, not throughput, bounds it)."""
+    Why: the prefill GEMMs fill a Hopper GPU's tensor cores only at thousands of rows, the routed experts'
+    grouped GEMM most of all (each expert sees T·k/E rows); numbers in bench/DECISIONS.md H7. The CPU keeps
+    llama.cpp's 512 (memory, not throughput, bounds it)."""
     device = torch.device(device)
     if device.type != "cuda":
         return min(512, ctx_size)

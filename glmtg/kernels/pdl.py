@@ -4,8 +4,8 @@ Why: at batch 1 a decode step is ~200 short kernels in one CUDA graph. Without P
 after the one before has fully drained, so every launch adds its node latency and its ramp-up to the
 step. With PDL (Hopper and later) a kernel is launched while the one before is still running: its
 programs are scheduled onto the SMs the previous kernel frees, and wait at ``griddepcontrol.wait`` until
-that kernel has completed and its writes are visible. Measured on the 8-layer GLM-4.5-Air decode step,
-it takes ~7 % off (bench/DECISIONS.md H5).
+that kernel has completed and its writes are visible. What it buys, and a variant that lost (an L2
+prefetch of the weights before the wait): bench/DECISIONS.md H5.
 
 The contract every kernel launched with PDL keeps (``launch_kwargs`` sets the launch attribute):
 - nothing before ``wait_and_release`` reads a tensor an earlier kernel writes, or stores anything (the
@@ -14,9 +14,6 @@ The contract every kernel launched with PDL keeps (``launch_kwargs`` sets the la
   a kernel passes its wait only after the one before it completed, which itself passed its own wait.
 A kernel launched without the attribute (on a CPU, before sm_90, with ``GLMTG_PDL=off``) runs both as
 no-ops, so the same compiled code serves both.
-
-Tried and dropped: prefetching each weight kernel's rows into L2 before its wait (per-line
-``prefetch.global.L2``) made the step ~7 % slower (H5).
 
 Mode: ``GLMTG_PDL`` = "auto" (the default: CUDA devices of compute capability 9.0 and later) or "off" (plain
 launches, for A/B comparisons); ``mode()`` switches it for a block.

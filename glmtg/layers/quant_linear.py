@@ -6,8 +6,8 @@ modules hold those bytes as they are and read them two ways:
 - few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
   the weight bytes, which is what decode speed is made of.
 - many tokens (prefill): the rows are dequantized to the activations' dtype (a transient of one projection,
-  freed after its product) and multiplied with ``F.linear`` (cuBLAS): measured 3-4x faster than decoding
-  tiles inside a GEMM for these dense shapes (bench/DECISIONS.md H6). ``gemm = "mmq"`` takes
+  freed after its product) and multiplied with ``F.linear`` (cuBLAS), faster than decoding tiles inside a
+  GEMM for these dense shapes (bench/DECISIONS.md H6). ``gemm = "mmq"`` takes
   ``glmtg.kernels.gguf.mmq.mmq`` instead (tiles of the blocks decoded in registers straight into
   tensor-core dots, no float copy of the weight; bias and residual in its epilogue) on the kernel backend.
 
