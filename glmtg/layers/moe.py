@@ -177,6 +177,10 @@ class Experts(nn.Module):
         Returns False, storing nothing, for an expert that the placement puts elsewhere."""
         return write_expert(self, self.placement, param, expert, value)
 
+    def shared_blocks(self, x: torch.Tensor, shared: nn.Module | None) -> None:
+        """Never: float experts leave the shared expert to its own module (QuantExperts may fold it in)."""
+        return None
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
         dtype; slots routed to experts held elsewhere add nothing."""
@@ -220,7 +224,7 @@ class MoE(nn.Module):
         ids, weights = self.router(flat)
         # GGUF experts at decode run the shared expert as one more slot of their kernels (two launches, not
         # five) where its formats match theirs.
-        blocks = self.experts.shared_blocks(flat, self.shared) if hasattr(self.experts, "shared_blocks") else None
+        blocks = self.experts.shared_blocks(flat, self.shared)
         if blocks is not None:
             return self.experts(flat, ids, weights, shared=blocks).view(shape)
         out = self.experts(flat, ids, weights)
