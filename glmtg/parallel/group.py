@@ -47,8 +47,29 @@ class TPGroup:
         n = size // self.world_size
         return slice(self.rank * n, (self.rank + 1) * n)
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place; returns ``x`` (every rank gets the same sum)."""
+    def all_reduce(self, x: torch.Tensor, parity: int = 0) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place; returns ``x`` (every rank gets the same sum).
+
+        Small CUDA messages go through peer GPU memory (glmtg/parallel/peer_sum.py), the rest through the
+        group's backend. ``parity``: the call site's place in a layer's alternating sums (attention 0, MLP
+        1), which picks the peer-memory buffer so that consecutive sums never share one."""
         if self.world_size > 1:
+            if x.is_cuda:
+                from glmtg.parallel.peer_sum import peer_sum_for
+
+                fast = peer_sum_for(self.group, x)
+                if fast is not None and fast.applies(x):
+                    return fast(x, parity)
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` [..., n] side by side in rank order: [..., N * n] (the same on every rank)."""
+        if self.world_size == 1:
+            return x
+        parts = x.new_empty((self.world_size, *x.shape))
+        if x.is_cuda:
+            dist.all_gather_into_tensor(parts, x.contiguous(), group=self.group)
+        else:  # gloo: the list form
+            dist.all_gather(list(parts.unbind(0)), x.contiguous(), group=self.group)
+        return parts.movedim(0, -2).reshape(*x.shape[:-1], self.world_size * x.shape[-1])

@@ -98,7 +98,10 @@ class WholeInputSlots:
 
 
 class RowParallelLinear(WholeInputSlots, DenseLinear):
-    """Rank ``tp.rank``'s input features of a [out, in] linear; the bias (if any) is added once to the sum."""
+    """Rank ``tp.rank``'s input features of a [out, in] linear; the bias (if any) is added once to the sum.
+    ``parity``: the sum's place in its layer (``TPGroup.all_reduce``): 0 for o_proj, 1 for an MLP's down."""
+
+    parity = 0
 
     def __init__(self, in_features: int, out: int, *, bias: bool, dtype: torch.dtype, tp: TPGroup,
                  reduce: bool = True) -> None:
@@ -133,7 +136,7 @@ class RowParallelLinear(WholeInputSlots, DenseLinear):
         this rank's partial sum, carrying the bias on rank 0 only so that the caller's sum has it once."""
         y = F.linear(x, self.weight)
         if self.reduce:
-            self.tp.all_reduce(y)
+            self.tp.all_reduce(y, self.parity)
             return y if self.bias is None else y + self.bias
         if self.bias is not None and self.tp.rank == 0:
             y = y + self.bias

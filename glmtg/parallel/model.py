@@ -10,8 +10,8 @@ What each rank holds (N = world size):
   shared expert along its intermediate width; both add partial sums that one all-reduce per layer sums
   (``ParallelMoE``). Splitting experts along their inner width instead is the other choice the issue names;
   by expert is the simpler one for this first slice, and the measurement at batch 1 / 32 is still to make.
-- replicated on every rank: the embedding, the norms, the router and the lm_head (every rank computes the
-  same logits; sharding the vocabulary is later work).
+- lm_head: split by vocabulary rows, the logits joined by one all-gather (glmtg/parallel/vocab.py).
+- replicated on every rank: the embedding, the norms and the router.
 
 So a layer costs two all-reduces of [B, S, hidden]. Quantized (GGUF block) weights, cut on block boundaries:
 ``build_tp_model(weight_formats=...)``, built by glmtg/parallel/quant_model.py.
@@ -30,6 +30,7 @@ from glmtg.layers.quant_experts import QuantExperts
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
 from glmtg.parallel.group import TPGroup
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
+from glmtg.parallel.vocab import vocab_parallel_head
 
 
 class ParallelMoE(MoE):
@@ -53,7 +54,7 @@ class ParallelMoE(MoE):
             self.shared = shared if shared is not None else _parallel_mlp(self.shared, dtype, tp, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(super().forward(x))
+        return self.tp.all_reduce(super().forward(x), parity=1)  # the layer's second sum
 
 
 def _parallel_mlp(mlp: MLP, dtype: torch.dtype, tp: TPGroup, reduce: bool) -> MLP:
@@ -62,6 +63,7 @@ def _parallel_mlp(mlp: MLP, dtype: torch.dtype, tp: TPGroup, reduce: bool) -> ML
     mlp.gate_up = ColumnParallelLinear(gate_up.in_features, gate_up.shards, bias=gate_up.has_bias, dtype=dtype, tp=tp)
     mlp.down_proj = RowParallelLinear(down.in_features, down.out_features, bias=down.has_bias, dtype=dtype, tp=tp,
                                       reduce=reduce)
+    mlp.down_proj.parity = 1  # the layer's second sum (after o_proj's)
     return mlp
 
 
@@ -110,6 +112,7 @@ def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.
                 layer.mlp = ParallelMoE(config, dtype, tp, experts_backend)
             else:
                 layer.mlp = _parallel_mlp(layer.mlp, dtype, tp, reduce=True)
+        model.lm_head = vocab_parallel_head(model.lm_head, config, tp, dtype, experts_backend)
     return model.requires_grad_(False)
 
 

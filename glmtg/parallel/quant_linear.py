@@ -105,8 +105,10 @@ class QuantRowParallelLinear(WholeInputSlots, QuantLinear):
     it), else the partial sum for the caller to fold into its own all-reduce (the MoE's). The bias (if any)
     is kept by rank 0 only (the others hold zeros) and added to its partial product, so any sum of the
     partials carries it once; a ``residual`` is added once too (rank 0 only) with ``reduce``, by every
-    rank without (it is then the caller's partial sum).
+    rank without (it is then the caller's partial sum). ``parity`` as ``RowParallelLinear``'s.
     """
+
+    parity = 0
 
     def __init__(self, in_features: int, out: int | Shards, *, cols: slice, bias: bool,
                  formats: str | Mapping[str | None, str], dtype: torch.dtype, tp: TPGroup,
@@ -151,11 +153,11 @@ class QuantRowParallelLinear(WholeInputSlots, QuantLinear):
         """x [..., in/N] (this rank's features) -> [..., out] (the sum with ``reduce``, else the partial)."""
         once = residual if not self.reduce or self.tp.rank == 0 else None
         y = super().forward(x, residual=once)
-        return self.tp.all_reduce(y) if self.reduce else y
+        return self.tp.all_reduce(y, self.parity) if self.reduce else y
 
     def from_int8(self, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
         """QuantLinear's int8 decode product of this rank's activations, summed as ``forward``'s."""
         once = residual if not self.reduce or self.tp.rank == 0 else None
         y = super().from_int8(blocks, dtype, residual=once)
-        return self.tp.all_reduce(y) if self.reduce else y
+        return self.tp.all_reduce(y, self.parity) if self.reduce else y

@@ -14,7 +14,8 @@ glmtg/parallel/quant_linear.py and float ones (a file may keep a matrix in F16/F
   tiny preset's shared expert: one block of 32) leaves the last ranks a zero block (exactly 0, see
   ``QuantRowParallelLinear``). A float down_proj (or gate/up) keeps the float TP's even split.
 - routed experts: by expert, as the float ``ParallelMoE`` (``ExpertPlacement.split``), in their formats.
-- replicated: embedding, lm_head, norms, router (the simplest; each rank computes the same logits).
+- lm_head: split by vocabulary rows (glmtg/parallel/vocab.py).
+- replicated: embedding, norms, router.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from glmtg.layers.quant_experts import QuantExperts
 from glmtg.layers.quant_linear import QuantLinear
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
 from glmtg.parallel.group import TPGroup
+from glmtg.parallel.vocab import vocab_parallel_head
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
 from glmtg.parallel.quant_linear import (
     QuantColumnParallelLinear,
@@ -77,6 +79,7 @@ def build_quant_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype, e
                 layer.mlp = ParallelMoE(config, dtype, tp, experts_backend, experts=experts, shared=shared)
             else:
                 layer.mlp = _parallel_mlp(layer.mlp, dtype, tp, experts_backend, True, f"layers.{i}.mlp")
+        model.lm_head = vocab_parallel_head(model.lm_head, config, tp, dtype, experts_backend)
     return model.requires_grad_(False)
 
 
@@ -126,5 +129,6 @@ def _parallel_mlp(mlp: MLP, dtype: torch.dtype, tp: TPGroup, backend: str, reduc
     rows = cols if cols.stop > cols.start else slice(0, block)
     mlp.gate_up = _column(gate_up, {"gate": rows, "up": rows}, dtype, tp, backend)
     mlp.down_proj = _row(down, cols, dtype, tp, backend, reduce=reduce, what=f"{what}.down_proj")
+    mlp.down_proj.parity = 1  # the layer's second sum (after o_proj's)
     return mlp
 

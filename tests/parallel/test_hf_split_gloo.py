@@ -122,7 +122,9 @@ def test_graph_rank_reads_only_its_slices(hf_dir, monkeypatch) -> None:
     held = CONFIG.n_routed_experts // 2
     experts = {int(n.split(".")[5]) for n in reads if ".mlp.experts." in n}
     assert experts == set(range(held, CONFIG.n_routed_experts))
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+    vocab = CONFIG.vocab_size  # the head is split by vocabulary rows
+    assert reads["lm_head.weight"] == (slice(vocab // 2, vocab),)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
                  "model.layers.1.mlp.experts.5.gate_proj.weight"):
         assert reads[name] is None, name
 

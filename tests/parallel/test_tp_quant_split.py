@@ -83,7 +83,7 @@ def _deq(linear: QuantLinear, shard: str | None) -> torch.Tensor:
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_weights_are_the_whole_models_slices(world: int) -> None:
     """Rank r: down's columns and gate/up's rows are one block cut of the inner width, ranks' cuts tile it;
-    q/k/v rows by whole KV heads, o_proj's columns to match; experts by range; embedding/head whole."""
+    q/k/v rows by whole KV heads, o_proj's columns to match; experts by range; the head by vocabulary rows; the embedding whole."""
     full = random_quant_model()
     d, hq, hkv = CONFIG.head_dim, CONFIG.num_attention_heads, CONFIG.num_key_value_heads
     covered = {"dense": 0, "shared": 0}
@@ -111,7 +111,9 @@ def test_rank_weights_are_the_whole_models_slices(world: int) -> None:
         assert torch.equal(_deq(pa.o_proj, None), _deq(wa.o_proj, None)[:, q])
         e = CONFIG.n_routed_experts // world
         assert torch.equal(model.layers[1].mlp.experts.down_proj, full.layers[1].mlp.experts.down_proj[r * e:(r + 1) * e])
-        assert torch.equal(model.embed.weight, full.embed.weight) and torch.equal(model.lm_head.weight, full.lm_head.weight)
+        assert torch.equal(model.embed.weight, full.embed.weight)
+        v = CONFIG.vocab_size // world  # the head: vocabulary rows [r V/N, (r+1) V/N)
+        assert torch.equal(model.lm_head.weight, full.lm_head.weight[r * v:(r + 1) * v])
     assert covered == {"dense": CONFIG.intermediate_size, "shared": CONFIG.moe_intermediate_size}
 
 
