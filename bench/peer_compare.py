@@ -83,9 +83,19 @@ def compare(args: argparse.Namespace) -> dict:
             row["vs_best_peer"] = row["glmtg"] / best if best else None
             rows.append(row)
         cases[case] = rows
+    base = getattr(args, "baseline", None)
+    if base is not None:  # scaling: each engine's TG over its own TG in the baseline case (one GPU)
+        if base not in cases:
+            raise SystemExit(f"error: --baseline {base!r} is not one of the cases {list(cases)}")
+        ref = {r["depth"]: r for r in cases[base]}
+        for rows in cases.values():
+            for r in rows:
+                b = ref.get(r["depth"], {})
+                for e in ("glmtg", "ik"):
+                    r[f"{e}_scaling"] = r[e] / b[e] if r.get(e) and b.get(e) else None
     if args.commit:  # the device copy's git metadata can be stale: the commit the runs were made at
         env = {**env, "glmtg_commit": args.commit}
-    return {"environment": env, "note": args.note, "cases": cases}
+    return {"environment": env, "note": args.note, "baseline": base, "cases": cases}
 
 
 def markdown(result: dict) -> str:
@@ -93,12 +103,18 @@ def markdown(result: dict) -> str:
     lines = [f"# TG t/s on the same GGUF weights: {env.get('device', '?')} (how the runs were made: below)", "",
              f"glmtg {env.get('glmtg_commit', '')} torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
              f"{env.get('date', '?')}. {result.get('note') or ''}", "",
-             "| file / cache | depth | glmtg | llama.cpp | ik_llama.cpp | glmtg / best peer |", "|---|---|---|---|---|---|"]
+             "| case | depth | glmtg | llama.cpp | ik_llama.cpp | glmtg / best peer |"
+             + (" glmtg / its baseline | ik / its baseline |" if result.get("baseline") else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if result.get("baseline") else "")]
     for case, rows in result["cases"].items():
         for r in rows:
             cells = [f"{r[e]:.1f}" if r.get(e) else "—" for e in ENGINES]
             ratio = f"{r['vs_best_peer']:.2f}×" if r.get("vs_best_peer") else "—"
+            if result.get("baseline"):
+                ratio += "".join(f" | {r[k]:.2f}×" if r.get(k) else " | —" for k in ("glmtg_scaling", "ik_scaling"))
             lines.append(f"| {case} | {r['depth']} | " + " | ".join(cells) + f" | {ratio} |")
+    if result.get("baseline"):
+        lines += ["", f"Baseline case (scaling = TG over the same engine's TG in it): {result['baseline']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -132,6 +148,8 @@ def main() -> int:
     ap.add_argument("--mainline", nargs="*", metavar="CASE=TXT", help="llama-bench markdown outputs")
     ap.add_argument("--ik", nargs="*", metavar="CASE=TXT", help="llama-sweep-bench outputs")
     ap.add_argument("--note", default="", help="a line for the table's header (how the runs were made)")
+    ap.add_argument("--baseline", metavar="CASE", help="scaling columns: each engine's TG over its TG in CASE "
+                    "(e.g. the one-GPU run)")
     ap.add_argument("--commit", help="glmtg commit the runs were made at (overrides the runs' own record)")
     ap.add_argument("--out", type=Path, required=True, help="output stem: STEM.json, STEM.md, STEM.png")
     args = ap.parse_args()

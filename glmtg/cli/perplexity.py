@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from glmtg.cli import common
+from glmtg.cli import common, ranks
 from glmtg.eval.kld import DEFAULT_TOP_K, KldBase, kld_summary
 from glmtg.eval.perplexity import PerplexityResult, evaluate, perplexity_estimate
 from glmtg.loading.byte_tokenizer import ByteTokenizer
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         # NaN/inf logits: a perplexity of nan is no measurement, so the run fails (and writes no base file)
         raise ValueError(f"{result.non_finite} of {result.nll.size} scored tokens have non-finite log-probabilities "
                          f"(the model produced NaN/inf logits): the perplexity is meaningless")
-    if result.base is not None:
+    if result.base is not None and ranks.writes_files(args):
         result.base.save(args.kl_divergence_base)
         print(f"saved the KL-divergence base (top {args.kl_top_k} log-probs per token) to {args.kl_divergence_base}")
     if compare:

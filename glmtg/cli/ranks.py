@@ -109,6 +109,13 @@ def rank_group(args: argparse.Namespace) -> TPGroup | None:
     return getattr(args, "rank_group", None)
 
 
+def writes_files(args: argparse.Namespace) -> bool:
+    """Whether this process writes the command's output files: every rank computes them, rank 0 alone
+    writes (two ranks writing one path interleave their bytes)."""
+    group = rank_group(args)
+    return group is None or group.rank == 0
+
+
 def rank_device(args: argparse.Namespace, device: torch.device) -> torch.device:
     group = rank_group(args)
     return device if group is None or device.type != "cuda" else torch.device("cuda", group.rank)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from glmtg.cli import common
+from glmtg.cli import common, ranks
 from glmtg.eval.plot import plot_runs
 from glmtg.eval.sweep import SweepRow, run_label, run_sweep, sweep_depths, write_json
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     part = " of rank 0's part" if getattr(args, "split_mode", "none") != "none" else ""
     print(f"\nTG bandwidth{part} (active weights + KV read per token, estimated), GB/s: "
           + ", ".join(f"{r.tg_gbps:.3g} @ {r.n_kv}" for r in rows))
-    if args.output is not None:
+    if args.output is not None and ranks.writes_files(args):
         env["tg"] = tg
         write_json(args.output, rows, env, tg)
         png = Path(args.output).with_suffix(".png")

@@ -8,11 +8,14 @@ graph differs by ~1e-6 relative in the logits, far below the 4th decimal of a PP
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 
 import pytest
 
-from glmtg.cli import main
+from glmtg.cli import main, ranks
+from glmtg.parallel import TPGroup
 from tests.references.cli_ppl import PPL_FLAGS, final_ppl
 from glmtg.cli.sweep_bench import HEADER
 
@@ -30,6 +33,19 @@ def test_sweep_bench_layer_split_runs(capfd) -> None:
     assert rc == 0, err
     assert out.count(HEADER) == 1
     assert [line.split("|")[3].strip() for line in out.splitlines() if re.match(r"\|\s+8 \|", line)] == ["0", "8"]
+
+
+def test_sweep_bench_graph_split_json_is_rank_zeros(capfd, tmp_path) -> None:
+    """-o under -sm: rank 0 alone writes the file (two ranks writing one path interleaved their bytes)."""
+    path = tmp_path / "run.json"
+    rc = main(["sweep-bench", "-c", "16", "-ub", "8", "-n", "2", "--no-progress", "--device", "cpu", "--dtype", "f32",
+               "--no-warmup", "-sm", "graph", "--gpus", "2", "-o", str(path)])
+    _, err = capfd.readouterr()
+    assert rc == 0, err
+    assert [r["n_kv"] for r in json.loads(path.read_text())["rows"]] == [0, 8]
+    assert ranks.writes_files(argparse.Namespace(rank_group=TPGroup(0, 2)))
+    assert not ranks.writes_files(argparse.Namespace(rank_group=TPGroup(1, 2)))
+    assert ranks.writes_files(argparse.Namespace())
 
 
 @pytest.mark.parametrize("flags, message", [
