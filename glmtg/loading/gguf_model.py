@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import HostExperts
-from glmtg.cpu.split_experts import SplitExperts
 from glmtg.cpu.placement import HostPlacement
+from glmtg.cpu.split_experts import SplitExperts
 from glmtg.formats import dequantize_blocks
 from glmtg.layers.params import TensorSlot
 from glmtg.loading.gguf import GGUFFile, GGUFTensorInfo, open_gguf
