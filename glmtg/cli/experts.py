@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ class _PlacementFlag(argparse.Action):
         namespace.placement = [*(getattr(namespace, "placement", None) or []), (option_string, values)]
 
 
-def _checked(parse):
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser whose ValueError reads "FLAG wants ...": argparse names the flag itself,
+    so the message keeps what follows it (one error line, exit 2)."""
     def check(text: str) -> Any:
         try:
             return parse(text)

@@ -69,6 +69,9 @@ class HostPlacement:
             split[layer] = ids
         object.__setattr__(self, "device_experts", MappingProxyType(split))
 
+    def __hash__(self) -> int:  # the mapping is read-only: hash its items
+        return hash((self.layers, frozenset(self.device_experts.items())))
+
     def on_host(self, layer: int) -> bool:
         """Whether layer ``layer``'s routed experts (all, or all but ``device_ids``) live in host memory."""
         return layer in self.layers
