@@ -110,3 +110,7 @@ def run_command(args: argparse.Namespace, run: Callable[[argparse.Namespace], in
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return 130
+        finally:
+            from glmtg.cli.experts import write_counts
+
+            write_counts()  # --save-expert-counts: what the run counted, also after an error or Ctrl-C

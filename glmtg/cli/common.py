@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from glmtg.cli import experts, ranks
+from glmtg.cli.experts import add_placement_flags
 from glmtg.config import ModelConfig
-from glmtg.cli import ranks
 from glmtg.cpu.host_experts import host_expert_layers
 from glmtg.cpu.placement import HostPlacement, resolve, rules_of
 from glmtg.engine import Engine, EngineConfig, default_ubatch, kv_cache_bytes, kv_cache_hint
@@ -182,32 +183,6 @@ def add_model_flags(parser: argparse.ArgumentParser, *, ctx_default: int | None,
     add_placement_flags(parser)
 
 
-class _PlacementFlag(argparse.Action):
-    """Appends (flag, value) to args.placement, keeping the order of all three flags (the first matching
-    rule wins, as in llama.cpp); each value is checked as it is parsed (one error line, exit 2)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        try:
-            rules_of([(option_string, values)])
-        except ValueError as e:
-            parser.error(str(e))
-        # a new list each time (the three flags share one dest)
-        namespace.placement = [*(getattr(namespace, "placement", None) or []), (option_string, values)]
-
-
-def add_placement_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("expert placement (GGUF weights: -m FILE.gguf or --type T)")
-    g.add_argument("-cmoe", "--cpu-moe", action=_PlacementFlag, nargs=0, dest="placement", default=None,
-                   help="keep all routed experts in host memory, run by the CPU expert kernel")
-    g.add_argument("-ncmoe", "--n-cpu-moe", action=_PlacementFlag, dest="placement", metavar="N", default=None,
-                   help="keep the routed experts of the first N layers in host memory")
-    g.add_argument("-ot", "--override-tensor", action=_PlacementFlag, dest="placement", metavar="REGEX=DEV,...",
-                   default=None, help="place the GGUF tensors whose name REGEX matches on DEV (CPU, or CUDA0/GPU: "
-                                    "the model's device); repeatable, first match wins; only *_exps tensors "
-                                    "may go to the CPU for now")
-
-
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
     g.add_argument("-s", "--seed", type=seed_int, default=-1, help="sampling seed; -1 = random")
@@ -269,6 +244,7 @@ class Source:
     path: Path | None  # the -m directory, None for random weights
     host: HostPlacement = HostPlacement()  # layers whose routed experts live in host memory
     host_bytes: int = 0  # bytes those experts take there
+    tensor_bytes: dict[str, int] | None = None  # GGUF name -> bytes, where placement flags are given
 
 
 def model_source(args: argparse.Namespace) -> Source:
@@ -277,6 +253,7 @@ def model_source(args: argparse.Namespace) -> Source:
     source = _model_source(args)
     flags = getattr(args, "placement", None)
     if not flags:
+        experts.check_flags(args, source.config, source.host)
         return source
     if getattr(args, "split_mode", "none") != "none":
         raise ValueError("--cpu-moe, --n-cpu-moe and -ot do not combine with -sm yet")
@@ -286,7 +263,8 @@ def model_source(args: argparse.Namespace) -> Source:
     sizes = _gguf_tensor_bytes(args, source)
     host = resolve(rules_of(flags), sizes)
     nbytes = sum(n for name, n in sizes.items() if "_exps." in name and host.on_host(gguf_block_index(name)))
-    return dataclasses.replace(source, host=host, host_bytes=nbytes)
+    experts.check_flags(args, source.config, host)
+    return dataclasses.replace(source, host=host, host_bytes=nbytes, tensor_bytes=sizes)
 
 
 def _gguf_tensor_bytes(args: argparse.Namespace, source: Source) -> dict[str, int]:
@@ -336,6 +314,18 @@ def _is_gguf(path: Path | None) -> bool:
 
 def check_memory(args: argparse.Namespace, source: Source, device: torch.device, ctx_size: int) -> None:
     """Weights + KV cache against the device's available memory, before anything is allocated."""
+    if source.host_bytes and device.type == "cuda":
+        check_fits(f"the routed experts placed in host memory ({_size(source.host_bytes)})", source.host_bytes,
+                   torch.device("cpu"), "keep fewer layers' experts on the CPU (--n-cpu-moe, -ot)")
+    weights, kv = _device_bytes(args, source, device, ctx_size)
+    hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
+    check_fits(f"{source.name} in {args.type or args.dtype} "
+               f"(weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
+               weights + kv, device, hint)
+
+
+def _device_bytes(args: argparse.Namespace, source: Source, device: torch.device, ctx_size: int) -> tuple[int, int]:
+    """(weights, KV cache) bytes the device will hold."""
     dtype = DTYPES[args.dtype]
     if _is_gguf(source.path):
         from glmtg.loading.gguf_model import gguf_weight_bytes
@@ -354,14 +344,8 @@ def check_memory(args: argparse.Namespace, source: Source, device: torch.device,
         weights = weights * (stop - start) // source.config.num_hidden_layers
     if source.host_bytes and device.type == "cuda":  # the host-placed experts are not on the GPU
         weights -= source.host_bytes
-        check_fits(f"the routed experts placed in host memory ({_size(source.host_bytes)})", source.host_bytes,
-                   torch.device("cpu"), "keep fewer layers' experts on the CPU (--n-cpu-moe, -ot)")
     v_format = args.cache_type_v or args.cache_type_k
-    kv = kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
-    hint = "use --n-layers N to keep fewer layers" if source.path is None and kv < weights else as_flags(kv_cache_hint())
-    check_fits(f"{source.name} in {args.type or args.dtype} "
-               f"(weights {_size(weights)} + KV cache for -c {ctx_size} {_size(kv)})",
-               weights + kv, device, hint)
+    return weights, kv_cache_bytes(source.config, ctx_size, 1, args.cache_type_k, v_format)
 
 
 def _size(n: int) -> str:
@@ -392,7 +376,18 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
     """
     device = ranks.rank_device(args, resolve_device(args.device))
     dtype = DTYPES[args.dtype]
+    if getattr(args, "gpu_experts", None) is not None:  # experts back on the device, chosen before allocating
+        host, moved = experts.place_gpu_experts(args, source.config, source.host, source.tensor_bytes, device,
+                                                sum(_device_bytes(args, source, device, ctx_size)))
+        source = dataclasses.replace(source, host=host, host_bytes=source.host_bytes - moved)
     check_memory(args, source, device, ctx_size)
+    loaded = _load(args, source, device, dtype, tokenizer)
+    experts.start_counting(args, loaded.model, loaded.config)  # --save-expert-counts
+    return loaded
+
+
+def _load(args: argparse.Namespace, source: Source, device: torch.device, dtype: torch.dtype,
+          tokenizer: Any) -> Loaded:
     if _is_gguf(source.path):
         from glmtg.loading.gguf_model import load_gguf_model
 

@@ -135,9 +135,9 @@ class HostExperts(QuantExperts):
             p = self.placement
             if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert < p.num_experts:
                 raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
-            if not p.start <= expert < p.stop:
+            if not p.holds(expert):
                 return False
-            stack = stack[expert - p.start]
+            stack = stack[p.slot(expert)]
         if tuple(value.shape) != tuple(stack.shape) or value.dtype != stack.dtype:
             raise ValueError(f"{param}: expected {stack.dtype} {tuple(stack.shape)}, got {value.dtype} "
                              f"{tuple(value.shape)}")
@@ -156,14 +156,28 @@ class HostExperts(QuantExperts):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
         dtype on x's device; slots routed to experts held elsewhere add nothing."""
+        return self.host_sum(*self.to_host(x, ids, weights)).to(device=x.device, dtype=x.dtype)
+
+    def to_host(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, non_blocking: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, ids, weights as ``host_sum`` takes them: fp32 [T, H], int64 stack slots (-1: held elsewhere),
+        fp32 [T, k], contiguous on the host. ``non_blocking`` (CUDA inputs): the copies go to pinned buffers
+        and are only queued on the current stream; the caller synchronizes (an event recorded after this call)
+        before ``host_sum`` reads them, and meanwhile may queue more device work (glmtg.cpu.split_experts)."""
         if not self.placement.holds_all:
-            ids = ids - self.placement.start  # ids outside [0, held) add nothing in cpu_moe
-        xh = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        ih = ids.to(device="cpu", dtype=torch.int64).contiguous()
-        wh = weights.to(device="cpu", dtype=torch.float32).contiguous()
-        out = cpu_moe(xh, self.gate_proj, self.up_proj, self.down_proj, ih, wh, self.formats["gate_proj"],
-                      self.formats["down_proj"])
-        return out.to(device=x.device, dtype=x.dtype)
+            ids = self.placement.local_ids(ids)
+        parts = (x.detach().float(), ids.to(torch.int64), weights.float())
+        if not (non_blocking and x.is_cuda):
+            return tuple(p.to("cpu").contiguous() for p in parts)
+        staged = tuple(torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in parts)
+        for dst, src in zip(staged, parts):
+            dst.copy_(src, non_blocking=True)
+        return staged
+
+    def host_sum(self, xh: torch.Tensor, ih: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+        """``to_host``'s tensors -> Σ_k w_k expert_k(x) of the experts held here, fp32 [T, H] on the host."""
+        return cpu_moe(xh, self.gate_proj, self.up_proj, self.down_proj, ih, wh, self.formats["gate_proj"],
+                       self.formats["down_proj"])
 
 
 def host_expert_layers(model: nn.Module) -> list[int]:

@@ -21,8 +21,9 @@ CUDA that device is the CPU, and host-placed experts still take the CPU expert k
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 # llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h), the pattern behind --cpu-moe and --n-cpu-moe
 EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -45,19 +46,39 @@ class Rule:
 @dataclass(frozen=True)
 class HostPlacement:
     """The layers whose routed-expert stacks (gate, up, down exps) live in host memory, as GGUF blocks run by
-    the CPU expert kernel; every other weight stays on the model's device."""
+    the CPU expert kernel; every other weight stays on the model's device. ``device_experts``: for some of
+    those layers, the experts that go back to the device (``--gpu-experts``; glmtg/cpu/gpu_experts.py): such
+    a layer is split, the listed experts on the device and the rest on the host (a non-empty, proper subset
+    of the layer's experts)."""
 
     layers: frozenset[int] = frozenset()
+    device_experts: Mapping[int, frozenset[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         layers = frozenset(self.layers)
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
             raise ValueError(f"layers must be ints >= 0, got {sorted(layers, key=repr)!r}")
         object.__setattr__(self, "layers", layers)
+        split = {}
+        for layer, ids in dict(self.device_experts).items():
+            if layer not in layers:
+                raise ValueError(f"device_experts: layer {layer!r} is not one of the host layers")
+            ids = frozenset(ids)
+            if not ids or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+                raise ValueError(f"device_experts[{layer}] must be a non-empty set of ints >= 0, got {sorted(ids)!r}")
+            split[layer] = ids
+        object.__setattr__(self, "device_experts", MappingProxyType(split))
+
+    def __hash__(self) -> int:  # the mapping is read-only: hash its items
+        return hash((self.layers, frozenset(self.device_experts.items())))
 
     def on_host(self, layer: int) -> bool:
-        """Whether layer ``layer``'s routed experts live in host memory."""
+        """Whether layer ``layer``'s routed experts (all, or all but ``device_ids``) live in host memory."""
         return layer in self.layers
+
+    def device_ids(self, layer: int) -> frozenset[int]:
+        """The experts of host layer ``layer`` that live on the device instead (empty: none)."""
+        return self.device_experts.get(layer, frozenset())
 
     def __bool__(self) -> bool:
         return bool(self.layers)

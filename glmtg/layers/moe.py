@@ -17,6 +17,7 @@ step at any batch size reads nothing back to the host and can be captured in a C
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -83,16 +84,20 @@ class Router(nn.Module):
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Which routed experts one ``Experts`` module holds: [start, stop) of a layer's ``num_experts``.
+    """Which routed experts one ``Experts`` module holds, of a layer's ``num_experts``: the range [start, stop),
+    or, with ``ids``, exactly those experts (sorted, unique; start/stop are then their min and max + 1).
 
-    Experts outside the range live on another device; their slots contribute zero here, so the outputs of
-    the modules holding all the ranges (one per device) sum to the layer's output. Today a model holds all
-    experts on one device (``ExpertPlacement.whole``).
+    Experts not held live on another device (or in host memory); their slots contribute zero here, so the
+    outputs of the modules holding all the experts of a layer (one per device) sum to the layer's output.
+    Held expert ``ids[j]`` (or ``start + j``) is stored in slot j of the module's stacks (``slot``).
+    Contiguous ranges split experts over tensor-parallel ranks; sets of ids put a layer's most selected
+    experts on the GPU and the rest in host memory (glmtg/cpu/gpu_experts.py).
     """
 
     num_experts: int
     start: int
     stop: int
+    ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -101,10 +106,31 @@ class ExpertPlacement:
                 and 0 <= self.start < self.stop <= self.num_experts):
             raise ValueError(f"start/stop must satisfy 0 <= start < stop <= {self.num_experts}, "
                              f"got {self.start!r}, {self.stop!r}")
+        if self.ids is None:
+            return
+        ids = self.ids
+        if not (isinstance(ids, tuple) and ids and all(isinstance(e, int) and not isinstance(e, bool) for e in ids)
+                and list(ids) == sorted(set(ids)) and (ids[0], ids[-1] + 1) == (self.start, self.stop)):
+            raise ValueError(f"ids must be a sorted tuple of distinct ints from start to stop - 1, got {ids!r}")
+        if len(ids) == self.stop - self.start:  # a contiguous range: one spelling for it
+            object.__setattr__(self, "ids", None)
 
     @classmethod
     def whole(cls, num_experts: int) -> ExpertPlacement:
         return cls(num_experts, 0, num_experts)
+
+    @classmethod
+    def of_ids(cls, num_experts: int, ids: Iterable[int]) -> ExpertPlacement:
+        """The placement holding exactly experts ``ids`` (any order; ValueError for none, a repeat or one
+        outside [0, num_experts))."""
+        got = list(ids)
+        held = tuple(sorted(set(got)))
+        if not held or len(held) != len(got) or not all(isinstance(e, int) and not isinstance(e, bool)
+                                                         for e in held):
+            raise ValueError(f"ids must be distinct ints, at least one, got {got!r}")
+        if held[0] < 0 or held[-1] >= num_experts:
+            raise ValueError(f"ids must lie in [0, {num_experts}), got {held[0] if held[0] < 0 else held[-1]}")
+        return cls(num_experts, held[0], held[-1] + 1, held)
 
     @classmethod
     def split(cls, num_experts: int, parts: int) -> list[ExpertPlacement]:
@@ -125,12 +151,54 @@ class ExpertPlacement:
         return placement
 
     @property
+    def held(self) -> tuple[int, ...]:
+        """The layer-wide ids of the held experts, in slot order."""
+        return self.ids if self.ids is not None else tuple(range(self.start, self.stop))
+
+    @property
     def count(self) -> int:
-        return self.stop - self.start
+        return len(self.ids) if self.ids is not None else self.stop - self.start
 
     @property
     def holds_all(self) -> bool:
         return self.count == self.num_experts
+
+    def holds(self, expert: int) -> bool:
+        """Whether layer-wide expert ``expert`` is held here."""
+        if self.ids is None:
+            return self.start <= expert < self.stop
+        return expert in self._slots()
+
+    def slot(self, expert: int) -> int:
+        """The stack slot of held expert ``expert`` (ValueError for one held elsewhere)."""
+        if not self.holds(expert):
+            raise ValueError(f"expert {expert} is not held by this placement")
+        return expert - self.start if self.ids is None else self._slots()[expert]
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Layer-wide expert ids (int64, any shape, values in [0, num_experts)) -> their stack slots here,
+        -1 for experts held elsewhere. No host sync: a range is arithmetic, a set of ids a table lookup
+        (the table is built once per device)."""
+        if self.ids is None:
+            local = ids - self.start
+            return torch.where((local >= 0) & (local < self.count), local, -1)
+        return _slot_table(self, ids.device)[ids]
+
+    def _slots(self) -> dict[int, int]:
+        return _slot_map(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_map(placement: ExpertPlacement) -> dict[int, int]:
+    return {e: j for j, e in enumerate(placement.held)}
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_table(placement: ExpertPlacement, device: torch.device) -> torch.Tensor:
+    """int64 [num_experts]: the slot of each held expert, -1 for the others, on ``device``."""
+    table = torch.full((placement.num_experts,), -1, dtype=torch.int64)
+    table[list(placement.held)] = torch.arange(placement.count)
+    return table.to(device)
 
 
 def write_expert(module: nn.Module, placement: ExpertPlacement, param: str, expert: int | None,
@@ -146,9 +214,9 @@ def write_expert(module: nn.Module, placement: ExpertPlacement, param: str, expe
     p = placement
     if not isinstance(expert, int) or isinstance(expert, bool) or not 0 <= expert < p.num_experts:
         raise ValueError(f"expert must be an int in [0, {p.num_experts}), got {expert!r}")
-    if not p.start <= expert < p.stop:
+    if not p.holds(expert):
         return False
-    write_parameter(module, param, value, expert - p.start)
+    write_parameter(module, param, value, p.slot(expert))
     return True
 
 
@@ -187,8 +255,8 @@ class Experts(nn.Module):
         t, k = ids.shape
         held = self.placement.count
         if not self.placement.holds_all:
-            local = ids - self.placement.start
-            here = (local >= 0) & (local < held)
+            local = self.placement.local_ids(ids)
+            here = local >= 0
             # The kernel masks ids outside [0, held) itself; the torch paths need valid indices.
             ids = torch.where(here, local, -1 if self._kernel(x, t * k) else 0)
             weights = torch.where(here, weights, 0.0)

@@ -105,14 +105,11 @@ class QuantExperts(nn.Module):
         dtype; slots routed to experts held elsewhere add nothing. ``shared``: ``shared_blocks``' result,
         whose expert is then added in the same launches (summed in fp32 with the routed terms)."""
         t, k = ids.shape
-        held = self.placement.count
         kernel = self._kernel(x, t * k)
         if not self.placement.holds_all:
-            local = ids - self.placement.start
-            here = (local >= 0) & (local < held)
+            ids = self.placement.local_ids(ids)  # -1 for experts held elsewhere
             # The kernel masks ids outside [0, held) itself; the loop skips them (id -1).
-            ids = torch.where(here, local, -1)
-            weights = torch.where(here, weights, 0.0)
+            weights = torch.where(ids >= 0, weights, 0.0)
         if kernel:
             from glmtg.kernels.gguf.dispatch import moe_decode
 

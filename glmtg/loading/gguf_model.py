@@ -24,6 +24,7 @@ from tqdm import tqdm
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import HostExperts
 from glmtg.cpu.placement import HostPlacement
+from glmtg.cpu.split_experts import SplitExperts
 from glmtg.formats import dequantize_blocks
 from glmtg.layers.params import TensorSlot
 from glmtg.loading.gguf import GGUFFile, GGUFTensorInfo, open_gguf
@@ -178,7 +179,13 @@ def load_gguf_model(
                     raise ValueError(f"{first}: tensor {info.name} {why}")
                 held = _held_experts(model, slot, info)
                 _check(info, slot, held)
-                if isinstance(model.get_submodule(slot.name.rpartition(".")[0]), HostExperts):
+                module_name, _, attr = slot.name.rpartition(".")
+                module = model.get_submodule(module_name)
+                if isinstance(module, SplitExperts):  # each expert copied once, to the device or the arena
+                    module.load_split(attr, _raw(f, info), device)
+                    bar.update(info.nbytes)
+                    continue
+                if isinstance(module, HostExperts):
                     value = _raw(f, info)  # copied once, from the map into the host arena
                 else:
                     value = _value(f, info, slot, device, held)

@@ -24,6 +24,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import HostArena, HostExperts
+from glmtg.cpu.split_experts import SplitExperts
 from glmtg.layers.attention import BACKENDS, MAX_DECODE_TOKENS, Attention, StepContext
 from glmtg.layers.linear import DenseLinear, Linear
 from glmtg.layers.mlp import MLP
@@ -173,6 +174,9 @@ class Glm4MoeForCausalLM(nn.Module):
             if isinstance(module, QuantLinear) and attr == "weight":
                 yield slot, module.raw_shard(slot.shard)
                 continue
+            if isinstance(module, SplitExperts):
+                yield slot, module.stack(attr)
+                continue
             value = params[slot.name]
             if isinstance(module, Linear):
                 value = value[module.rows(slot.shard)]
@@ -208,6 +212,10 @@ def tensor_slots_of(root: nn.Module) -> Iterator[TensorSlot]:
         own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
         base = f"{prefix}." if prefix else ""
+        if isinstance(module, SplitExperts):  # the file's whole stacks; its parts list none of their own
+            seen.update(id(p) for p in module.parameters())
+            yield from module.slots(base)
+            continue
         if isinstance(module, (QuantLinear, QuantEmbedding, QuantExperts)):
             yield from _quant_slots(module, base, {attr for attr, _ in own})
             continue
@@ -296,7 +304,10 @@ def _quantize_modules(model: Glm4MoeForCausalLM, weight_formats: WeightFormats, 
                         raise ValueError(f"weight_formats must give all or none of {name}'s {EXPERT_PARAMS} "
                                          f"a format")
                     fmt = {p: f[None] for p, f in fmts.items()}
-                    if layer in host_layers:
+                    if layer in host_layers and host.device_ids(layer):  # --gpu-experts: split
+                        new = SplitExperts(model.config, dtype, fmt, arena, layer, host.device_ids(layer),
+                                           backend=module.backend)
+                    elif layer in host_layers:
                         new = HostExperts(model.config, dtype, fmt, arena, layer, placement=module.placement)
                     else:
                         new = QuantExperts(model.config, dtype, fmt, placement=module.placement,
@@ -336,7 +347,7 @@ def _mark_int8_readers(layer: DecoderLayer) -> None:
     def int8(module: nn.Module | None) -> bool:
         if isinstance(module, QuantLinear):
             return module.reads_int8()
-        if isinstance(module, QuantExperts):
+        if isinstance(module, (QuantExperts, SplitExperts)):
             return module.reads_int8()
         return False
 
@@ -360,7 +371,7 @@ def write_slot(root: nn.Module, name: str, value: torch.Tensor, *, shard: str | 
         raise ValueError(f"no parameter {name!r}") from None
     if isinstance(module, Linear):
         module.load_shard(attr, shard, value)
-    elif isinstance(module, (Experts, QuantExperts)):
+    elif isinstance(module, (Experts, QuantExperts, SplitExperts)):
         if shard is not None:
             raise ValueError(f"{name} has no shards, got shard {shard!r}")
         module.load_expert(attr, expert, value)

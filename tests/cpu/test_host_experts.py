@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import warnings
 
-import gguf.quants
 import numpy as np
 import pytest
 import torch
@@ -29,11 +28,11 @@ from glmtg.layers.quant_experts import QuantExperts
 from glmtg.loading.gguf_model import gguf_tensor_bytes, load_gguf_model
 from glmtg.loading.gguf_writer import model_tensors, write_gguf
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from tests.references.cpu_experts import dequant_stack, round_a, round_x
 from tests.references.model import new_cache, tiny
 
 # 7 experts, top-3, I = 96 (three 32-blocks): odd counts, Air's 32-wide fallback formats
 CONFIG = tiny(n_routed_experts=7, num_experts_per_tok=3, moe_intermediate_size=96)
-WINDOW = 1e-4  # code units: an intermediate this close to a rounding boundary may round either way
 
 
 def mix(name: str, shard: str | None) -> str | None:
@@ -100,33 +99,6 @@ def test_cpu_moe_logits_match_the_device_path(path):
     assert float((host(ids, new_cache(CONFIG, 2, 16)) - want).abs().max()) > 10 * tol
 
 
-def _dequant(stack: torch.Tensor, fmt: str) -> np.ndarray:
-    qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
-    return gguf.quants.dequantize(stack.numpy(), qtype).astype(np.float64)
-
-
-def _round_x(x: np.ndarray) -> np.ndarray:
-    """x rounded to int8 per 32 values by the kernel's formula, in float32 as the kernel computes it (IEEE:
-    the same codes bit for bit): dx = amax / 127, codes = nearest-even of x · (127 / amax)."""
-    g = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
-    amax = np.abs(g).max(-1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    codes = np.clip(np.rint(g * inv), -127, 127)
-    return (codes.astype(np.float64) * (amax.astype(np.float64) / 127)).reshape(x.shape)
-
-
-def _round_a(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """a rounded to int8 per 32 values in float64, and per value the step by which the kernel's fp32
-    rounding may differ: a code within WINDOW of a rounding boundary may round either way (the kernel's
-    fp32 g, u are off by ~1e-7 relative, ~1e-5 code units), one step dx there, 0 elsewhere."""
-    g = a.reshape(*a.shape[:-1], -1, 32)
-    dx = np.abs(g).max(-1, keepdims=True) / 127
-    scaled = g / np.where(dx > 0, dx, 1)
-    codes = np.rint(scaled)
-    near = np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) < WINDOW
-    return (codes * dx).reshape(a.shape), np.where(near, dx, 0.0).reshape(a.shape)
-
-
 def test_host_layer_against_float64_reference(path):
     """The host layer's output against float64 on the gguf package's dequantization, with the kernel's
     int8 roundings of x and silu(g)·u reproduced (the kernel's numerics are tested in test_cpu_moe.py; this
@@ -143,15 +115,15 @@ def test_host_layer_against_float64_reference(path):
     got = experts(x, ids, w).double().numpy()
 
     fmt = experts.formats
-    gate, up = _dequant(experts.gate_proj, fmt["gate_proj"]), _dequant(experts.up_proj, fmt["up_proj"])
-    down = _dequant(experts.down_proj, fmt["down_proj"])
-    xq, wd = _round_x(x.numpy()), w.double().numpy()
+    gate, up = dequant_stack(experts.gate_proj, fmt["gate_proj"]), dequant_stack(experts.up_proj, fmt["up_proj"])
+    down = dequant_stack(experts.down_proj, fmt["down_proj"])
+    xq, wd = round_x(x.numpy()), w.double().numpy()
     ref, bound = np.zeros((t, h)), np.zeros((t, h))
     for ti in range(t):
         for s in range(k):
             e = int(ids[ti, s])
             g, u = gate[e] @ xq[ti], up[e] @ xq[ti]
-            aq, step = _round_a(g / (1.0 + np.exp(-g)) * u)
+            aq, step = round_a(g / (1.0 + np.exp(-g)) * u)
             ref[ti] += wd[ti, s] * (down[e] @ aq)
             bound[ti] += wd[ti, s] * (1e-5 * (np.abs(down[e]) @ np.abs(aq)) + np.abs(down[e]) @ step)
     assert np.isfinite(got).all()
