@@ -7,6 +7,8 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
     python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
     python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
+    python bench/gguf_gemv.py --mmvq --mmvq-only --mmvq-variants base,lanes --types q6_k,q4_k \
+        --models air --kernels gemv --shapes lm_head,o_proj,q_proj   # mmvq's kernel variants side by side
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -94,7 +96,8 @@ def random_blocks(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float, configs: list, replays: int,
-               gen: torch.Generator, with_mmvq: bool = False, mmvq_only: bool = False) -> list[dict]:
+               gen: torch.Generator, with_mmvq: bool = False, mmvq_only: bool = False,
+               variants: tuple[str, ...] = ("base",)) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.gemv import quant_matvec
 
@@ -107,10 +110,16 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
     ref = xs[0].float() @ dequantize_rows(ws[0], fmt).T
     rows = []
     kernels = [] if mmvq_only else [("gemv", quant_matvec)]
-    if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs
+    if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs; each of --mmvq-variants
+        from functools import partial
+
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
-        kernels += [("mmvq", mmvq)] if fmt in MMVQ_FORMATS else []
-    sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if len(configs) > 1 else [])}
+        from glmtg.kernels.gguf.mmvq_lanes import uses_lanes
+        for v in variants:  # a variant that would run the base kernel here is not timed twice
+            if fmt in MMVQ_FORMATS and (v == "base" or uses_lanes(v, fmt, tokens)):
+                kernels.append(("mmvq" if v == "base" else f"mmvq-{v}", partial(mmvq, variant=v)))
+    mmvq_configs = [None] + (MMVQ_SWEEP if len(configs) > 1 else [])
+    sweep = {"gemv": configs, **{kind: mmvq_configs for kind, _ in kernels if kind.startswith("mmvq")}}
     for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
         calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
@@ -202,7 +211,7 @@ def _moe_reference(x, gate, up, down, ids, wts, gu, dn, dequantize_rows) -> torc
 
 
 def print_row(r: dict) -> None:
-    print(f"  {r['kind']:<4} {r['tensor']:<20} {r['fmt']:<14} T={r['tokens']:<2} {r['config']:<16} "
+    print(f"  {r['kind']:<10} {r['tensor']:<20} {r['fmt']:<14} T={r['tokens']:<2} {r['config']:<16} "
           f"{r['us']:9.1f} us {r['tbps']:6.2f} TB/s ({r['frac_copy']:4.0%} of copy)  rel.err {r['rel_err']:.1e}",
           flush=True)
 
@@ -232,7 +241,7 @@ def plot(payload: dict, path: Path) -> None:
     rows = [r for r in payload["rows"] if r["config"] == "default"]
     labels = [f"{r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1)))
-    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] in ("gemv", "mmvq") else "C1"
+    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C1" if "moe" in r["kind"] else "C0"
                                                                      for r in rows])
     ax.axvline(0.85, color="grey", ls="--", lw=1, label="85% of copy")
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
@@ -351,6 +360,9 @@ def main() -> int:
     parser.add_argument("--shapes", default="", help="GEMV shapes to time, comma-separated labels (q_proj, "
                         "k_proj, v_proj, o_proj, dense gate/up, dense down, lm_head; default all)")
     parser.add_argument("--mmvq-only", action="store_true", help="with --mmvq: time the int8-dot kernels alone")
+    parser.add_argument("--mmvq-variants", default="base", help="with --mmvq: mmvq's kernel variants to time "
+                        "side by side, comma-separated (base, lanes: glmtg/kernels/gguf/mmvq_lanes.py; lanes runs "
+                        "q6_k / q4_k at one token, rows labelled mmvq-lanes)")
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default "
                         "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")
@@ -373,6 +385,10 @@ def main() -> int:
         parser.error(f"--models must be of {sorted(MODELS)}, got {models}")
     if any(not 1 <= t <= 16 for t in args.tokens):
         parser.error("every --tokens value must be 1 ... 16")
+    from glmtg.kernels.gguf.mmvq_lanes import VARIANTS
+    variants = tuple(v.strip() for v in args.mmvq_variants.split(",") if v.strip())
+    if not variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--mmvq-variants must be of {VARIANTS}, got {args.mmvq_variants!r}")
     if args.sass:
         return sass_report(types, args.sms, args.clock_ghz, args.x_dtype, args.mmvq)
     if not torch.cuda.is_available():
@@ -403,7 +419,7 @@ def main() -> int:
                         done.add((key, t, label, used))
                         configs = [None] + (GEMV_SWEEP if args.sweep else [])
                         rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen,
-                                           args.mmvq, args.mmvq_only)
+                                           args.mmvq, args.mmvq_only, variants)
                 if "moe" in kernels:
                     if fit(fmt, m["hidden"]) not in DECODED or fit(fmt, m["moe_inter"]) not in DECODED:
                         skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))
