@@ -260,7 +260,7 @@ def write_reports(payload: dict, stem: Path) -> None:
 def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
     at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
-    from glmtg.kernels.gguf import mmvq, mmvq_moe
+    from glmtg.kernels.gguf import mmvq, mmvq_lanes, mmvq_moe
 
     if name not in mmvq.MMVQ_FORMATS:
         return []
@@ -277,7 +277,10 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
              f"block_n {block_n}, G {steps}"),
             ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, {**moe, "FUSED": False}, block_n, 2 * steps / g,
              f"block_i {block_n}"),
-            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")]
+            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")] + (
+        # the lanes variant (mmvq_lanes.py): 16 blocks a step fill 4 warps (8 lanes a block)
+        [("mmvq-lanes", mmvq_lanes._lanes_kernel, words, dict(BLOCK_N=1, G=16, HAS_BIAS=False, HAS_RES=False), 1,
+          16 / g, "block_n 1, G 16")] if name in mmvq_lanes.LANES_FORMATS else [])
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
@@ -300,7 +303,9 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
 
     def compile_loop(kernel, ptrs: dict, const: dict, num_warps: int) -> int:
         sig, attrs = {}, {}
-        for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        params = inspect.signature(kernel.fn).parameters
+        const = {k: v for k, v in const.items() if k in params}  # e.g. the lanes kernel takes no BS
+        for i, name in enumerate(params):
             sig[name] = "constexpr" if name in const else ("*" + ptrs[name] if name in ptrs else "i32")
             if sig[name] != "constexpr" and name not in ("T", "N", "NUM_EXPERTS", "TOPK"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as a real launch specializes them

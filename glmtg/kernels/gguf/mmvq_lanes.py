@@ -69,8 +69,8 @@ def uses_lanes(variant: str | None, fmt_name: str, tokens: int) -> bool:
 
 def default_config(n: int, nb: int) -> tuple[int, int, int]:
     """(block_n, values per step, num_warps): one row and four 256-value blocks a step on one warp (a Q6_K
-    step's tile is then 8 x 4 = one warp; Q4_K's 4 x 4 = half of one), the base kernel's measured launch
-    for these formats (bench/DECISIONS.md H2). Not measured for this kernel yet."""
+    step's tile is then 8 lanes x 4 blocks = one warp), the base kernel's measured launch for these formats
+    (bench/DECISIONS.md H2). Not measured for this kernel yet."""
     return 1, 1024, 1
 
 
@@ -88,23 +88,33 @@ def _funnel(lo, hi, sh):
 
 
 @triton.jit
-def _run4(W32, idx, m, sh):
-    """Four consecutive int32 words starting at a 2-byte-aligned byte address, each [L, B]: ``idx`` [L, B]
-    the aligned word at or below it, ``sh`` [L, B] 0 or 16 (the address's low bits times 8). Five aligned
-    32-bit loads, four funnel shifts."""
-    a0 = tl.load(W32 + idx, mask=m, other=0)
-    a1 = tl.load(W32 + idx + 1, mask=m, other=0)
-    a2 = tl.load(W32 + idx + 2, mask=m, other=0)
-    a3 = tl.load(W32 + idx + 3, mask=m, other=0)
-    a4 = tl.load(W32 + idx + 4, mask=m, other=0)
+def _ld(ptr, m, MASKED: tl.constexpr):
+    """tl.load of ``ptr``, masked by ``m`` (broadcast; 0 where False) only in a partial step."""
+    if MASKED:
+        v = tl.load(ptr, mask=m, other=0)
+    else:
+        v = tl.load(ptr)
+    return v
+
+
+@triton.jit
+def _run4(p, m, sh, MASKED: tl.constexpr):
+    """Four consecutive int32 words starting at a 2-byte-aligned byte address, each [L, B]: ``p`` [L, B]
+    points at the aligned word at or below it, ``sh`` [L, B] is 0 or 16 (the address's low bits times 8).
+    Five aligned 32-bit loads, four funnel shifts."""
+    a0 = _ld(p, m, MASKED)
+    a1 = _ld(p + 1, m, MASKED)
+    a2 = _ld(p + 2, m, MASKED)
+    a3 = _ld(p + 3, m, MASKED)
+    a4 = _ld(p + 4, m, MASKED)
     return _funnel(a0, a1, sh), _funnel(a1, a2, sh), _funnel(a2, a3, sh), _funnel(a3, a4, sh)
 
 
 @triton.jit
-def _x4(XW, xw, m):
-    """Activation words xw + 0..3 ([L, B] word indices, 16-byte aligned: one vector load) as four [L, B]."""
-    x = tl.load(XW + xw[:, :, None] + tl.arange(0, 4)[None, None, :], mask=m[:, :, None], other=0)
-    even, odd = tl.split(tl.reshape(x, [xw.shape[0], xw.shape[1], 2, 2]))  # words 0, 2 and 1, 3
+def _x4(p, m, MASKED: tl.constexpr):
+    """Activation words p + 0..3 (``p`` [L, B], 16-byte aligned: one vector load) as four [L, B]."""
+    x = _ld(p[:, :, None] + tl.arange(0, 4)[None, None, :], m[:, :, None], MASKED)
+    even, odd = tl.split(tl.reshape(x, [p.shape[0], p.shape[1], 2, 2]))  # words 0, 2 and 1, 3
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
     return x0, x1, x2, x3
@@ -117,58 +127,81 @@ def _q6_signed(code):
 
 
 @triton.jit
-def _q6_k_lanes(W, off, bm, XW, DX, grp):
-    """Σ w·dx·xq of each block [B] (byte offsets ``off`` int64 [B] into W, mask ``bm``, first activation
-    group ``grp`` [B]); 8 lanes a block (module docstring)."""
+def _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, bm, MASKED: tl.constexpr):
+    """Σ w·dx·xq of each block of a step, [B]; pointers of lane (a, t0, h) [8, B] (``_q6_k_rows``)."""
+    m2 = bm[None, :]
+    ql0, ql1, ql2, ql3 = _run4(p_ql, m2, sh, MASKED)
+    qh0, qh1, qh2, qh3 = _run4(p_qh, m2, sh, MASKED)
+    # qh bits 2t, t = t0 + 2tt: shifted by 2t0 once, then to bits 4-5 of a byte (tt = 0) or already there
+    ts = (2 * t0)[:, None]
+    qh0 = qh0 >> ts
+    qh1 = qh1 >> ts
+    qh2 = qh2 >> ts
+    qh3 = qh3 >> ts
+    part = tl.zeros(sh.shape, tl.float32)
+    for tt in tl.static_range(2):
+        x0, x1, x2, x3 = _x4(p_x + 16 * tt, m2, MASKED)  # value words 32a + 8t + 4h + 0..3
+        # one sub-block's 16 values: low (tt = 0) or high nibbles of ql, bits 2t of qh
+        dot = _dp4a(_q6_signed(((ql0 >> (4 * tt)) & 0x0F0F0F0F) | ((qh0 << (4 - 4 * tt)) & 0x30303030)), x0, 0)
+        dot = _dp4a(_q6_signed(((ql1 >> (4 * tt)) & 0x0F0F0F0F) | ((qh1 << (4 - 4 * tt)) & 0x30303030)), x1, dot)
+        dot = _dp4a(_q6_signed(((ql2 >> (4 * tt)) & 0x0F0F0F0F) | ((qh2 << (4 - 4 * tt)) & 0x30303030)), x2, dot)
+        dot = _dp4a(_q6_signed(((ql3 >> (4 * tt)) & 0x0F0F0F0F) | ((qh3 << (4 - 4 * tt)) & 0x30303030)), x3, dot)
+        s = _ld(p_s + 4 * tt, m2, MASKED).to(tl.int8, bitcast=True).to(tl.float32)  # scale of sub-block 8a + 2t + h
+        dx = _ld(p_dx + 2 * tt, m2, MASKED)  # dx of group 4a + t
+        part += s * dx * dot.to(tl.float32)
+    d = _ld(p_d.to(tl.pointer_type(tl.float16)), bm, MASKED).to(tl.float32)
+    return d * tl.sum(part, axis=0)
+
+
+@triton.jit
+def _q6_k_rows(W, off, XW, DX, grp, full, g_ok, STEP: tl.constexpr, STEP_G: tl.constexpr):
+    """Σ over the row's steps of each block slot's terms, [B] (``off`` int64 [B] byte offsets of the first
+    step's blocks in W, ``grp`` [B] their first activation groups; STEP bytes / STEP_G groups a step: a
+    multiple of 4 bytes, so every slot keeps its 2-byte misalignment from step to step)."""
     q = tl.arange(0, 8)
     a = q // 4
     t0 = (q // 2) % 2
     h = q % 2
-    m2 = bm[None, :]
     W32 = W.to(tl.pointer_type(tl.int32))
     word0 = (off >> 2)[None, :]
     sh = tl.broadcast_to(((off & 3) * 8).to(tl.int32)[None, :], [8, off.shape[0]])
-    ql0, ql1, ql2, ql3 = _run4(W32, word0 + (16 * a + 8 * t0 + 4 * h)[:, None], m2, sh)  # bytes 64a + 32t0 + 16h + ..
-    qh0, qh1, qh2, qh3 = _run4(W32, word0 + (32 + 8 * a + 4 * h)[:, None], m2, sh)  # bytes 128 + 32a + 16h + ..
-    part = tl.zeros(sh.shape, tl.float32)
-    for tt in tl.static_range(2):
-        t = t0 + 2 * tt  # [8]
-        ts = (2 * t)[:, None]
-        x0, x1, x2, x3 = _x4(XW, 8 * grp[None, :] + (32 * a + 8 * t + 4 * h)[:, None], m2)  # value word 32a + 8t + 4h
-        # one sub-block's 16 values: low (tt = 0) or high nibbles of ql, bits 2t of qh
-        dot = _dp4a(_q6_signed(((ql0 >> (4 * tt)) & 0x0F0F0F0F) | (((qh0 >> ts) << 4) & 0x30303030)), x0, 0)
-        dot = _dp4a(_q6_signed(((ql1 >> (4 * tt)) & 0x0F0F0F0F) | (((qh1 >> ts) << 4) & 0x30303030)), x1, dot)
-        dot = _dp4a(_q6_signed(((ql2 >> (4 * tt)) & 0x0F0F0F0F) | (((qh2 >> ts) << 4) & 0x30303030)), x2, dot)
-        dot = _dp4a(_q6_signed(((ql3 >> (4 * tt)) & 0x0F0F0F0F) | (((qh3 >> ts) << 4) & 0x30303030)), x3, dot)
-        s = tl.load(W + off[None, :] + (192 + 8 * a + 2 * t + h)[:, None], mask=m2, other=0)
-        s = s.to(tl.int8, bitcast=True).to(tl.float32)
-        dx = tl.load(DX + grp[None, :] + (4 * a + t)[:, None], mask=m2, other=0.0)
-        part += s * dx * dot.to(tl.float32)
-    return _f16_at(W + off + 208, bm) * tl.sum(part, axis=0)
+    # Pointers of lane (a, t0, h), moved by a step each iteration (the lane's part is loop-invariant):
+    p_ql = W32 + word0 + (16 * a + 8 * t0 + 4 * h)[:, None]  # ql bytes 64a + 32t0 + 16h + 0..15
+    p_qh = W32 + word0 + (32 + 8 * a + 4 * h)[:, None]  # qh bytes 128 + 32a + 16h + 0..15
+    p_x = XW + 8 * grp[None, :] + (32 * a + 8 * t0 + 4 * h)[:, None]  # value word 32a + 8t0 + 4h
+    p_s = W + off[None, :] + (192 + 8 * a + 2 * t0 + h)[:, None]  # scale of sub-block 8a + 2t0 + h
+    p_dx = DX + grp[None, :] + (4 * a + t0)[:, None]  # group 4a + t0
+    p_d = W + off + 208  # fp16 d
+    all_blocks = g_ok | True
+    acc = tl.zeros(off.shape, tl.float32)
+    for _ in range(full):
+        acc += _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, all_blocks, False)
+        p_ql += STEP // 4
+        p_qh += STEP // 4
+        p_x += 8 * STEP_G
+        p_s += STEP
+        p_dx += STEP_G
+        p_d += STEP
+    acc += _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, g_ok, True)  # the partial step (or nothing)
+    return acc
 
 
 @triton.jit
-def _q4_k_lanes(W, off, bm, XW, DX, XS, grp):
-    """As _q6_k_lanes for Q4_K: 4 lanes a block, lane c reads qs chunk c (module docstring)."""
-    c = tl.arange(0, 4)
+def _q4_k_step(p_w, p_x, p_blk, p_dx, p_sx, c, bm, MASKED: tl.constexpr):
+    """Σ w·dx·xq of each block of a step, [B]; lane c's pointers (``_q4_k_rows``)."""
     m2 = bm[None, :]
     m3 = m2[:, :, None]
-    i = tl.arange(0, 8)[None, None, :]
-    W32 = W.to(tl.pointer_type(tl.int32))
-    word0 = (off >> 2)[None, :]
-    w = tl.load(W32 + (word0 + (4 + 8 * c)[:, None])[:, :, None] + i, mask=m3, other=0)  # bytes 16 + 32c + 4i
-    xl = (8 * grp[None, :] + (16 * c)[:, None])[:, :, None] + i  # activation words of the low nibbles
-    dl = tl.sum(_dp4a(w & 0x0F0F0F0F, tl.load(XW + xl, mask=m3, other=0), 0), axis=2)  # [4, B]
-    dh = tl.sum(_dp4a((w >> 4) & 0x0F0F0F0F, tl.load(XW + xl + 8, mask=m3, other=0), 0), axis=2)
+    w = _ld(p_w, m3, MASKED)  # qs bytes 32c + 0..31
+    dl = tl.sum(_dp4a(w & 0x0F0F0F0F, _ld(p_x, m3, MASKED), 0), axis=2)  # [4, B], sub-block 2c
+    dh = tl.sum(_dp4a((w >> 4) & 0x0F0F0F0F, _ld(p_x + 8, m3, MASKED), 0), axis=2)  # sub-block 2c + 1
     # six-bit scales and mins of sub-blocks 2c and 2c + 1 (layout: words_k._k_scale_min)
-    w_sc = tl.load(W32 + (off >> 2) + 1, mask=bm, other=0)[None, :]
-    w_mn = tl.load(W32 + (off >> 2) + 2, mask=bm, other=0)[None, :]
-    w_lo = tl.load(W32 + (off >> 2) + 3, mask=bm, other=0)[None, :]
-    gl = grp[None, :] + (2 * c)[:, None]
-    dxl = tl.load(DX + gl, mask=m2, other=0.0)
-    dxh = tl.load(DX + gl + 1, mask=m2, other=0.0)
-    sxl = tl.load(XS + gl, mask=m2, other=0).to(tl.float32)
-    sxh = tl.load(XS + gl + 1, mask=m2, other=0).to(tl.float32)
+    w_sc = _ld(p_blk + 1, bm, MASKED)[None, :]
+    w_mn = _ld(p_blk + 2, bm, MASKED)[None, :]
+    w_lo = _ld(p_blk + 3, bm, MASKED)[None, :]
+    dxl = _ld(p_dx, m2, MASKED)
+    dxh = _ld(p_dx + 1, m2, MASKED)
+    sxl = _ld(p_sx, m2, MASKED).to(tl.float32)
+    sxh = _ld(p_sx + 1, m2, MASKED).to(tl.float32)
     a = tl.zeros(dxl.shape, tl.float32)
     b = tl.zeros(dxl.shape, tl.float32)
     for hh in tl.static_range(2):
@@ -183,38 +216,52 @@ def _q4_k_lanes(W, off, bm, XW, DX, XS, grp):
         else:
             a += sc.to(tl.float32) * dxh * dh.to(tl.float32)
             b += mn.to(tl.float32) * dxh * sxh
-    w0 = tl.load(W32 + (off >> 2), mask=bm, other=0)  # fp16 d, fp16 dmin
+    w0 = _ld(p_blk, bm, MASKED)  # fp16 d, fp16 dmin
     return _half_lo(w0) * tl.sum(a, axis=0) - _half_hi(w0) * tl.sum(b, axis=0)
+
+
+@triton.jit
+def _q4_k_rows(W, off, XW, DX, XS, grp, full, g_ok, STEP: tl.constexpr, STEP_G: tl.constexpr):
+    """As _q6_k_rows for Q4_K: 4 lanes a block, lane c reads qs chunk c (module docstring)."""
+    c = tl.arange(0, 4)
+    i = tl.arange(0, 8)[None, None, :]
+    p_blk = W.to(tl.pointer_type(tl.int32)) + (off >> 2)  # [B]: d/dmin, then the 12 scale bytes
+    p_w = (p_blk[None, :] + (4 + 8 * c)[:, None])[:, :, None] + i  # qs bytes 32c + 4i, [4, B, 8]
+    p_x = (XW + 8 * grp[None, :] + (16 * c)[:, None])[:, :, None] + i  # activation words of the low nibbles
+    p_dx = DX + grp[None, :] + (2 * c)[:, None]  # group 2c (low nibbles), 2c + 1 (high)
+    p_sx = XS + grp[None, :] + (2 * c)[:, None]
+    all_blocks = g_ok | True
+    acc = tl.zeros(off.shape, tl.float32)
+    for _ in range(full):
+        acc += _q4_k_step(p_w, p_x, p_blk, p_dx, p_sx, c, all_blocks, False)
+        p_w += STEP // 4
+        p_x += 8 * STEP_G
+        p_blk += STEP // 4
+        p_dx += STEP_G
+        p_sx += STEP_G
+    acc += _q4_k_step(p_w, p_x, p_blk, p_dx, p_sx, c, g_ok, True)  # the partial step (or nothing)
+    return acc
 
 
 @triton.jit
 def _lanes_kernel(XW, DX, XS, W, Y, Bias, Res, N, NB, ROW_BYTES,
                   FMT: tl.constexpr, TS: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+    tl.static_assert((FMT == 12) or (FMT == 14 and G % 2 == 0), "lanes: q4_k, or q6_k with an even G")
     wait_and_release(PDL)  # x (and the residual) come from the kernels before (glmtg/kernels/pdl.py)
     B: tl.constexpr = BLOCK_N * G
     idx = tl.arange(0, B)
     r = idx // G
     g = idx % G
     rows_in = tl.minimum(tl.program_id(0) * BLOCK_N + r, N - 1)  # rows past N read row N - 1, not stored
-    off = rows_in.to(tl.int64) * ROW_BYTES + g * TS  # byte offset of each block of the step
+    off = rows_in.to(tl.int64) * ROW_BYTES + g * TS  # byte offset of each block of the first step
     grp = g * 8  # its first activation group (8 groups of 32 values a 256-value block)
-    all_blocks = idx >= 0
-    acc = tl.zeros((B,), dtype=tl.float32)
     full = NB // G
-    for _ in range(full):
-        if FMT == 14:
-            acc += _q6_k_lanes(W, off, all_blocks, XW, DX, grp)
-        else:
-            acc += _q4_k_lanes(W, off, all_blocks, XW, DX, XS, grp)
-        off += G * TS
-        grp += G * 8
-    if full * G < NB:  # the last, partial step
-        g_ok = (full * G + g) < NB
-        if FMT == 14:
-            acc += _q6_k_lanes(W, off, g_ok, XW, DX, grp)
-        else:
-            acc += _q4_k_lanes(W, off, g_ok, XW, DX, XS, grp)
+    g_ok = (full * G + g) < NB  # the blocks of the last, partial step (none if G divides NB)
+    if FMT == 14:
+        acc = _q6_k_rows(W, off, XW, DX, grp, full, g_ok, G * TS, G * 8)
+    else:
+        acc = _q4_k_rows(W, off, XW, DX, XS, grp, full, g_ok, G * TS, G * 8)
     y = tl.sum(tl.reshape(acc, [BLOCK_N, G]), axis=1)  # [BLOCK_N]
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
@@ -232,8 +279,11 @@ def _lanes_kernel(XW, DX, XS, W, Y, Bias, Res, N, NB, ROW_BYTES,
 def launch(codes: torch.Tensor, dx: torch.Tensor, sums: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
            bias: torch.Tensor | None, residual: torch.Tensor | None, fmt_type: int, type_size: int, nb: int,
            block_n: int, blocks_per_step: int, num_warps: int) -> None:
-    """Run the lanes kernel for one token: ``out`` [1, N] (checked by mmvq, as every operand)."""
+    """Run the lanes kernel for one token: ``out`` [1, N] (checked by mmvq, as every operand). Q6_K takes
+    at least 2 blocks a step (an even number: each block slot then keeps its alignment from step to step)."""
     n = weight.shape[0]
+    if fmt_type == 14:
+        blocks_per_step = max(blocks_per_step, 2)
     _lanes_kernel[(triton.cdiv(n, block_n),)](
         codes.view(torch.int32), dx, sums, weight, out, out if bias is None else bias,
         out if residual is None else residual, n, nb, weight.shape[1],
