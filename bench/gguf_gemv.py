@@ -7,7 +7,7 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
     python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
     python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
-    python bench/gguf_gemv.py --mmvq --mmvq-only --mmvq-variants base,lanes --types q6_k,q4_k \
+    python bench/gguf_gemv.py --mmvq --mmvq-only --mmvq-variants base,lanes,lanes-wide --types q6_k,q4_k \
         --models air --kernels gemv --shapes lm_head,o_proj,q_proj   # mmvq's kernel variants side by side
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
@@ -114,9 +114,9 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
         from functools import partial
 
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
-        from glmtg.kernels.gguf.mmvq_lanes import uses_lanes
+        from glmtg.kernels.gguf.mmvq_lanes import lanes_split
         for v in variants:  # a variant that would run the base kernel here is not timed twice
-            if fmt in MMVQ_FORMATS and (v == "base" or uses_lanes(v, fmt, tokens)):
+            if fmt in MMVQ_FORMATS and (v == "base" or lanes_split(v, fmt, tokens)):
                 kernels.append(("mmvq" if v == "base" else f"mmvq-{v}", partial(mmvq, variant=v)))
     mmvq_configs = [None] + (MMVQ_SWEEP if len(configs) > 1 else [])
     sweep = {"gemv": configs, **{kind: mmvq_configs for kind, _ in kernels if kind.startswith("mmvq")}}
@@ -278,9 +278,10 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
             ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, {**moe, "FUSED": False}, block_n, 2 * steps / g,
              f"block_i {block_n}"),
             ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")] + (
-        # the lanes variant (mmvq_lanes.py): 16 blocks a step fill 4 warps (8 lanes a block)
-        [("mmvq-lanes", mmvq_lanes._lanes_kernel, words, dict(BLOCK_N=1, G=16, HAS_BIAS=False, HAS_RES=False), 1,
-          16 / g, "block_n 1, G 16")] if name in mmvq_lanes.LANES_FORMATS else [])
+        # the lanes variants (mmvq_lanes.py): as many blocks a step as fill 4 warps
+        [(f"mmvq-{v}", mmvq_lanes._lanes_kernel, words,
+          dict(BLOCK_N=1, G=(gl := 128 // mmvq_lanes.lanes_per_block(name, e)), HAS_BIAS=False, HAS_RES=False, E=e),
+          1, gl / g, f"block_n 1, G {gl}") for v, e in (("lanes", 1), ("lanes-wide", 2))] if name in mmvq_lanes.LANES_FORMATS else [])
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
@@ -366,8 +367,8 @@ def main() -> int:
                         "k_proj, v_proj, o_proj, dense gate/up, dense down, lm_head; default all)")
     parser.add_argument("--mmvq-only", action="store_true", help="with --mmvq: time the int8-dot kernels alone")
     parser.add_argument("--mmvq-variants", default="base", help="with --mmvq: mmvq's kernel variants to time "
-                        "side by side, comma-separated (base, lanes: glmtg/kernels/gguf/mmvq_lanes.py; lanes runs "
-                        "q6_k / q4_k at one token, rows labelled mmvq-lanes)")
+                        "side by side, comma-separated (base, lanes, lanes-wide: glmtg/kernels/gguf/mmvq_lanes.py; the "
+                        "lanes variants run q6_k / q4_k at one token, rows labelled mmvq-<variant>)")
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default "
                         "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")

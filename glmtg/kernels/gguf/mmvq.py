@@ -192,8 +192,8 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     activation memo (activation.quantized_of: the same tensor, unmodified) and otherwise done here and
     remembered, so q/k/v or gate/up calls on one x round it once.
 
-    ``variant``: which kernel, "base" or "lanes" (mmvq_lanes.py: Q6_K and Q4_K at T = 1; anything else
-    runs the base kernel); None: the process-wide choice (GLMTG_MMVQ_VARIANT, default "base"). The
+    ``variant``: which kernel, "base", "lanes" or "lanes-wide" (mmvq_lanes.py: Q6_K and Q4_K at T = 1;
+    anything else runs the base kernel); None: the process-wide choice (GLMTG_MMVQ_VARIANT, default "base"). The
     launch knobs mean the same for both; the lanes kernel has its own defaults."""
     f = mmvq_format(fmt)
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")
@@ -205,7 +205,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
     given_out = out is not None
     out, residual = epilogue_operands(x, t, n, out, bias, residual)
-    lanes = mmvq_lanes.uses_lanes(variant, f.name, t)
+    lanes = mmvq_lanes.lanes_split(variant, f.name, t)
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
     # A GPU measurement; the interpreter (a CPU) keeps the default, whose larger programs it runs faster.
@@ -213,7 +213,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     if measured is not None:
         auto_n, auto_values, auto_warps = measured
     if lanes:
-        auto_n, auto_values, auto_warps = mmvq_lanes.default_config(n, nb)
+        auto_n, auto_values, auto_warps = mmvq_lanes.default_config(f.name, lanes)
     block_n = auto_n if block_n is None else block_n
     values_per_step = auto_values if values_per_step is None else values_per_step
     num_warps = auto_warps if num_warps is None else num_warps
@@ -225,7 +225,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     codes, dx, sums = quantize_once(x) if quantized is None else checked_quantized(quantized, t, k, x.device)
     if lanes:
         mmvq_lanes.launch(codes, dx, sums, weight, out, bias, residual, f.gguf_type, f.type_size, nb, block_n,
-                          steps_for(f.block_size, values_per_step), num_warps)
+                          steps_for(f.block_size, values_per_step), num_warps, lanes)
     else:
         _mmvq_kernel[(triton.cdiv(n, block_n),)](
             codes.view(torch.int32), dx, sums, weight, out, out if bias is None else bias,

@@ -1,10 +1,10 @@
-"""mmvq's "lanes" variant (glmtg/kernels/gguf/mmvq_lanes.py: Q6_K and Q4_K at one token) against float64
-references and against the base variant.
+"""mmvq's "lanes" and "lanes-wide" variants (glmtg/kernels/gguf/mmvq_lanes.py: Q6_K and Q4_K at one token)
+against float64 references and against the base variant.
 
 Bounds (as tests/kernels/gguf/test_mmvq.py; weights from tests/references/gguf_weights.py, x random normal):
 (a) tight, from the SAME quantized activation xq = codes · dx: the integer sums are exact, what remains is
     fp32: per block a few products (<= 4 roundings of 2^-24 relative) and the fp32 sum of the block terms
-    and the lanes' partial sums (<= NB + 8 roundings: 8 lanes a block, then NB blocks), so
+    and the lanes' partial sums (<= NB + 8 roundings: at most 8 float partial sums a block, then NB blocks), so
     |y - xq @ W| <= (NB + 12) · 2^-24 · Σ_j |w_j · xq_j|; a wrong code, offset or scale is off by far more;
 (b) loose, against x itself: + Σ_j |w_j| · dx_g(j) / 2 (x's rounding to int8, to nearest).
 fp16 / bf16 outputs add one rounding: + 2^-11 / 2^-8 · |ref|. The base variant obeys (a) as well, so the
@@ -42,11 +42,11 @@ def _case(name: str, rows: int, blocks: int, dtype: torch.dtype, seed: int, devi
     return raw, x, w64, xq, dx.cpu().double()
 
 
-def _check(name: str, rows: int, blocks: int, dtype: torch.dtype, seed: int, device: str = "cpu",
+def _check(name: str, variant: str, rows: int, blocks: int, dtype: torch.dtype, seed: int, device: str = "cpu",
            distinct: int = 0, **knobs: int) -> None:
     raw, x, w64, xq, dx = _case(name, rows, blocks, dtype, seed, device, distinct)
     out = torch.full((1, rows), float("nan"), dtype=dtype, device=device)
-    got = mmvq(x, raw, name, out=out, variant="lanes", **knobs)
+    got = mmvq(x, raw, name, out=out, variant=variant, **knobs)
     assert got is out
     pattern = torch.arange(rows) % w64.shape[0]  # the dequantized row each output row reads
     fp32 = ((blocks + 12) * 2.0 ** -24 * (xq.abs() @ w64.abs().T))[:, pattern]
@@ -64,19 +64,27 @@ def _check(name: str, rows: int, blocks: int, dtype: torch.dtype, seed: int, dev
     assert bool((diff <= 2 * (fp32 + ROUNDOFF[dtype] * ref_q.abs())).all()), f"vs base: max {diff.max():.3g}"
 
 
+VARIANTS = ("lanes", "lanes-wide")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", mmvq_lanes.LANES_FORMATS)
 @pytest.mark.parametrize("blocks", [2, 3])  # 3: an odd number of blocks, so odd blocks start 2 mod 4 (q6_k)
-def test_lanes_matches_float64(name: str, blocks: int) -> None:
-    # 37 rows: no multiple of any launch's rows; the default launch (4 blocks a step) makes one partial step.
-    _check(name, 37, blocks, torch.float32, seed=20 + blocks)
+def test_lanes_matches_float64(name: str, variant: str, blocks: int) -> None:
+    # 37 rows, 8 a program: the last program ragged; the default step (2-8 blocks) ends with a partial step
+    # (2 blocks over 3) or is wider than the row. (The default launch, one row a program: the other tests.)
+    _check(name, variant, 37, blocks, torch.float32, seed=20 + blocks, block_n=8)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", mmvq_lanes.LANES_FORMATS)
-def test_lanes_full_steps_and_knobs(name: str) -> None:
+def test_lanes_full_steps_and_knobs(name: str, variant: str) -> None:
     # 2 blocks a step over 5: two full (unmasked) steps and a partial one; 4 rows a program (the last ragged)
     # on two warps; fp16 in and out. Rows of 5 q6_k blocks are 1050 bytes: every other row starts 2 mod 4.
-    _check(name, 9, 5, torch.float16, seed=5, block_n=4, values_per_step=512, num_warps=2)
-    _check(name, 9, 5, torch.float16, seed=6, block_n=2, values_per_step=2048)  # one step wider than a row
+    _check(name, variant, 9, 5, torch.float16, seed=5, block_n=4, values_per_step=512, num_warps=2)
+    _check(name, variant, 9, 5, torch.float16, seed=6, block_n=2, values_per_step=2048)  # wider than a row
+    # one block asked a step: q6_k takes 2 (each block slot keeps its alignment), q4_k one
+    _check(name, variant, 5, 3, torch.float16, seed=7, values_per_step=256)
 
 
 def test_lanes_epilogue_and_fallbacks() -> None:
@@ -99,6 +107,7 @@ def test_lanes_epilogue_and_fallbacks() -> None:
     # the process-wide switch (GLMTG_MMVQ_VARIANT) picks the same kernel as the argument
     with mmvq_lanes.variant_mode("lanes"):
         assert torch.equal(mmvq(x, raw, "q6_k"), y)
+    assert mmvq_lanes.current_variant() == "base"
 
 
 def test_lanes_rejects_unknown_variant() -> None:
@@ -110,9 +119,10 @@ def test_lanes_rejects_unknown_variant() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name,rows,blocks", [("q6_k", 151552, 16), ("q6_k", 4096, 48), ("q6_k", 4096, 16),
                                               ("q4_k", 12288, 16), ("q4_k", 4096, 48), ("q4_k", 1024, 16)])
-def test_lanes_bf16_air_shapes_on_gpu(name: str, rows: int, blocks: int) -> None:
+def test_lanes_bf16_air_shapes_on_gpu(name: str, rows: int, blocks: int, variant: str) -> None:
     # The compiled kernel (dp4a, shf.r.clamp) at GLM-4.5-Air's shapes: the output head, o_proj (K = 12288),
     # q_proj and k/v; 256 random rows tiled over the rows (a float64 reference of every row would not fit).
-    _check(name, rows, blocks, torch.bfloat16, seed=rows + blocks, device="cuda", distinct=256)
+    _check(name, variant, rows, blocks, torch.bfloat16, seed=rows + blocks, device="cuda", distinct=256)
