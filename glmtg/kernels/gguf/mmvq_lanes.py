@@ -111,25 +111,22 @@ def _ld(ptr, m, MASKED: tl.constexpr):
 
 @triton.jit
 def _run(p, m, sh, NW: tl.constexpr, MASKED: tl.constexpr):
-    """NW (4, 2 or 1) consecutive int32 words starting at a 2-byte-aligned byte address, as [..., NW] (the
+    """NW (4 or 2) consecutive int32 words starting at a 2-byte-aligned byte address, as [..., NW] (the
     words on a register axis): ``p`` points at the aligned word at or below it, ``sh`` is 0 or 16 (the
     address's low bits times 8). NW + 1 aligned 32-bit loads and NW funnel shifts."""
     a0 = _ld(p, m, MASKED)
     a1 = _ld(p + 1, m, MASKED)
+    a2 = _ld(p + 2, m, MASKED)
     w0 = _funnel(a0, a1, sh)
-    if NW == 1:
-        w = w0[..., None]
+    w1 = _funnel(a1, a2, sh)
+    if NW == 2:
+        w = tl.join(w0, w1)
     else:
-        a2 = _ld(p + 2, m, MASKED)
-        w1 = _funnel(a1, a2, sh)
-        if NW == 2:
-            w = tl.join(w0, w1)
-        else:
-            a3 = _ld(p + 3, m, MASKED)
-            a4 = _ld(p + 4, m, MASKED)
-            # join(join(w0, w2), join(w1, w3))[u, v] = w[2u + v]: row-major, the words in order
-            w = tl.reshape(tl.join(tl.join(w0, _funnel(a2, a3, sh)), tl.join(w1, _funnel(a3, a4, sh))),
-                           [w0.shape[0], w0.shape[1], w0.shape[2], 4])
+        a3 = _ld(p + 3, m, MASKED)
+        a4 = _ld(p + 4, m, MASKED)
+        # join(join(w0, w2), join(w1, w3))[u, v] = w[2u + v]: row-major, the words in order
+        w = tl.reshape(tl.join(tl.join(w0, _funnel(a2, a3, sh)), tl.join(w1, _funnel(a3, a4, sh))),
+                       [w0.shape[0], w0.shape[1], w0.shape[2], 4])
     return w
 
 
