@@ -8,7 +8,7 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
     python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
     python bench/gguf_gemv.py --mmvq --mmvq-only --mmvq-variants base,lanes,lanes-wide --types q6_k,q4_k \
-        --models air --kernels gemv --shapes lm_head,o_proj,q_proj   # mmvq's kernel variants side by side
+        --models air --kernels gemv --shapes lm_head,o_proj,q_proj,k_proj   # mmvq's variants side by side
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -277,11 +277,12 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
              f"block_n {block_n}, G {steps}"),
             ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, {**moe, "FUSED": False}, block_n, 2 * steps / g,
              f"block_i {block_n}"),
-            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")] + (
+            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")] + [
         # the lanes variants (mmvq_lanes.py): as many blocks a step as fill 4 warps
-        [(f"mmvq-{v}", mmvq_lanes._lanes_kernel, words,
-          dict(BLOCK_N=1, G=(gl := 128 // mmvq_lanes.lanes_per_block(name, e)), HAS_BIAS=False, HAS_RES=False, E=e),
-          1, gl / g, f"block_n 1, G {gl}") for v, e in (("lanes", 1), ("lanes-wide", 2))] if name in mmvq_lanes.LANES_FORMATS else [])
+        (f"mmvq-{v}", mmvq_lanes._lanes_kernel, words,
+         dict(BLOCK_N=1, G=(gl := 128 // mmvq_lanes.lanes_per_block(name, e)), HAS_BIAS=False, HAS_RES=False, E=e),
+         1, gl / g, f"block_n 1, G {gl}")
+        for v, e in (("lanes", 1), ("lanes-wide", 2)) if name in mmvq_lanes.LANES_FORMATS]
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:

@@ -8,8 +8,8 @@ goes to machine code through ptxas for the target, so an instruction the archite
 It runs as a subprocess (this file as a script, see tests/kernels/conftest.py) because the interpreter
 replaces the kernels in the test process. Kernels: decode attention as planned for each architecture
 (bf16 and every quantized cache at 96/8, 64k) and its merge; prefill attention at its GPU plan per cache format; kv_store per cache format; moe_decode; the
-GGUF dequant, gemv, moe, mmvq (with its activation quantizer and its lanes variant) and mmvq_moe kernels for a few block types,
-among them the ones with inline PTX (dp4a, prmt); the decoder glue (rms_norm, router, qk_rope). Checked besides compiling: the shared memory a
+GGUF dequant, gemv, moe, mmvq (with its activation quantizer; its lanes variant) and mmvq_moe kernels for a few
+block types, among them the ones with inline PTX (dp4a, prmt); the decoder glue (rms_norm, router, qk_rope). Checked besides compiling: the shared memory a
 program takes fits the architecture's per-block limit (ArchPlan.shared_kib_per_block).
 ``python tests/kernels/test_compile_archs.py`` prints the report.
 

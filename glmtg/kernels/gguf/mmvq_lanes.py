@@ -22,8 +22,9 @@ half the words a lane; the lanes' integer dots are summed across the pair before
   64c + 32 + j: sub-blocks 2c and 2c + 1) as 16-byte vector loads, its scale and min decoded per lane.
   4 · E lanes a block.
 
-Every address is a loop-invariant lane part plus a per-step offset, so the pointers are set up once a row
-and moved by a constant each step; full steps load unmasked, only the last partial step is masked.
+Every address is a loop-invariant lane part plus a per-step offset: the lanes' pointers are set up once a
+row, and step k adds the same scalar to all of them; full steps load unmasked, only the last partial step
+is masked.
 
 Numerics: the same integer dot products as the base path (Q6_K: Σ q·xq over one 16-value sub-block;
 Q4_K: over one 32-value sub-block, and its Σxq), and the same products in the same order
@@ -181,17 +182,13 @@ def _q6_k_rows(W, off, XW, DX, grp, full, NB, G: tl.constexpr, E: tl.constexpr):
     p_dx = DX + grp[None, :] + (4 * a + t0)[:, None]  # group 4a + t0
     p_d = W + off + 208  # fp16 d, [B]
     acc = tl.zeros(off.shape, tl.float32)
-    for _ in range(full):
-        acc += _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, off >= 0, NW, False)
-        p_ql += STEP // 4
-        p_qh += STEP // 4
-        p_x += 64 * G
-        p_s += STEP
-        p_dx += 8 * G
-        p_d += STEP
+    for k in range(full):  # step k: every pointer moves by a scalar (the same for all lanes)
+        acc += _q6_k_step(p_ql + k * (STEP // 4), p_qh + k * (STEP // 4), p_x + k * (64 * G), p_s + k * STEP,
+                          p_dx + k * (8 * G), p_d + k * STEP, sh, t0, off >= 0, NW, False)
     if full * G < NB:  # the last, partial step
         g_ok = (full * G + tl.arange(0, off.shape[0]) % G) < NB
-        acc += _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, g_ok, NW, True)
+        acc += _q6_k_step(p_ql + full * (STEP // 4), p_qh + full * (STEP // 4), p_x + full * (64 * G),
+                          p_s + full * STEP, p_dx + full * (8 * G), p_d + full * STEP, sh, t0, g_ok, NW, True)
     return acc
 
 
@@ -254,16 +251,13 @@ def _q4_k_rows(W, off, XW, DX, XS, grp, full, NB, G: tl.constexpr, E: tl.constex
     p_dx = DX + grp[None, :] + (2 * c)[:, None]  # group 2c (low nibbles), 2c + 1 (high)
     p_sx = XS + grp[None, :] + (2 * c)[:, None]
     acc = tl.zeros(off.shape, tl.float32)
-    for _ in range(full):
-        acc += _q4_k_step(p_w, p_x, p_blk, p_dx, p_sx, c, off >= 0, NH, False)
-        p_w += STEP // 4
-        p_x += 64 * G
-        p_blk += STEP // 4
-        p_dx += 8 * G
-        p_sx += 8 * G
+    for k in range(full):  # step k: every pointer moves by a scalar (the same for all lanes)
+        acc += _q4_k_step(p_w + k * (STEP // 4), p_x + k * (64 * G), p_blk + k * (STEP // 4), p_dx + k * (8 * G),
+                          p_sx + k * (8 * G), c, off >= 0, NH, False)
     if full * G < NB:  # the last, partial step
         g_ok = (full * G + tl.arange(0, off.shape[0]) % G) < NB
-        acc += _q4_k_step(p_w, p_x, p_blk, p_dx, p_sx, c, g_ok, NH, True)
+        acc += _q4_k_step(p_w + full * (STEP // 4), p_x + full * (64 * G), p_blk + full * (STEP // 4),
+                          p_dx + full * (8 * G), p_sx + full * (8 * G), c, g_ok, NH, True)
     return acc
 
 
@@ -313,5 +307,6 @@ def launch(codes: torch.Tensor, dx: torch.Tensor, sums: torch.Tensor, weight: to
         codes.view(torch.int32), dx, sums, weight, out, out if bias is None else bias,
         out if residual is None else residual, n, nb, weight.shape[1],
         FMT=fmt_type, TS=type_size, BLOCK_N=block_n, G=blocks_per_step, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, E=split, PDL=enabled(out.device), num_warps=num_warps, **launch_kwargs(out.device),
+        HAS_RES=residual is not None, E=split, PDL=enabled(out.device), num_warps=num_warps,
+        **launch_kwargs(out.device),
     )
