@@ -67,6 +67,10 @@ GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
 # (block_n x values_per_step / block size) against threads (32 x num_warps).
 MMVQ_SWEEP = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (1, 2048, 2), (2, 1024, 2), (1, 1024, 1), (1, 8192, 8),
               (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8), (2, 4096, 1), (4, 4096, 2)]
+# --mmvq --sweep, the lanes variants (mmvq_lanes.py: a block on 4-16 lanes): more blocks a step per warp
+# (independent loads in flight), several rows a program, up to a whole Air row a step.
+MMVQ_LANES_SWEEP = [(1, 512, 1), (1, 2048, 1), (1, 4096, 1), (2, 1024, 1), (1, 2048, 2), (1, 4096, 2),
+                    (2, 2048, 2), (4, 1024, 2), (1, 4096, 4), (4, 4096, 4)]
 MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
                   (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4),
                   (32, 512, 1, 4096, 4), (32, 4096, 8, 4096, 8), (32, 1024, 2, 2048, 4)]  # block_i 32: fused
@@ -118,8 +122,9 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
         for v in variants:  # a variant that would run the base kernel here is not timed twice
             if fmt in MMVQ_FORMATS and (v == "base" or lanes_split(v, fmt, tokens)):
                 kernels.append(("mmvq" if v == "base" else f"mmvq-{v}", partial(mmvq, variant=v)))
-    mmvq_configs = [None] + (MMVQ_SWEEP if len(configs) > 1 else [])
-    sweep = {"gemv": configs, **{kind: mmvq_configs for kind, _ in kernels if kind.startswith("mmvq")}}
+    swept = len(configs) > 1
+    sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if swept else []),
+             **{kind: [None] + (MMVQ_LANES_SWEEP if swept else []) for kind, _ in kernels if kind.startswith("mmvq-")}}
     for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
         calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
