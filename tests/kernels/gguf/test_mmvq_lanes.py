@@ -1,7 +1,8 @@
 """mmvq's "lanes" and "lanes-wide" variants (glmtg/kernels/gguf/mmvq_lanes.py: Q6_K and Q4_K at one token)
 against float64 references and against the base variant.
 
-Bounds (as tests/kernels/gguf/test_mmvq.py; weights from tests/references/gguf_weights.py, x random normal):
+Bounds (as tests/kernels/gguf/test_mmvq.py; weights from tests/references/gguf_weights.py, dequantized by
+gguf.quants.dequantize; x random normal):
 (a) tight, from the SAME quantized activation xq = codes · dx: the integer sums are exact, what remains is
     fp32: per block a few products (<= 4 roundings of 2^-24 relative) and the fp32 sum of the block terms
     and the lanes' partial sums (<= NB + 8 roundings: at most 8 float partial sums a block, then NB blocks), so
@@ -14,6 +15,7 @@ fp32 summation order. Outputs are poisoned with NaN first.
 
 from __future__ import annotations
 
+import gguf.quants
 import pytest
 import torch
 
@@ -32,7 +34,8 @@ def _case(name: str, rows: int, blocks: int, dtype: torch.dtype, seed: int, devi
     dx): ``distinct`` > 0 tiles that many random rows over ``rows`` (large GPU shapes)."""
     k = blocks * REGISTRY[name].block_size
     raw = gguf_weight(name, (distinct or rows,), k, seed=seed)
-    w64 = REGISTRY[name].dequantize_blocks(raw).double()
+    # the gguf package's decoder (llama.cpp's reference), not glmtg's
+    w64 = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), REGISTRY[name].gguf_type)).double()
     raw = raw.to(device)
     if distinct:
         raw = raw.repeat((rows + distinct - 1) // distinct, 1)[:rows].contiguous()
