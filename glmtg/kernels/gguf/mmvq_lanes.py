@@ -26,8 +26,9 @@ Every address is a loop-invariant lane part plus a per-step offset: the lanes' p
 row, and step k adds the same scalar to all of them; full steps load unmasked, only the last partial step
 is masked.
 
-Numerics: the same integer dot products as the base path (Q6_K: Σ q·xq over one 16-value sub-block;
-Q4_K: over one 32-value sub-block, and its Σxq), and the same products in the same order
+Numerics: the same integer dot products as the base path (Q6_K: Σ (q - 32)·xq over one 16-value sub-block,
+here summed as -32·Σxq + Σ q·xq by dp4a on the raw codes, the same int32; Q4_K: Σ q·xq over one 32-value
+sub-block, and its Σxq), and the same products in the same order
 ((scale · dx) · dot, (min · dx) · Σxq, the fp16 d (and dmin) applied once to a block's sum); only the fp32
 summation order differs (within a lane, across the lanes of a block, then the blocks). So the results equal
 the base variant's up to fp32 summation order.
@@ -132,12 +133,6 @@ def _run(p, m, sh, NW: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _q6_signed(code):
-    """Six-bit codes q (one per byte) -> int8 q - 32 per byte (as words_k._q6_signed)."""
-    return (code + 0x60606060) ^ -0x7F7F7F80
-
-
-@triton.jit
 def _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, bm, NW: tl.constexpr, MASKED: tl.constexpr):
     """Σ w·dx·xq of each block of a step, [B]; pointers of lane (a, t0, h, e) [8, E, B] (``_q6_k_rows``)."""
     m3 = bm[None, None, :]
@@ -149,9 +144,11 @@ def _q6_k_step(p_ql, p_qh, p_x, p_s, p_dx, p_d, sh, t0, bm, NW: tl.constexpr, MA
     part = tl.zeros([p_s.shape[0], p_s.shape[1]], tl.float32)
     for tt in tl.static_range(2):
         x = _ld(p_x[:, :, :, None] + 16 * tt + tl.arange(0, NW)[None, None, None, :], m3[:, :, :, None], MASKED)
-        # one sub-block's 16 values: low (tt = 0) or high nibbles of ql, bits 2t of qh
+        # one sub-block's 16 values: low (tt = 0) or high nibbles of ql, bits 2t of qh; the codes q in
+        # [0, 64) are non-negative int8, so Σ (q - 32)·xq = Σ q·xq - 32·Σxq (Σxq by dp4a with 0x01010101)
         code = ((ql >> (4 * tt)) & 0x0F0F0F0F) | ((qh << (4 - 4 * tt)) & 0x30303030)
-        dot = tl.sum(tl.sum(_dp4a(_q6_signed(code), x, 0), axis=3), axis=1)  # [8, B]: exact int32
+        dot = _dp4a(code, x, _dp4a(x * 0 - 0x1F1F1F20, x, 0))  # 0xE0E0E0E0: -32 in each byte, -32·Σxq first
+        dot = tl.sum(tl.sum(dot, axis=3), axis=1)  # [8, B]: exact int32
         s = _ld(p_s + 4 * tt, m2, MASKED).to(tl.int8, bitcast=True).to(tl.float32)  # sub-block 8a + 2t + h
         dx = _ld(p_dx + 2 * tt, m2, MASKED)  # dx of group 4a + t
         part += s * dx * dot.to(tl.float32)
