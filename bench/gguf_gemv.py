@@ -7,6 +7,8 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --from-json RUN.json          # redraw RUN.md and RUN.png
     python bench/gguf_gemv.py --sass --types q5_0,q8_0      # CPU: sm_90 machine code per weight value
     python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
+    python bench/gguf_gemv.py --mmvq --mmvq-only --mmvq-variants base,lanes,lanes-wide --types q6_k,q4_k \
+        --models air --kernels gemv --shapes lm_head,o_proj,q_proj,k_proj   # mmvq's variants side by side
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -65,6 +67,10 @@ GEMV_SWEEP = [  # (block_n, values_per_step, num_warps)
 # (block_n x values_per_step / block size) against threads (32 x num_warps).
 MMVQ_SWEEP = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (1, 2048, 2), (2, 1024, 2), (1, 1024, 1), (1, 8192, 8),
               (2, 4096, 8), (8, 4096, 4), (4, 4096, 4), (16, 4096, 8), (2, 4096, 1), (4, 4096, 2)]
+# --mmvq --sweep, the lanes variants (mmvq_lanes.py: a block on 4-16 lanes): more blocks a step per warp
+# (independent loads in flight), several rows a program, up to a whole Air row a step.
+MMVQ_LANES_SWEEP = [(1, 512, 1), (1, 2048, 1), (1, 4096, 1), (2, 1024, 1), (1, 2048, 2), (1, 4096, 2),
+                    (2, 2048, 2), (4, 1024, 2), (1, 4096, 4), (4, 4096, 4)]
 MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
                   (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4),
                   (32, 512, 1, 4096, 4), (32, 4096, 8, 4096, 8), (32, 1024, 2, 2048, 4)]  # block_i 32: fused
@@ -94,7 +100,8 @@ def random_blocks(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float, configs: list, replays: int,
-               gen: torch.Generator, with_mmvq: bool = False, mmvq_only: bool = False) -> list[dict]:
+               gen: torch.Generator, with_mmvq: bool = False, mmvq_only: bool = False,
+               variants: tuple[str, ...] = ("base",)) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.gemv import quant_matvec
 
@@ -107,10 +114,17 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
     ref = xs[0].float() @ dequantize_rows(ws[0], fmt).T
     rows = []
     kernels = [] if mmvq_only else [("gemv", quant_matvec)]
-    if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs
+    if with_mmvq:  # --mmvq: the int8-dot kernel side by side, same configs; each of --mmvq-variants
+        from functools import partial
+
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
-        kernels += [("mmvq", mmvq)] if fmt in MMVQ_FORMATS else []
-    sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if len(configs) > 1 else [])}
+        from glmtg.kernels.gguf.mmvq_lanes import lanes_split
+        for v in variants:  # a variant that would run the base kernel here is not timed twice
+            if fmt in MMVQ_FORMATS and (v == "base" or lanes_split(v, fmt, tokens)):
+                kernels.append(("mmvq" if v == "base" else f"mmvq-{v}", partial(mmvq, variant=v)))
+    swept = len(configs) > 1
+    sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if swept else []),
+             **{kind: [None] + (MMVQ_LANES_SWEEP if swept else []) for kind, _ in kernels if kind.startswith("mmvq-")}}
     for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(("block_n", "values_per_step", "num_warps"), cfg, strict=True))
         calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], ws[i], fmt, out=outs[i], **kw) for i in range(sets)]
@@ -202,7 +216,7 @@ def _moe_reference(x, gate, up, down, ids, wts, gu, dn, dequantize_rows) -> torc
 
 
 def print_row(r: dict) -> None:
-    print(f"  {r['kind']:<4} {r['tensor']:<20} {r['fmt']:<14} T={r['tokens']:<2} {r['config']:<16} "
+    print(f"  {r['kind']:<10} {r['tensor']:<20} {r['fmt']:<14} T={r['tokens']:<2} {r['config']:<16} "
           f"{r['us']:9.1f} us {r['tbps']:6.2f} TB/s ({r['frac_copy']:4.0%} of copy)  rel.err {r['rel_err']:.1e}",
           flush=True)
 
@@ -232,7 +246,7 @@ def plot(payload: dict, path: Path) -> None:
     rows = [r for r in payload["rows"] if r["config"] == "default"]
     labels = [f"{r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1)))
-    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C0" if r["kind"] in ("gemv", "mmvq") else "C1"
+    ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C1" if "moe" in r["kind"] else "C0"
                                                                      for r in rows])
     ax.axvline(0.85, color="grey", ls="--", lw=1, label="85% of copy")
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
@@ -251,7 +265,7 @@ def write_reports(payload: dict, stem: Path) -> None:
 def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
     at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
-    from glmtg.kernels.gguf import mmvq, mmvq_moe
+    from glmtg.kernels.gguf import mmvq, mmvq_lanes, mmvq_moe
 
     if name not in mmvq.MMVQ_FORMATS:
         return []
@@ -268,7 +282,12 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
              f"block_n {block_n}, G {steps}"),
             ("mmvq-moe gate/up", mmvq_moe._gate_up_kernel, gate_up, {**moe, "FUSED": False}, block_n, 2 * steps / g,
              f"block_i {block_n}"),
-            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")]
+            ("mmvq-moe down", mmvq_moe._down_kernel, down, moe, block_n, steps / g, f"block_h {block_n}")] + [
+        # the lanes variants (mmvq_lanes.py): as many blocks a step as fill 4 warps
+        (f"mmvq-{v}", mmvq_lanes._lanes_kernel, words,
+         dict(BLOCK_N=1, G=(gl := 128 // mmvq_lanes.lanes_per_block(name, e)), HAS_BIAS=False, HAS_RES=False, E=e),
+         1, gl / g, f"block_n 1, G {gl}")
+        for v, e in (("lanes", 1), ("lanes-wide", 2)) if name in mmvq_lanes.LANES_FORMATS]
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
@@ -291,7 +310,9 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
 
     def compile_loop(kernel, ptrs: dict, const: dict, num_warps: int) -> int:
         sig, attrs = {}, {}
-        for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        params = inspect.signature(kernel.fn).parameters
+        const = {k: v for k, v in const.items() if k in params}  # e.g. the lanes kernel takes no BS
+        for i, name in enumerate(params):
             sig[name] = "constexpr" if name in const else ("*" + ptrs[name] if name in ptrs else "i32")
             if sig[name] != "constexpr" and name not in ("T", "N", "NUM_EXPERTS", "TOPK"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as a real launch specializes them
@@ -351,6 +372,9 @@ def main() -> int:
     parser.add_argument("--shapes", default="", help="GEMV shapes to time, comma-separated labels (q_proj, "
                         "k_proj, v_proj, o_proj, dense gate/up, dense down, lm_head; default all)")
     parser.add_argument("--mmvq-only", action="store_true", help="with --mmvq: time the int8-dot kernels alone")
+    parser.add_argument("--mmvq-variants", default="base", help="with --mmvq: mmvq's kernel variants to time "
+                        "side by side, comma-separated (base, lanes, lanes-wide: glmtg/kernels/gguf/mmvq_lanes.py; the "
+                        "lanes variants run q6_k / q4_k at one token, rows labelled mmvq-<variant>)")
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default "
                         "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")
@@ -373,6 +397,10 @@ def main() -> int:
         parser.error(f"--models must be of {sorted(MODELS)}, got {models}")
     if any(not 1 <= t <= 16 for t in args.tokens):
         parser.error("every --tokens value must be 1 ... 16")
+    from glmtg.kernels.gguf.mmvq_lanes import VARIANTS
+    variants = tuple(v.strip() for v in args.mmvq_variants.split(",") if v.strip())
+    if not variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--mmvq-variants must be of {VARIANTS}, got {args.mmvq_variants!r}")
     if args.sass:
         return sass_report(types, args.sms, args.clock_ghz, args.x_dtype, args.mmvq)
     if not torch.cuda.is_available():
@@ -403,7 +431,7 @@ def main() -> int:
                         done.add((key, t, label, used))
                         configs = [None] + (GEMV_SWEEP if args.sweep else [])
                         rows += bench_gemv(used, f"{m['name']} {label}", n, k, t, copy_bw, configs, args.replays, gen,
-                                           args.mmvq, args.mmvq_only)
+                                           args.mmvq, args.mmvq_only, variants)
                 if "moe" in kernels:
                     if fit(fmt, m["hidden"]) not in DECODED or fit(fmt, m["moe_inter"]) not in DECODED:
                         skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))

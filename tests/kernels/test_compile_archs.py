@@ -8,8 +8,8 @@ goes to machine code through ptxas for the target, so an instruction the archite
 It runs as a subprocess (this file as a script, see tests/kernels/conftest.py) because the interpreter
 replaces the kernels in the test process. Kernels: decode attention as planned for each architecture
 (bf16 and every quantized cache at 96/8, 64k) and its merge; prefill attention at its GPU plan per cache format; kv_store per cache format; moe_decode; the
-GGUF dequant, gemv, moe, mmvq (with its activation quantizer) and mmvq_moe kernels for a few block types,
-among them the ones with inline PTX (dp4a, prmt); the decoder glue (rms_norm, router, qk_rope). Checked besides compiling: the shared memory a
+GGUF dequant, gemv, moe, mmvq (with its activation quantizer; its lanes variant) and mmvq_moe kernels for a few
+block types, among them the ones with inline PTX (dp4a, prmt); the decoder glue (rms_norm, router, qk_rope). Checked besides compiling: the shared memory a
 program takes fits the architecture's per-block limit (ArchPlan.shared_kib_per_block).
 ``python tests/kernels/test_compile_archs.py`` prints the report.
 
@@ -143,7 +143,7 @@ def _moe_jobs() -> list[tuple[str, object, dict, dict, dict]]:
 
 def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
     from glmtg.formats import REGISTRY
-    from glmtg.kernels.gguf import activation, dequant, gemv, mmvq, mmvq_moe, moe
+    from glmtg.kernels.gguf import activation, dequant, gemv, mmvq, mmvq_lanes, mmvq_moe, moe
     from glmtg.kernels.gguf.tables import lookup_table
 
     def blocks(name: str) -> dict:
@@ -179,6 +179,13 @@ def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
                      dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
                      dict(blocks(name), BLOCK_T=1, BLOCK_N=block_n, G=g, HAS_BIAS=name == "q4_k", HAS_RES=True),
                      dict(num_warps=warps)))
+    # mmvq's lanes variant (mmvq_lanes.py; inline PTX: shf.r.clamp, dp4a) at its default launch
+    for name, split in (("q6_k", 1), ("q4_k", 2)):
+        block_n, values, warps = mmvq_lanes.default_config(name, split)
+        jobs.append((f"gguf mmvq lanes E={split} {name}", mmvq_lanes._lanes_kernel,
+                     dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
+                     dict(FMT=REGISTRY[name].gguf_type, TS=REGISTRY[name].type_size, BLOCK_N=block_n,
+                          G=values // 256, HAS_BIAS=False, HAS_RES=True, E=split), dict(num_warps=warps)))
     # mmvq_moe at its CUDA launch (one row a program, 1024 values a step, one warp; the activation unfused).
     gate_up, down = "q4_0", "q6_k"
     jobs.append(("gguf mmvq_moe gate_up q4_0", mmvq_moe._gate_up_kernel,

@@ -22,7 +22,7 @@ WAIT, RELEASE = "griddepcontrol.wait", "griddepcontrol.launch_dependents"
 
 def _jobs():
     from glmtg.formats import REGISTRY
-    from glmtg.kernels.gguf import activation, gemv, mmvq, mmvq_moe
+    from glmtg.kernels.gguf import activation, gemv, mmvq, mmvq_lanes, mmvq_moe
     from glmtg.kernels.qk_rope import _qk_rope_kernel
     from glmtg.kernels.rms_norm import _rms_norm_kernel
     from glmtg.kernels.router import _logits_kernel, _select_kernel
@@ -37,6 +37,13 @@ def _jobs():
                dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
                dict(blocks(name), BLOCK_T=1, BLOCK_N=block_n, G=gemv.steps_for(REGISTRY[name].block_size, values),
                     HAS_BIAS=False, HAS_RES=True, **pdl), warps)
+    for name in mmvq_lanes.LANES_FORMATS:  # the lanes variants (one token)
+        f = REGISTRY[name]
+        for split in (1, 2):
+            yield (f"mmvq lanes E={split} {name}", mmvq_lanes._lanes_kernel,
+                   dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
+                   dict(FMT=f.gguf_type, TS=f.type_size, BLOCK_N=1, G=4, HAS_BIAS=False, HAS_RES=True, E=split,
+                        **pdl), 1)
     yield ("mmvq_moe gate_up q4_0", mmvq_moe._gate_up_kernel,
            dict(XW="*i32", DX="*fp32", XS="*i32", Gate="*u8", Up="*u8", Ids="*i64", Weights="*fp32", Act="*fp32",
                 AQ="*i8", ADX="*fp32", AS="*i32"),
@@ -105,7 +112,7 @@ def main() -> int:
 def test_decode_kernels_wait_then_release_on_sm90(compile_report):
     stdout, table = compile_report(__file__, timeout=600)
     rows = {c[0]: [int(v) for v in c[1:]] for c in table if len(c) == 5 and c[1].isdigit()}
-    assert len(rows) == 12, stdout
+    assert len(rows) == 16, stdout
     for name, (waits, releases, loads, stores) in rows.items():
         assert waits == 1 and releases == 1, f"{name}: {waits} waits, {releases} releases\n{stdout}"
         assert loads == 0 and stores == 0, f"{name}: {loads} loads, {stores} stores before its wait\n{stdout}"

@@ -39,6 +39,7 @@ from glmtg.kernels.gguf.activation import (  # noqa: F401 (quantize_activation, 
     quantize_groups,
     quantize_once,
 )
+from glmtg.kernels.gguf import mmvq_lanes
 from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, SUPPORTED_DTYPES, check_weight, steps_for
 from glmtg.kernels.gguf.words import block_dot
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
@@ -170,7 +171,8 @@ def epilogue_operands(x: torch.Tensor, t: int, n: int, out: torch.Tensor | None,
 def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
          bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          block_n: int | None = None, values_per_step: int | None = None, num_warps: int | None = None,
-         quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+         variant: str | None = None) -> torch.Tensor:
     """x [T, K] (fp16, bf16 or fp32) @ dequant(weight).T (+ bias) (+ residual) -> [T, N] in x's dtype, by
     int8 dot products, one launch.
 
@@ -188,7 +190,11 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     ``quantized``: x's rounding done already (quantize_activation(x) or silu_mul_quantize's result);
     then x is read only for its shape, dtype and device. Left None, x's rounding is looked up in the
     activation memo (activation.quantized_of: the same tensor, unmodified) and otherwise done here and
-    remembered, so q/k/v or gate/up calls on one x round it once."""
+    remembered, so q/k/v or gate/up calls on one x round it once.
+
+    ``variant``: which kernel, "base", "lanes" or "lanes-wide" (mmvq_lanes.py: Q6_K and Q4_K at T = 1;
+    anything else runs the base kernel); None: the process-wide choice (GLMTG_MMVQ_VARIANT, default "base"). The
+    launch knobs mean the same for both; the lanes kernel has its own defaults."""
     f = mmvq_format(fmt)
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")
     check(x.dtype in SUPPORTED_DTYPES, lambda: f"x dtype {x.dtype} is not one of {SUPPORTED_DTYPES}")
@@ -199,12 +205,15 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     check(nb * f.block_size == k, lambda: f"weight rows hold {nb * f.block_size} {f.name} values but x has K={k}")
     given_out = out is not None
     out, residual = epilogue_operands(x, t, n, out, bias, residual)
+    lanes = mmvq_lanes.lanes_split(variant, f.name, t)
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
     # A GPU measurement; the interpreter (a CPU) keeps the default, whose larger programs it runs faster.
     measured = measured_config(f.block_size, n, nb * f.block_size) if x.is_cuda else None
     if measured is not None:
         auto_n, auto_values, auto_warps = measured
+    if lanes:
+        auto_n, auto_values, auto_warps = mmvq_lanes.default_config(f.name, lanes)
     block_n = auto_n if block_n is None else block_n
     values_per_step = auto_values if values_per_step is None else values_per_step
     num_warps = auto_warps if num_warps is None else num_warps
@@ -214,14 +223,18 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     if t == 0 or n == 0:
         return out
     codes, dx, sums = quantize_once(x) if quantized is None else checked_quantized(quantized, t, k, x.device)
-    _mmvq_kernel[(triton.cdiv(n, block_n),)](
-        codes.view(torch.int32), dx, sums, weight, out, out if bias is None else bias,
-        out if residual is None else residual, t, n, nb, k // GROUP, weight.shape[1], out.stride(0),
-        out.stride(0) if residual is None else residual.stride(0),
-        FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_T=triton.next_power_of_2(t),
-        BLOCK_N=block_n, G=steps_for(f.block_size, values_per_step), HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, PDL=enabled(x.device), num_warps=num_warps, **launch_kwargs(x.device),
-    )
+    if lanes:
+        mmvq_lanes.launch(codes, dx, sums, weight, out, bias, residual, f.gguf_type, f.type_size, nb, block_n,
+                          steps_for(f.block_size, values_per_step), num_warps, lanes)
+    else:
+        _mmvq_kernel[(triton.cdiv(n, block_n),)](
+            codes.view(torch.int32), dx, sums, weight, out, out if bias is None else bias,
+            out if residual is None else residual, t, n, nb, k // GROUP, weight.shape[1], out.stride(0),
+            out.stride(0) if residual is None else residual.stride(0),
+            FMT=f.gguf_type, BS=f.block_size, TS=f.type_size, BLOCK_T=triton.next_power_of_2(t),
+            BLOCK_N=block_n, G=steps_for(f.block_size, values_per_step), HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, PDL=enabled(x.device), num_warps=num_warps, **launch_kwargs(x.device),
+        )
     if given_out:
         # written behind torch's back: bump its version so a remembered quantization of it (the memo)
         # no longer matches
