@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels.gguf.decode import _PTX, _f16_at
+from glmtg.kernels.gguf.decode import _PTX
 from glmtg.kernels.gguf.decode_kquants import _half_hi, _half_lo
 from glmtg.kernels.gguf.words_common import _dp4a
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
