@@ -29,7 +29,12 @@ from glmtg.layers.mlp import MLP
 from glmtg.layers.moe import Experts, MoE
 from glmtg.layers.quant_experts import QuantExperts
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
-from glmtg.parallel.experts import DEFAULT_EXPERTS_SPLIT, check_experts_split, expert_range, width_experts
+from glmtg.parallel.experts import (
+    DEFAULT_EXPERTS_SPLIT,
+    check_experts_split,
+    expert_range,
+    width_experts,
+)
 from glmtg.parallel.group import TPGroup
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
 

@@ -19,7 +19,14 @@ from glmtg.layers import fused
 from glmtg.layers.moe import MoE
 from glmtg.loading.presets import random_model
 from glmtg.parallel import TPGroup, build_tp_model, load_from_full
-from glmtg.parallel.experts import QuantWidthExperts, WidthExperts, check_experts_split
+from glmtg.parallel.experts import (
+    QuantWidthExperts,
+    WidthExperts,
+    check_experts_split,
+    width_experts,
+)
+from tests.references.gguf_gemm import dequant64, moe_reference
+from tests.references.gguf_weights import gguf_weight
 from tests.references.quant_tp import CONFIG, mix_formats, random_quant_model
 
 REL_TOL = 1e-5
@@ -150,3 +157,42 @@ def test_shared_expert_of_another_width_is_not_folded() -> None:
     with fused.mode("on"):
         assert moe.experts.gate_proj.shape[1] == 64 and moe.shared.down_proj.in_features == 96
         assert moe.experts.shared_blocks(x, moe.shared) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_air_width_cut_runs_the_kernels_on_gpu(tokens: int) -> None:
+    """GLM-4.5-Air's experts (H 4096, I 1408 = 44 blocks of q5_0 over 8 ranks: 6 x 4 ranks, 5 x 4, local
+    widths 192 and 160; gate/up q4_k; 16 experts, top-8) cut per rank and run by the rank's kernels (decode at
+    1 token: mmvq_moe; prefill at 300: the grouped mmq_moe), the 8 partial outputs summed against the float64
+    whole. Prefill: within the sum of each rank's bound (tests/references/gguf_gemm.moe_reference on its cut,
+    as tests/kernels/gguf/test_mmq_moe.py). Decode rounds x and the intermediate to int8 per 32 values (~1 %
+    each, tests/kernels/gguf/test_mmvq_moe.py): 5e-2 of the output's largest value; a mis-cut block or a lost
+    partial gives errors of the output's own size."""
+    e, k, h, i, world = 16, 8, 4096, 1408, 8
+    config = dataclasses.replace(CONFIG, hidden_size=h, moe_intermediate_size=i, n_routed_experts=e,
+                                 num_experts_per_tok=k)
+    formats = {"gate_proj": "q4_k", "up_proj": "q4_k", "down_proj": "q5_0"}
+    whole = {"gate_proj": gguf_weight("q4_k", (e, i), h, 1), "up_proj": gguf_weight("q4_k", (e, i), h, 2),
+             "down_proj": gguf_weight("q5_0", (e, h), i, 3)}
+    g64, u64, d64 = (dequant64(whole[p], formats[p]) for p in ("gate_proj", "up_proj", "down_proj"))
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(tokens, h, generator=gen) / (float(g64.abs().max()) * h ** 0.5)).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    ref, _ = moe_reference(x, g64, u64, d64, ids, weights, torch.bfloat16)
+    total, bound = torch.zeros_like(ref), torch.zeros_like(ref)
+    for r in range(world):
+        experts = width_experts(config, torch.bfloat16, TPGroup(r, world), formats, "kernel")
+        for param, value in whole.items():
+            experts.load_expert(param, None, value.cuda())
+        cols = experts.cols
+        assert cols.stop - cols.start == (192 if r < 4 else 160)
+        _, tol = moe_reference(x, g64[:, cols], u64[:, cols], d64[:, :, cols], ids, weights, torch.bfloat16)
+        total += experts(x.cuda(), ids.cuda(), weights.cuda()).cpu().double()
+        bound += tol
+    err = (total - ref).abs()
+    if tokens > 1:
+        assert bool((err <= bound).all()), float((err - bound).max())
+    else:
+        assert float(err.max()) <= 5e-2 * float(ref.abs().max())
