@@ -53,7 +53,6 @@ class WidthCut:
     full_inner: int
     cols: slice
     unit: int
-    placement: ExpertPlacement
 
     def _setup_cut(self, full_inner: int, cols: slice, unit: int) -> None:
         self.full_inner, self.cols, self.unit = full_inner, cols, unit
@@ -63,8 +62,8 @@ class WidthCut:
         """gate/up rows kept of every expert: ``cols``, or the first ``unit`` rows against zero down columns."""
         return self.cols if self.cols.stop > self.cols.start else slice(0, self.unit)
 
-    def _whole_width(self, param: str) -> int:
-        """The last dimension of a whole checkpoint tensor of ``param`` (values or bytes of blocks)."""
+    def _whole_down_width(self) -> int:
+        """The last dimension of a whole checkpoint tensor of down_proj (values, or bytes of blocks)."""
         raise NotImplementedError
 
     def _down_cut(self, value: torch.Tensor) -> torch.Tensor:
@@ -77,7 +76,7 @@ class WidthCut:
         if param not in PARAMS:
             raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
         inner_dim = -1 if param == "down_proj" else -2
-        want = self._whole_width(param) if param == "down_proj" else self.full_inner
+        want = self._whole_down_width() if param == "down_proj" else self.full_inner
         if value.dim() not in (2, 3) or value.shape[inner_dim] != want:
             raise ValueError(f"{param}: expected a whole expert (or stack) with {want} in dim {inner_dim}, got "
                              f"shape {tuple(value.shape)}")
@@ -104,7 +103,7 @@ class WidthExperts(WidthCut, Experts):
         super().__init__(config, dtype, backend=backend, inner=cols.stop - cols.start)
         self._setup_cut(config.moe_intermediate_size, cols, 1)
 
-    def _whole_width(self, param: str) -> int:
+    def _whole_down_width(self) -> int:
         return self.full_inner
 
     def _down_cut(self, value: torch.Tensor) -> torch.Tensor:
@@ -132,8 +131,8 @@ class QuantWidthExperts(WidthCut, QuantExperts):
         super().__init__(config, dtype, formats, backend=backend, inner=max(cols.stop - cols.start, unit))
         self._setup_cut(config.moe_intermediate_size, cols, unit)
 
-    def _whole_width(self, param: str) -> int:
-        return REGISTRY[self.formats[param]].blocks_bytes(self.full_inner)
+    def _whole_down_width(self) -> int:
+        return REGISTRY[self.formats["down_proj"]].blocks_bytes(self.full_inner)
 
     def _down_cut(self, value: torch.Tensor) -> torch.Tensor:
         fmt = self.formats["down_proj"]
