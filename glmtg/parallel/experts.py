@@ -11,8 +11,10 @@
 
 Like the tensor-parallel linears, the width-split experts list whole checkpoint shapes in ``tensor_slots``
 (``slot_shape``) and take whole tensors in ``load_expert`` (one expert [rows, row] or the stack [E, rows,
-row]), keeping their cut, so every loader hands every rank the same tensors. The float ones also tell the
-safetensors loader which part of an expert's tensor to read (``kept_expert`` / ``load_kept_expert``).
+row]), keeping their cut, so every loader hands every rank the same tensors. Loaders that can read less
+cut first and hand the part to ``load_kept_expert``: the GGUF loader cuts a stack on the host
+(``kept_part``) so that only the part goes to the device; the safetensors loader reads the index the float
+ones give (``kept_expert``) with ``get_slice``.
 
 A width of fewer blocks than ranks (the tiny preset's 32 = one block of 32 over 2 ranks) leaves the last
 ranks no block: as ``QuantRowParallelLinear``, such a rank holds one block of the inner width with down
@@ -70,9 +72,10 @@ class WidthCut:
         """Down's kept input columns of a whole [..., H, width] tensor."""
         raise NotImplementedError
 
-    def cut(self, param: str, value: torch.Tensor) -> torch.Tensor:
+    def kept_part(self, param: str, value: torch.Tensor) -> torch.Tensor:
         """This rank's part (contiguous) of a whole checkpoint tensor of ``param``: one expert [rows, row] or a
-        stack [E, rows, row]. ValueError unless it has the whole tensor's inner width."""
+        stack [E, rows, row]. ValueError unless it has the whole tensor's inner width. (The GGUF loader cuts
+        a stack on the host with it, then hands the part to ``load_kept_expert``.)"""
         if param not in PARAMS:
             raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
         inner_dim = -1 if param == "down_proj" else -2
@@ -86,7 +89,12 @@ class WidthCut:
 
     def load_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
         """Keep this rank's part of whole checkpoint expert ``expert`` (or of the whole stack for None)."""
-        return super().load_expert(param, expert, self.cut(param, value))  # type: ignore[misc]
+        return super().load_expert(param, expert, self.kept_part(param, value))  # type: ignore[misc]
+
+    def load_kept_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
+        """Write this rank's part of expert ``expert`` (or of the stack for None), already cut by the caller
+        (``kept_part``, or the float ones' ``kept_expert`` index)."""
+        return super().load_expert(param, expert, value)  # type: ignore[misc]
 
     def slot_shape(self, param: str) -> tuple[int, ...]:
         """The checkpoint's whole shape of stacked ``param``: every expert, the whole inner width."""
@@ -115,10 +123,6 @@ class WidthExperts(WidthCut, Experts):
         if param not in PARAMS:
             raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
         return (slice(None), self.cols) if param == "down_proj" else (self.cols,)
-
-    def load_kept_expert(self, param: str, expert: int, value: torch.Tensor) -> bool:
-        """Write ``whole[kept_expert(param)]`` of expert ``expert``, already cut by the caller."""
-        return Experts.load_expert(self, param, expert, value)
 
 
 class QuantWidthExperts(WidthCut, QuantExperts):

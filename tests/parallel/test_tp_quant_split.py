@@ -145,10 +145,15 @@ def test_single_rank_is_the_whole_model() -> None:
 
 
 @pytest.mark.parametrize("split", ["width", "expert"])
-def test_gguf_file_loads_per_rank(tmp_path, split) -> None:
+def test_gguf_file_loads_per_rank(tmp_path, split, monkeypatch) -> None:
     """load_gguf_model(build=a rank's model) holds what load_from_full cuts from the whole model (the file's
-    whole expert stacks cut by each rank, or read for its range); o_proj kept in F32 in the file goes through
-    the float row-parallel linear."""
+    expert stacks cut on the host, never handed whole to a width-split rank, or read for its range); o_proj
+    kept in F32 in the file goes through the float row-parallel linear."""
+    from glmtg.parallel.experts import QuantWidthExperts
+
+    def whole_stack_given(*args, **kwargs):
+        raise AssertionError("a whole expert stack went to the device")
+
     formats = mix_formats({"attn.o_proj.weight": None})
     full = random_quant_model(weight_formats=formats)
     path = tmp_path / "tiny-tp.gguf"
@@ -156,9 +161,11 @@ def test_gguf_file_loads_per_rank(tmp_path, split) -> None:
     world = 4
     for r in range(world):
         tp = TPGroup(r, world)
-        got, config = load_gguf_model(path, device="cpu", dtype=torch.float32, progress=False,
-                                      build=lambda c, wf, tp=tp: build_tp_model(c, tp, torch.float32, weight_formats=wf,
-                                                                                experts_split=split))
+        with monkeypatch.context() as m:
+            m.setattr(QuantWidthExperts, "load_expert", whole_stack_given)
+            got, config = load_gguf_model(path, device="cpu", dtype=torch.float32, progress=False,
+                                          build=lambda c, wf, tp=tp: build_tp_model(
+                                              c, tp, torch.float32, weight_formats=wf, experts_split=split))
         want = load_from_full(build_tp_model(CONFIG, tp, torch.float32, weight_formats=formats,
                                              experts_split=split), full)
         assert config == CONFIG
