@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if getattr(args, "split_allowed", True) and (getattr(args, "split_mode", "none") != "none"
                                                   or getattr(args, "gpus", 1) != 1
-                                                  or getattr(args, "tensor_split", None) is not None):
+                                                  or getattr(args, "tensor_split", None) is not None
+                                                  or getattr(args, "tp_experts", None) is not None):
         from glmtg.cli.ranks import launch
 
         return run_command(args, launch)  # checks the split flags, then every rank runs the command

@@ -29,6 +29,7 @@ from glmtg.parallel import (
     load_from_full,
     load_split_from_full,
 )
+from glmtg.parallel.experts import DEFAULT_EXPERTS_SPLIT, EXPERT_SPLITS
 from glmtg.parallel.launch import rank_cache_config, spawn
 
 SPLIT_MODES = ("none", "layer", "graph")
@@ -42,10 +43,18 @@ def add_split_flags(group: Any) -> None:
                        help="ranks to start with -sm (GPUs 0..N-1 with CUDA, N gloo processes on CPU)")
     group.add_argument("-ts", "--tensor-split", default=None, metavar="R0,R1,...",
                        help="-sm layer: layers per rank in these proportions (default: even)")
+    group.add_argument("--tp-experts", default=None, metavar="width|expert",
+                       help="-sm graph: split the routed experts along their inner width (every rank 1/N of each "
+                            f"expert) or by expert (each rank a range of whole experts); default {DEFAULT_EXPERTS_SPLIT}")
 
 
 def check_split_args(args: argparse.Namespace) -> None:
     """ValueError (naming the flags) for a split the first slice cannot run; nothing for -sm none."""
+    if args.tp_experts is not None:
+        if args.split_mode != "graph":
+            raise ValueError("--tp-experts applies to -sm graph")
+        if args.tp_experts not in EXPERT_SPLITS:
+            raise ValueError(f"--tp-experts must be one of {', '.join(EXPERT_SPLITS)}, got {args.tp_experts!r}")
     if args.split_mode == "none":
         if args.gpus != 1 or args.tensor_split is not None:
             raise ValueError("--gpus and -ts need -sm layer or -sm graph")
@@ -63,9 +72,15 @@ def check_split_args(args: argparse.Namespace) -> None:
         # every rank's part builds (on meta: cheap), so an unsplittable width fails here, once, with its name
         formats = _weight_formats(args, source)
         for rank in range(args.gpus):
-            build_tp_model(config, TPGroup(rank, args.gpus), torch.float32, weight_formats=formats)
+            build_tp_model(config, TPGroup(rank, args.gpus), torch.float32, weight_formats=formats,
+                           experts_split=experts_split(args))
     else:
         layer_ranges(config.num_hidden_layers, ratios)
+
+
+def experts_split(args: argparse.Namespace) -> str:
+    """The routed experts' split of ``-sm graph`` (--tp-experts, else ``DEFAULT_EXPERTS_SPLIT``)."""
+    return DEFAULT_EXPERTS_SPLIT if args.tp_experts is None else args.tp_experts
 
 
 def tensor_split(args: argparse.Namespace) -> list[float]:
@@ -146,7 +161,8 @@ def rank_model(args: argparse.Namespace, config: ModelConfig, full: torch.nn.Mod
 
         formats = weight_formats_for(args.type, config)
     if args.split_mode == "graph":
-        return load_from_full(build_tp_model(config, group, dtype, weight_formats=formats), full)
+        return load_from_full(build_tp_model(config, group, dtype, weight_formats=formats,
+                                             experts_split=experts_split(args)), full)
     layers = layer_ranges(config.num_hidden_layers, tensor_split(args))[group.rank]
     return load_split_from_full(LayerSplitModel(config, group, layers, dtype, weight_formats=formats), full)
 
@@ -158,7 +174,9 @@ def split_builder(args: argparse.Namespace, dtype: torch.dtype) -> Any:
     if group is None:
         return None
     if args.split_mode == "graph":
-        return lambda config, formats: build_tp_model(config, group, dtype, weight_formats=formats)
+        split = experts_split(args)
+        return lambda config, formats: build_tp_model(config, group, dtype, weight_formats=formats,
+                                                      experts_split=split)
     ratios = tensor_split(args)
 
     def stage(config: ModelConfig, formats: Any) -> LayerSplitModel:

@@ -201,6 +201,16 @@ def _slot_table(placement: ExpertPlacement, device: torch.device) -> torch.Tenso
     return table.to(device)
 
 
+def inner_width(config: ModelConfig, inner: int | None) -> int:
+    """The inner width an experts module holds: ``inner`` (a positive int) or the config's
+    moe_intermediate_size for None."""
+    if inner is None:
+        return config.moe_intermediate_size
+    if not isinstance(inner, int) or isinstance(inner, bool) or inner < 1:
+        raise ValueError(f"inner must be a positive int, got {inner!r}")
+    return inner
+
+
 def write_expert(module: nn.Module, placement: ExpertPlacement, param: str, expert: int | None,
                  value: torch.Tensor) -> bool:
     """Write checkpoint expert ``expert`` (a layer-wide index) of stacked parameter ``param`` of ``module``, or
@@ -225,17 +235,21 @@ class Experts(nn.Module):
 
     ``backend`` picks the few-pairs path: "kernel" (the Triton kernel), "torch" (gathered weights) or "auto"
     (the kernel for CUDA inputs, torch elsewhere, so a CPU never needs the Triton interpreter).
+
+    ``inner``: the inner width I each held expert has here (default the config's moe_intermediate_size); a
+    tensor-parallel rank splitting the experts along their width holds a narrower part of every expert
+    (glmtg/parallel/experts.py). The kernels take I from the tensors' shapes.
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, placement: ExpertPlacement | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", *, inner: int | None = None) -> None:
         super().__init__()
         placement = ExpertPlacement.of_layer(placement, config)
         if backend not in EXPERT_BACKENDS:
             raise ValueError(f"backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
         self.placement = placement
         self.backend = backend
-        e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
+        e, i, h = placement.count, inner_width(config, inner), config.hidden_size
         self.gate_proj = nn.Parameter(torch.empty(e, i, h, dtype=dtype))
         self.up_proj = nn.Parameter(torch.empty(e, i, h, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(e, h, i, dtype=dtype))
@@ -244,6 +258,10 @@ class Experts(nn.Module):
         """Write checkpoint expert ``expert`` (a layer-wide index) of ``param``, or the whole stack for None.
         Returns False, storing nothing, for an expert that the placement puts elsewhere."""
         return write_expert(self, self.placement, param, expert, value)
+
+    def slot_shape(self, param: str) -> tuple[int, ...]:
+        """The checkpoint shape of stacked ``param`` (``tensor_slots``): the held experts' stack."""
+        return tuple(getattr(self, param).shape)
 
     def shared_blocks(self, x: torch.Tensor, shared: nn.Module | None) -> None:
         """Never: float experts leave the shared expert to its own module (QuantExperts may fold it in)."""

@@ -25,7 +25,7 @@ from torch import nn
 from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
 from glmtg.layers import fused
-from glmtg.layers.moe import ExpertPlacement, write_expert
+from glmtg.layers.moe import ExpertPlacement, inner_width, write_expert
 from glmtg.layers.quant_linear import (
     check_backend,
     check_format,
@@ -41,10 +41,12 @@ PARAMS = ("gate_proj", "up_proj", "down_proj")
 class QuantExperts(nn.Module):
     """The routed experts a placement puts here, stacked, in GGUF blocks: gate/up uint8 [E', I, row bytes of
     H], down uint8 [E', H, row bytes of I]. ``formats`` gives each parameter's format; ``dtype`` is the
-    activations' (the output's) dtype."""
+    activations' (the output's) dtype. ``inner``: the inner width I held (``Experts``'); the kernels take
+    it from the tensors' shapes."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, formats: Mapping[str, str],
-                 placement: ExpertPlacement | None = None, backend: str = "auto") -> None:
+                 placement: ExpertPlacement | None = None, backend: str = "auto", *,
+                 inner: int | None = None) -> None:
         super().__init__()
         placement = ExpertPlacement.of_layer(placement, config)
         if not isinstance(formats, Mapping) or set(formats) != set(PARAMS):
@@ -59,7 +61,7 @@ class QuantExperts(nn.Module):
         self.gemm = "auto"
         self.dtype = dtype
         self.top_k = config.num_experts_per_tok
-        e, i, h = placement.count, config.moe_intermediate_size, config.hidden_size
+        e, i, h = placement.count, inner_width(config, inner), config.hidden_size
         self.widths = {"gate_proj": h, "up_proj": h, "down_proj": i}  # values per row of each parameter
         self.formats: dict[str, str] = {}
         for param, (rows, width) in zip(PARAMS, ((i, h), (i, h), (h, i))):
@@ -75,6 +77,10 @@ class QuantExperts(nn.Module):
         placement puts elsewhere."""
         return write_expert(self, self.placement, param, expert, value)
 
+    def slot_shape(self, param: str) -> tuple[int, ...]:
+        """The checkpoint (logical) shape of stacked ``param`` (``tensor_slots``): [E', rows, values]."""
+        return (*getattr(self, param).shape[:-1], self.widths[param])
+
     def shared_blocks(self, x: torch.Tensor, shared: nn.Module | None) -> tuple | None:
         """The raw (gate, up, down) blocks of ``shared`` (the MoE's shared-expert MLP) where this module's
         decode kernel can run it as one more slot for input ``x`` (``forward``'s ``shared``): the int8-dot
@@ -88,8 +94,9 @@ class QuantExperts(nn.Module):
             return None
         gu, down = shared.gate_up, shared.down_proj
         t = x.shape[0]
+        # A biased down_proj (a tensor-parallel rank's holds its bias on rank 0 only) has no slot in the kernel.
         if not (fused.fuses(x) and self.placement.holds_all and self.reads_int8() and gu.bias is None
-                and self._kernel(x, t * self.top_k)):
+                and down.bias is None and self._kernel(x, t * self.top_k)):
             return None
         if (gu.formats.get("gate"), gu.formats.get("up"), down.formats.get(None)) != (
                 self.formats["gate_proj"], self.formats["up_proj"], self.formats["down_proj"]):

@@ -13,6 +13,7 @@ tensors stay in the file (listed, loadable) and are skipped here.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -92,14 +93,17 @@ def _held_experts(model: Glm4MoeForCausalLM, slot: TensorSlot, info: GGUFTensorI
 
 
 def _value(f: GGUFFile, info: GGUFTensorInfo, slot: TensorSlot, device: torch.device,
-           held: slice | None = None) -> torch.Tensor:
+           held: slice | None = None, part: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The tensor as its slot takes it, on ``device``: raw blocks for a quantized slot, else float values in
     the slot's dtype (a quantized tensor in a float slot, such as a quantized router, is dequantized).
-    ``held``: the experts of a stack to read (the rest are not copied off the map)."""
+    ``held``: the experts of a stack to read (the rest are not copied off the map). ``part`` (quantized
+    slots): the rank's part of the raw blocks, cut on the host so that only it goes to ``device``."""
     raw = _raw(f, info)
     if held is not None:
         raw = raw[held]
     if slot.format is not None:
+        if part is not None:
+            return part(raw).to(device=device, copy=True)  # the part only to the device (never a view of the map)
         return raw.to(device=device, copy=True)  # the only copy: map -> device
     if info.type_name in FLOAT_TYPES:
         values = raw.view(FLOAT_TYPES[info.type_name])  # [..., row_bytes] -> [..., values]
@@ -139,7 +143,8 @@ def load_gguf_model(
     ``build(config, weight_formats)``: the model to fill, on the meta device (None: the whole
     ``Glm4MoeForCausalLM``), e.g. one tensor-parallel rank's part (``glmtg.parallel.build_tp_model``), whose
     modules keep their part of each whole tensor; an expert stack placed partly here (``placement``) is read
-    for the held experts only. A built model may also list fewer tensors than the whole model (a layer-split
+    for the held experts only, and one split along the experts' width (``kept_part``) is cut on the host, so
+    only the rank's part goes to ``device``. A built model may also list fewer tensors than the whole model (a layer-split
     stage, ``glmtg.parallel.LayerSplitModel``): the file is checked against the whole model's tensor table and
     the tensors the model does not list are never read.
 
@@ -185,8 +190,14 @@ def load_gguf_model(
                     module.load_split(attr, _raw(f, info), device)
                     bar.update(info.nbytes)
                     continue
+                kept_part = getattr(module, "kept_part", None) if slot.format is not None else None
                 if isinstance(module, HostExperts):
                     value = _raw(f, info)  # copied once, from the map into the host arena
+                elif kept_part is not None:  # experts split along their width: the rank's part of the stack
+                    module.load_kept_expert(attr, None, _value(f, info, slot, device, held,
+                                                               part=functools.partial(kept_part, attr)))
+                    bar.update(info.nbytes)
+                    continue
                 else:
                     value = _value(f, info, slot, device, held)
                 model.load_tensor(slot.name, value, shard=slot.shard)

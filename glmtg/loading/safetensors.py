@@ -90,7 +90,8 @@ def _target(model: torch.nn.Module, wanted: dict[tuple[str, str | None], TensorS
             expert: int | None) -> tuple[torch.nn.Module | None, tuple[slice, ...] | None] | None:
     """How ``model`` takes the whole model's ``slot`` (expert ``expert``): None when it does not (another
     stage's tensor, an expert placed on another rank); (None, None) when ``model.load_tensor`` takes it whole;
-    (linear, index) when a tensor-parallel linear keeps ``whole[index]`` (its ``load_kept``)."""
+    (linear, index) when a tensor-parallel linear keeps ``whole[index]`` (its ``load_kept``), (experts,
+    index) when width-split experts keep ``whole[index]`` of each expert (their ``load_kept_expert``)."""
     if (slot.name, slot.shard) not in wanted:
         return None
     module = model.get_submodule(slot.name.rpartition(".")[0])
@@ -98,7 +99,8 @@ def _target(model: torch.nn.Module, wanted: dict[tuple[str, str | None], TensorS
         placement = getattr(module, "placement", None)
         if placement is not None and not placement.start <= expert < placement.stop:
             return None
-        return None, None
+        kept_expert = getattr(module, "kept_expert", None)
+        return (None, None) if kept_expert is None else (module, kept_expert(slot.name.rpartition(".")[2]))
     kept = getattr(module, "kept", None)
     if kept is None:
         return None, None
@@ -127,7 +129,8 @@ def load_model(
     the whole ``Glm4MoeForCausalLM``; the second argument is ``weight_formats``, None: the checkpoint's
     weights are float). A tensor-parallel rank (``glmtg.parallel.build_tp_model``) reads the rows (q/k/v by
     heads, gate/up by intermediate columns) or the input columns (o_proj, down) its linears keep, through
-    ``get_slice``, and only the routed experts its placement holds; it reads whole what it keeps whole: the
+    ``get_slice``, and only the routed experts its placement holds (experts split along their width: each
+    expert's rows or columns the rank keeps, ``kept_expert``); it reads whole what it keeps whole: the
     embedding, lm_head, norms, router and score bias, the row-parallel biases and each held expert's
     tensors. A layer-split stage (``glmtg.parallel.LayerSplitModel``) reads its layers' tensors whole and
     never the others'. Tensors the built model does not take are still checked (name, shape, dtype, from the
@@ -178,6 +181,8 @@ def load_model(
                     _check_finite(hf_name, value)
                     if module is None:
                         model.load_tensor(slot.name, value, shard=slot.shard, expert=expert)
+                    elif expert is not None:
+                        module.load_kept_expert(slot.name.rpartition(".")[2], expert, value.contiguous())
                     else:
                         module.load_kept(slot.name.rpartition(".")[2], slot.shard, value.contiguous())
                     bar.update(1)

@@ -226,7 +226,9 @@ def tensor_slots_of(root: nn.Module) -> Iterator[TensorSlot]:
                     yield TensorSlot(base + attr, shard, shape, dtypes[attr].dtype)
             continue
         for attr, p in own:
-            yield TensorSlot(base + attr, None, tuple(p.shape), p.dtype)
+            # stacked experts: the checkpoint's shape (a width-split rank holds part of each expert)
+            shape = module.slot_shape(attr) if isinstance(module, Experts) else tuple(p.shape)
+            yield TensorSlot(base + attr, None, shape, p.dtype)
 
 
 def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[TensorSlot]:
@@ -238,9 +240,7 @@ def _quant_slots(module: nn.Module, base: str, own: set[str]) -> Iterator[Tensor
     elif isinstance(module, QuantExperts):
         for attr in EXPERT_PARAMS:
             if attr in own:
-                p = getattr(module, attr)
-                yield TensorSlot(base + attr, None, (*p.shape[:-1], module.widths[attr]), torch.uint8,
-                                 module.formats[attr])
+                yield TensorSlot(base + attr, None, module.slot_shape(attr), torch.uint8, module.formats[attr])
     else:
         for attr, shard, shape in module.slots():
             fmt = module.slot_format(attr, shard)

@@ -6,10 +6,11 @@ What each rank holds (N = world size):
   read them, whole GQA groups), so its KV cache holds Hkv/N heads (``local_kv_heads``); q/k/v (and their
   biases) column-parallel, o_proj row-parallel: one all-reduce.
 - dense MLP: gate/up column-parallel along the intermediate width, down row-parallel: one all-reduce.
-- MoE: routed experts split by expert (``ExpertPlacement.split``: rank r holds a contiguous range), the
-  shared expert along its intermediate width; both add partial sums that one all-reduce per layer sums
-  (``ParallelMoE``). Splitting experts along their inner width instead is the other choice the issue names;
-  by expert is the simpler one for this first slice, and the measurement at batch 1 / 32 is still to make.
+- MoE: routed experts split along their inner width (``experts_split="width"``: every rank holds all E
+  experts, 1/N of each one's width) or by expert (``"expert"``: rank r holds a contiguous range,
+  ``ExpertPlacement.split``), glmtg/parallel/experts.py; the shared expert along its intermediate width.
+  Both add partial sums that one all-reduce per layer sums (``ParallelMoE``). Which split is faster at batch
+  1 / 32 is for a GPU measurement to say (``DEFAULT_EXPERTS_SPLIT``).
 - lm_head: split by vocabulary rows, the logits joined by one all-gather (glmtg/parallel/vocab.py).
 - replicated on every rank: the embedding, the norms and the router.
 
@@ -25,9 +26,15 @@ from torch import nn
 from glmtg.config import ModelConfig
 from glmtg.layers.linear import Linear
 from glmtg.layers.mlp import MLP
-from glmtg.layers.moe import ExpertPlacement, Experts, MoE
+from glmtg.layers.moe import Experts, MoE
 from glmtg.layers.quant_experts import QuantExperts
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM, WeightFormats
+from glmtg.parallel.experts import (
+    DEFAULT_EXPERTS_SPLIT,
+    check_experts_split,
+    expert_range,
+    width_experts,
+)
 from glmtg.parallel.group import TPGroup
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
 from glmtg.parallel.vocab import vocab_parallel_head
@@ -38,18 +45,18 @@ class ParallelMoE(MoE):
     them all (the routed experts' ranges and the shared expert's columns together)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TPGroup, experts_backend: str = "auto", *,
-                 experts: nn.Module | None = None, shared: MLP | None = None) -> None:
-        """``experts`` / ``shared``: this rank's routed experts (placed by ``ExpertPlacement.split``) and
-        shared expert (down_proj not reducing) when built elsewhere (GGUF blocks: glmtg/parallel/quant_model.py);
-        None builds the float ones."""
+                 experts: nn.Module | None = None, shared: MLP | None = None,
+                 experts_split: str = DEFAULT_EXPERTS_SPLIT) -> None:
+        """``experts`` / ``shared``: this rank's routed experts and shared expert (down_proj not reducing)
+        when built elsewhere (GGUF blocks: glmtg/parallel/quant_model.py); None builds the float ones, the
+        routed experts split by ``experts_split`` ("width" or "expert", glmtg/parallel/experts.py)."""
         super().__init__(config, dtype, experts_backend)
-        if config.n_routed_experts < tp.world_size:
-            raise ValueError(f"n_routed_experts ({config.n_routed_experts}) must be at least the tensor-parallel "
-                             f"size {tp.world_size}")
+        check_experts_split(experts_split)
         self.tp = tp
-        placement = ExpertPlacement.split(config.n_routed_experts, tp.world_size)[tp.rank]
-        self.experts = experts if experts is not None else Experts(config, dtype, placement=placement,
-                                                                   backend=experts_backend)
+        if experts is None:
+            experts = (width_experts(config, dtype, tp, None, experts_backend) if experts_split == "width" else
+                       Experts(config, dtype, placement=expert_range(config, tp), backend=experts_backend))
+        self.experts = experts
         if self.shared is not None:
             self.shared = shared if shared is not None else _parallel_mlp(self.shared, dtype, tp, reduce=False)
 
@@ -76,23 +83,27 @@ def local_kv_heads(config: ModelConfig, tp: TPGroup) -> int:
 
 
 def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.bfloat16,
-                   experts_backend: str = "auto", weight_formats: WeightFormats | None = None) -> Glm4MoeForCausalLM:
+                   experts_backend: str = "auto", weight_formats: WeightFormats | None = None,
+                   experts_split: str = DEFAULT_EXPERTS_SPLIT) -> Glm4MoeForCausalLM:
     """Rank ``tp.rank``'s part of the model (module docstring), on the meta device: give it its weights with
     ``load_tensor`` (whole checkpoint tensors; each module keeps its part) or ``load_from_full``.
 
-    Parameter names and ``tensor_slots`` (whole shapes; stacked experts: this rank's range) are the
-    single-process model's, so the same loaders fill it. ValueError unless N divides Hkv (whole KV heads per
-    rank), the intermediate widths and the expert count allows one expert per rank.
+    Parameter names and ``tensor_slots`` (whole shapes; stacked experts: every expert at its whole width, or
+    this rank's range with ``experts_split="expert"``) are the single-process model's, so the same loaders
+    fill it. ValueError unless N divides Hkv (whole KV heads per rank) and the intermediate widths, and
+    (``"expert"``) the expert count allows one expert per rank or (``"width"``, float) the experts' width
+    one column per rank.
 
     ``weight_formats`` (``Glm4MoeForCausalLM``'s): the matrices it gives a format are GGUF blocks, split on
     block boundaries (glmtg/parallel/quant_model.py: uneven inner widths are cut into whole blocks, counts
     differing by at most one block); None builds the float model above.
     """
     kv_local = local_kv_heads(config, tp)
+    check_experts_split(experts_split)
     if weight_formats is not None:
         from glmtg.parallel.quant_model import build_quant_tp_model
 
-        return build_quant_tp_model(config, tp, dtype, experts_backend, weight_formats, kv_local)
+        return build_quant_tp_model(config, tp, dtype, experts_backend, weight_formats, kv_local, experts_split)
     if config.first_k_dense_replace:
         tp.part(config.intermediate_size, "intermediate_size")
     if config.n_shared_experts and config.first_k_dense_replace < config.num_hidden_layers:
@@ -109,7 +120,7 @@ def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.
             attn.num_heads = config.num_attention_heads // tp.world_size
             attn.num_kv_heads = kv_local
             if isinstance(layer.mlp, MoE):
-                layer.mlp = ParallelMoE(config, dtype, tp, experts_backend)
+                layer.mlp = ParallelMoE(config, dtype, tp, experts_backend, experts_split=experts_split)
             else:
                 layer.mlp = _parallel_mlp(layer.mlp, dtype, tp, reduce=True)
         model.lm_head = vocab_parallel_head(model.lm_head, config, tp, dtype, experts_backend)
@@ -118,7 +129,8 @@ def build_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.
 
 def load_from_full(model: Glm4MoeForCausalLM, full: Glm4MoeForCausalLM) -> Glm4MoeForCausalLM:
     """Fill ``model`` (a rank's part, from ``build_tp_model``) with the weights of the whole model ``full``
-    through ``load_tensor``: every tensor whole, stacked experts one by one (each rank keeps its range).
+    through ``load_tensor``: every tensor whole, stacked experts one by one (each rank keeps its range, or
+    its part of every expert's width).
     Quantized slots go as their raw blocks, so ``model`` must be built with the same ``weight_formats`` (a
     slot in another format or dtype: ValueError from ``load_tensor``). Returns ``model``. For random weights
     and tests: a rank then holds the whole model once while loading (a rank's tensors may stay views of

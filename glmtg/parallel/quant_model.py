@@ -13,7 +13,8 @@ glmtg/parallel/quant_linear.py and float ones (a file may keep a matrix in F16/F
   blocks of 32 over 4 ranks work), gate/up rows by the same cut. A width with fewer blocks than ranks (the
   tiny preset's shared expert: one block of 32) leaves the last ranks a zero block (exactly 0, see
   ``QuantRowParallelLinear``). A float down_proj (or gate/up) keeps the float TP's even split.
-- routed experts: by expert, as the float ``ParallelMoE`` (``ExpertPlacement.split``), in their formats.
+- routed experts: along their inner width (whole blocks of down's format, glmtg/parallel/experts.py) or by
+  expert (``ExpertPlacement.split``), as ``experts_split`` says, in their formats.
 - lm_head: split by vocabulary rows (glmtg/parallel/vocab.py).
 - replicated: embedding, norms, router.
 """
@@ -28,10 +29,11 @@ from glmtg.config import ModelConfig
 from glmtg.formats import REGISTRY
 from glmtg.layers.linear import Linear
 from glmtg.layers.mlp import MLP
-from glmtg.layers.moe import ExpertPlacement, MoE
+from glmtg.layers.moe import MoE
 from glmtg.layers.quant_experts import QuantExperts
 from glmtg.layers.quant_linear import QuantLinear
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
+from glmtg.parallel.experts import expert_range, width_experts
 from glmtg.parallel.group import TPGroup
 from glmtg.parallel.vocab import vocab_parallel_head
 from glmtg.parallel.linear import ColumnParallelLinear, RowParallelLinear
@@ -46,10 +48,10 @@ if TYPE_CHECKING:
 
 
 def build_quant_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype, experts_backend: str,
-                         weight_formats: WeightFormats, kv_local: int) -> Glm4MoeForCausalLM:
+                         weight_formats: WeightFormats, kv_local: int, experts_split: str) -> Glm4MoeForCausalLM:
     """Rank ``tp.rank``'s part of the model ``weight_formats`` describes, on the meta device (module
-    docstring). Its ``tensor_slots`` list the whole model's shapes and formats (stacked experts: this rank's
-    range), so the same loaders fill it through ``load_tensor``."""
+    docstring). Its ``tensor_slots`` list the whole model's shapes and formats (stacked experts: whole, or
+    this rank's range with ``experts_split="expert"``), so the same loaders fill it through ``load_tensor``."""
     from glmtg.parallel.model import ParallelMoE  # model.py imports this module
 
     model = Glm4MoeForCausalLM(config, dtype=dtype, device="meta", experts_backend=experts_backend,
@@ -71,12 +73,14 @@ def build_quant_tp_model(config: ModelConfig, tp: TPGroup, dtype: torch.dtype, e
                 whole = layer.mlp
                 shared = (None if whole.shared is None else
                           _parallel_mlp(whole.shared, dtype, tp, experts_backend, False, f"layers.{i}.mlp.shared"))
-                experts = None
+                experts = None  # float experts: ParallelMoE builds them
                 if isinstance(whole.experts, QuantExperts):
-                    placement = ExpertPlacement.split(config.n_routed_experts, tp.world_size)[tp.rank]
-                    experts = QuantExperts(config, dtype, whole.experts.formats, placement=placement,
-                                           backend=whole.experts.backend)
-                layer.mlp = ParallelMoE(config, dtype, tp, experts_backend, experts=experts, shared=shared)
+                    formats, backend = whole.experts.formats, whole.experts.backend
+                    experts = (width_experts(config, dtype, tp, formats, backend) if experts_split == "width" else
+                               QuantExperts(config, dtype, formats, placement=expert_range(config, tp),
+                                            backend=backend))
+                layer.mlp = ParallelMoE(config, dtype, tp, experts_backend, experts=experts, shared=shared,
+                                        experts_split=experts_split)
             else:
                 layer.mlp = _parallel_mlp(layer.mlp, dtype, tp, experts_backend, True, f"layers.{i}.mlp")
         model.lm_head = vocab_parallel_head(model.lm_head, config, tp, dtype, experts_backend)

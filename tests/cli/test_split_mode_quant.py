@@ -27,12 +27,14 @@ def gguf_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("source", ["type", "gguf"])
-def test_perplexity_graph_equals_one_process(capfd, text_file, gguf_file, source) -> None:
-    # tiny's shared expert is one block of 32: rank 1 holds a zero block (glmtg/parallel/quant_linear.py)
+@pytest.mark.parametrize("source, experts", [("type", []), ("gguf", []), ("gguf", ["--tp-experts", "expert"])])
+def test_perplexity_graph_equals_one_process(capfd, text_file, gguf_file, source, experts) -> None:
+    # tiny's shared expert and routed experts are one block of 32 wide: with the routed experts split along
+    # their width (the default), rank 1 holds a zero block of each (glmtg/parallel/experts.py)
     model = ["--type", "Q8_0"] if source == "type" else ["-m", str(gguf_file)]
     one = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model)
-    two = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "graph", "--gpus", "2")
+    two = final_ppl(capfd, "perplexity", "-f", str(text_file), *PPL_FLAGS, *model, "-sm", "graph", "--gpus", "2",
+                    *experts)
     assert abs(float(two) - float(one)) <= REL_TOL * float(one), (one, two)
 
 

@@ -43,8 +43,9 @@ RATIOS = (2.0, 1.0)
 BATCH, PROMPT, DECODE_STEPS = 2, 5, 2
 
 
-def _graph(group: TPGroup):
-    return lambda config, formats: build_tp_model(config, group, torch.float32, weight_formats=formats)
+def _graph(group: TPGroup, split: str = "width"):
+    return lambda config, formats: build_tp_model(config, group, torch.float32, weight_formats=formats,
+                                                  experts_split=split)
 
 
 def _stage(group: TPGroup):
@@ -65,15 +66,15 @@ def hf_dir(tmp_path_factory) -> Path:
     return write_hf_dir(root, random_model(CONFIG, dtype=torch.float32), CONFIG, dtype=torch.bfloat16, shards=2)
 
 
-def _worker(group: TPGroup, root: str, mode: str) -> None:
+def _worker(group: TPGroup, root: str, mode: str, split: str = "width") -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     whole, config = load_model(root, dtype=torch.float32, progress=False)
     ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
                         generator=torch.Generator().manual_seed(4))
     ref = prefill_then_decode(whole, config, config.num_hidden_layers, ids, PROMPT)
     if mode == "graph":
-        part, _ = load_model(root, dtype=torch.float32, progress=False, build=_graph(group))
-        _same_weights(part, load_from_full(_graph(group)(config, None), whole))
+        part, _ = load_model(root, dtype=torch.float32, progress=False, build=_graph(group, split))
+        _same_weights(part, load_from_full(_graph(group, split)(config, None), whole))
         got = prefill_then_decode(part, config, config.num_hidden_layers, ids, PROMPT,
                                   kv_heads=local_kv_heads(config, group))
         assert_rank_logits(got, ref, GRAPH_REL_TOL, group.rank, group.world_size)
@@ -85,9 +86,9 @@ def _worker(group: TPGroup, root: str, mode: str) -> None:
             assert torch.equal(g, r), f"rank {group.rank} step {i}: max |diff| {(g - r).abs().max():.3g}"
 
 
-@pytest.mark.parametrize("mode", ["graph", "layer"])
-def test_split_hf_dir_matches_single_process(hf_dir, mode) -> None:
-    spawn_ranks(_worker, 2, (str(hf_dir), mode))
+@pytest.mark.parametrize("mode, split", [("graph", "width"), ("graph", "expert"), ("layer", None)])
+def test_split_hf_dir_matches_single_process(hf_dir, mode, split) -> None:
+    spawn_ranks(_worker, 2, (str(hf_dir), mode, split))
 
 
 def _reads(monkeypatch) -> list[tuple[str, tuple | None]]:
@@ -103,11 +104,13 @@ def _reads(monkeypatch) -> list[tuple[str, tuple | None]]:
     return reads
 
 
-def test_graph_rank_reads_only_its_slices(hf_dir, monkeypatch) -> None:
+@pytest.mark.parametrize("split", ["width", "expert"])
+def test_graph_rank_reads_only_its_slices(hf_dir, monkeypatch, split) -> None:
     """Rank 1 of 2 (built without torch.distributed: loading communicates nothing) reads its rows of q/k/v and
-    gate/up, its columns of o_proj and down, experts 4..7 only, and the replicated tensors whole."""
+    gate/up, its columns of o_proj and down, experts 4..7 only (by expert) or every expert's second half of
+    its width (width), and the replicated tensors whole."""
     log = _reads(monkeypatch)
-    load_model(hf_dir, dtype=torch.float32, progress=False, build=_graph(TPGroup(1, 2)))
+    load_model(hf_dir, dtype=torch.float32, progress=False, build=_graph(TPGroup(1, 2), split))
     reads = dict(log)
     assert len(reads) == len(log)  # no tensor read twice
     q_rows = CONFIG.num_attention_heads * CONFIG.head_dim
@@ -119,13 +122,19 @@ def test_graph_rank_reads_only_its_slices(hf_dir, monkeypatch) -> None:
     assert reads["model.layers.0.mlp.down_proj.weight"] == (slice(None), slice(inner // 2, inner))
     shared = CONFIG.moe_intermediate_size
     assert reads["model.layers.2.mlp.shared_experts.down_proj.weight"] == (slice(None), slice(shared // 2, shared))
-    held = CONFIG.n_routed_experts // 2
     experts = {int(n.split(".")[5]) for n in reads if ".mlp.experts." in n}
-    assert experts == set(range(held, CONFIG.n_routed_experts))
+    if split == "expert":
+        assert experts == set(range(CONFIG.n_routed_experts // 2, CONFIG.n_routed_experts))
+        assert reads["model.layers.1.mlp.experts.5.gate_proj.weight"] is None
+    else:
+        assert experts == set(range(CONFIG.n_routed_experts))
+        half = slice(shared // 2, shared)  # moe_intermediate_size: the shared expert's width too
+        assert reads["model.layers.1.mlp.experts.0.gate_proj.weight"] == (half,)
+        assert reads["model.layers.2.mlp.experts.7.up_proj.weight"] == (half,)
+        assert reads["model.layers.2.mlp.experts.3.down_proj.weight"] == (slice(None), half)
     vocab = CONFIG.vocab_size  # the head is split by vocabulary rows
     assert reads["lm_head.weight"] == (slice(vocab // 2, vocab),)
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
-                 "model.layers.1.mlp.experts.5.gate_proj.weight"):
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight"):
         assert reads[name] is None, name
 
 

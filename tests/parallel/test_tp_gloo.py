@@ -2,7 +2,8 @@
 
 Each rank draws the same seeded random model (random_model, float32), computes the single-process logits
 itself, builds its part with build_tp_model, fills it with load_from_full (whole tensors through
-load_tensor) and runs a prefill and three decode steps over its own KV cache (Hkv/N heads). The tiny preset
+load_tensor) and runs a prefill and three decode steps over its own KV cache (Hkv/N heads), the routed
+experts split along their width or by expert. The tiny preset
 is changed to 24 query / 4 KV heads (GQA 6) so that 4 ranks hold one KV head each.
 
 Tolerance: everything is float32; the split model sums the same products in another order (partial sums
@@ -35,27 +36,30 @@ def _run(model, config: ModelConfig, kv_heads: int, ids: torch.Tensor) -> list[t
     return prefill_then_decode(model, config, config.num_hidden_layers, ids, PROMPT, kv_heads=kv_heads)
 
 
-def _worker(tp: TPGroup) -> None:
+def _worker(tp: TPGroup, split: str) -> None:
     torch.set_num_threads(1)  # N processes share the machine's cores
     rank, world = tp.rank, tp.world_size
     full = random_model(CONFIG, dtype=torch.float32)
     ids = torch.randint(0, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS),
                         generator=torch.Generator().manual_seed(1))
     ref = _run(full, CONFIG, CONFIG.num_key_value_heads, ids)
-    model = load_from_full(build_tp_model(CONFIG, tp, torch.float32), full)
+    model = load_from_full(build_tp_model(CONFIG, tp, torch.float32, experts_split=split), full)
     del full
-    # the split is real: this rank holds Hkv/N heads' rows and 1/N of the experts
+    # the split is real: this rank holds Hkv/N heads' rows and 1/N of the experts (or of each one's width)
     attn = model.layers[0].attn
     assert attn.qkv.weight.shape[0] == (CONFIG.num_attention_heads + 2 * CONFIG.num_key_value_heads) \
         * CONFIG.head_dim // world
-    assert model.layers[1].mlp.experts.gate_proj.shape[0] == CONFIG.n_routed_experts // world
+    gate = model.layers[1].mlp.experts.gate_proj
+    e, inner = CONFIG.n_routed_experts, CONFIG.moe_intermediate_size
+    assert tuple(gate.shape[:2]) == ((e // world, inner) if split == "expert" else (e, inner // world))
     got = _run(model, CONFIG, local_kv_heads(CONFIG, tp), ids)
     assert_rank_logits(got, ref, REL_TOL, rank, world)
 
 
+@pytest.mark.parametrize("split", ["width", "expert"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_tp_matches_single_process(world: int) -> None:
-    spawn_ranks(_worker, world)
+def test_tp_matches_single_process(world: int, split: str) -> None:
+    spawn_ranks(_worker, world, (split,))
 
 
 def test_single_rank_is_the_whole_model() -> None:
@@ -70,11 +74,12 @@ def test_single_rank_is_the_whole_model() -> None:
 
 def test_rank_weights_are_the_whole_models_slices() -> None:
     """Rank r's q rows are query heads [r*Hq/N, (r+1)*Hq/N), its k rows KV heads [r*Hkv/N, ...); o_proj keeps
-    the matching input columns, the bias is kept whole."""
+    the matching input columns, the bias is kept whole; the routed experts are 2 whole experts (by expert) or
+    every expert's inner columns [8r, 8r + 8) (width)."""
     full = random_model(CONFIG, dtype=torch.float32)
     d, hq, hkv, n = CONFIG.head_dim, CONFIG.num_attention_heads, CONFIG.num_key_value_heads, 4
     for r in range(n):
-        model = load_from_full(build_tp_model(CONFIG, TPGroup(r, n), torch.float32), full)
+        model = load_from_full(build_tp_model(CONFIG, TPGroup(r, n), torch.float32, experts_split="expert"), full)
         whole, part = full.layers[1].attn, model.layers[1].attn
         q, k, v = part.qkv.split(part.qkv.weight.T)
         wq, wk, wv = whole.qkv.split(whole.qkv.weight.T)
@@ -86,16 +91,23 @@ def test_rank_weights_are_the_whole_models_slices() -> None:
         assert torch.equal(bq, whole.qkv.split(whole.qkv.bias)[0][r * hq // n * d:(r + 1) * hq // n * d])
         experts = model.layers[1].mlp.experts
         assert torch.equal(experts.down_proj, full.layers[1].mlp.experts.down_proj[r * 2:(r + 1) * 2])
+        wide = load_from_full(build_tp_model(CONFIG, TPGroup(r, n), torch.float32, experts_split="width"), full)
+        experts, whole_experts = wide.layers[1].mlp.experts, full.layers[1].mlp.experts
+        cols = slice(r * 8, (r + 1) * 8)  # moe_intermediate_size 32 over 4 ranks
+        assert torch.equal(experts.down_proj, whole_experts.down_proj[:, :, cols])
+        assert torch.equal(experts.gate_proj, whole_experts.gate_proj[:, cols])
+        assert torch.equal(experts.up_proj, whole_experts.up_proj[:, cols])
 
 
 @pytest.mark.parametrize("overrides, world, match", [
     ({}, 3, "num_key_value_heads"),  # 4 KV heads over 3 ranks
     ({"num_key_value_heads": 2, "num_attention_heads": 12, "intermediate_size": 129}, 2, "intermediate_size"),
+    ({"n_routed_experts": 2, "num_experts_per_tok": 1}, 4, "n_routed_experts \\(2\\) must be at least"),
 ])
 def test_uneven_split_is_refused(overrides, world, match) -> None:
     config = dataclasses.replace(CONFIG, **overrides)
     with pytest.raises(ValueError, match=match):
-        build_tp_model(config, TPGroup(0, world), torch.float32)
+        build_tp_model(config, TPGroup(world - 1, world), torch.float32, experts_split="expert")
 
 
 def test_group_checks_its_rank() -> None:

@@ -80,16 +80,32 @@ def _deq(linear: QuantLinear, shard: str | None) -> torch.Tensor:
     return dequantize_blocks(linear.raw_shard(shard).contiguous(), linear.storage(shard)[1])
 
 
+def _deq_stack(experts, param: str) -> torch.Tensor:
+    return dequantize_blocks(getattr(experts, param).contiguous(), experts.formats[param])
+
+
+@pytest.mark.parametrize("split", ["expert", "width"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_rank_weights_are_the_whole_models_slices(world: int) -> None:
+def test_rank_weights_are_the_whole_models_slices(world: int, split: str) -> None:
     """Rank r: down's columns and gate/up's rows are one block cut of the inner width, ranks' cuts tile it;
-    q/k/v rows by whole KV heads, o_proj's columns to match; experts by range; the head by vocabulary rows; the embedding whole."""
+    q/k/v rows by whole KV heads, o_proj's columns to match; routed experts by range, or every expert cut as
+    the shared expert (the same width, 96, and down format, q5_0); the head by vocabulary rows; the embedding whole."""
     full = random_quant_model()
     d, hq, hkv = CONFIG.head_dim, CONFIG.num_attention_heads, CONFIG.num_key_value_heads
     covered = {"dense": 0, "shared": 0}
     for r in range(world):
         model = load_from_full(build_tp_model(CONFIG, TPGroup(r, world), torch.float32,
-                                              weight_formats=mix_formats()), full)
+                                              weight_formats=mix_formats(), experts_split=split), full)
+        if split == "width":
+            part, whole = model.layers[1].mlp.experts, full.layers[1].mlp.experts
+            if world == 4 and r == 3:  # no block of the 3: one block of zeros against the first block's rows
+                assert part.down_proj.shape[2] == 22 and not part.down_proj.any()
+                assert torch.equal(_deq_stack(part, "gate_proj"), _deq_stack(whole, "gate_proj")[:, :32])
+            else:
+                cols = slice(covered["shared"], covered["shared"] + model.layers[1].mlp.shared.down_proj.in_features)
+                assert torch.equal(_deq_stack(part, "down_proj"), _deq_stack(whole, "down_proj")[:, :, cols])
+                for param in ("gate_proj", "up_proj"):
+                    assert torch.equal(_deq_stack(part, param), _deq_stack(whole, param)[:, cols])
         for key, part, whole in (("dense", model.layers[0].mlp, full.layers[0].mlp),
                                  ("shared", model.layers[1].mlp.shared, full.layers[1].mlp.shared)):
             lo, width = covered[key], part.down_proj.in_features
@@ -109,8 +125,10 @@ def test_rank_weights_are_the_whole_models_slices(world: int) -> None:
             assert torch.equal(_deq(pa.qkv, shard), _deq(wa.qkv, shard)[rows])
         assert torch.equal(pa.qkv.bias, torch.cat([b[rows] for b, rows in zip(wa.qkv.split(wa.qkv.bias), (q, kv, kv))]))
         assert torch.equal(_deq(pa.o_proj, None), _deq(wa.o_proj, None)[:, q])
-        e = CONFIG.n_routed_experts // world
-        assert torch.equal(model.layers[1].mlp.experts.down_proj, full.layers[1].mlp.experts.down_proj[r * e:(r + 1) * e])
+        if split == "expert":
+            e = CONFIG.n_routed_experts // world
+            assert torch.equal(model.layers[1].mlp.experts.down_proj,
+                               full.layers[1].mlp.experts.down_proj[r * e:(r + 1) * e])
         assert torch.equal(model.embed.weight, full.embed.weight)
         v = CONFIG.vocab_size // world  # the head: vocabulary rows [r V/N, (r+1) V/N)
         assert torch.equal(model.lm_head.weight, full.lm_head.weight[r * v:(r + 1) * v])
@@ -128,9 +146,16 @@ def test_single_rank_is_the_whole_model() -> None:
     assert torch.equal(model(ids, caches[0]), full(ids, caches[1]))
 
 
-def test_gguf_file_loads_per_rank(tmp_path) -> None:
-    """load_gguf_model(build=a rank's model) holds what load_from_full cuts from the whole model; o_proj kept
-    in F32 in the file goes through the float row-parallel linear."""
+@pytest.mark.parametrize("split", ["width", "expert"])
+def test_gguf_file_loads_per_rank(tmp_path, split, monkeypatch) -> None:
+    """load_gguf_model(build=a rank's model) holds what load_from_full cuts from the whole model (the file's
+    expert stacks cut on the host, never handed whole to a width-split rank, or read for its range); o_proj
+    kept in F32 in the file goes through the float row-parallel linear."""
+    from glmtg.parallel.experts import QuantWidthExperts
+
+    def whole_stack_given(*args, **kwargs):
+        raise AssertionError("a whole expert stack went to the device")
+
     formats = mix_formats({"attn.o_proj.weight": None})
     full = random_quant_model(weight_formats=formats)
     path = tmp_path / "tiny-tp.gguf"
@@ -138,9 +163,13 @@ def test_gguf_file_loads_per_rank(tmp_path) -> None:
     world = 4
     for r in range(world):
         tp = TPGroup(r, world)
-        got, config = load_gguf_model(path, device="cpu", dtype=torch.float32, progress=False,
-                                      build=lambda c, wf, tp=tp: build_tp_model(c, tp, torch.float32, weight_formats=wf))
-        want = load_from_full(build_tp_model(CONFIG, tp, torch.float32, weight_formats=formats), full)
+        with monkeypatch.context() as m:
+            m.setattr(QuantWidthExperts, "load_expert", whole_stack_given)
+            got, config = load_gguf_model(path, device="cpu", dtype=torch.float32, progress=False,
+                                          build=lambda c, wf, tp=tp: build_tp_model(
+                                              c, tp, torch.float32, weight_formats=wf, experts_split=split))
+        want = load_from_full(build_tp_model(CONFIG, tp, torch.float32, weight_formats=formats,
+                                             experts_split=split), full)
         assert config == CONFIG
         got_params, want_params = dict(got.named_parameters()), dict(want.named_parameters())
         assert got_params.keys() == want_params.keys()
