@@ -86,6 +86,21 @@ def _kernel_table(prof, steps: int) -> tuple[list[dict], int]:
     return rows + [{"top_kernels": top}], device_kernels // steps
 
 
+def _rank_part(model: torch.nn.Module, config, file_type, n: int, experts_split) -> tuple[torch.nn.Module, int]:
+    """Rank 0's part of ``model`` split n ways (``-sm graph``), with every sum and gather a no-op (the
+    gather repeats the rank's logits to keep the shape): what one rank computes when no peer is waited for."""
+    from glmtg.formats.mix import weight_formats_for
+    from glmtg.parallel import TPGroup, build_tp_model, load_from_full, local_kv_heads
+
+    tp = TPGroup(0, n)
+    TPGroup.all_reduce = lambda self, x, parity=0: x
+    TPGroup.all_gather_last = lambda self, x: x.repeat(*([1] * (x.dim() - 1)), self.world_size)
+    formats = None if file_type is None else weight_formats_for(file_type, config)
+    kw = {} if experts_split is None else {"experts_split": experts_split}
+    part = load_from_full(build_tp_model(config, tp, model.dtype, weight_formats=formats, **kw), model)
+    return part.cuda(), local_kv_heads(config, tp)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="glm-4.5-air")
@@ -96,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--glue", choices=("auto", "on", "off"), default="auto",
                    help="the decoder glue as fused kernels or torch ops (glmtg.layers.fused)")
+    p.add_argument("--tp-part", type=int, default=1, metavar="N",
+                   help="profile rank 0's part of an N-way -sm graph split alone, its sums and gathers made "
+                        "no-ops: the compute a rank does, without communication or waiting for peers")
+    p.add_argument("--tp-experts", default=None, help="with --tp-part: the routed experts' split (width|expert)")
     p.add_argument("--out", type=Path, default=None, help="output stem")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -110,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     config = preset_config(args.preset, args.n_layers)
     file_type = None if args.type == "bf16" else args.type
     model = random_model(config, device="cuda", file_type=file_type)
+    kv_heads = config.num_key_value_heads
+    if args.tp_part > 1:
+        model, kv_heads = _rank_part(model, config, file_type, args.tp_part, args.tp_experts)
     fmt = {"f16": "f16", "bf16": "bf16"}.get(args.cache_type, args.cache_type)
     cache = KVCache(num_layers=config.num_hidden_layers, batch=1, capacity=args.depth + 64,
-                    num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, k_format=fmt,
-                    device="cuda")
+                    num_kv_heads=kv_heads, head_dim=config.head_dim, k_format=fmt, device="cuda")
     cache.lengths.fill_(args.depth)
     token = torch.randint(0, config.vocab_size, (1, 1), device="cuda")
 
@@ -141,15 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "environment": common.environment(), "copy_bandwidth": copy, "preset": args.preset,
         "n_layers": args.n_layers, "type": args.type, "depth": args.depth, "cache": fmt, "glue": args.glue,
+        "tp_part": args.tp_part, "tp_experts": args.tp_experts,
         "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6, "kernel_us": kernel_us,
         "kernels_per_step": kernels, "weight_bytes": weight_bytes,
         "weight_floor_us": weight_bytes / copy * 1e6, "parts": rows, "top_kernels": top,
     }
     stem = args.out or common.result_path("step_profile",
-                                          f"{args.preset}-{args.n_layers}l-{args.type}-{args.depth}-{args.glue}")
+                                          f"{args.preset}-{args.n_layers}l-{args.type}-{args.depth}-{args.glue}"
+                                          + (f"-tp{args.tp_part}" if args.tp_part > 1 else ""))
     common.write_json(stem.with_suffix(".json"), result)
     lines = [f"# One decode step: {args.preset}, {args.n_layers} layers, {args.type}, depth {args.depth}, "
-             f"cache {fmt}, glue {args.glue}", "",
+             f"cache {fmt}, glue {args.glue}"
+             + (f"; rank 0's part of a {args.tp_part}-way -sm graph split, its collectives no-ops"
+                if args.tp_part > 1 else ""), "",
              f"{result['environment'].get('device')}, torch {torch.__version__}, "
              f"{result['environment']['date']}", "",
              f"graph step {graph_s * 1e6:.1f} µs ({1 / graph_s:.0f} t/s), eager {eager_s * 1e6:.1f} µs, "
