@@ -183,7 +183,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="all-reduces per captured graph")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", default=None, help="output stem (default results/allreduce/<date>-h200xN)")
+    ap.add_argument("--from-json", type=Path, default=None, help="remake STEM.md / STEM.png from a run's JSON (CPU)")
     args = ap.parse_args()
+    if args.from_json is not None:
+        import json
+
+        stem = Path(args.out) if args.out else args.from_json.with_suffix("")
+        write_reports(json.loads(args.from_json.read_text()), stem, _markdown, _plot)
+        return
     if not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus:
         sys.exit(f"needs {args.gpus} CUDA GPUs")
     import os

@@ -27,6 +27,7 @@ from common import write_json  # noqa: E402
 
 ENGINES = ("glmtg", "mainline", "ik")
 LABELS = {"glmtg": "glmtg", "mainline": "llama.cpp", "ik": "ik_llama.cpp"}
+COLORS = {"glmtg": "C0", "mainline": "C1", "ik": "C2"}
 
 
 def read_glmtg(path: Path) -> tuple[dict[int, float], dict]:
@@ -75,7 +76,8 @@ def compare(args: argparse.Namespace) -> dict:
             runs["mainline"] = read_mainline(peers["mainline"][case])
         if case in peers["ik"]:
             runs["ik"] = read_ik(peers["ik"][case])
-        depths = sorted(set(tg) & set().union(*(set(r) for n, r in runs.items() if n != "glmtg")))
+        peer_depths = [set(r) for n, r in runs.items() if n != "glmtg"]
+        depths = sorted(set(tg) & set().union(*peer_depths)) if peer_depths else sorted(tg)  # glmtg alone: all
         rows = []
         for d in depths:
             row = {"depth": d, **{e: runs[e].get(d) for e in runs}}
@@ -130,7 +132,7 @@ def plot(result: dict, path: Path) -> None:
         for e in ENGINES:
             pts = [(r["depth"] / 1024, r[e]) for r in rows if r.get(e)]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=LABELS[e])
+                ax.plot(*zip(*pts), marker="o", label=LABELS[e], color=COLORS[e])  # one colour per engine
         ax.set_title(case)
         ax.set_xlabel("depth (k tokens)")
         ax.set_ylim(bottom=0)

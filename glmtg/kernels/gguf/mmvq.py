@@ -193,7 +193,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     remembered, so q/k/v or gate/up calls on one x round it once.
 
     ``variant``: which kernel, "base", "lanes" or "lanes-wide" (mmvq_lanes.py: Q6_K and Q4_K at T = 1;
-    anything else runs the base kernel); None: the process-wide choice (GLMTG_MMVQ_VARIANT, default "base"). The
+    anything else runs the base kernel); None: the process-wide choice (GLMTG_MMVQ_VARIANT, default "lanes"). The
     launch knobs mean the same for both; the lanes kernel has its own defaults."""
     f = mmvq_format(fmt)
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")

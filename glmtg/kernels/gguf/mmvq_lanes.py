@@ -35,7 +35,8 @@ the base variant's up to fp32 summation order.
 
 Scope: one token (T = 1: decode at batch 1: the output head, the projections); ``mmvq`` sends T > 1 and
 the other formats to the base kernel. Selected by mmvq's ``variant`` argument or GLMTG_MMVQ_VARIANT
-("base", the default, "lanes" or "lanes-wide"; ``variant_mode`` switches it for a block).
+("lanes", the default since it measured faster on every Air shape (bench/DECISIONS.md H8), "base" or
+"lanes-wide"; ``variant_mode`` switches it for a block).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-wide")
 LANES_FORMATS: tuple[str, ...] = ("q6_k", "q4_k")  # the formats the lanes variants read
 _SPLIT = {"lanes": 1, "lanes-wide": 2}  # E, lanes sharing one lane's slice of a block (module docstring)
 _switch = ModeSwitch("GLMTG_MMVQ_VARIANT (the mmvq kernel variant)", VARIANTS,
-                     os.environ.get("GLMTG_MMVQ_VARIANT", "base"))
+                     os.environ.get("GLMTG_MMVQ_VARIANT", "lanes"))
 set_variant = _switch.set
 variant_mode = _switch.scoped  # ``with mmvq_lanes.variant_mode("lanes"): ...``
 

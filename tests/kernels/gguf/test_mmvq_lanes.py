@@ -108,9 +108,10 @@ def test_lanes_epilogue_and_fallbacks() -> None:
     raw5 = gguf_weight("q5_k", (11,), 768, seed=13)
     assert torch.equal(mmvq(x, raw5, "q5_k", variant="lanes"), mmvq(x, raw5, "q5_k", variant="base"))
     # the process-wide switch (GLMTG_MMVQ_VARIANT) picks the same kernel as the argument
-    with mmvq_lanes.variant_mode("lanes"):
-        assert torch.equal(mmvq(x, raw, "q6_k"), y)
-    assert mmvq_lanes.current_variant() == "base"
+    with mmvq_lanes.variant_mode("base"):
+        assert torch.equal(mmvq(x, raw, "q6_k"), mmvq(x, raw, "q6_k", variant="base"))
+    assert mmvq_lanes.current_variant() == "lanes"  # the default (DECISIONS H8), restored after the block
+    assert torch.equal(mmvq(x, raw, "q6_k"), y)
 
 
 def test_lanes_rejects_unknown_variant() -> None:
