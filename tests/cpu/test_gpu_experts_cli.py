@@ -7,30 +7,14 @@ import json
 
 import pytest
 
-from glmtg.cli import main
 from glmtg.cpu.expert_counts import ExpertCounts
 from glmtg.cpu.gpu_experts import choose_device_experts, expert_bytes
 from glmtg.loading.presets import mix_tensor_bytes, preset_config
+from glmtg.cli import main
+from tests.references.cli_run import one_error_line, run
 
 TEXT = "glmtg puts the experts a text selects most on the GPU. " * 12
 BASE = ["--type", "Q8_0", "--device", "cpu", "--no-warmup"]
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    """Kernels built for these tests go to a temporary cache, not the user's."""
-    monkeypatch.setenv("GLMTG_CACHE", str(tmp_path_factory.getbasetemp() / "glmtg-cache"))
-
-
-def run(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> bool:
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith("error: ")
 
 
 @pytest.fixture(scope="module")

@@ -7,29 +7,12 @@ import re
 
 import pytest
 
-from glmtg.cli import main
 from glmtg.cli.sweep_bench import HEADER
 from glmtg.config import ModelConfig
+from tests.references.cli_run import one_error_line, run
 
 FAST = ["--no-warmup"]
 TEXT = "glmtg places routed experts in host memory, as llama.cpp does."
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    """Kernels built for these tests go to a temporary cache, not the user's."""
-    monkeypatch.setenv("GLMTG_CACHE", str(tmp_path_factory.getbasetemp() / "glmtg-cache"))
-
-
-def run(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> bool:
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith("error: ")
 
 
 def sweep(capsys, tmp_path, *flags):

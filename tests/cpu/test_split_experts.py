@@ -26,26 +26,17 @@ from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
 from glmtg.loading.gguf_model import load_gguf_model
 from glmtg.models.glm4_moe import Glm4MoeForCausalLM
-from tests.references.cpu_experts import dequant_stack, host_pair, round_x, write_random_gguf
+from tests.references.cpu_experts import (
+    CONFIG,
+    dequant_stack,
+    host_pair,
+    mix,
+    round_x,
+    write_random_gguf,
+)
 from tests.references.model import new_cache, tiny
 
-# 7 experts, top-3, I = 96 (three 32-blocks): odd counts, Air's 32-wide fallback formats
-CONFIG = tiny(n_routed_experts=7, num_experts_per_tok=3, moe_intermediate_size=96)
 ON_DEVICE = {1: frozenset({5, 2}), 2: frozenset({0, 3, 4, 6}), 3: frozenset({6})}  # not ranges
-
-
-def mix(name: str, shard: str | None) -> str | None:
-    if name.endswith(("o_proj.weight", "lm_head.weight")):
-        return None
-    if name.endswith("experts.down_proj"):
-        return "q8_0"
-    return "q5_0" if ".mlp." in name else "q8_0"
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    """Kernels built for these tests go to a temporary cache, not the user's."""
-    monkeypatch.setenv("GLMTG_CACHE", str(tmp_path_factory.getbasetemp() / "glmtg-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import gguf.quants
 import numpy as np
 import torch
 
+from tests.references.model import tiny
+
 WINDOW = 1e-4  # code units: an intermediate this close to a rounding boundary may round either way
 
 
@@ -61,3 +63,16 @@ def write_random_gguf(out, config, formats, seed: int = 0) -> None:
         value = quantize_blocks(value, slot.format) if slot.format else value.to(slot.dtype)
         model.load_tensor(slot.name, value, shard=slot.shard)
     write_gguf(out, config, model_tensors(model))
+
+
+# The host / split expert tests' model and its llama.cpp-like mix:
+# 7 experts, top-3, I = 96 (three 32-blocks): odd counts, Air's 32-wide fallback formats
+CONFIG = tiny(n_routed_experts=7, num_experts_per_tok=3, moe_intermediate_size=96)
+
+
+def mix(name: str, shard: str | None) -> str | None:
+    if name.endswith(("o_proj.weight", "lm_head.weight")):
+        return None
+    if name.endswith("experts.down_proj"):
+        return "q8_0"
+    return "q5_0" if ".mlp." in name else "q8_0"
