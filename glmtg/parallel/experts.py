@@ -35,8 +35,8 @@ from glmtg.parallel.group import TPGroup
 from glmtg.parallel.quant_linear import partition_columns, slice_block_columns
 
 EXPERT_SPLITS = ("width", "expert")
-# The split build_tp_model and `-sm graph` use when not told; to be chosen by GPU measurement at batch 1 and
-# 32 (bench/DECISIONS.md).
+# The split build_tp_model and `-sm graph` use when not told: by width, measured faster at batch 1 on 4 GPUs
+# (bench/DECISIONS.md K1; batch 32 is not measured yet).
 DEFAULT_EXPERTS_SPLIT = "width"
 
 

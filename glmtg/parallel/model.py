@@ -9,8 +9,8 @@ What each rank holds (N = world size):
 - MoE: routed experts split along their inner width (``experts_split="width"``: every rank holds all E
   experts, 1/N of each one's width) or by expert (``"expert"``: rank r holds a contiguous range,
   ``ExpertPlacement.split``), glmtg/parallel/experts.py; the shared expert along its intermediate width.
-  Both add partial sums that one all-reduce per layer sums (``ParallelMoE``). Which split is faster at batch
-  1 / 32 is for a GPU measurement to say (``DEFAULT_EXPERTS_SPLIT``).
+  Both add partial sums that one all-reduce per layer sums (``ParallelMoE``). By width is the default:
+  faster at batch 1 on 4 GPUs (``DEFAULT_EXPERTS_SPLIT``, bench/DECISIONS.md K1).
 - lm_head: split by vocabulary rows, the logits joined by one all-gather (glmtg/parallel/vocab.py).
 - replicated on every rank: the embedding, the norms and the router.
 
