@@ -30,9 +30,9 @@ LABELS = {"glmtg": "glmtg", "mainline": "llama.cpp", "ik": "ik_llama.cpp"}
 COLORS = {"glmtg": "C0", "mainline": "C1", "ik": "C2"}
 
 
-def read_glmtg(path: Path) -> tuple[dict[int, float], dict]:
+def read_glmtg(path: Path, metric: str = "tg") -> tuple[dict[int, float], dict]:
     data = json.loads(path.read_text())
-    return {int(r["n_kv"]): float(r["speed_tg"]) for r in data["rows"]}, data.get("environment", {})
+    return {int(r["n_kv"]): float(r[f"speed_{metric}"]) for r in data["rows"]}, data.get("environment", {})
 
 
 def read_mainline(path: Path) -> dict[int, float]:
@@ -45,13 +45,14 @@ def read_mainline(path: Path) -> dict[int, float]:
     return out
 
 
-def read_ik(path: Path) -> dict[int, float]:
-    """llama-sweep-bench's table: | PP | TG | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s |."""
+def read_ik(path: Path, metric: str = "tg") -> dict[int, float]:
+    """llama-sweep-bench's table: | PP | TG | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | (``metric`` "tg":
+    S_TG, "pp": S_PP)."""
     out = {}
     for line in path.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and all(re.fullmatch(r"[\d.]+", c) for c in cells):
-            out[int(cells[2])] = float(cells[6])
+            out[int(cells[2])] = float(cells[6 if metric == "tg" else 4])
     return out
 
 
@@ -67,15 +68,17 @@ def parse_cases(items: list[str] | None, what: str) -> dict[str, Path]:
 
 def compare(args: argparse.Namespace) -> dict:
     glmtg = parse_cases(args.glmtg, "--glmtg")
+    if args.metric == "pp" and args.mainline:
+        raise SystemExit("error: --metric pp reads llama-sweep-bench's S_PP; llama-bench's tables here are TG only")
     peers = {"mainline": parse_cases(args.mainline, "--mainline"), "ik": parse_cases(args.ik, "--ik")}
     cases, env = {}, {}
     for case, path in glmtg.items():
-        tg, env = read_glmtg(path)
+        tg, env = read_glmtg(path, args.metric)
         runs = {"glmtg": tg}
         if case in peers["mainline"]:
             runs["mainline"] = read_mainline(peers["mainline"][case])
         if case in peers["ik"]:
-            runs["ik"] = read_ik(peers["ik"][case])
+            runs["ik"] = read_ik(peers["ik"][case], args.metric)
         peer_depths = [set(r) for n, r in runs.items() if n != "glmtg"]
         depths = sorted(set(tg) & set().union(*peer_depths)) if peer_depths else sorted(tg)  # glmtg alone: all
         rows = []
@@ -97,12 +100,13 @@ def compare(args: argparse.Namespace) -> dict:
                     r[f"{e}_scaling"] = r[e] / b[e] if r.get(e) and b.get(e) else None
     if args.commit:  # the device copy's git metadata can be stale: the commit the runs were made at
         env = {**env, "glmtg_commit": args.commit}
-    return {"environment": env, "note": args.note, "baseline": base, "cases": cases}
+    return {"environment": env, "note": args.note, "baseline": base, "metric": args.metric, "cases": cases}
 
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# TG t/s on the same GGUF weights: {env.get('device', '?')} (how the runs were made: below)", "",
+    what = result.get("metric", "tg").upper()
+    lines = [f"# {what} t/s on the same GGUF weights: {env.get('device', '?')} (how the runs were made: below)", "",
              f"glmtg {env.get('glmtg_commit', '')} torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
              f"{env.get('date', '?')}. {result.get('note') or ''}", "",
              "| case | depth | glmtg | llama.cpp | ik_llama.cpp | glmtg / best peer |"
@@ -137,9 +141,10 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("depth (k tokens)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("TG t/s")
+    what = result.get("metric", "tg").upper()
+    axes[0][0].set_ylabel(f"{what} t/s")
     axes[0][0].legend()
-    fig.suptitle(f"TG, same GGUF and GPU: {result['environment'].get('device', '')}")
+    fig.suptitle(f"{what}, same GGUF and GPU: {result['environment'].get('device', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -150,6 +155,8 @@ def main() -> int:
     ap.add_argument("--mainline", nargs="*", metavar="CASE=TXT", help="llama-bench markdown outputs")
     ap.add_argument("--ik", nargs="*", metavar="CASE=TXT", help="llama-sweep-bench outputs")
     ap.add_argument("--note", default="", help="a line for the table's header (how the runs were made)")
+    ap.add_argument("--metric", choices=("tg", "pp"), default="tg",
+                    help="token generation (default) or prompt processing; llama-bench tables are TG only")
     ap.add_argument("--baseline", metavar="CASE", help="scaling columns: each engine's TG over its TG in CASE "
                     "(e.g. the one-GPU run)")
     ap.add_argument("--commit", help="glmtg commit the runs were made at (overrides the runs' own record)")
