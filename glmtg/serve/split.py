@@ -22,11 +22,15 @@ nothing to do (the default group's 30 minutes, or NCCL's watchdog, would end an 
 The start-up order is the same on every rank: each builds its runner, whose CUDA graphs capture the
 batch sizes smallest first (``DecodeGraphs.capture``), so the collectives inside the captures pair up;
 ``check_runners_agree`` then refuses ranks whose pools or captured sizes differ (a capture that failed on
-one rank only). Limits: a follower that dies while rank 0 waits in the control broadcast makes that
-broadcast raise (gloo sees the connection close), the engine is marked dead and /health answers 503;
-one that dies inside a step's collective leaves rank 0 waiting there. In both cases the launcher
-(``glmtg.parallel.launch.spawn``) sees the failed rank and terminates the others, so the command ends
-with an error rather than hanging.
+one rank only).
+
+Shutdown: Ctrl-C reaches every rank of the terminal's process group; followers ignore it, rank 0's uvicorn
+shuts the server down, and rank 0 then sends STOP (glmtg.cli.serve). Limit: a follower that dies does not
+leave a server answering 503 on /health: the launcher (``glmtg.parallel.launch.spawn``, torch's
+``mp.spawn``) sees the failed rank and terminates the others (SIGTERM, after 30 s SIGKILL), so uvicorn
+shuts down and the command ends with an error instead of hanging (seen on CPU: kill -9 of rank 1 ends the
+server within a second). Had rank 0 been left running, its next step's broadcast would fail under gloo
+(the engine marked dead, 503), but a step's NCCL collective could wait until NCCL's own timeout.
 """
 
 from __future__ import annotations
