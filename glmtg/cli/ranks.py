@@ -3,7 +3,8 @@ their part of the model (glmtg.parallel), NCCL on GPUs (rank r on cuda:r) and gl
 
 Every rank runs the same subcommand with the same flags; the split modes give every rank the same logits,
 so every rank samples the same tokens and walks the same steps. Rank 0 alone prints (the others' stdout and
-stderr go to /dev/null). Random weights (float, or ``--type`` GGUF blocks): each rank draws the whole model
+stderr go to /dev/null). ``serve`` is the exception: rank 0 serves and the other ranks run the model steps
+it sends them (glmtg.serve.split). Random weights (float, or ``--type`` GGUF blocks): each rank draws the whole model
 once and keeps its part. ``-m FILE.gguf`` or ``-m HF_DIR``: each rank builds its part on the meta device
 (``-sm graph``: its slices of every layer; ``-sm layer``: its stage of whole layers; ``split_builder``) and
 reads only its tensors, or their slices, from the file (``load_gguf_model(build=...)``; for a safetensors

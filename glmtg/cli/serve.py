@@ -2,18 +2,23 @@
 
 The port is bound first (a taken port fails at once), the server starts answering (/health 503
 "loading"), and the model loads in a background thread; once the engine runs, /health says ok.
+
+With ``-sm graph|layer --gpus N`` every rank runs this command (glmtg.cli.ranks): rank 0 binds the port
+and serves as above, the other ranks load their part of the model, build a runner of the same pool and
+run the steps rank 0 sends them until the server stops (glmtg.serve.split has the design and its limits).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from glmtg.cli import common
+from glmtg.cli import common, ranks
 
 
 def _port(text: str) -> int:
@@ -44,8 +49,8 @@ def add_parser(subparsers: Any) -> None:
                         "and --parallel; --no-cuda-graph: none)")
     g.add_argument("--max-body", type=common.positive_int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (larger: HTTP 413)")
-    # one process owns the model: the split modes' ranks would each start a server
-    p.set_defaults(run=run, split_allowed=False)
+    # -sm: rank 0 serves, the other ranks follow its model steps (glmtg.serve.split)
+    p.set_defaults(run=run)
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -58,18 +63,37 @@ def model_name(args: argparse.Namespace) -> str:
     return f"glmtg-{args.preset or 'tiny'}"
 
 
-def build_engine(args: argparse.Namespace, loaded: common.Loaded, eos: tuple[int, ...]) -> Any:
-    """The runner and LLMEngine for the loaded model (imported here: the serving engine's modules)."""
+def build_runner(args: argparse.Namespace, loaded: common.Loaded) -> Any:
+    """The ModelRunner of the loaded model (of this rank's part under -sm: its KV heads or layers)."""
     try:
-        from glmtg.serve.llm_engine import LLMEngine, SchedulerConfig
         from glmtg.serve.runner import ModelRunner
     except ImportError as e:
         raise ValueError(f"the serving engine is not available in this build ({e})") from None
     settings = common.engine_config(args, args.ctx_size)
-    runner = ModelRunner(loaded.model, loaded.config, block_size=args.block_size, max_num_seqs=args.parallel,
-                         max_model_len=args.ctx_size, k_format=settings.k_format, v_format=settings.v_format,
-                         device=loaded.device, cuda_graphs=False if args.no_cuda_graph else None,
-                         graph_sizes=args.cuda_graph_sizes)
+    return ModelRunner(loaded.model, ranks.rank_engine_config(args, loaded.config), block_size=args.block_size,
+                       max_num_seqs=args.parallel, max_model_len=args.ctx_size, k_format=settings.k_format,
+                       v_format=settings.v_format, device=loaded.device,
+                       cuda_graphs=False if args.no_cuda_graph else None, graph_sizes=args.cuda_graph_sizes)
+
+
+def build_engine(args: argparse.Namespace, loaded: common.Loaded, eos: tuple[int, ...],
+                 broadcaster: Any = None) -> Any:
+    """The runner and LLMEngine for the loaded model (imported here: the serving engine's modules).
+
+    ``broadcaster``: rank 0's ``glmtg.serve.split.StepBroadcaster`` under -sm (the runners of every rank are
+    checked to agree, then each step goes to the followers before it runs); None in one process.
+    """
+    try:
+        from glmtg.serve.llm_engine import LLMEngine, SchedulerConfig
+    except ImportError as e:
+        raise ValueError(f"the serving engine is not available in this build ({e})") from None
+    runner = build_runner(args, loaded)
+    if broadcaster is not None:
+        from glmtg.serve.split import check_runners_agree
+
+        check_runners_agree(runner, broadcaster.group)
+        runner.before_forward = broadcaster
+    settings = common.engine_config(args, args.ctx_size)
     config = SchedulerConfig(max_num_seqs=args.parallel, max_prefill_tokens=settings.ubatch,
                              max_model_len=args.ctx_size, max_waiting=args.max_queue)
     return LLMEngine(runner, config, eos)
@@ -92,9 +116,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _follow(args: argparse.Namespace, control: Any) -> int:
+    """A follower rank of a split server: load this rank's part, build its runner, run rank 0's steps."""
+    from glmtg.serve.split import check_runners_agree, follow
+
+    # Ctrl-C reaches every rank of the terminal's process group: rank 0 shuts its server down and then
+    # stops the followers, so they ignore it (the launcher still ends them if rank 0 fails).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded = common.load(args, common.model_source(args), ctx_size=args.ctx_size)
+    runner = build_runner(args, loaded)
+    check_runners_agree(runner, control)
+    follow(runner, control)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.split_mode != "none" or args.gpus != 1 or args.tensor_split is not None:
-        raise ValueError("serve runs on one device: -sm, --gpus and -ts are not supported")
     if args.cuda_graph_sizes is not None and min(args.cuda_graph_sizes) > args.parallel:
         raise ValueError(f"--cuda-graph-sizes: every size exceeds --parallel {args.parallel} (no batch reaches it)")
     if args.api_key is not None and not args.api_key:
@@ -110,9 +146,19 @@ def run(args: argparse.Namespace) -> int:
     from glmtg.serve.async_engine import AsyncEngine
 
     name = model_name(args)
+    group = ranks.rank_group(args)
+    if group is not None and group.rank > 0:
+        from glmtg.serve.split import control_group
+
+        return _follow(args, control_group())
     source = common.model_source(args)
     tok = common.load_tokenizer(source)
     sock = _bind(args.host, args.port)
+    broadcaster = None
+    if group is not None:
+        from glmtg.serve.split import StepBroadcaster, control_group
+
+        broadcaster = StepBroadcaster(control_group())
     app = create_app(None, tok, name, api_key=args.api_key, max_body_bytes=args.max_body,
                      max_model_len=args.ctx_size)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on"))
@@ -123,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
             loaded = common.load(args, source, ctx_size=args.ctx_size, tokenizer=tok)
             common.print_banner(loaded, file=sys.stderr)
             eos = tuple(tok.eos_token_ids or loaded.config.eos_token_ids)
-            app.state.engine = AsyncEngine(build_engine(args, loaded, eos), tok)
+            engine = build_engine(args, loaded, eos) if broadcaster is None else \
+                build_engine(args, loaded, eos, broadcaster)
+            app.state.engine = AsyncEngine(engine, tok)
             print(f"serving {name} on http://{args.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread as the command's error
             failure.append(e)
@@ -133,8 +181,27 @@ def run(args: argparse.Namespace) -> int:
     loader.start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        if broadcaster is None:
+            raise
+        # uvicorn re-raises the Ctrl-C it shut down on; a split server still stops its followers and ends
+        # as the other ranks do (0), so that every rank reaches the launcher's closing barrier
     finally:
         sock.close()
+    if broadcaster is not None:
+        _stop_followers(app, loader, broadcaster, failure)
     if failure:
         raise failure[0]
     return 0
+
+
+def _stop_followers(app: Any, loader: threading.Thread, broadcaster: Any, failure: list[BaseException]) -> None:
+    """Rank 0 of a split server, once uvicorn has stopped: wait for the loading (the followers are in it too)
+    and for the engine thread's last step, then send the followers STOP. A failed load sends nothing: the
+    launcher ends the other ranks when this one exits with the error."""
+    loader.join()
+    if failure:
+        return
+    if app.state.engine is not None:
+        app.state.engine.shutdown(timeout=None)  # no step may follow STOP: wait for the one under way
+    broadcaster.stop()

@@ -18,7 +18,7 @@ Longer rows (prefill chunks) and decode batches larger than every captured size 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import warnings
 
@@ -110,6 +110,9 @@ class ModelRunner:
         self.num_blocks = self.cache.num_pages
         self.max_pages = self.cache.max_pages
         self._checked_specs: set[tuple] = set()
+        # Called with every batch once it passed the host checks, before its forward: under -sm, rank 0 sends
+        # the step to the follower ranks there (glmtg.serve.split); None in one process.
+        self.before_forward: Callable[[RunnerBatch], None] | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             self._capture(sizes)
@@ -198,27 +201,36 @@ class ModelRunner:
         chunk), so a batch costs one forward per distinct chunk length.
         """
         self._check(batch)
-        rows = len(batch.token_ids)
+        if self.before_forward is not None:
+            self.before_forward(batch)
+        return self.forward_rows(batch.token_ids, batch.start_positions, batch.block_tables)
+
+    @torch.no_grad()
+    def forward_rows(self, token_ids: Sequence[Sequence[int]], starts: Sequence[int],
+                     tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``logits`` without the checks (rows that passed them, e.g. on rank 0 of a split server): the same
+        forwards in the same order for the same rows, whichever rank runs them."""
+        rows = len(token_ids)
         out = torch.empty(rows, self.config.vocab_size, dtype=torch.float32, device=self.device)
         groups: dict[int, list[int]] = {}
-        for i, tokens in enumerate(batch.token_ids):
+        for i, tokens in enumerate(token_ids):
             groups.setdefault(len(tokens), []).append(i)
         for width, members in groups.items():
             if width == 1 and self.graphs is not None:
-                got = self.graphs.run([batch.token_ids[i][0] for i in members],
-                                      [batch.start_positions[i] for i in members],
-                                      [batch.block_tables[i] for i in members])
+                got = self.graphs.run([token_ids[i][0] for i in members], [starts[i] for i in members],
+                                      [tables[i] for i in members])
                 if got is not None:
                     out[torch.tensor(members, device=self.device)] = got
                     continue
-            ids = torch.tensor([batch.token_ids[i] for i in members], dtype=torch.long).to(self.device)
-            lengths = torch.tensor([batch.start_positions[i] for i in members], dtype=torch.int32)
+            ids = torch.tensor([token_ids[i] for i in members], dtype=torch.long).to(self.device)
+            lengths = torch.tensor([starts[i] for i in members], dtype=torch.int32)
             table = torch.zeros(len(members), self.max_pages, dtype=torch.int32)  # page 0 pads: never read
             for r, i in enumerate(members):
-                blocks = batch.block_tables[i]
+                blocks = tables[i]
                 table[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             view = self.cache.rows(lengths.to(self.device), table.to(self.device))
-            # Positions and pages were checked on the host above: the model need not read lengths back.
+            # Positions and pages were checked on the host (``logits``, on rank 0 under -sm): the model need not
+            # read lengths back.
             got = self.model(ids, view, attn_backend=self.attn_backend, last_only=True, validate=False)
             out[torch.tensor(members, device=self.device)] = got[:, -1]
         return out

@@ -23,7 +23,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("argv, message", [
     (["--port", "70000"], "--port"),
     (["--parallel", "0"], "--parallel"),
-    (["-sm", "layer", "--gpus", "2"], "serve runs on one device"),
+    (["--gpus", "2"], "--gpus and -ts need -sm"),
     (["--alias", " "], "--alias"),
     (["--api-key", ""], "--api-key"),
     (["--cuda-graph-sizes", "0"], "--cuda-graph-sizes"),
