@@ -110,6 +110,7 @@ class ModelRunner:
         self.num_blocks = self.cache.num_pages
         self.max_pages = self.cache.max_pages
         self._checked_specs: set[tuple] = set()
+        self._spec_columns: dict[tuple, dict[str, torch.Tensor]] = {}  # sampling columns per batch of specs
         # Called with every batch once it passed the host checks, before its forward: under -sm, rank 0 sends
         # the step to the follower ranks there (glmtg.serve.split); None in one process.
         self.before_forward: Callable[[RunnerBatch], None] | None = None
@@ -220,6 +221,8 @@ class ModelRunner:
                 got = self.graphs.run([token_ids[i][0] for i in members], [starts[i] for i in members],
                                       [tables[i] for i in members])
                 if got is not None:
+                    if len(members) == rows:  # every row, in order: a copy (the graph's output is reused), no scatter
+                        return got.clone()
                     out[torch.tensor(members, device=self.device)] = got
                     continue
             ids = torch.tensor([token_ids[i] for i in members], dtype=torch.long).to(self.device)
@@ -232,6 +235,8 @@ class ModelRunner:
             # Positions and pages were checked on the host (``logits``, on rank 0 under -sm): the model need not
             # read lengths back.
             got = self.model(ids, view, attn_backend=self.attn_backend, last_only=True, validate=False)
+            if len(members) == rows:  # every row, in order: the forward's own output, no scatter
+                return got[:, -1]
             out[torch.tensor(members, device=self.device)] = got[:, -1]
         return out
 
@@ -241,7 +246,8 @@ class ModelRunner:
         chosen = [i for i, s in enumerate(batch.sample) if s]
         if not chosen:
             return [None] * len(batch.sample)
-        tokens = self._sample(logits[chosen], [batch.specs[i] for i in chosen], [batch.steps[i] for i in chosen])
+        rows = logits if len(chosen) == len(batch.sample) else logits[chosen]  # all rows: no gather
+        tokens = self._sample(rows, [batch.specs[i] for i in chosen], [batch.steps[i] for i in chosen])
         result: list[int | None] = [None] * len(batch.sample)
         for i, token in zip(chosen, tokens):
             result[i] = token
@@ -258,16 +264,20 @@ class ModelRunner:
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device)
 
-        tokens = sample(
-            logits,
-            temperature=column([float(s.temperature) for s in specs], torch.float32),
-            top_k=column([_top_k(s, vocab) for s in specs], torch.int64),
-            top_p=column([float(s.top_p) for s in specs], torch.float32),
-            min_p=column([float(s.min_p) for s in specs], torch.float32),
-            seed=column([s.seed for s in specs], torch.int64),
-            step=column(list(steps), torch.int64),
-            num_candidates=candidates,
-        )
+        # A decode batch sends the same specs step after step: their columns are made once (a host-to-device
+        # copy each) and reused; only the steps change.
+        key = tuple(specs)
+        static = self._spec_columns.get(key)
+        if static is None:
+            if len(self._spec_columns) >= _CHECKED_SPECS:
+                self._spec_columns.clear()
+            static = self._spec_columns[key] = dict(
+                temperature=column([float(s.temperature) for s in specs], torch.float32),
+                top_k=column([_top_k(s, vocab) for s in specs], torch.int64),
+                top_p=column([float(s.top_p) for s in specs], torch.float32),
+                min_p=column([float(s.min_p) for s in specs], torch.float32),
+                seed=column([s.seed for s in specs], torch.int64))
+        tokens = sample(logits, **static, step=column(list(steps), torch.int64), num_candidates=candidates)
         return tokens.tolist()
 
 
