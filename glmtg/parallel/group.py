@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from glmtg.parallel.peer_sum import peer_sum_for
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -55,8 +57,6 @@ class TPGroup:
         1), which picks the peer-memory buffer so that consecutive sums never share one."""
         if self.world_size > 1:
             if x.is_cuda:
-                from glmtg.parallel.peer_sum import peer_sum_for
-
                 fast = peer_sum_for(self.group, x)
                 if fast is not None and fast.applies(x):
                     return fast(x, parity)

@@ -75,14 +75,17 @@ def peer_sum_for(group: Any, x: torch.Tensor) -> PeerSum | None:
     """The PeerSum of ``group`` on ``x``'s device, made on first use (all ranks reach their first CUDA sum
     together, so the collective set-up lines up); None where the path is off or unavailable. Never made
     inside a graph capture (the set-up exchanges handles through the store): the caller uses NCCL then."""
-    if _switch.value != "auto" or not x.is_cuda or _ops() is None:
+    if _switch.value != "auto" or not x.is_cuda:
         return None
     key = (id(group), x.device.index or 0)
-    if key not in _by_group:
+    if key not in _by_group:  # decided once per group and device, off the per-sum path
         if torch.cuda.is_current_stream_capturing():
             return None
-        try:
-            _by_group[key] = PeerSum(group, x.device)
-        except Exception:  # no peer access or no symmetric memory in this build: NCCL from now on
+        if _ops() is None:  # this torch has no one-shot all-reduce: NCCL from now on
             _by_group[key] = None
+        else:
+            try:
+                _by_group[key] = PeerSum(group, x.device)
+            except Exception:  # no peer access or no symmetric memory in this build: NCCL from now on
+                _by_group[key] = None
     return _by_group[key]
