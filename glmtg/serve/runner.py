@@ -211,33 +211,33 @@ class ModelRunner:
                      tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """``logits`` without the checks (rows that passed them, e.g. on rank 0 of a split server): the same
         forwards in the same order for the same rows, whichever rank runs them."""
-        rows = len(token_ids)
-        out = torch.empty(rows, self.config.vocab_size, dtype=torch.float32, device=self.device)
         groups: dict[int, list[int]] = {}
         for i, tokens in enumerate(token_ids):
             groups.setdefault(len(tokens), []).append(i)
+        out = None
         for width, members in groups.items():
+            got = None
             if width == 1 and self.graphs is not None:
                 got = self.graphs.run([token_ids[i][0] for i in members], [starts[i] for i in members],
                                       [tables[i] for i in members])
-                if got is not None:
-                    if len(members) == rows:  # every row, in order: a copy (the graph's output is reused), no scatter
-                        return got.clone()
-                    out[torch.tensor(members, device=self.device)] = got
-                    continue
-            ids = torch.tensor([token_ids[i] for i in members], dtype=torch.long).to(self.device)
-            lengths = torch.tensor([starts[i] for i in members], dtype=torch.int32)
-            table = torch.zeros(len(members), self.max_pages, dtype=torch.int32)  # page 0 pads: never read
-            for r, i in enumerate(members):
-                blocks = tables[i]
-                table[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            view = self.cache.rows(lengths.to(self.device), table.to(self.device))
-            # Positions and pages were checked on the host (``logits``, on rank 0 under -sm): the model need not
-            # read lengths back.
-            got = self.model(ids, view, attn_backend=self.attn_backend, last_only=True, validate=False)
-            if len(members) == rows:  # every row, in order: the forward's own output, no scatter
-                return got[:, -1]
-            out[torch.tensor(members, device=self.device)] = got[:, -1]
+                if got is not None and len(groups) == 1:
+                    return got.clone()  # every row, in order; a copy, as the graph's output is reused
+            if got is None:
+                ids = torch.tensor([token_ids[i] for i in members], dtype=torch.long).to(self.device)
+                lengths = torch.tensor([starts[i] for i in members], dtype=torch.int32)
+                table = torch.zeros(len(members), self.max_pages, dtype=torch.int32)  # page 0 pads: never read
+                for r, i in enumerate(members):
+                    blocks = tables[i]
+                    table[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                view = self.cache.rows(lengths.to(self.device), table.to(self.device))
+                # Positions and pages were checked on the host (``logits``, on rank 0 under -sm): the model need
+                # not read lengths back.
+                got = self.model(ids, view, attn_backend=self.attn_backend, last_only=True, validate=False)[:, -1]
+                if len(groups) == 1:
+                    return got  # every row, in order: the forward's own output
+            if out is None:  # rows of several chunk lengths: scattered into one [rows, vocab]
+                out = torch.empty(len(token_ids), self.config.vocab_size, dtype=torch.float32, device=self.device)
+            out[torch.tensor(members, device=self.device)] = got
         return out
 
     def run(self, batch: RunnerBatch) -> list[int | None]:
