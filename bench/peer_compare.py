@@ -35,6 +35,12 @@ def read_glmtg(path: Path, metric: str = "tg") -> tuple[dict[int, float], dict]:
     return {int(r["n_kv"]): float(r[f"speed_{metric}"]) for r in data["rows"]}, data.get("environment", {})
 
 
+def read_glmtg_gbps(path: Path) -> dict[int, float]:
+    """sweep-bench's TG read rate per depth (GB/s: weights and KV a token reads over its time; under -sm,
+    rank 0's part)."""
+    return {int(r["n_kv"]): float(r["tg_gbps"]) for r in json.loads(path.read_text())["rows"] if "tg_gbps" in r}
+
+
 def read_mainline(path: Path) -> dict[int, float]:
     """llama-bench's markdown: `tg128` (depth 0) and `tg128 @ dN` rows, the t/s column as mean ± sd."""
     out = {}
@@ -86,6 +92,9 @@ def compare(args: argparse.Namespace) -> dict:
             row = {"depth": d, **{e: runs[e].get(d) for e in runs}}
             best = max((v for e, v in row.items() if e in ("mainline", "ik") and v), default=None)
             row["vs_best_peer"] = row["glmtg"] / best if best else None
+            if args.copy_tbs and args.metric == "tg":  # the fraction of the bandwidth limit glmtg reaches
+                gbps = read_glmtg_gbps(path).get(d)
+                row["glmtg_of_copy"] = gbps / (args.copy_tbs * 1e3) if gbps else None
             rows.append(row)
         cases[case] = rows
     base = getattr(args, "baseline", None)
@@ -100,7 +109,8 @@ def compare(args: argparse.Namespace) -> dict:
                     r[f"{e}_scaling"] = r[e] / b[e] if r.get(e) and b.get(e) else None
     if args.commit:  # the device copy's git metadata can be stale: the commit the runs were made at
         env = {**env, "glmtg_commit": args.commit}
-    return {"environment": env, "note": args.note, "baseline": base, "metric": args.metric, "cases": cases}
+    return {"environment": env, "note": args.note, "baseline": base, "metric": args.metric,
+            "copy_tbs": args.copy_tbs, "cases": cases}
 
 
 def markdown(result: dict) -> str:
@@ -110,17 +120,25 @@ def markdown(result: dict) -> str:
              f"glmtg {env.get('glmtg_commit', '')} torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
              f"{env.get('date', '?')}. {result.get('note') or ''}", "",
              "| case | depth | glmtg | llama.cpp | ik_llama.cpp | glmtg / best peer |"
-             + (" glmtg / its baseline | ik / its baseline |" if result.get("baseline") else ""),
-             "|---|---|---|---|---|---|" + ("---|---|" if result.get("baseline") else "")]
+             + (" glmtg / its baseline | ik / its baseline |" if result.get("baseline") else "")
+             + (" glmtg read rate, of copy |" if result.get("copy_tbs") else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if result.get("baseline") else "")
+             + ("---|" if result.get("copy_tbs") else "")]
     for case, rows in result["cases"].items():
         for r in rows:
             cells = [f"{r[e]:.1f}" if r.get(e) else "—" for e in ENGINES]
             ratio = f"{r['vs_best_peer']:.2f}×" if r.get("vs_best_peer") else "—"
             if result.get("baseline"):
                 ratio += "".join(f" | {r[k]:.2f}×" if r.get(k) else " | —" for k in ("glmtg_scaling", "ik_scaling"))
+            if result.get("copy_tbs"):
+                ratio += f" | {r['glmtg_of_copy']:.0%}" if r.get("glmtg_of_copy") else " | —"
             lines.append(f"| {case} | {r['depth']} | " + " | ".join(cells) + f" | {ratio} |")
     if result.get("baseline"):
         lines += ["", f"Baseline case (scaling = TG over the same engine's TG in it): {result['baseline']}."]
+    if result.get("copy_tbs"):
+        lines += ["", f"Read rate: the weight and KV bytes a token reads (under -sm: rank 0's part, per GPU) over "
+                      f"its time, as a fraction of the device copy rate {result['copy_tbs']} TB/s (read + write) "
+                      "measured on the same machine in the same session."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +175,8 @@ def main() -> int:
     ap.add_argument("--note", default="", help="a line for the table's header (how the runs were made)")
     ap.add_argument("--metric", choices=("tg", "pp"), default="tg",
                     help="token generation (default) or prompt processing; llama-bench tables are TG only")
+    ap.add_argument("--copy-tbs", type=float, default=None, metavar="TB/S",
+                    help="the device copy rate measured in the same session: adds glmtg's TG read rate as its fraction")
     ap.add_argument("--baseline", metavar="CASE", help="scaling columns: each engine's TG over its TG in CASE "
                     "(e.g. the one-GPU run)")
     ap.add_argument("--commit", help="glmtg commit the runs were made at (overrides the runs' own record)")
