@@ -71,18 +71,22 @@ def _kernel_table(prof, steps: int) -> tuple[list[dict], int]:
 
     device_kernels = 0
     all_names: collections.Counter[str] = collections.Counter()
+    name_us: collections.Counter[str] = collections.Counter()
     for evt in prof.events():
         if evt.cpu_parent is None and evt.device_type.name == "CPU":
             visit(evt, "(other)")
         elif evt.device_type.name == "CUDA":  # every kernel, Triton launches included (not all are attributed)
             device_kernels += 1
             all_names[evt.name[:60]] += 1
+            name_us[evt.name[:60]] += evt.time_range.elapsed_us()
     rows = [{"part": lab, "us_per_step": t / steps, "kernels_per_step": n / steps}
             for lab, (t, n) in sorted(per_label.items(), key=lambda kv: -kv[1][0])]
     # Every launch by kernel name, most frequent first: the nodes a CUDA graph replays. Triton launches
     # bypass the op-level correlation, so the module table above holds torch's kernels only; the
-    # profiler's durations of uncorrelated launches are not used (they came out inflated in eager mode).
-    top = [{"kernel": nm, "calls_per_step": n / steps} for nm, n in all_names.most_common(40)]
+    # profiler's durations of uncorrelated launches are eager-mode times (inflated by launch gaps): a guide
+    # to where a step's time goes, not a graph step's share.
+    top = [{"kernel": nm, "calls_per_step": n / steps, "eager_us_per_step": name_us[nm] / steps}
+           for nm, n in all_names.most_common(40)]
     return rows + [{"top_kernels": top}], device_kernels // steps
 
 
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=0, help="cached tokens before the step")
     p.add_argument("-ctk", "--cache-type", default="f16", help="K and V cache format")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (one token each)")
     p.add_argument("--glue", choices=("auto", "on", "off"), default="auto",
                    help="the decoder glue as fused kernels or torch ops (glmtg.layers.fused)")
     p.add_argument("--tp-part", type=int, default=1, metavar="N",
@@ -133,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tp_part > 1:
         model, kv_heads = _rank_part(model, config, file_type, args.tp_part, args.tp_experts)
     fmt = {"f16": "f16", "bf16": "bf16"}.get(args.cache_type, args.cache_type)
-    cache = KVCache(num_layers=config.num_hidden_layers, batch=1, capacity=args.depth + 64,
+    cache = KVCache(num_layers=config.num_hidden_layers, batch=args.batch, capacity=args.depth + 64,
                     num_kv_heads=kv_heads, head_dim=config.head_dim, k_format=fmt, device="cuda")
     cache.lengths.fill_(args.depth)
-    token = torch.randint(0, config.vocab_size, (1, 1), device="cuda")
+    token = torch.randint(0, config.vocab_size, (args.batch, 1), device="cuda")
 
     def step():
         return model(token, cache, attn_backend="glmtg", validate=False)
@@ -162,17 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "environment": common.environment(), "copy_bandwidth": copy, "preset": args.preset,
         "n_layers": args.n_layers, "type": args.type, "depth": args.depth, "cache": fmt, "glue": args.glue,
-        "tp_part": args.tp_part, "tp_experts": args.tp_experts,
+        "tp_part": args.tp_part, "tp_experts": args.tp_experts, "batch": args.batch,
         "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6, "kernel_us": kernel_us,
         "kernels_per_step": kernels, "weight_bytes": weight_bytes,
         "weight_floor_us": weight_bytes / copy * 1e6, "parts": rows, "top_kernels": top,
     }
     stem = args.out or common.result_path("step_profile",
                                           f"{args.preset}-{args.n_layers}l-{args.type}-{args.depth}-{args.glue}"
-                                          + (f"-tp{args.tp_part}" if args.tp_part > 1 else ""))
+                                          + (f"-tp{args.tp_part}" if args.tp_part > 1 else "")
+                                          + (f"-b{args.batch}" if args.batch > 1 else ""))
     common.write_json(stem.with_suffix(".json"), result)
     lines = [f"# One decode step: {args.preset}, {args.n_layers} layers, {args.type}, depth {args.depth}, "
-             f"cache {fmt}, glue {args.glue}"
+             f"cache {fmt}, glue {args.glue}, batch {args.batch}"
              + (f"; rank 0's part of a {args.tp_part}-way -sm graph split, its collectives no-ops"
                 if args.tp_part > 1 else ""), "",
              f"{result['environment'].get('device')}, torch {torch.__version__}, "
@@ -183,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
              "| part (torch kernels, by the module that launched them) | µs / step | kernels / step |",
              "|---|---|---|"]
     lines += [f"| {r['part']} | {r['us_per_step']:.1f} | {r['kernels_per_step']:.0f} |" for r in rows]
-    lines += ["", "| kernel (every launch) | calls / step |", "|---|---|"]
-    lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.0f} |" for r in top]
+    lines += ["", "| kernel (every launch) | calls / step | eager µs / step |", "|---|---|---|"]
+    lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.0f} | {r['eager_us_per_step']:.1f} |" for r in top]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
