@@ -39,6 +39,7 @@ from glmtg.cpu.build import kernel_library
 
 ALIGN = 64  # bytes between the staging buffers: each starts on a cache line
 PAGE = mmap.PAGESIZE  # bytes: the unit cudaHostRegister locks
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 
 # Field order is moe_kernel.c's glmtg_moe_node_args (checked against glmtg_cpu_moe_node_layout).
 _FIELDS = ("x", "ids", "weights", "out", "gate", "up", "down", "T", "H", "I", "E", "k", "fgu", "fd", "nthreads",
@@ -158,7 +159,8 @@ class NodeStaging:
         raw = torch.empty(pages + PAGE, dtype=torch.uint8)
         skip = -raw.data_ptr() % PAGE
         block = raw[skip:skip + pages]
-        if int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), pages, 0)) != 0:
+        # portable: pinned for every device's context, not only the current one
+        if int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), pages, HOST_REGISTER_PORTABLE)) != 0:
             return torch.empty(n, dtype=torch.uint8, pin_memory=True)  # torch's allocator: rounded, but pinned
         weakref.finalize(self, _unregister, block.data_ptr(), raw)  # holds raw until it is unregistered
         return block[:n]
