@@ -15,10 +15,10 @@ joined within a layer, glmtg.cpu.split_experts, is ordered with it). Per (layer,
 with those buffers' and the layer's stacks' addresses, kept by the layer: a captured graph bakes the
 struct's address and the buffers' addresses in, so neither is ever freed or moved while the layer lives.
 
-The launcher: ``cudaLaunchHostFunc`` of the CUDA runtime this process already loaded (torch's), else one
-found beside torch (torch/lib, the nvidia-cuda-runtime wheel), else the driver's ``cuLaunchHostFunc`` (same
-arguments). ``node_available()`` says whether this path runs here; where it does not, host experts copy
-synchronously (glmtg.cpu.host_experts) and the decode step is not captured.
+The launcher: ``cudaLaunchHostFunc`` of the CUDA runtime this process already loaded (torch's), else the
+driver's ``cuLaunchHostFunc`` (same arguments), else a runtime found beside torch (torch/lib, the
+nvidia-cuda-runtime wheel) or by the loader. ``node_available()`` says whether this path runs here; where
+it does not, host experts copy synchronously (glmtg.cpu.host_experts) and the decode step is not captured.
 """
 
 from __future__ import annotations
@@ -60,47 +60,46 @@ def layout_matches(lib: ctypes.CDLL) -> bool:
     return list(values[:n]) == want
 
 
-def _runtime_paths() -> list[str]:
-    """libcudart files to try, best first: those this process mapped already (torch's: launching through the
-    runtime instance torch uses), then torch/lib's and the nvidia-cuda-runtime wheel's, then the loader's."""
-    found: list[str] = []
+def _launch_candidates() -> list[tuple[str, str]]:
+    """(library, symbol) pairs to try, best first: a libcudart this process mapped already (torch's: launching
+    through the runtime instance torch uses); the driver (always the installed driver's version); then a
+    libcudart beside torch (torch/lib, the nvidia-cuda-runtime wheel) or the loader's, which could be built for
+    a newer driver than the one installed, so they come last."""
+    mapped: list[str] = []
     try:
         for line in Path("/proc/self/maps").read_text().splitlines():
             path = line.split()[-1]
-            if "libcudart" in Path(path).name and path not in found:
-                found.append(path)
+            if "libcudart" in Path(path).name and path not in mapped:
+                mapped.append(path)
     except (OSError, IndexError):
         pass
+    found = [(p, "cudaLaunchHostFunc") for p in mapped] + [("libcuda.so.1", "cuLaunchHostFunc")]
     dirs = [Path(torch.__file__).parent / "lib"]
     spec = importlib.util.find_spec("nvidia")
     if spec is not None and spec.submodule_search_locations:
         dirs += [Path(p) / "cuda_runtime" / "lib" for p in spec.submodule_search_locations]
     for d in dirs:
-        found += sorted(str(p) for p in d.glob("libcudart*.so*") if str(p) not in found)
+        found += [(str(p), "cudaLaunchHostFunc") for p in sorted(d.glob("libcudart*.so*"))]
     name = ctypes.util.find_library("cudart")
     if name:
-        found.append(name)
+        found.append((name, "cudaLaunchHostFunc"))
     return found
 
 
 @functools.cache
 def host_launcher() -> Callable[[int, int, int], int] | None:
     """launch(stream handle, host function address, argument address) -> CUDA error code (0: queued), or
-    None where no CUDA runtime or driver library can be loaded (module docstring: which one)."""
-    args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    for path in _runtime_paths():
+    None where no CUDA runtime or driver library can be loaded (_launch_candidates: the order). The runtime's
+    cudaLaunchHostFunc and the driver's cuLaunchHostFunc take the same arguments (a cudaStream_t is a
+    CUstream)."""
+    for path, symbol in _launch_candidates():
         try:
-            fn = ctypes.CDLL(path).cudaLaunchHostFunc
+            fn = getattr(ctypes.CDLL(path), symbol)
         except (OSError, AttributeError):
             continue
-        fn.argtypes, fn.restype = args, ctypes.c_int
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
         return lambda stream, f, a: fn(stream, f, a)
-    try:
-        fn = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = args, ctypes.c_int
-    return lambda stream, f, a: fn(stream, f, a)
+    return None
 
 
 @functools.cache
