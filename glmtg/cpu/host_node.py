@@ -115,8 +115,10 @@ def _node_function() -> int | None:
     return ctypes.cast(lib.glmtg_cpu_moe_node, ctypes.c_void_p).value
 
 
+@functools.cache
 def node_available() -> bool:
-    """Whether host experts with CUDA inputs run as host nodes here: CUDA, a launcher and the built kernel."""
+    """Whether host experts with CUDA inputs run as host nodes here: CUDA, a launcher and the built kernel.
+    Decided once per process (every host layer's forward asks)."""
     return torch.cuda.is_available() and host_launcher() is not None and _node_function() is not None
 
 
