@@ -55,7 +55,11 @@ def last_logits(model):
     """Yields a static fp32 [2, vocab] tensor that every forward of ``model`` overwrites with its last
     position's logits (a device copy, so it is captured with the decode step and refreshed by each replay)."""
     seen = torch.empty(2, CONFIG.vocab_size, device="cuda")
-    hook = model.register_forward_hook(lambda m, args, out: seen.copy_(out[:, -1]))
+
+    def keep(module, args, out) -> None:  # returns None: the forward's output stays as it is
+        seen.copy_(out[:, -1])
+
+    hook = model.register_forward_hook(keep)
     try:
         yield seen
     finally:
@@ -113,7 +117,8 @@ def test_replay_reads_the_host_arena(path):
         assert graphed.uses_cuda_graph
         before = seen.clone()
         model.layers[1].mlp.experts.arena.buffer.zero_()
-        graphed.truncate(len(PROMPT[0]))
+        graphed.reset()
+        graphed.prefill(PROMPT)  # eager, over the zeroed experts, as the reference engine's below
         graphed.decode_step(FORCED[0])  # the same step, replayed over zeroed experts
         replayed = seen.clone()
         engine(model, graph=False).decode_step(FORCED[0])
