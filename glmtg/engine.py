@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmtg.cpu.host_experts import host_expert_layers
+from glmtg.cpu.host_node import node_available
 from glmtg.layers.attention import BACKENDS
 from glmtg.config import ModelConfig
 from glmtg.formats import KV_FORMATS
@@ -130,13 +131,14 @@ def check_kv_fits(config: ModelConfig, settings: EngineConfig, device: torch.dev
 def decode_graph_blocker(model: torch.nn.Module) -> str | None:
     """Why ``model``'s decode step must run eagerly (a one-line notice), or None when it can be captured.
 
-    Host-placed routed experts (glmtg.cpu.host_experts) copy to the host and run the CPU kernel from
-    Python, which a CUDA graph cannot replay; overlapping them inside the graph is a later slice."""
+    Host-placed routed experts (glmtg.cpu.host_experts) are captured as CUDA host nodes (glmtg.cpu.host_node)
+    where this process can launch them (a CUDA runtime or driver library and the compiled CPU kernel);
+    without that they copy to the host and call the kernel from Python, which a CUDA graph cannot replay."""
     layers = host_expert_layers(model)
-    if not layers:
+    if not layers or node_available():
         return None
-    return (f"CUDA-graph decode is off: the routed experts of {len(layers)} layer(s) run on the CPU, which is "
-            f"not overlapped inside a graph yet")
+    return (f"CUDA-graph decode is off: the routed experts of {len(layers)} layer(s) run on the CPU without "
+            f"CUDA host nodes here (no CUDA runtime library or no compiled CPU kernel)")
 
 
 def _synchronize(device: torch.device) -> None:

@@ -6,7 +6,8 @@ it reads; ``physical_cores`` its default thread count; ``kernel_isa`` which code
 
 ``glmtg.cpu.placement`` parses llama.cpp's --cpu-moe / --n-cpu-moe / -ot into the layers whose experts live
 in host memory; ``glmtg.cpu.host_experts.HostExperts`` holds such a layer's blocks in one host arena and
-runs them with ``cpu_moe`` (imported from there: they depend on glmtg.layers).
+runs them with ``cpu_moe`` (imported from there: they depend on glmtg.layers); with CUDA inputs as CUDA host
+nodes queued on the stream (``glmtg.cpu.host_node``), so that the decode step stays one CUDA graph.
 """
 
 from glmtg.cpu.build import kernel_isa

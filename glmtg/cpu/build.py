@@ -51,6 +51,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmtg_cpu_moe.restype = ctypes.c_int
     lib.glmtg_cpu_moe_isa.argtypes = []
     lib.glmtg_cpu_moe_isa.restype = ctypes.c_char_p
+    lib.glmtg_cpu_moe_node.argtypes = [p]
+    lib.glmtg_cpu_moe_node.restype = None
+    lib.glmtg_cpu_moe_node_layout.argtypes = [p, i]
+    lib.glmtg_cpu_moe_node_layout.restype = ctypes.c_int
     return lib
 
 

@@ -6,8 +6,10 @@ stream from it asynchronously) and whose forward runs ``cpu_moe``: x, ids and we
 fused CPU call computes Σ_k w_k expert_k(x), and the result comes back in x's dtype on x's device, to be
 added where the device experts' result would be (glmtg.layers.moe.MoE: the shared expert adds to it).
 
-This slice copies synchronously and runs after the device work that precedes it (no overlap yet), so a
-decode step with host experts is not captured in a CUDA graph (the engine turns graphs off).
+CUDA inputs: the copies and the CPU call are queued on the current stream as a CUDA host node
+(glmtg.cpu.host_node): no host sync, capturable, so a decode step with host experts is one CUDA graph.
+Where that path is unavailable (no CUDA runtime library or no compiled kernel; one warning) and for CPU
+inputs, the copies are synchronous and the kernel is called from Python.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from torch import nn
 
 from glmtg.config import ModelConfig
-from glmtg.cpu.experts import CPU_FORMATS, cpu_moe
+from glmtg.cpu.experts import CPU_FORMATS, cpu_moe, physical_cores
+from glmtg.cpu.host_node import HostNode, NodeStaging, node_available, node_inputs, warn_unavailable
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
 
@@ -44,6 +47,7 @@ class HostArena:
         self.pinned = False
         self._raw: torch.Tensor | None = None
         self._members: list[HostExperts] = []
+        self.staging = NodeStaging()  # pinned buffers of its members' host-node calls, allocated on use
 
     def reserve(self, nbytes: int) -> int:
         """Room for ``nbytes`` more bytes; returns their offset (a multiple of ALIGN)."""
@@ -115,6 +119,7 @@ class HostExperts(QuantExperts):
                              f"must share a format for the CPU expert kernel")
         self.layer = layer
         self.arena = arena
+        self._node: HostNode | None = None  # made at the first CUDA call, after the arena is bound
         self._offsets = {p: arena.reserve(getattr(self, p).numel()) for p in PARAMS}
         arena.join(self)
 
@@ -123,6 +128,7 @@ class HostExperts(QuantExperts):
         for p in PARAMS:
             shape = tuple(getattr(self, p).shape)
             self._parameters[p] = nn.Parameter(arena.view(self._offsets[p], shape), requires_grad=False)
+        self._node = None
 
     def load_expert(self, param: str, expert: int | None, value: torch.Tensor) -> bool:
         """Copy raw blocks (from any device: a memory map, the GPU) into the arena: the whole stack for
@@ -155,8 +161,31 @@ class HostExperts(QuantExperts):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
-        dtype on x's device; slots routed to experts held elsewhere add nothing."""
+        dtype on x's device; slots routed to experts held elsewhere add nothing. CUDA inputs: queued on the
+        current stream as a host node (no host sync; the result is ready in stream order)."""
+        if x.is_cuda:
+            if node_available():
+                inputs = self.node_inputs(x, ids, weights)
+                self.queue_node(inputs, torch.cuda.current_stream(x.device))
+                return inputs[3].to(x.dtype)
+            warn_unavailable()
         return self.host_sum(*self.to_host(x, ids, weights)).to(device=x.device, dtype=x.dtype)
+
+    def node_inputs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``queue_node``, made on the current stream: (x fp32, stack slots int64 (-1: held elsewhere),
+        weights fp32, all contiguous on x's device, and the empty fp32 [T, H] device buffer of the result)."""
+        slots = ids if self.placement.holds_all else self.placement.local_ids(ids)
+        return node_inputs(x, slots, weights)
+
+    def queue_node(self, inputs: tuple[torch.Tensor, ...], stream: torch.cuda.Stream) -> None:
+        """Queue ``node_inputs``' copies to pinned memory, the CPU kernel and the copy of its result into
+        ``inputs[3]`` on ``stream`` (glmtg.cpu.host_node.HostNode.queue: the caller keeps ``inputs`` alive)."""
+        if self._node is None:
+            fgu, fd = CPU_FORMATS[self.formats["gate_proj"]], CPU_FORMATS[self.formats["down_proj"]]
+            self._node = HostNode(self.gate_proj, self.up_proj, self.down_proj, fgu, fd, self.arena.staging,
+                                  physical_cores())
+        self._node.queue(*inputs, stream)
 
     def to_host(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, non_blocking: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

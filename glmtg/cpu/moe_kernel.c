@@ -17,6 +17,7 @@
  * read once per call whatever the number of tokens.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,4 +195,50 @@ done:
     free(start); free(pos); free(tok); free(act); free(xq); free(xdx); free(xsum);
     free(fill); free(G); free(U); free(aq); free(adx); free(Y); free(asum);
     return rc;
+}
+
+/* The arguments of one layer's call as a CUDA host node (glmtg/cpu/host_node.py mirrors this struct with
+ * ctypes and checks its layout against glmtg_cpu_moe_node_layout). The pointers are the pinned host buffers
+ * the stream copies into and out of, and the layer's stacks in the host arena; a captured graph bakes the
+ * struct's address in, so the Python side keeps it alive as long as the layer. */
+typedef struct {
+    const float *x;         /* [T, H] */
+    const int64_t *ids;     /* [T, k] stack slots, -1 (or any id outside [0, E)): held elsewhere */
+    const float *weights;   /* [T, k] */
+    float *out;             /* [T, H] */
+    const uint8_t *gate, *up, *down;
+    int32_t T, H, I, E, k, fgu, fd, nthreads;
+    int32_t rc;             /* written by each call: glmtg_cpu_moe's return code */
+} glmtg_moe_node_args;
+
+/* cudaHostFn_t's signature: runs glmtg_cpu_moe on the struct's buffers. No CUDA calls (CUDA forbids them in
+ * host functions) and no Python. A failure cannot be reported to the stream, so it leaves NaN in out (the
+ * step's result shows it) and its code in rc. */
+void glmtg_cpu_moe_node(void *p) {
+    glmtg_moe_node_args *a = (glmtg_moe_node_args *)p;
+    int rc = glmtg_cpu_moe(a->x, a->T, a->H, a->I, a->E, a->k, a->gate, a->up, a->down, a->ids, a->weights,
+                           a->fgu, a->fd, a->nthreads, a->out);
+    a->rc = rc;
+    if (rc != 0)
+        for (long i = 0; i < (long)a->T * a->H; i++) a->out[i] = NAN;
+}
+
+/* The struct's layout for the Python mirror's check: sizeof, then the offset of each field in declaration
+ * order (x, ids, weights, out, gate, up, down, T, H, I, E, k, fgu, fd, nthreads, rc). Returns the count
+ * written (at most n). */
+int glmtg_cpu_moe_node_layout(int64_t *v, int n) {
+    const int64_t all[] = {
+        sizeof(glmtg_moe_node_args),
+        offsetof(glmtg_moe_node_args, x), offsetof(glmtg_moe_node_args, ids),
+        offsetof(glmtg_moe_node_args, weights), offsetof(glmtg_moe_node_args, out),
+        offsetof(glmtg_moe_node_args, gate), offsetof(glmtg_moe_node_args, up),
+        offsetof(glmtg_moe_node_args, down), offsetof(glmtg_moe_node_args, T),
+        offsetof(glmtg_moe_node_args, H), offsetof(glmtg_moe_node_args, I),
+        offsetof(glmtg_moe_node_args, E), offsetof(glmtg_moe_node_args, k),
+        offsetof(glmtg_moe_node_args, fgu), offsetof(glmtg_moe_node_args, fd),
+        offsetof(glmtg_moe_node_args, nthreads), offsetof(glmtg_moe_node_args, rc),
+    };
+    int m = (int)(sizeof(all) / sizeof(all[0]));
+    for (int i = 0; i < m && i < n; i++) v[i] = all[i];
+    return m;
 }

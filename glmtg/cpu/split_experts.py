@@ -7,10 +7,12 @@ pair is computed by exactly one part (the other sees its id as -1 and its weight
 sums add in fp32: the result is the all-in-one-place one up to fp32 summation order (plus, for bf16/f16
 activations, the device part's rounding to that dtype before the add).
 
-On CUDA the host part's inputs are copied to pinned memory without waiting, the device part's kernels are
-queued behind them, and the CPU kernel runs while the GPU computes its experts (one sync per layer on the
-copy's event, then one copy of the host sum back). The slot table and pinned copies are not captured: a
-model with host experts decodes without CUDA graphs (glmtg.engine.decode_graph_blocker).
+On CUDA the host part is a host node (glmtg.cpu.host_node) queued on a side stream forked from the current
+one: its copies to pinned memory, the CPU kernel and the copy back run while the current stream computes the
+device part's experts; the current stream then waits for the side stream (events: capturable, no host
+sync) and adds the two sums. Where the host-node path is unavailable, the old path: the copies to pinned
+memory are queued, the device experts behind them, and the host waits on the copies' event before it calls
+the CPU kernel (such a model decodes without CUDA graphs: glmtg.engine.decode_graph_blocker).
 
 Checkpoint view: one slot per stacked parameter, as an unsplit layer's (``slots``), so loaders and writers
 see the file's whole stacks; ``load_expert`` and ``load_split`` send each expert to its part.
@@ -25,6 +27,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import HostArena, HostExperts
+from glmtg.cpu.host_node import node_available, warn_unavailable
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.params import TensorSlot
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
@@ -50,6 +53,7 @@ class SplitExperts(nn.Module):
         self.host_experts = HostExperts(config, dtype, formats, arena, layer, placement=host)
         self.formats = dict(self.device_experts.formats)
         self.widths = dict(self.device_experts.widths)
+        self._side: dict[str, torch.cuda.Stream] = {}  # per device: the stream the host part is queued on
 
     def slots(self, prefix: str) -> Iterator[TensorSlot]:
         """The checkpoint slots of the whole layer (``prefix`` = this module's name + "."): the file's stacks
@@ -104,7 +108,21 @@ class SplitExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
         dtype on x's device: the device experts' sum plus the host experts' sum, added in fp32."""
-        staged = self.host_experts.to_host(x, ids, weights, non_blocking=True)
+        host = self.host_experts
+        if x.is_cuda and node_available():
+            inputs = host.node_inputs(x, ids, weights)  # made on the current stream, used by both
+            main = torch.cuda.current_stream(x.device)
+            side = self._side.get(str(x.device))
+            if side is None:
+                side = self._side[str(x.device)] = torch.cuda.Stream(x.device)
+            side.wait_stream(main)
+            host.queue_node(inputs, side)  # the CPU kernel runs while the device experts below run on main
+            on_device = self.device_experts(x, ids, weights)
+            main.wait_stream(side)  # ``inputs`` stay referenced until here: their memory is not reused early
+            return (on_device.float() + inputs[3]).to(x.dtype)
+        if x.is_cuda:
+            warn_unavailable()
+        staged = host.to_host(x, ids, weights, non_blocking=True)
         copied = None
         if x.is_cuda:
             copied = torch.cuda.Event()
@@ -112,5 +130,5 @@ class SplitExperts(nn.Module):
         on_device = self.device_experts(x, ids, weights)  # queued behind the copies; runs beside the CPU
         if copied is not None:
             copied.synchronize()  # the copies only, not the device experts queued after them
-        on_host = self.host_experts.host_sum(*staged)
+        on_host = host.host_sum(*staged)
         return (on_device.float() + on_host.to(x.device)).to(x.dtype)

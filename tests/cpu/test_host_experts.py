@@ -3,7 +3,7 @@ stacks' blocks unchanged in one 64-byte-aligned host arena and runs them with th
 
 On this CPU-only machine the "GPU" is the CPU device, so the checks are: (1) the same file with and without
 --cpu-moe gives close logits, (2) a host layer's experts against a float64 reference, (3) the engine turns
-CUDA-graph decode off where experts are host-placed.
+CUDA-graph decode off where host experts cannot run as CUDA host nodes.
 
 Tolerances (why): the CPU kernel rounds its activations to int8 per 32 values (x, then silu(g)·u; the
 mmvq path's rounding), which the CPU's device path (QuantExperts' float loop) does not. (2) reproduces
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import glmtg.engine as engine_module
 from glmtg.cpu.host_experts import HostExperts, host_expert_layers
 from glmtg.cpu.placement import resolve, rules_of
 from glmtg.engine import Engine, EngineConfig, decode_graph_blocker
@@ -115,9 +116,14 @@ def test_host_layer_against_float64_reference(path):
     assert bound.max() < 1e-2 * np.abs(ref).max()
 
 
-def test_engine_runs_host_experts_eagerly(path):
+def test_engine_graph_rule_for_host_experts(path, monkeypatch):
+    """Host experts block CUDA-graph decode only where they cannot run as CUDA host nodes (glmtg.cpu.host_node):
+    then a one-line notice; the engine runs them eagerly on the CPU device either way."""
     host, device = load(path, ("--cpu-moe", None)), load(path)
     assert decode_graph_blocker(device) is None
+    monkeypatch.setattr(engine_module, "node_available", lambda: True)
+    assert decode_graph_blocker(host) is None
+    monkeypatch.setattr(engine_module, "node_available", lambda: False)
     notice = decode_graph_blocker(host)
     assert notice.startswith("CUDA-graph decode is off: the routed experts of 3 layer(s) run on the CPU")
     assert "\n" not in notice
@@ -128,6 +134,8 @@ def test_engine_runs_host_experts_eagerly(path):
 
 @pytest.mark.gpu
 def test_cuda_model_with_host_experts(path):
+    """On CUDA the host experts are host nodes: the engine captures its decode step without a warning (the
+    graph's results: tests/cpu/test_host_node_gpu.py)."""
     device, host = load(path, device="cuda"), load(path, ("--cpu-moe", None), device="cuda")
     assert host.layers[1].mlp.experts.arena.pinned and host.layers[1].mlp.experts.gate_proj.device.type == "cpu"
     ids = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).cuda()
@@ -137,5 +145,5 @@ def test_cuda_model_with_host_experts(path):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         engine = Engine(host, CONFIG, EngineConfig(ctx_size=32, ubatch=8, k_format="f16"))
-    assert not engine.uses_cuda_graph
-    assert [str(w.message) for w in seen] == [decode_graph_blocker(host)]
+    assert engine.uses_cuda_graph and decode_graph_blocker(host) is None
+    assert [str(w.message) for w in seen] == []
