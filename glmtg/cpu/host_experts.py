@@ -21,6 +21,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.cpu.experts import CPU_FORMATS, cpu_moe
+from glmtg.cpu.stream_experts import stream_prefill, use_stream
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
 
@@ -156,6 +157,8 @@ class HostExperts(QuantExperts):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
         dtype on x's device; slots routed to experts held elsewhere add nothing."""
+        if use_stream(self, x):  # a big batch on CUDA: the GPU runs a streamed copy (glmtg.cpu.stream_experts)
+            return stream_prefill(self, x, ids, weights)
         return self.host_sum(*self.to_host(x, ids, weights)).to(device=x.device, dtype=x.dtype)
 
     def to_host(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, non_blocking: bool = False

@@ -9,7 +9,8 @@ activations, the device part's rounding to that dtype before the add).
 
 On CUDA the host part's inputs are copied to pinned memory without waiting, the device part's kernels are
 queued behind them, and the CPU kernel runs while the GPU computes its experts (one sync per layer on the
-copy's event, then one copy of the host sum back). The slot table and pinned copies are not captured: a
+copy's event, then one copy of the host sum back); a big batch runs the host part on the GPU as well, from
+a streamed copy of its blocks (glmtg.cpu.stream_experts). The slot table and pinned copies are not captured: a
 model with host experts decodes without CUDA graphs (glmtg.engine.decode_graph_blocker).
 
 Checkpoint view: one slot per stacked parameter, as an unsplit layer's (``slots``), so loaders and writers
@@ -25,6 +26,7 @@ from torch import nn
 
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import HostArena, HostExperts
+from glmtg.cpu.stream_experts import stream_prefill, use_stream
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.params import TensorSlot
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
@@ -103,7 +105,12 @@ class SplitExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
-        dtype on x's device: the device experts' sum plus the host experts' sum, added in fp32."""
+        dtype on x's device: the device experts' sum plus the host experts' sum, added in fp32. A big batch
+        on CUDA runs the host part on the GPU too, from a streamed copy (glmtg.cpu.stream_experts)."""
+        if use_stream(self.host_experts, x):
+            on_device = self.device_experts(x, ids, weights)  # queued first: runs while the copy may still go
+            streamed = stream_prefill(self.host_experts, x, ids, weights)
+            return (on_device.float() + streamed.float()).to(x.dtype)
         staged = self.host_experts.to_host(x, ids, weights, non_blocking=True)
         copied = None
         if x.is_cuda:
