@@ -20,8 +20,8 @@ from glmtg.cli import experts, ranks
 from glmtg.cli.experts import add_placement_flags
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import host_expert_layers
-from glmtg.cpu.stream_experts import settings as host_prefill_settings
 from glmtg.cpu.placement import HostPlacement, resolve, rules_of
+from glmtg.cpu.stream_experts import settings as host_prefill_settings
 from glmtg.engine import Engine, EngineConfig, default_ubatch, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS

@@ -94,6 +94,9 @@ class Stager:
         self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        if self.cuda:  # freed only after the copy stream's queued work too (a stager dropped mid-flight)
+            for buf in self.buffers:
+                buf.record_stream(self.stream)
         self.ready: list[torch.cuda.Event | None] = [None, None]  # copy into buffer b done (copy stream)
         self.freed: list[torch.cuda.Event | None] = [None, None]  # last kernels reading b done (compute)
         self.holds: list[HostExperts | None] = [None, None]  # an unconsumed copy of this layer sits in b

@@ -2,7 +2,7 @@
 
 On this CPU-only machine the "device" is the CPU: ``stream_prefill`` copies a HostExperts layer's blocks
 into a CPU staging buffer and runs ``moe_prefill`` there (Triton interpreter), the same call QuantExperts
-makes for many pairs. (CUDA streams, events and the size threshold: tests/gpu/test_stream_experts_gpu.py.)
+makes for many pairs. (CUDA streams, events and the size threshold: tests/cpu/test_stream_experts_gpu.py.)
 
 Tolerances (why): (1) streamed == QuantExperts on the same blocks, bit for bit (the same kernel on a byte copy
 of the same stacks, the same launch configuration); (2) against float64: tests/references/gguf_gemm.py
@@ -10,6 +10,8 @@ of the same stacks, the same launch configuration); (2) against float64: tests/r
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -116,7 +118,7 @@ def test_prefetch_in_sequence_then_out_of_order_never_stale():
 def test_the_switch_and_its_checks():
     host, _, full = _layers("q4_0", "q8_0", 64, 1, seed=30)
     model = nn.ModuleList(host)
-    x, ids, weights = _inputs(70, 64, full[0], seed=1)
+    x = _inputs(70, 64, full[0], seed=1)[0]
     assert settings(model) == {"mode": "gpu", "min_tokens": stream_experts.MIN_TOKENS, "staging_bytes": 0,
                                "copies": 0}
     assert not use_stream(host[0], x)  # x on the CPU: the CPU kernel, whatever the size
@@ -155,3 +157,13 @@ BASE = ["sweep-bench", "--type", "Q8_0", "--device", "cpu", "--no-warmup", "-c",
 def test_bad_flags(capsys, flags, message):
     rc, _, err = run(capsys, *BASE, *flags)
     assert rc == 2 and one_error_line(err) and message in err, err
+
+
+def test_sweep_bench_applies_and_records_the_flags(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    rc, stdout, err = run(capsys, *BASE, "--cpu-moe", "--host-prefill", "cpu", "--host-prefill-min", "8",
+                          "-ub", "8", "-n", "2", "--no-progress", "-o", str(out))
+    assert rc == 0, err
+    assert json.loads(out.read_text())["environment"]["host_prefill"] == {
+        "mode": "cpu", "min_tokens": 8, "staging_bytes": 0, "copies": 0}
+    assert "host prefill: cpu from 8 tokens, 0.00 GB staging, 0 layer copies" in stdout
