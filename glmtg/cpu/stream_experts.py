@@ -91,7 +91,8 @@ class Stager:
         self.index = {id(m): i for i, m in enumerate(members)}
         self.device = device
         self.nbytes = max(stack_layout(m)[1] for m in members)
-        self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        with torch.inference_mode(False):  # writable later outside inference mode too (made in the first call)
+            self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         if self.cuda:  # freed only after the copy stream's queued work too (a stager dropped mid-flight)

@@ -167,3 +167,12 @@ def test_sweep_bench_applies_and_records_the_flags(capsys, tmp_path):
     assert json.loads(out.read_text())["environment"]["host_prefill"] == {
         "mode": "cpu", "min_tokens": 8, "staging_bytes": 0, "copies": 0}
     assert "host prefill: cpu from 8 tokens, 0.00 GB staging, 0 layer copies" in stdout
+
+
+def test_buffers_made_in_inference_mode_serve_later_calls():
+    host, device, full = _layers("q8_0", "q4_0", 64, 1, seed=50)
+    x, ids, weights = _inputs(8, 64, full[0], seed=4)
+    with torch.inference_mode():
+        first = stream_prefill(host[0], x, ids, weights)
+    assert torch.equal(stream_prefill(host[0], x, ids, weights), first)
+    assert torch.equal(first, device[0](x, ids, weights))
