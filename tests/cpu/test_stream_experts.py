@@ -11,6 +11,7 @@ of the same stacks, the same launch configuration); (2) against float64: tests/r
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -176,3 +177,27 @@ def test_buffers_made_in_inference_mode_serve_later_calls():
         first = stream_prefill(host[0], x, ids, weights)
     assert torch.equal(stream_prefill(host[0], x, ids, weights), first)
     assert torch.equal(first, device[0](x, ids, weights))
+
+
+def test_gpu_experts_budget_leaves_room_for_staging(monkeypatch, capsys):
+    """--gpu-experts auto on a GPU: the staging buffers (2 x the largest host layer) come off the budget,
+    unless --host-prefill cpu. (mem_get_info stubbed: this machine has no GPU; nothing else touches CUDA.)"""
+    from glmtg.cli.experts import place_gpu_experts
+    from glmtg.cpu.gpu_experts import MARGIN_MIN, expert_bytes, staging_bytes
+    from glmtg.cpu.placement import HostPlacement
+    from glmtg.loading.presets import mix_tensor_bytes, preset_config
+
+    config = preset_config("tiny", None)
+    sizes = mix_tensor_bytes(config, "Q8_0")
+    host = HostPlacement(frozenset({1, 2, 3}))
+    layer = sum(sizes[f"blk.2.ffn_{p}_exps.weight"] for p in ("gate", "up", "down"))
+    assert staging_bytes(sizes, host.layers) == 2 * (layer + 3 * 256) and staging_bytes(sizes, []) == 0
+    per_expert = expert_bytes(sizes, [1, 2, 3], config.n_routed_experts)[1]
+    free = MARGIN_MIN + 2 * (layer + 3 * 256) + 5 * per_expert  # room for 5 experts beside the staging
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free))
+    moved = {}
+    for mode in (None, "cpu"):
+        args = argparse.Namespace(gpu_experts="auto", gpu_experts_budget=None, host_prefill=mode)
+        with pytest.warns(UserWarning, match="without counts"):
+            moved[mode] = place_gpu_experts(args, config, host, sizes, torch.device("cuda"), needed=0)[1]
+    assert moved[None] == 5 * per_expert and moved["cpu"] > moved[None]
