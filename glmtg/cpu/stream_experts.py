@@ -228,7 +228,8 @@ def _stager(experts: HostExperts, device: torch.device) -> Stager | None:
         return state.stager
     if state.stager is False:
         return None
-    members = [m for m in experts.arena._members if streamable(m)]  # model order: the prefetch order
+    # the arena's layers in the order the model built them (layer order): the prefetch order
+    members = [m for m in experts.arena._members if streamable(m)]
     if experts not in members:
         members.append(experts)
     need = 2 * max(stack_layout(m)[1] for m in members)
