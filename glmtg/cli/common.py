@@ -21,6 +21,7 @@ from glmtg.cli.experts import add_placement_flags
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import host_expert_layers
 from glmtg.cpu.placement import HostPlacement, resolve, rules_of
+from glmtg.cpu.stream_experts import settings as host_prefill_settings
 from glmtg.engine import Engine, EngineConfig, default_ubatch, kv_cache_bytes, kv_cache_hint
 from glmtg.files import existing_file
 from glmtg.formats import KV_FORMATS
@@ -383,6 +384,7 @@ def load(args: argparse.Namespace, source: Source, *, ctx_size: int, tokenizer: 
     check_memory(args, source, device, ctx_size)
     loaded = _load(args, source, device, dtype, tokenizer)
     experts.start_counting(args, loaded.model, loaded.config)  # --save-expert-counts
+    experts.apply_host_prefill(args, loaded.model)  # --host-prefill, --host-prefill-min
     return loaded
 
 
@@ -488,5 +490,6 @@ def environment(args: argparse.Namespace, loaded: Loaded, engine: Engine) -> dic
         "ubatch": engine.settings.ubatch,
         "cuda_graph": engine.uses_cuda_graph,
         "host_expert_layers": host_expert_layers(loaded.model),
+        "host_prefill": host_prefill_settings(loaded.model),
         "kv_bytes_per_token": engine.cache.bytes_per_token,
     }

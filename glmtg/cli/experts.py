@@ -1,5 +1,6 @@
 """Expert placement flags: llama.cpp's ``--cpu-moe``, ``--n-cpu-moe N``, ``-ot REGEX=DEV`` (glmtg/cpu/placement.py),
-glmtg's ``--gpu-experts auto[:COUNTS.json]`` / ``--gpu-experts-budget SIZE`` (glmtg/cpu/gpu_experts.py) and
+glmtg's ``--gpu-experts auto[:COUNTS.json]`` / ``--gpu-experts-budget SIZE`` (glmtg/cpu/gpu_experts.py),
+``--host-prefill gpu|cpu`` / ``--host-prefill-min N`` (glmtg/cpu/stream_experts.py) and
 ``--save-expert-counts FILE`` (glmtg/cpu/expert_counts.py): parsing, checks before any work, and the counts
 written when the command ends."""
 
@@ -23,9 +24,11 @@ from glmtg.cpu.gpu_experts import (
     gpu_budget,
     parse_gpu_experts,
     parse_size,
+    staging_bytes,
     with_device_experts,
 )
 from glmtg.cpu.placement import HostPlacement, rules_of
+from glmtg.cpu.stream_experts import MIN_TOKENS, parse_host_prefill, parse_min_tokens
 
 _counters: list[tuple[ExpertCounter, Path]] = []  # counting since the model loaded; written by write_counts
 
@@ -79,6 +82,13 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-experts-budget", metavar="SIZE", default=None, type=_checked(parse_size),
                    help="bytes of experts --gpu-experts may put on the device (e.g. 20GiB, 1.5GB); default: the "
                         "free VRAM less weights, KV cache and max(1 GiB, 5%%); required on a CPU device")
+    g.add_argument("--host-prefill", metavar="gpu|cpu", default=None, type=_checked(parse_host_prefill),
+                   help="where prefill chunks run host-placed experts: gpu (default: each layer's blocks are "
+                        "copied to the GPU, double-buffered, and run there; costs 2 x the largest host layer "
+                        "of VRAM) or cpu (the CPU expert kernel, no VRAM)")
+    g.add_argument("--host-prefill-min", metavar="N", default=None, type=_checked(parse_min_tokens),
+                   help=f"--host-prefill gpu streams batches of at least N tokens (default {MIN_TOKENS}); "
+                        "smaller ones (decode) run on the CPU")
     g.add_argument("--save-expert-counts", metavar="FILE", default=None,
                    help="count how often each layer's router selects each expert while the command runs, and "
                         "write them to FILE (JSON) when it ends: with perplexity -f TEXT, the calibration "
@@ -100,6 +110,10 @@ def check_flags(args: argparse.Namespace, config: ModelConfig, host: HostPlaceme
         path = parse_gpu_experts(gpu_experts)
         if path is not None:
             ExpertCounts.load(path, config)
+    for flag in ("host_prefill", "host_prefill_min"):
+        if getattr(args, flag, None) is not None and not host:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to host-placed experts: add --cpu-moe (or "
+                             f"--n-cpu-moe N, -ot ...=CPU)")
     if getattr(args, "save_expert_counts", None) is not None:
         if getattr(args, "split_mode", "none") != "none":
             raise ValueError("--save-expert-counts does not combine with -sm yet")
@@ -117,6 +131,8 @@ def place_gpu_experts(args: argparse.Namespace, config: ModelConfig, host: HostP
         budget = args.gpu_experts_budget
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
+        if (getattr(args, "host_prefill", None) or "gpu") == "gpu":  # the streamed prefill's buffers
+            needed += staging_bytes(tensor_bytes, host.layers)
         budget = gpu_budget(free, total, needed)
     else:
         raise ValueError("--gpu-experts on a CPU device has no VRAM to fill: give --gpu-experts-budget SIZE")
@@ -133,6 +149,14 @@ def place_gpu_experts(args: argparse.Namespace, config: ModelConfig, host: HostP
           f"{len(host.layers) - len(placed.layers)} layer(s) wholly, {len(placed.device_experts)} split",
           file=sys.stderr, flush=True)
     return placed, moved
+
+
+def apply_host_prefill(args: argparse.Namespace, model: nn.Module) -> None:
+    """--host-prefill / --host-prefill-min: set the loaded model's prefill of host-placed experts."""
+    from glmtg.cpu import stream_experts
+
+    mode = getattr(args, "host_prefill", None) or "gpu"
+    stream_experts.configure(model, mode, getattr(args, "host_prefill_min", None) or MIN_TOKENS)
 
 
 def _size(n: int) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from glmtg.cli import common, ranks
+from glmtg.cpu.stream_experts import settings as host_prefill_settings
 from glmtg.eval.plot import plot_runs
 from glmtg.eval.sweep import SweepRow, run_label, run_sweep, sweep_depths, write_json
 
@@ -81,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     part = " of rank 0's part" if getattr(args, "split_mode", "none") != "none" else ""
     print(f"\nTG bandwidth{part} (active weights + KV read per token, estimated), GB/s: "
           + ", ".join(f"{r.tg_gbps:.3g} @ {r.n_kv}" for r in rows))
+    streamed = host_prefill_settings(loaded.model)
+    if streamed is not None:  # what the sweep did with host-placed experts (copies: warm-up included)
+        env["host_prefill"] = streamed
+        print(f"host prefill: {streamed['mode']} from {streamed['min_tokens']} tokens, "
+              f"{streamed['staging_bytes'] / 1e9:.2f} GB staging, {streamed['copies']} layer copies")
     if args.output is not None and ranks.writes_files(args):
         env["tg"] = tg
         write_json(args.output, rows, env, tg)

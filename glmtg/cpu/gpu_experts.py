@@ -2,7 +2,8 @@
 ``-ot``), put the most often selected of them back on the GPU, (layer, expert) by (layer, expert), until a
 byte budget is filled; the rest stay on the host and each such layer runs split (glmtg.cpu.split_experts).
 
-The budget is the VRAM left after the weights, the KV cache and a margin (``gpu_budget``), or an explicit
+The budget is the VRAM left after the weights, the KV cache, the streamed prefill's two staging buffers
+(``staging_bytes``, unless ``--host-prefill cpu``) and a margin (``gpu_budget``), or an explicit
 ``--gpu-experts-budget SIZE`` (also how it runs on a CPU-only machine, where the "GPU" is the CPU).
 
 Fill order (``choose_device_experts``): every host-placed (layer, expert) by selections, most first, ties by
@@ -54,6 +55,15 @@ def gpu_budget(free: int, total: int, needed: int) -> int:
     """Bytes of experts the GPU can take: ``free`` now, less ``needed`` (the model's other weights and its KV
     cache, not yet allocated) and a margin of max(1 GiB, 5% of ``total``); 0 when nothing is left."""
     return max(0, free - needed - max(MARGIN_MIN, int(total * MARGIN_FRACTION)))
+
+
+def staging_bytes(tensor_bytes: Mapping[str, int], layers: Iterable[int]) -> int:
+    """Device bytes the streamed prefill of host-placed experts takes (glmtg.cpu.stream_experts): two staging
+    buffers of the largest of ``layers``' three expert stacks (whole layers: an upper bound once some of their
+    experts come back to the device), plus each stack's alignment; 0 for no layers."""
+    sizes = [sum(tensor_bytes.get(f"blk.{layer}.ffn_{p}_exps.weight", 0) + 256 for p in ("gate", "up", "down"))
+             for layer in layers]
+    return 2 * max(sizes, default=0)
 
 
 def expert_bytes(tensor_bytes: Mapping[str, int], layers: Iterable[int], num_experts: int) -> dict[int, int]:

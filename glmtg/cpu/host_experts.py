@@ -24,6 +24,7 @@ from torch import nn
 from glmtg.config import ModelConfig
 from glmtg.cpu.experts import CPU_FORMATS, cpu_moe, physical_cores
 from glmtg.cpu.host_node import HostNode, NodeStaging, node_available, node_inputs, warn_unavailable
+from glmtg.cpu.stream_experts import stream_prefill, use_stream
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
 
@@ -161,8 +162,11 @@ class HostExperts(QuantExperts):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
-        dtype on x's device; slots routed to experts held elsewhere add nothing. CUDA inputs: queued on the
-        current stream as a host node (no host sync; the result is ready in stream order)."""
+        dtype on x's device; slots routed to experts held elsewhere add nothing. A big batch on CUDA runs on
+        the GPU from a streamed copy of the blocks (glmtg.cpu.stream_experts); other CUDA inputs are queued on
+        the current stream as a host node (no host sync; the result is ready in stream order)."""
+        if use_stream(self, x):
+            return stream_prefill(self, x, ids, weights)
         if x.is_cuda:
             if node_available():
                 inputs = self.node_inputs(x, ids, weights)

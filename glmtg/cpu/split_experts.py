@@ -10,7 +10,8 @@ activations, the device part's rounding to that dtype before the add).
 On CUDA the host part is a host node (glmtg.cpu.host_node) queued on a side stream forked from the current
 one: its copies to pinned memory, the CPU kernel and the copy back run while the current stream computes the
 device part's experts; the current stream then waits for the side stream (events: capturable, no host
-sync) and adds the two sums. Where the host-node path is unavailable, the old path: the copies to pinned
+sync) and adds the two sums. A big batch runs the host part on the GPU as well, from a streamed
+copy of its blocks (glmtg.cpu.stream_experts). Where the host-node path is unavailable, the old path: the copies to pinned
 memory are queued, the device experts behind them, and the host waits on the copies' event before it calls
 the CPU kernel (such a model decodes without CUDA graphs: glmtg.engine.decode_graph_blocker).
 
@@ -28,6 +29,7 @@ from torch import nn
 from glmtg.config import ModelConfig
 from glmtg.cpu.host_experts import HostArena, HostExperts
 from glmtg.cpu.host_node import node_available, warn_unavailable
+from glmtg.cpu.stream_experts import stream_prefill, use_stream
 from glmtg.layers.moe import ExpertPlacement
 from glmtg.layers.params import TensorSlot
 from glmtg.layers.quant_experts import PARAMS, QuantExperts
@@ -107,8 +109,13 @@ class SplitExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] (layer-wide expert ids) -> Σ_k weights * expert_k(x), [T, H] in x's
-        dtype on x's device: the device experts' sum plus the host experts' sum, added in fp32."""
+        dtype on x's device: the device experts' sum plus the host experts' sum, added in fp32. A big batch
+        on CUDA runs the host part on the GPU too, from a streamed copy (glmtg.cpu.stream_experts)."""
         host = self.host_experts
+        if use_stream(host, x):
+            on_device = self.device_experts(x, ids, weights)  # queued first: runs while the copy may still go
+            streamed = stream_prefill(host, x, ids, weights)
+            return (on_device.float() + streamed.float()).to(x.dtype)
         if x.is_cuda and node_available():
             inputs = host.node_inputs(x, ids, weights)  # made on the current stream, used by both
             main = torch.cuda.current_stream(x.device)
