@@ -1,0 +1,157 @@
+"""QuantLinear and QuantExperts at decode-batch sizes (2..64 tokens): the kernel backend runs the decode-batch
+kernels of glmtg/kernels/gguf/small_batch.py (mmq_small for dense products, moe_prefill with small_batch's
+launches for the routed experts; the interpreter here), ``GLMTG_SMALL_BATCH=old`` (``MODE``) the paths
+from before, T = 1 the GEMV.
+
+Which path ran is observed by wrapping the launchers (monkeypatch). Values against float64 with the bounds
+of tests/references/gguf_gemm.py (derivations there): activations are not rounded to int8 on these paths,
+so no int8 term; QuantLinear adds bias and residual in x's dtype after the product (one rounding each).
+Token counts are odd (3, 5, 17: not multiples of the 16-row m-tile); the experts' routing repeats experts
+(17 tokens on one expert: two m-tiles of it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmtg.kernels.gguf import mmq_moe as moe_module
+from glmtg.kernels.gguf import mmq_small as small_module
+from glmtg.kernels.gguf import small_batch
+from glmtg.layers.quant_experts import QuantExperts
+from glmtg.layers.quant_linear import QuantLinear
+from tests.references.gguf_gemm import UNIT, dot_tolerance, moe_reference
+from tests.references.model import tiny
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's, inside the interpreter
+
+EXPERT_FORMATS = {"gate_proj": "q4_0", "up_proj": "q4_0", "down_proj": "q8_0"}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Launches of mmq_small and moe_prefill (with their keyword arguments), the real kernels still running."""
+    seen: dict[str, list] = {"mmq_small": [], "moe_prefill": []}
+
+    def wrap(module, name):
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            seen[name].append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    wrap(small_module, "mmq_small")
+    wrap(moe_module, "moe_prefill")
+    monkeypatch.setattr(small_batch, "MODE", "new")
+    return seen
+
+
+def _linear(blocks, dtype: torch.dtype, seed: int):
+    random_blocks, values = blocks
+    gen = torch.Generator().manual_seed(seed)
+    k = 256
+    shards = (("q", 5), ("k", 3), ("v", 3))  # q/k in one q4_k run, v in q6_k (a Q4_K_M file's attention)
+    lin = QuantLinear(k, shards, bias=True, formats={"q": "q4_k", "k": "q4_k", "v": "q6_k"}, dtype=dtype,
+                      backend="kernel")
+    ws = []
+    for name, rows in shards:
+        raw = random_blocks((rows, k), lin.formats[name], gen)
+        lin.load_shard("weight", name, raw)
+        ws.append(values(raw, lin.formats[name]))
+    lin.load_shard("bias", None, torch.randn(11, generator=gen).to(dtype))
+    return lin, torch.cat(ws), gen
+
+
+@pytest.mark.parametrize(("t", "dtype"), [(3, torch.float16), (5, torch.float32), (17, torch.float16)])
+def test_linear_decode_batch_runs_mmq_small(blocks, calls, t, dtype):
+    lin, w64, gen = _linear(blocks, dtype, seed=t)
+    x = torch.randn(t, 256, generator=gen).to(dtype)
+    res = torch.randn(t, 11, generator=gen).to(dtype)
+    y = lin(x, residual=res)
+    assert len(calls["mmq_small"]) == 2  # one launch per run of shards
+    prod = x.double() @ w64.T
+    ref = prod + lin.bias.double() + res.double()
+    u = UNIT[dtype]
+    # the product's bound, then two more roundings (bias, residual) of sums of size <= |prod| + |b| + |res|
+    tol = dot_tolerance(x.double(), w64, dtype) + u * (prod.abs() + 2 * (ref.abs() + lin.bias.double().abs()
+                                                                      + res.double().abs()))
+    err = (y.double() - ref).abs()
+    assert y.dtype == dtype and bool((err <= tol).all()), float((err / tol).max())
+    assert not lin.int8_decode(x)  # the fused SwiGLU's int8 route stays off for these sizes
+
+
+def test_linear_old_mode_and_one_token_keep_their_paths(blocks, calls, monkeypatch):
+    lin, _, gen = _linear(blocks, torch.float32, seed=20)
+    lin(torch.randn(1, 256, generator=gen))  # T = 1: the GEMV
+    assert calls["mmq_small"] == []
+    monkeypatch.setattr(small_batch, "MODE", "old")
+    lin(torch.randn(3, 256, generator=gen))
+    assert calls["mmq_small"] == []
+    monkeypatch.setattr(small_batch, "MODE", "new")
+    lin.gemm = "dequant"  # the A/B switch of the layer keeps the old paths too
+    lin(torch.randn(3, 256, generator=gen))
+    assert calls["mmq_small"] == []
+
+
+def _experts(blocks, dtype: torch.dtype, seed: int):
+    random_blocks, values = blocks
+    config = tiny(hidden_size=96, moe_intermediate_size=64, n_routed_experts=5)
+    gen = torch.Generator().manual_seed(seed)
+    experts = QuantExperts(config, dtype, EXPERT_FORMATS, backend="kernel")
+    full = {}
+    for p, shape in (("gate_proj", (5, 64, 96)), ("up_proj", (5, 64, 96)), ("down_proj", (5, 96, 64))):
+        raw = random_blocks(shape, EXPERT_FORMATS[p], gen)
+        full[p] = values(raw, EXPERT_FORMATS[p])
+        experts.load_expert(p, None, raw)
+    return experts, full, gen
+
+
+@pytest.mark.parametrize(("t", "dtype"), [(3, torch.float16), (17, torch.float32)])
+def test_experts_decode_batch_run_grouped_gemm(blocks, calls, t, dtype):
+    experts, full, gen = _experts(blocks, dtype, seed=30 + t)
+    x = (torch.randn(t, 96, generator=gen) / 40).to(dtype)
+    # slot 0: expert 3 for every token (17 pairs: two 16-pair tiles of one expert); slot 1 any other
+    others = torch.tensor([0, 1, 2, 4])
+    ids = torch.stack([torch.full((t,), 3), others[torch.randint(0, 4, (t,), generator=gen)]], 1)
+    weights = torch.rand(t, 2, generator=gen) + 0.1
+    assert not experts._kernel(x, 2 * t) and experts.shared_blocks(x, None) is None
+    y = experts(x, ids, weights)
+    assert len(calls["moe_prefill"]) == 1 and y.dtype == dtype
+    kw = calls["moe_prefill"][0]
+    assert kw["gate_up_config"] == small_batch.moe_configs(32, 32, on_gpu=False)[0]
+    ref, tol = moe_reference(x, full["gate_proj"], full["up_proj"], full["down_proj"], ids, weights, dtype)
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), float((err / tol).max())
+
+
+def test_experts_old_mode_keep_the_decode_kernel(blocks, calls, monkeypatch):
+    experts, _, gen = _experts(blocks, torch.float32, seed=40)
+    x = torch.randn(2, 96, generator=gen) / 40
+    monkeypatch.setattr(small_batch, "MODE", "old")
+    assert experts._kernel(x, 4)  # 4 pairs <= 5 experts: the per-pair decode kernel, as before
+    experts(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2, generator=gen))
+    assert calls["moe_prefill"] == []
+
+
+def test_switches_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GLMTG_SMALL_BATCH", "newer")
+    with pytest.raises(ValueError, match="GLMTG_SMALL_BATCH"):
+        small_batch._env_mode()
+    monkeypatch.setenv("GLMTG_SMALL_BATCH", "old")
+    assert small_batch._env_mode() == "old"
+    monkeypatch.setenv("GLMTG_SMALL_BATCH_MAX", "lots")
+    with pytest.raises(ValueError, match="GLMTG_SMALL_BATCH_MAX"):
+        small_batch._env_tokens("GLMTG_SMALL_BATCH_MAX", 64)
+    monkeypatch.setenv("GLMTG_SMALL_BATCH_MAX", "32")
+    assert small_batch._env_tokens("GLMTG_SMALL_BATCH_MAX", 64) == 32
+
+
+def test_takes(monkeypatch):
+    monkeypatch.setattr(small_batch, "MODE", "new")
+    assert small_batch.takes(2, "q4_0", "q6_k") and small_batch.takes(64, "q8_0")
+    assert not small_batch.takes(1, "q4_0") and not small_batch.takes(65, "q4_0")
+    assert not small_batch.takes(8, "q4_0", "iq2_xxs")  # a format outside FORMATS keeps its path
+    monkeypatch.setattr(small_batch, "MODE", "old")
+    assert not small_batch.takes(8, "q4_0")
