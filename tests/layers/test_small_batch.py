@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glmtg.formats import REGISTRY
 from glmtg.kernels.gguf import mmq_moe as moe_module
 from glmtg.kernels.gguf import mmq_small as small_module
 from glmtg.kernels.gguf import small_batch
@@ -155,3 +156,120 @@ def test_takes(monkeypatch):
     assert not small_batch.takes(8, "q4_0", "iq2_xxs")  # a format outside FORMATS keeps its path
     monkeypatch.setattr(small_batch, "MODE", "old")
     assert not small_batch.takes(8, "q4_0")
+
+
+
+def _gpu_blocks(shape: tuple[int, ...], fmt: str, width: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [*shape, row bytes] of rows of ``width`` values in ``fmt``, random bytes made on the GPU with bit
+    6 of every byte cleared: each fp16 field then has an exponent below 16 (finite scales under 2)."""
+    f = REGISTRY[fmt]
+    return torch.randint(0, 256, (*shape, width // f.block_size * f.type_size), dtype=torch.uint8, device="cuda",
+                         generator=gen) & 0xBF
+
+
+def _gpu_values(raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    return REGISTRY[fmt].dequantize_blocks(raw).double()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", (2, 8, 17, 64))
+def test_air_experts_on_gpu_captured(t, monkeypatch):
+    """GLM-4.5-Air's experts layer (128 experts, I = 1408, H = 4096; q4_0 gate/up, q8_0 down as a Q4_0 file)
+    in bf16: against float64, then captured in a CUDA graph and replayed with new x, routing and weights,
+    bit-equal to eager runs on those (the path is deterministic). T = 17: every token on expert 5 in slot 0
+    (two m-tiles of one expert).
+
+    Bound (float64, per pair): bf16 rounds the weights, act and each pair's output (u = 2^-8 each) and sums
+    in fp32: |err act| <= 2^-7 (1.1 |up| Σ|x||Wg| + |silu g| Σ|x||Wu|) + u |act|, then through down:
+    <= 2^-5 · (A @ |D|ᵀ) with A = 1.1 |up| Σ|x||Wg| + |silu g| Σ|x||Wu| + |act| (a margin of 2 over the sum
+    of the four terms); out: Σ_s |w_s| · that + 2^-7 |ref| (one fp32 sum and its rounding)."""
+    from glmtg.config import ModelConfig
+
+    monkeypatch.setattr(small_batch, "MODE", "new")
+    gen = torch.Generator(device="cuda").manual_seed(50 + t)
+    with torch.device("meta"):
+        experts = QuantExperts(ModelConfig.preset("glm-4.5-air"), torch.bfloat16, EXPERT_FORMATS, backend="kernel")
+    for p, (rows, width) in (("gate_proj", (1408, 4096)), ("up_proj", (1408, 4096)), ("down_proj", (4096, 1408))):
+        experts.load_expert(p, None, _gpu_blocks((128, rows), EXPERT_FORMATS[p], width, gen))
+
+    def inputs():
+        x = (torch.randn(t, 4096, device="cuda", generator=gen) / 16).to(torch.bfloat16)
+        ids = torch.rand(t, 128, device="cuda", generator=gen).argsort(dim=1)[:, :8]
+        if t == 17:
+            ids = torch.where(ids == 5, ids[:, :1], ids)  # expert 5 out of the other slots, then into slot 0
+            ids[:, 0] = 5
+        return x, ids, torch.rand(t, 8, device="cuda", generator=gen)
+
+    x, ids, wts = inputs()
+    y = experts(x, ids, wts)
+    ref = torch.zeros(t, 4096, dtype=torch.float64, device="cuda")
+    tol = torch.zeros_like(ref)
+    x64 = x.double()
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        wg, wu, wd = (_gpu_values(getattr(experts, p)[e], EXPERT_FORMATS[p])
+                      for p in ("gate_proj", "up_proj", "down_proj"))
+        xr = x64[tok]
+        g, up = xr @ wg.T, xr @ wu.T
+        silu = g * torch.sigmoid(g)
+        mag = 1.1 * up.abs() * (xr.abs() @ wg.abs().T) + silu.abs() * (xr.abs() @ wu.abs().T) + (silu * up).abs()
+        w = wts[tok, slot].double()[:, None]
+        ref.index_add_(0, tok, w * ((silu * up) @ wd.T))
+        tol.index_add_(0, tok, w.abs() * 2.0 ** -5 * (mag @ wd.abs().T))
+    tol += 2.0 ** -7 * ref.abs()
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), float((err / tol).max())
+
+    static = [v.clone() for v in (x, ids, wts)]
+    experts(*static)  # compiled and warm outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = experts(*static)
+    for _ in range(2):
+        for buf, new in zip(static, inputs()):
+            buf.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, experts(*static))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", (3, 8, 33, 64))
+@pytest.mark.parametrize(("fmt", "n", "k"), [("q4_0", 4096, 12288), ("q6_k", 151552 // 4, 4096), ("q4_k", 1024, 4096)])
+def test_air_linear_on_gpu_captured(t, fmt, n, k, monkeypatch):
+    """Air's o_proj (q4_0), a quarter of the lm_head (q6_k) and k_proj with a bias (q4_k) in bf16 with a
+    residual: against float64 (dot_tolerance: weights rounded to bf16, fp32 sums; plus the bias and residual
+    roundings), then captured in a CUDA graph and replayed with new x and residual, equal to eager runs."""
+    monkeypatch.setattr(small_batch, "MODE", "new")
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    with torch.device("meta"):
+        lin = QuantLinear(k, n, bias=fmt == "q4_k", formats=fmt, dtype=torch.bfloat16, backend="kernel")
+    lin.load_shard("weight", None, _gpu_blocks((n,), fmt, k, gen))
+    if lin.bias is not None:
+        lin.bias = torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16),
+                                      requires_grad=False)
+    x = (torch.randn(t, k, device="cuda", generator=gen) / 16).to(torch.bfloat16)
+    res = torch.randn(t, n, device="cuda", generator=gen).to(torch.bfloat16)
+    y = lin(x, residual=res)
+    w64 = _gpu_values(lin.weight, fmt)
+    prod = x.double() @ w64.T
+    bias = 0.0 if lin.bias is None else lin.bias.double()
+    ref = prod + bias + res.double()
+    u = UNIT[torch.bfloat16]
+    tol = dot_tolerance(x.double(), w64, torch.bfloat16) + u * (prod.abs() + 2 * (ref.abs() + abs(bias) + res.double().abs()))
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), float((err / tol).max())
+
+    static_x, static_res = x.clone(), res.clone()
+    lin(static_x, residual=static_res)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lin(static_x, residual=static_res)
+    for _ in range(2):
+        static_x.copy_((torch.randn(t, k, device="cuda", generator=gen) / 16).to(torch.bfloat16))
+        static_res.copy_(torch.randn(t, n, device="cuda", generator=gen).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, lin(static_x, residual=static_res))

@@ -22,7 +22,15 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.gemv import check_weight, decoded_format
-from glmtg.kernels.gguf.mmq import MmqConfig, check_config, check_dot_dtype, fp32_config, launch_fitted, mmq, mmq_tile
+from glmtg.kernels.gguf.mmq import (
+    MmqConfig,
+    check_config,
+    check_dot_dtype,
+    fp32_config,
+    launch_fitted,
+    mmq,
+    mmq_tile,
+)
 from glmtg.kernels.gguf.mmvq import epilogue_operands
 from glmtg.kernels.gguf.small_batch import dense_config, sm_count, split_for
 from glmtg.kernels.gguf.tables import lookup_table
