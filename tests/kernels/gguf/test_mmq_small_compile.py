@@ -1,4 +1,5 @@
-"""The decode-batch kernels (glmtg/kernels/gguf/mmq_small.py; mmq_moe.py at small_batch's launches) compile
+"""The decode-batch kernels (glmtg/kernels/gguf/mmq_small.py; mmq_moe.py at small_batch's launches and the
+pair grouping of moe_groups.py) compile
 for sm_80, sm_86, sm_89 and sm_90 at their default GPU launches for T = 8 and 64, bf16 x, on any machine:
 tensor-core dots (mma / wgmma in the PTX), shared memory within each architecture's per-block limit (a launch
 over it would be shrunk at run time by mmq.launch_fitted, at a cost), and no register spills on sm_90 (ptxas).
@@ -28,6 +29,7 @@ def _cases():
     from glmtg.kernels.gguf import small_batch
     from glmtg.kernels.gguf.mmq_moe import _down_kernel, _gate_up_kernel
     from glmtg.kernels.gguf.mmq_small import _partial_kernel, _sum_kernel
+    from glmtg.kernels.gguf.moe_groups import _group_kernel
 
     def blocks(f) -> dict:
         return {"FMT": f.gguf_type, "BS": f.block_size, "TS": f.type_size}
@@ -43,6 +45,8 @@ def _cases():
                    {"num_warps": c.num_warps, "num_stages": c.num_stages})
     yield ("sum bf16", False, _sum_kernel, {"BLOCK_T": 16, "BLOCK_N": 128, "HAS_BIAS": True, "HAS_RES": True},
            {"P": "*fp32", "Y": "*bf16", "Bias": "*bf16", "Res": "*bf16"}, {"num_warps": 4})
+    yield ("group pairs", False, _group_kernel, {"BLOCK_P": 64, "BLOCK_E": 128}, {"Ids": "*i64", "Order": "*i64",
+                                                                                 "Ends": "*i32"}, {"num_warps": 8})
     for gu, dn in MOE:
         fg, fd = REGISTRY[gu], REGISTRY[dn]
         gcfg, dcfg = small_batch.moe_configs(fg.block_size, fd.block_size, on_gpu=True)
@@ -51,7 +55,7 @@ def _cases():
                      "G": c.block_k // f.block_size, "IEEE": False}
             yield (f"{kernel.fn.__name__} {f.name}", True, kernel, const,
                    {"X": "*bf16", "Gate": "*u8", "Up": "*u8", "Down": "*u8", "Act": "*bf16", "Y": "*bf16",
-                    "Order": "*i64", "PairEnds": "*i32", "TileEnds": "*i32", "Aux": "*i32"},
+                    "Order": "*i64", "PairEnds": "*i32", "Aux": "*i32"},
                    {"num_warps": c.num_warps, "num_stages": c.num_stages})
 
 
@@ -105,7 +109,7 @@ def main() -> int:
 def test_small_batch_kernels_compile_for_every_arch(compile_report) -> None:
     stdout, table = compile_report(__file__, timeout=900)
     rows = [cells for cells in table if len(cells) == 7 and cells[0].startswith("sm_")]
-    assert len(rows) == len(ARCHS) * (len(DENSE) * len(TOKENS) + 1 + 2 * len(MOE)), stdout
+    assert len(rows) == len(ARCHS) * (len(DENSE) * len(TOKENS) + 2 + 2 * len(MOE)), stdout
     for arch, label, dot, ops, shared, limit, spills in rows:
         assert int(shared) <= int(limit), f"{arch} {label} takes {shared} bytes of shared memory (limit {limit})"
         assert int(spills) == 0, f"{arch} {label} spills {spills} bytes"
