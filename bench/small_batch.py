@@ -12,6 +12,8 @@ keep it), and one routed-experts layer (128 experts, top 8, gate/up 1408 x 4096,
 fallback type where 1408 needs it), each token's 8 experts drawn uniformly without repeats. Kinds:
 
 - ``new``: what runs now (GLMTG_SMALL_BATCH=new): mmq_small; QuantExperts -> moe_prefill, small launches;
+- ``int8`` (q4_0 / q8_0 dense only): GLMTG_SMALL_BATCH_DOT=int8's mmq_i8 (int8 codes, int8 tensor-core
+  dots; x's rounding to int8 timed with it);
 - ``old``: what ran before (GLMTG_SMALL_BATCH=old): T <= 16 the int8 GEMV (mmvq; quant_matvec for formats
   it does not read), above it dequantize to bf16 + F.linear; QuantExperts -> mmvq_moe (its per-pair decode
   kernel, which runs while a graph is captured whatever the pairs).
@@ -76,6 +78,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_dense(problem: str, fmt: str, n: int, k: int, tokens: int, copy_bw: float, replays: int,
                 gen: torch.Generator) -> list[dict]:
+    from glmtg.kernels.gguf.mmq_i8 import I8_FORMATS, mmq_i8
     from glmtg.kernels.gguf.mmq_small import mmq_small
 
     f = REGISTRY[fmt]
@@ -90,6 +93,9 @@ def bench_dense(problem: str, fmt: str, n: int, k: int, tokens: int, copy_bw: fl
     t_new = time_graph([lambda i=i: mmq_small(xs[i], ws[i], fmt, out=new[i]) for i in range(sets)], replays)
     rows = [_row("old", problem, fmt, tokens, nbytes, t_old, copy_bw),
             _row("new", problem, fmt, tokens, nbytes, t_new, copy_bw, _rel(new[0], old[0]))]
+    if fmt in I8_FORMATS:  # GLMTG_SMALL_BATCH_DOT=int8's kernel, x's int8 rounding timed with it
+        t_i8 = time_graph([lambda i=i: mmq_i8(xs[i], ws[i], fmt, out=new[i]) for i in range(sets)], replays)
+        rows.append(_row("int8", problem, fmt, tokens, nbytes, t_i8, copy_bw, _rel(new[0], old[0])))
     return rows
 
 
@@ -144,18 +150,21 @@ def markdown(payload: dict) -> str:
               "read (weights; experts: the union the routing selects) / copy bandwidth; 'of bound' = bound / time. "
               "new = mmq_small / moe_prefill (small launches), old = mmvq (T <= 16) or dequantize + F.linear, "
               "mmvq_moe for the experts."), "",
-             "| problem | type | T | old µs | new µs | bound µs | old of bound | new of bound | speed-up | rel. err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| problem | type | T | old µs | new µs | int8 µs | bound µs | old of bound | new of bound | "
+              "int8 of bound | speed-up | rel. err |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = payload["rows"]
     for r in (r for r in rows if r["kind"] == "new"):
-        o = next((q for q in rows if q["kind"] == "old" and q["problem"] == r["problem"] and q["fmt"] == r["fmt"]
-                  and q["tokens"] == r["tokens"]), None)
+        o, i8 = (next((q for q in rows if q["kind"] == kind and q["problem"] == r["problem"]
+                       and q["fmt"] == r["fmt"] and q["tokens"] == r["tokens"]), None) for kind in ("old", "int8"))
         old_us = "" if o is None else f"{o['us']:.1f}"
         old_frac = "" if o is None else f"{o['of_bound']:.0%}"
         speed = "" if o is None else f"{o['us'] / r['us']:.2f}x"
         err = "" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
-        lines.append(f"| {r['problem']} | {r['fmt']} | {r['tokens']} | {old_us} | {r['us']:.1f} | "
-                     f"{r['bound_us']:.1f} | {old_frac} | {r['of_bound']:.0%} | {speed} | {err} |")
+        i8_us = "" if i8 is None else f"{i8['us']:.1f}"
+        i8_frac = "" if i8 is None else f"{i8['of_bound']:.0%}"
+        lines.append(f"| {r['problem']} | {r['fmt']} | {r['tokens']} | {old_us} | {r['us']:.1f} | {i8_us} | "
+                     f"{r['bound_us']:.1f} | {old_frac} | {r['of_bound']:.0%} | {i8_frac} | {speed} | {err} |")
     return "\n".join(lines) + "\n"
 
 

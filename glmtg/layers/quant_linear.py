@@ -6,8 +6,8 @@ modules hold those bytes as they are and read them two ways:
 - few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
   the weight bytes, which is what decode speed is made of.
 - a decode batch (2..64 tokens, glmtg/kernels/gguf/small_batch.py; ``GLMTG_SMALL_BATCH=old`` turns it off):
-  ``glmtg.kernels.gguf.mmq_small.mmq_small``, each weight tile decoded once for all the tokens into
-  tensor-core dots, bias and residual in its epilogue.
+  ``glmtg.kernels.gguf.dispatch.batch_matmul`` (mmq_small: each weight tile decoded once for all the
+  tokens into tensor-core dots; or mmq_i8's int8 dots), bias and residual in its epilogue.
 - many tokens (prefill): the rows are dequantized to the activations' dtype (a transient of one projection,
   freed after its product) and multiplied with ``F.linear`` (cuBLAS), faster than decoding tiles inside a
   GEMM for these dense shapes (bench/DECISIONS.md H6). ``gemm = "mmq"`` takes
@@ -224,10 +224,10 @@ class QuantLinear(Linear):
         """Every run's dequantizing GEMM (``small``: the decode-batch one, mmq_small) written into its
         columns of one output, bias and ``residual`` added in the same launches (torch's roundings:
         y = round(x Wᵀ), round(y + b), round(y + residual))."""
+        from glmtg.kernels.gguf.dispatch import batch_matmul
         from glmtg.kernels.gguf.mmq import mmq
-        from glmtg.kernels.gguf.mmq_small import mmq_small
 
-        gemm = mmq_small if small else mmq
+        gemm = batch_matmul if small else mmq
 
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for attr, fmt, start, stop in self.groups:

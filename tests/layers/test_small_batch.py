@@ -96,6 +96,27 @@ def test_linear_old_mode_and_one_token_keep_their_paths(blocks, calls, monkeypat
     assert calls["mmq_small"] == []
 
 
+def test_linear_int8_dot_switch(blocks, calls, monkeypatch):
+    # DOT = "int8": q4_0 / q8_0 runs take mmq_i8 (its own tests bound its values), other formats mmq_small
+    from glmtg.kernels.gguf import mmq_i8 as i8_module
+
+    seen = []
+    real = i8_module.mmq_i8
+    monkeypatch.setattr(i8_module, "mmq_i8", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(small_batch, "DOT", "int8")
+    random_blocks, _ = blocks
+    gen = torch.Generator().manual_seed(25)
+    lin = QuantLinear(64, (("a", 7), ("b", 5)), bias=False, formats={"a": "q4_0", "b": "q5_0"},
+                      dtype=torch.float32, backend="kernel")
+    raws = [random_blocks((7, 64), "q4_0", gen), random_blocks((5, 64), "q5_0", gen)]
+    lin.load_shard("weight", "a", raws[0])
+    lin.load_shard("weight", "b", raws[1])
+    x = torch.randn(5, 64, generator=gen)
+    y = lin(x)
+    assert seen == ["q4_0"] and len(calls["mmq_small"]) == 1
+    assert torch.equal(y[:, :7], real(x, raws[0], "q4_0"))
+
+
 def _experts(blocks, dtype: torch.dtype, seed: int):
     random_blocks, values = blocks
     config = tiny(hidden_size=96, moe_intermediate_size=64, n_routed_experts=5)
@@ -142,6 +163,9 @@ def test_switches_from_the_environment(monkeypatch):
         small_batch._env_mode()
     monkeypatch.setenv("GLMTG_SMALL_BATCH", "old")
     assert small_batch._env_mode() == "old"
+    monkeypatch.setenv("GLMTG_SMALL_BATCH_DOT", "int4")
+    with pytest.raises(ValueError, match="GLMTG_SMALL_BATCH_DOT"):
+        small_batch._env_dot()
     monkeypatch.setenv("GLMTG_SMALL_BATCH_MAX", "lots")
     with pytest.raises(ValueError, match="GLMTG_SMALL_BATCH_MAX"):
         small_batch._env_tokens("GLMTG_SMALL_BATCH_MAX", 64)

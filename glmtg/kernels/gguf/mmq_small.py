@@ -115,6 +115,7 @@ def mmq_small(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: tor
     pieces = triton.cdiv(steps, piece_steps) if steps else 1
     if pieces == 1 or t == 0 or n == 0:
         return mmq(x, weight, f.name, out=out, bias=bias, residual=residual, config=config)
+    given_out = out is not None
     out, residual = epilogue_operands(x, t, n, out, bias, residual)
     x = x if x.stride(1) == 1 else x.contiguous()
     partial = torch.empty((pieces, t, n), dtype=torch.float32, device=x.device)
@@ -133,4 +134,8 @@ def mmq_small(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: tor
         partial, out, out if bias is None else bias, out if residual is None else residual, t, n, pieces,
         out.stride(0), out.stride(0) if residual is None else residual.stride(0), BLOCK_T=block_t,
         BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_RES=residual is not None)
+    if given_out and not out.is_inference():
+        # written behind torch's back: bump its version so that a remembered int8 rounding of it
+        # (activation.py's memo) no longer matches
+        torch.autograd.graph.increment_version(out)
     return out

@@ -19,6 +19,9 @@ Switches (read once at import; module constants, so a test or bench may set them
 - ``GLMTG_SMALL_BATCH_MIN`` / ``GLMTG_SMALL_BATCH_MAX``: the token counts the new path takes (default 2..64;
   T = 1 keeps the GEMV lanes kernels): ``MIN_TOKENS`` / ``MAX_TOKENS``. Defaults reasoned, not yet measured
   (bench/small_batch.py measures the crossover).
+- ``GLMTG_SMALL_BATCH_DOT`` = "float" (default: mmq_small, weights decoded to x's dtype) or "int8" (mmq_i8:
+  q4_0 / q8_0 weights as int8 codes, x rounded to int8 per 32 values, int8 tensor-core dots; other formats
+  stay on mmq_small): ``DOT``, dense products only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import triton
 from glmtg.kernels.gguf.mmq import MmqConfig
 
 MODES = ("old", "new")
+DOTS = ("float", "int8")
 # The formats of the Air / GLM Q4_0 and Q4_K_M mixes' dense and expert tensors (and their near relatives);
 # other formats keep the paths they had.
 FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
@@ -41,6 +45,13 @@ def _env_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"GLMTG_SMALL_BATCH must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def _env_dot() -> str:
+    dot = os.environ.get("GLMTG_SMALL_BATCH_DOT", "float")
+    if dot not in DOTS:
+        raise ValueError(f"GLMTG_SMALL_BATCH_DOT must be one of {DOTS}, got {dot!r}")
+    return dot
 
 
 def _env_tokens(name: str, default: int) -> int:
@@ -55,6 +66,7 @@ def _env_tokens(name: str, default: int) -> int:
 
 
 MODE: str = _env_mode()
+DOT: str = _env_dot()
 MIN_TOKENS: int = _env_tokens("GLMTG_SMALL_BATCH_MIN", 2)
 MAX_TOKENS: int = _env_tokens("GLMTG_SMALL_BATCH_MAX", 64)
 # The m-tile is the whole batch up to this many tokens (register budget of the fp32 accumulator).

@@ -1,6 +1,5 @@
-"""The decode-batch kernels (glmtg/kernels/gguf/mmq_small.py; mmq_moe.py at small_batch's launches and the
-pair grouping of moe_groups.py) compile
-for sm_80, sm_86, sm_89 and sm_90 at their default GPU launches for T = 8 and 64, bf16 x, on any machine:
+"""The decode-batch kernels (glmtg/kernels/gguf/mmq_small.py, mmq_i8.py; mmq_moe.py at small_batch's launches
+and the pair grouping of moe_groups.py) compile for sm_80, sm_86, sm_89 and sm_90 at their default GPU launches for T = 8 and 64, bf16 x, on any machine:
 tensor-core dots (mma / wgmma in the PTX), shared memory within each architecture's per-block limit (a launch
 over it would be shrunk at run time by mmq.launch_fitted, at a cost), and no register spills on sm_90 (ptxas).
 
@@ -22,6 +21,7 @@ ARCHS = (80, 86, 89, 90)
 DENSE = ("q4_0", "q5_0", "q8_0", "q4_k", "q6_k")
 MOE = (("q4_0", "q8_0"), ("q4_k", "q5_0"), ("q4_k", "q6_k"))
 TOKENS = (8, 64)
+I8 = ("q4_0", "q8_0")
 
 
 def _cases():
@@ -29,6 +29,7 @@ def _cases():
     from glmtg.kernels.gguf import small_batch
     from glmtg.kernels.gguf.mmq_moe import _down_kernel, _gate_up_kernel
     from glmtg.kernels.gguf.mmq_small import _partial_kernel, _sum_kernel
+    from glmtg.kernels.gguf.mmq_i8 import _i8_kernel, i8_config
     from glmtg.kernels.gguf.moe_groups import _group_kernel
 
     def blocks(f) -> dict:
@@ -43,6 +44,15 @@ def _cases():
             yield (f"partial {name} T={t}", True, _partial_kernel, const,
                    {"X": "*bf16", "W": "*u8", "P": "*fp32", "Aux": "*i32"},
                    {"num_warps": c.num_warps, "num_stages": c.num_stages})
+    for name in I8:
+        f = REGISTRY[name]
+        for t in TOKENS:
+            block_m, block_n, warps = i8_config(t, on_gpu=True)
+            yield (f"i8 {name} T={t}", True, _i8_kernel,
+                   {"Q4": name == "q4_0", "TS": f.type_size, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                    "PARTIAL": t == 8, "HAS_BIAS": True, "HAS_RES": True},
+                   {"XQ": "*i8", "DX": "*fp32", "XS": "*i32", "W": "*u8", "Y": "*bf16", "P": "*fp32",
+                    "Bias": "*bf16", "Res": "*bf16"}, {"num_warps": warps, "num_stages": 3})
     yield ("sum bf16", False, _sum_kernel, {"BLOCK_T": 16, "BLOCK_N": 128, "HAS_BIAS": True, "HAS_RES": True},
            {"P": "*fp32", "Y": "*bf16", "Bias": "*bf16", "Res": "*bf16"}, {"num_warps": 4})
     yield ("group pairs", False, _group_kernel, {"BLOCK_P": 64, "BLOCK_E": 128}, {"Ids": "*i64", "Order": "*i64",
@@ -109,7 +119,7 @@ def main() -> int:
 def test_small_batch_kernels_compile_for_every_arch(compile_report) -> None:
     stdout, table = compile_report(__file__, timeout=900)
     rows = [cells for cells in table if len(cells) == 7 and cells[0].startswith("sm_")]
-    assert len(rows) == len(ARCHS) * (len(DENSE) * len(TOKENS) + 2 + 2 * len(MOE)), stdout
+    assert len(rows) == len(ARCHS) * ((len(DENSE) + len(I8)) * len(TOKENS) + 2 + 2 * len(MOE)), stdout
     for arch, label, dot, ops, shared, limit, spills in rows:
         assert int(shared) <= int(limit), f"{arch} {label} takes {shared} bytes of shared memory (limit {limit})"
         assert int(spills) == 0, f"{arch} {label} spills {spills} bytes"
