@@ -12,8 +12,8 @@ keep it), and one routed-experts layer (128 experts, top 8, gate/up 1408 x 4096,
 fallback type where 1408 needs it), each token's 8 experts drawn uniformly without repeats. Kinds:
 
 - ``new``: what runs now (GLMTG_SMALL_BATCH=new): mmq_small; QuantExperts -> moe_prefill, small launches;
-- ``int8`` (q4_0 / q8_0 dense only): GLMTG_SMALL_BATCH_DOT=int8's mmq_i8 (int8 codes, int8 tensor-core
-  dots; x's rounding to int8 timed with it);
+- ``int8`` (q4_0 / q8_0 weights): GLMTG_SMALL_BATCH_DOT=int8's mmq_i8 / moe_i8 (int8 codes, int8
+  tensor-core dots; x's rounding to int8 timed with it);
 - ``old``: what ran before (GLMTG_SMALL_BATCH=old): T <= 16 the int8 GEMV (mmvq; quant_matvec for formats
   it does not read), above it dequantize to bf16 + F.linear; QuantExperts -> mmvq_moe (its per-pair decode
   kernel, which runs while a graph is captured whatever the pairs).
@@ -101,6 +101,7 @@ def bench_dense(problem: str, fmt: str, n: int, k: int, tokens: int, copy_bw: fl
 
 def bench_experts(fmt: str, tokens: int, copy_bw: float, replays: int, gen: torch.Generator) -> list[dict]:
     from glmtg.config import ModelConfig
+    from glmtg.kernels.gguf.mmq_i8 import I8_FORMATS
     from glmtg.layers.quant_experts import QuantExperts
 
     h, inter, e, k = AIR["hidden"], AIR["moe_inter"], AIR["experts"], AIR["top_k"]
@@ -127,6 +128,7 @@ def bench_experts(fmt: str, tokens: int, copy_bw: float, replays: int, gen: torc
     label = f"{gu}/{dn}"
     outs: dict[str, list] = {}
     rows = []
+    small_batch.DOT = "float"  # "new" is the float-dot path whatever GLMTG_SMALL_BATCH_DOT says; int8 below
     for kind in ("old", "new"):
         small_batch.MODE = kind
         outs[kind] = [None] * sets
@@ -139,6 +141,18 @@ def bench_experts(fmt: str, tokens: int, copy_bw: float, replays: int, gen: torc
         rows.append(_row(kind, "experts", label, tokens, nbytes, seconds, copy_bw, rel))
         rows[-1]["experts_read"] = sum(union) / sets
     small_batch.MODE = "new"
+    if gu in I8_FORMATS and dn in I8_FORMATS:  # GLMTG_SMALL_BATCH_DOT=int8's moe_i8
+        small_batch.DOT = "int8"
+        outs["int8"] = [None] * sets
+
+        def call_i8(i: int) -> None:
+            outs["int8"][i] = layers[i](*inputs[i])
+
+        seconds = time_graph([lambda i=i: call_i8(i) for i in range(sets)], replays)
+        small_batch.DOT = "float"
+        rows.append(_row("int8", "experts", label, tokens, nbytes, seconds, copy_bw,
+                         _rel(outs["int8"][0], outs["old"][0])))
+        rows[-1]["experts_read"] = sum(union) / sets
     return rows
 
 

@@ -9,8 +9,9 @@ Same interface as ``glmtg.layers.moe.Experts`` (load_expert, forward(x, ids, wei
   off), and more pairs on the kernel backend (prefill; the default on CUDA): ``glmtg.kernels.gguf.mmq_moe.moe_prefill``,
   pairs sorted by expert on the device and one grouped launch per projection, tiles of the blocks decoded
   into tensor-core dots; no host sync (capturable), no float copy of an expert, each present expert's
-  bytes read once per m-tile of its pairs (small_batch's launches: 16 pairs a tile). The shared expert
-  then runs as its own MLP (dense products of the same batch).
+  bytes read once per m-tile of its pairs (small_batch's launches: 16 pairs a tile); with
+  ``GLMTG_SMALL_BATCH_DOT=int8`` and q4_0 / q8_0 stacks, ``glmtg.kernels.gguf.moe_i8.moe_i8`` instead (the
+  same grouping, int8 dots). The shared expert then runs as its own MLP (dense products of the batch).
 - otherwise (CPU and the torch backend, ``gemm = "dequant"``, or gate and up in different formats): pairs
   sorted by expert and one loop over the experts that have pairs, each dequantizing its three matrices (a
   transient of one expert) for its products. It reads the per-expert counts on the host (one sync), so it
@@ -127,6 +128,11 @@ class QuantExperts(nn.Module):
                               self.formats["gate_proj"], self.formats["down_proj"], path=self.dot, shared=shared)
         if shared is not None:
             raise ValueError("shared: folded only by the decode kernel (use shared_blocks to ask)")
+        if self._int8_batch(x):
+            from glmtg.kernels.gguf.moe_i8 import moe_i8
+
+            return moe_i8(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights.float(),
+                          self.formats["gate_proj"], self.formats["down_proj"])
         if self._grouped(x):
             from glmtg.kernels.gguf.mmq_moe import moe_prefill
 
@@ -160,6 +166,15 @@ class QuantExperts(nn.Module):
         from glmtg.kernels.gguf import small_batch
 
         return small_batch.takes(x.shape[0], *self.formats.values()) and self._grouped(x)
+
+    def _int8_batch(self, x: torch.Tensor) -> bool:
+        """Whether a decode batch takes the int8-dot grouped kernels (moe_i8): ``_small_batch``, small_batch.DOT
+        is "int8" and every format is one they read."""
+        from glmtg.kernels.gguf import small_batch
+        from glmtg.kernels.gguf.mmq_i8 import I8_FORMATS
+
+        return (small_batch.DOT == "int8" and all(f in I8_FORMATS for f in self.formats.values())
+                and self._small_batch(x))
 
     def _small_configs(self, x: torch.Tensor) -> tuple:
         """(gate+up, down) launches of the grouped GEMM: small_batch's for a decode batch (except fp32 x on

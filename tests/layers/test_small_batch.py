@@ -148,6 +148,23 @@ def test_experts_decode_batch_run_grouped_gemm(blocks, calls, t, dtype):
     assert bool((err <= tol).all()), float((err / tol).max())
 
 
+def test_experts_int8_dot_switch(blocks, calls, monkeypatch):
+    # DOT = "int8" with q4_0 / q8_0 stacks: moe_i8 (its own tests bound its values), not moe_prefill
+    from glmtg.kernels.gguf import moe_i8 as i8_module
+
+    seen = []
+    real = i8_module.moe_i8
+    monkeypatch.setattr(i8_module, "moe_i8", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    monkeypatch.setattr(small_batch, "DOT", "int8")
+    experts, _, gen = _experts(blocks, torch.float32, seed=45)
+    x = torch.randn(3, 96, generator=gen) / 40
+    ids = torch.tensor([[0, 1], [1, 2], [4, 1]])
+    w = torch.rand(3, 2, generator=gen)
+    y = experts(x, ids, w)
+    assert seen == [1] and calls["moe_prefill"] == []
+    assert torch.equal(y, real(x, experts.gate_proj, experts.up_proj, experts.down_proj, ids, w, "q4_0", "q8_0"))
+
+
 def test_experts_old_mode_keep_the_decode_kernel(blocks, calls, monkeypatch):
     experts, _, gen = _experts(blocks, torch.float32, seed=40)
     x = torch.randn(2, 96, generator=gen) / 40

@@ -31,6 +31,25 @@ I8_FORMATS = ("q4_0", "q8_0")
 
 
 @triton.jit
+def block_codes_dot(a, xs, w_rows, Q4: tl.constexpr):
+    """One 32-value block of each weight row at byte pointers ``w_rows`` [BLOCK_N] (q4_0 with Q4, else q8_0)
+    against int8 x codes ``a`` [BLOCK_M, 32] whose code sums are ``xs`` [BLOCK_M]: (the exact integer dot
+    of x codes and weight values / d, int32 [BLOCK_M, BLOCK_N]; each row's scale d, fp32 [BLOCK_N])."""
+    jj = tl.arange(0, 32)
+    if Q4:
+        # value j < 16: low nibble of byte j; j >= 16: high nibble of byte j - 16; codes 0..15, offset 8
+        # taken off through the x code sums
+        byte = tl.load(w_rows[:, None] + 2 + (jj % 16)[None, :])
+        q = ((byte >> ((jj // 16) * 4).to(tl.uint8)[None, :]) & 15).to(tl.int8)
+        s = tl.dot(a, tl.trans(q), out_dtype=tl.int32) - 8 * xs[:, None]
+    else:
+        q = tl.load((w_rows[:, None] + 2 + jj[None, :]).to(tl.pointer_type(tl.int8)))
+        s = tl.dot(a, tl.trans(q), out_dtype=tl.int32)
+    d = tl.load(w_rows.to(tl.pointer_type(tl.float16))).to(tl.float32)  # each block's leading fp16 scale
+    return s, d
+
+
+@triton.jit
 def _i8_kernel(XQ, DX, XS, W, Y, P, Bias, Res, T, N, K, NB, ROW_BYTES, STRIDE_YT, STRIDE_RT, PIECE_BLOCKS,
                Q4: tl.constexpr, TS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
@@ -47,21 +66,11 @@ def _i8_kernel(XQ, DX, XS, W, Y, P, Bias, Res, T, N, K, NB, ROW_BYTES, STRIDE_YT
     x_ptrs = XQ + tmc[:, None] * K + (first * 32 + jj)[None, :]
     s_ptrs = tmc * NB + first  # offsets of this piece's first block scale / code sum of each token
     w_rows = W + tl.minimum(rn, N - 1).to(tl.int64) * ROW_BYTES + first.to(tl.int64) * TS
-    nib = ((jj // 16) * 4).to(tl.uint8)  # value j < 16: low nibble of byte j; j >= 16: high nibble of j - 16
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(nb):
         a = tl.load(x_ptrs)  # int8 [BLOCK_M, 32]
-        dx = tl.load(DX + s_ptrs)
-        d = tl.load(w_rows.to(tl.pointer_type(tl.float16))).to(tl.float32)  # each block's leading fp16 scale
-        if Q4:
-            byte = tl.load(w_rows[:, None] + 2 + (jj % 16)[None, :])
-            q = ((byte >> nib[None, :]) & 15).to(tl.int8)  # codes 0..15: the offset 8 comes off below
-            s = tl.dot(a, tl.trans(q), out_dtype=tl.int32)
-            s = s - 8 * tl.load(XS + s_ptrs)[:, None]
-        else:
-            q = tl.load((w_rows[:, None] + 2 + jj[None, :]).to(tl.pointer_type(tl.int8)))
-            s = tl.dot(a, tl.trans(q), out_dtype=tl.int32)
-        acc += s.to(tl.float32) * (dx[:, None] * d[None, :])
+        s, d = block_codes_dot(a, tl.load(XS + s_ptrs), w_rows, Q4)
+        acc += s.to(tl.float32) * (tl.load(DX + s_ptrs)[:, None] * d[None, :])
         x_ptrs += 32
         s_ptrs += 1
         w_rows += TS

@@ -21,7 +21,7 @@ Switches (read once at import; module constants, so a test or bench may set them
   (bench/small_batch.py measures the crossover).
 - ``GLMTG_SMALL_BATCH_DOT`` = "float" (default: mmq_small, weights decoded to x's dtype) or "int8" (mmq_i8:
   q4_0 / q8_0 weights as int8 codes, x rounded to int8 per 32 values, int8 tensor-core dots; other formats
-  stay on mmq_small): ``DOT``, dense products only.
+  stay on mmq_small; routed experts in q4_0 / q8_0 take moe_i8.moe_i8 the same way): ``DOT``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The decode-batch kernels (glmtg/kernels/gguf/mmq_small.py, mmq_i8.py; mmq_moe.py at small_batch's launches
+"""The decode-batch kernels (glmtg/kernels/gguf/mmq_small.py, mmq_i8.py, moe_i8.py; mmq_moe.py at small_batch's launches
 and the pair grouping of moe_groups.py) compile for sm_80, sm_86, sm_89 and sm_90 at their default GPU launches for T = 8 and 64, bf16 x, on any machine:
 tensor-core dots (mma / wgmma in the PTX), shared memory within each architecture's per-block limit (a launch
 over it would be shrunk at run time by mmq.launch_fitted, at a cost), and no register spills on sm_90 (ptxas).
@@ -31,6 +31,7 @@ def _cases():
     from glmtg.kernels.gguf.mmq_small import _partial_kernel, _sum_kernel
     from glmtg.kernels.gguf.mmq_i8 import _i8_kernel, i8_config
     from glmtg.kernels.gguf.moe_groups import _group_kernel
+    from glmtg.kernels.gguf import moe_i8
 
     def blocks(f) -> dict:
         return {"FMT": f.gguf_type, "BS": f.block_size, "TS": f.type_size}
@@ -53,6 +54,16 @@ def _cases():
                     "PARTIAL": t == 8, "HAS_BIAS": True, "HAS_RES": True},
                    {"XQ": "*i8", "DX": "*fp32", "XS": "*i32", "W": "*u8", "Y": "*bf16", "P": "*fp32",
                     "Bias": "*bf16", "Res": "*bf16"}, {"num_warps": warps, "num_stages": 3})
+    for name in I8:
+        f = REGISTRY[name]
+        yield (f"moe_i8 gate_up {name}", True, moe_i8._gate_up_kernel,
+               {"Q4": name == "q4_0", "TS": f.type_size, "BLOCK_M": 16, "BLOCK_E": 128},
+               {"XQ": "*i8", "DX": "*fp32", "XS": "*i32", "Gate": "*u8", "Up": "*u8", "AQ": "*i8", "ADX": "*fp32",
+                "AS": "*i32", "Like": "*bf16", "Order": "*i64", "PairEnds": "*i32"}, {"num_warps": 4, "num_stages": 3})
+        yield (f"moe_i8 down {name}", True, moe_i8._down_kernel,
+               {"Q4": name == "q4_0", "TS": f.type_size, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_E": 128},
+               {"AQ": "*i8", "ADX": "*fp32", "AS": "*i32", "Down": "*u8", "Y": "*bf16", "Order": "*i64",
+                "PairEnds": "*i32"}, {"num_warps": 4, "num_stages": 3})
     yield ("sum bf16", False, _sum_kernel, {"BLOCK_T": 16, "BLOCK_N": 128, "HAS_BIAS": True, "HAS_RES": True},
            {"P": "*fp32", "Y": "*bf16", "Bias": "*bf16", "Res": "*bf16"}, {"num_warps": 4})
     yield ("group pairs", False, _group_kernel, {"BLOCK_P": 64, "BLOCK_E": 128}, {"Ids": "*i64", "Order": "*i64",
@@ -119,7 +130,7 @@ def main() -> int:
 def test_small_batch_kernels_compile_for_every_arch(compile_report) -> None:
     stdout, table = compile_report(__file__, timeout=900)
     rows = [cells for cells in table if len(cells) == 7 and cells[0].startswith("sm_")]
-    assert len(rows) == len(ARCHS) * ((len(DENSE) + len(I8)) * len(TOKENS) + 2 + 2 * len(MOE)), stdout
+    assert len(rows) == len(ARCHS) * ((len(DENSE) + len(I8)) * len(TOKENS) + 2 + 2 * len(MOE) + 2 * len(I8)), stdout
     for arch, label, dot, ops, shared, limit, spills in rows:
         assert int(shared) <= int(limit), f"{arch} {label} takes {shared} bytes of shared memory (limit {limit})"
         assert int(spills) == 0, f"{arch} {label} spills {spills} bytes"
