@@ -5,9 +5,13 @@ Same interface as ``glmtg.layers.moe.Experts`` (load_expert, forward(x, ids, wei
 - few (token, expert) pairs on the kernel backend (decode), or any number while a CUDA graph is being
   captured: ``glmtg.kernels.gguf.moe.quant_moe_decode`` reads the chosen experts' blocks in place (gate and
   up with SiLU-multiply, down weighted and summed).
-- more pairs on the kernel backend (prefill; the default on CUDA): ``glmtg.kernels.gguf.mmq_moe.moe_prefill``,
+- a decode batch of 2..64 tokens (glmtg/kernels/gguf/small_batch.py; ``GLMTG_SMALL_BATCH=old`` turns it
+  off), and more pairs on the kernel backend (prefill; the default on CUDA): ``glmtg.kernels.gguf.mmq_moe.moe_prefill``,
   pairs sorted by expert on the device and one grouped launch per projection, tiles of the blocks decoded
-  into tensor-core dots; no host sync, no float copy of an expert.
+  into tensor-core dots; no host sync (capturable), no float copy of an expert, each present expert's
+  bytes read once per m-tile of its pairs (small_batch's launches: 16 pairs a tile); with
+  ``GLMTG_SMALL_BATCH_DOT=int8`` and q4_0 / q8_0 stacks, ``glmtg.kernels.gguf.moe_i8.moe_i8`` instead (the
+  same grouping, int8 dots). The shared expert then runs as its own MLP (dense products of the batch).
 - otherwise (CPU and the torch backend, ``gemm = "dequant"``, or gate and up in different formats): pairs
   sorted by expert and one loop over the experts that have pairs, each dequantizing its three matrices (a
   transient of one expert) for its products. It reads the per-expert counts on the host (one sync), so it
@@ -124,11 +128,18 @@ class QuantExperts(nn.Module):
                               self.formats["gate_proj"], self.formats["down_proj"], path=self.dot, shared=shared)
         if shared is not None:
             raise ValueError("shared: folded only by the decode kernel (use shared_blocks to ask)")
+        if self._int8_batch(x):
+            from glmtg.kernels.gguf.moe_i8 import moe_i8
+
+            return moe_i8(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights.float(),
+                          self.formats["gate_proj"], self.formats["down_proj"])
         if self._grouped(x):
             from glmtg.kernels.gguf.mmq_moe import moe_prefill
 
+            configs = self._small_configs(x)
             return moe_prefill(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights.float(),
-                               self.formats["gate_proj"], self.formats["down_proj"])
+                               self.formats["gate_proj"], self.formats["down_proj"],
+                               gate_up_config=configs[0], down_config=configs[1])
         return self._looped(x, ids, weights, uses_kernels(self.backend, x))
 
     def reads_int8(self) -> bool:
@@ -149,12 +160,38 @@ class QuantExperts(nn.Module):
 
         return check_gemm(self.gemm) in ("auto", "mmq") and x.dtype in SUPPORTED_DTYPES and self._readable(x)
 
+    def _small_batch(self, x: torch.Tensor) -> bool:
+        """Whether x's tokens are a decode batch the grouped GEMM takes (small_batch.takes) rather than the
+        per-pair decode kernel."""
+        from glmtg.kernels.gguf import small_batch
+
+        return small_batch.takes(x.shape[0], *self.formats.values()) and self._grouped(x)
+
+    def _int8_batch(self, x: torch.Tensor) -> bool:
+        """Whether a decode batch takes the int8-dot grouped kernels (moe_i8): ``_small_batch``, small_batch.DOT
+        is "int8" and every format is one they read."""
+        from glmtg.kernels.gguf import small_batch
+        from glmtg.kernels.gguf.mmq_i8 import I8_FORMATS
+
+        return (small_batch.DOT == "int8" and all(f in I8_FORMATS for f in self.formats.values())
+                and self._small_batch(x))
+
+    def _small_configs(self, x: torch.Tensor) -> tuple:
+        """(gate+up, down) launches of the grouped GEMM: small_batch's for a decode batch (except fp32 x on
+        a GPU, whose IEEE dot needs mmq's fp32 tiles), else (None, None): its defaults."""
+        from glmtg.kernels.gguf import small_batch
+
+        if not self._small_batch(x) or (x.is_cuda and x.dtype == torch.float32):
+            return None, None
+        return small_batch.moe_configs(REGISTRY[self.formats["gate_proj"]].block_size,
+                                       REGISTRY[self.formats["down_proj"]].block_size, x.is_cuda)
+
     def _kernel(self, x: torch.Tensor, pairs: int) -> bool:
         # The fused kernel decodes gate and up rows with one format. A file that gives them different formats
         # (llama.cpp's mixes never do, a hand-made one might), or formats without a Triton decoder yet, takes
         # the torch loop instead: correct, but it reads the counts on the host, so such a model's decode steps
         # cannot be captured in a CUDA graph.
-        if not self._readable(x):
+        if not self._readable(x) or self._small_batch(x):
             return False
         # Many pairs (a big decode batch) still take the kernel while a CUDA graph is being captured: it
         # reads an expert once per pair, but the loop's host read of the counts cannot be captured.

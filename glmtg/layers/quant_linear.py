@@ -5,6 +5,9 @@ modules hold those bytes as they are and read them two ways:
 
 - few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
   the weight bytes, which is what decode speed is made of.
+- a decode batch (2..64 tokens, glmtg/kernels/gguf/small_batch.py; ``GLMTG_SMALL_BATCH=old`` turns it off):
+  ``glmtg.kernels.gguf.dispatch.batch_matmul`` (mmq_small: each weight tile decoded once for all the
+  tokens into tensor-core dots; or mmq_i8's int8 dots), bias and residual in its epilogue.
 - many tokens (prefill): the rows are dequantized to the activations' dtype (a transient of one projection,
   freed after its product) and multiplied with ``F.linear`` (cuBLAS), faster than decoding tiles inside a
   GEMM for these dense shapes (bench/DECISIONS.md H6). ``gemm = "mmq"`` takes
@@ -170,6 +173,8 @@ class QuantLinear(Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         res2 = None if residual is None else residual.reshape(-1, self.out_features)
+        if self._small_batch(x2, res2):
+            return self._mmq_products(x2, res2, small=True).view(*lead, self.out_features)
         if self.int8_decode(x2):
             return self._int8_products(x2, None, x2.dtype, res2).view(*lead, self.out_features)
         kernel = uses_kernels(self.backend, x2)
@@ -186,29 +191,47 @@ class QuantLinear(Linear):
         return y.view(*lead, self.out_features)
 
     def _mmq_applies(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        """Whether the dequantizing GEMM takes this product: ``gemm`` allows it, the Triton decoders read
-        every run's format, and x, bias and residual share a dtype the GEMM takes (its epilogue adds them
-        in x's dtype)."""
+        """Whether the dequantizing GEMM takes this product of many tokens: ``gemm`` asks for it and
+        ``_mmq_fits``."""
+        return check_gemm(self.gemm) == "mmq" and self._mmq_fits(x, residual)
+
+    def _small_batch(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the decode-batch GEMM (mmq_small) takes this product: the kernels run for x, the token
+        count and every run's format are small_batch's (``small_batch.takes``), ``gemm`` is not "dequant"
+        (which keeps the paths from before for A/B checks) and ``_mmq_fits``."""
+        from glmtg.kernels.gguf import small_batch
+
+        return (uses_kernels(self.backend, x) and check_gemm(self.gemm) != "dequant" and small_batch.takes(x.shape[0], *(f for _, f, _, _ in self.groups))
+                and self._mmq_fits(x, residual))
+
+    def _mmq_fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the tile GEMMs (mmq, mmq_small) can take this product: the Triton decoders read every
+        run's format, and x, bias and residual share a dtype the GEMM takes (its epilogue adds them in x's
+        dtype)."""
         from glmtg.kernels.gguf.gemv import SUPPORTED_DTYPES
 
         dtype = x.dtype
         # The GEMM reads the stored blocks as they are (no copy), so they must be contiguous and aligned as a
         # GGUF tensor is; anything else (a hand-made view) takes the dequantize path, which copies.
         stored = [getattr(self, attr) for attr, _, _, _ in self.groups]
-        return (check_gemm(self.gemm) == "mmq" and dtype in SUPPORTED_DTYPES
+        return (dtype in SUPPORTED_DTYPES
                 and all(has_device_decoder(fmt) for _, fmt, _, _ in self.groups)
                 and all(w.is_contiguous() and w.data_ptr() % 16 == 0 for w in stored)
                 and (self.bias is None or self.bias.dtype == dtype)
                 and (residual is None or (residual.dtype == dtype and residual.stride(-1) == 1)))
 
-    def _mmq_products(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """Every run's dequantizing GEMM written into its columns of one output, bias and ``residual`` added
-        in the same launches (torch's roundings: y = round(x Wᵀ), round(y + b), round(y + residual))."""
+    def _mmq_products(self, x: torch.Tensor, residual: torch.Tensor | None, small: bool = False) -> torch.Tensor:
+        """Every run's dequantizing GEMM (``small``: the decode-batch one, mmq_small) written into its
+        columns of one output, bias and ``residual`` added in the same launches (torch's roundings:
+        y = round(x Wᵀ), round(y + b), round(y + residual))."""
+        from glmtg.kernels.gguf.dispatch import batch_matmul
         from glmtg.kernels.gguf.mmq import mmq
+
+        gemm = batch_matmul if small else mmq
 
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for attr, fmt, start, stop in self.groups:
-            mmq(x, getattr(self, attr), fmt, out=out[:, start:stop],
+            gemm(x, getattr(self, attr), fmt, out=out[:, start:stop],
                 bias=None if self.bias is None else self.bias[start:stop],
                 residual=None if residual is None else residual[:, start:stop])
         return out
@@ -222,8 +245,10 @@ class QuantLinear(Linear):
 
     def int8_decode(self, x: torch.Tensor) -> bool:
         """Whether the product of ``x`` [T, in_features] runs as int8-dot decode kernels (``from_int8``
-        applies): the kernels run for x, T is a decode size and ``reads_int8``."""
-        return uses_kernels(self.backend, x) and _gemv_applies(x.shape[0]) and self.reads_int8()
+        applies): the kernels run for x, T is a decode size, ``reads_int8``, and the decode-batch GEMM does
+        not take it (``forward`` tries that first)."""
+        return (uses_kernels(self.backend, x) and _gemv_applies(x.shape[0]) and self.reads_int8()
+                and not self._small_batch(x, None))
 
     def from_int8(self, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype,
                   residual: torch.Tensor | None = None) -> torch.Tensor:

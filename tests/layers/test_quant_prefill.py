@@ -25,6 +25,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's
 FORMATS = {"gate_proj": "q4_0", "up_proj": "q4_0", "down_proj": "q5_0"}
 
 
+@pytest.fixture(autouse=True)
+def prefill_paths(monkeypatch):
+    """These shapes (9-18 tokens) are a decode batch to glmtg/kernels/gguf/small_batch.py, whose kernels
+    tests/layers/test_small_batch.py checks; here the prefill paths run at them."""
+    from glmtg.kernels.gguf import small_batch
+
+    monkeypatch.setattr(small_batch, "MODE", "old")
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts of mmq / moe_prefill launches, the real kernels still running."""

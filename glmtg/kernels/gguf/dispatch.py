@@ -7,6 +7,9 @@ float path is bound by the instruction issue rate well below memory bandwidth fo
 about 2. Its price is x rounded to int8 per 32 values, as llama.cpp's MMVQ does (error bounds in mmvq.py).
 
 ``path``: "auto" (int8 where the format has it), "int8" (ValueError if it has not), "float".
+
+``batch_matmul``: the dense product of a decode batch (2..64 tokens, small_batch.py): mmq_small, or mmq_i8
+where ``small_batch.DOT`` is "int8" and it reads the format.
 """
 
 from __future__ import annotations
@@ -47,3 +50,15 @@ def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
         return mmvq_moe(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt, shared=shared)
     check(shared is None, "shared: only the int8-dot kernels fold a shared expert in")
     return quant_moe_decode(x, gate, up, down, ids, weights, gate_up_fmt, down_fmt)
+
+
+def batch_matmul(x: torch.Tensor, weight: torch.Tensor, fmt: str, *, out: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ dequant(weight [N, row_bytes] of ``fmt``)ᵀ (+ bias) (+ residual) -> [T, N] (``out``: a
+    column slice of a wider buffer allowed) for a decode batch: ``mmq_i8.mmq_i8`` where small_batch.DOT is
+    "int8" and it reads ``fmt``, else ``mmq_small.mmq_small`` (both keep mmq's epilogue roundings)."""
+    from glmtg.kernels.gguf import mmq_i8, mmq_small, small_batch
+
+    if small_batch.DOT == "int8" and fmt in mmq_i8.I8_FORMATS:
+        return mmq_i8.mmq_i8(x, weight, fmt, out=out, bias=bias, residual=residual)
+    return mmq_small.mmq_small(x, weight, fmt, out=out, bias=bias, residual=residual)

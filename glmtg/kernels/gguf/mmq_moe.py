@@ -8,7 +8,9 @@ per-expert counts on the host (one sync per layer). Here the pairs are sorted by
 
 - the grid's first axis is an upper bound on the m-tiles over all experts, cdiv(P, BLOCK_M) + E (P = T·k
   pairs; each expert's last tile may be partial), the second the n-tiles. A program finds its expert from
-  the device-side cumulative tile counts (``tile_ends``) and its rows from the pair offsets (``ends``);
+  the cumulative tile counts (scanned in the program from the pair offsets) and its rows from the pair
+  offsets (``ends``; up to moe_groups.MAX_PAIRS pairs are grouped by ``moe_groups.group_pairs`` in one
+  launch, more by ``sort_by_expert``);
   programs past the last tile run no K loop and store nothing.
 - gate/up: one launch computes both products of the same rows and columns (two accumulators, each x tile
   loaded once for both) and stores act = silu(g) · u (fp32, rounded once to x's dtype) in sorted pair order.
@@ -40,22 +42,28 @@ from glmtg.kernels.gguf.mmq import (
     launch_fitted,
     mmq_tile,
 )
+from glmtg.kernels.gguf.moe_groups import MAX_PAIRS as GROUP_MAX_PAIRS
+from glmtg.kernels.gguf.moe_groups import group_pairs
 from glmtg.kernels.gguf.tables import lookup_table
 
 # ---------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _tile_rows(TileEnds, PairEnds, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(PairEnds, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's expert e, its rows of the sorted pairs [BLOCK_M] and their validity, and whether the
-    program has a tile at all (programs past the last expert's last tile have none)."""
+    program has a tile at all (programs past the last expert's last tile have none). The experts' tile
+    counts come from the pair offsets here (a scan of E values a program), not from a torch op per launch."""
     j = tl.program_id(0)
     ee = tl.arange(0, BLOCK_E)
-    tile_ends = tl.load(TileEnds + ee, mask=ee < E, other=2147483647)
+    pair_ends = tl.load(PairEnds + ee, mask=ee < E, other=0)
+    pair_starts = tl.load(PairEnds + ee - 1, mask=(ee > 0) & (ee < E), other=0)
+    tiles = (pair_ends - pair_starts + BLOCK_M - 1) // BLOCK_M  # 0 past E (both loads give 0)
+    tile_ends = tl.where(ee < E, tl.cumsum(tiles, axis=0), 2147483647)
     e = tl.sum((tile_ends <= j).to(tl.int32), axis=0)  # experts whose tiles all come before tile j
     has_tile = e < E
     e = tl.minimum(e, E - 1)
-    tile_begin = tl.load(TileEnds + e - 1, mask=e > 0, other=0)
+    tile_begin = tl.sum(tl.where(ee < e, tiles, 0), axis=0)  # tiles of the experts before e
     pair_begin = tl.load(PairEnds + e - 1, mask=e > 0, other=0)
     pair_end = tl.load(PairEnds + e)
     rows = pair_begin + (j - tile_begin) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,10 +72,10 @@ def _tile_rows(TileEnds, PairEnds, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _gate_up_kernel(X, Gate, Up, Act, Order, PairEnds, TileEnds, Aux, E, TOP_K, H, I, NB, ROW_BYTES, STRIDE_XT,
+def _gate_up_kernel(X, Gate, Up, Act, Order, PairEnds, Aux, E, TOP_K, H, I, NB, ROW_BYTES, STRIDE_XT,
                     FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
-    e, rows, row_ok, has_tile = _tile_rows(TileEnds, PairEnds, E, BLOCK_E, BLOCK_M)
+    e, rows, row_ok, has_tile = _tile_rows(PairEnds, E, BLOCK_E, BLOCK_M)
     # Rows of a partial tile read token 0 (a valid row; not stored): the full K steps need no load masks.
     tok = tl.load(Order + rows, mask=row_ok, other=0) // TOP_K
     kk = tl.arange(0, G * BS)
@@ -84,10 +92,10 @@ def _gate_up_kernel(X, Gate, Up, Act, Order, PairEnds, TileEnds, Aux, E, TOP_K, 
 
 
 @triton.jit
-def _down_kernel(Act, Down, Y, Order, PairEnds, TileEnds, Aux, E, H, I, NB, ROW_BYTES,
+def _down_kernel(Act, Down, Y, Order, PairEnds, Aux, E, H, I, NB, ROW_BYTES,
                  FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, G: tl.constexpr, IEEE: tl.constexpr):
-    e, rows, row_ok, has_tile = _tile_rows(TileEnds, PairEnds, E, BLOCK_E, BLOCK_M)
+    e, rows, row_ok, has_tile = _tile_rows(PairEnds, E, BLOCK_E, BLOCK_M)
     # Rows of a partial tile read the tile's first row (valid whenever there is a tile; not stored).
     rows_in = tl.where(row_ok, rows, tl.min(rows, axis=0))
     kk = tl.arange(0, G * BS)
@@ -156,12 +164,6 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order, torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)
 
 
-def _tile_ends(ends: torch.Tensor, block_m: int) -> torch.Tensor:
-    """int32 [E]: m-tiles of experts <= e (each expert's pairs in cdiv(count, block_m) tiles), on the device."""
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    return torch.cumsum((counts + block_m - 1) // block_m, 0, dtype=torch.int32)
-
-
 def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor, gate_up_fmt: str | int, down_fmt: str | int, *,
                 out: torch.Tensor | None = None, gate_up_config: MmqConfig | None = None, down_config: MmqConfig | None = None) -> torch.Tensor:
@@ -208,7 +210,8 @@ def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     ids, weights = ids.contiguous(), weights.contiguous()
-    order, ends = sort_by_expert(ids, e)
+    # A decode batch's pairs grouped in one launch; prefill's many pairs by torch's sort.
+    order, ends = group_pairs(ids, e) if pairs <= GROUP_MAX_PAIRS else sort_by_expert(ids, e)
     act = torch.empty((pairs, i), dtype=x.dtype, device=x.device)
     y = torch.empty((pairs, h), dtype=x.dtype, device=x.device)
     block_e = triton.next_power_of_2(e)
@@ -217,14 +220,14 @@ def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
     # The grids depend on BLOCK_M (tiles per expert) and so do the tile offsets: both from the launch tried.
     def gate_up_launch(c: MmqConfig) -> None:
         _gate_up_kernel[(triton.cdiv(pairs, c.block_m) + e, triton.cdiv(i, c.block_n))](
-            x, gate, up, act, order, ends, _tile_ends(ends, c.block_m), lookup_table(gf.name, x.device), e, k, h,
+            x, gate, up, act, order, ends, lookup_table(gf.name, x.device), e, k, h,
             i, nb_h, gate.shape[2], x.stride(0), FMT=gf.gguf_type, BS=gf.block_size, TS=gf.type_size,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_E=block_e, G=c.block_k // max(gf.block_size, 1),
             IEEE=ieee, num_warps=c.num_warps, num_stages=c.num_stages)
 
     def down_launch(c: MmqConfig) -> None:
         _down_kernel[(triton.cdiv(pairs, c.block_m) + e, triton.cdiv(h, c.block_n))](
-            act, down, y, order, ends, _tile_ends(ends, c.block_m), lookup_table(df.name, x.device), e, h, i,
+            act, down, y, order, ends, lookup_table(df.name, x.device), e, h, i,
             nb_i, down.shape[2], FMT=df.gguf_type, BS=df.block_size, TS=df.type_size, BLOCK_M=c.block_m,
             BLOCK_N=c.block_n, BLOCK_E=block_e, G=c.block_k // max(df.block_size, 1), IEEE=ieee,
             num_warps=c.num_warps, num_stages=c.num_stages)
