@@ -265,7 +265,7 @@ def write_reports(payload: dict, stem: Path) -> None:
 def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
     at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
-    from glmtg.kernels.gguf import mmvq, mmvq_lanes, mmvq_moe
+    from glmtg.kernels.gguf import mmvq, mmvq_lanes, mmvq_lanes32, mmvq_moe, mmvq_moe_lanes
 
     if name not in mmvq.MMVQ_FORMATS:
         return []
@@ -274,8 +274,8 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     block_n = 128 // steps
     words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt, Bias=xdt, Res=xdt)
     gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32",
-                   AQ="i8", ADX="fp32", AS="i32")
-    down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt)
+                   AQ="i8", ADX="fp32", AS="i32", SGate="u8", SUp="u8")
+    down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt, SDown="u8")
     moe = dict(BLOCK_R=block_n, G=steps)
     return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps, HAS_BIAS=False, HAS_RES=False),
              block_n, steps / g,
@@ -287,7 +287,27 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
         (f"mmvq-{v}", mmvq_lanes._lanes_kernel, words,
          dict(BLOCK_N=1, G=(gl := 128 // mmvq_lanes.lanes_per_block(name, e)), HAS_BIAS=False, HAS_RES=False, E=e),
          1, gl / g, f"block_n 1, G {gl}")
-        for v, e in (("lanes", 1), ("lanes-wide", 2)) if name in mmvq_lanes.LANES_FORMATS]
+        for v, e in (("lanes", 1), ("lanes-wide", 2)) if name in mmvq_lanes.LANES_FORMATS] + [
+        # the 32-value lanes variants (mmvq_lanes32.py) at their default launch (2 rows x 4096 values)
+        (f"mmvq-{v}", mmvq_lanes32._lanes32_kernel, words,
+         dict(BLOCK_N=2, G=128, HAS_BIAS=False, HAS_RES=False, L=split), 2, 128 / g, "block_n 2, G 128")
+        for v, split in mmvq_lanes32.LANES32_VARIANTS.items() if name in mmvq_lanes32.LANES32_FORMATS] + [
+        # the routed-expert lanes kernels (mmvq_moe_lanes.py) at their default launch (one warp; ``tiles``
+        # rescales to sass_report's 4 warps: the values a thread takes in one iteration of the innermost loop,
+        # gate/up: one step of both matrices; down: a whole row of a slot, Air's I = 1408, GLM-4.5's 1536 for q4_k)
+        (f"mmvq-moe-{v} {part}", kernel, ptrs,
+         dict(GPB=f.block_size // 32, BLOCK_R=cfg[0], G=cfg[1], L=lanes, SHARED=1, _warps=cfg[2], **const), cfg[0],
+         per_iter * 4 / g, f"{cfg[0]} rows, G {cfg[1]}, {cfg[2]} warp")
+        for v in ("lanes", "lanes-narrow", "lanes-wide") if name in mmvq_moe_lanes.MOE_LANES_FORMATS
+        for nb in [(1536 if name == "q4_k" else 1408) // f.block_size]
+        for lanes in [mmvq_moe_lanes.lanes_for(v, name, 2, 1)]
+        for part, kernel, ptrs, cfg, const in (
+            ("gate/up", mmvq_moe_lanes._gate_up_lanes_kernel,
+             {k: w for k, w in gate_up.items() if k not in ("AQ", "ADX", "AS")},
+             mmvq_moe_lanes.default_config(name, lanes, nb, False), {}),
+            ("down", mmvq_moe_lanes._down_lanes_kernel, {k: w for k, w in down.items() if k != "SDown"},
+             mmvq_moe_lanes.default_config(name, lanes, nb, True), dict(NB=nb)))
+        for per_iter in [2 * cfg[1] if part == "gate/up" else nb]]
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
@@ -327,15 +347,16 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
         back = [(a - int(t.group(1), 16), a) for a, op in ops if op.startswith("BRA")
                 and (t := re.search(r"0x([0-9a-f]+)", op)) and int(t.group(1), 16) < a]
         span, end = min(back)  # the innermost loop: the shortest backward branch
-        return sum(1 for a, _ in ops if end - span <= a <= end)
+        loop = [op for a, op in ops if end - span <= a <= end]
+        return len(loop), sum(1 for op in loop if op.startswith("LDG"))
 
     xdt = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[x_dtype]
     print(f"issue bound: 128 lanes/clock x {sms} SMs x {clock_ghz} GHz; x in {xdt}")
-    print("| kernel | type | config | instr / value | bytes / value | bound TB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel | type | config | instr / value | global loads / value | bytes / value | bound TB/s |")
+    print("|---|---|---|---|---|---|---|")
     for name in types:
         if name not in DECODED:
-            print(f"| - | {name} | no device decoder yet | | | |")
+            print(f"| - | {name} | no device decoder yet | | | | |")
             continue
         f = REGISTRY[name]
         g = gemv.steps_for(f.block_size, 512)
@@ -350,15 +371,17 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
             cases += _mmvq_sass_cases(name, xdt, g)
         for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
             try:
-                body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
+                const = {**fmt, **extra}
+                body, loads = compile_loop(kernel, ptrs, const, const.pop("_warps", 4))
             except Exception as exc:  # report and go on
-                print(f"| {kname} | {name} | compile failed: {type(exc).__name__}: {str(exc)[:120]} | | | |")
+                print(f"| {kname} | {name} | compile failed: {type(exc).__name__}: {str(exc)[:120]} | | | | |")
                 continue
-            per_value = body / (tiles * rows * g * f.block_size / 128)  # 128 threads at 4 warps
+            values = tiles * rows * g * f.block_size / 128  # a thread's values an iteration (128 threads at 4 warps)
+            per_value = body / values
             bpv = f.type_size / f.block_size
             bound = bpv / per_value * 128 * sms * clock_ghz * 1e9 / 1e12
-            print(f"| {kname} | {name} | {cfg}, {round(tiles * g) * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
-                  f"{bound:.2f} |", flush=True)
+            print(f"| {kname} | {name} | {cfg}, {round(tiles * g) * f.block_size} values a step | {per_value:.2f} | "
+                  f"{loads / values:.3f} | {bpv:.3f} | {bound:.2f} |", flush=True)
     return 0
 
 
