@@ -129,9 +129,10 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
         from glmtg.kernels.gguf.mmvq_lanes import lanes_split
         from glmtg.kernels.gguf.mmvq_lanes32 import lanes32_split
-        for v in variants:  # a variant that would run the base kernel here is not timed twice
-            if fmt in MMVQ_FORMATS and (v == "base" or lanes_split(v, fmt, tokens)
-                                        or lanes32_split(v, fmt, tokens, k // f.block_size)):
+        for v in variants:  # a variant that would run the base kernel here is not timed twice, nor "lanes-q4*"
+            # on Q6_K / Q4_K (there the "lanes" kernel)
+            if fmt in MMVQ_FORMATS and (v == "base" or lanes32_split(v, fmt, tokens, k // f.block_size)
+                                        or (lanes_split(v, fmt, tokens) and not v.startswith("lanes-q4"))):
                 kernels.append(("mmvq" if v == "base" else f"mmvq-{v}", partial(mmvq, variant=v)))
     swept = len(configs) > 1
     sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if swept else []),
