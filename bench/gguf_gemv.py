@@ -321,7 +321,7 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
         # the 32-value lanes variants (mmvq_lanes32.py) at their default launch (2 rows x 4096 values)
         (f"mmvq-{v}", mmvq_lanes32._lanes32_kernel, words,
          dict(BLOCK_N=2, G=128, HAS_BIAS=False, HAS_RES=False, L=split), 2, 128 / g, "block_n 2, G 128")
-        for v, split in mmvq_lanes32.LANES32_VARIANTS.items() if name in mmvq_lanes32.LANES32_FORMATS] + [
+        for v, split in mmvq_lanes32.LANES32_VARIANTS.items() if name in mmvq_lanes32.LANES32_FORMATS and split] + [
         # the routed-expert lanes kernels (mmvq_moe_lanes.py) at their default launch (one warp; ``tiles``
         # rescales to sass_report's 4 warps: the values a thread takes in one iteration of the innermost loop,
         # gate/up: one step of both matrices; down: a whole row of a slot, Air's I = 1408, GLM-4.5's 1536 for q4_k)

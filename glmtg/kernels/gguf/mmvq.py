@@ -193,7 +193,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     remembered, so q/k/v or gate/up calls on one x round it once.
 
     ``variant``: which kernel, "base", "lanes" or "lanes-wide" (mmvq_lanes.py: Q6_K and Q4_K at T = 1;
-    anything else runs the base kernel), or "lanes-q4", "lanes-q4-narrow", "lanes-q4-wide" ("lanes", and
+    anything else runs the base kernel), or "lanes-q4", "-narrow", "-wide", "-auto" ("lanes", and
     Q4_0 / Q5_0 / Q8_0 at T = 1 with rows of an even number of blocks by mmvq_lanes32.py); None: the
     process-wide choice (GLMTG_MMVQ_VARIANT, default "lanes"). The
     launch knobs mean the same for both; the lanes kernel has its own defaults."""

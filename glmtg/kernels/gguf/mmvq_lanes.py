@@ -53,11 +53,13 @@ from glmtg.kernels.gguf.words_common import _dp4a
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 from glmtg.switch import ModeSwitch
 
-# "lanes-q4*": "lanes" for Q6_K / Q4_K, and mmvq_lanes32.py's kernel (L = 2, 1, 4 lanes a block) for Q4_0,
+# "lanes-q4*": "lanes" for Q6_K / Q4_K, and mmvq_lanes32.py's kernel (L = 2, 1, 4, per format) for Q4_0,
 # Q5_0 and Q8_0 (for A/B: bench/gguf_gemv.py --mmvq-variants)
-VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-wide", "lanes-q4", "lanes-q4-narrow", "lanes-q4-wide")
+VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-wide", "lanes-q4", "lanes-q4-narrow", "lanes-q4-wide",
+                             "lanes-q4-auto")
 LANES_FORMATS: tuple[str, ...] = ("q6_k", "q4_k")  # the formats the lanes variants read
-_SPLIT = {"lanes": 1, "lanes-wide": 2, "lanes-q4": 1, "lanes-q4-narrow": 1, "lanes-q4-wide": 1}  # E, lanes
+_SPLIT = {"lanes": 1, "lanes-wide": 2, "lanes-q4": 1, "lanes-q4-narrow": 1, "lanes-q4-wide": 1,
+          "lanes-q4-auto": 1}  # E, lanes
 # sharing one lane's slice of a block (module docstring)
 _switch = ModeSwitch("GLMTG_MMVQ_VARIANT (the mmvq kernel variant)", VARIANTS,
                      os.environ.get("GLMTG_MMVQ_VARIANT", "lanes"))

@@ -38,15 +38,24 @@ from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 LANES32_FORMATS: tuple[str, ...] = ("q4_0", "q5_0", "q8_0")
 # mmvq's variants (GLMTG_MMVQ_VARIANT, mmvq_lanes.VARIANTS) that send these formats here, and their L
 # (lanes a block); each also runs the "lanes" kernel for Q6_K / Q4_K.
-LANES32_VARIANTS: dict[str, int] = {"lanes-q4": 2, "lanes-q4-narrow": 1, "lanes-q4-wide": 4}
+LANES32_VARIANTS: dict[str, int] = {"lanes-q4": 2, "lanes-q4-narrow": 1, "lanes-q4-wide": 4, "lanes-q4-auto": 0}
+
+
+def lanes32_auto(fmt_name: str) -> int:
+    """L of the "-auto" variants: per format, the fewest sm_90 instructions a value (bench/gguf_gemv.py --sass
+    --mmvq, at the default launches): Q4_0 and Q5_0 a lane a block (1.6-1.7 and 2.6-2.8 a value, against
+    2.1-2.3 and 3.5-3.7 at L = 2), Q8_0 two (2.0, against 2.2-2.5 at L = 1: its 8 code words on one lane
+    take 9 loads and 8 funnel shifts). Not measured yet."""
+    return 2 if fmt_name == "q8_0" else 1
 
 
 def lanes32_split(variant: str, fmt_name: str, tokens: int, nb: int) -> int:
     """L (1, 2 or 4) if mmvq runs this module's kernel for ``fmt_name`` at ``tokens`` with rows of ``nb``
     blocks under ``variant`` (already checked to be one of mmvq_lanes.VARIANTS), else 0. Rows of an odd
     number of blocks are not 4-byte aligned: those keep the base kernel."""
-    ok = fmt_name in LANES32_FORMATS and tokens == 1 and nb % 2 == 0
-    return LANES32_VARIANTS.get(variant, 0) if ok else 0
+    if not (fmt_name in LANES32_FORMATS and tokens == 1 and nb % 2 == 0 and variant in LANES32_VARIANTS):
+        return 0
+    return LANES32_VARIANTS[variant] or lanes32_auto(fmt_name)
 
 
 def default_config(split: int) -> tuple[int, int, int]:

@@ -18,9 +18,10 @@ kernel (mmvq_lanes32's docstring). Two more changes besides the block readers:
 
 Variants (GLMTG_MMVQ_MOE_VARIANT, or mmvq_moe's ``variant``): "base" (mmvq_moe.py, the default until
 measured), "lanes" (L = 2 lanes a 32-value block, Q4_K 4), "lanes-narrow" (L = 1: a thread a block, but
-aligned 32-bit loads funnel-shifted), "lanes-wide" (L = 4, Q4_K 8). A launch whose format has no lane
-reader here (or rows of an odd number of 32-value blocks: not 4-byte aligned) keeps the base kernel; at
-T > 1 both launches keep it.
+aligned 32-bit loads funnel-shifted), "lanes-wide" (L = 4, Q4_K 8), "lanes-auto" (per format the fewest
+sm_90 instructions a value by `bench/gguf_gemv.py --sass --mmvq`: mmvq_lanes32.lanes32_auto; Q4_K 4). A
+launch whose format has no lane reader here (or rows of an odd number of 32-value blocks: not 4-byte
+aligned) keeps the base kernel; at T > 1 both launches keep it.
 
 Numerics: each block's term is words.block_dot's fp32 value (mmvq_lanes32); only the fp32 summation order
 of the block terms differs from the base kernels (the down sum also in its order of slots and blocks), so
@@ -35,14 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels.gguf.mmvq_lanes32 import LANES32_FORMATS, blocks32, q4_k_blocks
+from glmtg.kernels.gguf.mmvq_lanes32 import LANES32_FORMATS, blocks32, lanes32_auto, q4_k_blocks
 from glmtg.kernels.pdl import launch_kwargs, wait_and_release
 from glmtg.switch import ModeSwitch
 
-VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-narrow", "lanes-wide")
+VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-narrow", "lanes-wide", "lanes-auto")
 MOE_LANES_FORMATS: tuple[str, ...] = LANES32_FORMATS + ("q4_k",)
 _L32 = {"lanes": 2, "lanes-narrow": 1, "lanes-wide": 4}  # lanes a 32-value block
-_EK = {"lanes": 1, "lanes-narrow": 1, "lanes-wide": 2}  # Q4_K: 4 · E lanes a block
+_EK = {"lanes": 1, "lanes-narrow": 1, "lanes-wide": 2, "lanes-auto": 1}  # Q4_K: 4 · E lanes a block
 _switch = ModeSwitch("GLMTG_MMVQ_MOE_VARIANT (the mmvq_moe kernel variant)", VARIANTS,
                      os.environ.get("GLMTG_MMVQ_MOE_VARIANT", "base"))
 set_variant = _switch.set
@@ -65,7 +66,9 @@ def lanes_for(variant: str | None, fmt_name: str, nb: int, tokens: int) -> int:
         return 0
     if fmt_name == "q4_k":
         return _EK[v]
-    return _L32[v] if nb % 2 == 0 else 0
+    if nb % 2:
+        return 0
+    return lanes32_auto(fmt_name) if v == "lanes-auto" else _L32[v]
 
 
 def default_config(fmt_name: str, lanes: int, nb: int, down: bool) -> tuple[int, int, int]:

@@ -94,6 +94,8 @@ def test_lanes32_epilogue_selection_and_fallbacks() -> None:
     # which kernel: one token, an even number of blocks a row, a 32-value format of the module
     assert mmvq_lanes32.lanes32_split("lanes-q4", "q4_0", 1, 4) == 2
     assert mmvq_lanes32.lanes32_split("lanes-q4-wide", "q8_0", 1, 4) == 4
+    assert mmvq_lanes32.lanes32_split("lanes-q4-auto", "q4_0", 1, 4) == 1
+    assert mmvq_lanes32.lanes32_split("lanes-q4-auto", "q8_0", 1, 4) == 2
     assert mmvq_lanes32.lanes32_split("lanes-q4", "q4_0", 1, 3) == 0  # rows not 4-byte aligned
     assert mmvq_lanes32.lanes32_split("lanes-q4", "q4_0", 2, 4) == 0
     assert mmvq_lanes32.lanes32_split("lanes", "q4_0", 1, 4) == 0

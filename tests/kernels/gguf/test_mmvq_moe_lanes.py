@@ -134,6 +134,9 @@ def test_lanes_selection() -> None:
     assert mmvq_moe_lanes.lanes_for("lanes", "q4_0", 128, 1) == 2
     assert mmvq_moe_lanes.lanes_for("lanes-narrow", "q8_0", 44, 1) == 1
     assert mmvq_moe_lanes.lanes_for("lanes-wide", "q4_k", 16, 1) == 2  # Q4_K: E (8 lanes a block)
+    assert mmvq_moe_lanes.lanes_for("lanes-auto", "q4_0", 44, 1) == 1
+    assert mmvq_moe_lanes.lanes_for("lanes-auto", "q8_0", 44, 1) == 2
+    assert mmvq_moe_lanes.lanes_for("lanes-auto", "q4_k", 16, 1) == 1
     assert mmvq_moe_lanes.lanes_for("lanes", "q4_0", 3, 1) == 0  # odd rows: not 4-byte aligned
     assert mmvq_moe_lanes.lanes_for("lanes", "q4_0", 128, 2) == 0  # several tokens: the base kernels
     assert mmvq_moe_lanes.lanes_for("lanes", "q6_k", 16, 1) == 0
@@ -148,7 +151,7 @@ def test_lanes_selection() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", LANES)
+@pytest.mark.parametrize("variant", LANES + ("lanes-auto",))
 @pytest.mark.parametrize(("gu", "dn"), [("q4_0", "q4_0"), ("q4_k", "q5_0"), ("q4_k", "q8_0")])
 def test_lanes_bf16_air_shapes_on_gpu(variant: str, gu: str, dn: str) -> None:
     # GLM-4.5-Air's expert shapes (H 4096, I 1408), the compiled kernels (dp4a, shf.r.clamp), 8 distinct
