@@ -8,16 +8,21 @@ block, and each warp instruction touches the same 2 bytes of 32 blocks 18 bytes 
 64 useful bytes). Per byte of weight the L1 then sees ~9x the requests of a plain read, and the measured
 rate sits near 2 TB/s (bench/DECISIONS.md H1, H5). Here a block is read by L neighbouring lanes (L = 1, 2
 or 4), each owning NW = NQ / L consecutive code words (NQ: 4 for Q4_0 / Q5_0, 8 for Q8_0), read as NW + 1
-aligned 32-bit loads funnel-shifted by 0 or 16 bits (mmvq_lanes._funnel): Q4_0 takes 2 + 4 / L loads a
-lane instead of 9 a thread, and the lanes of one block read adjacent words. The lane's activation words
-are loaded by the same lane (4-byte loads, adjacent across the block's lanes).
+aligned 32-bit loads funnel-shifted by 0 or 16 bits (mmvq_lanes._funnel), and the lane's activation words
+as one vector load (two for the 4-bit types: the low and the high nibbles' values): a Q4_0 block takes
+5 + 2 + 3 loads (codes, activations, d / dx / Σxq) at L = 1 where the base kernel takes 9 + 4 + 2, and
+at L > 1 the lanes of one block read adjacent words. Counts: bench/results/gguf_gemv/2026-11-28-lanes-sass.md
+(global loads a value: Q4_0 0.25 at L = 1 against the base kernel's 0.47).
 
 Layout: every tensor of a block step is [L, B] (B blocks on a flat axis, as mmvq; the lane axis first, so
 Triton's coalescing puts a block's L lanes next to each other). The lanes' integer dots are summed across
 the L lanes (exact int32) before any scale, so each block's term d · dx · (Σ q·xq - c·Σxq) is the same fp32
 value as words.block_dot's, in the same order of products: with the same blocks a step and rows a program
 as the base kernel, the fp32 accumulation is the same too (equal results in the interpreter; on a GPU
-``tl.sum``'s tree over a different register layout may differ in the last bits).
+``tl.sum``'s tree over a different register layout may differ in the last bits). Left: the dot's layout
+after the lane sum is not the one Triton gives the [B] scale loads, so each step of the dense kernel
+converts one int32 [B] through shared memory (STS / BAR / LDS in the loop, as the base kernel has too);
+the one-warp MoE kernels convert by shuffles.
 
 Alignment: a block starts 2-byte aligned; the caller's byte offsets must be exact from a 4-byte aligned
 base (rows of an even number of blocks, whole expert matrices, steps of an even number of blocks: then
@@ -34,7 +39,7 @@ from glmtg.kernels.gguf.mmvq_lanes import _funnel, _ld, _q4_k_step
 from glmtg.kernels.gguf.words_common import _dp4a
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
-# The formats the 32-value lane readers take, and their GGUF type numbers.
+# The formats the 32-value lane readers take.
 LANES32_FORMATS: tuple[str, ...] = ("q4_0", "q5_0", "q8_0")
 # mmvq's variants (GLMTG_MMVQ_VARIANT, mmvq_lanes.VARIANTS) that send these formats here, and their L
 # (lanes a block); each also runs the "lanes" kernel for Q6_K / Q4_K.
@@ -60,9 +65,9 @@ def lanes32_split(variant: str, fmt_name: str, tokens: int, nb: int) -> int:
 
 def default_config(split: int) -> tuple[int, int, int]:
     """(block_n, values per step, num_warps) of the dense kernel, the same for every L: 2 rows x 4096 values a
-    step on 4 warps (256 blocks a step: 2 blocks' worth of loads a thread in flight, each block's on L
-    lanes; the base kernel's measured launch, 4 rows x 4096 on 4 warps, keeps 4 blocks a thread, but with
-    2-3x its load instructions a block). Reasoned, not measured yet: bench/gguf_gemv.py --mmvq --sweep."""
+    step on 4 warps (256 blocks a step: 2 blocks' loads a thread in flight, each block's on L lanes; the
+    base kernel's measured launch, 4 rows x 4096 on 4 warps, keeps 4 blocks a thread). Reasoned, not
+    measured yet: bench/gguf_gemv.py --mmvq --sweep times one-warp launches and more rows."""
     return 2, 4096, 4
 
 
@@ -203,8 +208,9 @@ def _lanes32_kernel(XW, DX, XS, W, Y, Bias, Res, N, NB, ROW_BYTES,
     tl.store(Y + rows, y, mask=ok)
 
 
-def launch(codes, dx, sums, weight, out, bias, residual, fmt_type: int, type_size: int, nb: int, block_n: int,
-           blocks_per_step: int, num_warps: int, split: int) -> None:
+def launch(codes: torch.Tensor, dx: torch.Tensor, sums: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+           bias: torch.Tensor | None, residual: torch.Tensor | None, fmt_type: int, type_size: int, nb: int,
+           block_n: int, blocks_per_step: int, num_warps: int, split: int) -> None:
     """Run the dense kernel for one token (operands checked by mmvq): ``out`` [1, N]; ``split`` L from
     ``lanes32_split``. At least 2 blocks a step (an even number: every block keeps its alignment)."""
     n = weight.shape[0]

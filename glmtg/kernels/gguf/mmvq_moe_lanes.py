@@ -11,9 +11,10 @@ kernel (mmvq_lanes32's docstring). Two more changes besides the block readers:
   flight), as the base kernel; the fp32 intermediate then goes through activation.quantize_activation, as
   the base kernel's CUDA default (block_i 1) does.
 - down: the row length (NB blocks, 44 at I = 1408) is a constexpr, so a slot's steps are unrolled into
-  straight-line code: the loads of the whole row of a slot (G = 16: 16 + 16 + 12 blocks, not one 32-block
-  step and a 12 / 32 one after it) can be in flight together, and the per-block offsets are computed once
-  (a slot moves one scalar base). (A flat axis over all slots' blocks, tried first, spent ~50 instructions a
+  straight-line code: the loads of a slot's whole row can be in flight together, and the per-block offsets
+  are computed once (a slot moves one scalar base). The default step divides the row (4 blocks x 11 steps,
+  several rows a program: no partial step, no masked load), where the base kernel's 32-block steps leave
+  the second 12 / 32 full. (A flat axis over all slots' blocks, tried first, spent ~50 instructions a
   block on index arithmetic: 3-4.4 instructions a value by `bench/gguf_gemv.py --sass --mmvq`.)
 
 Variants (GLMTG_MMVQ_MOE_VARIANT, or mmvq_moe's ``variant``): "base" (mmvq_moe.py, the default until
@@ -36,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from glmtg.formats import BlockFormat
 from glmtg.kernels.gguf.mmvq_lanes32 import LANES32_FORMATS, blocks32, lanes32_auto, q4_k_blocks
 from glmtg.kernels.pdl import launch_kwargs, wait_and_release
 from glmtg.switch import ModeSwitch
@@ -180,8 +182,8 @@ def _down_lanes_kernel(AW, ADX, AS, Down, Ids, Y, NG, HIDDEN, NUM_EXPERTS, TOPK,
 
 
 def launch_gate_up(xw: torch.Tensor, xdx: torch.Tensor, xs: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                   ids: torch.Tensor, weights: torch.Tensor, act: torch.Tensor, fmt, lanes: int,
-                   shared: tuple | None, block_r: int | None, blocks_per_step: int | None,
+                   ids: torch.Tensor, weights: torch.Tensor, act: torch.Tensor, fmt: BlockFormat, lanes: int,
+                   shared: tuple[torch.Tensor, ...] | None, block_r: int | None, blocks_per_step: int | None,
                    num_warps: int | None, pdl: bool) -> None:
     """The gate/up launch (operands checked by mmvq_moe): ``act`` fp32 [T · slots, I] gets
     weight · silu(g) · u; knobs left None take ``default_config``."""
@@ -201,7 +203,7 @@ def launch_gate_up(xw: torch.Tensor, xdx: torch.Tensor, xs: torch.Tensor, gate: 
 
 
 def launch_down(aw: torch.Tensor, adx: torch.Tensor, as_: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-                out: torch.Tensor, fmt, lanes: int, shared_down: torch.Tensor | None, block_h: int | None,
+                out: torch.Tensor, fmt: BlockFormat, lanes: int, shared_down: torch.Tensor | None, block_h: int | None,
                 blocks_per_step: int | None, num_warps: int | None, pdl: bool) -> None:
     """The down launch: ``out`` [T, H] = Σ over the slots of down_e · intermediate, rounded once."""
     num_experts, hidden, row_bytes = down.shape
