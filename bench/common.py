@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -93,6 +94,9 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
+        # the process-wide kernel switches (GLMTG_MMVQ_VARIANT, GLMTG_MMVQ_MOE_VARIANT, GLMTG_PDL ...): a
+        # result names the variant it timed
+        "glmtg_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("GLMTG_")},
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

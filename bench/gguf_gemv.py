@@ -9,6 +9,9 @@ in their block formats in place, per GGUF type, at the GLM-4.5-Air and GLM-4.5 d
     python bench/gguf_gemv.py --mmvq [--sass]               # also the int8-dot kernels (mmvq.py), side by side
     python bench/gguf_gemv.py --mmvq --mmvq-only --mmvq-variants base,lanes,lanes-wide --types q6_k,q4_k \
         --models air --kernels gemv --shapes lm_head,o_proj,q_proj,k_proj   # mmvq's variants side by side
+    python bench/gguf_gemv.py --mmvq --mmvq-only --models air --types q4_0,q4_k,q8_0 --shared-expert \
+        --mmvq-variants base,lanes,lanes-q4,lanes-q4-narrow,lanes-q4-wide \
+        --moe-variants base,lanes,lanes-narrow,lanes-wide        # every T = 1 variant, dense and experts
 
 Shapes (hidden H, per model): q/k/v projections 12288/1024/1024 x H, o_proj H x 12288, dense gate/up
 intermediate x H and down H x intermediate, lm_head 151552 x H; routed experts E x (gate, up: I x H; down:
@@ -74,6 +77,12 @@ MMVQ_LANES_SWEEP = [(1, 512, 1), (1, 2048, 1), (1, 4096, 1), (2, 1024, 1), (1, 2
 MMVQ_MOE_SWEEP = [(1, 4096, 1, 4096, 4), (2, 2048, 2, 2048, 4), (4, 1024, 4, 1024, 4), (1, 2048, 1, 2048, 2),
                   (1, 1024, 1, 1024, 1), (8, 4096, 8, 4096, 4), (4, 4096, 4, 4096, 4),
                   (32, 512, 1, 4096, 4), (32, 4096, 8, 4096, 8), (32, 1024, 2, 2048, 4)]  # block_i 32: fused
+# --mmvq --sweep, mmvq_moe's lanes variants (mmvq_moe_lanes.py; 32-value blocks: 1024 values = 32 blocks a
+# gate/up step, 128 = 4 a down step, a divisor of Air's 44-block rows): more blocks a step, more rows a
+# program, more warps, and down steps that leave a partial one (512 values: 16 + 16 + 12 blocks)
+MMVQ_MOE_LANES_SWEEP = [(1, 512, 4, 128, 1), (1, 2048, 4, 128, 1), (1, 4096, 4, 128, 1), (2, 1024, 8, 128, 2),
+                        (4, 1024, 16, 128, 4), (1, 1024, 2, 128, 1), (1, 1024, 8, 128, 1), (1, 1024, 1, 512, 1),
+                        (1, 1024, 8, 64, 1), (2, 2048, 8, 128, 2), (1, 1024, 4, 128, 2)]
 MOE_SWEEP = [  # (block_i, values_per_step, block_h, values_per_step_down, num_warps)
     (8, 512, 8, 512, 4), (4, 512, 4, 512, 4), (16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (16, 512, 8, 512, 8),
     (4, 1024, 8, 512, 4), (2, 1024, 4, 1024, 4),
@@ -119,8 +128,11 @@ def bench_gemv(fmt: str, label: str, n: int, k: int, tokens: int, copy_bw: float
 
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS, mmvq
         from glmtg.kernels.gguf.mmvq_lanes import lanes_split
-        for v in variants:  # a variant that would run the base kernel here is not timed twice
-            if fmt in MMVQ_FORMATS and (v == "base" or lanes_split(v, fmt, tokens)):
+        from glmtg.kernels.gguf.mmvq_lanes32 import lanes32_split
+        for v in variants:  # a variant that would run the base kernel here is not timed twice, nor "lanes-q4*"
+            # on Q6_K / Q4_K (there the "lanes" kernel)
+            if fmt in MMVQ_FORMATS and (v == "base" or lanes32_split(v, fmt, tokens, k // f.block_size)
+                                        or (lanes_split(v, fmt, tokens) and not v.startswith("lanes-q4"))):
                 kernels.append(("mmvq" if v == "base" else f"mmvq-{v}", partial(mmvq, variant=v)))
     swept = len(configs) > 1
     sweep = {"gemv": configs, "mmvq": [None] + (MMVQ_SWEEP if swept else []),
@@ -157,7 +169,8 @@ def routing_sets(tokens: int, experts: int, top_k: int, gen: torch.Generator) ->
 
 
 def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, replays: int,
-              gen: torch.Generator, with_mmvq: bool = False) -> list[dict]:
+              gen: torch.Generator, with_mmvq: bool = False, moe_variants: tuple[str, ...] = ("base",),
+              shared: bool = False, mmvq_only: bool = False) -> list[dict]:
     from glmtg.kernels.gguf.dequant import dequantize_rows
     from glmtg.kernels.gguf.moe import quant_moe_decode
 
@@ -173,19 +186,35 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
     outs = [torch.empty_like(x) for x in xs]
     expert_bytes = 2 * inter * rb_h + h * rb_i
     distinct = sum(int(ids.unique().numel()) for ids in id_sets) / len(id_sets)
-    nbytes = distinct * expert_bytes
-    ref = _moe_reference(xs[0], gate, up, down, id_sets[0], wts[0], gu, dn, dequantize_rows)
+    nbytes = (distinct + shared) * expert_bytes
+    # --shared-expert: a shared expert as one more slot (mmvq_moe's ``shared``), as the model runs it; 4 of
+    # them rotated (a layer's shared expert is not in L2 either)
+    sh_sets = [(random_blocks((inter, rb_h), gen), random_blocks((inter, rb_h), gen), random_blocks((h, rb_i), gen))
+               for _ in range(4 if shared else 0)]
+    ref = _moe_reference(xs[0], gate, up, down, id_sets[0], wts[0], gu, dn, dequantize_rows,
+                         sh_sets[0] if shared else None)
     rows = []
     names = ("block_i", "values_per_step", "block_h", "values_per_step_down", "num_warps")
-    kernels = [("moe", quant_moe_decode)]
-    if with_mmvq:  # --mmvq: the int8-dot kernels side by side, same configs
+    kernels = [] if mmvq_only or shared else [("moe", quant_moe_decode)]  # the float kernel has no shared slot
+    if with_mmvq:  # --mmvq: the int8-dot kernels side by side, same configs; each of --moe-variants
+        from functools import partial
+
         from glmtg.kernels.gguf.mmvq import MMVQ_FORMATS
         from glmtg.kernels.gguf.mmvq_moe import mmvq_moe
-        kernels += [("mmvq-moe", mmvq_moe)] if gu in MMVQ_FORMATS and dn in MMVQ_FORMATS else []
-    sweep = {"moe": configs, "mmvq-moe": [None] + (MMVQ_MOE_SWEEP if len(configs) > 1 else [])}
+        from glmtg.kernels.gguf.mmvq_moe_lanes import lanes_for
+        for v in moe_variants if gu in MMVQ_FORMATS and dn in MMVQ_FORMATS else ():
+            # a lanes variant that would run the base kernels for both launches here is not timed twice
+            if v == "base" or lanes_for(v, gu, h // fgu.block_size, tokens) or lanes_for(v, dn, inter // fd.block_size,
+                                                                                         tokens):
+                kernels.append(("mmvq-moe" if v == "base" else f"mmvq-moe-{v}", partial(mmvq_moe, variant=v)))
+    swept = len(configs) > 1
+    sweep = {"moe": configs, "mmvq-moe": [None] + (MMVQ_MOE_SWEEP if swept else []),
+             **{kind: [None] + (MMVQ_MOE_LANES_SWEEP if swept else []) for kind, _ in kernels
+                if kind.startswith("mmvq-moe-")}}
     for (kind, fn), cfg in ((kf, c) for kf in kernels for c in sweep[kf[0]]):
         kw = {} if cfg is None else dict(zip(names, cfg, strict=True))
-        calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i], **kw)
+        calls = [lambda i=i, kw=kw, fn=fn: fn(xs[i], gate, up, down, id_sets[i], wts[i], gu, dn, out=outs[i],
+                                              **{**kw, **({"shared": sh_sets[i % 4]} if shared else {})})
                  for i in range(len(id_sets))]
         name = "default" if cfg is None else "/".join(map(str, cfg))
         try:
@@ -196,22 +225,23 @@ def bench_moe(fmt: str, m: dict, tokens: int, copy_bw: float, configs: list, rep
             continue
         calls[0]()
         err = float((outs[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        rows.append(dict(kind=kind, tensor=f"{m['name']} experts", fmt=f"{gu}/{dn}", n=e, k=inter, tokens=tokens,
+        rows.append(dict(kind=kind, tensor=f"{m['name']} experts" + (" + shared" if shared else ""), fmt=f"{gu}/{dn}",
+                         n=e, k=inter, tokens=tokens,
                          config=name, us=seconds * 1e6, mb=nbytes / 1e6, tbps=nbytes / seconds / 1e12,
                          frac_copy=nbytes / seconds / copy_bw, rel_err=err))
         print_row(rows[-1])
     return rows
 
 
-def _moe_reference(x, gate, up, down, ids, wts, gu, dn, dequantize_rows) -> torch.Tensor:
-    """fp32 torch of the same formula over the dequantized experts a token chose."""
+def _moe_reference(x, gate, up, down, ids, wts, gu, dn, dequantize_rows, shared=None) -> torch.Tensor:
+    """fp32 torch of the same formula over the dequantized experts a token chose (+ the shared expert)."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t in range(x.shape[0]):
-        for s in range(ids.shape[1]):
-            e = int(ids[t, s])
-            xt = x[t].float()
-            h = torch.nn.functional.silu(dequantize_rows(gate[e], gu) @ xt) * (dequantize_rows(up[e], gu) @ xt)
-            y[t] += wts[t, s] * (dequantize_rows(down[e], dn) @ h)
+        xt = x[t].float()
+        mats = [(gate[int(e)], up[int(e)], down[int(e)], float(w)) for e, w in zip(ids[t], wts[t])]
+        for g, u, d, w in mats + ([(*shared, 1.0)] if shared is not None else []):
+            h = torch.nn.functional.silu(dequantize_rows(g, gu) @ xt) * (dequantize_rows(u, gu) @ xt)
+            y[t] += w * (dequantize_rows(d, dn) @ h)
     return y
 
 
@@ -244,7 +274,7 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in payload["rows"] if r["config"] == "default"]
-    labels = [f"{r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
+    labels = [f"{r['kind']} {r['tensor']} {r['fmt']} T{r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1)))
     ax.barh(range(len(rows)), [r["frac_copy"] for r in rows], color=["C1" if "moe" in r["kind"] else "C0"
                                                                      for r in rows])
@@ -265,7 +295,7 @@ def write_reports(payload: dict, stem: Path) -> None:
 def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     """--sass --mmvq: the int8-dot kernel (glmtg/kernels/gguf/mmvq.py) of ``name`` at its default launch
     at 4 warps for rows of 4096 values, as sass_report's cases (``tiles`` rescales sass_report's G to the kernel's)."""
-    from glmtg.kernels.gguf import mmvq, mmvq_lanes, mmvq_moe
+    from glmtg.kernels.gguf import mmvq, mmvq_lanes, mmvq_lanes32, mmvq_moe, mmvq_moe_lanes
 
     if name not in mmvq.MMVQ_FORMATS:
         return []
@@ -274,8 +304,8 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
     block_n = 128 // steps
     words = dict(XW="i32", DX="fp32", XS="i32", W="u8", Y=xdt, Bias=xdt, Res=xdt)
     gate_up = dict(XW="i32", DX="fp32", XS="i32", Gate="u8", Up="u8", Ids="i64", Weights="fp32", Act="fp32",
-                   AQ="i8", ADX="fp32", AS="i32")
-    down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt)
+                   AQ="i8", ADX="fp32", AS="i32", SGate="u8", SUp="u8")
+    down = dict(AW="i32", ADX="fp32", AS="i32", Down="u8", Ids="i64", Y=xdt, SDown="u8")
     moe = dict(BLOCK_R=block_n, G=steps)
     return [("mmvq", mmvq._mmvq_kernel, words, dict(BLOCK_T=1, BLOCK_N=block_n, G=steps, HAS_BIAS=False, HAS_RES=False),
              block_n, steps / g,
@@ -287,7 +317,27 @@ def _mmvq_sass_cases(name: str, xdt: str, g: int) -> list[tuple]:
         (f"mmvq-{v}", mmvq_lanes._lanes_kernel, words,
          dict(BLOCK_N=1, G=(gl := 128 // mmvq_lanes.lanes_per_block(name, e)), HAS_BIAS=False, HAS_RES=False, E=e),
          1, gl / g, f"block_n 1, G {gl}")
-        for v, e in (("lanes", 1), ("lanes-wide", 2)) if name in mmvq_lanes.LANES_FORMATS]
+        for v, e in (("lanes", 1), ("lanes-wide", 2)) if name in mmvq_lanes.LANES_FORMATS] + [
+        # the 32-value lanes variants (mmvq_lanes32.py) at their default launch (2 rows x 4096 values)
+        (f"mmvq-{v}", mmvq_lanes32._lanes32_kernel, words,
+         dict(BLOCK_N=2, G=128, HAS_BIAS=False, HAS_RES=False, L=split), 2, 128 / g, "block_n 2, G 128")
+        for v, split in mmvq_lanes32.LANES32_VARIANTS.items() if name in mmvq_lanes32.LANES32_FORMATS and split] + [
+        # the routed-expert lanes kernels (mmvq_moe_lanes.py) at their default launch (one warp; ``tiles``
+        # rescales to sass_report's 4 warps: the values a thread takes in one iteration of the innermost loop,
+        # gate/up: one step of both matrices; down: a whole row of a slot, Air's I = 1408, GLM-4.5's 1536 for q4_k)
+        (f"mmvq-moe-{v} {part}", kernel, ptrs,
+         dict(GPB=f.block_size // 32, BLOCK_R=cfg[0], G=cfg[1], L=lanes, SHARED=1, _warps=cfg[2], **const), cfg[0],
+         per_iter * 4 / g, f"{cfg[0]} rows, G {cfg[1]}, {cfg[2]} warp")
+        for v in ("lanes", "lanes-narrow", "lanes-wide") if name in mmvq_moe_lanes.MOE_LANES_FORMATS
+        for nb in [(1536 if name == "q4_k" else 1408) // f.block_size]
+        for lanes in [mmvq_moe_lanes.lanes_for(v, name, 2, 1)]
+        for part, kernel, ptrs, cfg, const in (
+            ("gate/up", mmvq_moe_lanes._gate_up_lanes_kernel,
+             {k: w for k, w in gate_up.items() if k not in ("AQ", "ADX", "AS")},
+             mmvq_moe_lanes.default_config(name, lanes, nb, False), {}),
+            ("down", mmvq_moe_lanes._down_lanes_kernel, {k: w for k, w in down.items() if k != "SDown"},
+             mmvq_moe_lanes.default_config(name, lanes, nb, True), dict(NB=nb)))
+        for per_iter in [2 * cfg[1] if part == "gate/up" else nb]]
 
 
 def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with_mmvq: bool = False) -> int:
@@ -327,15 +377,16 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
         back = [(a - int(t.group(1), 16), a) for a, op in ops if op.startswith("BRA")
                 and (t := re.search(r"0x([0-9a-f]+)", op)) and int(t.group(1), 16) < a]
         span, end = min(back)  # the innermost loop: the shortest backward branch
-        return sum(1 for a, _ in ops if end - span <= a <= end)
+        loop = [op for a, op in ops if end - span <= a <= end]
+        return len(loop), sum(1 for op in loop if op.startswith("LDG"))
 
     xdt = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[x_dtype]
     print(f"issue bound: 128 lanes/clock x {sms} SMs x {clock_ghz} GHz; x in {xdt}")
-    print("| kernel | type | config | instr / value | bytes / value | bound TB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel | type | config | instr / value | global loads / value | bytes / value | bound TB/s |")
+    print("|---|---|---|---|---|---|---|")
     for name in types:
         if name not in DECODED:
-            print(f"| - | {name} | no device decoder yet | | | |")
+            print(f"| - | {name} | no device decoder yet | | | | |")
             continue
         f = REGISTRY[name]
         g = gemv.steps_for(f.block_size, 512)
@@ -350,15 +401,17 @@ def sass_report(types: list[str], sms: int, clock_ghz: float, x_dtype: str, with
             cases += _mmvq_sass_cases(name, xdt, g)
         for kname, kernel, ptrs, extra, rows, tiles, cfg in cases:
             try:
-                body = compile_loop(kernel, ptrs, {**fmt, **extra}, 4)
+                const = {**fmt, **extra}
+                body, loads = compile_loop(kernel, ptrs, const, const.pop("_warps", 4))
             except Exception as exc:  # report and go on
-                print(f"| {kname} | {name} | compile failed: {type(exc).__name__}: {str(exc)[:120]} | | | |")
+                print(f"| {kname} | {name} | compile failed: {type(exc).__name__}: {str(exc)[:120]} | | | | |")
                 continue
-            per_value = body / (tiles * rows * g * f.block_size / 128)  # 128 threads at 4 warps
+            values = tiles * rows * g * f.block_size / 128  # a thread's values an iteration (128 threads at 4 warps)
+            per_value = body / values
             bpv = f.type_size / f.block_size
             bound = bpv / per_value * 128 * sms * clock_ghz * 1e9 / 1e12
-            print(f"| {kname} | {name} | {cfg}, {round(tiles * g) * f.block_size} values a step | {per_value:.1f} | {bpv:.3f} | "
-                  f"{bound:.2f} |", flush=True)
+            print(f"| {kname} | {name} | {cfg}, {round(tiles * g) * f.block_size} values a step | {per_value:.2f} | "
+                  f"{loads / values:.3f} | {bpv:.3f} | {bound:.2f} |", flush=True)
     return 0
 
 
@@ -375,6 +428,11 @@ def main() -> int:
     parser.add_argument("--mmvq-variants", default="base", help="with --mmvq: mmvq's kernel variants to time "
                         "side by side, comma-separated (base, lanes, lanes-wide: glmtg/kernels/gguf/mmvq_lanes.py; the "
                         "lanes variants run q6_k / q4_k at one token, rows labelled mmvq-<variant>)")
+    parser.add_argument("--moe-variants", default="base", help="with --mmvq: mmvq_moe's kernel variants to time "
+                        "side by side, comma-separated (base, lanes, lanes-narrow, lanes-wide: "
+                        "glmtg/kernels/gguf/mmvq_moe_lanes.py; rows labelled mmvq-moe-<variant>)")
+    parser.add_argument("--shared-expert", action="store_true", help="the MoE rows fold a shared expert in as one "
+                        "more slot (as GLM runs it: 8 routed + 1 shared; its bytes counted); int8 kernels only")
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default "
                         "bench/results/gguf_gemv/<date>-kernels, <date>-sweep with --sweep)")
@@ -401,6 +459,10 @@ def main() -> int:
     variants = tuple(v.strip() for v in args.mmvq_variants.split(",") if v.strip())
     if not variants or any(v not in VARIANTS for v in variants):
         parser.error(f"--mmvq-variants must be of {VARIANTS}, got {args.mmvq_variants!r}")
+    from glmtg.kernels.gguf.mmvq_moe_lanes import VARIANTS as MOE_VARIANTS
+    moe_variants = tuple(v.strip() for v in args.moe_variants.split(",") if v.strip())
+    if not moe_variants or any(v not in MOE_VARIANTS for v in moe_variants):
+        parser.error(f"--moe-variants must be of {MOE_VARIANTS}, got {args.moe_variants!r}")
     if args.sass:
         return sass_report(types, args.sms, args.clock_ghz, args.x_dtype, args.mmvq)
     if not torch.cuda.is_available():
@@ -437,7 +499,8 @@ def main() -> int:
                         skipped.update({fit(fmt, m["hidden"]), fit(fmt, m["moe_inter"])} - set(DECODED))
                         continue
                     configs = [None] + (MOE_SWEEP if args.sweep else [])
-                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen, args.mmvq)
+                    rows += bench_moe(fmt, m, t, copy_bw, configs, args.replays, gen, args.mmvq, moe_variants,
+                                      args.shared_expert, args.mmvq_only)
                 torch.cuda.empty_cache()
     payload = dict(environment=environment(), copy_tbps=copy_bw / 1e12, rows=rows, skipped=sorted(skipped),
                    models={k: MODELS[k] for k in models}, routing_sets=ROUTING_SETS)

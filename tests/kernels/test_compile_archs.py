@@ -143,7 +143,8 @@ def _moe_jobs() -> list[tuple[str, object, dict, dict, dict]]:
 
 def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
     from glmtg.formats import REGISTRY
-    from glmtg.kernels.gguf import activation, dequant, gemv, mmvq, mmvq_lanes, mmvq_moe, moe
+    from glmtg.kernels.gguf import (activation, dequant, gemv, mmvq, mmvq_lanes, mmvq_lanes32, mmvq_moe,
+                                    mmvq_moe_lanes, moe)
     from glmtg.kernels.gguf.tables import lookup_table
 
     def blocks(name: str) -> dict:
@@ -186,6 +187,27 @@ def _gguf_jobs() -> list[tuple[str, object, dict, dict, dict]]:
                      dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
                      dict(FMT=REGISTRY[name].gguf_type, TS=REGISTRY[name].type_size, BLOCK_N=block_n,
                           G=values // 256, HAS_BIAS=False, HAS_RES=True, E=split), dict(num_warps=warps)))
+    # the 32-value lanes GEMV (mmvq_lanes32.py) at its default launch, and mmvq_moe's lanes kernels
+    # (mmvq_moe_lanes.py) at theirs for Air's expert formats (inline PTX: shf.r.clamp, dp4a)
+    for name, split in (("q4_0", 2), ("q8_0", 1), ("q5_0", 4)):
+        block_n, values, warps = mmvq_lanes32.default_config(split)
+        jobs.append((f"gguf mmvq lanes32 L={split} {name}", mmvq_lanes32._lanes32_kernel,
+                     dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
+                     dict(FMT=REGISTRY[name].gguf_type, TS=REGISTRY[name].type_size, BLOCK_N=block_n,
+                          G=values // 32, HAS_BIAS=False, HAS_RES=True, L=split), dict(num_warps=warps)))
+    for gu, dn, lanes in (("q4_0", "q4_0", 2), ("q4_k", "q8_0", 1)):
+        fg, fd = REGISTRY[gu], REGISTRY[dn]
+        rows, g, warps = mmvq_moe_lanes.default_config(gu, lanes, 4096 // fg.block_size, False)
+        jobs.append((f"gguf mmvq_moe lanes gate_up {gu}", mmvq_moe_lanes._gate_up_lanes_kernel,
+                     dict(XW="*i32", DX="*fp32", XS="*i32", Gate="*u8", Up="*u8", Ids="*i64", Weights="*fp32",
+                          Act="*fp32", SGate="*u8", SUp="*u8"),
+                     dict(FMT=fg.gguf_type, TS=fg.type_size, GPB=fg.block_size // 32, BLOCK_R=rows, G=g, L=lanes,
+                          SHARED=1), dict(num_warps=warps)))
+        rows, g, warps = mmvq_moe_lanes.default_config(dn, 2, 44, True)
+        jobs.append((f"gguf mmvq_moe lanes down {dn}", mmvq_moe_lanes._down_lanes_kernel,
+                     dict(AW="*i32", ADX="*fp32", AS="*i32", Down="*u8", Ids="*i64", Y="*bf16", SHARED_OFF="i64"),
+                     dict(NB=44, FMT=fd.gguf_type, TS=fd.type_size, GPB=1, BLOCK_R=rows, G=g, L=2, SHARED=1),
+                     dict(num_warps=warps)))
     # mmvq_moe at its CUDA launch (one row a program, 1024 values a step, one warp; the activation unfused).
     gate_up, down = "q4_0", "q6_k"
     jobs.append(("gguf mmvq_moe gate_up q4_0", mmvq_moe._gate_up_kernel,

@@ -1,7 +1,8 @@
 """The decode step's kernels compiled for sm_90 with programmatic dependent launch (glmtg/kernels/pdl.py):
 each waits (griddepcontrol.wait) and releases the next launch (griddepcontrol.launch_dependents), and
 none loads or stores global memory before its wait (the kernel before may still write what it reads).
-mmvq_moe is compiled also with the shared expert as one more slot (``SHARED``).
+mmvq_moe is compiled also with the shared expert as one more slot (``SHARED``); so are its lanes variants
+(mmvq_moe_lanes.py), beside the 32-value lanes GEMV (mmvq_lanes32.py).
 
 PDL only runs on a GPU of compute capability 9.0 and later, so these checks read the PTX; the GPU tests
 (test_pdl_gpu.py) check that a step's logits are the same with and without it. Runs as a subprocess (this
@@ -22,7 +23,7 @@ WAIT, RELEASE = "griddepcontrol.wait", "griddepcontrol.launch_dependents"
 
 def _jobs():
     from glmtg.formats import REGISTRY
-    from glmtg.kernels.gguf import activation, gemv, mmvq, mmvq_lanes, mmvq_moe
+    from glmtg.kernels.gguf import activation, gemv, mmvq, mmvq_lanes, mmvq_lanes32, mmvq_moe, mmvq_moe_lanes
     from glmtg.kernels.qk_rope import _qk_rope_kernel
     from glmtg.kernels.rms_norm import _rms_norm_kernel
     from glmtg.kernels.router import _logits_kernel, _select_kernel
@@ -59,6 +60,22 @@ def _jobs():
     yield ("mmvq_moe down q5_0 + shared", mmvq_moe._down_kernel,
            dict(AW="*i32", ADX="*fp32", AS="*i32", Down="*u8", Ids="*i64", Y="*bf16", SDown="*u8"),
            dict(blocks("q5_0"), BLOCK_R=1, G=gemv.steps_for(32, 1024), SHARED=1, **pdl), 1)
+    # the 32-value lanes GEMV (mmvq_lanes32.py) and the routed experts' lanes kernels (mmvq_moe_lanes.py)
+    for name, split in (("q4_0", 2), ("q8_0", 1), ("q5_0", 4)):
+        f = REGISTRY[name]
+        yield (f"mmvq lanes32 L={split} {name}", mmvq_lanes32._lanes32_kernel,
+               dict(XW="*i32", DX="*fp32", XS="*i32", W="*u8", Y="*bf16", Bias="*bf16", Res="*bf16"),
+               dict(FMT=f.gguf_type, TS=f.type_size, BLOCK_N=2, G=128, HAS_BIAS=False, HAS_RES=True, L=split, **pdl), 4)
+    for gu, dn in (("q4_0", "q4_0"), ("q4_k", "q5_0")):
+        fg, fd = REGISTRY[gu], REGISTRY[dn]
+        yield (f"mmvq_moe lanes gate_up {gu} + shared", mmvq_moe_lanes._gate_up_lanes_kernel,
+               dict(XW="*i32", DX="*fp32", XS="*i32", Gate="*u8", Up="*u8", Ids="*i64", Weights="*fp32",
+                    Act="*fp32", SGate="*u8", SUp="*u8"),
+               dict(FMT=fg.gguf_type, TS=fg.type_size, GPB=fg.block_size // 32, BLOCK_R=1, G=16, L=2 if gu == "q4_0"
+                    else 1, SHARED=1, **pdl), 1)
+        yield (f"mmvq_moe lanes down {dn} + shared", mmvq_moe_lanes._down_lanes_kernel,
+               dict(AW="*i32", ADX="*fp32", AS="*i32", Down="*u8", Ids="*i64", Y="*bf16", SHARED_OFF="i64"),
+               dict(NB=44, FMT=fd.gguf_type, TS=fd.type_size, GPB=1, BLOCK_R=4, G=4, L=2, SHARED=1, **pdl), 1)
     yield ("quantize", activation._quantize_kernel, dict(X="*bf16", Q="*i8", DX="*fp32", S="*i32"),
            dict(GB=32, **pdl), 4)
     yield ("rms_norm", _rms_norm_kernel,
@@ -112,7 +129,7 @@ def main() -> int:
 def test_decode_kernels_wait_then_release_on_sm90(compile_report):
     stdout, table = compile_report(__file__, timeout=600)
     rows = {c[0]: [int(v) for v in c[1:]] for c in table if len(c) == 5 and c[1].isdigit()}
-    assert len(rows) == 16, stdout
+    assert len(rows) == 23, stdout  # every kernel of _jobs
     for name, (waits, releases, loads, stores) in rows.items():
         assert waits == 1 and releases == 1, f"{name}: {waits} waits, {releases} releases\n{stdout}"
         assert loads == 0 and stores == 0, f"{name}: {loads} loads, {stores} stores before its wait\n{stdout}"

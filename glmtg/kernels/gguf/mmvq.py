@@ -39,7 +39,7 @@ from glmtg.kernels.gguf.activation import (  # noqa: F401 (quantize_activation, 
     quantize_groups,
     quantize_once,
 )
-from glmtg.kernels.gguf import mmvq_lanes
+from glmtg.kernels.gguf import mmvq_lanes, mmvq_lanes32
 from glmtg.kernels.gguf.gemv import GEMV_MAX_TOKENS, SUPPORTED_DTYPES, check_weight, steps_for
 from glmtg.kernels.gguf.words import block_dot
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
@@ -193,7 +193,9 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     remembered, so q/k/v or gate/up calls on one x round it once.
 
     ``variant``: which kernel, "base", "lanes" or "lanes-wide" (mmvq_lanes.py: Q6_K and Q4_K at T = 1;
-    anything else runs the base kernel); None: the process-wide choice (GLMTG_MMVQ_VARIANT, default "lanes"). The
+    anything else runs the base kernel), or "lanes-q4", "-narrow", "-wide", "-auto" ("lanes", and
+    Q4_0 / Q5_0 / Q8_0 at T = 1 with rows of an even number of blocks by mmvq_lanes32.py); None: the
+    process-wide choice (GLMTG_MMVQ_VARIANT, default "lanes"). The
     launch knobs mean the same for both; the lanes kernel has its own defaults."""
     f = mmvq_format(fmt)
     check(isinstance(x, torch.Tensor) and x.dim() == 2, lambda: f"x must be a 2-D tensor [T, K], got {describe(x)}")
@@ -206,6 +208,7 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     given_out = out is not None
     out, residual = epilogue_operands(x, t, n, out, bias, residual)
     lanes = mmvq_lanes.lanes_split(variant, f.name, t)
+    lanes32 = mmvq_lanes32.lanes32_split(mmvq_lanes.resolve(variant), f.name, t, nb)
     auto_n, auto_g, auto_warps = default_config(n, nb)
     auto_values = auto_g * f.block_size
     # A GPU measurement; the interpreter (a CPU) keeps the default, whose larger programs it runs faster.
@@ -214,6 +217,8 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
         auto_n, auto_values, auto_warps = measured
     if lanes:
         auto_n, auto_values, auto_warps = mmvq_lanes.default_config(f.name, lanes)
+    if lanes32:
+        auto_n, auto_values, auto_warps = mmvq_lanes32.default_config(lanes32)
     block_n = auto_n if block_n is None else block_n
     values_per_step = auto_values if values_per_step is None else values_per_step
     num_warps = auto_warps if num_warps is None else num_warps
@@ -223,7 +228,10 @@ def mmvq(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Te
     if t == 0 or n == 0:
         return out
     codes, dx, sums = quantize_once(x) if quantized is None else checked_quantized(quantized, t, k, x.device)
-    if lanes:
+    if lanes32:
+        mmvq_lanes32.launch(codes, dx, sums, weight, out, bias, residual, f.gguf_type, f.type_size, nb, block_n,
+                            steps_for(f.block_size, values_per_step), num_warps, lanes32)
+    elif lanes:
         mmvq_lanes.launch(codes, dx, sums, weight, out, bias, residual, f.gguf_type, f.type_size, nb, block_n,
                           steps_for(f.block_size, values_per_step), num_warps, lanes)
     else:

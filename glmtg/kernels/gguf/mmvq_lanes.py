@@ -53,9 +53,14 @@ from glmtg.kernels.gguf.words_common import _dp4a
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 from glmtg.switch import ModeSwitch
 
-VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-wide")
+# "lanes-q4*": "lanes" for Q6_K / Q4_K, and mmvq_lanes32.py's kernel (L = 2, 1, 4, per format) for Q4_0,
+# Q5_0 and Q8_0 (for A/B: bench/gguf_gemv.py --mmvq-variants)
+VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-wide", "lanes-q4", "lanes-q4-narrow", "lanes-q4-wide",
+                             "lanes-q4-auto")
 LANES_FORMATS: tuple[str, ...] = ("q6_k", "q4_k")  # the formats the lanes variants read
-_SPLIT = {"lanes": 1, "lanes-wide": 2}  # E, lanes sharing one lane's slice of a block (module docstring)
+_SPLIT = {"lanes": 1, "lanes-wide": 2, "lanes-q4": 1, "lanes-q4-narrow": 1, "lanes-q4-wide": 1,
+          "lanes-q4-auto": 1}  # E, lanes
+# sharing one lane's slice of a block (module docstring)
 _switch = ModeSwitch("GLMTG_MMVQ_VARIANT (the mmvq kernel variant)", VARIANTS,
                      os.environ.get("GLMTG_MMVQ_VARIANT", "lanes"))
 set_variant = _switch.set
@@ -70,10 +75,16 @@ def current_variant() -> str:
 def lanes_split(variant: str | None, fmt_name: str, tokens: int) -> int:
     """E (1 or 2) if mmvq runs the lanes kernel for ``fmt_name`` at ``tokens`` under ``variant`` (None: the
     process-wide one), else 0 (the base kernel); ValueError naming ``variant`` if it is not one of VARIANTS."""
+    v = resolve(variant)
+    return _SPLIT.get(v, 0) if fmt_name in LANES_FORMATS and tokens == 1 else 0
+
+
+def resolve(variant: str | None) -> str:
+    """``variant``, or the process-wide one for None; ValueError naming ``variant`` if not one of VARIANTS."""
     v = _switch.value if variant is None else variant
     if v not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return _SPLIT.get(v, 0) if fmt_name in LANES_FORMATS and tokens == 1 else 0
+    return v
 
 
 def lanes_per_block(fmt_name: str, split: int) -> int:

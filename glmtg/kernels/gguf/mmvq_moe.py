@@ -37,6 +37,7 @@ from glmtg.kernels.gguf.mmvq import (
     quantize_activation,
     quantize_groups,
 )
+from glmtg.kernels.gguf import mmvq_moe_lanes
 from glmtg.kernels.gguf.moe import check_moe_args
 from glmtg.kernels.gguf.words import block_dot
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
@@ -170,6 +171,7 @@ def mmvq_moe(
     values_per_step_down: int | None = None,
     num_warps: int | None = None,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Σ_k weights[t, k] · down_e(silu(gate_e x[t]) · up_e x[t]) with e = ids[t, k], as [T, H] in x's dtype.
 
@@ -182,7 +184,11 @@ def mmvq_moe(
     ``shared``: (gate [I, rbH], up [I, rbH], down [H, rbI]) of a shared expert in the same formats and
     shapes as one routed expert, run as one more slot of weight 1 in the same two launches (its own
     three launches otherwise): the result is then Σ_k ... + shared(x), the k + 1 terms summed in fp32 and
-    rounded once to x's dtype."""
+    rounded once to x's dtype.
+
+    ``variant``: "base" (these kernels) or one of mmvq_moe_lanes.VARIANTS (lane-shared block reads at one
+    token, per launch where the format has a lane reader); None: GLMTG_MMVQ_MOE_VARIANT (default "base").
+    The knobs given apply to the lanes kernels too (values a step as blocks a step)."""
     fgu = mmvq_format(gate_up_fmt, "gate_up_fmt")
     fd = mmvq_format(down_fmt, "down_fmt")
     t, hidden, nb_h, nb_i, num_experts, inter, top_k, out = check_moe_args(x, gate, up, down, ids, weights,
@@ -197,6 +203,11 @@ def mmvq_moe(
                   lambda: f"{name} must be a contiguous 16-byte aligned uint8 tensor {tuple(like.shape[1:])} on "
                           f"{x.device} (one routed expert's shape), got {describe(w)}")
     slots = top_k + (shared is not None)
+    lanes_gu = mmvq_moe_lanes.lanes_for(variant, fgu.name, nb_h, t)
+    lanes_d = mmvq_moe_lanes.lanes_for(variant, fd.name, nb_i, t)
+    given = (block_i, None if values_per_step is None else steps_for(fgu.block_size, values_per_step),
+             block_h, None if values_per_step_down is None else steps_for(fd.block_size, values_per_step_down),
+             num_warps)
     if x.is_cuda and num_warps is None and block_i is None and block_h is None and values_per_step is None \
             and values_per_step_down is None:
         # Measured fastest on an H200 at GLM-4.5-Air's experts (bench/DECISIONS.md H2): one row a program,
@@ -221,20 +232,30 @@ def mmvq_moe(
     # quantize the intermediate themselves (one launch fewer); else an fp32 buffer and quantize_activation.
     fused = block_i % GROUP == 0
     pdl, launch = enabled(x.device), launch_kwargs(x.device)
-    aw = torch.empty((t * slots, inter), dtype=torch.int8, device=x.device)
-    adx = torch.empty((t * slots, inter // GROUP), dtype=torch.float32, device=x.device)
-    as_ = torch.empty((t * slots, inter // GROUP), dtype=torch.int32, device=x.device)
-    act = adx if fused else torch.empty((t * slots, inter), dtype=torch.float32, device=x.device)
     sgate, sup, sdown = shared if shared is not None else (gate, up, down)  # never read without SHARED
-    _gate_up_kernel[(t * slots, triton.cdiv(inter, block_i))](
-        xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, aw, adx, as_, nb_h, hidden // GROUP, inter,
-        num_experts, top_k, gate.shape[2],
-        FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
-        G=steps_for(fgu.block_size, values_per_step), FUSED=fused, PDL=pdl, SGate=sgate, SUp=sup,
-        SHARED=int(shared is not None), num_warps=num_warps, **launch,
-    )
-    if not fused:
+    if lanes_gu:  # fp32 intermediate, then its rounding (as the unfused base path)
+        act = torch.empty((t * slots, inter), dtype=torch.float32, device=x.device)
+        mmvq_moe_lanes.launch_gate_up(xw, xdx, xs, gate, up, ids, weights, act, fgu, lanes_gu, shared, given[0],
+                                      given[1], given[4], pdl)
         aw, adx, as_ = quantize_activation(act)
+    else:
+        aw = torch.empty((t * slots, inter), dtype=torch.int8, device=x.device)
+        adx = torch.empty((t * slots, inter // GROUP), dtype=torch.float32, device=x.device)
+        as_ = torch.empty((t * slots, inter // GROUP), dtype=torch.int32, device=x.device)
+        act = adx if fused else torch.empty((t * slots, inter), dtype=torch.float32, device=x.device)
+        _gate_up_kernel[(t * slots, triton.cdiv(inter, block_i))](
+            xw.view(torch.int32), xdx, xs, gate, up, ids, weights, act, aw, adx, as_, nb_h, hidden // GROUP, inter,
+            num_experts, top_k, gate.shape[2],
+            FMT=fgu.gguf_type, BS=fgu.block_size, TS=fgu.type_size, BLOCK_R=block_i,
+            G=steps_for(fgu.block_size, values_per_step), FUSED=fused, PDL=pdl, SGate=sgate, SUp=sup,
+            SHARED=int(shared is not None), num_warps=num_warps, **launch,
+        )
+        if not fused:
+            aw, adx, as_ = quantize_activation(act)
+    if lanes_d:
+        mmvq_moe_lanes.launch_down(aw, adx, as_, down, ids, out, fd, lanes_d, None if shared is None else sdown,
+                                   given[2], given[3], given[4], pdl)
+        return out
     _down_kernel[(t, triton.cdiv(hidden, block_h))](
         aw.view(torch.int32), adx, as_, down, ids, out, nb_i, inter // GROUP, hidden, num_experts, top_k,
         down.shape[2], out.stride(0),
