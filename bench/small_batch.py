@@ -129,6 +129,7 @@ def bench_experts(fmt: str, tokens: int, copy_bw: float, replays: int, gen: torc
     outs: dict[str, list] = {}
     rows = []
     small_batch.DOT = "float"  # "new" is the float-dot path whatever GLMTG_SMALL_BATCH_DOT says; int8 below
+    small_batch.EXPERTS, small_batch.MAX_TOKENS = "new", 64  # the grouped kernels whatever the defaults
     for kind in ("old", "new"):
         small_batch.MODE = kind
         outs[kind] = [None] * sets

@@ -29,7 +29,6 @@ import functools
 import importlib.util
 import mmap
 import warnings
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,16 +154,9 @@ class NodeStaging:
         return tuple(buf[off:off + r * c * dt.itemsize].view(dt).view(r, c) for off, ((r, c), dt) in zip(offs, shapes))
 
     def _pinned(self, n: int) -> torch.Tensor:
-        """uint8 [n] page-locked, in pages of its own (two registrations never share a page)."""
-        pages = -(-n // PAGE) * PAGE
-        raw = torch.empty(pages + PAGE, dtype=torch.uint8)
-        skip = -raw.data_ptr() % PAGE
-        block = raw[skip:skip + pages]
-        # portable: pinned for every device's context, not only the current one
-        if int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), pages, HOST_REGISTER_PORTABLE)) != 0:
-            return torch.empty(n, dtype=torch.uint8, pin_memory=True)  # torch's allocator: rounded, but pinned
-        weakref.finalize(self, _unregister, block.data_ptr(), raw)  # holds raw until it is unregistered
-        return block[:n]
+        """uint8 [n] from torch's pinned allocator: copies to and from it are allowed inside a CUDA-graph
+        capture, which torch refuses for memory page-locked behind its back (cudaHostRegister)."""
+        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
 
 
 def _unregister(ptr: int, raw: torch.Tensor) -> None:

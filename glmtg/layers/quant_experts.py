@@ -161,11 +161,11 @@ class QuantExperts(nn.Module):
         return check_gemm(self.gemm) in ("auto", "mmq") and x.dtype in SUPPORTED_DTYPES and self._readable(x)
 
     def _small_batch(self, x: torch.Tensor) -> bool:
-        """Whether x's tokens are a decode batch the grouped GEMM takes (small_batch.takes) rather than the
+        """Whether x's tokens are a decode batch the grouped GEMM takes (small_batch.takes_experts) rather than the
         per-pair decode kernel."""
         from glmtg.kernels.gguf import small_batch
 
-        return small_batch.takes(x.shape[0], *self.formats.values()) and self._grouped(x)
+        return small_batch.takes_experts(x.shape[0], *self.formats.values()) and self._grouped(x)
 
     def _int8_batch(self, x: torch.Tensor) -> bool:
         """Whether a decode batch takes the int8-dot grouped kernels (moe_i8): ``_small_batch``, small_batch.DOT

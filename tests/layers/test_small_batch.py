@@ -46,6 +46,8 @@ def calls(monkeypatch):
     wrap(small_module, "mmq_small")
     wrap(moe_module, "moe_prefill")
     monkeypatch.setattr(small_batch, "MODE", "new")
+    monkeypatch.setattr(small_batch, "EXPERTS", "new")  # off by default (DECISIONS J2); tested here
+    monkeypatch.setattr(small_batch, "MAX_TOKENS", 64)
     return seen
 
 
@@ -91,6 +93,8 @@ def test_linear_old_mode_and_one_token_keep_their_paths(blocks, calls, monkeypat
     lin(torch.randn(3, 256, generator=gen))
     assert calls["mmq_small"] == []
     monkeypatch.setattr(small_batch, "MODE", "new")
+    monkeypatch.setattr(small_batch, "EXPERTS", "new")  # off by default (DECISIONS J2); tested here
+    monkeypatch.setattr(small_batch, "MAX_TOKENS", 64)
     lin.gemm = "dequant"  # the A/B switch of the layer keeps the old paths too
     lin(torch.randn(3, 256, generator=gen))
     assert calls["mmq_small"] == []
@@ -192,9 +196,14 @@ def test_switches_from_the_environment(monkeypatch):
 
 def test_takes(monkeypatch):
     monkeypatch.setattr(small_batch, "MODE", "new")
+    monkeypatch.setattr(small_batch, "EXPERTS", "new")  # off by default (DECISIONS J2); tested here
+    monkeypatch.setattr(small_batch, "MAX_TOKENS", 64)
     assert small_batch.takes(2, "q4_0", "q6_k") and small_batch.takes(64, "q8_0")
     assert not small_batch.takes(1, "q4_0") and not small_batch.takes(65, "q4_0")
     assert not small_batch.takes(8, "q4_0", "iq2_xxs")  # a format outside FORMATS keeps its path
+    assert small_batch.takes_experts(8, "q4_0")
+    monkeypatch.setattr(small_batch, "EXPERTS", "old")
+    assert small_batch.takes(8, "q4_0") and not small_batch.takes_experts(8, "q4_0")
     monkeypatch.setattr(small_batch, "MODE", "old")
     assert not small_batch.takes(8, "q4_0")
 
@@ -227,6 +236,8 @@ def test_air_experts_on_gpu_captured(t, monkeypatch):
     from glmtg.config import ModelConfig
 
     monkeypatch.setattr(small_batch, "MODE", "new")
+    monkeypatch.setattr(small_batch, "EXPERTS", "new")  # off by default (DECISIONS J2); tested here
+    monkeypatch.setattr(small_batch, "MAX_TOKENS", 64)
     gen = torch.Generator(device="cuda").manual_seed(50 + t)
     with torch.device("meta"):
         experts = QuantExperts(ModelConfig.preset("glm-4.5-air"), torch.bfloat16, EXPERT_FORMATS, backend="kernel")
@@ -283,6 +294,8 @@ def test_air_linear_on_gpu_captured(t, fmt, n, k, monkeypatch):
     residual: against float64 (dot_tolerance: weights rounded to bf16, fp32 sums; plus the bias and residual
     roundings), then captured in a CUDA graph and replayed with new x and residual, equal to eager runs."""
     monkeypatch.setattr(small_batch, "MODE", "new")
+    monkeypatch.setattr(small_batch, "EXPERTS", "new")  # off by default (DECISIONS J2); tested here
+    monkeypatch.setattr(small_batch, "MAX_TOKENS", 64)
     gen = torch.Generator(device="cuda").manual_seed(t)
     with torch.device("meta"):
         lin = QuantLinear(k, n, bias=fmt == "q4_k", formats=fmt, dtype=torch.bfloat16, backend="kernel")

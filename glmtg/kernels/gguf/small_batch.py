@@ -9,16 +9,20 @@ Here (mode "new"):
 - dense products: ``mmq_small`` (mmq_small.py), weight tiles decoded once in registers and multiplied on
   the tensor cores with one m-tile holding every token (16..64, padded), so each weight byte is read and
   decoded once whatever T; small N split over K so that the whole GPU is busy (``dense_config``).
-- routed experts: ``mmq_moe.moe_prefill`` (pairs sorted by expert on the device, each present expert's
-  bytes read once a step for all its tokens, fixed grids: capturable) with m-tiles of 16 pairs
-  (``moe_configs``). The shared expert runs as a dense MLP (gate_up, SwiGLU, down with the residual).
+- routed experts, only with ``GLMTG_SMALL_BATCH_EXPERTS=new``: ``mmq_moe.moe_prefill`` (pairs sorted by
+  expert on the device, each present expert's bytes read once a step for all its tokens, fixed grids:
+  capturable) with m-tiles of 16 pairs (``moe_configs``); the shared expert then runs as a dense MLP. Off by
+  default: on the H200 it lost to the per-pair decode kernel at 8 and 32 tokens (bench/DECISIONS.md J2).
 
 Switches (read once at import; module constants, so a test or bench may set them):
 - ``GLMTG_SMALL_BATCH`` = "new" (default) or "old" (the paths before: mmvq up to 16 tokens, dequantize +
   cuBLAS and the per-pair expert kernel above): ``MODE``.
-- ``GLMTG_SMALL_BATCH_MIN`` / ``GLMTG_SMALL_BATCH_MAX``: the token counts the new path takes (default 2..64;
-  T = 1 keeps the GEMV lanes kernels): ``MIN_TOKENS`` / ``MAX_TOKENS``. Defaults reasoned, not yet measured
-  (bench/small_batch.py measures the crossover).
+- ``GLMTG_SMALL_BATCH_MIN`` / ``GLMTG_SMALL_BATCH_MAX``: the token counts the new path takes (default 2..16;
+  T = 1 keeps the GEMV lanes kernels): ``MIN_TOKENS`` / ``MAX_TOKENS``. 16 from bench/small_batch.py on the
+  H200: at 8 tokens mmq_small took 0.34-0.72x the old time of every dense product, at 32 the dequantize +
+  cuBLAS path was as fast or faster (bench/DECISIONS.md J2).
+- ``GLMTG_SMALL_BATCH_EXPERTS`` = "old" (default) or "new": whether routed experts take the grouped path
+  (``EXPERTS``).
 - ``GLMTG_SMALL_BATCH_DOT`` = "float" (default: mmq_small, weights decoded to x's dtype) or "int8" (mmq_i8:
   q4_0 / q8_0 weights as int8 codes, x rounded to int8 per 32 values, int8 tensor-core dots; other formats
   stay on mmq_small; routed experts in q4_0 / q8_0 take moe_i8.moe_i8 the same way): ``DOT``.
@@ -66,11 +70,19 @@ def _env_tokens(name: str, default: int) -> int:
 
 
 MODE: str = _env_mode()
+EXPERTS: str = os.environ.get("GLMTG_SMALL_BATCH_EXPERTS", "old")
+if EXPERTS not in MODES:
+    raise ValueError(f"GLMTG_SMALL_BATCH_EXPERTS must be one of {MODES}, got {EXPERTS!r}")
 DOT: str = _env_dot()
 MIN_TOKENS: int = _env_tokens("GLMTG_SMALL_BATCH_MIN", 2)
-MAX_TOKENS: int = _env_tokens("GLMTG_SMALL_BATCH_MAX", 64)
+MAX_TOKENS: int = _env_tokens("GLMTG_SMALL_BATCH_MAX", 16)
 # The m-tile is the whole batch up to this many tokens (register budget of the fp32 accumulator).
 _MAX_BLOCK_M = 64
+
+
+def takes_experts(tokens: int, *formats: str) -> bool:
+    """``takes`` for routed experts: also needs ``EXPERTS`` to be "new"."""
+    return EXPERTS == "new" and takes(tokens, *formats)
 
 
 def takes(tokens: int, *formats: str) -> bool:
