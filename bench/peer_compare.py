@@ -41,11 +41,12 @@ def read_glmtg_gbps(path: Path) -> dict[int, float]:
     return {int(r["n_kv"]): float(r["tg_gbps"]) for r in json.loads(path.read_text())["rows"] if "tg_gbps" in r}
 
 
-def read_mainline(path: Path) -> dict[int, float]:
-    """llama-bench's markdown: `tg128` (depth 0) and `tg128 @ dN` rows, the t/s column as mean ± sd."""
+def read_mainline(path: Path, metric: str = "tg") -> dict[int, float]:
+    """llama-bench's markdown: `tg128` (depth 0) and `tg128 @ dN` rows (``metric`` "tg"), or `ppN` and
+    `ppN @ dN` rows ("pp": a run with PN='-p 4096 -n 0'), the t/s column as mean ± sd."""
     out = {}
     for line in path.read_text().splitlines():
-        m = re.search(r"\|\s*tg\d+(?: @ d(\d+))?\s*\|\s*([\d.]+)\s*±", line)
+        m = re.search(r"\|\s*" + metric + r"\d+(?: @ d(\d+))?\s*\|\s*([\d.]+)\s*±", line)
         if m:
             out[int(m.group(1) or 0)] = float(m.group(2))
     return out
@@ -74,15 +75,13 @@ def parse_cases(items: list[str] | None, what: str) -> dict[str, Path]:
 
 def compare(args: argparse.Namespace) -> dict:
     glmtg = parse_cases(args.glmtg, "--glmtg")
-    if args.metric == "pp" and args.mainline:
-        raise SystemExit("error: --metric pp reads llama-sweep-bench's S_PP; llama-bench's tables here are TG only")
     peers = {"mainline": parse_cases(args.mainline, "--mainline"), "ik": parse_cases(args.ik, "--ik")}
     cases, env = {}, {}
     for case, path in glmtg.items():
         tg, env = read_glmtg(path, args.metric)
         runs = {"glmtg": tg}
         if case in peers["mainline"]:
-            runs["mainline"] = read_mainline(peers["mainline"][case])
+            runs["mainline"] = read_mainline(peers["mainline"][case], args.metric)
         if case in peers["ik"]:
             runs["ik"] = read_ik(peers["ik"][case], args.metric)
         peer_depths = [set(r) for n, r in runs.items() if n != "glmtg"]
