@@ -99,6 +99,22 @@ def mmq_tile(acc, acc2, a_ptrs, a_row_ok, w_rows, w_rows2, K, NB, Aux, FMT: tl.c
 
 
 @triton.jit
+def store_rounded(acc, Y, Bias, Res, tm, rn, ok, N, STRIDE_YT, STRIDE_RT, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr):
+    """Store an fp32 [rows, cols] tile with torch's unfused roundings: y = round(acc); y = round(y + bias);
+    y = round(y + residual), in Y's dtype. Res may be Y itself (out += W x): each element is read, then
+    written, by the one program that owns it."""
+    y = acc.to(Y.dtype.element_ty)
+    if HAS_BIAS:
+        b = tl.load(Bias + rn, mask=rn < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(Y.dtype.element_ty)
+    if HAS_RES:
+        r = tl.load(Res + tm.to(tl.int64)[:, None] * STRIDE_RT + rn[None, :], mask=ok, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + tm.to(tl.int64)[:, None] * STRIDE_YT + rn[None, :], y, mask=ok)
+
+
+@triton.jit
 def _mmq_kernel(X, W, Y, Bias, Res, Aux, T, N, K, NB, ROW_BYTES, STRIDE_XT, STRIDE_YT, STRIDE_RT,
                 FMT: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, G: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -121,16 +137,7 @@ def _mmq_kernel(X, W, Y, Bias, Res, Aux, T, N, K, NB, ROW_BYTES, STRIDE_XT, STRI
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc, _ = mmq_tile(acc, acc, a_ptrs, tm >= 0, w_rows, w_rows, K, NB, Aux, FMT, BS, TS, BLOCK_N, G, IEEE, False)
     ok = (tm < T)[:, None] & (rn < N)[None, :]
-    # torch's unfused roundings: y = round(acc); y = round(y + bias); y = round(y + residual).
-    y = acc.to(Y.dtype.element_ty)
-    if HAS_BIAS:
-        b = tl.load(Bias + rn, mask=rn < N, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(Y.dtype.element_ty)
-    if HAS_RES:
-        # Res may be Y itself (out += W x): each element is read, then written, by this one program.
-        r = tl.load(Res + tm.to(tl.int64)[:, None] * STRIDE_RT + rn[None, :], mask=ok, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
-    tl.store(Y + tm.to(tl.int64)[:, None] * STRIDE_YT + rn[None, :], y, mask=ok)
+    store_rounded(acc, Y, Bias, Res, tm, rn, ok, N, STRIDE_YT, STRIDE_RT, HAS_BIAS, HAS_RES)
 
 
 # ---------------------------------------------------------------------------------------------- config

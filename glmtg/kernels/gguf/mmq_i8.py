@@ -23,6 +23,7 @@ import triton.language as tl
 
 from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.gemv import check_weight, decoded_format
+from glmtg.kernels.gguf.mmq import store_rounded
 from glmtg.kernels.gguf.mmq_small import _sum_kernel
 from glmtg.kernels.gguf.mmvq import epilogue_operands
 from glmtg.kernels.gguf.small_batch import sm_count
@@ -78,14 +79,7 @@ def _i8_kernel(XQ, DX, XS, W, Y, P, Bias, Res, T, N, K, NB, ROW_BYTES, STRIDE_YT
     if PARTIAL:
         tl.store(P + (piece * T + tm).to(tl.int64)[:, None] * N + rn[None, :], acc, mask=ok)
     else:
-        y = acc.to(Y.dtype.element_ty)
-        if HAS_BIAS:
-            b = tl.load(Bias + rn, mask=rn < N, other=0.0)
-            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(Y.dtype.element_ty)
-        if HAS_RES:
-            r = tl.load(Res + tm.to(tl.int64)[:, None] * STRIDE_RT + rn[None, :], mask=ok, other=0.0)
-            y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
-        tl.store(Y + tm.to(tl.int64)[:, None] * STRIDE_YT + rn[None, :], y, mask=ok)
+        store_rounded(acc, Y, Bias, Res, tm, rn, ok, N, STRIDE_YT, STRIDE_RT, HAS_BIAS, HAS_RES)
 
 
 def i8_config(t: int, on_gpu: bool) -> tuple[int, int, int]:

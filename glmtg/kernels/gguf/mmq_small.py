@@ -30,6 +30,7 @@ from glmtg.kernels.gguf.mmq import (
     launch_fitted,
     mmq,
     mmq_tile,
+    store_rounded,
 )
 from glmtg.kernels.gguf.mmvq import epilogue_operands
 from glmtg.kernels.gguf.small_batch import dense_config, sm_count, split_for
@@ -71,16 +72,7 @@ def _sum_kernel(P, Y, Bias, Res, T, N, SPLIT, STRIDE_YT, STRIDE_RT, BLOCK_T: tl.
     for _ in range(SPLIT):  # pieces in order: one fixed sum, deterministic
         acc += tl.load(p, mask=ok, other=0.0)
         p += T * N
-    # mmq's epilogue: y = round(acc); y = round(y + bias); y = round(y + residual).
-    y = acc.to(Y.dtype.element_ty)
-    if HAS_BIAS:
-        b = tl.load(Bias + rn, mask=rn < N, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(Y.dtype.element_ty)
-    if HAS_RES:
-        # Res may be Y itself: each element is read, then written, by this one program.
-        r = tl.load(Res + tm.to(tl.int64)[:, None] * STRIDE_RT + rn[None, :], mask=ok, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
-    tl.store(Y + tm.to(tl.int64)[:, None] * STRIDE_YT + rn[None, :], y, mask=ok)
+    store_rounded(acc, Y, Bias, Res, tm, rn, ok, N, STRIDE_YT, STRIDE_RT, HAS_BIAS, HAS_RES)  # mmq's epilogue
 
 
 def mmq_small(x: torch.Tensor, weight: torch.Tensor, fmt: str | int, *, out: torch.Tensor | None = None,
