@@ -101,6 +101,22 @@ def default_config(fmt_name: str, split: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def store_row(y, Y, Bias, Res, N, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Store a program's BLOCK_N fp32 row sums of a one-token product, rounded as mmvq's epilogue (torch's
+    unfused y + bias, then + residual). Res may be Y itself: each row is read, then written, by this program."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    y = y.to(Y.dtype.element_ty)
+    if HAS_BIAS:
+        b = tl.load(Bias + rows, mask=ok, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)).to(Y.dtype.element_ty)
+    if HAS_RES:
+        res = tl.load(Res + rows, mask=ok, other=0.0)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + rows, y, mask=ok)
+
+
+@triton.jit
 def _funnel(lo, hi, sh):
     """The 32 bits at bit ``sh`` (0 or 16) of the 64-bit hi:lo (int32 words, ``sh`` broadcast): a word at a
     2-byte-aligned address from the two aligned words around it. Compiled: one shf.r.clamp."""
@@ -289,18 +305,7 @@ def _lanes_kernel(XW, DX, XS, W, Y, Bias, Res, N, NB, ROW_BYTES,
         acc = _q6_k_rows(W, off, XW, DX, grp, full, NB, G, E)
     else:
         acc = _q4_k_rows(W, off, XW, DX, XS, grp, full, NB, G, E)
-    y = tl.sum(tl.reshape(acc, [BLOCK_N, G]), axis=1)  # [BLOCK_N]
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = rows < N
-    # The epilogue rounds as mmvq's (torch's unfused y + bias, then + residual).
-    y = y.to(Y.dtype.element_ty)
-    if HAS_BIAS:
-        b = tl.load(Bias + rows, mask=ok, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)).to(Y.dtype.element_ty)
-    if HAS_RES:
-        res = tl.load(Res + rows, mask=ok, other=0.0)  # may be Y itself: read first, by this program alone
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(Y.dtype.element_ty)
-    tl.store(Y + rows, y, mask=ok)
+    store_row(tl.sum(tl.reshape(acc, [BLOCK_N, G]), axis=1), Y, Bias, Res, N, BLOCK_N, HAS_BIAS, HAS_RES)
 
 
 def launch(codes: torch.Tensor, dx: torch.Tensor, sums: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmtg.kernels.gguf.mmvq_lanes import _funnel, _ld, _q4_k_step
+from glmtg.kernels.gguf.mmvq_lanes import _funnel, _ld, _q4_k_step, store_row
 from glmtg.kernels.gguf.words_common import _dp4a
 from glmtg.kernels.pdl import enabled, launch_kwargs, wait_and_release
 
@@ -194,18 +194,7 @@ def _lanes32_kernel(XW, DX, XS, W, Y, Bias, Res, N, NB, ROW_BYTES,
         acc += blocks32(W + k * (G * TS), off, all_blocks, XW, DX, XS, g + k * G, FMT, L, False)
     if full * G < NB:  # the last, partial step
         acc += blocks32(W + full * (G * TS), off, (full * G + g) < NB, XW, DX, XS, g + full * G, FMT, L, True)
-    y = tl.sum(tl.reshape(acc, [BLOCK_N, G]), axis=1)  # [BLOCK_N]
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = rows < N
-    # The epilogue rounds as mmvq's (torch's unfused y + bias, then + residual).
-    y = y.to(Y.dtype.element_ty)
-    if HAS_BIAS:
-        b = tl.load(Bias + rows, mask=ok, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)).to(Y.dtype.element_ty)
-    if HAS_RES:
-        res = tl.load(Res + rows, mask=ok, other=0.0)  # may be Y itself: read first, by this program alone
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(Y.dtype.element_ty)
-    tl.store(Y + rows, y, mask=ok)
+    store_row(tl.sum(tl.reshape(acc, [BLOCK_N, G]), axis=1), Y, Bias, Res, N, BLOCK_N, HAS_BIAS, HAS_RES)
 
 
 def launch(codes: torch.Tensor, dx: torch.Tensor, sums: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
