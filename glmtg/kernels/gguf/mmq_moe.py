@@ -164,6 +164,18 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order, torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)
 
 
+def check_routing(ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
+    """ValueError unless ids is an int32/int64 [T, k] tensor for x's T tokens on x's device and weights a
+    float32 tensor of ids' shape there (the router's top-k for the grouped expert kernels)."""
+    t = x.shape[0]
+    check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t
+          and ids.dtype in (torch.int32, torch.int64) and ids.device == x.device,
+          lambda: f"ids must be an int32/int64 tensor [{t}, k] on {x.device}, got {describe(ids)}")
+    check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape and weights.dtype == torch.float32
+          and weights.device == x.device,
+          lambda: f"weights must be a float32 tensor {tuple(ids.shape)} on {x.device}, got {describe(weights)}")
+
+
 def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor, gate_up_fmt: str | int, down_fmt: str | int, *,
                 out: torch.Tensor | None = None, gate_up_config: MmqConfig | None = None, down_config: MmqConfig | None = None) -> torch.Tensor:
@@ -191,12 +203,7 @@ def moe_prefill(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: tor
     check(tuple(down.shape[:2]) == (e, h) and nb_i * df.block_size == i,
           lambda: f"down must hold [{e}, {h}] rows of {i} values, got {tuple(down.shape)} of "
                   f"{nb_i * df.block_size}")
-    check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t
-          and ids.dtype in (torch.int32, torch.int64) and ids.device == x.device,
-          lambda: f"ids must be an int32/int64 tensor [{t}, k] on {x.device}, got {describe(ids)}")
-    check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape and weights.dtype == torch.float32
-          and weights.device == x.device,
-          lambda: f"weights must be a float32 tensor {tuple(ids.shape)} on {x.device}, got {describe(weights)}")
+    check_routing(ids, weights, x)
     k = ids.shape[1]
     pairs = t * k
     on_gpu = x.is_cuda

@@ -27,7 +27,7 @@ from glmtg.kernels._checks import check, describe
 from glmtg.kernels.gguf.activation import quantize_groups
 from glmtg.kernels.gguf.gemv import check_weight, decoded_format, output_for
 from glmtg.kernels.gguf.mmq_i8 import I8_FORMATS, block_codes_dot
-from glmtg.kernels.gguf.mmq_moe import _combine_kernel, _tile_rows, sort_by_expert
+from glmtg.kernels.gguf.mmq_moe import _combine_kernel, _tile_rows, check_routing, sort_by_expert
 from glmtg.kernels.gguf.moe_groups import MAX_PAIRS, group_pairs
 
 
@@ -115,12 +115,7 @@ def moe_i8(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     check(nb_h * 32 == h, lambda: f"gate rows hold {nb_h * 32} values but x has H={h}")
     check(tuple(down.shape[:2]) == (e, h) and nb_i * 32 == i,
           lambda: f"down must hold [{e}, {h}] rows of {i} values, got {tuple(down.shape)} of {nb_i * 32}")
-    check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == t
-          and ids.dtype in (torch.int32, torch.int64) and ids.device == x.device,
-          lambda: f"ids must be an int32/int64 tensor [{t}, k] on {x.device}, got {describe(ids)}")
-    check(isinstance(weights, torch.Tensor) and weights.shape == ids.shape and weights.dtype == torch.float32
-          and weights.device == x.device,
-          lambda: f"weights must be a float32 tensor {tuple(ids.shape)} on {x.device}, got {describe(weights)}")
+    check_routing(ids, weights, x)
     k = ids.shape[1]
     pairs = t * k
     out = output_for(out, (t, h), x)
