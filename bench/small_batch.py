@@ -11,7 +11,9 @@ shared down 4096 x 1408, lm_head 151552 x 4096 (in ``--head-type``, default q6_k
 keep it), and one routed-experts layer (128 experts, top 8, gate/up 1408 x 4096, down 4096 x 1408; llama.cpp's
 fallback type where 1408 needs it), each token's 8 experts drawn uniformly without repeats. Kinds:
 
-- ``new``: what runs now (GLMTG_SMALL_BATCH=new): mmq_small; QuantExperts -> moe_prefill, small launches;
+- ``new``: the decode-batch kernels (GLMTG_SMALL_BATCH=new with GLMTG_SMALL_BATCH_EXPERTS=new and
+  GLMTG_SMALL_BATCH_MAX=64, set here whatever the defaults): mmq_small; QuantExperts -> moe_prefill, small
+  launches (which of them runs by default: bench/DECISIONS.md J2);
 - ``int8`` (q4_0 / q8_0 weights): GLMTG_SMALL_BATCH_DOT=int8's mmq_i8 / moe_i8 (int8 codes, int8
   tensor-core dots; x's rounding to int8 timed with it);
 - ``old``: what ran before (GLMTG_SMALL_BATCH=old): T <= 16 the int8 GEMV (mmvq; quant_matvec for formats

@@ -61,6 +61,11 @@ class HostArena:
     def join(self, member: HostExperts) -> None:
         self._members.append(member)
 
+    @property
+    def members(self) -> list[HostExperts]:
+        """The layers whose stacks live here, in the order they joined (the model's layer order)."""
+        return list(self._members)
+
     def allocate(self) -> None:
         """Allocate the block (once) and point every member's stacks at their views."""
         if self.buffer is not None:

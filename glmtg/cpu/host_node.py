@@ -27,7 +27,6 @@ import ctypes
 import ctypes.util
 import functools
 import importlib.util
-import mmap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +36,6 @@ import torch
 from glmtg.cpu.build import kernel_library
 
 ALIGN = 64  # bytes between the staging buffers: each starts on a cache line
-PAGE = mmap.PAGESIZE  # bytes: the unit cudaHostRegister locks
-HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 
 # Field order is moe_kernel.c's glmtg_moe_node_args (checked against glmtg_cpu_moe_node_layout).
 _FIELDS = ("x", "ids", "weights", "out", "gate", "up", "down", "T", "H", "I", "E", "k", "fgu", "fd", "nthreads",
@@ -132,9 +129,9 @@ def warn_unavailable() -> None:
 class NodeStaging:
     """Pinned host buffers for host nodes, one set per (device, H, k, capacity), never freed while this object
     lives (graphs bake their addresses in). A model's host arena holds one; its layers share the sets (module
-    docstring: why that is safe). Each set is one page-aligned block page-locked at its exact size
-    (cudaHostRegister, unregistered when this object is collected): torch's pinned allocator would round a
-    prefill-sized set up to a power of two."""
+    docstring: why that is safe). Each set is one block from torch's pinned allocator: copies to and from it
+    are allowed inside a CUDA-graph capture, which torch refuses for memory page-locked behind its back
+    (cudaHostRegister)."""
 
     def __init__(self) -> None:
         self._sets: dict[tuple[str, int, int, int], tuple[torch.Tensor, tuple[int, ...]]] = {}
@@ -148,22 +145,11 @@ class NodeStaging:
             for size in (cap * h * 4, cap * k * 8, cap * k * 4, cap * h * 4):
                 offsets.append(n)
                 n += -(-size // ALIGN) * ALIGN
-            self._sets[key] = (self._pinned(n), tuple(offsets))
+            self._sets[key] = (torch.empty(n, dtype=torch.uint8, pin_memory=True), tuple(offsets))
         buf, offs = self._sets[key]
         shapes = (((t, h), torch.float32), ((t, k), torch.int64), ((t, k), torch.float32), ((t, h), torch.float32))
         return tuple(buf[off:off + r * c * dt.itemsize].view(dt).view(r, c) for off, ((r, c), dt) in zip(offs, shapes))
 
-    def _pinned(self, n: int) -> torch.Tensor:
-        """uint8 [n] from torch's pinned allocator: copies to and from it are allowed inside a CUDA-graph
-        capture, which torch refuses for memory page-locked behind its back (cudaHostRegister)."""
-        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
-
-
-def _unregister(ptr: int, raw: torch.Tensor) -> None:
-    try:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
-    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be gone
-        pass
 
 
 class HostNode:

@@ -10,10 +10,10 @@ activations, the device part's rounding to that dtype before the add).
 On CUDA the host part is a host node (glmtg.cpu.host_node) queued on a side stream forked from the current
 one: its copies to pinned memory, the CPU kernel and the copy back run while the current stream computes the
 device part's experts; the current stream then waits for the side stream (events: capturable, no host
-sync) and adds the two sums. A big batch runs the host part on the GPU as well, from a streamed
-copy of its blocks (glmtg.cpu.stream_experts). Where the host-node path is unavailable, the old path: the copies to pinned
-memory are queued, the device experts behind them, and the host waits on the copies' event before it calls
-the CPU kernel (such a model decodes without CUDA graphs: glmtg.engine.decode_graph_blocker).
+sync) and adds the two sums. A big batch runs the host part on the GPU as well, from a streamed copy of its
+blocks (glmtg.cpu.stream_experts). Where the host-node path is unavailable, the old path: the copies to
+pinned memory are queued, the device experts behind them, and the host waits on the copies' event before it
+calls the CPU kernel (such a model decodes without CUDA graphs: glmtg.engine.decode_graph_blocker).
 
 Checkpoint view: one slot per stacked parameter, as an unsplit layer's (``slots``), so loaders and writers
 see the file's whole stacks; ``load_expert`` and ``load_split`` send each expert to its part.

@@ -8,10 +8,8 @@ llama.cpp / ik_llama.cpp do for big batches with ``-ot exps=CPU``: a 4096-token 
 layer busy, so moving the layer's ~1.25 GB (Air, Q4_0) over PCIe (~25-30 ms) beats computing on the CPU
 (seconds), while a decode step (a few tokens) reads each expert's rows once on the CPU, cheaper than a copy.
 
-Why ``MIN_TOKENS`` = 64: the copy costs a fixed ~25-30 ms per Air layer; the CPU kernel costs ~0.5 ms per
-token per layer at prefill sizes (measured: 221-265 t/s over 8 layers at ubatch 4096), and at least the
-~6 ms of reading the layer from RAM. They cross near 60 tokens. (llama.cpp's op-offload minimum is 32; its
-CPU kernels are slower per token.) ``--host-prefill-min N`` overrides it.
+``MIN_TOKENS`` (64, where a layer's copy and the CPU kernel's time cross: bench/DECISIONS.md L2) is the
+default threshold; ``--host-prefill-min N`` overrides it.
 
 Double buffering: two staging buffers per host arena (per model), each the size of the largest host layer,
 allocated once at first use on the input's device (memory: 2 x the largest host layer's expert bytes, e.g.
@@ -32,7 +30,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -165,7 +163,6 @@ class _State:
     mode: str = "gpu"
     min_tokens: int = MIN_TOKENS
     stager: Stager | None | bool = None
-    warned: bool = field(default=False)
 
 
 _states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HostArena -> _State
@@ -229,7 +226,7 @@ def _stager(experts: HostExperts, device: torch.device) -> Stager | None:
     if state.stager is False:
         return None
     # the arena's layers in the order the model built them (layer order): the prefetch order
-    members = [m for m in experts.arena._members if streamable(m)]
+    members = [m for m in experts.arena.members if streamable(m)]
     if experts not in members:
         members.append(experts)
     need = 2 * max(stack_layout(m)[1] for m in members)

@@ -5,8 +5,9 @@ Same interface as ``glmtg.layers.moe.Experts`` (load_expert, forward(x, ids, wei
 - few (token, expert) pairs on the kernel backend (decode), or any number while a CUDA graph is being
   captured: ``glmtg.kernels.gguf.moe.quant_moe_decode`` reads the chosen experts' blocks in place (gate and
   up with SiLU-multiply, down weighted and summed).
-- a decode batch of 2..64 tokens (glmtg/kernels/gguf/small_batch.py; ``GLMTG_SMALL_BATCH=old`` turns it
-  off), and more pairs on the kernel backend (prefill; the default on CUDA): ``glmtg.kernels.gguf.mmq_moe.moe_prefill``,
+- a decode batch (glmtg/kernels/gguf/small_batch.py; only with ``GLMTG_SMALL_BATCH_EXPERTS=new``: it lost
+  to the per-pair kernel on the H200, bench/DECISIONS.md J2), and more pairs on the kernel backend (prefill;
+  the default on CUDA): ``glmtg.kernels.gguf.mmq_moe.moe_prefill``,
   pairs sorted by expert on the device and one grouped launch per projection, tiles of the blocks decoded
   into tensor-core dots; no host sync (capturable), no float copy of an expert, each present expert's
   bytes read once per m-tile of its pairs (small_batch's launches: 16 pairs a tile); with

@@ -5,7 +5,8 @@ modules hold those bytes as they are and read them two ways:
 
 - few tokens (decode): ``glmtg.kernels.gguf.gemv.quant_matvec`` reads the blocks in place, one pass over
   the weight bytes, which is what decode speed is made of.
-- a decode batch (2..64 tokens, glmtg/kernels/gguf/small_batch.py; ``GLMTG_SMALL_BATCH=old`` turns it off):
+- a decode batch (2..16 tokens by default: glmtg/kernels/gguf/small_batch.py; ``GLMTG_SMALL_BATCH=old``
+  turns it off):
   ``glmtg.kernels.gguf.dispatch.batch_matmul`` (mmq_small: each weight tile decoded once for all the
   tokens into tensor-core dots; or mmq_i8's int8 dots), bias and residual in its epilogue.
 - many tokens (prefill): the rows are dequantized to the activations' dtype (a transient of one projection,
@@ -201,8 +202,9 @@ class QuantLinear(Linear):
         (which keeps the paths from before for A/B checks) and ``_mmq_fits``."""
         from glmtg.kernels.gguf import small_batch
 
-        return (uses_kernels(self.backend, x) and check_gemm(self.gemm) != "dequant" and small_batch.takes(x.shape[0], *(f for _, f, _, _ in self.groups))
-                and self._mmq_fits(x, residual))
+        # small_batch.takes first: the cheapest test, and false at one token (every decode step)
+        return (small_batch.takes(x.shape[0], *(f for _, f, _, _ in self.groups)) and uses_kernels(self.backend, x)
+                and check_gemm(self.gemm) != "dequant" and self._mmq_fits(x, residual))
 
     def _mmq_fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether the tile GEMMs (mmq, mmq_small) can take this product: the Triton decoders read every

@@ -8,7 +8,7 @@ about 2. Its price is x rounded to int8 per 32 values, as llama.cpp's MMVQ does 
 
 ``path``: "auto" (int8 where the format has it), "int8" (ValueError if it has not), "float".
 
-``batch_matmul``: the dense product of a decode batch (2..64 tokens, small_batch.py): mmq_small, or mmq_i8
+``batch_matmul``: the dense product of a decode batch (small_batch.py's token counts): mmq_small, or mmq_i8
 where ``small_batch.DOT`` is "int8" and it reads the format.
 """
 

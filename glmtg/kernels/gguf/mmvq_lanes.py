@@ -58,9 +58,9 @@ from glmtg.switch import ModeSwitch
 VARIANTS: tuple[str, ...] = ("base", "lanes", "lanes-wide", "lanes-q4", "lanes-q4-narrow", "lanes-q4-wide",
                              "lanes-q4-auto")
 LANES_FORMATS: tuple[str, ...] = ("q6_k", "q4_k")  # the formats the lanes variants read
+# E, lanes sharing one lane's slice of a block (module docstring)
 _SPLIT = {"lanes": 1, "lanes-wide": 2, "lanes-q4": 1, "lanes-q4-narrow": 1, "lanes-q4-wide": 1,
-          "lanes-q4-auto": 1}  # E, lanes
-# sharing one lane's slice of a block (module docstring)
+          "lanes-q4-auto": 1}
 _switch = ModeSwitch("GLMTG_MMVQ_VARIANT (the mmvq kernel variant)", VARIANTS,
                      os.environ.get("GLMTG_MMVQ_VARIANT", "lanes"))
 set_variant = _switch.set

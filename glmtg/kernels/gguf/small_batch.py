@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 
+from glmtg.kernels.attention.plan import target_of
 from glmtg.kernels.gguf.mmq import MmqConfig
 
 MODES = ("old", "new")
@@ -92,18 +93,10 @@ def takes(tokens: int, *formats: str) -> bool:
             and all(f in FORMATS for f in formats))
 
 
-_SMS: dict[int, int] = {}
-
-
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA ``device`` (cached: asked once per device); 4 off CUDA (the
     interpreter, where the count only shapes the split)."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return target_of(device).sms if device.type == "cuda" else 4
 
 
 def dense_config(block_size: int, t: int, on_gpu: bool) -> MmqConfig:
